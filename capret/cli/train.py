@@ -1,0 +1,59 @@
+"""``capret-train --config configs/X.yaml [key=value ...]``: train any registered task."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from capret.cli.common import print_json, run_guarded
+from capret.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capret-train",
+        description="Train a model from a YAML config (configs/*.yaml). The config's `task` key picks the task "
+        "(dualstream: DeepFashion2 dual-stream model; combiner: CLIP4Cir stage 1/2). Any field can be "
+        "overridden with key=value, e.g. optim.lr=1e-4 trainer.max_steps=100.",
+    )
+    parser.add_argument("--config", type=Path, required=False, help="YAML config file")
+    parser.add_argument(
+        "--resume", default=None, help="checkpoint folder to resume from, or 'auto' (latest in output dir)"
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from capret.config import to_dict
+    from capret.engine.tasks import get_task
+
+    if args.config is None:
+        raise ConfigError("--config is required (see configs/*.yaml)")
+    if not args.config.is_file():
+        raise ConfigError(f"config file {args.config} does not exist")
+    raw = yaml.safe_load(args.config.read_text()) or {}
+    task_name = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("task=")), raw.get("task"))
+    if not task_name:
+        raise ConfigError(f"config file {args.config} has no `task` key")
+    spec = get_task(str(task_name))
+    config = load_config(spec.config_cls, args.config, args.overrides)
+    if args.print_config:
+        print_json(to_dict(config))
+        return 0
+    metrics = spec.run(config, resume=args.resume)
+    print_json(metrics)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(_run, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""One small registry type shared by every pluggable family (encoders, losses, datasets, rerankers, backends).
+
+Each family module keeps its own ``Registry`` instance and exposes ``register_*``, ``create_*`` and ``list_*``
+functions built on it, in the manner of timm's model registry: creating an unknown name fails loudly and
+lists the valid names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["Registry"]
+
+
+class Registry(Generic[T]):
+    """Maps names to factories of one family."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._entries: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator that registers a factory under ``name``; a duplicate name is an error."""
+
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._entries:
+                raise ValueError(f"{self.family} {name!r} is already registered")
+            self._entries[name] = factory
+            return factory
+
+        return decorator
+
+    def get(self, name: str) -> Callable[..., T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown {self.family} {name!r}; valid names: {', '.join(sorted(self._entries)) or '(none)'}"
+            ) from None
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        return self.get(name)(**kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
