@@ -1,0 +1,54 @@
+"""Every console script answers --help with exit code 0, and bad invocations fail with a one-line message."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+ENTRY_POINTS = {
+    "capret": "capret.cli.main",
+    "capret-caption": "captioning.cli",
+    "capret-train": "capret.cli.train",
+    "capret-eval": "capret.cli.eval",
+    "capret-extract": "capret.cli.extract",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_help_exits_zero(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = importlib.import_module(ENTRY_POINTS[name])
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    assert exc.value.code == 0
+    assert "usage" in capsys.readouterr().out.lower()
+
+
+def test_train_requires_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from capret.cli.train import main
+
+    assert main([]) == 2
+    assert "--config is required" in capsys.readouterr().err
+
+
+def test_train_unknown_task(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from capret.cli.train import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("task: nosuchtask\n")
+    assert main(["--config", str(path)]) == 2
+    assert "unknown task 'nosuchtask'; valid tasks: combiner, dualstream" in capsys.readouterr().err
+
+
+def test_eval_without_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    from capret.cli.eval import main
+
+    assert main([]) == 2
+    assert "choose a mode" in capsys.readouterr().err
+
+
+def test_quickstart_unknown_stage(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from capret.cli.main import main
+
+    assert main(["quickstart", "--out", str(tmp_path), "--stages", "nope"]) == 2
+    assert "unknown quickstart stage 'nope'" in capsys.readouterr().err
