@@ -1,0 +1,150 @@
+"""CIRR (Liu et al., ICCV 2021) composed-retrieval triplets from the official annotation files.
+
+Layout of ``root`` as the official repository (github.com/Cuberick-Orion/CIRR) documents it::
+
+    root/captions/cap.rc2.<split>.json        [{"pairid", "reference", "caption", "target_hard",
+                                                "target_soft", "img_set": {"id", "members", ...}}, ...]
+    root/image_splits/split.rc2.<split>.json  {name: "./dev/<name>.png", ...}   (every image of the split)
+    root/dev/, root/train/<n>/, root/test1/   the images, at the split file's relative paths
+
+The annotation folders may also sit in ``root/cirr/`` (the layout of the CIRR README and of CLIP4Cir, images
+still relative to ``root``) or directly in ``root`` (flat). Splits are ``train``, ``val`` and ``test1``
+(``test`` is accepted for ``test1``); test triplets carry no target (``target=None``).
+
+The evaluation gallery is the whole split (``.gallery``), with the reference removed from each ranking; the
+``img_set.members`` (six visually similar images) give Recall_subset (CIRR paper, section 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from capret.data.fashioniq import load_json
+from capret.data.transforms import open_image
+
+__all__ = ["SPLITS", "CIRR", "CIRRTriplet"]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test1")
+_ALIASES = {"test": "test1", "dev": "val"}
+
+
+@dataclass(frozen=True)
+class CIRRTriplet:
+    """One CIRR query. ``query_id`` is the official ``pairid``; ``members`` the ``img_set`` subset."""
+
+    query_id: int
+    reference: str
+    caption: str
+    target: str | None
+    members: tuple[str, ...]
+    set_id: int
+    target_soft: dict[str, float] | None
+
+    @property
+    def pairid(self) -> int:
+        return self.query_id
+
+
+class CIRR:
+    """The triplets of one CIRR split; ``len()`` is the number of queries.
+
+    Args:
+        root: dataset folder (see the module docstring).
+        split: ``train``, ``val`` or ``test1`` (alias ``test``).
+        image_dir: folder the split file's relative paths start from (default ``root``).
+    """
+
+    name = "cirr"
+
+    def __init__(self, root: Path | str, split: str, *, image_dir: Path | str | None = None) -> None:
+        split = _ALIASES.get(split, split)
+        if split not in SPLITS:
+            raise ValueError(f"unknown CIRR split {split!r}; valid: {', '.join(SPLITS)} (or 'test')")
+        self.root = Path(root)
+        self.split = split
+        self.image_dir = Path(image_dir) if image_dir is not None else self.root
+        self.captions_file = self._find(f"cap.rc2.{split}.json", "captions")
+        self.split_file = self._find(f"split.rc2.{split}.json", "image_splits")
+        self.annotations: list[dict[str, Any]] = load_json(self.captions_file)
+        self.triplets = self._parse(self.annotations)
+        paths = load_json(self.split_file)
+        if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
+            raise ValueError(f"{self.split_file}: expected a JSON object mapping image name -> relative path")
+        self._relative_paths: dict[str, str] = paths
+        #: Every image of the split, in the split file's order: the CIRR search space.
+        self.gallery: list[str] = list(paths)
+
+    def _find(self, filename: str, folder: str) -> Path:
+        candidates = [
+            self.root / folder / filename,
+            self.root / "cirr" / folder / filename,
+            self.root / filename,
+        ]
+        for path in candidates:
+            if path.is_file():
+                return path
+        tried = ", ".join(str(p.parent) for p in candidates)
+        raise FileNotFoundError(f"CIRR {self.split}: {filename} not found in any of {tried}")
+
+    def _parse(self, records: Any) -> list[CIRRTriplet]:
+        if not isinstance(records, list):
+            raise ValueError(f"{self.captions_file}: expected a JSON list of triplets")
+        triplets = []
+        for index, record in enumerate(records):
+            where = f"{self.captions_file}: entry {index}"
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+            for field in ("pairid", "reference", "caption", "img_set"):
+                if field not in record:
+                    raise ValueError(f"{where}: missing field {field!r}")
+            img_set = record["img_set"]
+            if not isinstance(img_set, dict) or not isinstance(img_set.get("members"), list):
+                raise ValueError(
+                    f"{where} (pairid {record['pairid']}): field 'img_set.members' must be a list"
+                )
+            target = record.get("target_hard")
+            if self.split != "test1" and target is None:
+                raise ValueError(f"{where} (pairid {record['pairid']}): missing field 'target_hard'")
+            soft = record.get("target_soft")
+            triplets.append(
+                CIRRTriplet(
+                    query_id=int(record["pairid"]),
+                    reference=str(record["reference"]),
+                    caption=str(record["caption"]),
+                    target=None if target is None else str(target),
+                    members=tuple(str(m) for m in img_set["members"]),
+                    set_id=int(img_set.get("id", -1)),
+                    target_soft=None if soft is None else {str(k): float(v) for k, v in soft.items()},
+                )
+            )
+        return triplets
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, index: int) -> CIRRTriplet:
+        return self.triplets[index]
+
+    def image_path(self, name: str) -> Path:
+        """Path of image ``name`` from the split file (``KeyError`` naming the split file if unknown)."""
+        try:
+            relative = self._relative_paths[name]
+        except KeyError:
+            raise KeyError(f"CIRR image {name!r} is not listed in {self.split_file}") from None
+        return self.image_dir / relative
+
+    def load_image(self, name: str) -> Image.Image:
+        """Open image ``name`` as RGB; a missing image raises ``FileNotFoundError`` naming the file."""
+        return open_image(self.image_path(name))
+
+    def images_to_caption(self) -> list[tuple[str, Path]]:
+        """Unique reference images of the split as ``(key, path)``, key ``cirr/<name>/0`` (DESIGN.md)."""
+        seen = dict.fromkeys(t.reference for t in self.triplets)
+        return [(f"{self.name}/{name}/0", self.image_path(name)) for name in seen]
+
+    def __repr__(self) -> str:
+        return f"CIRR(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
