@@ -1,0 +1,330 @@
+"""Task ``dualstream``: train the caption-augmented dual-stream model on DeepFashion2-layout data.
+
+``capret-train --config configs/deepfashion2_dualstream.yaml [key=value ...]`` builds a
+:class:`DualStreamConfig` and calls :func:`run`, which hands a :class:`DualStreamTask` to the shared training
+loop (``capret.engine.trainer.train``).
+
+Losses (all weights configurable, every term logged):
+
+* **ArcFace** (Deng et al., CVPR 2019) over item identities ``(pair_id, style)`` on the fused embedding, from
+  pytorch-metric-learning (``ArcFaceLoss(num_classes, embedding_size, margin=28.6, scale=64)``; its class-centre
+  matrix gets its own parameter group and learning rate, as PML requires);
+* **ITC**: symmetric InfoNCE between the visual-only and caption-only embeddings with a learnable clamped
+  temperature (X-VLM), on the samples that have a caption;
+* **box**: L1 + (1 - GIoU) between the predicted and the annotated item box (X-VLM's bounding-box loss).
+
+Validation (``evaluate``) runs the ground-truth-box protocol on the validation split: mAP and R@k with the
+captions (``map``, the monitored metric) and without them (``map_no_captions``, the caption ablation).
+After training, a self-contained model folder is exported (``trainer.output_dir/model`` by default) that
+``capret.load_model`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from capret.config import cfg, to_dict
+from capret.data.captions import join_captions
+from capret.data.items import ItemCollator, ItemDataset, ItemTransform, PKBatchSampler, identity_labels
+from capret.engine.tasks import register_task
+from capret.engine.trainer import TrainerConfig, train
+from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig
+
+__all__ = [
+    "DataConfig",
+    "DualStreamConfig",
+    "DualStreamTask",
+    "EvalConfig",
+    "LossConfig",
+    "TrainModule",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Where the items and captions are and how batches are drawn."""
+
+    root: str = cfg(
+        "data/deepfashion2", "dataset root in the official DeepFashion2 layout (<root>/<split>/annos)"
+    )
+    train_split: str = cfg("train", "split to train on")
+    val_split: str = cfg("validation", "split for validation (ground-truth-box protocol); '' = no validation")
+    captions: str | None = cfg(None, "caption store JSONL (keys = Item.key); null = train without captions")
+    p: int = cfg(16, "identities per batch (P of the P x K sampler)")
+    k: int = cfg(4, "items per identity per batch (K), alternating shop and user items")
+    caption_dropout: float = cfg(0.3, "probability of hiding a training sample's caption (no-caption path)")
+    augment: bool = cfg(True, "training augmentations (scale/translation jitter, flip, colour jitter)")
+    max_items: int | None = cfg(None, "use only the first N training items (debugging)")
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and the ArcFace head."""
+
+    arcface_weight: float = cfg(1.0, "weight of the ArcFace identity loss")
+    arcface_margin: float = cfg(28.6, "ArcFace angular margin in degrees (PML default 28.6 = 0.5 rad)")
+    arcface_scale: float = cfg(64.0, "ArcFace logit scale")
+    arcface_lr: float = cfg(1e-2, "learning rate of the ArcFace class centres (own parameter group)")
+    itc_weight: float = cfg(0.5, "weight of the image-caption contrastive loss")
+    itc_temperature: float = cfg(0.07, "initial ITC temperature (learnable, clamped to [0.001, 0.5])")
+    box_weight: float = cfg(0.5, "weight of the box loss (L1 + GIoU)")
+    box_l1_weight: float = cfg(1.0, "weight of the L1 term inside the box loss")
+    box_giou_weight: float = cfg(1.0, "weight of the 1 - GIoU term inside the box loss")
+
+
+@dataclass
+class EvalConfig:
+    """Validation during and after training."""
+
+    ks: list[int] = cfg(factory=lambda: [1, 5, 10, 20], help="cut-offs of R@k")
+    batch_size: int = cfg(64, "feature-extraction batch size")
+    no_captions: bool = cfg(True, "also evaluate the image-only path (map_no_captions)")
+    export_dir: str | None = cfg(None, "model folder written after training; null = <output_dir>/model")
+
+
+@dataclass
+class DualStreamConfig:
+    """Everything ``capret-train`` needs for task ``dualstream``."""
+
+    task: str = cfg("dualstream", "task name (fixed)")
+    data: DataConfig = cfg(factory=DataConfig, help="data")
+    model: DualStreamModelConfig = cfg(factory=DualStreamModelConfig, help="model architecture")
+    loss: LossConfig = cfg(factory=LossConfig, help="losses")
+    trainer: TrainerConfig = cfg(factory=TrainerConfig, help="training loop (shared trainer)")
+    eval: EvalConfig = cfg(factory=EvalConfig, help="validation")
+
+
+class TrainModule(nn.Module):
+    """The dual-stream model plus the loss heads that own parameters (ArcFace centres, ITC temperature).
+
+    ``forward(batch)`` returns the named loss terms, so the training step is one call of the (DDP-wrapped)
+    module and gradient synchronisation covers the heads too.
+    """
+
+    def __init__(
+        self,
+        model: DualStreamModel,
+        *,
+        num_classes: int,
+        loss: LossConfig,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        from pytorch_metric_learning.losses import ArcFaceLoss
+
+        from capret.losses.box import BoxLoss
+        from capret.losses.itc import ITCLoss
+
+        self.model = model
+        self.loss_config = loss
+        self.arcface = ArcFaceLoss(
+            num_classes=num_classes,
+            embedding_size=model.embed_dim,
+            margin=loss.arcface_margin,
+            scale=loss.arcface_scale,
+        )
+        self.itc = ITCLoss(init_temperature=loss.itc_temperature, rank=rank, world_size=world_size)
+        self.box = BoxLoss(l1_weight=loss.box_l1_weight, giou_weight=loss.box_giou_weight)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = self.model(
+            batch["pixels"], batch["input_ids"], batch["attention_mask"], has_caption=batch["has_caption"]
+        )
+        cfg_ = self.loss_config
+        # ArcFace in fp32: PML's ArcFace produces NaNs under fp16 autocast (ANCHORS.md).
+        with torch.autocast(device_type=out.embedding.device.type, enabled=False):
+            arcface = self.arcface(out.embedding.float(), batch["label"])
+        terms: dict[str, Tensor] = {"arcface": arcface}
+        total = cfg_.arcface_weight * arcface
+        captioned = out.has_caption
+        if cfg_.itc_weight > 0 and out.text_embedding is not None and int(captioned.sum()) >= 2:
+            itc = self.itc(out.image_embedding[captioned].float(), out.text_embedding[captioned].float())
+            terms["itc"] = itc["loss"]
+            terms["itc_temperature"] = itc["temperature"].detach()
+            total = total + cfg_.itc_weight * itc["loss"]
+        else:  # keep the log columns stable; zero contribution that still touches the parameters for DDP
+            zero = out.image_embedding.sum() * 0.0 + self.itc.parameters().__next__().sum() * 0.0
+            terms["itc"] = zero
+            total = total + zero
+        if cfg_.box_weight > 0:
+            box = self.box(out.box.float(), batch["box"].float())
+            for name, value in box.items():
+                terms["box" if name == "loss" else f"box_{name}"] = value
+            total = total + cfg_.box_weight * box["loss"]
+        terms["loss"] = total
+        return terms
+
+
+class DualStreamTask:
+    """The :class:`~capret.engine.trainer.TrainTask` of the dual-stream model."""
+
+    def __init__(self, config: DualStreamConfig) -> None:
+        from capret.data.deepfashion2 import load_items
+
+        self.config = config
+        data = config.data
+        items = [it for it in load_items(data.root, data.train_split, progress=False) if it.style > 0]
+        if data.max_items is not None:
+            items = items[: data.max_items]
+        if not items:
+            raise ValueError(f"{data.root}/{data.train_split}: no items with style > 0 to train on")
+        self.items = items
+        self.labels, self.identities = identity_labels(items)
+        self.caption_join = join_captions(items, data.captions)
+        if data.captions is not None:
+            logger.info(
+                "captions: %d found, %d missing of %d train items",
+                self.caption_join.found,
+                self.caption_join.missing,
+                len(items),
+            )
+        self._model: DualStreamModel | None = None
+        self._dataset: ItemDataset | None = None
+
+    # ------------------------------------------------------------------------------------------ trainer API
+    def build_model(self) -> nn.Module:
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        model = DualStreamModel(self.config.model)
+        self._model = model
+        return TrainModule(
+            model, num_classes=len(self.identities), loss=self.config.loss, rank=rank, world_size=world
+        )
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        module: TrainModule = getattr(model, "module", model)  # type: ignore[assignment]
+        head = list(module.arcface.parameters())
+        head_ids = {id(p) for p in head}
+        rest = [p for p in module.parameters() if p.requires_grad and id(p) not in head_ids]
+        return [
+            {"name": "model", "params": rest},
+            {"name": "arcface", "params": head, "lr": self.config.loss.arcface_lr, "weight_decay": 0.0},
+        ]
+
+    def _train_dataset(self) -> ItemDataset:
+        if self._dataset is None:
+            if self._model is None:
+                raise RuntimeError("build_model() must run before train_dataloader()")
+            dc = self._model.data_config
+            mc = self.config.model
+            transform = ItemTransform(
+                image_size=dc.image_size,
+                mean=dc.mean,
+                std=dc.std,
+                mode=mc.mode,
+                crop_margin=mc.crop_margin,
+                pad=mc.pad,
+                augment=self.config.data.augment,
+            )
+            self._dataset = ItemDataset(
+                root=self.config.data.root,
+                split=self.config.data.train_split,
+                items=self.items,
+                labels=self.labels,
+                transform=transform,
+                captions=self.caption_join.captions,
+                caption_dropout=self.config.data.caption_dropout,
+            )
+        return self._dataset
+
+    def train_dataloader(
+        self, *, rank: int, world_size: int, epoch: int, seed: int
+    ) -> torch.utils.data.DataLoader:
+        dataset = self._train_dataset()
+        sampler = PKBatchSampler(
+            dataset.labels,
+            [it.source for it in dataset.items],
+            p=self.config.data.p,
+            k=self.config.data.k,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+        )
+        assert self._model is not None
+        workers = self.config.trainer.num_workers
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=ItemCollator(self._model.tokenize),
+            num_workers=workers,
+            persistent_workers=False,
+        )
+
+    def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return model(batch)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if not self.config.data.val_split:
+            return {}
+        from capret.api import evaluate_items
+
+        module: TrainModule = getattr(model, "module", model)  # type: ignore[assignment]
+        data, ev = self.config.data, self.config.eval
+        device = next(module.parameters()).device
+        metrics: dict[str, float] = {}
+        with_captions = evaluate_items(
+            module.model,
+            root=data.root,
+            split=data.val_split,
+            captions=data.captions,
+            ks=ev.ks,
+            batch_size=ev.batch_size,
+            device=device,
+        )
+        metrics.update({k: float(v) for k, v in with_captions.metrics.items() if isinstance(v, int | float)})
+        if ev.no_captions and data.captions is not None:
+            without = evaluate_items(
+                module.model,
+                root=data.root,
+                split=data.val_split,
+                captions=None,
+                ks=ev.ks,
+                batch_size=ev.batch_size,
+                device=device,
+            )
+            for key, value in without.metrics.items():
+                if isinstance(value, int | float) and (
+                    key in ("map", "map_at_r") or key.startswith("recall@")
+                ):
+                    metrics[f"{key}_no_captions"] = float(value)
+        return metrics
+
+    def config_dict(self) -> dict[str, Any]:
+        return to_dict(self.config)
+
+
+def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any]:
+    """Train, then export the best (or last) weights as a self-contained model folder."""
+    task = DualStreamTask(config)
+    result = train(task, config.trainer, resume=resume, task_config=task.config_dict())
+    export = Path(config.eval.export_dir or Path(config.trainer.output_dir) / "model")
+    if _is_rank_zero():
+        model = task._model if task._model is not None else DualStreamModel(config.model)
+        best = Path(config.trainer.output_dir) / "best"
+        if (best / "checkpoint.json").is_file():
+            from capret.api import load_dual_stream_weights
+
+            load_dual_stream_weights(model, best)
+        model.save_pretrained(export)
+        result = {**result, "model_dir": str(export), **task.caption_join.summary()}
+    return result
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+register_task("dualstream", DualStreamConfig, run)
