@@ -1,0 +1,208 @@
+"""torch.distributed plumbing for running any capret task under ``torchrun``.
+
+``torchrun --nproc_per_node N -m capret.cli.train ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
+rendezvous address; :func:`init_distributed` turns them into a :class:`DistContext` (gloo on CPU, NCCL on GPUs).
+Everything downstream receives the rank and world size from that context as arguments; no math reads them from
+``torch.distributed`` globals (STYLE.md practice 6), so losses can be tested in one process by passing
+``rank``/``world_size`` and a fake gather.
+
+:func:`all_gather_with_grad` is the gather used by contrastive losses. Its backward all-reduces (sums) the
+incoming gradient and returns the slice of the local rank. With every rank computing its local rows' loss
+against the gathered columns, the gradient reaching rank ``r``'s embeddings is ``sum_s dL_s/de_r``; after DDP
+averages parameter gradients over ranks, the update equals the single-process gradient of the mean loss over
+the whole global batch (the "local loss + gather with grad" scheme of open_clip, shown exact in
+``tests/test_ddp.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = [
+    "DistContext",
+    "all_gather_object",
+    "all_gather_with_grad",
+    "all_reduce_mean",
+    "all_true",
+    "barrier",
+    "broadcast_flag",
+    "cleanup_distributed",
+    "init_distributed",
+    "unwrap_model",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job. ``owns_group`` tells whether we created the process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    owns_group: bool = False
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) -> DistContext:
+    """Join the process group described by torchrun's environment, or run single-process without one.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:K"``; None picks ``cuda:LOCAL_RANK`` when CUDA is available,
+            else CPU. Under torchrun with CUDA each process takes the GPU of its local rank.
+        timeout_s: collective timeout; a rank that dies leaves the others waiting this long at most.
+    """
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
+
+    if device is None:
+        resolved = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        resolved = torch.device(device)
+        if resolved.type == "cuda" and resolved.index is None:
+            resolved = torch.device(f"cuda:{local_rank if world_size > 1 else 0}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use device=cpu")
+        torch.cuda.set_device(resolved)
+
+    if world_size == 1:
+        return DistContext(device=resolved)
+
+    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=_dt.timedelta(seconds=timeout_s),
+            device_id=resolved if backend == "nccl" else None,
+        )
+        owns = True
+    else:
+        backend = dist.get_backend()
+    logger.info("rank %d/%d on %s (%s)", rank, world_size, resolved, backend)
+    return DistContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=resolved,
+        backend=backend,
+        owns_group=owns,
+    )
+
+
+def cleanup_distributed(ctx: DistContext) -> None:
+    """Destroy the process group if :func:`init_distributed` created it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of all ranks and keeps the local slice."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, rank: int, world_size: int, group: Any) -> torch.Tensor:
+        ctx.rank, ctx.world_size, ctx.group, ctx.rows = rank, world_size, group, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad.narrow(0, ctx.rank * ctx.rows, ctx.rows), None, None, None
+
+
+def all_gather_with_grad(
+    tensor: torch.Tensor, *, rank: int, world_size: int, group: Any = None
+) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every rank) over ranks along dim 0, rank order.
+
+    Gradients flow back to the local slice and include every rank's use of it (see the module docstring).
+    With ``world_size == 1`` the tensor is returned unchanged. This is a module-level function so that tests
+    monkeypatch it to simulate several ranks in one process.
+    """
+    if world_size == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor, rank, world_size, group)
+
+
+def all_reduce_mean(tensor: torch.Tensor, *, world_size: int, group: Any = None) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks (a new tensor; no gradient)."""
+    if world_size == 1:
+        return tensor.detach().clone()
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out / world_size
+
+
+def broadcast_flag(flag: bool, *, device: torch.device, world_size: int, src: int = 0) -> bool:
+    """Rank ``src``'s boolean, on every rank (stop decisions such as the time budget must agree)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(value, src=src)
+    return bool(value.item())
+
+
+def all_true(flag: bool, *, device: torch.device, world_size: int) -> bool:
+    """True only if ``flag`` is true on every rank (non-finite checks must stop all ranks together)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def all_gather_object(obj: Any, *, world_size: int) -> list[Any]:
+    """Every rank's ``obj`` (in-memory pickling between our own processes; used for RNG states)."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(*, world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
