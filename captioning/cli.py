@@ -1,0 +1,251 @@
+"""``capret-caption``: caption a dataset's items with a VLM/LLM dialogue into a resumable JSONL store.
+
+Flags map onto :class:`CaptionConfig` (a ``capret.config`` dataclass); ``--config FILE.yaml`` sets the same
+fields from YAML and ``--set key=value`` overrides any of them (``--set loop.view=box``). The command prints a
+JSON summary (done, skipped, failed with reasons, tokens, rate) and exits 0, or 1 when some items failed
+(they are in ``<out stem>.failures.jsonl`` and are retried by the next run), or 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capret.cli.common import print_json, run_guarded
+from capret.config import ConfigError, cfg, from_dict, load_config, to_dict
+from captioning.loop import LoopConfig
+
+__all__ = ["CaptionConfig", "OpenAIOptions", "TransformersOptions", "build_parser", "main", "run"]
+
+
+@dataclass
+class OpenAIOptions:
+    """Options of the ``openai`` backend."""
+
+    base_url: list[str] = cfg(
+        factory=list, help="server base URLs ending in /v1; several are used round-robin"
+    )
+    api_key_env: str = cfg(
+        "", "environment variable holding the API key (default: CAPRET_API_KEY, OPENAI_API_KEY)"
+    )
+    concurrency: int = cfg(8, "requests in flight at once, over all servers")
+    timeout: float = cfg(60.0, "seconds before a request counts as timed out (and is retried)")
+    max_retries: int = cfg(5, "retries on 429/5xx/timeouts/connection errors/malformed bodies")
+    temperature: float = cfg(0.0, "sampling temperature sent with every request")
+    seed: int | None = cfg(None, "sampling seed sent with every request (servers that support it)")
+
+
+@dataclass
+class TransformersOptions:
+    """Options of the ``transformers`` backend."""
+
+    device: str = cfg("cpu", "torch device, e.g. cuda or cuda:1")
+    dtype: str = cfg("auto", "model dtype: auto, float32, float16 or bfloat16")
+    trust_remote_code: bool = cfg(False, "allow model repositories to run their own code")
+
+
+@dataclass
+class CaptionConfig:
+    """Everything ``capret-caption`` needs."""
+
+    dataset: str = cfg("deepfashion2", "deepfashion2, demo, fashioniq, cirr, circo or images")
+    root: Path | None = cfg(None, "dataset root folder")
+    split: str | None = cfg(None, "split (default: validation for deepfashion2/demo, val otherwise)")
+    category: str | None = cfg(None, "fashioniq category (default: all); images: category name for prompts")
+    out: Path | None = cfg(None, "the JSONL caption store to write (resumed if it exists)")
+    backend: str = cfg("template", "caption backend: template, transformers or openai")
+    vlm: str = cfg("", "VLM: hub id or local folder (transformers) / served model name (openai)")
+    llm: str = cfg("", "question/summary LLM (default: the VLM itself)")
+    batch_size: int = cfg(8, "items per batch: one backend call per round serves the whole batch")
+    overwrite: bool = cfg(False, "re-caption keys already in the store (later line wins, explicitly marked)")
+    shard: str = cfg("0/1", "i/n: caption only shard i of n (stable hash of the key)")
+    limit: int | None = cfg(None, "caption only the first N keys (after sharding, in key order)")
+    prompt_version: str = cfg("capret-chat-v1", "built-in prompt set")
+    prompt_file: Path | None = cfg(None, "YAML prompt set (overrides prompt_version)")
+    progress: bool = cfg(True, "show a progress bar")
+    loop: LoopConfig = cfg(factory=LoopConfig, help="dialogue options")
+    openai: OpenAIOptions = cfg(factory=OpenAIOptions, help="openai backend options")
+    transformers: TransformersOptions = cfg(factory=TransformersOptions, help="transformers backend options")
+
+
+# (flag, config key, argparse options)
+_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--dataset", "dataset", {"help": "deepfashion2 | demo | fashioniq | cirr | circo | images"}),
+    ("--root", "root", {"help": "dataset root folder"}),
+    ("--split", "split", {"help": "split (default: validation for deepfashion2/demo, val otherwise)"}),
+    ("--category", "category", {"help": "fashioniq category (default: all three)"}),
+    ("--out", "out", {"help": "caption store (JSONL); an existing one is resumed"}),
+    ("--backend", "backend", {"help": "template | transformers | openai"}),
+    ("--vlm", "vlm", {"help": "VLM hub id / local folder (transformers) or served model name (openai)"}),
+    ("--llm", "llm", {"help": "LLM for questions and summary (default: the VLM)"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "items per batch (default 8)"}),
+    ("--shard", "shard", {"help": "i/n: this process captions shard i of n"}),
+    ("--limit", "limit", {"type": int, "help": "caption only the first N keys"}),
+    ("--rounds", "loop.rounds", {"type": int, "help": "question rounds after the description (default 8)"}),
+    ("--view", "loop.view", {"choices": ["crop", "box"], "help": "crop with margin, or full image with box"}),
+    ("--context-margin", "loop.context_margin", {"type": float, "help": "crop margin as box fraction"}),
+    ("--max-question-tokens", "loop.max_question_tokens", {"type": int, "help": "token limit per question"}),
+    ("--max-answer-tokens", "loop.max_answer_tokens", {"type": int, "help": "token limit per answer"}),
+    ("--max-summary-tokens", "loop.max_summary_tokens", {"type": int, "help": "token limit of the caption"}),
+    ("--prompt-version", "prompt_version", {"help": "built-in prompt set (default capret-chat-v1)"}),
+    ("--prompt-file", "prompt_file", {"help": "YAML prompt set"}),
+    ("--base-url", "openai.base_url", {"action": "append", "help": "server base URL (repeat for several)"}),
+    ("--api-key-env", "openai.api_key_env", {"help": "env var with the API key"}),
+    ("--concurrency", "openai.concurrency", {"type": int, "help": "requests in flight (default 8)"}),
+    ("--timeout", "openai.timeout", {"type": float, "help": "request timeout in seconds (default 60)"}),
+    ("--max-retries", "openai.max_retries", {"type": int, "help": "retries per request (default 5)"}),
+    ("--temperature", "openai.temperature", {"type": float, "help": "sampling temperature (default 0)"}),
+    ("--device", "transformers.device", {"help": "torch device (default cpu)"}),
+    (
+        "--dtype",
+        "transformers.dtype",
+        {"choices": ["auto", "float32", "float16", "bfloat16"], "help": "dtype"},
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capret-caption",
+        description="Caption dataset items with a VLM/LLM dialogue (ChatCaptioner-style) into a resumable "
+        "JSONL store. Re-running the same command resumes: finished keys are skipped, failed ones retried.",
+    )
+    for flag, key, options in _FLAGS:
+        parser.add_argument(flag, dest=key, default=None, **options)
+    parser.add_argument(
+        "--overwrite",
+        dest="overwrite",
+        action="store_true",
+        default=None,
+        help="re-caption keys already in the store (the new line is marked and wins)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        dest="transformers.trust_remote_code",
+        action="store_true",
+        default=None,
+        help="let model repositories run their own code (transformers)",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
+    )
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of CaptionConfig fields")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set loop.max_reasks=3",
+    )
+    return parser  # fmt: skip
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> CaptionConfig:
+    """Defaults <- --config YAML <- --set overrides <- explicit flags."""
+    config = load_config(CaptionConfig, args.config, args.overrides)
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "overrides")}
+    config = from_dict(CaptionConfig, _merge(to_dict(config), _nest(flags)))
+    if config.root is None:
+        raise ConfigError("--root is required (the dataset folder)")
+    if config.out is None:
+        raise ConfigError("--out is required (the JSONL caption store)")
+    return config
+
+
+def _backend_options(config: CaptionConfig) -> dict[str, Any]:
+    """Each backend's own keyword options (explicit per backend: no kwargs tunnel)."""
+    if config.backend == "template":
+        return {}
+    if config.backend == "transformers":
+        t = config.transformers
+        return {"vlm": config.vlm, "llm": config.llm or None, "device": t.device, "dtype": t.dtype,
+                "trust_remote_code": t.trust_remote_code}  # fmt: skip
+    if config.backend == "openai":
+        o = config.openai
+        return {"base_urls": o.base_url, "vlm": config.vlm, "llm": config.llm or None,
+                "api_key_env": o.api_key_env or None, "concurrency": o.concurrency, "timeout": o.timeout,
+                "max_retries": o.max_retries, "temperature": o.temperature, "seed": o.seed}  # fmt: skip
+    from captioning.backends import list_backends
+
+    raise ConfigError(f"unknown backend {config.backend!r}; valid backends: {', '.join(list_backends())}")
+
+
+def run(config: CaptionConfig) -> dict[str, Any]:
+    """Caption ``config.dataset`` into ``config.out``; returns the run summary as a dict."""
+    from captioning.backends import create_backend
+    from captioning.prompts import get_prompt_set, load_prompt_set
+    from captioning.runner import caption_targets
+    from captioning.sources import create_source, parse_shard, select_shard
+    from captioning.store import CaptionStore
+
+    assert config.root is not None and config.out is not None
+    prompts = (
+        load_prompt_set(config.prompt_file) if config.prompt_file else get_prompt_set(config.prompt_version)
+    )
+    shard_index, shard_count = parse_shard(config.shard)
+    if config.limit is not None and config.limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {config.limit}")
+    options = _backend_options(config)
+    targets = create_source(config.dataset, root=config.root, split=config.split, category=config.category)
+    targets = select_shard(targets, shard_index, shard_count)
+    if config.limit is not None:
+        targets = targets[: config.limit]
+    with CaptionStore(config.out, overwrite=config.overwrite) as store:
+        if store.truncated_tail:
+            print(
+                f"warning: {config.out} ended in a partial line of {len(store.truncated_tail)} bytes (a killed "
+                "run); it was removed and its item will be captioned again",
+                file=sys.stderr,
+            )
+        with create_backend(config.backend, **options) as backend:
+            summary = caption_targets(
+                targets,
+                store=store,
+                backend=backend,
+                prompts=prompts,
+                config=config.loop,
+                batch_size=config.batch_size,
+                progress=config.progress,
+            )
+    result = {"out": str(config.out), "failures_file": str(store.failures_path), **summary.to_dict()}
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        summary = run(config_from_args(args))
+        print_json(summary)
+        return 1 if summary["failed"] else 0
+
+    return run_guarded(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""The resumable JSONL caption store (DESIGN.md "Captions").
+
+One JSON object per line::
+
+    {"key": "<dataset>/<image_id>/<item_index>", "caption": str, "dialogue": [{"q", "a"}, ...],
+     "backend": str, "model": {...}, "prompt_version": str, "created": iso8601}
+
+Crash safety: every batch is appended with one ``write`` of whole lines followed by ``flush`` and ``fsync``,
+and a key counts as done only once its line is complete. When a run is killed (even ``kill -9`` in the middle
+of a write) the file ends in at most one partial line; opening the store detects it, reports it, and truncates
+the file back to the last complete line before anything is appended, so the next run re-captions exactly the
+keys whose lines were lost and every key ends up in the file exactly once.
+
+Keys are unique: a second line for a key is only written under ``overwrite=True`` and then carries
+``"overwrite": true``, which is what allows it to replace the earlier line when reading. A duplicate without
+that flag is an error, never a silent replacement. Failed items go to a separate failures log
+(``<stem>.failures.jsonl``) with their reason and are retried by the next run, since they are not done.
+
+One writer per file: the store takes an exclusive ``flock`` (released by the kernel even on ``kill -9``), so
+two processes can never interleave lines; shards of one job write separate files.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CaptionStore",
+    "StoreError",
+    "failures_path",
+    "iter_records",
+    "read_captions",
+    "read_records",
+    "utc_now",
+]
+
+REQUIRED_FIELDS = ("key", "caption", "dialogue", "backend", "model", "prompt_version", "created")
+
+
+class StoreError(ValueError):
+    """A caption store file is corrupt (not a crash-truncated tail), locked, or holds conflicting keys."""
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def failures_path(path: str | Path) -> Path:
+    """``captions.jsonl`` -> ``captions.failures.jsonl`` (beside the store)."""
+    path = Path(path)
+    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+    return path.with_name(f"{stem}.failures.jsonl")
+
+
+@dataclass(frozen=True)
+class _Scan:
+    records: list[tuple[int, dict[str, Any]]]  # (1-based line number, record)
+    good_bytes: int  # length of the prefix made of complete, valid lines
+    truncated_tail: bytes  # the partial last line (b"" when the file ends cleanly)
+
+
+def _scan(path: Path, data: bytes) -> _Scan:
+    records: list[tuple[int, dict[str, Any]]] = []
+    end = data.rfind(b"\n") + 1  # complete lines end at a newline; anything after is a torn write
+    tail = data[end:]
+    offset = 0
+    for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        offset += len(raw) + 1
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{path}:{number}: not valid JSON ({exc.msg}); the store is corrupt") from None
+        if not isinstance(record, dict):
+            raise StoreError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        missing = [f for f in REQUIRED_FIELDS if f not in record]
+        if missing:
+            raise StoreError(f"{path}:{number}: record lacks field(s) {missing}")
+        records.append((number, record))
+    return _Scan(records=records, good_bytes=end, truncated_tail=tail)
+
+
+def _fold(path: Path, records: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Key -> record; a later line replaces an earlier one only when it says ``"overwrite": true``."""
+    by_key: dict[str, dict[str, Any]] = {}
+    line_of: dict[str, int] = {}
+    for number, record in records:
+        key = record["key"]
+        if key in by_key and not record.get("overwrite", False):
+            raise StoreError(
+                f"{path}: key {key!r} appears on lines {line_of[key]} and {number} without an "
+                "overwrite flag; keys must be unique (re-run with --overwrite to replace captions)"
+            )
+        by_key[key] = record
+        line_of[key] = number
+    return by_key
+
+
+def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Every complete record in file order (a crash-truncated last line is skipped)."""
+    path = Path(path)
+    for _, record in _scan(path, path.read_bytes()).records:
+        yield record
+
+
+def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Key -> the record that counts (explicit overwrites applied); a truncated last line is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption store {path} does not exist")
+    return _fold(path, _scan(path, path.read_bytes()).records)
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+    """Key -> caption, for joining captions to dataset items by ``Item.key``."""
+    return {key: record["caption"] for key, record in read_records(path).items()}
+
+
+class CaptionStore:
+    """Appends caption records to a JSONL file so that any interrupted run can resume.
+
+    Use as a context manager; opening takes the file lock, repairs a torn last line and loads the done keys.
+    """
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.failures_path = failures_path(self.path)
+        self.overwrite = overwrite
+        self.truncated_tail: bytes = b""  # what was cut from a torn last line on open (for the report)
+        self._done: set[str] = set()
+        self._fd: int | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def open(self) -> CaptionStore:
+        if self._fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"{self.path} is being written by another process; give each shard its own --out"
+            ) from None
+        try:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size, 0) if size else b""
+            scan = _scan(self.path, data)
+            self._done = set(_fold(self.path, scan.records))
+            if scan.truncated_tail:
+                # A torn write from a killed run: cut it so the next append starts on a fresh line.
+                self.truncated_tail = scan.truncated_tail
+                os.ftruncate(fd, scan.good_bytes)
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # also releases the flock
+            self._fd = None
+
+    def __enter__(self) -> CaptionStore:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- queries ----------------------------------------------------------------------------------------
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._done
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    @property
+    def done_keys(self) -> frozenset[str]:
+        """Keys with a complete line in the file (only keys are kept in memory, not the records)."""
+        return frozenset(self._done)
+
+    # --- writes -----------------------------------------------------------------------------------------
+
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        """Append a batch of records durably (one write of whole lines, flush, fsync).
+
+        Refuses a key that is already stored unless the store was opened with ``overwrite=True``, in which
+        case the new line carries ``"overwrite": true``.
+        """
+        if self._fd is None:
+            raise RuntimeError(f"caption store {self.path} is not open; use it as a context manager")
+        lines = []
+        seen: set[str] = set()
+        for record in records:
+            missing = [f for f in REQUIRED_FIELDS if f not in record]
+            if missing:
+                raise ValueError(f"caption record for {record.get('key')!r} lacks field(s) {missing}")
+            key = record["key"]
+            if key in seen:
+                raise ValueError(f"caption batch holds key {key!r} twice")
+            seen.add(key)
+            if key in self._done:
+                if not self.overwrite:
+                    raise StoreError(f"{self.path}: key {key!r} is already captioned (use overwrite)")
+                record = {**record, "overwrite": True}
+            lines.append(json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) + "\n")
+        if not lines:
+            return
+        payload = "".join(lines).encode("utf-8")
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        view = memoryview(payload)
+        while view:
+            written = os.pwrite(self._fd, view, end)
+            end += written
+            view = view[written:]
+        os.fsync(self._fd)
+        self._done.update(seen)
+
+    def append_failures(self, failures: Sequence[dict[str, Any]]) -> None:
+        """Log failed items (``key``, ``reason``, ...) to the failures file; they stay not-done and are retried."""
+        if not failures:
+            return
+        payload = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
+        with open(self.failures_path, "a+b") as fh:
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":  # a torn line from a killed run: start a fresh line
+                    payload = "\n" + payload
+            fh.write(payload.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())

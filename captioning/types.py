@@ -1,0 +1,84 @@
+"""Value types passed between the captioning loop, its backends and the store.
+
+The loop talks to every backend through two batched calls (``ask`` for the question-asking/summarising LLM,
+``answer`` for the VLM that sees the item). Requests carry both the rendered chat ``messages`` (what a real
+model reads) and the structured ``context``/``dialogue`` they were rendered from, so that the model-free
+``template`` backend can answer from the annotation and pixels while keeping the exact same record shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+__all__ = ["QA", "ChatRequest", "Generation", "ItemContext", "VisualQuery"]
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question of the dialogue and the VLM's (trimmed) answer."""
+
+    q: str
+    a: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"q": self.q, "a": self.a}
+
+
+@dataclass(frozen=True)
+class ItemContext:
+    """What is known about an item without looking at it (annotation fields).
+
+    ``bbox_in_view`` is the item's box in the coordinates of the image the VLM is shown (after cropping with
+    context margin), so that pixel-based answers can separate the garment from its surroundings.
+    """
+
+    key: str
+    category: str = ""  # category name, e.g. "short sleeve top" ("" when unknown)
+    category_id: int | None = None  # dataset category id (DeepFashion2: 1..13)
+    attributes: dict[str, Any] = field(default_factory=dict)  # e.g. viewpoint, occlusion, zoom_in, scale
+    bbox_in_view: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in view pixels
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One prompt for the text-only LLM.
+
+    ``kind`` says which step of the loop asked (a new question or the final summary); real backends only
+    read ``messages``.
+    """
+
+    messages: list[dict[str, Any]]
+    kind: Literal["question", "summary"]
+    context: ItemContext
+    dialogue: tuple[QA, ...] = ()
+
+
+@dataclass(frozen=True)
+class VisualQuery:
+    """One question to the VLM about one item, with the previous turns it may read (ChatCaptioner)."""
+
+    image: Image.Image
+    question: str
+    messages: list[dict[str, Any]]  # chat messages; the image appears as a {"type": "image"} content part
+    context: ItemContext
+    history: tuple[QA, ...] = ()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A backend's reply to one request: the text, token usage, and an error when the request failed.
+
+    A failed request never raises out of a batched call: one bad item must not lose the rest of the batch.
+    """
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
