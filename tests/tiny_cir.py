@@ -53,9 +53,12 @@ def _dump(path: Path, obj: object) -> None:
 
 
 def write_fashioniq(
-    root: str | Path, *, categories: tuple[str, ...] = ("dress", "shirt"), n: int = 8, extra: int = 4
+    root: str | Path, *, categories: tuple[str, ...] = ("dress", "shirt"), n: int = 8, extra: int = 44
 ) -> Path:
-    """FashionIQ layout with ``n`` real val triplets per category, used as train, val and (target-less) test."""
+    """FashionIQ layout with ``n`` real val triplets per category, used as train, val and (target-less) test.
+
+    ``extra`` real gallery asins are added so the gallery holds more than 50 images (R@50 needs 50 ranked).
+    """
     root = Path(root)
     for category in categories:
         records = json.loads(
@@ -76,10 +79,11 @@ def write_fashioniq(
     return root
 
 
-def write_cirr(root: str | Path, *, n: int = 10) -> Path:
+def write_cirr(root: str | Path, *, n: int = 10, extra: int = 40) -> Path:
     """CIRR layout (``root/cirr/captions``, ``root/cirr/image_splits``, ``root/dev``) from ``n`` real triplets.
 
-    The same triplets serve as train, val and test1 (test1 without targets, as the official test file).
+    The same triplets serve as train, val and test1 (test1 without targets, as the official test file);
+    ``extra`` other real val images join the split so the gallery exceeds the 51 images R@50 needs.
     """
     root = Path(root)
     records = json.loads((SHARED_DATA / "cirr" / "captions" / "cap.rc2.val.json").read_text())[:n]
@@ -90,6 +94,8 @@ def write_cirr(root: str | Path, *, n: int = 10) -> Path:
             + [m for r in records for m in r["img_set"]["members"]]
         )
     )
+    split = json.loads((SHARED_DATA / "cirr" / "image_splits" / "split.rc2.val.json").read_text())
+    names += [name for name in split if name not in names][:extra]
     paths = {name: f"./dev/{name}.png" for name in names}
     test = [{k: v for k, v in r.items() if k not in ("target_hard", "target_soft")} for r in records]
     for split_name, caps in (("train", records), ("val", records), ("test1", test)):
@@ -100,7 +106,7 @@ def write_cirr(root: str | Path, *, n: int = 10) -> Path:
     return root
 
 
-def write_circo(root: str | Path, *, n: int = 6, extra: int = 5) -> tuple[Path, list[int]]:
+def write_circo(root: str | Path, *, n: int = 6, extra: int = 40) -> tuple[Path, list[int]]:
     """CIRCO layout with ``n`` real val queries; the gallery is only the image folder (no image-info file).
 
     Returns the root and the gallery ids (references, every ground truth and ``extra`` distractors).

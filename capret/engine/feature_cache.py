@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from capret.models.clip import ClipBundle, weights_fingerprint
+from capret.models.clip import ClipBundle
 
 __all__ = ["CachedFeatures", "cache_key", "encode_images", "encode_texts", "image_features", "text_features"]
 
@@ -161,12 +161,12 @@ def image_features(
 ) -> CachedFeatures:
     """Image features of ``names`` (duplicates removed, order kept), read from ``cache_dir`` when present.
 
-    ``fingerprint`` (from :func:`capret.models.clip.weights_fingerprint`) may be passed to avoid re-hashing
-    the weights for every call; ``cache_dir=None`` disables caching.
+    ``fingerprint`` (``clip.image_fingerprint()``) may be passed to avoid re-hashing the weights on every
+    call; ``cache_dir=None`` disables caching.
     """
     unique = list(dict.fromkeys(names))
     if cache_dir is not None and fingerprint is None:
-        fingerprint = weights_fingerprint(clip.model)
+        fingerprint = clip.image_fingerprint()
     return _cached(
         cache_dir=cache_dir,
         kind="image",
@@ -187,10 +187,13 @@ def text_features(
     fingerprint: str | None = None,
     batch_size: int = 256,
 ) -> CachedFeatures:
-    """Text features per unique caption string, cached like :func:`image_features`."""
+    """Text features per unique caption string, cached like :func:`image_features`.
+
+    ``fingerprint`` is ``clip.text_fingerprint()`` when not given.
+    """
     unique = list(dict.fromkeys(texts))
     if cache_dir is not None and fingerprint is None:
-        fingerprint = weights_fingerprint(clip.model)
+        fingerprint = clip.text_fingerprint()
     return _cached(
         cache_dir=cache_dir,
         kind="text",

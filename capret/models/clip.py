@@ -281,12 +281,45 @@ class ClipBundle(nn.Module):
         pooled = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return self.model.text_projection(pooled)
 
+    def forward(
+        self,
+        *,
+        pixels: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Raw features of whatever is given: ``{"image": [B, d]}`` and/or ``{"text": [B, d]}``.
+
+        Training goes through ``forward`` (one call per step) so that DistributedDataParallel can
+        synchronise the gradients of both towers.
+        """
+        out: dict[str, torch.Tensor] = {}
+        if pixels is not None:
+            out["image"] = self.image_features(pixels)
+        if input_ids is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            out["text"] = self.text_features(input_ids, attention_mask)
+        return out
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_features(pixels), dim=-1)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
         return F.normalize(self.text_features(**tokens), dim=-1)
+
+    def image_fingerprint(self) -> str:
+        """Hash of the weights image features depend on (vision tower + projection), for cache keys."""
+        return weights_fingerprint(nn.ModuleList([self.model.vision_model, self.model.visual_projection]))
+
+    def text_fingerprint(self) -> str:
+        """Hash of the weights text features depend on (text tower + projection), for cache keys.
+
+        Keying each modality by its own tower means fine-tuning only the text encoder (CLIP4Cir stage 1)
+        keeps every cached image feature valid.
+        """
+        return weights_fingerprint(nn.ModuleList([self.model.text_model, self.model.text_projection]))
 
     def set_trainable(self, *, text: bool, image: bool) -> None:
         """Freeze or unfreeze the two towers (CLIP4Cir stage 1 fine-tunes the text tower, optionally both)."""

@@ -1,0 +1,404 @@
+"""Training task ``combiner``: the two stages of CLIP4Cir (Baldrati et al., CVPR-W 2022 / TOMM 2023).
+
+* **Stage 1** fine-tunes CLIP's text encoder (``encoder: text``; ``image`` or ``both`` also tune the image
+  tower) with the batch-based classification loss: query ``i`` = ``normalize(img_i + txt_i)`` must pick
+  target ``i`` among the batch's targets, logits ``100 · query @ normalize(targets).T``; AdamW, lr 2e-6.
+* **Stage 2** freezes CLIP and trains the Combiner with the same loss; Adam, lr 2e-5. Since CLIP is frozen,
+  every image (and caption) feature is computed once into a feature cache (:mod:`capret.engine.feature_cache`)
+  and each epoch is a few small MLP steps. Stage 2 starts from the stage-1 weights (``stage1_checkpoint``).
+  Stage 1 with the image tower frozen (the default) caches image features the same way.
+
+Model selection follows the paper: FashionIQ by the average of R@10 and R@50 over the categories
+(``trainer.monitor: average``), CIRR by the mean of R@5 and Recall_subset@1 (``trainer.monitor:
+r5_rs1_mean``). The shared loop (:mod:`capret.engine.trainer`) does optimisation, logging and checkpoints;
+the checkpoint sidecar keeps this config, which ``capret-eval --dataset ... --checkpoint`` reads back.
+
+Adam vs AdamW: the trainer's ``adamw`` with ``weight_decay: 0`` *is* Adam, so the stage sections set each
+stage's learning rate and weight decay as parameter-group values and one ``trainer.optimizer`` serves both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from capret.config import ConfigError, cfg, to_dict
+from capret.engine.cir_inference import FeatureOptions, cirr_rankings, fashioniq_rankings
+from capret.engine.feature_cache import CachedFeatures, image_features, text_features
+from capret.engine.tasks import register_task
+from capret.engine.trainer import TrainerConfig, train, unwrap_model
+from capret.models.clip import ClipBundle, load_clip
+from capret.models.combiner import Combiner, ElementWiseSum, batch_classification_loss
+
+__all__ = ["CombinerNetConfig", "CombinerTask", "CombinerTaskConfig", "StageConfig", "build_fuser", "run"]
+
+
+@dataclass
+class StageConfig:
+    """Per-stage optimisation settings (one YAML serves both stages; ``stage=`` picks the section)."""
+
+    lr: float = cfg(2e-6, "learning rate of this stage (CLIP4Cir: 2e-6 stage 1, 2e-5 stage 2)")
+    weight_decay: float = cfg(0.01, "weight decay (0 makes trainer.optimizer=adamw exactly Adam)")
+    batch_size: int = cfg(32, "triplets per batch per process (the in-batch negatives of the loss)")
+    epochs: int | None = cfg(None, "if set, train this many epochs (overrides trainer.max_steps/epochs)")
+
+
+@dataclass
+class CombinerNetConfig:
+    """Sizes of the Combiner (``d`` comes from the CLIP checkpoint)."""
+
+    projection_dim: int = cfg(0, "projection width p; 0 = 4·d (RN50x4: 2560)")
+    hidden_dim: int = cfg(0, "fusion MLP width h; 0 = 8·d (RN50x4: 5120)")
+    dropout: float = cfg(0.5, "dropout after every hidden layer (paper: 0.5)")
+
+
+@dataclass
+class CombinerTaskConfig:
+    """Config of ``capret-train`` task ``combiner`` (see configs/fashioniq_combiner.yaml)."""
+
+    task: str = cfg("combiner", "task name; must be 'combiner'")
+    stage: int = cfg(1, "1: fine-tune CLIP with element-wise sum; 2: train the Combiner on frozen CLIP")
+    dataset: Literal["fashioniq", "cirr"] = cfg("fashioniq", "training dataset: fashioniq | cirr")
+    root: str = cfg("data/fashioniq", "dataset root in the official layout")
+    categories: list[str] = cfg(
+        factory=lambda: ["dress", "shirt", "toptee"], help="FashionIQ categories used for training/validation"
+    )
+    train_split: str = cfg("train", "split the model is trained on")
+    val_split: str = cfg("val", "split used for model selection")
+    clip: str = cfg(
+        "openai/clip-vit-base-patch32", "CLIP: Hugging Face hub id or local from_pretrained folder"
+    )
+    preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
+        "targetpad", "image padding before CLIP resize"
+    )
+    target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
+    encoder: Literal["text", "image", "both"] = cfg("text", "stage 1: which CLIP tower(s) to fine-tune")
+    stage1_checkpoint: str | None = cfg(
+        None,
+        "stage 2: stage-1 checkpoint folder; 'auto' = <trainer.output_dir>/stage1/best; null = pretrained",
+    )
+    combiner: CombinerNetConfig = cfg(factory=CombinerNetConfig, help="Combiner sizes")
+    stage1: StageConfig = cfg(factory=StageConfig, help="stage-1 optimisation")
+    stage2: StageConfig = cfg(
+        factory=lambda: StageConfig(lr=2e-5, weight_decay=0.0, batch_size=4096),
+        help="stage-2 optimisation",
+    )
+    feature_cache: str | None = cfg(
+        "auto", "folder of cached CLIP features; 'auto' = <trainer.output_dir>/feature_cache; null = off"
+    )
+    eval_batch_size: int = cfg(64, "images per batch when encoding galleries")
+    trainer: TrainerConfig = cfg(factory=TrainerConfig, help="shared training loop settings")
+
+
+@dataclass(frozen=True)
+class _Triplet:
+    reference: str
+    target: str
+    texts: tuple[str, ...]  # caption variants; one is drawn per sample and epoch
+
+
+def build_fuser(config: CombinerTaskConfig, feature_dim: int) -> nn.Module:
+    """The fusion module of a stage: element-wise sum after stage 1, the Combiner in stage 2."""
+    if config.stage == 1:
+        return ElementWiseSum(feature_dim)
+    net = config.combiner
+    return Combiner(feature_dim, net.projection_dim or None, net.hidden_dim or None, dropout=net.dropout)
+
+
+def resolve_stage1_checkpoint(config: CombinerTaskConfig) -> Path | None:
+    """The stage-1 checkpoint folder a stage-2 run starts from (None = pretrained CLIP)."""
+    if config.stage1_checkpoint is None:
+        return None
+    if config.stage1_checkpoint == "auto":
+        path = Path(config.trainer.output_dir) / "stage1" / "best"
+    else:
+        path = Path(config.stage1_checkpoint)
+    if not (path / "checkpoint.json").is_file():
+        raise FileNotFoundError(
+            f"stage1_checkpoint={config.stage1_checkpoint!r}: {path} is not a checkpoint folder "
+            "(train stage 1 first, or set stage1_checkpoint=null to start from the pretrained CLIP)"
+        )
+    return path
+
+
+def load_task_clip(config: CombinerTaskConfig, *, device: str | torch.device = "cpu") -> ClipBundle:
+    """CLIP with this config's preprocessing; in stage 2, with the stage-1 fine-tuned weights loaded."""
+    from capret.engine.checkpoint import load_model_weights
+
+    clip = load_clip(
+        config.clip, preprocess=config.preprocess, target_ratio=config.target_ratio, device=device
+    )
+    stage1 = resolve_stage1_checkpoint(config) if config.stage == 2 else None
+    if stage1 is not None:
+        load_model_weights(clip, stage1, device=device)
+    return clip
+
+
+class _TripletImages(Dataset):
+    """Preprocessed (reference, target) pixels of triplets (stage 1 with a trainable image tower)."""
+
+    def __init__(self, triplets: list[_Triplet], load: Callable[[str], Any], transform: Callable) -> None:
+        self.triplets, self.load, self.transform = triplets, load, transform
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        t = self.triplets[i]
+        return self.transform(self.load(t.reference)), self.transform(self.load(t.target)), i
+
+
+class CombinerTask:
+    """The :class:`capret.engine.trainer.TrainTask` of both CLIP4Cir stages."""
+
+    def __init__(self, config: CombinerTaskConfig) -> None:
+        if config.stage not in (1, 2):
+            raise ConfigError(f"stage={config.stage} is not valid; choose 1 or 2")
+        self.config = config
+        self.stage = config.stage1 if config.stage == 1 else config.stage2
+        self.triplets, self.load_image = self._train_triplets()
+        self.clip: ClipBundle | None = None
+        self.fuser: nn.Module | None = None
+        self._image_cache: CachedFeatures | None = None
+        self._text_cache: CachedFeatures | None = None
+        self._image_fp: str | None = None
+        self._text_fp: str | None = None
+
+    # ----------------------------------------------------------------------------------------- data
+    def _fashioniq(self, split: str) -> list[Any]:
+        from capret.data.fashioniq import FashionIQ
+
+        return [FashionIQ(self.config.root, c, split, caption_mode="eval") for c in self.config.categories]
+
+    def _train_triplets(self) -> tuple[list[_Triplet], Callable[[str], Any]]:
+        from capret.data.fashioniq import PAIRINGS, pair_captions
+
+        if self.config.dataset == "fashioniq":
+            datasets = self._fashioniq(self.config.train_split)
+            triplets = [
+                _Triplet(t.reference, t.target, tuple(pair_captions(t.captions, p) for p in PAIRINGS))  # type: ignore[arg-type]
+                for ds in datasets
+                for t in ds.triplets
+            ]
+            return triplets, datasets[0].load_image
+        from capret.data.cirr import CIRR
+
+        ds = CIRR(self.config.root, self.config.train_split)
+        return [_Triplet(t.reference, t.target, (t.caption,)) for t in ds.triplets], ds.load_image  # type: ignore[arg-type]
+
+    @property
+    def _cache_dir(self) -> Path | None:
+        value = self.config.feature_cache
+        if value is None:
+            return None
+        return Path(self.config.trainer.output_dir) / "feature_cache" if value == "auto" else Path(value)
+
+    @property
+    def _images_frozen(self) -> bool:
+        return self.config.stage == 2 or self.config.encoder == "text"
+
+    def _batches(
+        self, *, rank: int, world_size: int, epoch: int, seed: int
+    ) -> tuple[list[list[int]], list[int]]:
+        """Shuffled index batches of this rank (equal count on every rank) and each triplet's caption draw."""
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(self.triplets), generator=g).tolist()
+        draws = torch.randint(0, 2**30, (len(self.triplets),), generator=g).tolist()
+        variant = [d % len(t.texts) for d, t in zip(draws, self.triplets)]
+        bs = self.stage.batch_size
+        per_rank = len(order) // world_size // bs * bs
+        if per_rank == 0:
+            raise ValueError(
+                f"{len(order)} training triplets cannot fill one batch of {bs} on each of {world_size} "
+                f"process(es); lower stage{self.config.stage}.batch_size"
+            )
+        mine = order[rank::world_size][:per_rank]
+        return [mine[i : i + bs] for i in range(0, per_rank, bs)], variant
+
+    def _ensure_caches(self) -> None:
+        assert self.clip is not None and self.fuser is not None
+        if self.config.stage == 2:
+            # the trainer moved the Combiner to its device; the frozen CLIP follows it
+            device = next(self.fuser.parameters()).device
+            self.clip.to(device)
+        cache = self._cache_dir
+        if self._images_frozen and self._image_cache is None:
+            self._image_fp = self.clip.image_fingerprint()
+            names = [n for t in self.triplets for n in (t.reference, t.target)]
+            self._image_cache = image_features(
+                self.clip,
+                names,
+                load_image=self.load_image,
+                cache_dir=cache,
+                fingerprint=self._image_fp,
+                batch_size=self.config.eval_batch_size,
+                num_workers=self.config.trainer.num_workers,
+            )
+        if self.config.stage == 2 and self._text_cache is None:
+            self._text_fp = self.clip.text_fingerprint()
+            texts = [s for t in self.triplets for s in t.texts]
+            self._text_cache = text_features(self.clip, texts, cache_dir=cache, fingerprint=self._text_fp)
+
+    def train_dataloader(
+        self, *, rank: int, world_size: int, epoch: int, seed: int
+    ) -> Iterator[dict[str, Any]]:
+        """Deterministic batches for ``(rank, world_size, epoch, seed)`` as the trainer requires.
+
+        Frozen image tower: batches of cached features (no image is opened after the first epoch's cache).
+        Trainable image tower: a DataLoader over preprocessed pixels.
+        """
+        self._ensure_caches()
+        batches, variant = self._batches(rank=rank, world_size=world_size, epoch=epoch, seed=seed)
+        if self._images_frozen:
+            return self._feature_batches(batches, variant)
+        assert self.clip is not None
+        loader = DataLoader(
+            _TripletImages(self.triplets, self.load_image, self.clip.transform),
+            batch_sampler=batches,
+            num_workers=self.config.trainer.num_workers,
+        )
+        return self._pixel_batches(loader, variant)
+
+    def _texts(self, indices: list[int], variant: list[int]) -> list[str]:
+        return [self.triplets[i].texts[variant[i]] for i in indices]
+
+    def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        assert self.clip is not None
+        return self.clip.tokenize(texts)
+
+    def _feature_batches(self, batches: list[list[int]], variant: list[int]) -> Iterator[dict[str, Any]]:
+        assert self._image_cache is not None
+        for idx in batches:
+            batch: dict[str, Any] = {
+                "reference": self._image_cache.lookup([self.triplets[i].reference for i in idx]),
+                "target": self._image_cache.lookup([self.triplets[i].target for i in idx]),
+            }
+            texts = self._texts(idx, variant)
+            if self.config.stage == 2:
+                assert self._text_cache is not None
+                batch["text"] = self._text_cache.lookup(texts)
+            else:
+                batch.update(self._tokens(texts))
+            yield batch
+
+    def _pixel_batches(self, loader: DataLoader, variant: list[int]) -> Iterator[dict[str, Any]]:
+        for ref, tgt, idx in loader:
+            yield {
+                "reference_pixels": ref,
+                "target_pixels": tgt,
+                **self._tokens(self._texts(idx.tolist(), variant)),
+            }
+
+    # ----------------------------------------------------------------------------------------- model
+    def build_model(self) -> nn.Module:
+        """Stage 1: the CLIP bundle (towers frozen/unfrozen per ``encoder``); stage 2: the Combiner."""
+        clip = load_task_clip(self.config)
+        self.clip = clip
+        if self.config.stage == 1:
+            clip.set_trainable(
+                text=self.config.encoder in ("text", "both"), image=self.config.encoder != "text"
+            )
+            self.fuser = ElementWiseSum(clip.feature_dim)
+            return clip
+        clip.requires_grad_(False).eval()
+        self.fuser = build_fuser(self.config, clip.feature_dim)
+        return self.fuser
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        name = "clip" if self.config.stage == 1 else "combiner"
+        return [
+            {"params": params, "lr": self.stage.lr, "weight_decay": self.stage.weight_decay, "name": name}
+        ]
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Batch-based classification loss of the stage (CLIP4Cir Sec. 3.1/3.2)."""
+        if self.config.stage == 2:
+            query = model(batch["reference"], batch["text"])
+            return {"loss": batch_classification_loss(query, batch["target"])}
+        tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "reference_pixels" in batch:
+            n = batch["reference_pixels"].shape[0]
+            pixels = torch.cat([batch["reference_pixels"], batch["target_pixels"]])
+            out = model(pixels=pixels, **tokens)
+            reference, target = out["image"][:n], out["image"][n:]
+        else:
+            out = model(**tokens)
+            reference, target = batch["reference"], batch["target"]
+        query = ElementWiseSum()(reference.to(out["text"].dtype), out["text"])
+        return {"loss": batch_classification_loss(query, target.to(query.dtype))}
+
+    # ----------------------------------------------------------------------------------------- eval
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation recall on ``val_split`` with the stage's fuser; adds the model-selection number."""
+        from capret.evaluation.cir import cirr_metrics, fashioniq_recall
+
+        model = unwrap_model(model)
+        clip = model if self.config.stage == 1 else self.clip
+        fuser = self.fuser if self.config.stage == 1 else model
+        assert isinstance(clip, ClipBundle) and fuser is not None
+        # stage 1 changes the text tower (and maybe the image tower) between evaluations: cache only what is frozen
+        options = FeatureOptions(
+            cache_dir=self._cache_dir if self._images_frozen else None,
+            cache_texts=self.config.stage == 2,
+            image_fingerprint=self._image_fp,
+            text_fingerprint=self._text_fp,
+            batch_size=self.config.eval_batch_size,
+            num_workers=self.config.trainer.num_workers,
+        )
+        if self.config.dataset == "fashioniq":
+            datasets = self._fashioniq(self.config.val_split)
+            rankings = {ds.category: fashioniq_rankings(clip, fuser, ds, options=options) for ds in datasets}
+            return fashioniq_recall(rankings, {ds.category: ds.annotations for ds in datasets})
+        from capret.data.cirr import CIRR
+
+        ds = CIRR(self.config.root, self.config.val_split)
+        metrics = cirr_metrics(cirr_rankings(clip, fuser, ds, options=options), ds.annotations)
+        metrics["r5_rs1_mean"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
+        return metrics
+
+    def config_dict(self) -> dict[str, Any]:
+        return to_dict(self.config)
+
+
+#: names of the validation metrics of each dataset, for checking ``trainer.monitor`` before training starts
+def _metric_names(config: CombinerTaskConfig) -> list[str]:
+    if config.dataset == "fashioniq":
+        names = [f"{c}/recall@{k}" for c in config.categories for k in (10, 50)]
+        return [*names, "average/recall@10", "average/recall@50", "average"]
+    return [
+        *(f"recall@{k}" for k in (1, 5, 10, 50)),
+        *(f"recall_subset@{k}" for k in (1, 2, 3)),
+        "r5_rs1_mean",
+    ]
+
+
+def run(config: CombinerTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
+    """Train the configured stage; its run folder is ``<trainer.output_dir>/stage<N>``.
+
+    Returns the trainer's summary (final/best metrics and checkpoint paths).
+    """
+    if config.task != "combiner":
+        raise ConfigError(f"task={config.task!r}: this runner trains task 'combiner'")
+    names = _metric_names(config)
+    if config.trainer.monitor not in names:
+        raise ConfigError(
+            f"trainer.monitor={config.trainer.monitor!r} is not a {config.dataset} validation metric; "
+            f"valid: {', '.join(names)} (paper: {'average' if config.dataset == 'fashioniq' else 'r5_rs1_mean'})"
+        )
+    stage = config.stage1 if config.stage == 1 else config.stage2
+    trainer_config = replace(
+        config.trainer, output_dir=str(Path(config.trainer.output_dir) / f"stage{config.stage}")
+    )
+    if stage.epochs is not None:
+        trainer_config = replace(trainer_config, epochs=stage.epochs, max_steps=None)
+    return train(CombinerTask(config), trainer_config, resume=resume)
+
+
+register_task("combiner", CombinerTaskConfig, run)
