@@ -1,0 +1,142 @@
+"""Image-text contrastive (ITC) loss: symmetric InfoNCE with a learnable temperature, DDP-aware.
+
+As in CLIP (Radford et al., 2021) and X-VLM (Zeng et al., 2022, Sec. 3.2): the similarity of every image
+embedding with every caption embedding of the (global) batch, divided by a temperature, is scored with
+cross-entropy against the matching pair, in both directions, and the two directions are averaged. X-VLM
+initialises the learnable temperature at 0.07 and clamps it to [0.001, 0.5] before each use; we do the same.
+
+Under DDP each rank scores its *local* rows against the columns gathered from all ranks
+(``capret.engine.distributed.all_gather_with_grad``, looked up at call time so tests can monkeypatch it, or any
+``gather`` passed in). Rank, world size and process group are arguments, never globals. Because the gather's
+backward sums gradients over ranks, DDP's gradient averaging yields exactly the gradient of the loss averaged
+over the global batch (``tests/test_ddp.py``). Every rank must pass the same number of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capret.engine import distributed as _dist
+
+__all__ = ["ITCLoss", "itc_loss"]
+
+#: gather(tensor, *, rank, world_size, group) -> concatenation over ranks along dim 0
+GatherFn = Callable[..., torch.Tensor]
+
+
+def itc_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    *,
+    temperature: torch.Tensor | float,
+    rank: int = 0,
+    world_size: int = 1,
+    group: Any = None,
+    gather: GatherFn | None = None,
+    normalize: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Symmetric InfoNCE between the local rows and the global batch.
+
+    Args:
+        image_emb, text_emb: ``(n, d)`` local embeddings; row ``i`` of each is a matching pair.
+        temperature: scalar dividing the cosine similarities (a tensor keeps its gradient).
+        rank, world_size, group: this process's place in the job; ``world_size == 1`` needs no gather.
+        gather: replaces ``all_gather_with_grad`` (tests simulate several ranks with it).
+        normalize: L2-normalise the embeddings first (a no-op for encoders that already do).
+
+    Returns:
+        ``loss`` = (i2t + t2i) / 2, ``i2t`` (image -> caption cross-entropy), ``t2i``, and the detached
+        ``temperature``.
+    """
+    if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"itc_loss needs image and text embeddings of the same (n, d) shape, got "
+            f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    if normalize:
+        image_emb = F.normalize(image_emb, dim=-1)
+        text_emb = F.normalize(text_emb, dim=-1)
+    if world_size > 1:
+        gather_fn = gather if gather is not None else _dist.all_gather_with_grad
+        all_image = gather_fn(image_emb, rank=rank, world_size=world_size, group=group)
+        all_text = gather_fn(text_emb, rank=rank, world_size=world_size, group=group)
+    else:
+        all_image, all_text = image_emb, text_emb
+    n = image_emb.shape[0]
+    if all_image.shape[0] != n * world_size:
+        raise ValueError(
+            f"gathered {all_image.shape[0]} rows from {world_size} ranks of {n}; every rank must pass the same "
+            "batch size (use drop_last)"
+        )
+    temperature = torch.as_tensor(temperature, device=image_emb.device, dtype=image_emb.dtype)
+    targets = torch.arange(n, device=image_emb.device) + rank * n
+    logits_i2t = image_emb @ all_text.t() / temperature
+    logits_t2i = text_emb @ all_image.t() / temperature
+    # cross-entropy in at least float32: under fp16/bf16 autocast the logits (up to 1/0.001) lose precision
+    wide = torch.promote_types(logits_i2t.dtype, torch.float32)
+    i2t = F.cross_entropy(logits_i2t.to(wide), targets)
+    t2i = F.cross_entropy(logits_t2i.to(wide), targets)
+    return {"loss": (i2t + t2i) / 2, "i2t": i2t, "t2i": t2i, "temperature": temperature.detach().float()}
+
+
+class ITCLoss(nn.Module):
+    """ITC with the temperature as a parameter (put it in the model so the optimizer and checkpoints see it).
+
+    Args:
+        init_temperature: starting temperature (0.07 in CLIP and X-VLM).
+        min_temperature, max_temperature: clamp applied before every use (X-VLM: 0.001 and 0.5).
+        learnable: False keeps the temperature fixed (a buffer).
+    """
+
+    def __init__(
+        self,
+        *,
+        init_temperature: float = 0.07,
+        min_temperature: float = 0.001,
+        max_temperature: float = 0.5,
+        learnable: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 < min_temperature <= init_temperature <= max_temperature:
+            raise ValueError(
+                "ITCLoss needs 0 < min_temperature <= init_temperature <= max_temperature, got "
+                f"{min_temperature}, {init_temperature}, {max_temperature}"
+            )
+        self.min_temperature, self.max_temperature = min_temperature, max_temperature
+        value = torch.tensor(float(init_temperature))
+        if learnable:
+            self.temperature = nn.Parameter(value)
+        else:
+            self.register_buffer("temperature", value)
+
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        group: Any = None,
+        gather: GatherFn | None = None,
+    ) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            self.temperature.clamp_(self.min_temperature, self.max_temperature)
+        return itc_loss(
+            image_emb,
+            text_emb,
+            temperature=self.temperature,
+            rank=rank,
+            world_size=world_size,
+            group=group,
+            gather=gather,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={float(self.temperature.detach()):.4g}, clamp=[{self.min_temperature}, {self.max_temperature}]"

@@ -1,0 +1,184 @@
+"""ITC and box losses against explicit per-pair / per-box references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capret.engine import distributed
+from capret.losses import BoxLoss, ITCLoss, box_loss, create_loss, itc_loss, list_losses
+
+
+def _itc_reference(image: torch.Tensor, text: torch.Tensor, temperature: float) -> tuple[float, float]:
+    """InfoNCE computed pair by pair with Python loops (normalised embeddings)."""
+
+    def unit(v: list[float]) -> list[float]:
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    image = [unit(v) for v in image.tolist()]
+    text = [unit(v) for v in text.tolist()]
+    n = len(image)
+
+    def sim(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b)) / temperature
+
+    i2t = t2i = 0.0
+    for i in range(n):
+        row = [sim(image[i], text[j]) for j in range(n)]
+        i2t += -(row[i] - math.log(sum(math.exp(s) for s in row)))
+        col = [sim(text[i], image[j]) for j in range(n)]
+        t2i += -(col[i] - math.log(sum(math.exp(s) for s in col)))
+    return i2t / n, t2i / n
+
+
+def test_itc_matches_pairwise_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    text = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    out = itc_loss(image, text, temperature=0.1)
+    i2t, t2i = _itc_reference(image, text, 0.1)
+    assert out["i2t"].item() == pytest.approx(i2t, rel=1e-6)
+    assert out["t2i"].item() == pytest.approx(t2i, rel=1e-6)
+    assert out["loss"].item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    assert out["temperature"].item() == pytest.approx(0.1)
+
+
+def test_itc_module_temperature_init_clamp_and_gradient() -> None:
+    loss = ITCLoss()
+    assert loss.temperature.item() == pytest.approx(0.07)
+    image, text = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    out = loss(image, text)
+    out["loss"].backward()
+    assert loss.temperature.grad is not None and torch.isfinite(loss.temperature.grad)
+    assert image.grad is not None
+    with torch.no_grad():
+        loss.temperature.fill_(3.0)
+    assert loss(image, text)["temperature"].item() == pytest.approx(0.5)
+    with torch.no_grad():
+        loss.temperature.fill_(1e-6)
+    assert loss(image, text)["temperature"].item() == pytest.approx(0.001)
+    fixed = ITCLoss(learnable=False, init_temperature=0.05)
+    assert not any(True for _ in fixed.parameters())
+    with pytest.raises(ValueError, match="min_temperature"):
+        ITCLoss(init_temperature=0.9)
+
+
+def test_itc_gather_path_equals_full_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated ranks: mean of local-row losses = full-batch loss, and the summed gradients match too."""
+    world, n, d = 3, 4, 6
+    gen = torch.Generator().manual_seed(1)
+    full_image = torch.randn(world * n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    full_text = torch.randn(world * n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    reference = itc_loss(full_image, full_text, temperature=0.07)
+    ref_grads = torch.autograd.grad(reference["loss"], [full_image, full_text])
+
+    calls: list[tuple[int, int]] = []
+
+    def fake_gather(
+        tensor: torch.Tensor, *, rank: int, world_size: int, group: object = None
+    ) -> torch.Tensor:
+        # itc_loss gathers the (normalised) image rows first, then the text rows. The result holds every
+        # rank's rows with the local slice being the very tensor passed in; the other slices keep their
+        # gradient too, which is what the real gather's summing backward achieves across processes.
+        full = (full_image, full_text)[len(calls) % 2]
+        calls.append((rank, world_size))
+        normed = F.normalize(full, dim=-1)
+        return torch.cat([normed[: rank * n], tensor, normed[(rank + 1) * n :]])
+
+    monkeypatch.setattr(distributed, "all_gather_with_grad", fake_gather)
+    losses = []
+    for rank in range(world):
+        local = slice(rank * n, (rank + 1) * n)
+        out = itc_loss(full_image[local], full_text[local], temperature=0.07, rank=rank, world_size=world)
+        losses.append(out["loss"])
+    mean = torch.stack(losses).mean()
+    assert mean.item() == pytest.approx(reference["loss"].item(), rel=1e-10)
+    grads = torch.autograd.grad(mean, [full_image, full_text])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    assert calls == [(r, world) for r in range(world) for _ in range(2)]
+
+
+def test_itc_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="same"):
+        itc_loss(torch.randn(3, 4), torch.randn(2, 4), temperature=0.1)
+    with pytest.raises(ValueError, match="rank 2"):
+        itc_loss(torch.randn(3, 4), torch.randn(3, 4), temperature=0.1, rank=2, world_size=2)
+
+    def short_gather(tensor: torch.Tensor, **_: object) -> torch.Tensor:
+        return tensor
+
+    with pytest.raises(ValueError, match="same batch size"):
+        itc_loss(torch.randn(3, 4), torch.randn(3, 4), temperature=0.1, world_size=2, gather=short_gather)
+
+
+# --------------------------------------------------------------------------------------------------
+# box loss
+# --------------------------------------------------------------------------------------------------
+
+
+def _giou_reference(a: list[float], b: list[float]) -> float:
+    """GIoU of two cxcywh boxes, written out from Rezatofighi et al. (2019), Algorithm 1."""
+    ax1, ay1, ax2, ay2 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx1, by1, bx2, by2 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    hull = (max(ax2, bx2) - min(ax1, bx1)) * (max(ay2, by2) - min(ay1, by1))
+    return inter / union - (hull - union) / hull
+
+
+def test_box_loss_hand_computed_values() -> None:
+    pred = torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.2, 0.2, 0.2, 0.2]])
+    target = torch.tensor([[0.6, 0.6, 0.4, 0.4], [0.8, 0.8, 0.2, 0.2]])
+    # box 1: inter 0.3^2 = 0.09, union 0.23, hull 0.5^2 = 0.25 -> GIoU = 0.09/0.23 - 0.02/0.25
+    # box 2: disjoint, union 0.08, hull 0.8^2 = 0.64 -> GIoU = -(0.56/0.64) = -0.875
+    giou1, giou2 = 0.09 / 0.23 - 0.02 / 0.25, -0.875
+    out = box_loss(pred, target, l1_weight=2.0, giou_weight=3.0)
+    assert out["giou"].item() == pytest.approx(((1 - giou1) + (1 - giou2)) / 2, rel=1e-5)
+    assert out["l1"].item() == pytest.approx((0.2 + 1.2) / 2, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(2 * out["l1"].item() + 3 * out["giou"].item(), rel=1e-6)
+
+    masked = box_loss(pred, target, mask=torch.tensor([True, False]))
+    assert masked["giou"].item() == pytest.approx(1 - giou1, rel=1e-5)
+    assert masked["l1"].item() == pytest.approx(0.2, rel=1e-5)
+
+
+def test_box_loss_matches_loop_and_has_gradients() -> None:
+    gen = torch.Generator().manual_seed(2)
+    pred = (torch.rand(7, 4, generator=gen) * 0.5 + 0.2).requires_grad_()
+    target = torch.rand(7, 4, generator=gen) * 0.5 + 0.2
+    out = BoxLoss(l1_weight=5.0, giou_weight=2.0)(pred, target)
+    p, t = pred.tolist(), target.tolist()
+    giou = sum(1 - _giou_reference(a, b) for a, b in zip(p, t)) / 7
+    l1 = sum(abs(x - y) for a, b in zip(p, t) for x, y in zip(a, b)) / 7
+    assert out["giou"].item() == pytest.approx(giou, rel=1e-5)
+    assert out["l1"].item() == pytest.approx(l1, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(5 * l1 + 2 * giou, rel=1e-5)
+    out["loss"].backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
+
+
+def test_box_loss_empty_mask_and_errors() -> None:
+    pred = torch.rand(3, 4, requires_grad=True)
+    out = box_loss(pred, torch.rand(3, 4), mask=torch.zeros(3, dtype=torch.bool))
+    assert out["loss"].item() == 0.0
+    out["loss"].backward()  # still differentiable: a batch without boxes must not break the step
+    with pytest.raises(ValueError, match=r"\(n, 4\)"):
+        box_loss(torch.rand(3, 5), torch.rand(3, 5))
+    with pytest.raises(ValueError, match="mask"):
+        box_loss(torch.rand(3, 4), torch.rand(3, 4), mask=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="weights"):
+        BoxLoss(l1_weight=-1.0)
+
+
+def test_loss_registry() -> None:
+    assert {"itc", "box"} <= set(list_losses())
+    assert isinstance(create_loss("itc", init_temperature=0.05), ITCLoss)
+    assert isinstance(create_loss("box"), BoxLoss)
+    with pytest.raises(KeyError, match="valid names: .*box.*itc"):
+        create_loss("arcface_typo")
