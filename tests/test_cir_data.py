@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,15 @@ def test_fashioniq_training_pairing_draws_all_four() -> None:
     expected = {pair_captions((c1, c2), p) for p in PAIRINGS}  # type: ignore[arg-type]
     drawn = {ds[0].caption for _ in range(200)}
     assert drawn == expected
+
+
+def test_fashioniq_unseeded_pairing_follows_random_module() -> None:
+    """Without a seed the pairing draws from ``random`` (which DataLoader reseeds per worker)."""
+    ds = FashionIQ(DATA / "fashioniq", "dress", "val", caption_mode="train")
+    random.seed(11)
+    first = [ds[i].caption for i in range(30)]
+    random.seed(11)
+    assert [ds[i].caption for i in range(30)] == first
 
 
 def test_fashioniq_seeded_pairing_is_reproducible() -> None:

@@ -86,6 +86,13 @@ def test_circo_matches_reference_loop_on_real_annotations() -> None:
         assert got.keys() == expected.keys()
         for key in expected:
             assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+    by_aspect = circo_metrics(predictions, annotations, ks=(5,), semantic_aspects=True)
+    aspects = {a for r in annotations for a in r["semantic_aspects"]}
+    assert {k for k in by_aspect if k.startswith("aspect/")} == {f"aspect/{a}/map@10" for a in aspects}
+    for aspect in aspects:
+        chosen = [r for r in annotations if aspect in r["semantic_aspects"]]
+        expected_ap10 = circo_reference(predictions, chosen, (10,))["map@10"]
+        assert by_aspect[f"aspect/{aspect}/map@10"] == pytest.approx(expected_ap10, abs=1e-12), aspect
     # Perfect predictions: every GT first -> mAP 1 and recall 1 at every k.
     perfect = {r["id"]: r["gt_img_ids"] + [10**7 + i for i in range(50)] for r in annotations}
     assert set(circo_metrics(perfect, annotations).values()) == {1.0}

@@ -49,6 +49,7 @@ CIRR_SUBMISSION_VERSION = "rc2"
 CIRR_TOP_RECALL = 50  # the server reads the top 50 of the full ranking
 CIRR_TOP_SUBSET = 3  # and the top 3 of the subset ranking
 CIRCO_TOP = 50  # the CIRCO server reads the top 50 ids per query
+SEMANTIC_K = 10  # CIRCO's per-semantic-aspect breakdown is mAP@10
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -144,6 +145,7 @@ def circo_metrics(
     annotations: Annotations,
     *,
     ks: Sequence[int] = (5, 10, 25, 50),
+    semantic_aspects: bool = False,
 ) -> dict[str, float]:
     """CIRCO mAP@K (all ground truths) and Recall@K (``target_img_id``), as the official evaluator.
 
@@ -151,6 +153,8 @@ def circo_metrics(
         predictions: query id (int or its digits) -> COCO image ids, best first, at least ``max(ks)`` long.
         annotations: ``annotations/val.json`` or its loaded list.
         ks: cut-offs; the official ones are 5, 10, 25, 50.
+        semantic_aspects: also report mAP@10 per annotated semantic aspect (``aspect/<name>/map@10``), the
+            breakdown the official evaluator prints (CIRCO paper, section 5).
 
     Returns:
         ``{"map@5": ..., "recall@5": ..., ...}`` as fractions.
@@ -160,7 +164,7 @@ def circo_metrics(
     by_id = _by_int_key(predictions, what="CIRCO predictions")
     query_ids = [_int_id(r.get("id"), what="CIRCO annotation 'id'") for r in records]
     _check_coverage(by_id, query_ids, what="CIRCO predictions")
-    kmax = max(ks)
+    kmax = max([*ks, SEMANTIC_K] if semantic_aspects else ks)
     hits = np.zeros((len(records), kmax), dtype=bool)
     is_target = np.zeros((len(records), kmax), dtype=bool)
     num_gt = np.zeros(len(records), dtype=np.float64)
@@ -184,6 +188,14 @@ def circo_metrics(
         out[f"map@{k}"] = float(np.mean(gains[:, :k].sum(1) / np.minimum(num_gt, k)))
     for k in ks:
         out[f"recall@{k}"] = float(np.mean(is_target[:, :k].any(1)))
+    if semantic_aspects:
+        ap10 = gains[:, :SEMANTIC_K].sum(1) / np.minimum(num_gt, SEMANTIC_K)
+        rows_by_aspect: dict[str, list[int]] = {}
+        for row, record in enumerate(records):
+            for aspect in record.get("semantic_aspects") or ():
+                rows_by_aspect.setdefault(str(aspect), []).append(row)
+        for aspect in sorted(rows_by_aspect):
+            out[f"aspect/{aspect}/map@{SEMANTIC_K}"] = float(np.mean(ap10[rows_by_aspect[aspect]]))
     return out
 
 
