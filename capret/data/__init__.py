@@ -1,0 +1,58 @@
+"""Dataset readers, and the dataset registry (``create_dataset(name, root=..., split=...)``).
+
+Every reader builds from annotation files alone and opens images lazily. The registry lets configs and CLIs
+name a dataset instead of importing its module; modules are imported on first use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from capret.registry import Registry
+
+__all__ = ["create_dataset", "list_datasets", "register_dataset"]
+
+_DATASETS: Registry[Any] = Registry("dataset")
+
+
+def register_dataset(name: str) -> Any:
+    """Decorator registering a dataset factory ``factory(*, root, split, **options)``."""
+    return _DATASETS.register(name)
+
+
+def create_dataset(name: str, *, root: str | Path, split: str, **options: Any) -> Any:
+    """Build dataset ``name`` (see :func:`list_datasets`) from ``root``; ``options`` go to its reader."""
+    return _DATASETS.create(name, root=root, split=split, **options)
+
+
+def list_datasets() -> list[str]:
+    return _DATASETS.names()
+
+
+@register_dataset("deepfashion2")
+def _deepfashion2(*, root: str | Path, split: str, with_geometry: bool = False) -> Any:
+    from capret.data.deepfashion2 import load_items
+
+    return load_items(root, split, with_geometry=with_geometry)
+
+
+@register_dataset("fashioniq")
+def _fashioniq(*, root: str | Path, split: str, category: str) -> Any:
+    from capret.data.fashioniq import FashionIQ
+
+    return FashionIQ(root, category, split)
+
+
+@register_dataset("cirr")
+def _cirr(*, root: str | Path, split: str) -> Any:
+    from capret.data.cirr import CIRR
+
+    return CIRR(root, split)
+
+
+@register_dataset("circo")
+def _circo(*, root: str | Path, split: str, gallery_ids: Any = None) -> Any:
+    from capret.data.circo import CIRCO
+
+    return CIRCO(root, split, gallery_ids=gallery_ids)
