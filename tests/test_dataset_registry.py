@@ -10,8 +10,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_registry_lists_and_rejects() -> None:
-    assert list_datasets() == ["cirr", "circo", "deepfashion2", "fashioniq"]
-    with pytest.raises(KeyError, match="unknown dataset 'coco'; valid names: cirr, circo"):
+    assert list_datasets() == ["circo", "cirr", "deepfashion2", "fashioniq"]
+    with pytest.raises(KeyError, match="unknown dataset 'coco'; valid names: circo, cirr"):
         create_dataset("coco", root=".", split="val")
 
 
