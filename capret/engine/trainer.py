@@ -505,6 +505,7 @@ class _Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if not self.scaler.is_enabled() and not torch.isfinite(norm):
             raise _NonFiniteSignal(["gradient norm"])
+        self.step_lrs = {f"lr/{g['name']}": float(g["lr"]) for g in self.optimizer.param_groups}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -613,8 +614,7 @@ class _Trainer:
         if self.log is not None:
             elapsed = max(time.perf_counter() - started, 1e-9)
             row: dict[str, Any] = {"step": self.step, "epoch": epoch, **terms}
-            for group in self.optimizer.param_groups:
-                row[f"lr/{group['name']}"] = group["lr"]
+            row.update(self.step_lrs)  # the rates the last update used
             row["samples_per_s"] = samples / elapsed
             row["steps_per_s"] = steps / elapsed
             if self.scaler.is_enabled():
