@@ -47,6 +47,7 @@ class StageConfig:
     weight_decay: float = cfg(0.01, "weight decay (0 makes trainer.optimizer=adamw exactly Adam)")
     batch_size: int = cfg(32, "triplets per batch per process (the in-batch negatives of the loss)")
     epochs: int | None = cfg(None, "if set, train this many epochs (overrides trainer.max_steps/epochs)")
+    eval_every: int | None = cfg(None, "if set, steps between validations (overrides trainer.eval_every)")
 
 
 @dataclass
@@ -154,6 +155,19 @@ class _TripletImages(Dataset):
         return self.transform(self.load(t.reference)), self.transform(self.load(t.target)), i
 
 
+class _SizedBatches:
+    """An iterable of batches with ``len()`` (the trainer derives steps per epoch from it)."""
+
+    def __init__(self, count: int, make: Callable[[], Iterator[dict[str, Any]]]) -> None:
+        self.count, self.make = count, make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.make()
+
+
 class CombinerTask:
     """The :class:`capret.engine.trainer.TrainTask` of both CLIP4Cir stages."""
 
@@ -245,9 +259,7 @@ class CombinerTask:
             texts = [s for t in self.triplets for s in t.texts]
             self._text_cache = text_features(self.clip, texts, cache_dir=cache, fingerprint=self._text_fp)
 
-    def train_dataloader(
-        self, *, rank: int, world_size: int, epoch: int, seed: int
-    ) -> Iterator[dict[str, Any]]:
+    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> _SizedBatches:
         """Deterministic batches for ``(rank, world_size, epoch, seed)`` as the trainer requires.
 
         Frozen image tower: batches of cached features (no image is opened after the first epoch's cache).
@@ -256,14 +268,14 @@ class CombinerTask:
         self._ensure_caches()
         batches, variant = self._batches(rank=rank, world_size=world_size, epoch=epoch, seed=seed)
         if self._images_frozen:
-            return self._feature_batches(batches, variant)
+            return _SizedBatches(len(batches), lambda: self._feature_batches(batches, variant))
         assert self.clip is not None
         loader = DataLoader(
             _TripletImages(self.triplets, self.load_image, self.clip.transform),
             batch_sampler=batches,
             num_workers=self.config.trainer.num_workers,
         )
-        return self._pixel_batches(loader, variant)
+        return _SizedBatches(len(batches), lambda: self._pixel_batches(loader, variant))
 
     def _texts(self, indices: list[int], variant: list[int]) -> list[str]:
         return [self.triplets[i].texts[variant[i]] for i in indices]
@@ -398,6 +410,8 @@ def run(config: CombinerTaskConfig, *, resume: str | None = None) -> dict[str, A
     )
     if stage.epochs is not None:
         trainer_config = replace(trainer_config, epochs=stage.epochs, max_steps=None)
+    if stage.eval_every is not None:
+        trainer_config = replace(trainer_config, eval_every=stage.eval_every)
     return train(CombinerTask(config), trainer_config, resume=resume)
 
 

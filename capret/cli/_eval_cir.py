@@ -1,0 +1,177 @@
+"""``capret-eval --dataset fashioniq|cirr|circo --checkpoint CKPT --root DIR --split val|test``.
+
+Evaluates a ``combiner`` checkpoint (stage 1: fine-tuned CLIP + element-wise sum; stage 2: Combiner on the
+CLIP its sidecar names) with each benchmark's official protocol. On ``val`` it returns the metrics; on
+``test`` (no public targets) it writes the files the evaluation servers take: CIRR ``recall`` and
+``recall_subset`` submissions, the CIRCO submission, and for FashionIQ the top-50 rankings per category.
+Files go to ``--out`` (default: ``<checkpoint>/eval_<dataset>_<split>``); image features are cached under
+``<out>/feature_cache`` so evaluating several Combiners on one CLIP encodes the gallery once.
+
+The CIRCO gallery is ``--gallery-ids`` (a COCO image-info JSON, a JSON id list or a text file) when that flag
+exists, else the COCO image-info file under the root, else every ``*.jpg`` in the unlabeled image folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from capret.config import ConfigError, from_dict
+from capret.engine.checkpoint import load_model_weights
+from capret.engine.cir_inference import FeatureOptions, circo_rankings, cirr_rankings, fashioniq_rankings
+from capret.engine.combiner_task import CombinerTaskConfig, build_fuser, load_task_clip
+from capret.models.clip import ClipBundle
+
+_SPLITS = {"fashioniq": ("val", "test"), "cirr": ("val", "test", "test1"), "circo": ("val", "test")}
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """A checkpoint folder; a run folder resolves to its ``best/`` (else its latest checkpoint)."""
+    if (path / "checkpoint.json").is_file():
+        return path
+    from capret.engine.checkpoint import find_latest_checkpoint
+
+    if (path / "best" / "checkpoint.json").is_file():
+        return path / "best"
+    latest = find_latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(
+            f"--checkpoint {path}: not a checkpoint folder (no checkpoint.json) nor a run folder with best/ or "
+            "checkpoints/step_*"
+        )
+    return latest
+
+
+def load_cir_model(
+    checkpoint: Path, *, device: str | torch.device = "cpu"
+) -> tuple[ClipBundle, nn.Module, CombinerTaskConfig]:
+    """CLIP and fuser of a ``combiner`` checkpoint, with the config its sidecar recorded."""
+    sidecar = json.loads((checkpoint / "checkpoint.json").read_text())
+    task = (sidecar.get("config") or {}).get("task") or {}
+    if task.get("task") != "combiner":
+        raise ConfigError(
+            f"{checkpoint}: sidecar task is {task.get('task')!r}; CIR evaluation needs a 'combiner' checkpoint"
+        )
+    config = from_dict(CombinerTaskConfig, task)
+    if config.stage == 1:
+        clip = load_task_clip(config, device=device)
+        load_model_weights(clip, checkpoint, device=device)
+        fuser = build_fuser(config, clip.feature_dim)
+    else:
+        clip = load_task_clip(config, device=device)  # pretrained or stage-1 weights, as in training
+        fuser = build_fuser(config, clip.feature_dim)
+        load_model_weights(fuser, checkpoint, device=device)
+    return clip.eval(), fuser.to(device).eval(), config
+
+
+def _circo_gallery(args: argparse.Namespace, root: Path) -> list[int] | str | Path | None:
+    from capret.data.circo import IMAGE_FOLDER, IMAGE_INFO
+
+    given = getattr(args, "gallery_ids", None)
+    if given is not None:
+        return Path(given)
+    if (root / IMAGE_INFO).is_file():
+        return None  # the dataset reads the official image-info file itself
+    folder = root / IMAGE_FOLDER
+    ids = sorted(int(p.stem) for p in folder.glob("*.jpg") if p.stem.isdigit())
+    if not ids:
+        raise FileNotFoundError(
+            f"CIRCO gallery: no --gallery-ids, no {root / IMAGE_INFO} and no <id>.jpg images in {folder}"
+        )
+    return ids
+
+
+def _write_json(path: Path, payload: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def _fashioniq(args, clip, fuser, options, out: Path) -> tuple[dict[str, float], list[str]]:
+    from capret.data.fashioniq import CATEGORIES, FashionIQ
+    from capret.evaluation.cir import fashioniq_recall
+
+    categories = [args.category] if args.category else list(CATEGORIES)
+    datasets = [FashionIQ(args.root, c, args.split) for c in categories]
+    rankings = {ds.category: fashioniq_rankings(clip, fuser, ds, options=options) for ds in datasets}
+    if args.split == "test":
+        files = [
+            str(
+                _write_json(
+                    out / f"fashioniq_{c}_test_rankings.json", {str(i): r for i, r in enumerate(rank)}
+                )
+            )
+            for c, rank in rankings.items()
+        ]
+        return {}, files
+    return fashioniq_recall(rankings, {ds.category: ds.annotations for ds in datasets}), []
+
+
+def _cirr(args, clip, fuser, options, out: Path) -> tuple[dict[str, float], list[str]]:
+    from capret.data.cirr import CIRR
+    from capret.evaluation.cir import cirr_metrics, write_cirr_submission
+
+    ds = CIRR(args.root, args.split)
+    rankings = cirr_rankings(clip, fuser, ds, options=options)
+    if ds.split == "test1":
+        files = [
+            str(write_cirr_submission(out / f"cirr_{kind}_test1.json", rankings, ds.annotations, kind=kind))
+            for kind in ("recall", "recall_subset")
+        ]
+        return {}, files
+    metrics = cirr_metrics(rankings, ds.annotations)
+    metrics["r5_rs1_mean"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
+    return metrics, []
+
+
+def _circo(args, clip, fuser, options, out: Path) -> tuple[dict[str, float], list[str]]:
+    from capret.data.circo import CIRCO
+    from capret.evaluation.cir import circo_metrics, write_circo_submission
+
+    ds = CIRCO(args.root, args.split, gallery_ids=_circo_gallery(args, Path(args.root)))
+    rankings = circo_rankings(clip, fuser, ds, options=options)
+    if args.split == "test":
+        return {}, [
+            str(write_circo_submission(out / "circo_test.json", rankings, annotations=ds.annotations))
+        ]
+    return circo_metrics(rankings, ds.annotations), []
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Metrics (val) or server files (test) of a combiner checkpoint on a CIR benchmark."""
+    if args.checkpoint is None or args.root is None:
+        raise ConfigError(f"--dataset {args.dataset} needs --checkpoint CKPT and --root DIR")
+    split = args.split or "val"
+    if split not in _SPLITS[args.dataset]:
+        raise ConfigError(
+            f"--split {split!r} is not valid for {args.dataset}; choose {', '.join(_SPLITS[args.dataset])}"
+        )
+    args.split = split
+    if args.category is not None and args.dataset != "fashioniq":
+        raise ConfigError(f"--category applies to fashioniq only (got --dataset {args.dataset})")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = _checkpoint_folder(Path(args.checkpoint))
+    clip, fuser, config = load_cir_model(checkpoint, device=device)
+    out = Path(args.out) if args.out is not None else checkpoint / f"eval_{args.dataset}_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    options = FeatureOptions(cache_dir=out / "feature_cache", batch_size=args.batch_size)
+    handler = {"fashioniq": _fashioniq, "cirr": _cirr, "circo": _circo}[args.dataset]
+    metrics, files = handler(args, clip, fuser, options, out)
+    result = {
+        "dataset": args.dataset,
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "stage": config.stage,
+        "clip": config.clip,
+        "metrics": metrics,
+        "files": files,
+    }
+    _write_json(out / "metrics.json", result)
+    return result
