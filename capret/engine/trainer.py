@@ -14,7 +14,9 @@ Contract for tasks::
         def train_dataloader(self, *, rank, world_size, epoch, seed) -> Iterable
         def training_step(self, model, batch) -> dict[str, Tensor] # scalar terms, "loss" is the total
         def evaluate(self, model) -> dict[str, float]              # validation metrics, may be {}
-        def config_dict(self) -> dict                              # saved in the checkpoint sidecar
+        def config_dict(self) -> dict                              # optional; saved in the checkpoint sidecar
+        def setup(self, dist: DistContext) -> None                 # optional; called first with rank, world
+                                                                   # size and device (ITC needs them)
 
 Rules the loop relies on:
 
@@ -255,6 +257,8 @@ class _Trainer:
             task_config = task.config_dict()
         self.saved_config = {"trainer": to_dict(config), "task": task_config or {}}
 
+        if callable(getattr(task, "setup", None)):
+            task.setup(self.ctx)
         seed_everything(config.seed)
         self.model = task.build_model().to(self.ctx.device)
         groups = task.param_groups(self.model) if hasattr(task, "param_groups") else None

@@ -1,0 +1,96 @@
+"""A tiny ITC + regression task trained by ``capret.engine.trainer.train``; run under torchrun by test_ddp.py.
+
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/_ddp_worker.py OUTPUT_DIR``. Every optimisation
+step consumes one *global* batch of ``GLOBAL_BATCH`` pairs; rank ``r`` of ``W`` takes the ``r``-th contiguous
+slice, so the gathered ITC matrix equals the single-process one and the runs must match.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from capret.config import from_dict
+from capret.engine.distributed import DistContext
+from capret.engine.trainer import TrainerConfig, train
+from capret.losses import ITCLoss
+
+GLOBAL_BATCH = 8
+STEPS = 6
+
+
+class PairModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Linear(6, 4)
+        self.text = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 1)
+        self.itc = ITCLoss()
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        img = self.image(image)
+        return img, self.text(text), self.head(img)
+
+
+class PairTask:
+    def __init__(self) -> None:
+        gen = torch.Generator().manual_seed(7)
+        self.image = torch.randn(48, 6, generator=gen)
+        self.text = self.image[:, :5] + 0.3 * torch.randn(48, 5, generator=gen)
+        self.target = self.image.sum(dim=1, keepdim=True)
+        self.rank, self.world_size = 0, 1
+
+    def setup(self, dist: DistContext) -> None:
+        self.rank, self.world_size = dist.rank, dist.world_size
+
+    def build_model(self) -> nn.Module:
+        return PairModel()
+
+    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> list[dict[str, Any]]:
+        order = torch.randperm(48, generator=torch.Generator().manual_seed(seed + epoch))
+        local = GLOBAL_BATCH // world_size
+        batches = []
+        for start in range(0, 48, GLOBAL_BATCH):
+            idx = order[start : start + GLOBAL_BATCH][rank * local : (rank + 1) * local]
+            batches.append({"image": self.image[idx], "text": self.text[idx], "target": self.target[idx]})
+        return batches
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        img, txt, pred = model(batch["image"], batch["text"])
+        itc_module = model.module.itc if hasattr(model, "module") else model.itc
+        itc = itc_module(img, txt, rank=self.rank, world_size=self.world_size)
+        mse = (pred - batch["target"]).pow(2).mean()
+        return {"loss": itc["loss"] + mse, "itc": itc["loss"], "mse": mse, "temperature": itc["temperature"]}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {}
+
+
+def config(output_dir: str) -> TrainerConfig:
+    return from_dict(
+        TrainerConfig,
+        {
+            "output_dir": output_dir,
+            "max_steps": STEPS,
+            "grad_accum": 2,
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "tensorboard": False,
+            "progress": False,
+            "device": "cpu",
+        },
+    )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    train(PairTask(), config(sys.argv[1]))
