@@ -158,3 +158,44 @@ def test_input_errors_name_the_problem() -> None:
         M.recall_at_k(scores, rel, [0])
     with pytest.raises(ValueError, match="num_relevant"):
         M.ap_from_hits(np.ones((2, 3), bool), np.array([1, 1]))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_evaluate_embeddings_matches_full_matrix_metrics(ties: bool) -> None:
+    from capret.evaluation.retrieval_eval import evaluate_embeddings
+
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((45, 6))
+    g = rng.standard_normal((70, 6))
+    if ties:  # integer features: many exactly equal scores, including at the top-k cut
+        q, g = np.round(q).clip(-1, 1), np.round(g).clip(-1, 1)
+        g[5] = g[3]
+    q, g = q.astype(np.float32), g.astype(np.float32)
+    ql = rng.integers(0, 9, 45)
+    gl = rng.integers(0, 8, 70)  # label 8 has no gallery item -> excluded queries
+    rel = ql[:, None] == gl[None, :]
+    scores = q @ g.T
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = evaluate_embeddings(q, g, ql, gl, ks=(1, 5, 10))
+        # chunk smaller than Q exercises the chunked path
+        from capret.evaluation.retrieval_eval import retrieve_and_evaluate
+
+        chunked = retrieve_and_evaluate(q, g, ql, gl, ks=(1, 5, 10), chunk_size=4).metrics
+        assert out["map"] == pytest.approx(M.mean_average_precision(scores, rel), rel=1e-9)
+        assert out["map_at_r"] == pytest.approx(M.map_at_r(scores, rel), rel=1e-9)
+        rec = M.recall_at_k(scores, rel, [1, 5, 10])
+    for k in (1, 5, 10):
+        assert out[f"recall@{k}"] == pytest.approx(rec[k])
+    assert out["num_excluded"] == int((~rel.any(1)).sum()) > 0
+    assert chunked == out
+    assert out["num_queries"] == 45 and out["map_depth"] == "full"
+
+
+def test_exact_search_tie_rule() -> None:
+    from capret.evaluation.retrieval_eval import exact_search
+
+    g = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0]], dtype=np.float32)
+    scores, ids = exact_search(np.array([[1.0, 0.0]], dtype=np.float32), g, k=3)
+    assert ids.tolist() == [[0, 2, 3]]
+    assert scores.tolist() == [[1.0, 1.0, 0.5]]

@@ -1,0 +1,506 @@
+"""The official DeepFashion2 consumer-to-shop retrieval protocol, vectorised, plus the GT-box variant.
+
+The official evaluator (``deepfashion2_api/PythonAPI/deepfashion2_retrieval_test.py`` in
+switchablenorms/DeepFashion2, described in ``evaluation/evaluation.md``) scores *detections* of consumer
+images, each with its top-20 retrieved shop detections. Its algorithm, which :func:`evaluate_retrieval_results`
+reproduces exactly:
+
+1. Every detection of a query image is assigned to the ground-truth query item of that image with the highest
+   box IoU. There is **no minimum IoU**: a detection overlapping nothing still goes to the first item of the
+   image (``argmax`` of an all-zero row); ties go to the item listed first in ``query_gt``.
+2. For every ground-truth query item with ``style > 0`` the detections assigned to it whose ``query_cls``
+   equals the item's ``cls`` are collected, and the one with the highest ``query_score`` is used (ties: the
+   one listed first in the result file). An item with no such detection is *missed*.
+3. A retrieved shop entry at rank t is a hit when its ``gallery_image_id`` holds a ground-truth gallery item
+   with the query's ``pair_id`` and ``style`` whose box has IoU >= 0.5 with the retrieved box. top-k is a hit
+   at any rank < k.
+4. top-k = hits / (number of ``style > 0`` items in ``query_gt``): missed items count as failures.
+
+IoU is computed as pycocotools ``maskUtils.iou`` does (boxes converted to ``[x, y, w, h]`` in float64,
+intersection from ``x + w``), so borderline values at the 0.5 threshold agree with the official script.
+
+Two deviations of the published script are deliberate, both documented here:
+
+* The script crashes on its own typo (``gellery_box``) and is Python 2; we implement what it evidently meant.
+* When an identity has exactly **one** gallery item, the script wraps the image-id array in a list
+  (``gt_gallery_image_id = [gt_gallery_image_id]``), after which its ``np.where(list == id)`` finds nothing and
+  such queries can never be hits (1,251 of the 12,550 validation queries). That is an accident, contradicts
+  ``evaluation.md`` and would make GT-box top-k differ from recall@k, so by default singletons are scored
+  normally; ``legacy_singleton_bug=True`` reproduces the script's numbers bit for bit.
+
+The script's own ``miss_num`` skips query images without any detection; our ``missed`` counts every
+``style > 0`` item without a selected detection, so ``missed + evaluated == num_queries`` always holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "OFFICIAL_KS",
+    "IOU_THRESHOLD",
+    "RESULT_KEYS",
+    "coco_iou",
+    "load_json_records",
+    "evaluate_retrieval_results",
+    "write_retrieval_results",
+    "items_to_ground_truth",
+    "evaluate_gt_boxes",
+]
+
+#: The cut-offs the official script prints.
+OFFICIAL_KS: tuple[int, ...] = (1, 5, 10, 15, 20)
+#: IoU a retrieved shop box needs with a ground-truth gallery box of the query's identity.
+IOU_THRESHOLD = 0.5
+#: Fields of one record of the official retrieval result format.
+RESULT_KEYS = ("query_image_id", "query_bbox", "query_score", "query_cls", "gallery_image_id", "gallery_bbox")
+QUERY_GT_KEYS = ("query_image_id", "bbox", "cls", "style", "pair_id")
+GALLERY_GT_KEYS = ("gallery_image_id", "bbox", "style", "pair_id")
+
+
+def coco_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """Elementwise (broadcast) IoU of ``[..., 4]`` xyxy boxes, computed the way pycocotools does.
+
+    pycocotools works on ``[x, y, w, h]``: ``w = x2 - x1`` then the right edge is ``x + w``, which in floating
+    point is not always ``x2``. Reproducing that keeps threshold decisions identical to the official script.
+    """
+    a = np.asarray(boxes_a, dtype=np.float64)
+    b = np.asarray(boxes_b, dtype=np.float64)
+    ax, ay, aw, ah = a[..., 0], a[..., 1], a[..., 2] - a[..., 0], a[..., 3] - a[..., 1]
+    bx, by, bw, bh = b[..., 0], b[..., 1], b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+    w = np.minimum(aw + ax, bw + bx) - np.maximum(ax, bx)
+    h = np.minimum(ah + ay, bh + by) - np.maximum(ay, by)
+    valid = (w > 0) & (h > 0)
+    inter = np.where(valid, w * h, 0.0)
+    union = aw * ah + bw * bh - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid, inter / np.where(valid, union, 1.0), 0.0)
+
+
+def load_json_records(source: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *, what: str) -> list:
+    """A list of records from a JSON file path or an already-loaded list."""
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} file not found: {path}")
+        with open(path) as fh:
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{what} file {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{what} file {path} must hold a JSON list, got {type(data).__name__}")
+        return data
+    if not isinstance(source, Sequence):
+        raise ValueError(f"{what} must be a path or a list of records, got {type(source).__name__}")
+    return list(source)
+
+
+def _bad(what: str, index: int, record: Any, problem: str) -> ValueError:
+    head = json.dumps(record, default=str)[:160] if isinstance(record, dict) else repr(record)[:160]
+    return ValueError(f"{what} record {index}: {problem} (record starts {head})")
+
+
+def _gt_arrays(records: list, *, what: str, keys: tuple[str, ...], id_key: str) -> dict[str, np.ndarray]:
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise _bad(what, i, rec, f"expected an object with keys {', '.join(keys)}")
+        missing = [k for k in keys if k not in rec]
+        if missing:
+            raise _bad(what, i, rec, f"missing key(s) {', '.join(missing)}; required: {', '.join(keys)}")
+    try:
+        out = {
+            "image": np.array([r[id_key] for r in records], dtype=np.int64),
+            "box": np.array([r["bbox"] for r in records], dtype=np.float64).reshape(len(records), 4),
+            "style": np.array([r["style"] for r in records], dtype=np.int64),
+            "pair": np.array([r["pair_id"] for r in records], dtype=np.int64),
+        }
+        if "cls" in keys:
+            out["cls"] = np.array([r["cls"] for r in records], dtype=np.int64)
+    except (TypeError, ValueError):
+        for i, rec in enumerate(records):
+            box = rec["bbox"]
+            if not (isinstance(box, list | tuple) and len(box) == 4):
+                raise _bad(what, i, rec, f"bbox must be [x1, y1, x2, y2], got {box!r}") from None
+            for k in keys:
+                if k != "bbox" and not isinstance(rec[k], int | float):
+                    raise _bad(what, i, rec, f"{k} must be a number, got {rec[k]!r}") from None
+        raise
+    return out
+
+
+def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
+    """Scalar fields of every result record as arrays, after validating every record."""
+    n = len(records)
+    image, score, cls, box = [0] * n, [0.0] * n, [0] * n, [None] * n
+    for i, rec in enumerate(records):
+        try:
+            image[i], score[i], cls[i], box[i] = (
+                rec["query_image_id"],
+                rec["query_score"],
+                rec["query_cls"],
+                rec["query_bbox"],
+            )
+            n_ids, n_boxes = len(rec["gallery_image_id"]), len(rec["gallery_bbox"])
+        except (KeyError, TypeError):
+            if not isinstance(rec, dict):
+                raise _bad(
+                    "results", i, rec, f"expected an object with keys {', '.join(RESULT_KEYS)}"
+                ) from None
+            missing = [k for k in RESULT_KEYS if k not in rec]
+            raise _bad(
+                "results", i, rec, f"missing or non-list field(s) {', '.join(missing) or 'gallery_*'}"
+            ) from None
+        if n_ids < max_k or n_boxes < max_k:
+            raise _bad(
+                "results",
+                i,
+                rec,
+                f"{n_ids} gallery_image_id / {n_boxes} gallery_bbox entries, but top-{max_k} needs {max_k} each",
+            )
+    try:
+        arrays = {
+            "image": np.array(image, dtype=np.int64),
+            "score": np.array(score, dtype=np.float64),
+            "cls": np.array(cls, dtype=np.int64),
+            "box": np.array(box, dtype=np.float64).reshape(n, 4),
+        }
+    except (TypeError, ValueError):
+        for i, rec in enumerate(records):
+            b = rec["query_bbox"]
+            if not (
+                isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(v, int | float) for v in b)
+            ):
+                raise _bad("results", i, rec, f"query_bbox must be [x1, y1, x2, y2], got {b!r}") from None
+            for k in ("query_image_id", "query_score", "query_cls"):
+                if not isinstance(rec[k], int | float):
+                    raise _bad("results", i, rec, f"{k} must be a number, got {rec[k]!r}") from None
+        raise
+    return arrays
+
+
+def _retrieved(records: list, rows: np.ndarray, *, max_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``max_k`` gallery image ids ``[S, K]`` and boxes ``[S, K, 4]`` of the selected records."""
+    try:
+        ids = np.array([records[r]["gallery_image_id"][:max_k] for r in rows], dtype=np.int64)
+        boxes = np.array([records[r]["gallery_bbox"][:max_k] for r in rows], dtype=np.float64)
+        return ids.reshape(len(rows), max_k), boxes.reshape(len(rows), max_k, 4)
+    except (TypeError, ValueError):
+        for r in rows:
+            rec = records[r]
+            for t in range(max_k):
+                b = rec["gallery_bbox"][t]
+                if not (isinstance(b, list | tuple) and len(b) == 4):
+                    raise _bad(
+                        "results", int(r), rec, f"gallery_bbox[{t}] must be [x1, y1, x2, y2], got {b!r}"
+                    ) from None
+                if not isinstance(rec["gallery_image_id"][t], int | float):
+                    raise _bad("results", int(r), rec, f"gallery_image_id[{t}] is not a number") from None
+        raise
+
+
+def _row_keys(parts: Sequence[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+    """One int64 key per row for rows given as tuples of int columns, consistent across all ``parts``."""
+    n_cols = len(parts[0])
+    lengths = [len(p[0]) for p in parts]
+    key = np.zeros(sum(lengths), dtype=np.int64)
+    for c in range(n_cols):
+        col = np.concatenate([p[c].reshape(-1) for p in parts])
+        uniq, inv = np.unique(col, return_inverse=True)
+        key = key * (len(uniq) + 1) + inv
+    return np.split(key, np.cumsum(lengths)[:-1])
+
+
+def _first_max_assignment(
+    det_boxes: np.ndarray,
+    det_group: np.ndarray,
+    gt_boxes: np.ndarray,
+    gt_starts: np.ndarray,
+    gt_counts: np.ndarray,
+) -> np.ndarray:
+    """Global index of the GT item with the highest IoU for each detection (first one on ties)."""
+    width = int(gt_counts.max()) if len(gt_counts) else 0
+    offsets = np.arange(width)
+    cand = gt_starts[det_group][:, None] + offsets[None, :]
+    valid = offsets[None, :] < gt_counts[det_group][:, None]
+    cand = np.where(valid, cand, 0)
+    iou = coco_iou(det_boxes[:, None, :], gt_boxes[cand])
+    iou = np.where(valid, iou, -1.0)
+    return cand[np.arange(len(det_boxes)), np.argmax(iou, axis=1)]
+
+
+def _select_detections(
+    det: dict[str, np.ndarray], query: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-2 of the protocol: ``(scored GT item indices, chosen result row for each)``."""
+    order = np.argsort(query["image"], kind="stable")  # GT items grouped by image, file order within
+    images, starts, counts = np.unique(query["image"][order], return_index=True, return_counts=True)
+    pos = np.searchsorted(images, det["image"])
+    pos_c = np.minimum(pos, len(images) - 1)
+    known = (pos < len(images)) & (images[pos_c] == det["image"])
+    rows = np.nonzero(known)[0]
+    if len(rows) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    local = _first_max_assignment(det["box"][rows], pos_c[rows], query["box"][order], starts, counts)
+    gt_index = order[local]
+    keep = (det["cls"][rows] == query["cls"][gt_index]) & (query["style"][gt_index] > 0)
+    rows, gt_index = rows[keep], gt_index[keep]
+    # best score per GT item; ties -> first in the result file (rows are increasing)
+    sort = np.lexsort((rows, -det["score"][rows], gt_index))
+    rows, gt_index = rows[sort], gt_index[sort]
+    first = np.ones(len(gt_index), dtype=bool)
+    first[1:] = gt_index[1:] != gt_index[:-1]
+    return gt_index[first], rows[first]
+
+
+def _hits(
+    q_pair: np.ndarray,
+    q_style: np.ndarray,
+    ret_ids: np.ndarray,
+    ret_boxes: np.ndarray,
+    gallery: dict[str, np.ndarray],
+    *,
+    iou_threshold: float,
+    legacy_singleton_bug: bool,
+) -> np.ndarray:
+    """Step 3: ``hits [S, K]`` for retrieved entries of queries with identities ``(q_pair, q_style)``."""
+    s, k = ret_ids.shape
+    q_keys, g_keys = _row_keys(
+        [
+            (np.repeat(q_pair, k), np.repeat(q_style, k), ret_ids.reshape(-1)),
+            (gallery["pair"], gallery["style"], gallery["image"]),
+        ]
+    )
+    g_order = np.argsort(g_keys, kind="stable")
+    g_sorted = g_keys[g_order]
+    lo = np.searchsorted(g_sorted, q_keys, side="left")
+    hi = np.searchsorted(g_sorted, q_keys, side="right")
+    n_cand = hi - lo
+    width = int(n_cand.max()) if n_cand.size else 0
+    hits = np.zeros(s * k, dtype=bool)
+    if width:
+        offsets = np.arange(width)
+        valid = offsets[None, :] < n_cand[:, None]
+        cand = g_order[np.where(valid, lo[:, None] + offsets[None, :], 0)]
+        iou = coco_iou(ret_boxes.reshape(-1, 1, 4), gallery["box"][cand])
+        hits = ((iou >= iou_threshold) & valid).any(1)
+    hits = hits.reshape(s, k)
+    if legacy_singleton_bug:
+        ident_keys, g_ident = _row_keys([(q_pair, q_style), (gallery["pair"], gallery["style"])])
+        uniq, counts = np.unique(g_ident, return_counts=True)
+        idx = np.minimum(np.searchsorted(uniq, ident_keys), len(uniq) - 1)
+        singleton = (uniq[idx] == ident_keys) & (counts[idx] == 1)
+        hits[singleton] = False
+    return hits
+
+
+def evaluate_retrieval_results(
+    results: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    query_gt: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    gallery_gt: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    *,
+    ks: Sequence[int] = OFFICIAL_KS,
+    iou_threshold: float = IOU_THRESHOLD,
+    legacy_singleton_bug: bool = False,
+) -> dict[str, Any]:
+    """Official DeepFashion2 consumer-to-shop top-k accuracy of a result file (see the module docstring).
+
+    Args:
+        results: official-format result records (path or list), top-``max(ks)`` retrieved entries or more each.
+        query_gt: ``query_gt.json`` records (``query_image_id, bbox, cls, style, pair_id``).
+        gallery_gt: ``gallery_gt.json`` records (``gallery_image_id, bbox, style, pair_id``).
+        ks: cut-offs; every record must list at least ``max(ks)`` retrieved entries.
+        iou_threshold: IoU a retrieved box needs with a matching gallery GT box (0.5 officially).
+        legacy_singleton_bug: reproduce the published script's failure on single-item identities.
+
+    Returns:
+        ``{"top1": ..., "top5": ..., "num_queries": style>0 query items, "evaluated": items with a selected
+        detection, "missed": items without one}``; top-k values are fractions of ``num_queries``.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {list(ks)}")
+    max_k = ks[-1]
+    records = load_json_records(results, what="results")
+    query = _gt_arrays(
+        load_json_records(query_gt, what="query_gt"),
+        what="query_gt",
+        keys=QUERY_GT_KEYS,
+        id_key="query_image_id",
+    )
+    gallery = _gt_arrays(
+        load_json_records(gallery_gt, what="gallery_gt"),
+        what="gallery_gt",
+        keys=GALLERY_GT_KEYS,
+        id_key="gallery_image_id",
+    )
+    num_queries = int((query["style"] > 0).sum())
+    if num_queries == 0:
+        raise ValueError("query_gt has no item with style > 0, so the official top-k is undefined")
+    det = _result_arrays(records, max_k=max_k)
+    gt_index, rows = _select_detections(det, query)
+    ret_ids, ret_boxes = _retrieved(records, rows, max_k=max_k)
+    hits = _hits(
+        query["pair"][gt_index],
+        query["style"][gt_index],
+        ret_ids,
+        ret_boxes,
+        gallery,
+        iou_threshold=iou_threshold,
+        legacy_singleton_bug=legacy_singleton_bug,
+    )
+    out: dict[str, Any] = {f"top{k}": float(hits[:, :k].any(1).sum()) / num_queries for k in ks}
+    out.update(num_queries=num_queries, evaluated=int(len(rows)), missed=num_queries - int(len(rows)))
+    return out
+
+
+def write_retrieval_results(
+    path: str | os.PathLike[str],
+    *,
+    query_image_ids: Sequence[int] | np.ndarray,
+    query_bboxes: Sequence[Sequence[float]] | np.ndarray,
+    query_scores: Sequence[float] | np.ndarray,
+    query_cls: Sequence[int] | np.ndarray,
+    gallery_image_ids: np.ndarray,
+    gallery_bboxes: np.ndarray,
+    top: int = 20,
+) -> Path:
+    """Write detections and their retrieved shop items in the official submission format (atomically).
+
+    ``gallery_image_ids`` is ``[N, K]`` and ``gallery_bboxes`` ``[N, K, 4]`` (xyxy), best first; the first
+    ``top`` entries of each are written (the challenge asks for 20).
+    """
+    ids = np.asarray(gallery_image_ids, dtype=np.int64)
+    boxes = np.asarray(gallery_bboxes, dtype=np.float64)
+    qb = np.asarray(query_bboxes, dtype=np.float64).reshape(-1, 4)
+    n = len(qb)
+    lengths = {len(query_image_ids), len(query_scores), len(query_cls), ids.shape[0], boxes.shape[0]}
+    if lengths != {n}:
+        raise ValueError(f"all inputs need one row per detection ({n}); got lengths {sorted(lengths)}")
+    if ids.ndim != 2 or boxes.shape != (*ids.shape, 4):
+        raise ValueError(
+            f"gallery_image_ids must be [N, K] and gallery_bboxes [N, K, 4]; got {ids.shape}, {boxes.shape}"
+        )
+    if ids.shape[1] < top:
+        raise ValueError(f"top={top} retrieved entries requested but only {ids.shape[1]} given per detection")
+    records = [
+        {
+            "query_image_id": int(query_image_ids[i]),
+            "query_bbox": [float(v) for v in qb[i]],
+            "query_score": float(query_scores[i]),
+            "query_cls": int(query_cls[i]),
+            "gallery_image_id": [int(v) for v in ids[i, :top]],
+            "gallery_bbox": boxes[i, :top].tolist(),
+        }
+        for i in range(n)
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(records, fh)
+    os.replace(tmp, path)
+    return path
+
+
+def items_to_ground_truth(
+    query_items: Sequence[Any], gallery_items: Sequence[Any]
+) -> tuple[list[dict], list[dict]]:
+    """``(query_gt, gallery_gt)`` records in the official format from :class:`capret.data.deepfashion2.Item`."""
+    query_gt = [
+        {
+            "query_image_id": int(it.image_id),
+            "bbox": [float(v) for v in it.bbox],
+            "cls": int(it.category_id),
+            "style": int(it.style),
+            "pair_id": int(it.pair_id),
+        }
+        for it in query_items
+    ]
+    gallery_gt = [
+        {
+            "gallery_image_id": int(it.image_id),
+            "bbox": [float(v) for v in it.bbox],
+            "style": int(it.style),
+            "pair_id": int(it.pair_id),
+        }
+        for it in gallery_items
+    ]
+    return query_gt, gallery_gt
+
+
+def evaluate_gt_boxes(
+    query_features: Any,
+    gallery_features: Any,
+    query_items: Sequence[Any],
+    gallery_items: Sequence[Any],
+    *,
+    ks: Sequence[int] = (1, 5, 10, 20),
+    results_path: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Ground-truth-box consumer-to-shop evaluation: mAP / R@k, and the official top-k of the same ranking.
+
+    Each query item (user side, ``style > 0``) is a "detection" with its annotated box, class and score 1; its
+    top-``max(ks)`` gallery items are written in the official result format (to ``results_path``, or a
+    temporary file), read back and scored by :func:`evaluate_retrieval_results` against ground truth built from
+    the same items. With GT boxes the official top-k equals recall@k (a retrieved item is a hit exactly when it
+    shares the query's identity), which makes this a consistency check of both evaluators. The exceptions are
+    pathological annotations: two query items of one image with identical boxes (the second is "missed") and a
+    wrong-identity gallery item overlapping a right one in the same image at IoU >= 0.5 (an official hit).
+
+    Args:
+        query_features: ``[Q, D]`` embeddings of ``query_items``.
+        gallery_features: ``[G, D]`` embeddings of ``gallery_items``.
+        query_items: :class:`capret.data.deepfashion2.Item` queries (``gt_box_protocol(...)[0].items``).
+        gallery_items: gallery items (``gt_box_protocol(...)[1].items``).
+        ks: cut-offs for R@k and official top-k (at most the gallery size).
+        results_path: keep the official-format results file here.
+
+    Returns:
+        ``{"map", "map_at_r", "recall@k"..., "official_top{k}"..., "official_missed", "num_queries",
+        "num_excluded", "map_depth"}``.
+    """
+    import tempfile
+
+    from capret.evaluation.retrieval_eval import retrieve_and_evaluate
+
+    ks = sorted({int(k) for k in ks})
+    if len(query_items) != len(query_features) or len(gallery_items) != len(gallery_features):
+        raise ValueError(
+            f"{len(query_features)} query / {len(gallery_features)} gallery feature rows for "
+            f"{len(query_items)} / {len(gallery_items)} items"
+        )
+    if ks[-1] > len(gallery_items):
+        raise ValueError(f"max(ks) = {ks[-1]} exceeds the gallery size {len(gallery_items)}; lower --ks")
+    identities = sorted({it.identity for it in query_items} | {it.identity for it in gallery_items})
+    label_of = {ident: i for i, ident in enumerate(identities)}
+    ql = np.array([label_of[it.identity] for it in query_items], dtype=np.int64)
+    gl = np.array([label_of[it.identity] for it in gallery_items], dtype=np.int64)
+    run = retrieve_and_evaluate(query_features, gallery_features, ql, gl, ks=ks)
+    top = run.ranking[:, : ks[-1]]
+    g_img = np.array([it.image_id for it in gallery_items], dtype=np.int64)
+    g_box = np.array([it.bbox for it in gallery_items], dtype=np.float64).reshape(-1, 4)
+    query_gt, gallery_gt = items_to_ground_truth(query_items, gallery_items)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(results_path) if results_path is not None else Path(tmp) / "retrieval_results.json"
+        write_retrieval_results(
+            path,
+            query_image_ids=[it.image_id for it in query_items],
+            query_bboxes=[it.bbox for it in query_items],
+            query_scores=np.ones(len(query_items)),
+            query_cls=[it.category_id for it in query_items],
+            gallery_image_ids=g_img[top],
+            gallery_bboxes=g_box[top],
+            top=ks[-1],
+        )
+        official = evaluate_retrieval_results(path, query_gt, gallery_gt, ks=ks)
+    out = dict(run.metrics)
+    out.update({f"official_top{k}": official[f"top{k}"] for k in ks})
+    out["official_missed"] = official["missed"]
+    return out
