@@ -2,7 +2,8 @@
 
 Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/_ddp_worker.py OUTPUT_DIR``. Every optimisation
 step consumes one *global* batch of ``GLOBAL_BATCH`` pairs; rank ``r`` of ``W`` takes the ``r``-th contiguous
-slice, so the gathered ITC matrix equals the single-process one and the runs must match.
+slice, so the gathered ITC matrix equals the single-process one and the runs must match. ITC only sees the
+"captioned" rows, so ranks contribute unequal (sometimes zero) numbers of pairs to the gather.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class PairTask:
         self.image = torch.randn(48, 6, generator=gen)
         self.text = self.image[:, :5] + 0.3 * torch.randn(48, 5, generator=gen)
         self.target = self.image.sum(dim=1, keepdim=True)
+        # like items without a caption: ITC only sees the captioned rows, so ranks hold different (even zero)
+        # numbers of ITC pairs
+        self.captioned = torch.rand(48, generator=gen) < 0.5
         self.rank, self.world_size = 0, 1
 
     def setup(self, dist: DistContext) -> None:
@@ -57,13 +61,21 @@ class PairTask:
         batches = []
         for start in range(0, 48, GLOBAL_BATCH):
             idx = order[start : start + GLOBAL_BATCH][rank * local : (rank + 1) * local]
-            batches.append({"image": self.image[idx], "text": self.text[idx], "target": self.target[idx]})
+            batches.append(
+                {
+                    "image": self.image[idx],
+                    "text": self.text[idx],
+                    "target": self.target[idx],
+                    "captioned": self.captioned[idx],
+                }
+            )
         return batches
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         img, txt, pred = model(batch["image"], batch["text"])
         itc_module = model.module.itc if hasattr(model, "module") else model.itc
-        itc = itc_module(img, txt, rank=self.rank, world_size=self.world_size)
+        keep = batch["captioned"]
+        itc = itc_module(img[keep], txt[keep], rank=self.rank, world_size=self.world_size)
         mse = (pred - batch["target"]).pow(2).mean()
         return {"loss": itc["loss"] + mse, "itc": itc["loss"], "mse": mse, "temperature": itc["temperature"]}
 

@@ -67,20 +67,27 @@ def test_itc_module_temperature_init_clamp_and_gradient() -> None:
         ITCLoss(init_temperature=0.9)
 
 
-def test_itc_gather_path_equals_full_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Simulated ranks: mean of local-row losses = full-batch loss, and the summed gradients match too."""
-    world, n, d = 3, 4, 6
+@pytest.mark.parametrize("sizes", [(4, 4, 4), (2, 0, 3), (1, 5)])
+def test_itc_gather_path_equals_full_batch(monkeypatch: pytest.MonkeyPatch, sizes: tuple[int, ...]) -> None:
+    """Simulated ranks (equal, unequal and empty local batches): the mean of the per-rank losses is the
+    full-batch loss, and its gradient is the full-batch gradient (what DDP's averaging applies)."""
+    world, total, d = len(sizes), sum(sizes), 6
+    offsets = [sum(sizes[:r]) for r in range(world)]
     gen = torch.Generator().manual_seed(1)
-    full_image = torch.randn(world * n, d, generator=gen, dtype=torch.float64, requires_grad=True)
-    full_text = torch.randn(world * n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    full_image = torch.randn(total, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    full_text = torch.randn(total, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    temperature = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
 
-    reference = itc_loss(full_image, full_text, temperature=0.07)
-    ref_grads = torch.autograd.grad(reference["loss"], [full_image, full_text])
+    reference = itc_loss(full_image, full_text, temperature=temperature)
+    ref_grads = torch.autograd.grad(reference["loss"], [full_image, full_text, temperature])
 
     calls: list[tuple[int, int]] = []
 
+    def fake_sizes(rows: int, *, world_size: int, device: torch.device, group: object = None) -> list[int]:
+        return list(sizes)
+
     def fake_gather(
-        tensor: torch.Tensor, *, rank: int, world_size: int, group: object = None
+        tensor: torch.Tensor, *, rank: int, world_size: int, group: object = None, sizes: list[int]
     ) -> torch.Tensor:
         # itc_loss gathers the (normalised) image rows first, then the text rows. The result holds every
         # rank's rows with the local slice being the very tensor passed in; the other slices keep their
@@ -88,20 +95,42 @@ def test_itc_gather_path_equals_full_batch(monkeypatch: pytest.MonkeyPatch) -> N
         full = (full_image, full_text)[len(calls) % 2]
         calls.append((rank, world_size))
         normed = F.normalize(full, dim=-1)
-        return torch.cat([normed[: rank * n], tensor, normed[(rank + 1) * n :]])
+        lo = offsets[rank]
+        return torch.cat([normed[:lo], tensor, normed[lo + sizes[rank] :]])
 
+    monkeypatch.setattr(distributed, "all_gather_sizes", fake_sizes)
     monkeypatch.setattr(distributed, "all_gather_with_grad", fake_gather)
-    losses = []
+    terms = []
     for rank in range(world):
-        local = slice(rank * n, (rank + 1) * n)
-        out = itc_loss(full_image[local], full_text[local], temperature=0.07, rank=rank, world_size=world)
-        losses.append(out["loss"])
-    mean = torch.stack(losses).mean()
-    assert mean.item() == pytest.approx(reference["loss"].item(), rel=1e-10)
-    grads = torch.autograd.grad(mean, [full_image, full_text])
+        local = slice(offsets[rank], offsets[rank] + sizes[rank])
+        out = itc_loss(
+            full_image[local], full_text[local], temperature=temperature, rank=rank, world_size=world
+        )
+        terms.append(torch.stack([out["loss"], out["i2t"], out["t2i"]]))
+    mean = torch.stack(terms).mean(dim=0)
+    assert mean[0].item() == pytest.approx(reference["loss"].item(), rel=1e-10)
+    assert mean[1].item() == pytest.approx(reference["i2t"].item(), rel=1e-10)
+    assert mean[2].item() == pytest.approx(reference["t2i"].item(), rel=1e-10)
+    grads = torch.autograd.grad(mean[0], [full_image, full_text, temperature])
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
     assert calls == [(r, world) for r in range(world) for _ in range(2)]
+
+
+def test_itc_module_rank_defaults() -> None:
+    seen = {}
+
+    def gather(
+        tensor: torch.Tensor, *, rank: int, world_size: int, group: object, sizes: list[int]
+    ) -> torch.Tensor:
+        seen.update(rank=rank, world_size=world_size, group=group)
+        return torch.cat([tensor, torch.zeros_like(tensor)])
+
+    loss = ITCLoss(rank=0, world_size=2, group="g")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distributed, "all_gather_sizes", lambda rows, **_: [rows, rows])
+        loss(torch.randn(3, 4), torch.randn(3, 4), gather=gather)
+    assert seen == {"rank": 0, "world_size": 2, "group": "g"}
 
 
 def test_itc_rejects_bad_input() -> None:
@@ -113,8 +142,10 @@ def test_itc_rejects_bad_input() -> None:
     def short_gather(tensor: torch.Tensor, **_: object) -> torch.Tensor:
         return tensor
 
-    with pytest.raises(ValueError, match="same batch size"):
-        itc_loss(torch.randn(3, 4), torch.randn(3, 4), temperature=0.1, world_size=2, gather=short_gather)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distributed, "all_gather_sizes", lambda rows, **_: [rows, rows])
+        with pytest.raises(ValueError, match="expected 6"):
+            itc_loss(torch.randn(3, 4), torch.randn(3, 4), temperature=0.1, world_size=2, gather=short_gather)
 
 
 # --------------------------------------------------------------------------------------------------

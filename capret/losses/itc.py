@@ -9,7 +9,8 @@ Under DDP each rank scores its *local* rows against the columns gathered from al
 (``capret.engine.distributed.all_gather_with_grad``, looked up at call time so tests can monkeypatch it, or any
 ``gather`` passed in). Rank, world size and process group are arguments, never globals. Because the gather's
 backward sums gradients over ranks, DDP's gradient averaging yields exactly the gradient of the loss averaged
-over the global batch (``tests/test_ddp.py``). Every rank must pass the same number of rows.
+over the global batch (``tests/test_ddp.py``). Ranks may pass different numbers of rows (even none), but every
+rank must call the loss, because it takes part in collectives.
 """
 
 from __future__ import annotations
@@ -42,11 +43,17 @@ def itc_loss(
 ) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE between the local rows and the global batch.
 
+    Ranks may hold different numbers of rows (e.g. only captioned items), including none: every rank must still
+    call this function, since it takes part in collectives. The local terms are scaled by
+    ``local_rows * world_size / global_rows`` so that (a) their mean over ranks, which the trainer logs, is the
+    loss of the whole global batch and (b) DDP's gradient averaging yields exactly that loss's gradient.
+
     Args:
         image_emb, text_emb: ``(n, d)`` local embeddings; row ``i`` of each is a matching pair.
         temperature: scalar dividing the cosine similarities (a tensor keeps its gradient).
         rank, world_size, group: this process's place in the job; ``world_size == 1`` needs no gather.
-        gather: replaces ``all_gather_with_grad`` (tests simulate several ranks with it).
+        gather: replaces ``all_gather_with_grad`` (tests simulate several ranks with it); called as
+            ``gather(tensor, rank=, world_size=, group=, sizes=)``.
         normalize: L2-normalise the embeddings first (a no-op for encoders that already do).
 
     Returns:
@@ -63,26 +70,32 @@ def itc_loss(
     if normalize:
         image_emb = F.normalize(image_emb, dim=-1)
         text_emb = F.normalize(text_emb, dim=-1)
-    if world_size > 1:
-        gather_fn = gather if gather is not None else _dist.all_gather_with_grad
-        all_image = gather_fn(image_emb, rank=rank, world_size=world_size, group=group)
-        all_text = gather_fn(text_emb, rank=rank, world_size=world_size, group=group)
-    else:
-        all_image, all_text = image_emb, text_emb
     n = image_emb.shape[0]
-    if all_image.shape[0] != n * world_size:
-        raise ValueError(
-            f"gathered {all_image.shape[0]} rows from {world_size} ranks of {n}; every rank must pass the same "
-            "batch size (use drop_last)"
-        )
     temperature = torch.as_tensor(temperature, device=image_emb.device, dtype=image_emb.dtype)
-    targets = torch.arange(n, device=image_emb.device) + rank * n
+    if world_size > 1:
+        sizes = _dist.all_gather_sizes(n, world_size=world_size, device=image_emb.device, group=group)
+        gather_fn = gather if gather is not None else _dist.all_gather_with_grad
+        all_image = gather_fn(image_emb, rank=rank, world_size=world_size, group=group, sizes=sizes)
+        all_text = gather_fn(text_emb, rank=rank, world_size=world_size, group=group, sizes=sizes)
+    else:
+        sizes, all_image, all_text = [n], image_emb, text_emb
+    total = sum(sizes)
+    if all_image.shape[0] != total or all_text.shape[0] != total:
+        raise ValueError(f"gather returned {all_image.shape[0]} rows, expected {total} (rank sizes {sizes})")
+    if n == 0:
+        # no local pairs: a zero that still depends on the gathered rows (their backward all-reduce must run on
+        # every rank) and on the temperature (DDP expects a gradient for every parameter)
+        zero = (all_image.sum() + all_text.sum()) * 0.0 + temperature * 0.0
+        zero = zero.float()
+        return {"loss": zero, "i2t": zero, "t2i": zero, "temperature": temperature.detach().float()}
+    targets = torch.arange(n, device=image_emb.device) + sum(sizes[:rank])
     logits_i2t = image_emb @ all_text.t() / temperature
     logits_t2i = text_emb @ all_image.t() / temperature
     # cross-entropy in at least float32: under fp16/bf16 autocast the logits (up to 1/0.001) lose precision
     wide = torch.promote_types(logits_i2t.dtype, torch.float32)
-    i2t = F.cross_entropy(logits_i2t.to(wide), targets)
-    t2i = F.cross_entropy(logits_t2i.to(wide), targets)
+    scale = n * world_size / total
+    i2t = F.cross_entropy(logits_i2t.to(wide), targets) * scale
+    t2i = F.cross_entropy(logits_t2i.to(wide), targets) * scale
     return {"loss": (i2t + t2i) / 2, "i2t": i2t, "t2i": t2i, "temperature": temperature.detach().float()}
 
 
@@ -93,6 +106,8 @@ class ITCLoss(nn.Module):
         init_temperature: starting temperature (0.07 in CLIP and X-VLM).
         min_temperature, max_temperature: clamp applied before every use (X-VLM: 0.001 and 0.5).
         learnable: False keeps the temperature fixed (a buffer).
+        rank, world_size, group: defaults for ``forward`` (a task that knows its place in the job at build time
+            passes them here; ``forward`` arguments override them).
     """
 
     def __init__(
@@ -102,8 +117,12 @@ class ITCLoss(nn.Module):
         min_temperature: float = 0.001,
         max_temperature: float = 0.5,
         learnable: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        group: Any = None,
     ) -> None:
         super().__init__()
+        self.rank, self.world_size, self.group = rank, world_size, group
         if not 0 < min_temperature <= init_temperature <= max_temperature:
             raise ValueError(
                 "ITCLoss needs 0 < min_temperature <= init_temperature <= max_temperature, got "
@@ -121,8 +140,8 @@ class ITCLoss(nn.Module):
         image_emb: torch.Tensor,
         text_emb: torch.Tensor,
         *,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         group: Any = None,
         gather: GatherFn | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -132,9 +151,9 @@ class ITCLoss(nn.Module):
             image_emb,
             text_emb,
             temperature=self.temperature,
-            rank=rank,
-            world_size=world_size,
-            group=group,
+            rank=self.rank if rank is None else rank,
+            world_size=self.world_size if world_size is None else world_size,
+            group=self.group if group is None else group,
             gather=gather,
         )
 
