@@ -29,24 +29,10 @@ from PIL import Image
 from tqdm import tqdm
 
 __all__ = [
-    "CATEGORIES",
-    "KEYPOINT_COUNTS",
-    "KEYPOINT_OFFSETS",
-    "NUM_KEYPOINT_SLOTS",
-    "Item",
-    "ProtocolSide",
-    "build_retrieval_ground_truth",
-    "crop_item",
-    "gt_box_protocol",
-    "image_path",
-    "items_from_ground_truth",
-    "iter_items",
-    "load_ground_truth",
-    "load_item_geometry",
-    "load_items",
-    "open_image",
-    "to_coco",
-]
+    "CATEGORIES", "KEYPOINT_COUNTS", "KEYPOINT_OFFSETS", "NUM_KEYPOINT_SLOTS", "Item", "ProtocolSide",
+    "build_retrieval_ground_truth", "crop_item", "gt_box_protocol", "image_path", "items_from_ground_truth",
+    "iter_items", "load_ground_truth", "load_item_geometry", "load_items", "open_image", "to_coco",
+]  # fmt: skip
 
 #: Official category ids (1-based) and names.
 CATEGORIES: dict[int, str] = {
@@ -323,7 +309,7 @@ def _read_index(path: Path, signature: tuple[int, int]) -> list[Item] | None:
 
 def _write_index(path: Path, items: Sequence[Item], signature: tuple[int, int]) -> None:
     """Write the columnar index atomically; a read-only dataset folder only costs a warning."""
-    columns: dict[str, np.ndarray] = {
+    columns: dict[str, Any] = {
         "version": np.asarray(_INDEX_VERSION),
         "signature": np.asarray(signature, dtype=np.int64),
         "image_id": np.asarray([it.image_id for it in items], dtype=np.int64),

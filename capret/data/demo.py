@@ -99,7 +99,7 @@ def _select_patches(photos: dict[str, np.ndarray], *, count: int, rng: np.random
     per_photo: dict[str, list[_Patch]] = {}
     for name, image in photos.items():
         height, width = image.shape[:2]
-        found = []
+        found: list[tuple[float, int, _Patch]] = []
         for top in range(0, height - _CELL + 1, _CELL):
             for left in range(0, width - _CELL + 1, _CELL):
                 w, h = (int(v) for v in rng.integers(_MIN_PATCH, _CELL + 1, size=2))
