@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "JSONL store. Re-running the same command resumes: finished keys are skipped, failed ones retried.",
     )
     for flag, key, options in _FLAGS:
-        parser.add_argument(flag, dest=key, default=None, **options)
+        metavar = None if "choices" in options else flag[2:].upper().replace("-", "_")
+        parser.add_argument(flag, dest=key, default=None, metavar=metavar, **options)
     parser.add_argument(
         "--overwrite",
         dest="overwrite",

@@ -81,6 +81,8 @@ class ChatServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+            disable_nagle_algorithm = True  # else header and body writes wait on delayed ACKs (~40 ms)
+            wbufsize = 1 << 16  # headers and body leave in one write (flushed after each request)
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence the access log
                 return

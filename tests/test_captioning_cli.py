@@ -1,0 +1,218 @@
+"""capret-caption end to end: resume after kill -9, sharding, limit, overwrite, failures, sources, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from captioning_helpers import write_deepfashion2
+
+from captioning.cli import main
+from captioning.loopback import ChatServer
+from captioning.sources import create_source, parse_shard, select_shard, shard_of
+from captioning.store import failures_path, iter_records, read_captions, read_records
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def df2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("df2")
+    keys = write_deepfashion2(root, "validation", images=12, items_per_image=2)
+    return root, keys
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
+    code = main([*argv, "--no-progress"])
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if out.strip() else {})
+
+
+def test_template_run_then_resume_skips_everything(df2, tmp_path, capsys) -> None:
+    root, keys = df2
+    out = tmp_path / "c.jsonl"
+    code, summary = _run(["--root", str(root), "--out", str(out), "--batch-size", "5"], capsys)
+    assert code == 0 and summary["done"] == len(keys) and summary["failed"] == 0 and summary["example"]
+    records = read_records(out)
+    assert sorted(records) == sorted(keys)
+    record = records[keys[0]]
+    assert set(record) == {"key", "caption", "dialogue", "backend", "model", "prompt_version", "created"}
+    assert record["backend"] == "template" and record["prompt_version"] == "capret-chat-v1"
+    assert all(set(turn) == {"q", "a"} for turn in record["dialogue"])
+    before = out.read_bytes()
+    code, summary = _run(["--root", str(root), "--out", str(out)], capsys)
+    assert code == 0 and summary["done"] == 0 and summary["skipped"] == len(keys)
+    assert out.read_bytes() == before
+
+
+def test_shards_are_disjoint_and_cover_all_keys(df2, tmp_path, capsys) -> None:
+    root, keys = df2
+    seen: list[str] = []
+    for i in range(3):
+        out = tmp_path / f"shard{i}.jsonl"
+        code, _ = _run(["--root", str(root), "--out", str(out), "--shard", f"{i}/3", "--rounds", "1"], capsys)
+        assert code == 0
+        seen.extend(read_captions(out))
+    assert sorted(seen) == sorted(keys)  # covering, and disjoint (no key twice)
+    targets = create_source("deepfashion2", root=root, split="validation")
+    for n in (1, 2, 5):
+        parts = [select_shard(targets, i, n) for i in range(n)]
+        assert sorted(t.key for p in parts for t in p) == sorted(keys)
+    assert shard_of("deepfashion2/000001/1", 7) == shard_of("deepfashion2/000001/1", 7)
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_limit_and_explicit_overwrite(df2, tmp_path, capsys) -> None:
+    root, keys = df2
+    out = tmp_path / "c.jsonl"
+    code, summary = _run(["--root", str(root), "--out", str(out), "--limit", "4"], capsys)
+    assert summary["done"] == 4 and sorted(read_captions(out)) == sorted(keys)[:4]
+    code, summary = _run(["--root", str(root), "--out", str(out), "--limit", "2", "--overwrite"], capsys)
+    assert code == 0 and summary["done"] == 2 and summary["skipped"] == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 6 and [x.get("overwrite", False) for x in lines] == [False] * 4 + [True] * 2
+    assert len(read_captions(out)) == 4
+
+
+def test_missing_image_is_a_logged_failure_retried_next_run(df2, tmp_path, capsys) -> None:
+    root, keys = df2
+    image = root / "validation" / "image" / "000003.jpg"
+    hidden = tmp_path / "hidden.jpg"
+    os.replace(image, hidden)
+    out = tmp_path / "c.jsonl"
+    try:
+        code, summary = _run(["--root", str(root), "--out", str(out)], capsys)
+    finally:
+        os.replace(hidden, image)
+    assert code == 1 and summary["failed"] == 2 and summary["done"] == len(keys) - 2
+    assert summary["failure_reasons"] == {"cannot open image": 2}
+    failures = [json.loads(x) for x in failures_path(out).read_text().splitlines()]
+    assert {f["key"] for f in failures} == {"deepfashion2/000003/1", "deepfashion2/000003/2"}
+    assert "000003.jpg" in failures[0]["reason"]
+    code, summary = _run(["--root", str(root), "--out", str(out)], capsys)
+    assert code == 0 and summary["done"] == 2 and summary["skipped"] == len(keys) - 2
+    assert sorted(read_captions(out)) == sorted(keys)
+
+
+def test_openai_backend_through_the_cli_reports_tokens(df2, tmp_path, capsys) -> None:
+    root, keys = df2
+    out = tmp_path / "c.jsonl"
+    with ChatServer(faults=["429", "500"]) as server:
+        argv = ["--root", str(root), "--out", str(out), "--backend", "openai", "--base-url", server.base_url]
+        argv += [
+            "--vlm",
+            "m",
+            "--rounds",
+            "2",
+            "--limit",
+            "5",
+            "--concurrency",
+            "4",
+            "--set",
+            "openai.seed=1",
+        ]
+        code, summary = _run(argv, capsys)
+    assert code == 0 and summary["done"] == 5
+    assert summary["prompt_tokens"] > 0 and summary["completion_tokens"] > 0
+    record = next(iter_records(out))
+    assert record["backend"] == "openai" and record["model"]["vlm"] == "m" and record["model"]["seed"] == 1
+    assert len(record["dialogue"]) == 3
+
+
+def test_usage_errors_are_one_line_messages(df2, tmp_path, capsys) -> None:
+    root, _ = df2
+    cases = [
+        (["--out", str(tmp_path / "x.jsonl")], "--root is required"),
+        (["--root", str(root)], "--out is required"),
+        (
+            ["--root", str(root), "--out", str(tmp_path / "x.jsonl"), "--backend", "gpt"],
+            "valid backends: openai,",
+        ),
+        (
+            ["--root", str(root), "--out", str(tmp_path / "x.jsonl"), "--dataset", "coco"],
+            "valid names: circo, cirr",
+        ),
+        (
+            ["--root", str(root), "--out", str(tmp_path / "x.jsonl"), "--set", "loop.roundz=2"],
+            "valid keys: rounds",
+        ),
+        (["--root", str(tmp_path / "nope"), "--out", str(tmp_path / "x.jsonl")], "does not exist"),
+        (["--root", str(root), "--out", str(tmp_path / "x.jsonl"), "--backend", "openai"], "--base-url"),
+        (["--root", str(root), "--out", str(tmp_path / "x.jsonl"), "--rounds", "-1"], "rounds must be >= 0"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_reference_image_sources(tmp_path) -> None:
+    cirr = create_source("cirr", root=SHARED / "cirr", split="val")
+    assert len(cirr) > 1000 and all(t.key.startswith("cirr/") and t.key.endswith("/0") for t in cirr)
+    assert [t.key for t in cirr] == sorted(t.key for t in cirr)
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        cirr[0].open_image()  # images are not shipped: a clear error naming the file
+    fiq = create_source("fashioniq", root=SHARED / "fashioniq", split="val", category="dress")
+    assert fiq and fiq[0].key.startswith("fashioniq/") and fiq[0].category == "dress"
+    circo = create_source("circo", root=SHARED / "circo", split="val")
+    assert 0 < len(circo) <= 220
+    folder = tmp_path / "pics" / "a"
+    folder.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(folder / "one.png")
+    (folder / "notes.txt").write_text("x")
+    images = create_source("images", root=tmp_path / "pics", split=None)
+    assert [t.key for t in images] == ["images/a/one/0"] and images[0].open_image().size == (8, 8)
+
+
+def _lines(path: Path) -> bytes:
+    data = path.read_bytes() if path.exists() else b""
+    return data[: data.rfind(b"\n") + 1]
+
+
+def test_kill_9_mid_run_then_resume_keeps_every_key_exactly_once(tmp_path, capsys) -> None:
+    root = tmp_path / "df2"
+    keys = write_deepfashion2(root, "validation", images=60, items_per_image=2, size=24)
+    out = tmp_path / "c.jsonl"
+    with ChatServer(latency=0.002) as server:
+        argv = ["--root", str(root), "--out", str(out), "--backend", "openai", "--base-url", server.base_url,
+                "--vlm", "m", "--rounds", "2", "--batch-size", "3", "--concurrency", "3", "--no-progress"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        kept = b""
+        for kill_after in (6, 24):  # kill -9 twice, at different points
+            proc = subprocess.Popen([sys.executable, "-m", "captioning.cli", *argv], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            deadline = time.monotonic() + 60
+            while (
+                _lines(out).count(b"\n") < kill_after and time.monotonic() < deadline and proc.poll() is None
+            ):
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+            complete = _lines(out)
+            assert complete.startswith(kept)  # finished captions are never rewritten
+            kept = complete
+            assert kept.count(b"\n") < len(keys)
+        code, summary = _run(argv, capsys)
+        assert code == 0
+        assert summary["skipped"] == kept.count(b"\n") and summary["done"] == len(keys) - summary["skipped"]
+        final = out.read_bytes()
+        assert final.startswith(kept)  # byte-identical finished lines
+        file_keys = [r["key"] for r in iter_records(out)]
+        assert sorted(file_keys) == sorted(keys)  # every key exactly once
+        # the interrupted-and-resumed captions equal an uninterrupted run's
+        clean = tmp_path / "clean.jsonl"
+        _run(["--root", str(root), "--out", str(clean), *argv[4:]], capsys)
+    assert read_captions(out) == read_captions(clean)
