@@ -34,6 +34,7 @@ The script's own ``miss_num`` skips query images without any detection; our ``mi
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -138,32 +139,42 @@ def _gt_arrays(records: list, *, what: str, keys: tuple[str, ...], id_key: str) 
 def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
     """Scalar fields of every result record as arrays, after validating every record."""
     n = len(records)
-    image, score, cls, box = [0] * n, [0.0] * n, [0] * n, [None] * n
-    for i, rec in enumerate(records):
-        try:
-            image[i], score[i], cls[i], box[i] = (
-                rec["query_image_id"],
-                rec["query_score"],
-                rec["query_cls"],
-                rec["query_bbox"],
-            )
-            n_ids, n_boxes = len(rec["gallery_image_id"]), len(rec["gallery_bbox"])
-        except (KeyError, TypeError):
+    try:
+        image = [r["query_image_id"] for r in records]
+        score = [r["query_score"] for r in records]
+        cls = [r["query_cls"] for r in records]
+        box = [r["query_bbox"] for r in records]
+        n_ids = np.fromiter(map(len, (r["gallery_image_id"] for r in records)), dtype=np.int64, count=n)
+        n_boxes = np.fromiter(map(len, (r["gallery_bbox"] for r in records)), dtype=np.int64, count=n)
+    except (KeyError, TypeError):
+        for i, rec in enumerate(records):
             if not isinstance(rec, dict):
                 raise _bad(
                     "results", i, rec, f"expected an object with keys {', '.join(RESULT_KEYS)}"
                 ) from None
             missing = [k for k in RESULT_KEYS if k not in rec]
-            raise _bad(
-                "results", i, rec, f"missing or non-list field(s) {', '.join(missing) or 'gallery_*'}"
-            ) from None
-        if n_ids < max_k or n_boxes < max_k:
-            raise _bad(
-                "results",
-                i,
-                rec,
-                f"{n_ids} gallery_image_id / {n_boxes} gallery_bbox entries, but top-{max_k} needs {max_k} each",
-            )
+            if missing:
+                raise _bad(
+                    "results",
+                    i,
+                    rec,
+                    f"missing key(s) {', '.join(missing)}; required: {', '.join(RESULT_KEYS)}",
+                ) from None
+            for k in ("gallery_image_id", "gallery_bbox"):
+                if not isinstance(rec[k], list | tuple):
+                    raise _bad(
+                        "results", i, rec, f"{k} must be a list, got {type(rec[k]).__name__}"
+                    ) from None
+        raise
+    short = np.nonzero((n_ids < max_k) | (n_boxes < max_k))[0]
+    if len(short):
+        i = int(short[0])
+        raise _bad(
+            "results",
+            i,
+            records[i],
+            f"{n_ids[i]} gallery_image_id / {n_boxes[i]} gallery_bbox entries, but top-{max_k} needs {max_k} each",
+        )
     try:
         arrays = {
             "image": np.array(image, dtype=np.int64),
@@ -187,16 +198,31 @@ def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
 
 def _retrieved(records: list, rows: np.ndarray, *, max_k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``max_k`` gallery image ids ``[S, K]`` and boxes ``[S, K, 4]`` of the selected records."""
+    chain = itertools.chain.from_iterable
+    n = len(rows)
     try:
-        ids = np.array([records[r]["gallery_image_id"][:max_k] for r in rows], dtype=np.int64)
-        boxes = np.array([records[r]["gallery_bbox"][:max_k] for r in rows], dtype=np.float64)
-        return ids.reshape(len(rows), max_k), boxes.reshape(len(rows), max_k, 4)
+        ids = np.fromiter(
+            chain(records[r]["gallery_image_id"][:max_k] for r in rows), dtype=np.int64, count=n * max_k
+        )
+        lengths = np.fromiter(
+            map(len, chain(records[r]["gallery_bbox"][:max_k] for r in rows)), dtype=np.int64, count=n * max_k
+        )
+        if lengths.size and (lengths != 4).any():
+            raise ValueError("box length")
+        boxes = np.fromiter(
+            chain(chain(records[r]["gallery_bbox"][:max_k] for r in rows)),
+            dtype=np.float64,
+            count=n * max_k * 4,
+        )
+        return ids.reshape(n, max_k), boxes.reshape(n, max_k, 4)
     except (TypeError, ValueError):
         for r in rows:
             rec = records[r]
             for t in range(max_k):
                 b = rec["gallery_bbox"][t]
-                if not (isinstance(b, list | tuple) and len(b) == 4):
+                if not (
+                    isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(v, int | float) for v in b)
+                ):
                     raise _bad(
                         "results", int(r), rec, f"gallery_bbox[{t}] must be [x1, y1, x2, y2], got {b!r}"
                     ) from None
@@ -206,14 +232,25 @@ def _retrieved(records: list, rows: np.ndarray, *, max_k: int) -> tuple[np.ndarr
 
 
 def _row_keys(parts: Sequence[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
-    """One int64 key per row for rows given as tuples of int columns, consistent across all ``parts``."""
+    """One int64 key per row for rows given as tuples of int columns, consistent across all ``parts``.
+
+    Non-negative columns are packed directly (mixed radix) when the product of their ranges fits in 62 bits;
+    otherwise each column is rank-encoded first.
+    """
     n_cols = len(parts[0])
     lengths = [len(p[0]) for p in parts]
+    columns = [np.concatenate([p[c].reshape(-1) for p in parts]) for c in range(n_cols)]
+    if all(col.size == 0 or col.min() >= 0 for col in columns):
+        radices = [int(col.max()) + 1 if col.size else 1 for col in columns]
+        if float(np.prod([float(r) for r in radices])) < 2.0**62:
+            key = np.zeros(sum(lengths), dtype=np.int64)
+            for col, radix in zip(columns, radices, strict=True):
+                key = key * radix + col
+            return np.split(key, np.cumsum(lengths)[:-1])
     key = np.zeros(sum(lengths), dtype=np.int64)
-    for c in range(n_cols):
-        col = np.concatenate([p[c].reshape(-1) for p in parts])
+    for col in columns:
         uniq, inv = np.unique(col, return_inverse=True)
-        key = key * (len(uniq) + 1) + inv
+        key = key * (len(uniq) + 1) + inv.reshape(-1)
     return np.split(key, np.cumsum(lengths)[:-1])
 
 
