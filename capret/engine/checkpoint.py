@@ -52,6 +52,7 @@ __all__ = [
     "load_model_weights",
     "package_versions",
     "prune_checkpoints",
+    "resolve_resume",
     "restore_rng_state",
     "save_checkpoint",
     "seed_everything",
@@ -472,3 +473,19 @@ def safetensors_keys(path: str | Path) -> list[str]:
     """Tensor names in a safetensors file, read without loading the tensors (used by tests and tools)."""
     with safe_open(str(path), framework="pt") as handle:
         return list(handle.keys())
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """Checkpoint folder for ``resume``: 'auto' = latest in ``output_dir`` (None if there is none yet)."""
+    if resume == "auto":
+        return find_latest_checkpoint(output_dir)
+    path = Path(resume)
+    if (path / "checkpoint.json").is_file():
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(
+            f"--resume {resume}: no checkpoint there (expected a checkpoint folder with checkpoint.json, a run "
+            "folder with checkpoints/step_*, or 'auto')"
+        )
+    return latest

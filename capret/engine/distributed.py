@@ -1,4 +1,4 @@
-"""torch.distributed plumbing for running any capret task under ``torchrun``.
+"""Device and torch.distributed plumbing for running any capret task under ``torchrun``.
 
 ``torchrun --nproc_per_node N -m capret.cli.train ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
 rendezvous address; :func:`init_distributed` turns them into a :class:`DistContext` (gloo on CPU, NCCL on GPUs).
@@ -33,11 +33,15 @@ __all__ = [
     "all_gather_sizes",
     "all_gather_with_grad",
     "all_reduce_mean",
+    "all_reduce_sum",
     "all_true",
     "barrier",
+    "batch_size_of",
     "broadcast_flag",
     "cleanup_distributed",
     "init_distributed",
+    "move_to_device",
+    "resolve_amp_dtype",
     "unwrap_model",
 ]
 
@@ -199,6 +203,14 @@ def all_reduce_mean(tensor: torch.Tensor, *, world_size: int, group: Any = None)
     return out / world_size
 
 
+def all_reduce_sum(tensor: torch.Tensor, *, world_size: int, group: Any = None) -> torch.Tensor:
+    """Sum of ``tensor`` over ranks (a new tensor; no gradient)."""
+    out = tensor.detach().clone()
+    if world_size > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 def broadcast_flag(flag: bool, *, device: torch.device, world_size: int, src: int = 0) -> bool:
     """Rank ``src``'s boolean, on every rank (stop decisions such as the time budget must agree)."""
     if world_size == 1:
@@ -234,3 +246,43 @@ def barrier(*, world_size: int) -> None:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or the module itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def move_to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors inside (nested) dicts, lists and tuples moved to ``device``; other values unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(move_to_device(v, device) for v in obj))
+    if isinstance(obj, list | tuple):
+        return type(obj)(move_to_device(v, device) for v in obj)
+    return obj
+
+
+def batch_size_of(batch: Any) -> int:
+    """Leading dimension of the first tensor in a batch (for throughput), 0 if there is none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else ()
+    for value in values:
+        size = batch_size_of(value)
+        if size:
+            return size
+    return 0
+
+
+def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for the ``amp`` setting on ``device`` (None = full precision)."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    raise ValueError(f"trainer.amp={amp!r} is not one of ['auto', 'bf16', 'fp16', 'off']")

@@ -63,14 +63,14 @@ from capret.engine import distributed as du
 from capret.engine.checkpoint import (
     capture_rng_state,
     checkpoint_name,
-    find_latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    resolve_resume,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
 )
-from capret.engine.distributed import unwrap_model
+from capret.engine.distributed import batch_size_of, move_to_device, resolve_amp_dtype, unwrap_model
 from capret.engine.run_log import RunLog
 from capret.engine.schedule import build_optimizer, build_scheduler, resolve_param_groups
 
@@ -155,51 +155,6 @@ class NonFiniteLossError(RuntimeError):
         self.checkpoint = checkpoint
 
 
-# --------------------------------------------------------------------------------------------------
-# small helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def move_to_device(obj: Any, device: torch.device) -> Any:
-    """Tensors inside (nested) dicts, lists and tuples moved to ``device``; other values unchanged."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: move_to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(move_to_device(v, device) for v in obj))
-    if isinstance(obj, list | tuple):
-        return type(obj)(move_to_device(v, device) for v in obj)
-    return obj
-
-
-def batch_size_of(batch: Any) -> int:
-    """Leading dimension of the first tensor in a batch (for throughput), 0 if there is none."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else ()
-    for value in values:
-        size = batch_size_of(value)
-        if size:
-            return size
-    return 0
-
-
-def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for the ``amp`` setting on ``device`` (None = full precision)."""
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    raise ValueError(f"trainer.amp={amp!r} is not one of ['auto', 'bf16', 'fp16', 'off']")
-
-
 def _validate(config: TrainerConfig) -> None:
     if config.max_steps is None and config.epochs is None:
         raise ValueError("trainer: set max_steps or epochs (both are null)")
@@ -215,22 +170,6 @@ def _validate(config: TrainerConfig) -> None:
             raise ValueError(f"trainer.{name} must be >= 0, got {getattr(config, name)}")
     if len(config.betas) != 2:
         raise ValueError(f"trainer.betas must have two values, got {config.betas}")
-
-
-def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """Checkpoint folder for ``resume``: 'auto' = latest in ``output_dir`` (None if there is none yet)."""
-    if resume == "auto":
-        return find_latest_checkpoint(output_dir)
-    path = Path(resume)
-    if (path / "checkpoint.json").is_file():
-        return path
-    latest = find_latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(
-            f"--resume {resume}: no checkpoint there (expected a checkpoint folder with checkpoint.json, a run "
-            "folder with checkpoints/step_*, or 'auto')"
-        )
-    return latest
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -287,6 +226,7 @@ class _Trainer:
         self.best_step: int | None = None
         self.last_metrics: dict[str, float] = {}
         self.saved_steps: set[int] = set()
+        self.last_eval_step: int | None = None
         pending_rng = None
         resume_path = resolve_resume(resume, self.out) if resume else None
         if resume_path is not None:
@@ -426,6 +366,7 @@ class _Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, *, epoch: int, index: int) -> None:
+        self.last_eval_step = self.step
         metrics: dict[str, float] = {}
         if self.ctx.is_main:
             rng = capture_rng_state()
@@ -528,7 +469,7 @@ class _Trainer:
             disable=not (ctx.is_main and config.progress),
         )
         start = window_start = time.perf_counter()
-        window: dict[str, torch.Tensor] = {}
+        window: dict[str, list[Any]] = {}  # term -> [sum, count] over the micro-batches since the last row
         window_steps = window_samples = 0
         last_terms: dict[str, float] = {}
         stop_reason = "max_steps"
@@ -536,7 +477,7 @@ class _Trainer:
         try:
             while self.step < self.total_steps:
                 boundary = (epoch, index, capture_rng_state())
-                step_terms: dict[str, torch.Tensor] = {}
+                step_terms: list[dict[str, torch.Tensor]] = []
                 micro = 0
                 try:
                     for micro in range(config.grad_accum):
@@ -546,9 +487,7 @@ class _Trainer:
                         epoch, index, batch = item
                         index += 1
                         window_samples += batch_size_of(batch) * ctx.world_size
-                        terms = self._micro_step(batch, sync=micro == config.grad_accum - 1)
-                        for name, value in terms.items():
-                            step_terms[name] = step_terms.get(name, 0.0) + value / config.grad_accum
+                        step_terms.append(self._micro_step(batch, sync=micro == config.grad_accum - 1))
                     else:
                         micro = config.grad_accum
                     if micro < config.grad_accum:
@@ -560,9 +499,10 @@ class _Trainer:
                     self._non_finite(terms=signal.terms, boundary=boundary)
                 self.step += 1
                 bar.update(1)
-                step_terms["grad_norm"] = norm
-                for name, value in step_terms.items():
-                    window[name] = window.get(name, 0.0) + value
+                for terms in [*step_terms, {"grad_norm": norm}]:
+                    for name, value in terms.items():
+                        entry = window.setdefault(name, [0.0, 0])
+                        entry[0], entry[1] = entry[0] + value, entry[1] + 1
                 window_steps += 1
                 if self.step % config.log_every == 0 or self.step == self.total_steps:
                     last_terms = self._log(window, window_steps, window_samples, window_start, epoch)
@@ -581,7 +521,7 @@ class _Trainer:
                     break
             if window_steps:
                 last_terms = self._log(window, window_steps, window_samples, window_start, epoch)
-            if not self.last_metrics or not config.eval_every or self.step % config.eval_every:
+            if self.last_eval_step != self.step:
                 self._evaluate(epoch=epoch, index=index)
             last = self.ckpt_dir / checkpoint_name(self.step)
             if self.step not in self.saved_steps and self.step > 0:
@@ -607,14 +547,20 @@ class _Trainer:
         }
 
     def _log(
-        self, window: dict[str, torch.Tensor], steps: int, samples: int, started: float, epoch: int
+        self, window: dict[str, list[Any]], steps: int, samples: int, started: float, epoch: int
     ) -> dict[str, float]:
+        """Write one log row: each term's mean over its micro-batches since the last row, over all ranks."""
         names = sorted(window)
-        values = (
-            torch.stack([torch.as_tensor(window[n], device=self.ctx.device).float() for n in names]) / steps
+        if self.ctx.is_distributed:  # a term may be missing on some rank: align on the union of names
+            gathered = du.all_gather_object(names, world_size=self.ctx.world_size)
+            names = sorted({n for rank_names in gathered for n in rank_names})
+        zero = [torch.zeros((), device=self.ctx.device), 0]
+        sums = torch.stack(
+            [torch.as_tensor(window.get(n, zero)[0], device=self.ctx.device).float() for n in names]
         )
-        values = du.all_reduce_mean(values, world_size=self.ctx.world_size).tolist()
-        terms = dict(zip(names, values))
+        counts = torch.tensor([float(window.get(n, zero)[1]) for n in names], device=self.ctx.device)
+        totals = du.all_reduce_sum(torch.stack([sums, counts]), world_size=self.ctx.world_size)
+        terms = {n: float(v) for n, v in zip(names, (totals[0] / totals[1]).tolist())}
         if self.log is not None:
             elapsed = max(time.perf_counter() - started, 1e-9)
             row: dict[str, Any] = {"step": self.step, "epoch": epoch, **terms}
