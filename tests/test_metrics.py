@@ -199,3 +199,30 @@ def test_exact_search_tie_rule() -> None:
     scores, ids = exact_search(np.array([[1.0, 0.0]], dtype=np.float32), g, k=3)
     assert ids.tolist() == [[0, 2, 3]]
     assert scores.tolist() == [[1.0, 1.0, 0.5]]
+
+
+def test_rerank_after_metrics_equal_full_ranking_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Head reranked + stored tail contribution == metrics of the whole permuted ranking."""
+    import capret.retrieval.rerank as rerank_module
+    from capret.evaluation.retrieval_eval import evaluate_embeddings
+
+    class ReverseHead:
+        def rerank(
+            self, *, ranking, scores, query_features, gallery_features, query_images=None, gallery_images=None
+        ):
+            return ranking[:, ::-1].copy(), scores[:, ::-1].copy()
+
+    monkeypatch.setattr(rerank_module, "create_reranker", lambda name, **kw: ReverseHead())
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((30, 5)).astype(np.float32)
+    g = rng.standard_normal((50, 5)).astype(np.float32)
+    ql, gl = rng.integers(0, 5, 30), rng.integers(0, 5, 50)
+    rel = ql[:, None] == gl[None, :]
+    out = evaluate_embeddings(q, g, ql, gl, ks=(1, 5), rerank="reverse", rerank_topk=12)
+    full = M.rank(q @ g.T).numpy()
+    full[:, :12] = full[:, :12][:, ::-1]
+    assert out["after"]["map"] == pytest.approx(M.mean_average_precision_from_ranking(full, rel), rel=1e-9)
+    assert out["after"]["map_at_r"] == pytest.approx(M.map_at_r_from_ranking(full, rel), rel=1e-9)
+    assert out["after"]["recall@5"] == pytest.approx(M.recall_at_k_from_ranking(full, rel, [5])[5])
+    assert out["before"]["map"] == pytest.approx(M.mean_average_precision(q @ g.T, rel), rel=1e-9)
+    assert out["rerank_topk"] == 12

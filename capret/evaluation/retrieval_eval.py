@@ -265,29 +265,34 @@ def retrieve_and_evaluate(
     from capret.retrieval.rerank import create_reranker
 
     reranker = create_reranker(rerank)
+    k_r = min(int(rerank_topk), head_k)
     start_t = time.perf_counter()
     new_rank, new_scores = reranker.rerank(
-        ranking=ranking.numpy(),
-        scores=scores.numpy(),
+        ranking=ranking[:, :k_r].numpy(),
+        scores=scores[:, :k_r].numpy(),
         query_features=q.numpy(),
         gallery_features=g.numpy(),
         query_images=query_images,
         gallery_images=gallery_images,
     )
     seconds = time.perf_counter() - start_t
-    new_rank_t = torch.as_tensor(np.asarray(new_rank), dtype=torch.int64)
-    if new_rank_t.shape != ranking.shape or not torch.equal(
-        new_rank_t.sort(1).values, ranking.sort(1).values
+    reranked = torch.as_tensor(np.asarray(new_rank), dtype=torch.int64)
+    if reranked.shape != (ranking.shape[0], k_r) or not torch.equal(
+        reranked.sort(1).values, ranking[:, :k_r].sort(1).values
     ):
-        raise ValueError(f"reranker {rerank!r} must return a permutation of each row's top {head_k}")
+        raise ValueError(f"reranker {rerank!r} must return a permutation of each row's top {k_r}")
+    new_rank_t = torch.cat([reranked, ranking[:, k_r:]], dim=1)
+    new_scores_t = torch.cat(
+        [torch.as_tensor(np.asarray(new_scores), dtype=scores.dtype), scores[:, k_r:]], dim=1
+    )
     metrics = {
         "before": before,
         "after": metrics_of(new_rank_t),
         "rerank": rerank,
-        "rerank_topk": head_k,
+        "rerank_topk": k_r,
         "rerank_seconds": seconds,
     }
-    return EvaluationRun(metrics=metrics, ranking=new_rank_t.numpy(), scores=np.asarray(new_scores))
+    return EvaluationRun(metrics=metrics, ranking=new_rank_t.numpy(), scores=new_scores_t.numpy())
 
 
 def evaluate_embeddings(
