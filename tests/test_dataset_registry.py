@@ -10,7 +10,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_registry_lists_and_rejects() -> None:
-    assert list_datasets() == ["circo", "cirr", "deepfashion2", "fashioniq"]
+    assert list_datasets() == ["circo", "cirr", "deepfashion2", "demo", "fashioniq"]
     with pytest.raises(KeyError, match="unknown dataset 'coco'; valid names: circo, cirr"):
         create_dataset("coco", root=".", split="val")
 

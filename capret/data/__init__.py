@@ -37,6 +37,14 @@ def _deepfashion2(*, root: str | Path, split: str, with_geometry: bool = False) 
     return load_items(root, split, with_geometry=with_geometry)
 
 
+@register_dataset("demo")
+def _demo(*, root: str | Path, split: str, with_geometry: bool = False) -> Any:
+    """The quickstart dataset: DeepFashion2 layout, so the DeepFashion2 reader serves it."""
+    from capret.data.deepfashion2 import load_items
+
+    return load_items(root, split, with_geometry=with_geometry)
+
+
 @register_dataset("fashioniq")
 def _fashioniq(*, root: str | Path, split: str, category: str) -> Any:
     from capret.data.fashioniq import FashionIQ
