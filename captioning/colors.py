@@ -50,7 +50,7 @@ def _palette_lab() -> tuple[list[str], np.ndarray]:
     return names, rgb2lab(rgb)[0]
 
 
-def colour_shares(image: Image.Image, *, max_side: int = 64) -> dict[str, float]:
+def colour_shares(image: Image.Image, *, max_side: int = 48) -> dict[str, float]:
     """Share of pixels (0..1) nearest to each palette colour, largest first; empty image -> empty dict."""
     from skimage.color import rgb2lab
 
@@ -63,7 +63,8 @@ def colour_shares(image: Image.Image, *, max_side: int = 64) -> dict[str, float]
     pixels = np.asarray(small, dtype=np.float64).reshape(1, -1, 3) / 255.0
     lab = rgb2lab(pixels)[0]
     names, palette = _palette_lab()
-    nearest = np.argmin(((lab[:, None, :] - palette[None, :, :]) ** 2).sum(-1), axis=1)
+    # squared distances |x|^2 - 2 x.p + |p|^2 as one matrix product (the |x|^2 term does not change the argmin)
+    nearest = np.argmin((palette**2).sum(1)[None, :] - 2.0 * lab @ palette.T, axis=1)
     counts = np.bincount(nearest, minlength=len(names)) / len(nearest)
     order = np.argsort(-counts, kind="stable")
     return {names[i]: float(counts[i]) for i in order if counts[i] > 0}

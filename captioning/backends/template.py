@@ -125,7 +125,7 @@ class TemplateBackend(CaptionBackend):
         background: list[str] = []
         box_area = (x2 - x1) * (y2 - y1)
         if image.width * image.height - box_area >= 0.05 * image.width * image.height:
-            shares = colour_shares(_outside_box(image, (x1, y1, x2, y2)), max_side=4096)
+            shares = colour_shares(_outside_box(image, (x1, y1, x2, y2)), max_side=2048)
             background = [n for n, s in shares.items() if s >= self.min_colour_share][:1]
         if len(self._colour_cache) > 4096:
             self._colour_cache.clear()
@@ -217,7 +217,7 @@ def _outside_box(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Im
     x1, y1, x2, y2 = box
     mask[y1:y2, x1:x2] = False
     pixels = arr[mask]
-    pixels = pixels[:: max(1, len(pixels) // 4096)]  # a uniform subsample is enough for a histogram
+    pixels = pixels[:: max(1, len(pixels) // 1024)]  # a uniform subsample is enough for a histogram
     if pixels.size == 0:
         return Image.new("RGB", (0, 0))
     return Image.fromarray(pixels.reshape(1, -1, 3))

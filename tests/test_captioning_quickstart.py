@@ -1,0 +1,34 @@
+"""The quickstart's captions stage on a small demo dataset: every item of both splits, keyed by Item.key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from capret.data.deepfashion2 import load_items
+from capret.data.demo import build_demo_dataset
+from capret.quickstart import QuickstartContext
+from capret.quickstart.captions import run
+from captioning.store import read_records
+
+
+def test_captions_stage_captions_every_demo_item_and_resumes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    build_demo_dataset(data, seed=0, num_identities=6, progress=False)
+    ctx = QuickstartContext(out_dir=tmp_path, data_root=data)
+    result = run(ctx)
+    total = 0
+    captions = set()
+    for split in ("train", "validation"):
+        # image ids restart at 1 in every split (as in DeepFashion2), so each split has its own store
+        path = ctx.state["captions"][split]
+        assert path == tmp_path / f"captions.{split}.jsonl"
+        keys = sorted(item.key for item in load_items(data, split, progress=False))
+        records = read_records(path)
+        assert sorted(records) == keys and keys[0].startswith("deepfashion2/")
+        assert all(r["backend"] == "template" and len(r["dialogue"]) >= 3 for r in records.values())
+        total += len(keys)
+        captions |= {r["caption"] for r in records.values()}
+    assert result["captioned"] == total and result["skipped"] == 0 and result["failed"] == 0
+    assert result["example"] in captions
+    again = run(QuickstartContext(out_dir=tmp_path, data_root=data))
+    assert again["captioned"] == 0 and again["skipped"] == total and again["example"]
