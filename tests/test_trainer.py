@@ -253,6 +253,13 @@ def test_epochs_budget_and_amp(tmp_path: Path) -> None:
     assert (tmp_path / "budget" / "checkpoints" / "step_00000001" / "checkpoint.json").is_file()
     result = train(RegressionTask(), _config(tmp_path / "bf16", amp="bf16", max_steps=3, save_every=0))
     assert result["steps"] == 3 and torch.isfinite(torch.tensor(result["final"]["loss"]))
+    # fp16 uses a GradScaler (overflowing steps are skipped, not fatal); its scale is logged and checkpointed
+    fp16 = tmp_path / "fp16"
+    result = train(RegressionTask(), _config(fp16, amp="fp16", max_steps=4, save_every=2))
+    assert result["steps"] == 4 and "amp_scale" in _log(fp16)[0]
+    scale = float(_log(fp16)[1]["amp_scale"])
+    state = json.loads((fp16 / "checkpoints" / "step_00000002" / "training_state.json").read_text())
+    assert state["scaler"]["scale"] == scale
 
 
 def test_lr_factor_shape() -> None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -395,11 +396,11 @@ class _Trainer:
     # ---------------------------------------------------------------- non-finite
     def _non_finite(self, *, terms: list[str], boundary: tuple[int, int, dict[str, Any]]) -> None:
         epoch, index, rng = boundary
-        path: Path | None = self.ckpt_dir / checkpoint_name(self.step)
-        if self.step == 0:
-            path = None
-        elif self.step not in self.saved_steps:
-            self._save(path, epoch=epoch, index=index, rng=rng)
+        path: Path | None = None
+        if self.step > 0:
+            path = self.ckpt_dir / checkpoint_name(self.step)
+            if self.step not in self.saved_steps:
+                self._save(path, epoch=epoch, index=index, rng=rng)
         failing = self.step + 1
         where = f"last good checkpoint (step {self.step}): {path}" if path else "no update had completed yet"
         raise NonFiniteLossError(
@@ -453,7 +454,11 @@ class _Trainer:
         self.step_lrs = {f"lr/{g['name']}": float(g["lr"]) for g in self.optimizer.param_groups}
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        with (
+            warnings.catch_warnings()
+        ):  # fp16 steps skipped by the scaler still advance the schedule, by design
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
