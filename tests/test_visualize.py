@@ -63,3 +63,43 @@ def test_recall_curve(tmp_path: Path) -> None:
     assert out.is_file() and Image.open(out).size[0] > 300
     with pytest.raises(ValueError):
         plot_recall_curve(tmp_path / "e.png", {})
+
+
+def test_baseline_descriptor_properties() -> None:
+    from capret.quickstart.baseline import baseline_descriptor
+
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    red = Image.new("RGB", (40, 40), (200, 20, 20))
+    red_big = Image.new("RGB", (90, 60), (200, 20, 20))
+    blue = Image.new("RGB", (40, 40), (20, 20, 200))
+    feats = baseline_descriptor([noise, red, red_big, blue])
+    assert feats.shape == (4, 160) and feats.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
+    assert feats[1] @ feats[2] > 0.99 > feats[1] @ feats[3]  # colour decides, size does not
+    np.testing.assert_array_equal(baseline_descriptor([noise]), feats[:1])
+
+
+def test_quickstart_baseline_stage(tmp_path: Path) -> None:
+    from capret.data.demo import build_demo_dataset
+    from capret.quickstart import QuickstartContext
+    from capret.quickstart.baseline import run
+
+    build_demo_dataset(tmp_path / "data", 0, num_identities=30, progress=False)
+    ctx = QuickstartContext(out_dir=tmp_path, data_root=tmp_path / "data")
+    report = run(ctx)
+    assert set(report) == {
+        "map",
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "official_top1",
+        "official_top10",
+        "grid_png",
+    }
+    assert report["official_top1"] == report["recall@1"] and report["official_top10"] == report["recall@10"]
+    assert 0 < report["map"] <= 1 and report["recall@1"] <= report["recall@5"] <= report["recall@10"]
+    assert Path(report["grid_png"]).is_file()
+    assert (tmp_path / "baseline_retrieval_results.json").is_file()
+    state = ctx.state["baseline"]
+    assert state["query_features"].shape[0] == len(state["query_labels"]) == len(state["query_images"])
