@@ -30,7 +30,9 @@ _TOPICS = ["colour", "material", "pattern", "sleeve length", "neckline", "length
 
 def _texts(payload: dict[str, Any]) -> tuple[str, str, bool]:
     """(system text, user text, has image) of a chat payload."""
-    system, user, image = [], [], False
+    system: list[str] = []
+    user: list[str] = []
+    image = False
     for message in payload.get("messages", []):
         content = message.get("content", "")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content

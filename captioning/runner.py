@@ -113,7 +113,8 @@ def caption_targets(
             for target, item in zip(batch, loaded):
                 if isinstance(item, str):
                     results[target.key] = CaptionResult(key=target.key, error=item)
-            records, failures = [], []
+            records: list[dict[str, Any]] = []
+            failures: list[dict[str, Any]] = []
             now = utc_now()
             for target in batch:  # keep dataset order in the file
                 result = results[target.key]

@@ -74,10 +74,10 @@ class TransformersBackend(CaptionBackend):
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
 
         self.processor = AutoProcessor.from_pretrained(vlm, trust_remote_code=trust_remote_code)
-        self.vlm = AutoModelForImageTextToText.from_pretrained(
+        vlm_model: Any = AutoModelForImageTextToText.from_pretrained(
             vlm, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        ).to(self.device)
-        self.vlm.eval()
+        )
+        self.vlm: Any = vlm_model.to(self.device).eval()
         self._vlm_tokenizer = self.processor.tokenizer
         self._vlm_tokenizer.padding_side = "left"
         if self._vlm_tokenizer.pad_token is None:
@@ -88,10 +88,10 @@ class TransformersBackend(CaptionBackend):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
-            self.llm = AutoModelForCausalLM.from_pretrained(
+            llm_model: Any = AutoModelForCausalLM.from_pretrained(
                 llm, dtype=torch_dtype, trust_remote_code=trust_remote_code
-            ).to(self.device)
-            self.llm.eval()
+            )
+            self.llm: Any = llm_model.to(self.device).eval()
         else:
             if not self._vlm_chat:
                 raise ValueError(
