@@ -11,7 +11,8 @@ incoming gradient and returns the slice of the local rank. With every rank compu
 against the gathered columns, the gradient reaching rank ``r``'s embeddings is ``sum_s dL_s/de_r``; after DDP
 averages parameter gradients over ranks, the update equals the single-process gradient of the mean loss over
 the whole global batch (the "local loss + gather with grad" scheme of open_clip, shown exact in
-``tests/test_ddp.py``).
+``tests/test_ddp.py``). Ranks may hold different numbers of rows (e.g. only the captioned items of a batch):
+the row counts are gathered first and blocks are padded to the longest for ``all_gather``.
 """
 
 from __future__ import annotations

@@ -7,16 +7,13 @@ DDP setup, AMP, gradient accumulation, warmup + cosine schedule, clipping, non-f
 Contract for tasks::
 
     class MyTask:
-        def build_model(self) -> nn.Module                         # everything with trainable weights,
-                                                                   # loss heads (ArcFace, ITC temperature) too
-        def param_groups(self, model) -> list[dict]                # optional; torch optimizer groups, a
-                                                                   # "name" key names the group in the logs
+        def build_model(self) -> nn.Module                         # all trainable weights, loss heads too
+        def param_groups(self, model) -> list[dict]                # optional; a "name" key names a group
         def train_dataloader(self, *, rank, world_size, epoch, seed) -> Iterable
         def training_step(self, model, batch) -> dict[str, Tensor] # scalar terms, "loss" is the total
         def evaluate(self, model) -> dict[str, float]              # validation metrics, may be {}
         def config_dict(self) -> dict                              # optional; saved in the checkpoint sidecar
-        def setup(self, dist: DistContext) -> None                 # optional; called first with rank, world
-                                                                   # size and device (ITC needs them)
+        def setup(self, dist: DistContext) -> None                 # optional; first call: rank, world, device
 
 Rules the loop relies on:
 
@@ -457,7 +454,7 @@ class _Trainer:
         with (
             warnings.catch_warnings()
         ):  # fp16 steps skipped by the scaler still advance the schedule, by design
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
