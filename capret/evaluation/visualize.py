@@ -137,6 +137,8 @@ def plot_recall_curve(
                 textcoords="offset points",
                 xytext=(0, 4),
             )
+    max_k = max(int(k) for points in curves.values() for k in points)
+    ax.set_xlim(0, max_k * 1.1 + 0.5)
     ax.set_xlabel("k")
     ax.set_ylabel("recall@k (%)")
     ax.set_ylim(0, 100)
