@@ -326,7 +326,7 @@ def _hits(
         valid = offsets[None, :] < n_cand[:, None]
         cand = g_order[np.where(valid, lo[:, None] + offsets[None, :], 0)]
         iou = coco_iou(ret_boxes.reshape(-1, 1, 4), gallery["box"][cand])
-        hits = ((iou >= iou_threshold) & valid).any(1)
+        hits = np.asarray(((iou >= iou_threshold) & valid).any(axis=1), dtype=bool)
     hits = hits.reshape(s, k)
     if legacy_singleton_bug:
         ident_keys, g_ident = _row_keys([(q_pair, q_style), (gallery["pair"], gallery["style"])])

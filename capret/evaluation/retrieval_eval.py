@@ -272,8 +272,8 @@ def retrieve_and_evaluate(
         scores=scores[:, :k_r].numpy(),
         query_features=q.numpy(),
         gallery_features=g.numpy(),
-        query_images=query_images,
-        gallery_images=gallery_images,
+        query_images=list(query_images) if query_images is not None else None,
+        gallery_images=list(gallery_images) if gallery_images is not None else None,
     )
     seconds = time.perf_counter() - start_t
     reranked = torch.as_tensor(np.asarray(new_rank), dtype=torch.int64)
