@@ -17,8 +17,12 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-def build_tokenizer(directory: Path):
-    """A byte-level BPE tokenizer trained on the fly on our prompt texts, with a chat template."""
+def build_tokenizer(directory: Path, *, image_token_attribute: bool = True):
+    """A byte-level BPE tokenizer trained on the fly on our prompt texts, with a chat template.
+
+    ``image_token_attribute=False`` leaves out the ``tokenizer.image_token`` attribute, like BLIP-2 hub
+    tokenizers (Blip2Processor then adds its own ``<image>`` token).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,7 +43,7 @@ def build_tokenizer(directory: Path):
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
+        **({"extra_special_tokens": {"image_token": "<image>"}} if image_token_attribute else {}),
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
@@ -155,3 +159,62 @@ def write_deepfashion2(
             keys.append(f"deepfashion2/{image_id:06d}/{index}")
         (root / split / "annos" / f"{image_id:06d}.json").write_text(json.dumps(anno))
     return keys
+
+
+def build_tiny_blip2(directory: Path) -> Path:
+    """A randomly initialised BLIP-2 (tiny vision tower, Q-Former and Llama) with a processor and no chat
+    template, so the plain "Question: ... Answer:" prompt path is used."""
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        LlamaConfig,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory, image_token_attribute=False)
+    tokenizer.chat_template = None
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        num_query_tokens=4,
+    )
+    processor.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            encoder_hidden_size=16,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    Blip2ForConditionalGeneration(config).save_pretrained(directory)
+    return directory

@@ -10,7 +10,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from captioning_helpers import build_tiny_llama, build_tiny_llava  # noqa: E402
+from captioning_helpers import build_tiny_blip2, build_tiny_llama, build_tiny_llava  # noqa: E402
 
 from captioning.backends import create_backend  # noqa: E402
 from captioning.loop import CaptionTask, LoopConfig, caption_batch  # noqa: E402
@@ -133,3 +133,23 @@ def test_bad_options_fail_clearly(models) -> None:
         create_backend("transformers", vlm=str(llava), dtype="float8")
     with pytest.raises(ValueError, match="needs --vlm"):
         create_backend("transformers", vlm="")
+
+
+def test_blip2_without_chat_template_uses_plain_prompts(models, tmp_path) -> None:
+    """BLIP-2 (no chat template): "Question: ... Answer:" prompts, batched equal to one by one; it cannot ask
+    its own questions, so --llm is required."""
+    _, llama = models
+    blip2 = build_tiny_blip2(tmp_path / "blip2")
+    with pytest.raises(ValueError, match="no chat template, so it cannot also ask the questions; pass --llm"):
+        create_backend("transformers", vlm=str(blip2))
+    with create_backend("transformers", vlm=str(blip2), llm=str(llama)) as backend:
+        queries = _queries()
+        batched = backend.answer(queries, max_tokens=5)
+        assert [g.text for g in batched] == [backend.answer([q], max_tokens=5)[0].text for q in queries]
+        assert all(g.ok and g.prompt_tokens > 0 for g in batched)
+        task = CaptionTask(key="k", image=Image.new("RGB", (40, 40), (9, 9, 9)), category="skirt")
+        config = LoopConfig(
+            rounds=1, max_question_tokens=4, max_answer_tokens=4, max_summary_tokens=4, max_reasks=0
+        )
+        (result,) = caption_batch([task], backend=backend, prompts=PROMPTS, config=config)
+        assert result.dialogue and result.completion_tokens > 0
