@@ -26,10 +26,9 @@ import datetime as _dt
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "CaptionStore",
@@ -59,69 +58,83 @@ def failures_path(path: str | Path) -> Path:
     return path.with_name(f"{stem}.failures.jsonl")
 
 
-@dataclass(frozen=True)
-class _Scan:
-    records: list[tuple[int, dict[str, Any]]]  # (1-based line number, record)
-    good_bytes: int  # length of the prefix made of complete, valid lines
-    truncated_tail: bytes  # the partial last line (b"" when the file ends cleanly)
+class _Scanner:
+    """Streams a store file line by line (memory bounded by one record, not the file).
+
+    After iteration, ``good_bytes`` is the length of the prefix made of complete lines and ``truncated_tail``
+    the partial last line left by a torn write (``b""`` when the file ends cleanly).
+    """
+
+    def __init__(self, path: Path, handle: BinaryIO) -> None:
+        self.path = path
+        self.handle = handle
+        self.good_bytes = 0
+        self.truncated_tail = b""
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(1-based line number, record) for every complete, valid line."""
+        for number, raw in enumerate(self.handle, start=1):
+            if not raw.endswith(b"\n"):  # only the last line can lack its newline: a torn write
+                self.truncated_tail = raw
+                return
+            self.good_bytes += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise StoreError(
+                    f"{self.path}:{number}: not valid JSON ({exc.msg}); the store is corrupt"
+                ) from None
+            if not isinstance(record, dict):
+                raise StoreError(f"{self.path}:{number}: expected a JSON object, got {type(record).__name__}")
+            missing = [f for f in REQUIRED_FIELDS if f not in record]
+            if missing:
+                raise StoreError(f"{self.path}:{number}: record lacks field(s) {missing}")
+            yield number, record
 
 
-def _scan(path: Path, data: bytes) -> _Scan:
-    records: list[tuple[int, dict[str, Any]]] = []
-    end = data.rfind(b"\n") + 1  # complete lines end at a newline; anything after is a torn write
-    tail = data[end:]
-    offset = 0
-    for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
-        offset += len(raw) + 1
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{path}:{number}: not valid JSON ({exc.msg}); the store is corrupt") from None
-        if not isinstance(record, dict):
-            raise StoreError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        missing = [f for f in REQUIRED_FIELDS if f not in record]
-        if missing:
-            raise StoreError(f"{path}:{number}: record lacks field(s) {missing}")
-        records.append((number, record))
-    return _Scan(records=records, good_bytes=end, truncated_tail=tail)
-
-
-def _fold(path: Path, records: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Key -> record; a later line replaces an earlier one only when it says ``"overwrite": true``."""
-    by_key: dict[str, dict[str, Any]] = {}
+def _fold(path: Path, records: Iterable[tuple[int, dict[str, Any]]], field: str | None) -> dict[str, Any]:
+    """Key -> record (or its ``field``); a later line replaces an earlier one only when it says
+    ``"overwrite": true``."""
+    by_key: dict[str, Any] = {}
     line_of: dict[str, int] = {}
     for number, record in records:
         key = record["key"]
-        if key in by_key and not record.get("overwrite", False):
+        if key in line_of and not record.get("overwrite", False):
             raise StoreError(
                 f"{path}: key {key!r} appears on lines {line_of[key]} and {number} without an "
                 "overwrite flag; keys must be unique (re-run with --overwrite to replace captions)"
             )
-        by_key[key] = record
+        by_key[key] = record if field is None else record[field]
         line_of[key] = number
     return by_key
+
+
+def _read(path: str | Path, field: str | None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption store {path} does not exist")
+    with open(path, "rb") as handle:
+        return _fold(path, _Scanner(path, handle), field)
 
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """Every complete record in file order (a crash-truncated last line is skipped)."""
     path = Path(path)
-    for _, record in _scan(path, path.read_bytes()).records:
-        yield record
+    with open(path, "rb") as handle:
+        for _, record in _Scanner(path, handle):
+            yield record
 
 
 def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
     """Key -> the record that counts (explicit overwrites applied); a truncated last line is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"caption store {path} does not exist")
-    return _fold(path, _scan(path, path.read_bytes()).records)
+    return _read(path, None)
 
 
 def read_captions(path: str | Path) -> dict[str, str]:
     """Key -> caption, for joining captions to dataset items by ``Item.key``."""
-    return {key: record["caption"] for key, record in read_records(path).items()}
+    return _read(path, "caption")
 
 
 class CaptionStore:
@@ -153,14 +166,13 @@ class CaptionStore:
                 f"{self.path} is being written by another process; give each shard its own --out"
             ) from None
         try:
-            size = os.fstat(fd).st_size
-            data = os.pread(fd, size, 0) if size else b""
-            scan = _scan(self.path, data)
-            self._done = set(_fold(self.path, scan.records))
-            if scan.truncated_tail:
+            with open(os.dup(fd), "rb") as handle:
+                scanner = _Scanner(self.path, handle)
+                self._done = set(_fold(self.path, scanner, "created"))  # only keys are kept
+            if scanner.truncated_tail:
                 # A torn write from a killed run: cut it so the next append starts on a fresh line.
-                self.truncated_tail = scan.truncated_tail
-                os.ftruncate(fd, scan.good_bytes)
+                self.truncated_tail = scanner.truncated_tail
+                os.ftruncate(fd, scanner.good_bytes)
                 os.fsync(fd)
         except BaseException:
             os.close(fd)

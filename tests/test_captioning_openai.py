@@ -148,5 +148,9 @@ def test_option_validation() -> None:
         create_backend("openai", base_urls=[], vlm="m")
     with pytest.raises(ValueError, match="must start with http"):
         create_backend("openai", base_urls=["localhost:8000"], vlm="m")
+    with pytest.raises(
+        ValueError, match="--api-key-env CAPRET_NO_SUCH_KEY: that environment variable is not set"
+    ):
+        create_backend("openai", base_urls=["http://x"], vlm="m", api_key_env="CAPRET_NO_SUCH_KEY")
     with pytest.raises(ValueError, match="needs --vlm"):
         create_backend("openai", base_urls=["http://x"], vlm="")

@@ -115,9 +115,14 @@ class OpenAIBackend(CaptionBackend):
         self.backoff_max = backoff_max
         self.temperature = temperature
         self.seed = seed
-        if api_key is None:
-            names = (api_key_env,) if api_key_env else API_KEY_ENV_VARS
-            api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        if api_key is None and api_key_env:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise ValueError(
+                    f"--api-key-env {api_key_env}: that environment variable is not set or empty"
+                )
+        elif api_key is None:  # local servers (vLLM, Ollama, llama.cpp) usually need no key at all
+            api_key = next((os.environ[n] for n in API_KEY_ENV_VARS if os.environ.get(n)), None)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._urls = itertools.cycle(self.base_urls)
         self._rng = random.Random(seed)
