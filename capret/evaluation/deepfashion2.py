@@ -108,26 +108,40 @@ def _bad(what: str, index: int, record: Any, problem: str) -> ValueError:
     return ValueError(f"{what} record {index}: {problem} (record starts {head})")
 
 
+def _boxes(boxes: list, *, n: int) -> np.ndarray:
+    """``[n, 4]`` float64 from a list of 4-number lists; ValueError/TypeError when any is malformed."""
+    lengths = np.fromiter(map(len, boxes), dtype=np.int64, count=n)
+    if n and (lengths != 4).any():
+        raise ValueError("box length")
+    return np.fromiter(itertools.chain.from_iterable(boxes), dtype=np.float64, count=4 * n).reshape(n, 4)
+
+
 def _gt_arrays(records: list, *, what: str, keys: tuple[str, ...], id_key: str) -> dict[str, np.ndarray]:
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise _bad(what, i, rec, f"expected an object with keys {', '.join(keys)}")
-        missing = [k for k in keys if k not in rec]
-        if missing:
-            raise _bad(what, i, rec, f"missing key(s) {', '.join(missing)}; required: {', '.join(keys)}")
+    n = len(records)
     try:
         out = {
-            "image": np.array([r[id_key] for r in records], dtype=np.int64),
-            "box": np.array([r["bbox"] for r in records], dtype=np.float64).reshape(len(records), 4),
-            "style": np.array([r["style"] for r in records], dtype=np.int64),
-            "pair": np.array([r["pair_id"] for r in records], dtype=np.int64),
+            "image": np.fromiter((r[id_key] for r in records), dtype=np.int64, count=n),
+            "box": _boxes([r["bbox"] for r in records], n=n),
+            "style": np.fromiter((r["style"] for r in records), dtype=np.int64, count=n),
+            "pair": np.fromiter((r["pair_id"] for r in records), dtype=np.int64, count=n),
         }
         if "cls" in keys:
-            out["cls"] = np.array([r["cls"] for r in records], dtype=np.int64)
-    except (TypeError, ValueError):
+            out["cls"] = np.fromiter((r["cls"] for r in records), dtype=np.int64, count=n)
+    except (KeyError, TypeError, ValueError):
         for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise _bad(what, i, rec, f"expected an object with keys {', '.join(keys)}") from None
+            missing = [k for k in keys if k not in rec]
+            if missing:
+                raise _bad(
+                    what, i, rec, f"missing key(s) {', '.join(missing)}; required: {', '.join(keys)}"
+                ) from None
             box = rec["bbox"]
-            if not (isinstance(box, list | tuple) and len(box) == 4):
+            if not (
+                isinstance(box, list | tuple)
+                and len(box) == 4
+                and all(isinstance(v, int | float) for v in box)
+            ):
                 raise _bad(what, i, rec, f"bbox must be [x1, y1, x2, y2], got {box!r}") from None
             for k in keys:
                 if k != "bbox" and not isinstance(rec[k], int | float):
@@ -180,7 +194,7 @@ def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
             "image": np.array(image, dtype=np.int64),
             "score": np.array(score, dtype=np.float64),
             "cls": np.array(cls, dtype=np.int64),
-            "box": np.array(box, dtype=np.float64).reshape(n, 4),
+            "box": _boxes(box, n=n),
         }
     except (TypeError, ValueError):
         for i, rec in enumerate(records):
