@@ -1,0 +1,403 @@
+"""Geometric verification: SIFT local features + matching + RANSAC inlier counts rerank a global top-K.
+
+The classic spatial-verification stage of instance retrieval (Philbin et al., CVPR 2007; DELG's GV, Cao et al.,
+ECCV 2020: top-100, inliers first, then global score). Everything comes from kornia and needs no downloaded
+weights: ``SIFTFeature`` (one image at a time, fast on CPU) or ``SIFTFeatureScaleSpace`` (batched with padding
+masks, for GPUs) with RootSIFT descriptors; Lowe's ratio test (``snn``), mutual nearest neighbours (``mnn``) or
+both (``smnn``); ``kornia.geometry.RANSAC`` with a homography (default; clothing on a flat-ish surface seen from
+another viewpoint), an affine model, or a fundamental matrix.
+
+Item boxes are respected: each image reference ``(path, bbox)`` is cropped to the box (grown by ``margin`` of
+its size on each side) and resized so its longest side is at most ``max_side`` before extraction. Gallery
+features are extracted once and cached on disk as safetensors, keyed by the image path, its size and mtime,
+the box and the extractor settings, so changing any of them never reuses stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import kornia
+import kornia.feature as KF
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from capret.retrieval.rerank import ImageRef, Reranker, prepare_inputs, register_reranker, sort_rows
+
+__all__ = [
+    "GeometricVerification",
+    "LocalFeatureExtractor",
+    "LocalFeatureSettings",
+    "LocalFeatures",
+    "count_inliers",
+    "load_crop",
+    "match_descriptors",
+]
+
+_EXTRACTORS = ("auto", "sift", "sift_scalespace")
+_MATCHERS = ("snn", "mnn", "smnn")
+_MODELS = {"homography": 4, "affine": 3, "fundamental": 7}  # model -> minimal sample size
+_MODES = ("inliers", "blend")
+
+
+@dataclass(frozen=True)
+class LocalFeatureSettings:
+    """What determines the local features of an image reference (part of the cache key)."""
+
+    extractor: str = "sift"  # sift (per image) | sift_scalespace (batched with masks)
+    num_features: int = 512  # keypoints kept per crop (strongest responses)
+    max_side: int = 256  # crops are downscaled so their longest side is at most this (speed)
+    margin: float = 0.05  # box grown by this fraction of its width/height on each side before cropping
+    rootsift: bool = True  # RootSIFT descriptors (Arandjelović and Zisserman, CVPR 2012)
+
+    def tag(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class LocalFeatures(NamedTuple):
+    keypoints: torch.Tensor  # [N, 2] float32, (x, y) in the resized crop's pixels
+    descriptors: torch.Tensor  # [N, 128] float32
+
+
+def load_crop(ref: ImageRef, *, margin: float, max_side: int) -> torch.Tensor:
+    """Grayscale ``[1, 1, H, W]`` float tensor in [0, 1] of the box crop of ``ref``, longest side <= max_side."""
+    path, bbox = ref
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found for geometric verification: {path}")
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    if bbox is not None:
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+        if not (x2 > x1 and y2 > y1):
+            raise ValueError(f"{path}: box {list(bbox)} is not [x1, y1, x2, y2] with x2 > x1 and y2 > y1")
+        dx, dy = margin * (x2 - x1), margin * (y2 - y1)
+        box = (
+            max(0, int(np.floor(x1 - dx))),
+            max(0, int(np.floor(y1 - dy))),
+            min(image.width, int(np.ceil(x2 + dx))),
+            min(image.height, int(np.ceil(y2 + dy))),
+        )
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"{path}: box {list(bbox)} lies outside the {image.width}x{image.height} image")
+        image = image.crop(box)
+    scale = max_side / max(image.width, image.height)
+    if scale < 1.0:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    rgb = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return kornia.color.rgb_to_grayscale(rgb)
+
+
+class LocalFeatureExtractor:
+    """SIFT features of image references with an in-memory and an on-disk (safetensors) cache."""
+
+    def __init__(
+        self,
+        settings: LocalFeatureSettings | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        device: str | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        settings = settings or LocalFeatureSettings()
+        self.device = (
+            torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        if settings.extractor not in _EXTRACTORS:
+            raise ValueError(f"unknown extractor {settings.extractor!r}; valid: {', '.join(_EXTRACTORS)}")
+        if settings.extractor == "auto":
+            chosen = "sift_scalespace" if self.device.type == "cuda" else "sift"
+            settings = LocalFeatureSettings(**{**asdict(settings), "extractor": chosen})
+        self.settings = settings
+        self.batch_size = batch_size if settings.extractor == "sift_scalespace" else 1
+        self.cache_dir = Path(cache_dir) / settings.tag() if cache_dir else None
+        self._memory: dict[str, LocalFeatures] = {}
+        self._model: torch.nn.Module | None = None
+
+    def _sift(self) -> torch.nn.Module:
+        if self._model is None:
+            s = self.settings
+            cls = KF.SIFTFeatureScaleSpace if s.extractor == "sift_scalespace" else KF.SIFTFeature
+            self._model = cls(num_features=s.num_features, rootsift=s.rootsift, device=self.device).eval()
+        return self._model
+
+    def key(self, ref: ImageRef) -> str:
+        path, bbox = ref
+        stat = os.stat(path)
+        box = None if bbox is None else [round(float(v), 2) for v in bbox]
+        raw = json.dumps(
+            [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, box, self.settings.tag()]
+        )
+        return hashlib.sha1(raw.encode()).hexdigest()
+
+    def _cache_file(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.safetensors"
+
+    def _read_cache(self, key: str) -> LocalFeatures | None:
+        path = self._cache_file(key)
+        if path is None or not path.is_file():
+            return None
+        tensors = load_file(str(path))
+        return LocalFeatures(tensors["keypoints"].float(), tensors["descriptors"].float())
+
+    def _write_cache(self, key: str, feats: LocalFeatures) -> None:
+        path = self._cache_file(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file(
+            {"keypoints": feats.keypoints.contiguous(), "descriptors": feats.descriptors.half().contiguous()},
+            str(tmp),
+        )
+        os.replace(tmp, path)
+
+    def _run(self, crops: list[torch.Tensor]) -> list[LocalFeatures]:
+        """SIFT on crops: one by one, or as one zero-padded batch with validity masks (scale-space backend)."""
+        model = self._sift()
+        out = []
+        with torch.inference_mode():
+            if len(crops) == 1:
+                lafs, resp, desc = model(crops[0].to(self.device))
+                masks = None
+            else:
+                h = max(c.shape[2] for c in crops)
+                w = max(c.shape[3] for c in crops)
+                batch = torch.zeros((len(crops), 1, h, w), device=self.device)
+                masks = torch.zeros_like(batch)
+                for i, c in enumerate(crops):
+                    batch[i, :, : c.shape[2], : c.shape[3]] = c[0].to(self.device)
+                    masks[i, :, : c.shape[2], : c.shape[3]] = 1.0
+                lafs, resp, desc = model(batch, masks)
+            centres = KF.get_laf_center(lafs)
+            for i, crop in enumerate(crops):
+                xy = centres[i]
+                keep = (resp[i] > 0) & (xy[:, 0] < crop.shape[3]) & (xy[:, 1] < crop.shape[2])
+                out.append(LocalFeatures(xy[keep].float().cpu(), desc[i][keep].float().cpu()))
+        return out
+
+    def extract(self, refs: list[ImageRef], *, progress: bool = False) -> list[LocalFeatures]:
+        """Features of every reference (cache first); missing ones are extracted in batches and cached."""
+        keys = [self.key(ref) for ref in refs]
+        result: list[LocalFeatures | None] = []
+        todo: list[int] = []
+        for i, key in enumerate(keys):
+            feats = self._memory.get(key) or self._read_cache(key)
+            if feats is not None:
+                self._memory[key] = feats
+            else:
+                todo.append(i)
+            result.append(feats)
+        s = self.settings
+        for start in tqdm(
+            range(0, len(todo), self.batch_size), desc="SIFT", disable=not progress or not todo, leave=False
+        ):
+            chunk = todo[start : start + self.batch_size]
+            crops = [load_crop(refs[i], margin=s.margin, max_side=s.max_side) for i in chunk]
+            for i, feats in zip(chunk, self._run(crops)):
+                self._write_cache(keys[i], feats)
+                self._memory[keys[i]] = feats
+                result[i] = feats
+        return [r for r in result if r is not None]
+
+
+def match_descriptors(
+    desc1: torch.Tensor, desc2: torch.Tensor, *, matcher: str, ratio: float
+) -> torch.Tensor:
+    """Tentative correspondences ``[M, 2]`` (index into desc1, index into desc2)."""
+    if desc1.shape[0] < 2 or desc2.shape[0] < 2:
+        return torch.empty((0, 2), dtype=torch.int64)
+    if matcher == "snn":
+        _, idx = KF.match_snn(desc1, desc2, ratio)
+    elif matcher == "smnn":
+        _, idx = KF.match_smnn(desc1, desc2, ratio)
+    elif matcher == "mnn":
+        _, idx = KF.match_mnn(desc1, desc2)
+    else:
+        raise ValueError(f"unknown matcher {matcher!r}; valid: {', '.join(_MATCHERS)}")
+    return idx.long()
+
+
+def count_inliers(
+    a: LocalFeatures,
+    b: LocalFeatures,
+    *,
+    matcher: str = "snn",
+    ratio: float = 0.8,
+    model: str = "homography",
+    threshold: float = 3.0,
+    max_iter: int = 5,
+    seed: int | None = 0,
+) -> int:
+    """RANSAC inlier count of the tentative matches between two feature sets (0 below the minimal sample)."""
+    if model not in _MODELS:
+        raise ValueError(f"unknown geometric model {model!r}; valid: {', '.join(_MODELS)}")
+    idx = match_descriptors(a.descriptors, b.descriptors, matcher=matcher, ratio=ratio)
+    if idx.shape[0] < max(_MODELS[model] + 1, 5):
+        return 0
+    kp1, kp2 = a.keypoints[idx[:, 0]].double(), b.keypoints[idx[:, 1]].double()
+    ransac = kornia.geometry.RANSAC(model, inl_th=threshold, max_iter=max_iter, seed=seed)
+    _, inliers = ransac(kp1, kp2)
+    return int(inliers.sum())
+
+
+class GeometricVerification:
+    """Reorder the top-K of a global ranking by RANSAC inliers of SIFT matches (``geometric``).
+
+    ``mode="inliers"`` (default, DELG GV): candidates with at least ``min_inliers`` inliers come first, by
+    inlier count then global score; the rest follow by global score. Scores become
+    ``global + 3 * (1 + inliers)`` for verified items (``global`` in [-1, 1], so the order above holds).
+    ``mode="blend"``: ``global + blend_weight * min(inliers, inlier_cap) / inlier_cap`` for verified items, a
+    softer mix for weak global features. ``topk`` (default 100) caps how many of the supplied columns are
+    verified; the rest keep their order after them.
+    """
+
+    def __init__(
+        self,
+        *,
+        topk: int = 100,
+        min_inliers: int = 12,
+        mode: str = "inliers",
+        blend_weight: float = 0.5,
+        inlier_cap: int = 50,
+        matcher: str = "snn",
+        ratio: float = 0.8,
+        model: str = "homography",
+        ransac_threshold: float = 3.0,
+        ransac_iters: int = 5,
+        settings: LocalFeatureSettings | None = None,
+        cache_dir: str | Path | None = None,
+        device: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"unknown geometric mode {mode!r}; valid: {', '.join(_MODES)}")
+        if matcher not in _MATCHERS:
+            raise ValueError(f"unknown matcher {matcher!r}; valid: {', '.join(_MATCHERS)}")
+        if model not in _MODELS:
+            raise ValueError(f"unknown geometric model {model!r}; valid: {', '.join(_MODELS)}")
+        self.topk = topk
+        self.min_inliers = min_inliers
+        self.mode = mode
+        self.blend_weight = blend_weight
+        self.inlier_cap = inlier_cap
+        self.match_options = {
+            "matcher": matcher,
+            "ratio": ratio,
+            "model": model,
+            "threshold": ransac_threshold,
+            "max_iter": ransac_iters,
+        }
+        self.extractor = LocalFeatureExtractor(settings, cache_dir=cache_dir, device=device)
+        self.progress = progress
+
+    def inlier_matrix(
+        self, ranking: np.ndarray, query_images: list[ImageRef], gallery_images: list[ImageRef]
+    ) -> np.ndarray:
+        """``[Q, K]`` inlier counts between each query and its ranked candidates."""
+        needed = sorted(set(ranking.reshape(-1).tolist()))
+        gallery_feats = dict(
+            zip(needed, self.extractor.extract([gallery_images[i] for i in needed], progress=self.progress))
+        )
+        out = np.zeros(ranking.shape, dtype=np.int64)
+        for qi in tqdm(range(ranking.shape[0]), desc="geometric verification", disable=not self.progress):
+            q_feats = self.extractor.extract([query_images[qi]])[0]
+            for j, gi in enumerate(ranking[qi].tolist()):
+                out[qi, j] = count_inliers(q_feats, gallery_feats[gi], **self.match_options)
+        return out
+
+    def rescore(self, scores: torch.Tensor, inliers: torch.Tensor) -> torch.Tensor:
+        verified = inliers >= self.min_inliers
+        if self.mode == "inliers":
+            bonus = 3.0 * (1.0 + inliers.float())
+        else:
+            bonus = self.blend_weight * inliers.clamp(max=self.inlier_cap).float() / self.inlier_cap
+        return scores + torch.where(verified, bonus, torch.zeros_like(bonus))
+
+    def rerank(
+        self,
+        *,
+        ranking: Any,
+        scores: Any,
+        query_features: Any,
+        gallery_features: Any,
+        query_images: list[ImageRef] | None = None,
+        gallery_images: list[ImageRef] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if query_images is None or gallery_images is None:
+            raise ValueError(
+                "geometric reranking needs query_images and gallery_images: (path, bbox) per item"
+            )
+        inp = prepare_inputs(
+            ranking=ranking,
+            scores=scores,
+            query_features=query_features,
+            gallery_features=gallery_features,
+            device="cpu",
+        )
+        if len(query_images) != inp.num_queries or len(gallery_images) != inp.gallery_features.shape[0]:
+            raise ValueError(
+                f"got {len(query_images)} query / {len(gallery_images)} gallery image refs for "
+                f"{inp.num_queries} queries / {inp.gallery_features.shape[0]} gallery items"
+            )
+        k = min(self.topk, inp.topk)
+        head, head_scores = inp.ranking[:, :k], inp.scores[:, :k]
+        inliers = torch.from_numpy(self.inlier_matrix(head.numpy(), query_images, gallery_images))
+        new_rank, new_scores = sort_rows(head, self.rescore(head_scores, inliers))
+        if k == inp.topk:
+            return new_rank, new_scores
+        from capret.retrieval.rerank import append_tail
+
+        full_rank, full_scores = append_tail(
+            torch.from_numpy(new_rank), torch.from_numpy(new_scores), inp.ranking[:, k:], inp.scores[:, k:]
+        )
+        return full_rank.numpy(), full_scores.numpy()
+
+
+@register_reranker("geometric")
+def _make_geometric(
+    topk: int = 100,
+    min_inliers: int = 12,
+    mode: str = "inliers",
+    blend_weight: float = 0.5,
+    inlier_cap: int = 50,
+    matcher: str = "snn",
+    ratio: float = 0.8,
+    model: str = "homography",
+    ransac_threshold: float = 3.0,
+    ransac_iters: int = 5,
+    num_features: int = 512,
+    max_side: int = 256,
+    margin: float = 0.05,
+    extractor: str = "auto",
+    cache_dir: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> Reranker:
+    settings = LocalFeatureSettings(
+        extractor=extractor, num_features=num_features, max_side=max_side, margin=margin
+    )
+    return GeometricVerification(
+        topk=topk,
+        min_inliers=min_inliers,
+        mode=mode,
+        blend_weight=blend_weight,
+        inlier_cap=inlier_cap,
+        matcher=matcher,
+        ratio=ratio,
+        model=model,
+        ransac_threshold=ransac_threshold,
+        ransac_iters=ransac_iters,
+        settings=settings,
+        cache_dir=cache_dir,
+        device=device,
+        progress=progress,
+    )

@@ -1,0 +1,354 @@
+"""Nearest-neighbour indexes over L2-normalised embeddings (inner product = cosine similarity).
+
+One small protocol, four backends (DESIGN.md, "Indexes"):
+
+* ``exact`` — chunked torch matmul + top-k, on GPU when present. It is the *reference*: every other backend is
+  tested against it, and it scales to DeepFashion2 validation (12,550 x 24,012) and beyond because both the
+  query and the gallery side are chunked, so memory stays bounded whatever the sizes.
+* ``flat`` — faiss ``IndexFlatIP`` (exact; faiss' BLAS path), on all GPUs when ``faiss.get_num_gpus() > 0``.
+* ``ivfpq`` — faiss ``IndexIVFPQ`` (inverted lists + product quantisation; approximate, for millions of items).
+* ``hnsw`` — faiss ``IndexHNSWFlat`` (graph search; approximate, CPU only in faiss).
+
+Every backend takes arbitrary int64 ids in :meth:`add` (default ``0..n-1`` continuing the count) and returns
+``(scores [Q, k] float32, ids [Q, k] int64)`` numpy arrays from :meth:`search`, best first. When fewer than ``k``
+items are stored the missing slots hold id ``-1`` and score ``-inf`` (faiss' own convention, kept by ``exact``).
+Indexes persist without pickle: faiss' ``write_index``/``read_index`` and safetensors for ``exact``;
+:func:`load_index` recognises which from the file's first bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from capret.registry import Registry
+
+__all__ = [
+    "ExactIndex",
+    "FaissIndex",
+    "Index",
+    "as_float32",
+    "create_index",
+    "describe",
+    "exact_topk",
+    "list_indexes",
+    "load_index",
+    "register_index",
+]
+
+
+class Index(Protocol):
+    """What every backend offers (the contract other modules code against)."""
+
+    dim: int
+    kind: str
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def add(self, vectors: Any, ids: Any = None) -> None: ...
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def save(self, path: str | Path) -> None: ...
+
+
+_INDEXES: Registry[Index] = Registry("index")
+
+
+def register_index(name: str) -> Any:
+    """Decorator registering an index factory ``factory(dim, **options) -> Index`` under ``name``."""
+    return _INDEXES.register(name)
+
+
+def create_index(name: str, dim: int, **options: Any) -> Index:
+    """Build an empty index ``name`` (exact | flat | ivfpq | hnsw) for ``dim``-dimensional vectors."""
+    if int(dim) <= 0:
+        raise ValueError(f"index dim must be positive, got {dim}")
+    return _INDEXES.create(name, dim=int(dim), **options)
+
+
+def list_indexes() -> list[str]:
+    return _INDEXES.names()
+
+
+def as_float32(vectors: Any, *, dim: int, what: str) -> np.ndarray:
+    """A C-contiguous float32 ``[n, dim]`` numpy copy/view of a numpy array or torch tensor."""
+    if isinstance(vectors, torch.Tensor):
+        vectors = vectors.detach().to("cpu", torch.float32).numpy()
+    array = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise ValueError(f"{what} must have shape [n, {dim}], got {list(array.shape)}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return array
+
+
+def _as_ids(ids: Any, *, n: int, start: int) -> np.ndarray:
+    if ids is None:
+        return np.arange(start, start + n, dtype=np.int64)
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    out = np.ascontiguousarray(np.asarray(ids).astype(np.int64, casting="safe").reshape(-1))
+    if out.shape[0] != n:
+        raise ValueError(f"got {out.shape[0]} ids for {n} vectors")
+    return out
+
+
+def _check_k(k: int) -> int:
+    if int(k) <= 0:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    return int(k)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def exact_topk(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    *,
+    max_block: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` inner products of every query over the gallery, chunked on both sides.
+
+    A block of ``q_chunk x g_chunk`` scores is at most ``max_block`` floats (64 MiB by default), and the running
+    top-k of each query chunk is merged block by block, so 1M-item galleries fit like 24k ones do. Rows with
+    fewer than ``k`` gallery items are padded with score ``-inf`` and position ``-1``.
+
+    Returns:
+        ``(scores [Q, k] float32, positions [Q, k] int64)`` on the queries' device, positions index the gallery.
+    """
+    k = _check_k(k)
+    num_q, num_g = queries.shape[0], gallery.shape[0]
+    device = queries.device
+    out_scores = torch.full((num_q, k), -math.inf, dtype=torch.float32, device=device)
+    out_pos = torch.full((num_q, k), -1, dtype=torch.int64, device=device)
+    if num_q == 0 or num_g == 0:
+        return out_scores, out_pos
+    g_chunk = max(1, min(num_g, max_block // 256))
+    q_chunk = max(1, min(num_q, max_block // g_chunk))
+    kk = min(k, num_g)
+    for qs in range(0, num_q, q_chunk):
+        q = queries[qs : qs + q_chunk]
+        best_s: torch.Tensor | None = None
+        best_p: torch.Tensor | None = None
+        for gs in range(0, num_g, g_chunk):
+            block = q @ gallery[gs : gs + g_chunk].T
+            s, p = block.topk(min(kk, block.shape[1]), dim=1)
+            p = p + gs
+            if best_s is None or best_p is None:
+                best_s, best_p = s, p
+            else:
+                merged_s = torch.cat([best_s, s], dim=1)
+                merged_p = torch.cat([best_p, p], dim=1)
+                best_s, order = merged_s.topk(min(kk, merged_s.shape[1]), dim=1)
+                best_p = merged_p.gather(1, order)
+        assert best_s is not None and best_p is not None
+        out_scores[qs : qs + q.shape[0], : best_s.shape[1]] = best_s.float()
+        out_pos[qs : qs + q.shape[0], : best_p.shape[1]] = best_p
+    return out_scores, out_pos
+
+
+class ExactIndex:
+    """The reference backend: brute-force inner product with torch (GPU when present)."""
+
+    kind = "exact"
+
+    def __init__(self, dim: int, *, device: str | None = None, max_block: int = 1 << 24) -> None:
+        self.dim = dim
+        self.device = torch.device(device) if device else _default_device()
+        self.max_block = max_block
+        self._vectors = torch.empty((0, dim), dtype=torch.float32, device=self.device)
+        self._ids = torch.empty((0,), dtype=torch.int64, device=self.device)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._vectors.shape[0])
+
+    def add(self, vectors: Any, ids: Any = None) -> None:
+        array = as_float32(vectors, dim=self.dim, what="vectors")
+        id_array = _as_ids(ids, n=array.shape[0], start=self.ntotal)
+        self._vectors = torch.cat([self._vectors, torch.from_numpy(array).to(self.device)])
+        self._ids = torch.cat([self._ids, torch.from_numpy(id_array).to(self.device)])
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(as_float32(queries, dim=self.dim, what="queries")).to(self.device)
+        scores, pos = exact_topk(q, self._vectors, k, max_block=self.max_block)
+        ids = torch.where(pos >= 0, self._ids[pos.clamp(min=0)], torch.full_like(pos, -1))
+        return scores.cpu().numpy(), ids.cpu().numpy()
+
+    def reconstruct(self) -> tuple[np.ndarray, np.ndarray]:
+        """All stored ``(vectors, ids)`` (exact copies)."""
+        return self._vectors.cpu().numpy(), self._ids.cpu().numpy()
+
+    def save(self, path: str | Path) -> None:
+        vectors, ids = self.reconstruct()
+        meta = {"capret_index": "exact", "dim": str(self.dim)}
+        save_file({"vectors": vectors, "ids": ids}, str(path), metadata=meta)
+
+
+class FaissIndex:
+    """faiss backends (``flat``, ``ivfpq``, ``hnsw``) behind the same protocol.
+
+    Ids live inside the faiss file (``IndexIDMap2`` for flat/HNSW, IVF's own id lists), so ``save``/``load``
+    round-trips without any side file. IVF-PQ is trained lazily on the first :meth:`add` (faiss needs the
+    coarse centroids and PQ codebooks before it can encode), on at most ``max_train`` of those vectors.
+    """
+
+    def __init__(
+        self, index: Any, *, kind: str, dim: int, nprobe: int = 16, max_train: int = 100_000
+    ) -> None:
+        self.kind = kind
+        self.dim = dim
+        self.nprobe = nprobe
+        self.max_train = max_train
+        self._cpu_index = index
+        self._index = index
+        self._on_gpu = False
+        if kind in ("flat", "ivfpq") and faiss.get_num_gpus() > 0:
+            self._index = faiss.index_cpu_to_all_gpus(index)
+            self._on_gpu = True
+        self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        if self.kind == "ivfpq":
+            faiss.ParameterSpace().set_index_parameter(self._index, "nprobe", self.nprobe)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def add(self, vectors: Any, ids: Any = None) -> None:
+        array = as_float32(vectors, dim=self.dim, what="vectors")
+        id_array = _as_ids(ids, n=array.shape[0], start=self.ntotal)
+        if not self._index.is_trained:
+            nlist = faiss.extract_index_ivf(self._cpu_index).nlist
+            if array.shape[0] < nlist:
+                raise ValueError(
+                    f"ivfpq needs at least nlist={nlist} vectors in its first add() to train, got {array.shape[0]}"
+                )
+            rng = np.random.default_rng(0)
+            sample = array
+            if array.shape[0] > self.max_train:
+                sample = array[np.sort(rng.choice(array.shape[0], self.max_train, replace=False))]
+            self._index.train(sample)
+            self._apply_search_params()
+        self._index.add_with_ids(array, id_array)
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = as_float32(queries, dim=self.dim, what="queries")
+        k = _check_k(k)
+        if self.ntotal == 0:
+            return (
+                np.full((q.shape[0], k), -np.inf, dtype=np.float32),
+                np.full((q.shape[0], k), -1, dtype=np.int64),
+            )
+        scores, ids = self._index.search(q, k)
+        scores = scores.astype(np.float32)
+        scores[ids < 0] = -np.inf
+        return scores, ids.astype(np.int64)
+
+    def save(self, path: str | Path) -> None:
+        index = faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
+        faiss.write_index(index, str(path))
+
+
+def _id_map(index: Any) -> Any:
+    return faiss.IndexIDMap2(index)
+
+
+@register_index("exact")
+def _make_exact(dim: int, device: str | None = None, max_block: int = 1 << 24) -> ExactIndex:
+    return ExactIndex(dim, device=device, max_block=max_block)
+
+
+@register_index("flat")
+def _make_flat(dim: int) -> FaissIndex:
+    return FaissIndex(_id_map(faiss.IndexFlatIP(dim)), kind="flat", dim=dim)
+
+
+def _default_pq_m(dim: int) -> int:
+    """Sub-quantisers: ``dim / 4`` (4 dims per byte code) rounded down to a divisor of ``dim``."""
+    m = max(1, dim // 4)
+    while dim % m:
+        m -= 1
+    return m
+
+
+@register_index("ivfpq")
+def _make_ivfpq(
+    dim: int,
+    nlist: int = 1024,
+    m: int | None = None,
+    nbits: int = 8,
+    nprobe: int = 16,
+    max_train: int = 100_000,
+) -> FaissIndex:
+    m = m or _default_pq_m(dim)
+    if dim % m:
+        raise ValueError(f"ivfpq m={m} must divide dim={dim}")
+    index = faiss.index_factory(dim, f"IVF{int(nlist)},PQ{int(m)}x{int(nbits)}", faiss.METRIC_INNER_PRODUCT)
+    # Polysemous training (Hamming-compatible code ordering) is only useful for polysemous search, which we do
+    # not use, and it dominates training time (seconds even for 1,000 vectors).
+    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    return FaissIndex(index, kind="ivfpq", dim=dim, nprobe=nprobe, max_train=max_train)
+
+
+@register_index("hnsw")
+def _make_hnsw(dim: int, m: int = 32, ef_construction: int = 80, ef_search: int = 128) -> FaissIndex:
+    index = faiss.IndexHNSWFlat(dim, int(m), faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = int(ef_construction)
+    index.hnsw.efSearch = int(ef_search)
+    return FaissIndex(_id_map(index), kind="hnsw", dim=dim)
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _faiss_kind(index: Any) -> str:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexIVFPQ):
+        return "ivfpq"
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    raise ValueError(f"unsupported faiss index type {type(inner).__name__}; valid: flat, ivfpq, hnsw")
+
+
+def load_index(path: str | Path, *, device: str | None = None) -> Index:
+    """Read an index written by ``save`` (safetensors for ``exact``, a faiss file otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index file not found: {path}")
+    if _is_safetensors(path):
+        tensors = load_file(str(path))
+        if "vectors" not in tensors or "ids" not in tensors:
+            raise ValueError(f"{path}: not a capret exact index (needs tensors 'vectors' and 'ids')")
+        exact = ExactIndex(int(tensors["vectors"].shape[1]), device=device)
+        exact.add(tensors["vectors"], tensors["ids"])
+        return exact
+    index = faiss.read_index(str(path))  # already the concrete type; a second downcast would free it
+    kind = _faiss_kind(index)
+    if kind == "ivfpq":
+        nprobe = int(faiss.extract_index_ivf(index).nprobe)
+        return FaissIndex(index, kind=kind, dim=index.d, nprobe=nprobe)
+    return FaissIndex(index, kind=kind, dim=index.d)
+
+
+def describe(index: Index) -> str:
+    """One line naming the backend and size, for logs."""
+    return json.dumps({"kind": getattr(index, "kind", "?"), "dim": index.dim, "ntotal": index.ntotal})
