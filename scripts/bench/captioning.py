@@ -37,7 +37,9 @@ def _image(seed: int) -> Image.Image:
     return Image.new("RGB", (96, 128), (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256))
 
 
-def _measure(*, server: ChatServer, concurrency: int, items: int, rounds: int, out: Path) -> dict[str, Any]:
+def _measure(
+    *, server: ChatServer, concurrency: int, items: int, rounds: int, batch_size: int, out: Path
+) -> dict[str, Any]:
     targets = [
         CaptionTarget(
             key=f"bench/{i:06d}/1", open_image=partial(_image, i), bbox=(8, 8, 88, 120), category="dress"
@@ -57,7 +59,7 @@ def _measure(*, server: ChatServer, concurrency: int, items: int, rounds: int, o
             backend=backend,
             prompts=get_prompt_set("capret-chat-v1"),
             config=LoopConfig(rounds=rounds),
-            batch_size=max(concurrency, 16),
+            batch_size=batch_size,
             progress=False,
         )
     if summary.failed:
@@ -75,19 +77,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.1, help="seconds per request (default 0.1)")
     parser.add_argument("--rounds", type=int, default=2, help="question rounds per item (default 2)")
-    parser.add_argument("--items", type=int, default=16, help="items at concurrency 1 (x4 at 16)")
+    parser.add_argument("--items", type=int, default=16, help="items at concurrency 1 (x8 at 16)")
+    parser.add_argument("--batch-size", type=int, default=64, help="items per batch (default 64)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ChatServer(latency=args.latency) as server:
-        serial = _measure(
-            server=server, concurrency=1, items=args.items, rounds=args.rounds, out=Path(tmp) / "c1.jsonl"
-        )
-        parallel = _measure(
-            server=server,
-            concurrency=16,
-            items=4 * args.items,
-            rounds=args.rounds,
-            out=Path(tmp) / "c16.jsonl",
-        )
+        common = {"server": server, "rounds": args.rounds, "batch_size": args.batch_size}
+        serial = _measure(concurrency=1, items=args.items, out=Path(tmp) / "c1.jsonl", **common)
+        parallel = _measure(concurrency=16, items=8 * args.items, out=Path(tmp) / "c16.jsonl", **common)
     speedup = parallel["items_per_second"] / serial["items_per_second"]
     print(
         json.dumps(
@@ -96,6 +92,7 @@ def main() -> None:
                 "latency_s": args.latency,
                 "rounds": args.rounds,
                 "requests_per_item": 2 * args.rounds + 2,
+                "batch_size": args.batch_size,
                 "concurrency_1": serial,
                 "concurrency_16": parallel,
                 "speedup": round(speedup, 2),
