@@ -216,3 +216,20 @@ def test_kill_9_mid_run_then_resume_keeps_every_key_exactly_once(tmp_path, capsy
         clean = tmp_path / "clean.jsonl"
         _run(["--root", str(root), "--out", str(clean), *argv[4:]], capsys)
     assert read_captions(out) == read_captions(clean)
+
+
+def test_config_file_then_set_then_flags(tmp_path) -> None:
+    from captioning.cli import build_parser, config_from_args
+
+    path = tmp_path / "caption.yaml"
+    path.write_text(
+        "dataset: demo\nroot: /data/demo\nout: a.jsonl\nbatch_size: 4\nloop:\n  rounds: 3\n  view: box\n"
+        "openai:\n  base_url: [http://a/v1, http://b/v1]\n"
+    )
+    args = build_parser().parse_args(
+        ["--config", str(path), "--set", "loop.rounds=5", "--set", "batch_size=6", "--batch-size", "7"]
+    )
+    config = config_from_args(args)
+    assert config.dataset == "demo" and str(config.root) == "/data/demo" and config.loop.view == "box"
+    assert config.loop.rounds == 5 and config.batch_size == 7  # flags beat --set, --set beats the file
+    assert config.openai.base_url == ["http://a/v1", "http://b/v1"] and config.loop.max_reasks == 2
