@@ -28,8 +28,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"--protocol deepfashion2 needs {', '.join(missing)} (official-format JSON files)")
     ks = list(OFFICIAL_KS) if list(args.ks) == PARSER_DEFAULT_KS else sorted(set(args.ks))
-    result = evaluate_retrieval_results(args.results, args.query_gt, args.gallery_gt, ks=ks)
-    result = {"protocol": "deepfashion2", **result}
+    result = evaluate_retrieval_results(
+        args.results, args.query_gt, args.gallery_gt, ks=ks, legacy_singleton_bug=args.legacy_singleton_bug
+    )
+    result = {"protocol": "deepfashion2", "legacy_singleton_bug": args.legacy_singleton_bug, **result}
     if args.out is not None:
         from capret.evaluation.visualize import plot_recall_curve
 

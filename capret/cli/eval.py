@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, help="official-format retrieval results JSON")
     p.add_argument("--query-gt", type=Path, help="query_gt.json (official format)")
     p.add_argument("--gallery-gt", type=Path, help="gallery_gt.json (official format)")
+    p.add_argument(
+        "--legacy-singleton-bug",
+        action="store_true",
+        help="reproduce the published DeepFashion2 script exactly, including its failure to score identities "
+        "with a single gallery item (default: score them as the protocol describes)",
+    )
     p.add_argument("--metric", choices=["map"], help="mAP and R@k from embeddings")
     p.add_argument("--query-features", type=Path, help="[Q, D] .npy query embeddings")
     p.add_argument("--gallery-features", type=Path, help="[G, D] .npy gallery embeddings")
