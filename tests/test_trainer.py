@@ -69,6 +69,39 @@ class SizedRegressionTask(RegressionTask):
         return list(super().train_dataloader(rank=rank, world_size=world_size, epoch=epoch, seed=seed))
 
 
+class _NoisyData(torch.utils.data.Dataset):
+    """Random augmentation drawn inside the worker processes (seeded by DataLoader from the global RNG)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i] + 0.1 * torch.randn(5), "y": self.y[i]}
+
+
+class WorkerTask(RegressionTask):
+    """A real DataLoader with worker processes and no generator of its own: worker seeds come from the global
+    torch RNG when the epoch's iterator is created, which an exact resume must reproduce."""
+
+    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> Any:  # type: ignore[override]
+        order = torch.randperm(
+            len(self.x), generator=torch.Generator().manual_seed(seed * 1000 + epoch)
+        ).tolist()
+        return torch.utils.data.DataLoader(
+            _NoisyData(self.x, self.y), batch_size=self.batch, sampler=order, num_workers=2, drop_last=True
+        )
+
+
+class CrashingWorkerTask(WorkerTask):
+    def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        if self.steps_seen + 1 == 3 * 6 + 2:
+            raise Crash("simulated kill")
+        return super().training_step(model, batch)
+
+
 class Crash(RuntimeError):
     pass
 
@@ -186,6 +219,19 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     forked = _losses(fork)
     assert [s for s, _, _ in forked] == list(range(5, 13))
     for (step, a, _), (_, b, _) in zip(reference[4:], forked):
+        assert a == pytest.approx(b, abs=1e-6), f"loss differs at step {step}"
+
+
+def test_resume_exact_with_dataloader_workers(tmp_path: Path) -> None:
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    train(WorkerTask(), _config(full, max_steps=8, save_every=3))
+    with pytest.raises(Crash):  # dies in step 7; the last checkpoint (step 6) sits in the middle of epoch 1
+        train(CrashingWorkerTask(), _config(broken, max_steps=8, save_every=3))
+    assert find_latest_checkpoint(broken) == broken / "checkpoints" / "step_00000006"
+    train(WorkerTask(), _config(broken, max_steps=8, save_every=3), resume="auto")
+    reference, resumed = _losses(full), _losses(broken)
+    assert [s for s, _, _ in resumed] == list(range(1, 9))
+    for (step, a, _), (_, b, _) in zip(reference, resumed):
         assert a == pytest.approx(b, abs=1e-6), f"loss differs at step {step}"
 
 

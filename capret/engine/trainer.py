@@ -233,6 +233,7 @@ class _Trainer:
             logger.info("resume=auto: no checkpoint in %s yet, starting from scratch", self.ckpt_dir)
         seed_everything(config.seed + self.ctx.rank)
         self.pending_rng = pending_rng
+        self.epoch_rng: dict[str, Any] | None = None
         self.train_model: nn.Module = self.model
         if self.ctx.is_distributed:
             self.train_model = DistributedDataParallel(
@@ -301,6 +302,11 @@ class _Trainer:
         epoch, skip, pending = self.epoch, self.index, self.pending_rng
         self.pending_rng = None
         while self.config.epochs is None or epoch < self.config.epochs:
+            # The RNG state at the epoch start is checkpointed too: creating the loader's iterator may draw from
+            # it (DataLoader worker seeds), so a resume restores it before re-creating and skipping.
+            if pending is not None and pending.get("epoch") is not None:
+                restore_rng_state(pending["epoch"])
+            self.epoch_rng = capture_rng_state()
             iterator = iter(self._loader(epoch))
             consumed = 0
             for _ in range(skip):
@@ -312,7 +318,7 @@ class _Trainer:
                 consumed += 1
             skip = 0
             if pending is not None:
-                restore_rng_state(pending)
+                restore_rng_state(pending["step"])
                 pending = None
             for batch in iterator:
                 yield epoch, consumed, batch
@@ -322,6 +328,9 @@ class _Trainer:
             epoch += 1
 
     # ---------------------------------------------------------------- checkpoints
+    def _rng_now(self) -> dict[str, Any]:
+        return {"step": capture_rng_state(), "epoch": self.epoch_rng}
+
     def _trainer_state(self, epoch: int, index: int) -> dict[str, Any]:
         return {
             "epoch": epoch,
@@ -334,7 +343,7 @@ class _Trainer:
         }
 
     def _save(self, directory: Path, *, epoch: int, index: int, rng: dict[str, Any]) -> Path:
-        """Collective: gathers every rank's RNG state, rank 0 writes."""
+        """Collective: gathers every rank's RNG states (``{"step": now, "epoch": at epoch start}``), rank 0 writes."""
         ranks = du.all_gather_object(rng, world_size=self.ctx.world_size)
         if self.ctx.is_main:
             save_checkpoint(
@@ -355,7 +364,7 @@ class _Trainer:
 
     def _save_periodic(self, *, epoch: int, index: int) -> Path:
         path = self._save(
-            self.ckpt_dir / checkpoint_name(self.step), epoch=epoch, index=index, rng=capture_rng_state()
+            self.ckpt_dir / checkpoint_name(self.step), epoch=epoch, index=index, rng=self._rng_now()
         )
         self.saved_steps.add(self.step)
         if self.ctx.is_main:
@@ -387,7 +396,7 @@ class _Trainer:
             elif _is_better(metrics[self.config.monitor], self.best, self.config.monitor_mode):
                 self.best, self.best_step, improved = metrics[self.config.monitor], self.step, True
         if du.broadcast_flag(improved, device=self.ctx.device, world_size=self.ctx.world_size):
-            self._save(self.out / "best", epoch=epoch, index=index, rng=capture_rng_state())
+            self._save(self.out / "best", epoch=epoch, index=index, rng=self._rng_now())
         du.barrier(world_size=self.ctx.world_size)
 
     # ---------------------------------------------------------------- non-finite
@@ -478,7 +487,7 @@ class _Trainer:
         epoch, index = self.epoch, self.index
         try:
             while self.step < self.total_steps:
-                boundary = (epoch, index, capture_rng_state())
+                boundary = (epoch, index, self._rng_now())
                 step_terms: list[dict[str, torch.Tensor]] = []
                 micro = 0
                 try:
