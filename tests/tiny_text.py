@@ -63,3 +63,105 @@ def build_tiny_bert(directory: str | Path, *, hidden_size: int = 32, num_layers:
     )
     BertModel(config).save_pretrained(directory)
     return directory
+
+
+COLOURS = {
+    "red": (200, 30, 30),
+    "green": (30, 160, 40),
+    "blue": (30, 50, 200),
+    "yellow": (220, 210, 40),
+    "purple": (140, 40, 160),
+    "orange": (240, 140, 20),
+    "white": (235, 235, 235),
+    "black": (20, 20, 20),
+}
+
+
+def write_synthetic_df2(
+    root: str | Path,
+    *,
+    identities: dict[str, int] | None = None,
+    user_views: int = 2,
+    size: int = 64,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """A small dataset in the official DeepFashion2 layout whose identities are learnable.
+
+    Every identity is a two-colour striped patch (colours and stripe period fixed per identity); its shop image
+    shows it on a grey background, its user images shifted, rescaled and noisy on a random background. One item
+    per image, style 1, a category per identity. Writes one caption store per split (``captions_<split>.jsonl``,
+    captions naming the colours) and returns them.
+    """
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from capret.data.deepfashion2 import CATEGORIES
+
+    identities = identities or {"train": 8, "validation": 4}
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    stores: dict[str, Path] = {}
+    pair_id = 0
+    for split, count in identities.items():
+        (root / split / "image").mkdir(parents=True, exist_ok=True)
+        (root / split / "annos").mkdir(parents=True, exist_ok=True)
+        image_id = 0
+        lines = []
+        for _ in range(count):
+            pair_id += 1
+            first, second = rng.choice(len(names), size=2, replace=False)
+            period = int(rng.integers(2, 6))
+            category = (pair_id - 1) % len(CATEGORIES) + 1
+            for view in range(1 + user_views):
+                image_id += 1
+                source = "shop" if view == 0 else "user"
+                canvas = np.full((size, size, 3), 128, dtype=np.float64)
+                if source == "user":
+                    canvas = rng.uniform(0, 255, size=(size, size, 3))
+                side = int(size * (0.6 if source == "shop" else rng.uniform(0.4, 0.7)))
+                x1 = (size - side) // 2 if source == "shop" else int(rng.integers(0, size - side + 1))
+                y1 = (size - side) // 2 if source == "shop" else int(rng.integers(0, size - side + 1))
+                rows = (np.arange(side)[:, None] // period) % 2 == 0
+                patch = np.where(rows[..., None], COLOURS[names[first]], COLOURS[names[second]])
+                patch = np.broadcast_to(patch, (side, side, 3)).astype(np.float64)
+                if source == "user":
+                    patch = patch + rng.normal(0, 20, size=patch.shape)
+                canvas[y1 : y1 + side, x1 : x1 + side] = patch
+                Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(
+                    root / split / "image" / f"{image_id:06d}.jpg", quality=95
+                )
+                box = [x1, y1, x1 + side, y1 + side]
+                anno = {
+                    "source": source,
+                    "pair_id": pair_id,
+                    "item1": {
+                        "category_id": category,
+                        "category_name": CATEGORIES[category],
+                        "style": 1,
+                        "bounding_box": box,
+                        "landmarks": [],
+                        "segmentation": [[x1, y1, x1 + side, y1, x1 + side, y1 + side, x1, y1 + side]],
+                        "scale": 2,
+                        "occlusion": 1,
+                        "zoom_in": 1,
+                        "viewpoint": 2,
+                    },
+                }
+                (root / split / "annos" / f"{image_id:06d}.json").write_text(json.dumps(anno))
+                caption = f"a {CATEGORIES[category]} with {names[first]} and {names[second]} stripes"
+                record = {
+                    "key": f"deepfashion2/{image_id:06d}/1",
+                    "caption": caption,
+                    "dialogue": [],
+                    "backend": "test",
+                    "model": {},
+                    "prompt_version": "test",
+                    "created": "2024-01-01T00:00:00+00:00",
+                }
+                lines.append(json.dumps(record))
+        stores[split] = root / f"captions_{split}.jsonl"
+        stores[split].write_text("\n".join(lines) + "\n")
+    return stores

@@ -58,7 +58,12 @@ class DataConfig:
     )
     train_split: str = cfg("train", "split to train on")
     val_split: str = cfg("validation", "split for validation (ground-truth-box protocol); '' = no validation")
-    captions: str | None = cfg(None, "caption store JSONL (keys = Item.key); null = train without captions")
+    captions: str | None = cfg(None, "caption store JSONL of the train split (keys = Item.key); null = none")
+    val_captions: str | None = cfg(
+        None,
+        "caption store JSONL of the validation split; null = validate without captions. A separate store because "
+        "DeepFashion2 image ids restart at 1 in every split, so Item.key values collide across splits",
+    )
     p: int = cfg(16, "identities per batch (P of the P x K sampler)")
     k: int = cfg(4, "items per identity per batch (K), alternating shop and user items")
     caption_dropout: float = cfg(0.3, "probability of hiding a training sample's caption (no-caption path)")
@@ -122,8 +127,10 @@ class TrainModule(nn.Module):
         super().__init__()
         from pytorch_metric_learning.losses import ArcFaceLoss
 
-        from capret.losses.box import BoxLoss
-        from capret.losses.itc import ITCLoss
+        if loss.itc_weight > 0:
+            from capret.losses.itc import ITCLoss
+        if loss.box_weight > 0:
+            from capret.losses.box import BoxLoss
 
         self.model = model
         self.loss_config = loss
@@ -133,8 +140,17 @@ class TrainModule(nn.Module):
             margin=loss.arcface_margin,
             scale=loss.arcface_scale,
         )
-        self.itc = ITCLoss(init_temperature=loss.itc_temperature, rank=rank, world_size=world_size)
-        self.box = BoxLoss(l1_weight=loss.box_l1_weight, giou_weight=loss.box_giou_weight)
+        # Heads are only built for terms that are on, so a switched-off term costs nothing and owns no weights.
+        self.itc = (
+            ITCLoss(init_temperature=loss.itc_temperature, rank=rank, world_size=world_size)
+            if loss.itc_weight > 0
+            else None
+        )
+        self.box = (
+            BoxLoss(l1_weight=loss.box_l1_weight, giou_weight=loss.box_giou_weight)
+            if loss.box_weight > 0
+            else None
+        )
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.model(
@@ -147,16 +163,23 @@ class TrainModule(nn.Module):
         terms: dict[str, Tensor] = {"arcface": arcface}
         total = cfg_.arcface_weight * arcface
         captioned = out.has_caption
-        if cfg_.itc_weight > 0 and out.text_embedding is not None and int(captioned.sum()) >= 2:
+        # Under DDP every rank must enter the ITC loss (it gathers across ranks), even with no local caption.
+        if (
+            self.itc is not None
+            and out.text_embedding is not None
+            and (self.itc.world_size > 1 or captioned.any())
+        ):
             itc = self.itc(out.image_embedding[captioned].float(), out.text_embedding[captioned].float())
             terms["itc"] = itc["loss"]
             terms["itc_temperature"] = itc["temperature"].detach()
             total = total + cfg_.itc_weight * itc["loss"]
-        else:  # keep the log columns stable; zero contribution that still touches the parameters for DDP
-            zero = out.image_embedding.sum() * 0.0 + self.itc.parameters().__next__().sum() * 0.0
+        elif (
+            self.itc is not None
+        ):  # no captioned sample in this batch: a zero term keeps the log columns stable
+            zero = out.image_embedding.sum() * 0.0 + sum(p.sum() * 0.0 for p in self.itc.parameters())
             terms["itc"] = zero
             total = total + zero
-        if cfg_.box_weight > 0:
+        if self.box is not None:
             box = self.box(out.box.float(), batch["box"].float())
             for name, value in box.items():
                 terms["box" if name == "loss" else f"box_{name}"] = value
@@ -278,13 +301,13 @@ class DualStreamTask:
             module.model,
             root=data.root,
             split=data.val_split,
-            captions=data.captions,
+            captions=data.val_captions,
             ks=ev.ks,
             batch_size=ev.batch_size,
             device=device,
         )
         metrics.update({k: float(v) for k, v in with_captions.metrics.items() if isinstance(v, int | float)})
-        if ev.no_captions and data.captions is not None:
+        if ev.no_captions and data.val_captions is not None:
             without = evaluate_items(
                 module.model,
                 root=data.root,

@@ -216,8 +216,9 @@ class HFCLIPVisionEncoder(VisualEncoder):
         self.source = source
         self.model = _hf_load(CLIPVisionModel, CLIPVisionConfig, source, pretrained)
         self.processor = CLIPImageProcessor.from_pretrained(source)
-        crop = self.processor.crop_size
-        size = int(image_size or (crop["height"] if isinstance(crop, dict) else crop))
+        crop = self.processor.crop_size  # a dict (transformers 4) or a SizeDict (transformers 5)
+        crop_height = crop["height"] if not isinstance(crop, int) else crop
+        size = int(image_size or crop_height)
         if size != self.model.config.image_size:
             raise ValueError(
                 f"hf_clip_vision {source!r}: image_size {size} differs from the model's "
@@ -256,7 +257,8 @@ class HFTextEncoder(TextEncoder):
         pretrained: load the weights (else random init from the folder's config).
         max_length: captions are truncated to this many tokens.
         pooling: ``mean`` (masked mean of the last hidden states) or ``cls`` (first token).
-        freeze: keep the encoder's weights fixed (it then runs without autograd).
+        freeze: keep the encoder's weights fixed (it then runs without autograd, in eval mode).
+        cache_size: a frozen encoder caches the hidden states of up to this many distinct captions.
     """
 
     def __init__(
@@ -267,6 +269,7 @@ class HFTextEncoder(TextEncoder):
         max_length: int = 64,
         pooling: str = "mean",
         freeze: bool = False,
+        cache_size: int = 100_000,
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -282,13 +285,51 @@ class HFTextEncoder(TextEncoder):
         self.max_length = int(max_length)
         self.pooling = pooling
         self.frozen = freeze
+        self.cache_size = int(cache_size) if freeze else 0
+        self._cache: dict[tuple[int, ...], Tensor] = {}
         self.token_width = self.pooled_width = int(self.model.config.hidden_size)
         if freeze:
             _freeze(self.model)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> HFTextEncoder:
+        """A frozen encoder stays in eval mode (no dropout): its outputs are then a fixed function of the text."""
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
+
+    def _hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if not self.cache_size:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+                return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Frozen encoder: the hidden states of a caption never change, so each distinct caption is encoded once
+        # (training revisits every caption each epoch; on CPU this halves the cost of a step).
+        lengths = attention_mask.sum(1).tolist()
+        keys = [tuple(row[:n]) for row, n in zip(input_ids.tolist(), lengths)]
+        todo = [i for i, key in enumerate(keys) if key not in self._cache]
+        if todo:
+            with torch.no_grad():
+                fresh = self.model(
+                    input_ids=input_ids[todo], attention_mask=attention_mask[todo]
+                ).last_hidden_state
+            for row, i in enumerate(todo):
+                if len(self._cache) >= self.cache_size:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[keys[i]] = fresh[row, : lengths[i]].detach()
+        width = self.token_width
+        hidden = input_ids.new_zeros((len(keys), input_ids.shape[1], width), dtype=torch.float32)
+        hidden = hidden.to(self.model.dtype)
+        for i, key in enumerate(keys):
+            hidden[i, : lengths[i]] = self._cache[key]
+        return hidden
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HFTextEncoder:
+        self._cache.clear()  # moved/cast: cached tensors would be on the old device/dtype
+        return super()._apply(fn, recurse)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self._hidden(input_ids, attention_mask)
         mask = attention_mask.bool()
         if self.pooling == "cls":
             pooled = hidden[:, 0]

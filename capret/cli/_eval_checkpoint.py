@@ -1,0 +1,83 @@
+"""``capret-eval --metric map --checkpoint CKPT --dataset deepfashion2|demo --root DIR --split validation``.
+
+Embeds the ground-truth-box protocol items of the split (user items with style > 0 query shop items with
+style > 0) with a trained dual-stream model, with captions from ``--captions`` (or none with ``--no-captions``,
+the caption ablation), and reports mAP / MAP@R / R@k (``capret.evaluation.retrieval_eval``), optionally before
+and after ``--rerank``. With ``--out`` it also writes ``metrics.json``, the features and labels (``.npy``) and
+the ranking in the official DeepFashion2 submission format (``results.json``), scored by the official-protocol
+evaluator (``official_top{k}``; with ground-truth boxes it must equal R@k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from capret.config import ConfigError
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from capret.api import evaluate_items, load_model
+
+    if args.dataset not in ("deepfashion2", "demo"):
+        raise ConfigError(
+            f"--checkpoint evaluation supports --dataset deepfashion2|demo, got {args.dataset!r}"
+        )
+    if args.root is None:
+        raise ConfigError(
+            "--root is required: the dataset folder in DeepFashion2 layout (<root>/<split>/annos)"
+        )
+    if args.captions is not None and args.no_captions:
+        raise ConfigError("--captions and --no-captions exclude each other")
+    split = args.split or "validation"
+    model = load_model(args.checkpoint, device=args.device)
+    result = evaluate_items(
+        model.model,
+        root=args.root,
+        split=split,
+        captions=None if args.no_captions else args.captions,
+        ks=args.ks,
+        batch_size=args.batch_size,
+        device=model.device,
+        rerank=args.rerank,
+        rerank_topk=args.rerank_topk,
+        index=args.index,
+        progress=True,
+    )
+    metrics: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "dataset": args.dataset,
+        "split": split,
+        "captions": "none" if args.captions is None or args.no_captions else str(args.captions),
+        **result.captions,
+        **result.metrics,
+    }
+    if args.out is not None:
+        from capret.evaluation.deepfashion2 import evaluate_gt_boxes
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        ks = sorted(
+            {k for k in args.ks if k <= len(result.gallery_items)} | {min(20, len(result.gallery_items))}
+        )
+        official = evaluate_gt_boxes(
+            result.query_features,
+            result.gallery_features,
+            result.query_items,
+            result.gallery_items,
+            ks=ks,
+            results_path=args.out / "results.json",
+        )
+        metrics.update({k: v for k, v in official.items() if k.startswith("official_")})
+        metrics["results"] = str(args.out / "results.json")
+        for name, array in (
+            ("query_features", result.query_features),
+            ("gallery_features", result.gallery_features),
+            ("query_labels", result.query_labels),
+            ("gallery_labels", result.gallery_labels),
+        ):
+            np.save(args.out / f"{name}.npy", array)
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    return metrics
