@@ -72,20 +72,35 @@ def test_frozen_text_encoder_caches_and_stays_in_eval(bert_dir: Path) -> None:
     tokens = frozen.tokenize(["a red top", "a green skirt with pleats"])
     first = frozen(**tokens)
     assert len(frozen._cache) == 2
-    again = frozen(**frozen.tokenize(["a green skirt with pleats"]))  # different padding, served from the cache
+    again = frozen(
+        **frozen.tokenize(["a green skirt with pleats"])
+    )  # different padding, served from the cache
     reference = plain(**tokens)
     torch.testing.assert_close(first.pooled, reference.pooled)
     torch.testing.assert_close(again.pooled[0], reference.pooled[1])
 
 
 def test_hf_clip_towers_from_tiny_configs(tmp_path: Path, bert_dir: Path) -> None:
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+    )
 
     vision_dir = tmp_path / "clip_vision"
     CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
     ).save_pretrained(vision_dir)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(vision_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        vision_dir
+    )
     vis = create_encoder("hf_clip_vision", source=str(vision_dir))
     out = vis(torch.randn(2, 3, 32, 32))
     assert out.tokens.shape == (2, 1 + 16, 32) and out.pooled.shape == (2, 32)
