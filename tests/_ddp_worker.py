@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from capret.config import from_dict
-from capret.engine.distributed import DistContext
+from capret.engine.distributed import DistContext, cleanup_distributed, init_distributed
 from capret.engine.trainer import TrainerConfig, train
 from capret.losses import ITCLoss
 
@@ -103,6 +103,44 @@ def config(output_dir: str) -> TrainerConfig:
     )
 
 
-if __name__ == "__main__":
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingPairTask(PairTask):
+    """Every rank dies in the same micro-batch, like a job killed by the scheduler."""
+
+    def __init__(self, crash_at: int) -> None:
+        super().__init__()
+        self.crash_at, self.seen = crash_at, 0
+
+    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.seen += 1
+        if self.seen == self.crash_at:
+            raise Crash("simulated kill")
+        return super().training_step(model, batch)
+
+
+def main(output_dir: str, resumed_dir: str | None = None) -> None:
+    """Train into ``output_dir``; with ``resumed_dir`` also crash a second run after 4 steps and resume it."""
     torch.set_num_threads(1)
-    train(PairTask(), config(sys.argv[1]))
+    # Several train() calls in one process share a process group created here (train() leaves a group it did
+    # not create alone; re-creating the default group after destroying it is not supported under torchrun).
+    ctx = init_distributed("cpu")
+    try:
+        train(PairTask(), config(output_dir))
+        if resumed_dir is None:
+            return
+        crashing = config(resumed_dir)
+        crashing.save_every = 2
+        try:
+            train(CrashingPairTask(crash_at=2 * 4 + 2), crashing)  # dies in step 5; last checkpoint: step 4
+        except Crash:
+            pass
+        train(PairTask(), crashing, resume="auto")
+    finally:
+        cleanup_distributed(ctx)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -2,7 +2,8 @@
 
 The task combines ITC (gathered across ranks with ``all_gather_with_grad``) and a regression term, uses gradient
 accumulation (DDP ``no_sync``), SGD with momentum and warmup; equal loss curves *and* equal final weights show that
-the gathered ITC gradient, DDP averaging and the logged all-reduced terms are all exact.
+the gathered ITC gradient, DDP averaging and the logged all-reduced terms are all exact. The same torchrun job
+also kills a second run after 4 steps and resumes it, which must reproduce the curve.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
     single = tmp_path / "single"
     train(_ddp_worker.PairTask(), _ddp_worker.config(str(single)))
 
-    ddp = tmp_path / "ddp"
+    ddp, resumed = tmp_path / "ddp", tmp_path / "ddp_resumed"
     env = {
         k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
     }
@@ -58,6 +59,7 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
         str(_free_port()),
         str(WORKER),
         str(ddp),
+        str(resumed),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     if proc.returncode != 0:
@@ -67,6 +69,11 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
     assert len(want) == len(got) == _ddp_worker.STEPS
     for step, (a, b) in enumerate(zip(want, got), start=1):
         assert a == pytest.approx(b, abs=1e-5), f"step {step}: single {a} vs ddp {b}"
+    # killed after step 4 and resumed under torchrun: the same curve again
+    again = _losses(resumed)
+    assert len(again) == _ddp_worker.STEPS
+    for step, (a, b) in enumerate(zip(got, again), start=1):
+        assert a == pytest.approx(b, abs=1e-6), f"step {step}: uninterrupted {a} vs resumed {b}"
     name = f"checkpoints/step_{_ddp_worker.STEPS:08d}"
     m1 = load_model_weights(_ddp_worker.PairModel(), single / name)
     m2 = load_model_weights(_ddp_worker.PairModel(), ddp / name)

@@ -604,6 +604,10 @@ def train(
             ``output_dir`` if any) or a checkpoint / run folder.
         task_config: JSON-able task configuration for the sidecar; defaults to ``task.config_dict()``.
 
+    Under torchrun, ``train`` joins the process group from the environment and destroys it at the end if it
+    created it; a program that calls ``train`` several times creates the group first
+    (``capret.engine.distributed.init_distributed``) and cleans it up itself.
+
     Raises:
         NonFiniteLossError: a loss term or the gradient norm became NaN/inf (see the module docstring).
     """
