@@ -41,6 +41,9 @@ __all__ = [
 
 ImageInput = str | Path | Image.Image | Tensor
 
+#: precision name -> autocast dtype (None = plain float32)
+_AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
@@ -194,6 +197,7 @@ class RetrievalModel:
         batch_size: int = 64,
         device: str | torch.device | None = None,
         num_workers: int | None = None,
+        precision: str = "fp32",
         progress: bool = False,
     ) -> np.ndarray:
         """Embed images, optionally with their captions, into L2-normalised float32 rows ``[N, embed_dim]``.
@@ -205,8 +209,12 @@ class RetrievalModel:
             batch_size: images per forward pass.
             device: overrides the model's device for this call.
             num_workers: decoding workers (default: up to 4 when there are paths to decode, else 0).
+            precision: ``fp32``, or ``bf16`` / ``fp16`` autocast (bf16 also on CPUs with AVX512-BF16/AMX, where
+                it roughly doubles throughput; rows are still returned as normalised float32).
             progress: show a progress bar.
         """
+        if precision not in _AUTOCAST:
+            raise ValueError(f"precision {precision!r} is not one of {sorted(_AUTOCAST)}")
         if isinstance(images, Tensor):
             if images.ndim != 4:
                 raise ValueError(f"a batch tensor must be [N, 3, H, W], got {tuple(images.shape)}")
@@ -224,7 +232,9 @@ class RetrievalModel:
         )
         out = np.empty((len(images), self.embed_dim), dtype=np.float32)
         start = 0
-        with torch.inference_mode():
+        dtype = _AUTOCAST[precision]
+        autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        with torch.inference_mode(), autocast:
             for pixels in tqdm(loader, desc="encode images", unit="batch", disable=not progress):
                 end = start + pixels.shape[0]
                 pixels = pixels.to(self.device, non_blocking=True)
@@ -241,7 +251,7 @@ class RetrievalModel:
                         has_caption=has,
                     )
                     emb = self.model.forward_head(feats)
-                out[start:end] = emb.float().cpu().numpy()
+                out[start:end] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
                 start = end
         return out
 

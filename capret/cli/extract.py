@@ -111,6 +111,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             None if captions is None else captions[start:stop],
             batch_size=args.batch_size,
             num_workers=args.num_workers,
+            precision=args.precision,
             progress=rank == 0,
         )
         name = f"r{rank}_{shard:05d}"
