@@ -39,7 +39,7 @@ def test_combiner_default_sizes_follow_rn50x4():
 
 def test_combiner_matches_explicit_formula():
     torch.manual_seed(0)
-    model = Combiner(8, 12, 20).eval()
+    model = Combiner(8, projection_dim=12, hidden_dim=20).eval()
     img, txt = torch.randn(5, 8), torch.randn(5, 8)
     out = model(img, txt)
 
@@ -54,7 +54,7 @@ def test_combiner_matches_explicit_formula():
     expected = F.normalize(mlp + lam * txt + (1 - lam) * img, dim=-1)
     torch.testing.assert_close(out, expected)
     assert torch.allclose(out.norm(dim=-1), torch.ones(5))
-    assert model.logits(img, txt, img).shape == (5, 5)
+    assert model.logits(img, txt, targets=img).shape == (5, 5)
     assert model.logit_scale == 100.0
 
 
@@ -155,3 +155,35 @@ def test_feature_cache_computes_once_and_keys_by_weights(tiny_clip_dir, tmp_path
     torch.testing.assert_close(
         texts.features, feature_cache.encode_texts(clip, ["fit and flare", "is shiny"]), atol=1e-5, rtol=1e-4
     )
+
+
+def test_cirr_rankings_match_the_full_ranking(tiny_clip_dir, tmp_path):
+    """Top-k plus the remaining img_set members gives the same R@k and subset ranking as ranking everything."""
+    from tiny_cir import write_cirr
+
+    from capret.data.cirr import CIRR
+    from capret.engine.cir_inference import FeatureOptions, cirr_rankings, rank_cir_queries
+    from capret.evaluation.cir import cirr_subset_ranking
+
+    torch.manual_seed(0)
+    ds = CIRR(write_cirr(tmp_path / "cirr", n=6, extra=10), "val")
+    clip, fuser = load_clip(tiny_clip_dir), Combiner(24).eval()
+    options = FeatureOptions(cache_dir=tmp_path / "cache")
+    fast = cirr_rankings(clip, fuser, dataset=ds, k=5, options=options)
+    full = rank_cir_queries(
+        clip,
+        fuser,
+        references=[t.reference for t in ds.triplets],
+        captions=[t.caption for t in ds.triplets],
+        gallery=ds.gallery,
+        load_image=ds.load_image,
+        k=len(ds.gallery),
+        exclude_reference=True,
+        options=options,
+    ).names
+    for t, reference in zip(ds.triplets, full):
+        ranking = fast[t.query_id]
+        assert t.reference not in ranking and ranking[:5] == reference[:5]
+        assert cirr_subset_ranking(ranking, reference=t.reference, members=t.members) == cirr_subset_ranking(
+            reference, reference=t.reference, members=t.members
+        )

@@ -231,7 +231,7 @@ def test_stage2_batches_come_from_the_cache_without_images(world, tmp_path):
     losses = task.training_step(model, first[0])
     assert set(losses) == {"loss"} and losses["loss"].requires_grad
     # two processes split the same epoch into disjoint halves
-    halves = [task._batches(rank=r, world_size=2, epoch=0, seed=0)[0] for r in (0, 1)]
+    halves = [task.epoch_batches(rank=r, world_size=2, epoch=0, seed=0)[0] for r in (0, 1)]
     assert not set(sum(halves[0], [])) & set(sum(halves[1], []))
 
 

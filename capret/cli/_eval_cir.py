@@ -5,7 +5,9 @@ CLIP its sidecar names) with each benchmark's official protocol. On ``val`` it r
 ``test`` (no public targets) it writes the files the evaluation servers take: CIRR ``recall`` and
 ``recall_subset`` submissions, the CIRCO submission, and for FashionIQ the top-50 rankings per category.
 Files go to ``--out`` (default: ``<checkpoint>/eval_<dataset>_<split>``); image features are cached under
-``<out>/feature_cache`` so evaluating several Combiners on one CLIP encodes the gallery once.
+``<out>/feature_cache`` so evaluating several Combiners on one CLIP encodes the gallery once. The cut-offs are
+each protocol's own (FashionIQ R@10/50, CIRR R@1/5/10/50 and Recall_subset@1/2/3, CIRCO mAP@5/10/25/50), so
+``--ks`` does not apply here.
 
 The CIRCO gallery is ``--gallery-ids`` (a COCO image-info JSON, a JSON id list or a text file) when that flag
 exists, else the COCO image-info file under the root, else every ``*.jpg`` in the unlabeled image folder.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,35 +97,54 @@ def _write_json(path: Path, payload: Any) -> Path:
     return path
 
 
-def _fashioniq(args, clip, fuser, options, out: Path) -> tuple[dict[str, float], list[str]]:
+@dataclass
+class _Job:
+    """What every benchmark handler needs: parsed flags, the model, feature options, output folder."""
+
+    args: argparse.Namespace
+    clip: ClipBundle
+    fuser: nn.Module
+    options: FeatureOptions
+    out: Path
+
+
+def _fashioniq(job: _Job) -> tuple[dict[str, float], list[str]]:
     from capret.data.fashioniq import CATEGORIES, FashionIQ
     from capret.evaluation.cir import fashioniq_recall
 
+    args = job.args
     categories = [args.category] if args.category else list(CATEGORIES)
     datasets = [FashionIQ(args.root, c, args.split) for c in categories]
-    rankings = {ds.category: fashioniq_rankings(clip, fuser, ds, options=options) for ds in datasets}
-    if args.split == "test":
+    rankings = {
+        ds.category: fashioniq_rankings(job.clip, job.fuser, dataset=ds, options=job.options)
+        for ds in datasets
+    }
+    if args.split == "test":  # no public targets and no server: write the rankings themselves
         files = [
             str(
                 _write_json(
-                    out / f"fashioniq_{c}_test_rankings.json", {str(i): r for i, r in enumerate(rank)}
+                    job.out / f"fashioniq_{c}_test_rankings.json", {str(i): r for i, r in enumerate(ranks)}
                 )
             )
-            for c, rank in rankings.items()
+            for c, ranks in rankings.items()
         ]
         return {}, files
     return fashioniq_recall(rankings, {ds.category: ds.annotations for ds in datasets}), []
 
 
-def _cirr(args, clip, fuser, options, out: Path) -> tuple[dict[str, float], list[str]]:
+def _cirr(job: _Job) -> tuple[dict[str, float], list[str]]:
     from capret.data.cirr import CIRR
     from capret.evaluation.cir import cirr_metrics, write_cirr_submission
 
-    ds = CIRR(args.root, args.split)
-    rankings = cirr_rankings(clip, fuser, ds, options=options)
+    ds = CIRR(job.args.root, job.args.split)
+    rankings = cirr_rankings(job.clip, job.fuser, dataset=ds, options=job.options)
     if ds.split == "test1":
         files = [
-            str(write_cirr_submission(out / f"cirr_{kind}_test1.json", rankings, ds.annotations, kind=kind))
+            str(
+                write_cirr_submission(
+                    job.out / f"cirr_{kind}_test1.json", rankings, ds.annotations, kind=kind
+                )
+            )
             for kind in ("recall", "recall_subset")
         ]
         return {}, files
@@ -131,16 +153,16 @@ def _cirr(args, clip, fuser, options, out: Path) -> tuple[dict[str, float], list
     return metrics, []
 
 
-def _circo(args, clip, fuser, options, out: Path) -> tuple[dict[str, float], list[str]]:
+def _circo(job: _Job) -> tuple[dict[str, float], list[str]]:
     from capret.data.circo import CIRCO
     from capret.evaluation.cir import circo_metrics, write_circo_submission
 
-    ds = CIRCO(args.root, args.split, gallery_ids=_circo_gallery(args, Path(args.root)))
-    rankings = circo_rankings(clip, fuser, ds, options=options)
-    if args.split == "test":
-        return {}, [
-            str(write_circo_submission(out / "circo_test.json", rankings, annotations=ds.annotations))
-        ]
+    root = Path(job.args.root)
+    ds = CIRCO(root, job.args.split, gallery_ids=_circo_gallery(job.args, root))
+    rankings = circo_rankings(job.clip, job.fuser, dataset=ds, options=job.options)
+    if job.args.split == "test":
+        path = write_circo_submission(job.out / "circo_test.json", rankings, annotations=ds.annotations)
+        return {}, [str(path)]
     return circo_metrics(rankings, ds.annotations), []
 
 
@@ -156,6 +178,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.split = split
     if args.category is not None and args.dataset != "fashioniq":
         raise ConfigError(f"--category applies to fashioniq only (got --dataset {args.dataset})")
+    if args.rerank is not None:
+        raise ConfigError(
+            f"--rerank {args.rerank} is not available for composed image retrieval (--dataset {args.dataset})"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = _checkpoint_folder(Path(args.checkpoint))
     clip, fuser, config = load_cir_model(checkpoint, device=device)
@@ -163,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     options = FeatureOptions(cache_dir=out / "feature_cache", batch_size=args.batch_size)
     handler = {"fashioniq": _fashioniq, "cirr": _cirr, "circo": _circo}[args.dataset]
-    metrics, files = handler(args, clip, fuser, options, out)
+    metrics, files = handler(_Job(args=args, clip=clip, fuser=fuser, options=options, out=out))
     result = {
         "dataset": args.dataset,
         "split": split,

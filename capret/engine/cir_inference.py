@@ -61,9 +61,9 @@ class CIRRanking:
 @torch.no_grad()
 def compose_queries(
     fuser: nn.Module,
-    image_feats: torch.Tensor,
-    text_feats: torch.Tensor,
     *,
+    images: torch.Tensor,
+    texts: torch.Tensor,
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
@@ -71,13 +71,11 @@ def compose_queries(
     was_training = fuser.training
     fuser.eval()
     out = [
-        fuser(image_feats[i : i + batch_size].to(device), text_feats[i : i + batch_size].to(device))
-        .float()
-        .cpu()
-        for i in range(0, image_feats.shape[0], batch_size)
+        fuser(images[i : i + batch_size].to(device), texts[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, images.shape[0], batch_size)
     ]
     fuser.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, image_feats.shape[1])
+    return torch.cat(out) if out else torch.zeros(0, images.shape[1])
 
 
 def rank_cir_queries(
@@ -113,7 +111,9 @@ def rank_cir_queries(
     )
     text_cache = opts.cache_dir if opts.cache_texts else None
     texts = text_features(clip, captions, cache_dir=text_cache, fingerprint=opts.text_fingerprint)
-    queries = compose_queries(fuser, images.lookup(references), texts.lookup(captions), device=clip.device)
+    queries = compose_queries(
+        fuser, images=images.lookup(references), texts=texts.lookup(captions), device=clip.device
+    )
     gallery_feats = CachedFeatures(list(gallery), F.normalize(images.lookup(gallery), dim=-1))
     ranked = rank_gallery(
         queries,
@@ -126,7 +126,7 @@ def rank_cir_queries(
 
 
 def fashioniq_rankings(
-    clip: ClipBundle, fuser: nn.Module, dataset: Any, *, k: int = TOP_K, options: FeatureOptions | None = None
+    clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
 ) -> list[list[str]]:
     """Top-``k`` asins of the category gallery per triplet, in caption-file order (reference kept, as in
     CLIP4Cir's FashionIQ protocol); captions are paired ``"C1 and c2"``."""
@@ -144,7 +144,7 @@ def fashioniq_rankings(
 
 
 def cirr_rankings(
-    clip: ClipBundle, fuser: nn.Module, dataset: Any, *, k: int = TOP_K, options: FeatureOptions | None = None
+    clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
 ) -> dict[int, list[str]]:
     """pairid -> ranking over the whole split with the reference removed (CIRR protocol).
 
@@ -179,8 +179,8 @@ def cirr_rankings(
 def circo_rankings(
     clip: ClipBundle,
     fuser: nn.Module,
-    dataset: Any,
     *,
+    dataset: Any,
     k: int = TOP_K,
     exclude_reference: bool = False,
     options: FeatureOptions | None = None,

@@ -109,7 +109,12 @@ def build_fuser(config: CombinerTaskConfig, feature_dim: int) -> nn.Module:
     if config.stage == 1:
         return ElementWiseSum(feature_dim)
     net = config.combiner
-    return Combiner(feature_dim, net.projection_dim or None, net.hidden_dim or None, dropout=net.dropout)
+    return Combiner(
+        feature_dim,
+        projection_dim=net.projection_dim or None,
+        hidden_dim=net.hidden_dim or None,
+        dropout=net.dropout,
+    )
 
 
 def resolve_stage1_checkpoint(config: CombinerTaskConfig) -> Path | None:
@@ -175,7 +180,7 @@ class CombinerTask:
         if config.stage not in (1, 2):
             raise ConfigError(f"stage={config.stage} is not valid; choose 1 or 2")
         self.config = config
-        self.stage = config.stage1 if config.stage == 1 else config.stage2
+        self.stage_config = config.stage1 if config.stage == 1 else config.stage2
         self.triplets, self.load_image = self._train_triplets()
         self.clip: ClipBundle | None = None
         self.fuser: nn.Module | None = None
@@ -217,7 +222,7 @@ class CombinerTask:
     def _images_frozen(self) -> bool:
         return self.config.stage == 2 or self.config.encoder == "text"
 
-    def _batches(
+    def epoch_batches(
         self, *, rank: int, world_size: int, epoch: int, seed: int
     ) -> tuple[list[list[int]], list[int]]:
         """Shuffled index batches of this rank (equal count on every rank) and each triplet's caption draw."""
@@ -225,7 +230,7 @@ class CombinerTask:
         order = torch.randperm(len(self.triplets), generator=g).tolist()
         draws = torch.randint(0, 2**30, (len(self.triplets),), generator=g).tolist()
         variant = [d % len(t.texts) for d, t in zip(draws, self.triplets)]
-        bs = self.stage.batch_size
+        bs = self.stage_config.batch_size
         per_rank = len(order) // world_size // bs * bs
         if per_rank == 0:
             raise ValueError(
@@ -266,7 +271,7 @@ class CombinerTask:
         Trainable image tower: a DataLoader over preprocessed pixels.
         """
         self._ensure_caches()
-        batches, variant = self._batches(rank=rank, world_size=world_size, epoch=epoch, seed=seed)
+        batches, variant = self.epoch_batches(rank=rank, world_size=world_size, epoch=epoch, seed=seed)
         if self._images_frozen:
             return _SizedBatches(len(batches), lambda: self._feature_batches(batches, variant))
         assert self.clip is not None
@@ -326,7 +331,12 @@ class CombinerTask:
         params = [p for p in model.parameters() if p.requires_grad]
         name = "clip" if self.config.stage == 1 else "combiner"
         return [
-            {"params": params, "lr": self.stage.lr, "weight_decay": self.stage.weight_decay, "name": name}
+            {
+                "params": params,
+                "lr": self.stage_config.lr,
+                "weight_decay": self.stage_config.weight_decay,
+                "name": name,
+            }
         ]
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -366,12 +376,14 @@ class CombinerTask:
         )
         if self.config.dataset == "fashioniq":
             datasets = self._fashioniq(self.config.val_split)
-            rankings = {ds.category: fashioniq_rankings(clip, fuser, ds, options=options) for ds in datasets}
+            rankings = {
+                ds.category: fashioniq_rankings(clip, fuser, dataset=ds, options=options) for ds in datasets
+            }
             return fashioniq_recall(rankings, {ds.category: ds.annotations for ds in datasets})
         from capret.data.cirr import CIRR
 
         ds = CIRR(self.config.root, self.config.val_split)
-        metrics = cirr_metrics(cirr_rankings(clip, fuser, ds, options=options), ds.annotations)
+        metrics = cirr_metrics(cirr_rankings(clip, fuser, dataset=ds, options=options), ds.annotations)
         metrics["r5_rs1_mean"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
         return metrics
 

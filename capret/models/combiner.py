@@ -79,9 +79,9 @@ class Combiner(nn.Module):
     def __init__(
         self,
         feature_dim: int,
+        *,
         projection_dim: int | None = None,
         hidden_dim: int | None = None,
-        *,
         dropout: float = 0.5,
         logit_scale: float = LOGIT_SCALE,
     ) -> None:
@@ -112,11 +112,11 @@ class Combiner(nn.Module):
         return F.normalize(fused, dim=-1)
 
     def logits(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, target_features: torch.Tensor
+        self, image_features: torch.Tensor, text_features: torch.Tensor, *, targets: torch.Tensor
     ) -> torch.Tensor:
         """``scale · query @ normalize(target).T``: the scores of every query against every target."""
         query = self(image_features, text_features)
-        return self.logit_scale * query @ F.normalize(target_features, dim=-1).T
+        return self.logit_scale * query @ F.normalize(targets, dim=-1).T
 
 
 def batch_classification_loss(
