@@ -1,9 +1,15 @@
-"""The official DeepFashion2 retrieval protocol against a plain per-query reference loop, on synthetic and real GT."""
+"""The official DeepFashion2 retrieval protocol against two references, on synthetic and real ground truth.
+
+``straightforward_top_k`` is the official script's structure written plainly in Python (dict lookups by image
+id, a scalar IoU, explicit loops over items, detections, k and ranks); ``reference_top_k`` is an independent
+numpy-grouped reference that uses pycocotools' own IoU. ``scripts/bench/df2_eval.py`` times the evaluator
+against both.
+"""
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,6 +79,91 @@ def reference_top_k(
                         break
             for k in ks:
                 if first_hit is not None and first_hit < k:
+                    correct[k] += 1
+    out = {f"top{k}": correct[k] / num_queries for k in ks}
+    out.update(num_queries=num_queries, evaluated=evaluated, missed=num_queries - evaluated)
+    return out
+
+
+def plain_iou(box_a, box_b):
+    """IoU of two xyxy boxes exactly as pycocotools ``bbIou`` computes it (``[x, y, w, h]`` doubles, right edge
+    ``x + w``, zero unless both overlaps are positive)."""
+    ax, ay = float(box_a[0]), float(box_a[1])
+    aw, ah = float(box_a[2]) - ax, float(box_a[3]) - ay
+    bx, by = float(box_b[0]), float(box_b[1])
+    bw, bh = float(box_b[2]) - bx, float(box_b[3]) - by
+    w = min(ax + aw, bx + bw) - max(ax, bx)
+    if w <= 0:
+        return 0.0
+    h = min(ay + ah, by + bh) - max(ay, by)
+    if h <= 0:
+        return 0.0
+    inter = w * h
+    return inter / (aw * ah + bw * bh - inter)
+
+
+def straightforward_top_k(
+    results, query_gt, gallery_gt, *, ks=(1, 5, 10, 15, 20), thresh=0.5, legacy_singleton_bug=False
+):
+    """The official script's algorithm as a plain Python loop (no numpy): the slow, obvious reference.
+
+    Per query image: every detection goes to its argmax-IoU ground-truth item (first on ties, no minimum IoU).
+    Per ``style > 0`` item: the best-scoring assigned detection of the item's class (first on ties); then, for
+    each k, the top-k retrieved entries are walked and each is compared with every ground-truth gallery box of
+    that gallery image (same ``pair_id`` and ``style``, IoU >= ``thresh``). Lookups are dicts keyed by image id.
+    """
+    detections_of = defaultdict(list)
+    for det in results:
+        detections_of[det["query_image_id"]].append(det)
+    items_of = defaultdict(list)
+    for item in query_gt:
+        items_of[item["query_image_id"]].append(item)
+    gallery_of = defaultdict(list)
+    identity_size = Counter()
+    for shop in gallery_gt:
+        gallery_of[shop["gallery_image_id"]].append(shop)
+        identity_size[(shop["pair_id"], shop["style"])] += 1
+    num_queries = sum(1 for item in query_gt if item["style"] > 0)
+    correct = dict.fromkeys(ks, 0)
+    evaluated = 0
+    for image, items in items_of.items():
+        detections = detections_of.get(image, [])
+        assigned = []
+        for det in detections:
+            best_item, best_iou = 0, -1.0
+            for j, item in enumerate(items):
+                iou = plain_iou(det["query_bbox"], item["bbox"])
+                if iou > best_iou:
+                    best_item, best_iou = j, iou
+            assigned.append(best_item)
+        for j, item in enumerate(items):
+            if item["style"] <= 0:
+                continue
+            best = None
+            for det, a in zip(detections, assigned):
+                if a != j or det["query_cls"] != item["cls"]:
+                    continue
+                if best is None or det["query_score"] > best["query_score"]:
+                    best = det
+            if best is None:
+                continue
+            evaluated += 1
+            if legacy_singleton_bug and identity_size[(item["pair_id"], item["style"])] == 1:
+                continue  # the published script never finds a single-item identity's image
+            for k in ks:
+                found = False
+                for t in range(k):
+                    for shop in gallery_of.get(best["gallery_image_id"][t], []):
+                        if (
+                            shop["pair_id"] == item["pair_id"]
+                            and shop["style"] == item["style"]
+                            and plain_iou(best["gallery_bbox"][t], shop["bbox"]) >= thresh
+                        ):
+                            found = True
+                            break
+                    if found:
+                        break
+                if found:
                     correct[k] += 1
     out = {f"top{k}": correct[k] / num_queries for k in ks}
     out.update(num_queries=num_queries, evaluated=evaluated, missed=num_queries - evaluated)
@@ -175,6 +266,7 @@ def test_matches_reference_loop_on_synthetic_data(seed: int, legacy: bool) -> No
     ours = evaluate_retrieval_results(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
     ref = reference_top_k(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
     assert ours == ref
+    assert ours == straightforward_top_k(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
     assert ours["missed"] > 0 and ours["top20"] > 0
 
 
@@ -221,6 +313,13 @@ def test_hand_made_case() -> None:
     out = evaluate_retrieval_results(results, query_gt, gallery_gt, ks=(1, 2))
     assert out == {"top1": 0.0, "top2": 0.5, "num_queries": 2, "evaluated": 1, "missed": 1}
     assert out == reference_top_k(results, query_gt, gallery_gt, ks=(1, 2))
+    assert out == straightforward_top_k(results, query_gt, gallery_gt, ks=(1, 2))
+    # pair 5 / style 1 has a single gallery item: the published script can never score it a hit
+    legacy = evaluate_retrieval_results(results, query_gt, gallery_gt, ks=(1, 2), legacy_singleton_bug=True)
+    assert legacy == {"top1": 0.0, "top2": 0.0, "num_queries": 2, "evaluated": 1, "missed": 1}
+    assert legacy == straightforward_top_k(
+        results, query_gt, gallery_gt, ks=(1, 2), legacy_singleton_bug=True
+    )
 
 
 def test_coco_iou_matches_pycocotools() -> None:
@@ -229,6 +328,16 @@ def test_coco_iou_matches_pycocotools() -> None:
     b = np.array([_jitter(rng, box, 0.3) for box in a[:20]] + [_random_box(rng) for _ in range(10)])
     expected = np.asarray(mask_utils.iou([_xywh(x) for x in a], [_xywh(x) for x in b], [0] * len(b)))
     np.testing.assert_array_equal(coco_iou(a[:, None], b[None, :]), expected)
+    plain = [[plain_iou(x, y) for y in b] for x in a]
+    np.testing.assert_array_equal(np.array(plain), expected)
+    # integer coordinates, touching edges and a degenerate box go through the same arithmetic
+    edge_cases = [[0, 0, 10, 10], [10, 0, 20, 10], [0, 0, 0, 10], [5, 5, 15, 15], [0.1, 0.2, 0.3, 0.7]]
+    expected = np.asarray(
+        mask_utils.iou([_xywh(x) for x in edge_cases], [_xywh(x) for x in edge_cases], [0] * len(edge_cases))
+    )
+    np.testing.assert_array_equal(
+        np.array([[plain_iou(x, y) for y in edge_cases] for x in edge_cases]), expected
+    )
 
 
 def test_short_and_malformed_records_are_named() -> None:
@@ -345,9 +454,9 @@ def test_real_files_load_and_example_scores(real_gt) -> None:
         DATA / "example_retrieval_results.json", DATA / "query_gt.json", DATA / "gallery_gt.json"
     )
     assert out["num_queries"] == 12550
-    assert out == reference_top_k(
-        json.loads((DATA / "example_retrieval_results.json").read_text()), query_gt, gallery_gt
-    )
+    example = json.loads((DATA / "example_retrieval_results.json").read_text())
+    assert out == reference_top_k(example, query_gt, gallery_gt)
+    assert out == straightforward_top_k(example, query_gt, gallery_gt)
 
 
 def test_real_gt_random_results_match_reference(real_gt) -> None:
@@ -362,6 +471,7 @@ def test_real_gt_random_results_match_reference(real_gt) -> None:
     for legacy in (False, True):
         ours = evaluate_retrieval_results(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
         assert ours == reference_top_k(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
+        assert ours == straightforward_top_k(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
 
 
 def test_real_gt_boxes_official_equals_recall(real_gt) -> None:

@@ -119,14 +119,15 @@ def _boxes(boxes: list, *, n: int) -> np.ndarray:
 def _gt_arrays(records: list, *, what: str, keys: tuple[str, ...], id_key: str) -> dict[str, np.ndarray]:
     n = len(records)
     try:
+        # a list comprehension per field, then one C-level conversion: the cheapest path from dicts in CPython
         out = {
-            "image": np.fromiter((r[id_key] for r in records), dtype=np.int64, count=n),
+            "image": np.array([r[id_key] for r in records], dtype=np.int64),
             "box": _boxes([r["bbox"] for r in records], n=n),
-            "style": np.fromiter((r["style"] for r in records), dtype=np.int64, count=n),
-            "pair": np.fromiter((r["pair_id"] for r in records), dtype=np.int64, count=n),
+            "style": np.array([r["style"] for r in records], dtype=np.int64),
+            "pair": np.array([r["pair_id"] for r in records], dtype=np.int64),
         }
         if "cls" in keys:
-            out["cls"] = np.fromiter((r["cls"] for r in records), dtype=np.int64, count=n)
+            out["cls"] = np.array([r["cls"] for r in records], dtype=np.int64)
     except (KeyError, TypeError, ValueError):
         for i, rec in enumerate(records):
             if not isinstance(rec, dict):
@@ -151,15 +152,22 @@ def _gt_arrays(records: list, *, what: str, keys: tuple[str, ...], id_key: str) 
 
 
 def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
-    """Scalar fields of every result record as arrays, after validating every record."""
+    """Scalar fields and query boxes of every result record as arrays, after validating every record.
+
+    One list comprehension per field followed by ``np.array`` is the cheapest way to gather a field from a
+    list of dicts in CPython (a generator into ``np.fromiter`` costs about twice as much); the short-list check
+    only needs the minimum length, so it stays a single C-level ``min(map(len, ...))`` pass per field.
+    """
     n = len(records)
     try:
         image = [r["query_image_id"] for r in records]
         score = [r["query_score"] for r in records]
         cls = [r["query_cls"] for r in records]
         box = [r["query_bbox"] for r in records]
-        n_ids = np.fromiter(map(len, (r["gallery_image_id"] for r in records)), dtype=np.int64, count=n)
-        n_boxes = np.fromiter(map(len, (r["gallery_bbox"] for r in records)), dtype=np.int64, count=n)
+        shortest = min(
+            min(map(len, [r["gallery_image_id"] for r in records]), default=max_k),
+            min(map(len, [r["gallery_bbox"] for r in records]), default=max_k),
+        )
     except (KeyError, TypeError):
         for i, rec in enumerate(records):
             if not isinstance(rec, dict):
@@ -180,15 +188,17 @@ def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
                         "results", i, rec, f"{k} must be a list, got {type(rec[k]).__name__}"
                     ) from None
         raise
-    short = np.nonzero((n_ids < max_k) | (n_boxes < max_k))[0]
-    if len(short):
-        i = int(short[0])
-        raise _bad(
-            "results",
-            i,
-            records[i],
-            f"{n_ids[i]} gallery_image_id / {n_boxes[i]} gallery_bbox entries, but top-{max_k} needs {max_k} each",
-        )
+    if shortest < max_k:
+        for i, rec in enumerate(records):
+            n_ids, n_boxes = len(rec["gallery_image_id"]), len(rec["gallery_bbox"])
+            if min(n_ids, n_boxes) < max_k:
+                raise _bad(
+                    "results",
+                    i,
+                    rec,
+                    f"{n_ids} gallery_image_id / {n_boxes} gallery_bbox entries, but top-{max_k} needs "
+                    f"{max_k} each",
+                )
     try:
         arrays = {
             "image": np.array(image, dtype=np.int64),
@@ -210,38 +220,39 @@ def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
     return arrays
 
 
-def _retrieved(records: list, rows: np.ndarray, *, max_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``max_k`` gallery image ids ``[S, K]`` and boxes ``[S, K, 4]`` of the selected records."""
-    chain = itertools.chain.from_iterable
-    n = len(rows)
+def _retrieved_ids(records: list, rows: np.ndarray, *, max_k: int) -> np.ndarray:
+    """Top-``max_k`` gallery image ids ``[S, K]`` of the selected records."""
+    lists = [records[r]["gallery_image_id"] for r in rows.tolist()]
     try:
         ids = np.fromiter(
-            chain(records[r]["gallery_image_id"][:max_k] for r in rows), dtype=np.int64, count=n * max_k
+            itertools.chain.from_iterable(ids[:max_k] for ids in lists),
+            dtype=np.int64,
+            count=len(lists) * max_k,
         )
-        lengths = np.fromiter(
-            map(len, chain(records[r]["gallery_bbox"][:max_k] for r in rows)), dtype=np.int64, count=n * max_k
-        )
-        if lengths.size and (lengths != 4).any():
-            raise ValueError("box length")
-        boxes = np.fromiter(
-            chain(chain(records[r]["gallery_bbox"][:max_k] for r in rows)),
-            dtype=np.float64,
-            count=n * max_k * 4,
-        )
-        return ids.reshape(n, max_k), boxes.reshape(n, max_k, 4)
     except (TypeError, ValueError):
-        for r in rows:
-            rec = records[r]
-            for t in range(max_k):
-                b = rec["gallery_bbox"][t]
-                if not (
-                    isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(v, int | float) for v in b)
-                ):
+        for r, ids in zip(rows.tolist(), lists, strict=True):
+            for t, value in enumerate(ids[:max_k]):
+                if not isinstance(value, int | float):
                     raise _bad(
-                        "results", int(r), rec, f"gallery_bbox[{t}] must be [x1, y1, x2, y2], got {b!r}"
+                        "results", r, records[r], f"gallery_image_id[{t}] must be a number, got {value!r}"
                     ) from None
-                if not isinstance(rec["gallery_image_id"][t], int | float):
-                    raise _bad("results", int(r), rec, f"gallery_image_id[{t}] is not a number") from None
+        raise
+    return ids.reshape(len(lists), max_k)
+
+
+def _retrieved_boxes(records: list, rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """``[M, 4]`` boxes ``records[rows[m]]["gallery_bbox"][ranks[m]]``: only the entries that can be hits."""
+    boxes = [records[r]["gallery_bbox"][t] for r, t in zip(rows.tolist(), ranks.tolist(), strict=True)]
+    try:
+        return _boxes(boxes, n=len(boxes))
+    except (TypeError, ValueError):
+        for r, t, b in zip(rows.tolist(), ranks.tolist(), boxes, strict=True):
+            if not (
+                isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(v, int | float) for v in b)
+            ):
+                raise _bad(
+                    "results", r, records[r], f"gallery_bbox[{t}] must be [x1, y1, x2, y2], got {b!r}"
+                ) from None
         raise
 
 
@@ -311,44 +322,53 @@ def _select_detections(
 
 
 def _hits(
+    records: list,
+    rows: np.ndarray,
     q_pair: np.ndarray,
     q_style: np.ndarray,
-    ret_ids: np.ndarray,
-    ret_boxes: np.ndarray,
     gallery: dict[str, np.ndarray],
     *,
+    max_k: int,
     iou_threshold: float,
     legacy_singleton_bug: bool,
 ) -> np.ndarray:
-    """Step 3: ``hits [S, K]`` for retrieved entries of queries with identities ``(q_pair, q_style)``."""
-    s, k = ret_ids.shape
+    """Step 3: ``hits [S, K]`` for the top-``max_k`` entries of result rows ``rows`` (identities ``q_*``).
+
+    Only entries whose gallery image holds an item of the query's identity can be hits; their boxes are the only
+    ones read from the records and compared (the other boxes' coordinates cannot change the score).
+    """
+    s = len(rows)
+    ret_ids = _retrieved_ids(records, rows, max_k=max_k)
+    hits = np.zeros(s * max_k, dtype=bool)
+    if s == 0 or len(gallery["image"]) == 0:
+        return hits.reshape(s, max_k)
     q_keys, g_keys = _row_keys(
         [
-            (np.repeat(q_pair, k), np.repeat(q_style, k), ret_ids.reshape(-1)),
+            (np.repeat(q_pair, max_k), np.repeat(q_style, max_k), ret_ids.reshape(-1)),
             (gallery["pair"], gallery["style"], gallery["image"]),
         ]
     )
     g_order = np.argsort(g_keys, kind="stable")
-    g_sorted = g_keys[g_order]
-    lo = np.searchsorted(g_sorted, q_keys, side="left")
-    hi = np.searchsorted(g_sorted, q_keys, side="right")
-    n_cand = hi - lo
-    width = int(n_cand.max()) if n_cand.size else 0
-    hits = np.zeros(s * k, dtype=bool)
-    if width:
-        offsets = np.arange(width)
-        valid = offsets[None, :] < n_cand[:, None]
-        cand = g_order[np.where(valid, lo[:, None] + offsets[None, :], 0)]
-        iou = coco_iou(ret_boxes.reshape(-1, 1, 4), gallery["box"][cand])
-        hits = np.asarray(((iou >= iou_threshold) & valid).any(axis=1), dtype=bool)
-    hits = hits.reshape(s, k)
+    uniq, start, count = np.unique(g_keys[g_order], return_index=True, return_counts=True)
+    pos = np.minimum(np.searchsorted(uniq, q_keys), len(uniq) - 1)
+    match = uniq[pos] == q_keys
     if legacy_singleton_bug:
         ident_keys, g_ident = _row_keys([(q_pair, q_style), (gallery["pair"], gallery["style"])])
-        uniq, counts = np.unique(g_ident, return_counts=True)
-        idx = np.minimum(np.searchsorted(uniq, ident_keys), len(uniq) - 1)
-        singleton = (uniq[idx] == ident_keys) & (counts[idx] == 1)
-        hits[singleton] = False
-    return hits
+        ident, ident_count = np.unique(g_ident, return_counts=True)
+        idx = np.minimum(np.searchsorted(ident, ident_keys), len(ident) - 1)
+        singleton = (ident[idx] == ident_keys) & (ident_count[idx] == 1)
+        match &= ~np.repeat(singleton, max_k)
+    entries = np.nonzero(match)[0]
+    if len(entries) == 0:
+        return hits.reshape(s, max_k)
+    boxes = _retrieved_boxes(records, rows[entries // max_k], entries % max_k)
+    lo, n_cand = start[pos[entries]], count[pos[entries]]
+    offsets = np.arange(int(n_cand.max()))
+    valid = offsets[None, :] < n_cand[:, None]
+    cand = g_order[np.where(valid, lo[:, None] + offsets[None, :], 0)]
+    iou = coco_iou(boxes[:, None, :], gallery["box"][cand])
+    hits[entries] = ((iou >= iou_threshold) & valid).any(axis=1)
+    return hits.reshape(s, max_k)
 
 
 def evaluate_retrieval_results(
@@ -396,13 +416,13 @@ def evaluate_retrieval_results(
         raise ValueError("query_gt has no item with style > 0, so the official top-k is undefined")
     det = _result_arrays(records, max_k=max_k)
     gt_index, rows = _select_detections(det, query)
-    ret_ids, ret_boxes = _retrieved(records, rows, max_k=max_k)
     hits = _hits(
+        records,
+        rows,
         query["pair"][gt_index],
         query["style"][gt_index],
-        ret_ids,
-        ret_boxes,
         gallery,
+        max_k=max_k,
         iou_threshold=iou_threshold,
         legacy_singleton_bug=legacy_singleton_bug,
     )
