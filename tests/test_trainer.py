@@ -263,6 +263,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) ->
         assert a == pytest.approx(b, abs=1e-6)
 
 
+def test_fresh_run_moves_previous_outputs_aside(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(RegressionTask(), _config(run, max_steps=8))
+    train(RegressionTask(), _config(run, max_steps=2, save_every=0))
+    # the old step-8 checkpoint must not be what resume="auto" finds next to the new run's step 2
+    assert find_latest_checkpoint(run) == run / "checkpoints" / "step_00000002"
+    (old,) = (run / "superseded").iterdir()
+    assert (old / "checkpoints" / "step_00000008" / "checkpoint.json").is_file()
+    assert len(_losses(old)) == 8 and len(_losses(run)) == 2
+
+
 def test_non_finite_at_first_step_reports_no_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match="no update had completed") as info:
         train(NaNTask(nan_at=1), _config(tmp_path / "run"))

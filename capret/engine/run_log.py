@@ -1,12 +1,42 @@
-"""Training logs of rank 0: CSV files (``train_log.csv``, ``eval_log.csv``) and TensorBoard event files."""
+"""The run folder of rank 0: CSV logs (``train_log.csv``, ``eval_log.csv``), TensorBoard event files, and moving a
+previous run's outputs aside when a fresh run starts in the same folder."""
 
 from __future__ import annotations
 
 import csv
+import datetime as _dt
+import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLog"]
+__all__ = ["RUN_OUTPUTS", "RunLog", "supersede_previous_run"]
+
+logger = logging.getLogger(__name__)
+
+#: what a run writes into its folder (config.yaml is simply rewritten)
+RUN_OUTPUTS = ("checkpoints", "best", "tensorboard", "train_log.csv", "eval_log.csv")
+
+
+def supersede_previous_run(output_dir: Path) -> Path | None:
+    """Move the outputs of an earlier run out of the way of a fresh (not resumed) run; returns where they went.
+
+    Stale checkpoints must not stay beside the new ones: ``resume="auto"`` would later pick the old run's newest
+    step. Nothing is deleted: the old files go to ``<output_dir>/superseded/<UTC time>/``.
+    """
+    present = [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if not present:
+        return None
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = output_dir / "superseded" / stamp
+    target.mkdir(parents=True)
+    for path in present:
+        path.rename(target / path.name)
+    logger.warning(
+        "%s held outputs of an earlier run; moved them to %s (pass resume='auto' to continue a run instead)",
+        output_dir,
+        target,
+    )
+    return target
 
 
 class RunLog:

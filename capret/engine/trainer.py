@@ -69,7 +69,7 @@ from capret.engine.checkpoint import (
     seed_everything,
 )
 from capret.engine.distributed import batch_size_of, move_to_device, resolve_amp_dtype, unwrap_model
-from capret.engine.run_log import RunLog
+from capret.engine.run_log import RunLog, supersede_previous_run
 from capret.engine.schedule import build_optimizer, build_scheduler, resolve_param_groups
 
 __all__ = [
@@ -244,6 +244,8 @@ class _Trainer:
         self.log: RunLog | None = None
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if resume_path is None:
+                supersede_previous_run(self.out)
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.saved_config, sort_keys=False))
             self.log = RunLog(
                 self.out, resume_step=self.step if resume_path else None, tensorboard=config.tensorboard
