@@ -142,3 +142,31 @@ def test_resume_continues_the_same_loss_curve(setup: dict[str, Path], tmp_path: 
     )
     run(resumed, resume=str(middle))
     assert _losses(tmp_path / "b")[-3:] == pytest.approx(_losses(tmp_path / "a")[-3:], rel=1e-5, abs=1e-6)
+
+
+def test_quickstart_stage_reports_before_after_and_ablation(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import copy
+
+    import capret
+    import capret.quickstart.dual_stream as stage
+    from capret.quickstart import QuickstartContext
+
+    recipe = copy.deepcopy(stage.DEMO_RECIPE)
+    config = yaml.safe_load(setup["config"].read_text())
+    recipe["model"] = config["model"]  # the tiny architecture instead of ResNet-18 + MiniLM
+    recipe["data"].update(p=4, k=3)
+    recipe["trainer"].update(max_steps=4, tensorboard=False, progress=False)
+    recipe["eval"]["ks"] = [1, 2, 4]
+    monkeypatch.setattr(stage, "DEMO_RECIPE", recipe)
+    ctx = QuickstartContext(out_dir=tmp_path, data_root=setup["data"], seed=0, train_seconds=60)
+    ctx.state["captions"] = {"train": setup["train"], "validation": setup["validation"]}
+    result = stage.run(ctx)
+    for key in ("map_before", "map_after", "map_after_no_captions", "recall@1_before", "recall@1_after"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["train_steps"] == 4 and result["model_dir"] == str(tmp_path / "model")
+    state = ctx.state["dual_stream"]
+    assert state["query_features"].shape == (8, 32) and len(state["gallery_images"]) == 4
+    reloaded = capret.load_model(result["model_dir"])
+    assert reloaded.embed_dim == 32
