@@ -180,14 +180,15 @@ class _Trainer:
     """State of one :func:`train` call; methods are the phases of the loop."""
 
     def __init__(
-        self, task: Any, config: TrainerConfig, *, resume: str | None, task_config: dict | None
+        self,
+        task: Any,
+        config: TrainerConfig,
+        *,
+        ctx: du.DistContext,
+        resume: str | None,
+        task_config: dict | None,
     ) -> None:
-        _validate(config)
-        for method in ("build_model", "train_dataloader", "training_step", "evaluate"):
-            if not callable(getattr(task, method, None)):
-                raise TypeError(f"task {type(task).__name__} has no {method}() method (see TrainTask)")
-        self.task, self.config = task, config
-        self.ctx = du.init_distributed(config.device)
+        self.task, self.config, self.ctx = task, config, ctx
         self.out = Path(config.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         if task_config is None and hasattr(task, "config_dict"):
@@ -282,17 +283,14 @@ class _Trainer:
         self.epoch, self.index = int(state.get("epoch", loaded.epoch)), int(state.get("index", 0))
         self.best, self.best_step = state.get("best"), state.get("best_step")
         self.last_metrics = dict(loaded.metrics)
-        saved_world = int(state.get("world_size", 1))
-        saved_accum = int(state.get("grad_accum", self.config.grad_accum))
-        if saved_world != self.ctx.world_size or saved_accum != self.config.grad_accum:
+        saved = (int(state.get("world_size", 1)), int(state.get("grad_accum", self.config.grad_accum)))
+        if saved != (self.ctx.world_size, self.config.grad_accum):
             logger.warning(
-                "resuming %s saved with world_size=%d grad_accum=%d under world_size=%d grad_accum=%d: "
-                "the data position and RNG streams no longer line up, the run continues but not exactly",
+                "resuming %s saved with (world_size, grad_accum)=%s under %s: data position and RNG streams no "
+                "longer line up; the run continues, but not exactly",
                 path,
-                saved_world,
-                saved_accum,
-                self.ctx.world_size,
-                self.config.grad_accum,
+                saved,
+                (self.ctx.world_size, self.config.grad_accum),
             )
         ranks = (loaded.rng_state or {}).get("ranks") or []
         logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.index)
@@ -543,7 +541,6 @@ class _Trainer:
             bar.close()
             if self.log is not None:
                 self.log.close()
-            du.cleanup_distributed(ctx)
         return {
             "steps": self.step,
             "epoch": epoch,
@@ -613,4 +610,12 @@ def train(
     Raises:
         NonFiniteLossError: a loss term or the gradient norm became NaN/inf (see the module docstring).
     """
-    return _Trainer(task, config, resume=resume, task_config=task_config).run()
+    _validate(config)
+    for method in ("build_model", "train_dataloader", "training_step", "evaluate"):
+        if not callable(getattr(task, method, None)):
+            raise TypeError(f"task {type(task).__name__} has no {method}() method (see TrainTask)")
+    ctx = du.init_distributed(config.device)
+    try:
+        return _Trainer(task, config, ctx=ctx, resume=resume, task_config=task_config).run()
+    finally:
+        du.cleanup_distributed(ctx)
