@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from capret.cli.common import print_json, run_guarded
+from capret.cli.common import fail, print_json, run_guarded
 from capret.config import ConfigError, load_config
 
 
@@ -45,7 +45,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print_json(to_dict(config))
         return 0
-    metrics = spec.run(config, resume=args.resume)
+    from capret.engine.trainer import NonFiniteLossError
+
+    try:
+        metrics = spec.run(config, resume=args.resume)
+    except NonFiniteLossError as exc:
+        # The trainer already wrote the last good checkpoint; say where, in one line, and fail.
+        return fail(str(exc), code=1)
     print_json(metrics)
     return 0
 
