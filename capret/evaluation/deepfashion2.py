@@ -28,6 +28,10 @@ Two deviations of the published script are deliberate, both documented here:
   ``evaluation.md`` and would make GT-box top-k differ from recall@k, so by default singletons are scored
   normally; ``legacy_singleton_bug=True`` reproduces the script's numbers bit for bit.
 
+Input validation names the record and field of every malformed value the score depends on. A retrieved box
+is read only when its gallery image holds an item of the query's identity (otherwise it cannot be a hit), so
+a malformed box elsewhere does not stop the evaluation.
+
 The script's own ``miss_num`` skips query images without any detection; our ``missed`` counts every
 ``style > 0`` item without a selected detection, so ``missed + evaluated == num_queries`` always holds.
 """
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -165,8 +170,8 @@ def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
         cls = [r["query_cls"] for r in records]
         box = [r["query_bbox"] for r in records]
         shortest = min(
-            min(map(len, [r["gallery_image_id"] for r in records]), default=max_k),
-            min(map(len, [r["gallery_bbox"] for r in records]), default=max_k),
+            min(map(len, map(operator.itemgetter("gallery_image_id"), records)), default=max_k),
+            min(map(len, map(operator.itemgetter("gallery_bbox"), records)), default=max_k),
         )
     except (KeyError, TypeError):
         for i, rec in enumerate(records):
@@ -223,12 +228,10 @@ def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
 def _retrieved_ids(records: list, rows: np.ndarray, *, max_k: int) -> np.ndarray:
     """Top-``max_k`` gallery image ids ``[S, K]`` of the selected records."""
     lists = [records[r]["gallery_image_id"] for r in rows.tolist()]
+    if any(len(ids) != max_k for ids in lists):  # cut longer lists; usually all hold exactly max_k entries
+        lists = [ids[:max_k] for ids in lists]
     try:
-        ids = np.fromiter(
-            itertools.chain.from_iterable(ids[:max_k] for ids in lists),
-            dtype=np.int64,
-            count=len(lists) * max_k,
-        )
+        ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=len(lists) * max_k)
     except (TypeError, ValueError):
         for r, ids in zip(rows.tolist(), lists, strict=True):
             for t, value in enumerate(ids[:max_k]):
