@@ -370,27 +370,22 @@ def evaluate_items(
         raise ValueError(f"{root}/{split}: the protocol needs user and shop items with style > 0")
     q_join = join_captions(queries.items, captions)
     g_join = join_captions(gallery.items, captions)
-    common = {
-        "root": root,
-        "split": split,
-        "batch_size": batch_size,
-        "device": device,
-        "num_workers": num_workers,
-    }
-    q_feats = encode_items(
-        model,
-        items=queries.items,
-        captions=q_join.captions if captions else None,
-        progress=progress,
-        **common,
-    )
-    g_feats = encode_items(
-        model,
-        items=gallery.items,
-        captions=g_join.captions if captions else None,
-        progress=progress,
-        **common,
-    )
+
+    def encode(side: list[Item], side_captions: list[str | None]) -> np.ndarray:
+        return encode_items(
+            model,
+            root=root,
+            split=split,
+            items=side,
+            captions=side_captions if captions is not None else None,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+        )
+
+    q_feats = encode(queries.items, q_join.captions)
+    g_feats = encode(gallery.items, g_join.captions)
 
     def refs(side: list[Item]) -> list[tuple[str, tuple[float, float, float, float]]]:
         return [(str(image_path(root, split, it.image_id)), it.bbox) for it in side]

@@ -111,7 +111,9 @@ def test_extract_cli_writes_shards_ids_and_rank_splits(
 
     out = tmp_path / "feats"
     argv = ["--checkpoint", str(assets["model"]), "--images", str(assets["images"]), "--out", str(out)]
-    assert main([*argv, "--shard-size", "3", "--captions", str(assets["captions"])]) == 0
+    assert (
+        main([*argv, "--shard-size", "3", "--captions", str(assets["captions"]), "--precision", "fp32"]) == 0
+    )
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["images"] == 7 and manifest["captions"] == {"found": 4, "missing": 3}
     assert [s["rows"] for s in manifest["shards"]] == [3, 3, 1]

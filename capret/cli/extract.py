@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=50_000, help="rows per .npy shard")
     p.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default: auto)")
     p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast precision (default fp32)",
+    )
+    p.add_argument(
         "--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available else cpu)"
     )
     return p

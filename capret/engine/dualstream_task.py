@@ -226,7 +226,7 @@ class DualStreamTask:
         )
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        module: TrainModule = getattr(model, "module", model)  # type: ignore[assignment]
+        module = _unwrap(model)
         head = list(module.arcface.parameters())
         head_ids = {id(p) for p in head}
         rest = [p for p in module.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -293,7 +293,7 @@ class DualStreamTask:
             return {}
         from capret.api import evaluate_items
 
-        module: TrainModule = getattr(model, "module", model)  # type: ignore[assignment]
+        module = _unwrap(model)
         data, ev = self.config.data, self.config.eval
         device = next(module.parameters()).device
         metrics: dict[str, float] = {}
@@ -343,6 +343,14 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
         model.save_pretrained(export)
         result = {**result, "model_dir": str(export), **task.caption_join.summary()}
     return result
+
+
+def _unwrap(model: nn.Module) -> TrainModule:
+    """The :class:`TrainModule` inside a DDP wrapper (or the module itself)."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, TrainModule):
+        raise TypeError(f"expected the dual-stream TrainModule, got {type(inner).__name__}")
+    return inner
 
 
 def _is_rank_zero() -> bool:

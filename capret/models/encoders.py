@@ -147,7 +147,7 @@ class TimmVisualEncoder(VisualEncoder):
 
         if not timm.is_model(source):
             raise ValueError(f"unknown timm model {source!r}; see timm.list_models() for valid names")
-        self.model = _create_timm(source, pretrained=pretrained, image_size=image_size)
+        self.model: Any = _create_timm(source, pretrained=pretrained, image_size=image_size)
         self.source = source
         data = resolve_data_config({}, model=self.model)
         size = int(image_size or data["input_size"][-1])
