@@ -4,7 +4,7 @@ Evaluates a ``combiner`` checkpoint (stage 1: fine-tuned CLIP + element-wise sum
 CLIP its sidecar names) with each benchmark's official protocol. On ``val`` it returns the metrics; on
 ``test`` (no public targets) it writes the files the evaluation servers take: CIRR ``recall`` and
 ``recall_subset`` submissions, the CIRCO submission, and for FashionIQ the top-50 rankings per category.
-Files go to ``--out`` (default: ``<checkpoint>/eval_<dataset>_<split>``); image features are cached under
+Files go to ``--out`` (default: ``<checkpoint>_eval_<dataset>_<split>`` beside the checkpoint folder); image features are cached under
 ``<out>/feature_cache`` so evaluating several Combiners on one CLIP encodes the gallery once. The cut-offs are
 each protocol's own (FashionIQ R@10/50, CIRR R@1/5/10/50 and Recall_subset@1/2/3, CIRCO mAP@5/10/25/50), so
 ``--ks`` does not apply here.
@@ -185,7 +185,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = _checkpoint_folder(Path(args.checkpoint))
     clip, fuser, config = load_cir_model(checkpoint, device=device)
-    out = Path(args.out) if args.out is not None else checkpoint / f"eval_{args.dataset}_{split}"
+    default_out = (
+        checkpoint.parent / f"{checkpoint.name}_eval_{args.dataset}_{split}"
+    )  # next to the checkpoint
+    out = Path(args.out) if args.out is not None else default_out
     out.mkdir(parents=True, exist_ok=True)
     options = FeatureOptions(cache_dir=out / "feature_cache", batch_size=args.batch_size)
     handler = {"fashioniq": _fashioniq, "cirr": _cirr, "circo": _circo}[args.dataset]

@@ -231,6 +231,8 @@ class ClipBundle(nn.Module):
     ``encode_text`` return L2-normalised embeddings as the package's encoder contract requires.
     """
 
+    model: Any  # transformers.CLIPModel (typed loosely: its submodules are read as attributes)
+
     def __init__(
         self,
         model: nn.Module,
@@ -376,7 +378,8 @@ def load_clip(
 
     if preprocess not in ("targetpad", "squarepad", "none"):
         raise ValueError(f"preprocess={preprocess!r}; valid: targetpad, squarepad, none")
-    model = CLIPModel.from_pretrained(str(name_or_path)).to(device).eval()
+    model: Any = CLIPModel.from_pretrained(str(name_or_path))
+    model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     size = int(model.config.vision_config.image_size)
     local = Path(name_or_path)

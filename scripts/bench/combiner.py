@@ -11,7 +11,7 @@ hundred triplets, and times one stage-2 epoch both ways with the same batches:
 
 Prints ONE JSON object. Target: ``speedup >= 20`` on CPU.
 
-    python scripts/bench/combiner.py [--triplets 128] [--batch-size 64] [--device cpu]
+    python scripts/bench/combiner.py [--triplets 256] [--batch-size 128] [--device cpu]
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def _combiner_step(model, optimizer, reference, text, target) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--triplets", type=int, default=128, help="training triplets in the synthetic set")
-    parser.add_argument("--batch-size", type=int, default=64, help="stage-2 batch size (paper: 4096)")
+    parser.add_argument("--triplets", type=int, default=256, help="training triplets in the synthetic set")
+    parser.add_argument("--batch-size", type=int, default=128, help="stage-2 batch size (paper: 4096)")
     parser.add_argument(
         "--preset", default="vit-b-32", help="CLIP size preset (capret.models.clip.CLIP_PRESETS)"
     )
