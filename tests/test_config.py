@@ -101,3 +101,19 @@ def test_registry() -> None:
         reg.create("two")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("one")(make_one)
+
+
+def test_yaml_scalars_are_yaml12_like(tmp_path: Path) -> None:
+    @dataclass
+    class Amp:
+        lr: float = cfg(1.0, "learning rate")
+        amp: Literal["auto", "off", "bf16"] = cfg("auto", "mixed precision")
+        flag: bool = cfg(False, "a switch")
+
+    config = load_config(Amp, None, ["lr=1e-3", "amp=off", "flag=true"])
+    assert config.lr == 1e-3 and config.amp == "off" and config.flag is True
+    path = tmp_path / "a.yaml"
+    path.write_text("lr: 2e-5\namp: off\n")
+    assert load_config(Amp, path).lr == 2e-5
+    with pytest.raises(ConfigError, match="flag: expected true/false, got 'yes'"):
+        load_config(Amp, None, ["flag=yes"])

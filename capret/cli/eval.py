@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--category", default=None, help="FashionIQ category (dress|shirt|toptee; default all three)"
     )
+    p.add_argument(
+        "--gallery-ids",
+        type=Path,
+        help="CIRCO gallery: COCO image-info JSON, JSON list of ids, or text file of ids (default: the image-info "
+        "file under --root, else every <id>.jpg in COCO2017_unlabeled/unlabeled2017)",
+    )
     p.add_argument("--captions", type=Path, help="caption store JSONL joined to items by key")
     p.add_argument(
         "--no-captions", action="store_true", help="evaluate the image-only path (caption ablation)"
