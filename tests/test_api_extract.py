@@ -21,6 +21,15 @@ import capret  # noqa: E402
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """Tiny models gain nothing from intra-op threads, and on a loaded CPU two threads can be several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("api")

@@ -27,6 +27,15 @@ from capret.models.dual_stream import (  # noqa: E402
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """Tiny models gain nothing from intra-op threads, and on a loaded CPU two threads can be several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(text_dir: Path, **overrides: object) -> DualStreamModelConfig:
     return DualStreamModelConfig(
         visual=VisualConfig(source="test_resnet", image_size=32),

@@ -18,6 +18,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tiny_text import build_tiny_bert, write_synthetic_df2  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """Tiny models gain nothing from intra-op threads, and on a loaded CPU two threads can be several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("df2")

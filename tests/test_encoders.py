@@ -17,6 +17,15 @@ from tiny_text import build_tiny_bert  # noqa: E402
 from capret.models.encoders import create_encoder, list_encoders  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """Tiny models gain nothing from intra-op threads, and on a loaded CPU two threads can be several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("bert"))
