@@ -114,7 +114,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=32, help="encode_images batch size")
     parser.add_argument("--skip-real", action="store_true", help="only the tiny architecture")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0)
         if torch.cuda.is_available()
