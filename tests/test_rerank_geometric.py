@@ -7,10 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data, transform
 
-from capret.retrieval.geometric import LocalFeatureExtractor, LocalFeatureSettings, count_inliers, load_crop
+from capret.retrieval.geometric import (
+    LocalFeatureExtractor,
+    LocalFeatureSettings,
+    count_inliers,
+    load_crop,
+    match_descriptors,
+    match_many,
+    ransac_homography_batch,
+)
 from capret.retrieval.rerank import create_reranker
 
 _H = np.array([[0.92, 0.12, 12.0], [-0.06, 1.02, 6.0], [3e-4, 2e-4, 1.0]])
@@ -130,3 +139,35 @@ def test_geometric_rerank_moves_the_verified_match_to_the_top(photos: dict[str, 
     assert b_rank[:, 0].tolist() == [2, 2]
     with pytest.raises(ValueError, match="query_images and gallery_images"):
         reranker.rerank(ranking=ranking, scores=scores, query_features=q, gallery_features=g)
+
+
+def test_batched_matching_equals_kornia_matchers(photos: dict[str, str]) -> None:
+    extractor = LocalFeatureExtractor(LocalFeatureSettings(extractor="sift", num_features=256), device="cpu")
+    names = ["astronaut", "astronaut_warped", "coffee", "rocket"]
+    feats = extractor.extract([(photos[n], None) for n in names])
+    for matcher in ("snn", "mnn", "smnn"):
+        batched = match_many(feats[0], feats[1:], matcher=matcher, ratio=0.8)
+        for cand, got in zip(feats[1:], batched):
+            want = match_descriptors(feats[0].descriptors, cand.descriptors, matcher=matcher, ratio=0.8)
+            assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist())), matcher
+
+
+def test_batched_ransac_agrees_with_kornia_ransac(photos: dict[str, str]) -> None:
+    extractor = LocalFeatureExtractor(LocalFeatureSettings(extractor="sift"), device="cpu")
+    names = ["astronaut", "astronaut_warped", "coffee", "chelsea"]
+    feats = dict(zip(names, extractor.extract([(photos[n], None) for n in names])))
+    for other in ("astronaut_warped", "coffee", "chelsea"):
+        ours = count_inliers(feats["astronaut"], feats[other], ransac="batched")
+        ref = count_inliers(feats["astronaut"], feats[other], ransac="kornia")
+        assert abs(ours - ref) <= max(3, 0.1 * ref), (other, ours, ref)
+    # a known homography under 70% random outliers: the batched RANSAC recovers (nearly) all true inliers
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 256, (60, 2))
+    dst = transform.ProjectiveTransform(matrix=_H)(src)
+    out_src, out_dst = rng.uniform(0, 256, (140, 2)), rng.uniform(0, 256, (140, 2))
+    pairs = [
+        (torch.from_numpy(np.concatenate([src, out_src])), torch.from_numpy(np.concatenate([dst, out_dst]))),
+        (torch.from_numpy(out_src), torch.from_numpy(out_dst)),
+    ]
+    counts = ransac_homography_batch(pairs, threshold=3.0, hypotheses=2048)
+    assert 60 <= counts[0] <= 64 and counts[1] <= 8, counts
