@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     if not task_name:
         raise ConfigError(f"config file {args.config} has no `task` key")
     spec = get_task(str(task_name))
-    config = load_config(spec.config_cls, args.config, args.overrides)
+    config: object = load_config(spec.config_cls, args.config, args.overrides)
     if args.print_config:
         print_json(to_dict(config))
         return 0
