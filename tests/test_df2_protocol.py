@@ -1,9 +1,10 @@
-"""The official DeepFashion2 retrieval protocol against two references, on synthetic and real ground truth.
+"""The official DeepFashion2 retrieval protocol against three references, on synthetic and real ground truth.
 
-``straightforward_top_k`` is the official script's structure written plainly in Python (dict lookups by image
-id, a scalar IoU, explicit loops over items, detections, k and ranks); ``reference_top_k`` is an independent
-numpy-grouped reference that uses pycocotools' own IoU. ``scripts/bench/df2_eval.py`` times the evaluator
-against both.
+``official_structure_top_k`` follows the published script's per-query loop (a scan of the whole result list per
+query image, a scan of the whole gallery GT per query item, each k walked separately; pycocotools IoU), with
+its bugs fixed; ``straightforward_top_k`` is the same algorithm written plainly in Python (dict lookups by image
+id, a scalar IoU, explicit loops over items, detections, k and ranks); ``reference_top_k`` is a numpy-grouped
+reference that uses pycocotools' own IoU. ``scripts/bench/df2_eval.py`` times the evaluator against all three.
 """
 
 from __future__ import annotations
@@ -170,6 +171,89 @@ def straightforward_top_k(
     return out
 
 
+def official_structure_top_k(
+    results, query_gt, gallery_gt, *, ks=(1, 5, 10, 15, 20), thresh=0.5, legacy_singleton_bug=False
+):
+    """The published script's per-query loop (``deepfashion2_retrieval_test.py``), in Python 3, its bugs fixed.
+
+    Mirrors the script's structure and data layout, not just its algorithm: every field is gathered into a
+    numpy array first (boxes as ``[x, y, w, h]``); then, per query image id (``np.unique`` order), the whole
+    result list is scanned for that image's detections, the detections are assigned to the image's items by
+    argmax of pycocotools IoU, and per ``style > 0`` item the best-scoring correctly classified detection is
+    chosen; the whole gallery GT is scanned for the item's identity (``pair_id`` and ``style``), and for each k
+    separately the top-k retrieved entries are walked, each checked against the identity's gallery image ids
+    and, when present, against the GT boxes of that image (IoU >= ``thresh``).
+
+    Fixed or generalised, without changing any score: the ``gellery_box`` typo (the converted gallery boxes
+    are used, as evidently meant); retrieved lists are cut to ``max(ks)`` so that records of different lengths
+    stack; the image's ``pair_id`` is read per item (the script asserts one pair per image, so it is the same);
+    an identity without gallery items gives no hits instead of failing the script's assert. The singleton-list
+    bug is reproduced only with ``legacy_singleton_bug`` (then a single-item identity's image ids match
+    nothing, as the script's ``np.where(list == id)`` finds nothing), as in the evaluator.
+
+    Cost note: most of its time (about 80% on the real validation GT) is the script's ``np.intersect1d`` of two
+    whole-gallery index lists per query item; a boolean mask there instead would make it about 10x faster.
+    """
+    max_k = max(ks)
+    res_image = np.array([r["query_image_id"] for r in results])
+    res_score = np.array([r["query_score"] for r in results], dtype=np.float64)
+    res_cls = np.array([r["query_cls"] for r in results])
+    res_box = np.array([_xywh(r["query_bbox"]) for r in results], dtype=np.float64).reshape(-1, 4)
+    res_gallery_id = np.array([r["gallery_image_id"][:max_k] for r in results]).reshape(-1, max_k)
+    boxes = np.array([r["gallery_bbox"][:max_k] for r in results], dtype=np.float64).reshape(-1, max_k, 4)
+    res_gallery_box = np.stack(
+        [boxes[..., 0], boxes[..., 1], boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]], axis=-1
+    )
+    q_image = np.array([q["query_image_id"] for q in query_gt])
+    q_box = np.array([_xywh(q["bbox"]) for q in query_gt], dtype=np.float64).reshape(-1, 4)
+    q_cls = np.array([q["cls"] for q in query_gt])
+    q_style = np.array([q["style"] for q in query_gt])
+    q_pair = np.array([q["pair_id"] for q in query_gt])
+    g_image = np.array([g["gallery_image_id"] for g in gallery_gt])
+    g_box = np.array([_xywh(g["bbox"]) for g in gallery_gt], dtype=np.float64).reshape(-1, 4)
+    g_style = np.array([g["style"] for g in gallery_gt])
+    g_pair = np.array([g["pair_id"] for g in gallery_gt])
+
+    num_queries = int((q_style > 0).sum())
+    correct = dict.fromkeys(ks, 0)
+    evaluated = 0
+    for image in np.unique(q_image):
+        det_rows = np.where(res_image == image)[0]  # linear scan of the whole result list
+        if len(det_rows) == 0:
+            continue
+        item_rows = np.where(q_image == image)[0]
+        iou = mask_utils.iou(res_box[det_rows], q_box[item_rows], np.zeros(len(item_rows)))
+        assigned = np.argmax(iou, axis=1)  # first maximum, no minimum IoU
+        for j in range(len(item_rows)):
+            style, cls, pair = q_style[item_rows[j]], q_cls[item_rows[j]], q_pair[item_rows[j]]
+            if style <= 0:
+                continue
+            candidates = np.intersect1d(np.where(assigned == j)[0], np.where(res_cls[det_rows] == cls)[0])
+            if len(candidates) == 0:
+                continue
+            evaluated += 1
+            chosen = det_rows[candidates[np.argmax(res_score[det_rows][candidates])]]
+            retrieved_ids, retrieved_boxes = res_gallery_id[chosen], res_gallery_box[chosen]
+            # scan the whole gallery GT for the item's identity
+            identity = np.intersect1d(np.where(g_pair == pair)[0], np.where(g_style == style)[0])
+            identity_images, identity_boxes = g_image[identity], g_box[identity]
+            if legacy_singleton_bug and len(identity) == 1:
+                identity_images = identity_images[:0]  # the script's wrapped list never matches an id
+            for k in ks:
+                for t in range(k):
+                    if retrieved_ids[t] in identity_images:
+                        which = np.where(identity_images == retrieved_ids[t])[0]
+                        overlap = mask_utils.iou(
+                            retrieved_boxes[t : t + 1], identity_boxes[which], np.zeros(len(which))
+                        )
+                        if (np.asarray(overlap) >= thresh).any():
+                            correct[k] += 1
+                            break
+    out = {f"top{k}": correct[k] / num_queries for k in ks}
+    out.update(num_queries=num_queries, evaluated=evaluated, missed=num_queries - evaluated)
+    return out
+
+
 def _jitter(rng, box, scale):
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
@@ -270,6 +354,20 @@ def test_matches_reference_loop_on_synthetic_data(seed: int, legacy: bool) -> No
     assert ours["missed"] > 0 and ours["top20"] > 0
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_official_structure_loop_matches_evaluator(seed: int, legacy: bool) -> None:
+    rng = np.random.default_rng(seed)
+    query_gt, gallery_gt = synthetic_ground_truth(rng)
+    identities = {(g["pair_id"], g["style"]) for g in gallery_gt}
+    query_gt = [q for q in query_gt if q["style"] == 0 or (q["pair_id"], q["style"]) in identities]
+    results = synthetic_results(rng, query_gt, gallery_gt, p_true=0.4)
+    results = [r for r in results if r["query_image_id"] % 7 != 0]
+    ours = evaluate_retrieval_results(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
+    assert ours == official_structure_top_k(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
+    assert ours["missed"] > 0 and ours["top20"] > 0
+
+
 def test_hand_made_case() -> None:
     query_gt = [
         {"query_image_id": 1, "bbox": [0, 0, 10, 10], "cls": 1, "style": 1, "pair_id": 5},
@@ -314,10 +412,14 @@ def test_hand_made_case() -> None:
     assert out == {"top1": 0.0, "top2": 0.5, "num_queries": 2, "evaluated": 1, "missed": 1}
     assert out == reference_top_k(results, query_gt, gallery_gt, ks=(1, 2))
     assert out == straightforward_top_k(results, query_gt, gallery_gt, ks=(1, 2))
+    assert out == official_structure_top_k(results, query_gt, gallery_gt, ks=(1, 2))
     # pair 5 / style 1 has a single gallery item: the published script can never score it a hit
     legacy = evaluate_retrieval_results(results, query_gt, gallery_gt, ks=(1, 2), legacy_singleton_bug=True)
     assert legacy == {"top1": 0.0, "top2": 0.0, "num_queries": 2, "evaluated": 1, "missed": 1}
     assert legacy == straightforward_top_k(
+        results, query_gt, gallery_gt, ks=(1, 2), legacy_singleton_bug=True
+    )
+    assert legacy == official_structure_top_k(
         results, query_gt, gallery_gt, ks=(1, 2), legacy_singleton_bug=True
     )
 
@@ -472,6 +574,7 @@ def test_real_gt_random_results_match_reference(real_gt) -> None:
         ours = evaluate_retrieval_results(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
         assert ours == reference_top_k(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
         assert ours == straightforward_top_k(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
+        assert ours == official_structure_top_k(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
 
 
 def test_real_gt_boxes_official_equals_recall(real_gt) -> None:

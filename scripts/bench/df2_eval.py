@@ -1,18 +1,24 @@
-"""Benchmark: vectorised DeepFashion2 retrieval evaluator vs a straightforward per-query loop of the same algorithm.
+"""Benchmark: vectorised DeepFashion2 retrieval evaluator vs the official script's per-query loop.
 
 Uses the real validation ground truth (``../shared/data/deepfashion2``) and a synthetic result file of at least
 25,000 detections (jittered ground-truth boxes, stray boxes, wrong classes, score ties, retrieved lists mixing
-true and random shop items). Every evaluator receives the already-loaded lists (JSON parsing is not timed).
+true and random shop items). Every evaluator receives the already-loaded lists (JSON parsing is not timed; the
+conversion of the loaded records into arrays is, for every method).
 
 Compared (both protocol modes, default and ``legacy_singleton_bug=True``, must give identical results):
 
 * ``evaluator``: :func:`capret.evaluation.deepfashion2.evaluate_retrieval_results`;
-* ``straightforward_loop``: ``straightforward_top_k`` in ``tests/test_df2_protocol.py``, the official script's
-  structure in plain Python with dict lookups by image id (the reference the speed goal is stated against);
+* ``official_structure_loop``: ``official_structure_top_k`` in ``tests/test_df2_protocol.py``, the published
+  ``deepfashion2_retrieval_test.py`` loop in Python 3 with its bugs fixed: per query image a scan of the whole
+  result list, per query item a scan of the whole gallery GT, each k walked separately, pycocotools IoU. The
+  speed goal (``target_speedup``, 50x) is judged against this one (``target_reference``). Most of its time is
+  the script's ``np.intersect1d`` of whole-gallery index lists per query item, kept as published;
+* ``straightforward_loop``: ``straightforward_top_k`` in the same file, the same algorithm in plain Python with
+  dict lookups by image id (no scans: it is bound by reading the records, as the evaluator is);
 * ``numpy_reference``: ``reference_top_k`` in the same file, numpy-grouped with pycocotools IoU.
 
-Timings are the best of ``--repeats`` runs (wall clock and process CPU time, measured separately) in the
-default mode. Prints one JSON object with ``target_speedup`` (50) and whether it was met.
+Every method runs on the full input (no subset, no extrapolation). Timings are the best of ``--repeats`` runs
+(wall clock and process CPU time, measured separately) in the default mode. Prints one JSON object.
 
 Usage: ``python scripts/bench/df2_eval.py [--data DIR] [--seed 0] [--repeats 3]``
 """
@@ -33,6 +39,7 @@ from capret.evaluation.deepfashion2 import evaluate_retrieval_results
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET_SPEEDUP = 50.0
+TARGET_REFERENCE = "official_structure_loop"
 
 
 def _reference_module():
@@ -72,9 +79,11 @@ def main() -> None:
 
     methods = {
         "evaluator": evaluate_retrieval_results,
+        "official_structure_loop": ref.official_structure_top_k,
         "straightforward_loop": ref.straightforward_top_k,
         "numpy_reference": ref.reference_top_k,
     }
+    references = [name for name in methods if name != "evaluator"]
     outputs = {
         legacy: {
             name: fn(results, query_gt, gallery_gt, legacy_singleton_bug=legacy)
@@ -87,39 +96,30 @@ def main() -> None:
         for name, fn in methods.items()
     }
     fast_wall, fast_cpu = times["evaluator"]
-    loop_wall, loop_cpu = times["straightforward_loop"]
-    np_wall, np_cpu = times["numpy_reference"]
-    speedup = loop_wall / fast_wall
-    print(
-        json.dumps(
-            {
-                "benchmark": "deepfashion2_retrieval_eval",
-                "detections": len(results),
-                "query_items_style_gt0": outputs[False]["evaluator"]["num_queries"],
-                "repeats": args.repeats,
-                "identical": all(
-                    out["evaluator"] == out["straightforward_loop"] == out["numpy_reference"]
-                    for out in outputs.values()
-                ),
-                "identical_default": outputs[False]["evaluator"] == outputs[False]["straightforward_loop"],
-                "identical_legacy_singleton_bug": outputs[True]["evaluator"]
-                == outputs[True]["straightforward_loop"],
-                "evaluator": outputs[False]["evaluator"],
-                "evaluator_legacy_singleton_bug": outputs[True]["evaluator"],
-                "evaluator_seconds": round(fast_wall, 4),
-                "straightforward_loop_seconds": round(loop_wall, 4),
-                "numpy_reference_seconds": round(np_wall, 4),
-                "evaluator_cpu_seconds": round(fast_cpu, 4),
-                "straightforward_loop_cpu_seconds": round(loop_cpu, 4),
-                "numpy_reference_cpu_seconds": round(np_cpu, 4),
-                "speedup_vs_straightforward_loop": round(speedup, 2),
-                "speedup_vs_straightforward_loop_cpu": round(loop_cpu / fast_cpu, 2),
-                "speedup_vs_numpy_reference": round(np_wall / fast_wall, 2),
-                "target_speedup": TARGET_SPEEDUP,
-                "target_met": speedup >= TARGET_SPEEDUP,
-            }
-        )
-    )
+    report: dict[str, Any] = {
+        "benchmark": "deepfashion2_retrieval_eval",
+        "detections": len(results),
+        "query_items_style_gt0": outputs[False]["evaluator"]["num_queries"],
+        "subset": None,  # every method runs on the full input
+        "repeats": args.repeats,
+        "identical": all(out[name] == out["evaluator"] for out in outputs.values() for name in references),
+    }
+    for name in references:
+        report[f"identical_{name}_default"] = outputs[False][name] == outputs[False]["evaluator"]
+        report[f"identical_{name}_legacy_singleton_bug"] = outputs[True][name] == outputs[True]["evaluator"]
+    report["evaluator"] = outputs[False]["evaluator"]
+    report["evaluator_legacy_singleton_bug"] = outputs[True]["evaluator"]
+    for name in methods:
+        report[f"{name}_seconds"] = round(times[name][0], 4)
+    for name in methods:
+        report[f"{name}_cpu_seconds"] = round(times[name][1], 4)
+    for name in references:
+        report[f"speedup_vs_{name}"] = round(times[name][0] / fast_wall, 2)
+        report[f"speedup_vs_{name}_cpu"] = round(times[name][1] / fast_cpu, 2)
+    report["target_speedup"] = TARGET_SPEEDUP
+    report["target_reference"] = TARGET_REFERENCE
+    report["target_met"] = times[TARGET_REFERENCE][0] / fast_wall >= TARGET_SPEEDUP
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
