@@ -115,6 +115,7 @@ class LocalFeatureExtractor:
         cache_dir: str | Path | None = None,
         device: str | None = None,
         batch_size: int = 16,
+        cpu_threads: int | None = 1,
     ) -> None:
         settings = settings or LocalFeatureSettings()
         self.device = (
@@ -132,6 +133,9 @@ class LocalFeatureExtractor:
         self.cache_dir = Path(cache_dir) / settings.tag() if cache_dir else None
         self._memory: dict[str, LocalFeatures] = {}
         self._model: torch.nn.Module | None = None
+        # SIFT on a few-hundred-pixel crop is hundreds of tiny ops: one intra-op thread avoids the OpenMP
+        # barrier cost that made 2 threads 2x slower than 1 on a busy 2-core machine (None: torch's setting).
+        self.cpu_threads = cpu_threads
 
     def _sift(self) -> torch.nn.Module:
         if self._model is None:
@@ -184,6 +188,15 @@ class LocalFeatureExtractor:
     def _run(self, crops: list[torch.Tensor]) -> list[LocalFeatures]:
         """SIFT on crops: one by one, or as one zero-padded batch with validity masks (scale-space backend)."""
         model = self._sift()
+        threads = torch.get_num_threads()
+        if self.cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.cpu_threads)
+        try:
+            return self._describe(model, crops)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _describe(self, model: torch.nn.Module, crops: list[torch.Tensor]) -> list[LocalFeatures]:
         out = []
         with torch.inference_mode():
             if len(crops) == 1:
@@ -504,15 +517,31 @@ class GeometricVerification:
         inliers, so skipping them changes no ranking; they report 0). With the batched homography RANSAC, the
         surviving pairs of a query are estimated together.
         """
-        opts = self.match_options
         needed = sorted(set(ranking.reshape(-1).tolist()))
         gallery_feats = dict(
             zip(needed, self.extractor.extract([gallery_images[i] for i in needed], progress=self.progress))
         )
         query_feats = self.extractor.extract(list(query_images), progress=self.progress)
+        out = np.zeros(ranking.shape, dtype=np.int64)
+        threads = torch.get_num_threads()
+        if self.extractor.cpu_threads:  # small per-query batches: one thread is faster on a busy CPU
+            torch.set_num_threads(self.extractor.cpu_threads)
+        try:
+            self._verify(ranking, query_feats, gallery_feats, out)
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+    def _verify(
+        self,
+        ranking: np.ndarray,
+        query_feats: list[LocalFeatures],
+        gallery_feats: dict[int, LocalFeatures],
+        out: np.ndarray,
+    ) -> None:
+        opts = self.match_options
         min_matches = max(self.min_inliers, _MODELS[opts["model"]] + 1, 5)
         batched = opts["ransac"] == "batched" and opts["model"] == "homography"
-        out = np.zeros(ranking.shape, dtype=np.int64)
         for qi in tqdm(range(ranking.shape[0]), desc="geometric verification", disable=not self.progress):
             q_feats, cands = query_feats[qi], ranking[qi].tolist()
             idx = match_many(
@@ -533,7 +562,6 @@ class GeometricVerification:
             else:
                 counts = [self._kornia_count(src, dst) for src, dst in pairs]
             out[qi, cols] = counts
-        return out
 
     def _kornia_count(self, src: torch.Tensor, dst: torch.Tensor) -> int:
         opts = self.match_options
