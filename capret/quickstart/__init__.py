@@ -50,13 +50,16 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def _summary_line(key: str, result: dict[str, Any]) -> str:
+    """One printable line per stage: scalar results, and the metrics of nested tables (``geometric.map``)."""
     parts = []
     for name, value in result.items():
         if isinstance(value, float):
             parts.append(f"{name}={value:.4f}")
         elif isinstance(value, int | str) and len(str(value)) < 60:
             parts.append(f"{name}={value}")
-    return f"[{key}] " + ", ".join(parts[:8])
+        elif isinstance(value, dict) and "map" in value:
+            parts.append(f"{name}.map={value['map']:.4f}")
+    return f"[{key}] " + ", ".join(parts[:10])
 
 
 def run_quickstart(
