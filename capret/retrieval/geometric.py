@@ -392,7 +392,7 @@ class GeometricVerification:
         self.mode = mode
         self.blend_weight = blend_weight
         self.inlier_cap = inlier_cap
-        self.match_options = {
+        self.match_options: dict[str, Any] = {
             "matcher": matcher,
             "ratio": ratio,
             "model": model,

@@ -300,7 +300,7 @@ def _make_ivfpq(
     index = faiss.index_factory(dim, f"IVF{int(nlist)},PQ{int(m)}x{int(nbits)}", faiss.METRIC_INNER_PRODUCT)
     # Polysemous training (Hamming-compatible code ordering) is only useful for polysemous search, which we do
     # not use, and it dominates training time (seconds even for 1,000 vectors).
-    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # type: ignore[attr-defined]
     return FaissIndex(index, kind="ivfpq", dim=dim, nprobe=nprobe, max_train=max_train)
 
 
