@@ -52,3 +52,20 @@ def test_quickstart_unknown_stage(tmp_path, capsys: pytest.CaptureFixture[str]) 
 
     assert main(["quickstart", "--out", str(tmp_path), "--stages", "nope"]) == 2
     assert "unknown quickstart stage 'nope'" in capsys.readouterr().err
+
+
+def test_protocol_mode_rejects_rerank(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from capret.cli.eval import main
+
+    args = [
+        "--protocol",
+        "deepfashion2",
+        "--results",
+        "r.json",
+        "--query-gt",
+        "q.json",
+        "--gallery-gt",
+        "g.json",
+    ]
+    assert main([*args, "--rerank", "aqe"]) == 2
+    assert "--rerank needs features" in capsys.readouterr().err

@@ -25,6 +25,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         if value is None
     ]
+    if args.rerank is not None:
+        # A result file holds final rankings without features or images, so there is nothing to rerank with.
+        raise ConfigError(
+            "--rerank needs features: rerank before writing the result file, e.g. capret-eval --metric map "
+            "--checkpoint CKPT --dataset deepfashion2 --rerank NAME --out DIR (writes official-format results)"
+        )
     if missing:
         raise ConfigError(f"--protocol deepfashion2 needs {', '.join(missing)} (official-format JSON files)")
     ks = list(OFFICIAL_KS) if list(args.ks) == PARSER_DEFAULT_KS else sorted(set(args.ks))
