@@ -6,15 +6,22 @@ fashioniq|cirr|circo``. A *fuser* is any module ``fuse(image_features, text_feat
 :mod:`capret.engine.feature_cache`, so a gallery is encoded once per model (and preprocessing) even across
 runs, and :func:`capret.evaluation.cir.rank_gallery` turns queries into rankings chunk by chunk. The results are
 exactly what the metric functions and submission writers of :mod:`capret.evaluation.cir` take.
+
+Each benchmark has a ``*_search`` step (the global ranking, a :class:`CIRRanking`) and a conversion to the
+metric's input (``cirr_with_members``, ``circo_ids``, ``.names`` for FashionIQ); :func:`rerank_cir` sits between
+the two, so a reranker (:mod:`capret.retrieval.rerank`) reorders the head of the global ranking and the
+protocol-specific bookkeeping (CIRR's remaining ``img_set`` members) is applied to the reranked list.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,11 +33,18 @@ from capret.models.clip import ClipBundle
 __all__ = [
     "CIRRanking",
     "FeatureOptions",
+    "circo_ids",
     "circo_rankings",
+    "circo_search",
     "cirr_rankings",
+    "cirr_search",
+    "cirr_with_members",
     "compose_queries",
     "fashioniq_rankings",
+    "fashioniq_search",
+    "image_refs",
     "rank_cir_queries",
+    "rerank_cir",
 ]
 
 #: every official protocol reads at most the top 50 (R@50, CIRR/CIRCO submission files)
@@ -125,10 +139,68 @@ def rank_cir_queries(
     return CIRRanking(names=ranked, queries=queries, gallery=gallery_feats)
 
 
-def fashioniq_rankings(
+def rerank_cir(
+    result: CIRRanking,
+    *,
+    reranker: str,
+    topk: int,
+    query_images: Sequence[tuple[str, Any]] | None = None,
+    gallery_images: Sequence[tuple[str, Any]] | None = None,
+) -> tuple[CIRRanking, int, float]:
+    """Rerank the top ``topk`` of every global CIR ranking; the rest of each ranking keeps its order.
+
+    The reranker sees the composed queries as query features and the target-image features as the gallery
+    (both L2-normalised, as the transductive methods expect); ``query_images``/``gallery_images`` (``(path,
+    None)`` per query reference / gallery image) are for ``geometric``, which verifies the *reference* image
+    against each candidate. ``topk`` is capped at the shortest ranking (a gallery smaller than ``topk``).
+
+    Returns:
+        The reranked :class:`CIRRanking` (same queries and gallery), the number of head results reranked, and
+        the seconds the reranker took (feature lookups excluded, as in DeepFashion2 evaluation).
+    """
+    from capret.retrieval.rerank import create_reranker
+
+    if topk < 1:
+        raise ValueError(f"--rerank-topk must be >= 1, got {topk}")
+    num_q = len(result.names)
+    k_r = min([int(topk), *(len(row) for row in result.names)])
+    if num_q == 0 or k_r == 0:
+        return result, k_r, 0.0
+    index = {name: i for i, name in enumerate(result.gallery.names)}
+    head = torch.tensor([[index[name] for name in row[:k_r]] for row in result.names], dtype=torch.int64)
+    gallery = result.gallery.features.float()
+    queries = result.queries.float()
+    scores = torch.einsum("qd,qkd->qk", queries, gallery[head])
+    model = create_reranker(reranker)
+    start = time.perf_counter()
+    new_rank, _ = model.rerank(
+        ranking=head.numpy(),
+        scores=scores.numpy(),
+        query_features=queries.numpy(),
+        gallery_features=gallery.numpy(),
+        query_images=list(query_images) if query_images is not None else None,
+        gallery_images=list(gallery_images) if gallery_images is not None else None,
+    )
+    seconds = time.perf_counter() - start
+    reranked = torch.as_tensor(np.asarray(new_rank), dtype=torch.int64)
+    if reranked.shape != head.shape or not torch.equal(reranked.sort(1).values, head.sort(1).values):
+        raise ValueError(f"reranker {reranker!r} must return a permutation of each row's top {k_r}")
+    names = result.gallery.names
+    reordered = [
+        [names[i] for i in row] + list(old[k_r:]) for row, old in zip(reranked.tolist(), result.names)
+    ]
+    return CIRRanking(names=reordered, queries=result.queries, gallery=result.gallery), k_r, seconds
+
+
+def image_refs(dataset: Any, names: Sequence[str]) -> list[tuple[str, None]]:
+    """``(image path, None)`` per image name of a CIR dataset: whole images, for geometric verification."""
+    return [(str(dataset.image_path(name)), None) for name in names]
+
+
+def fashioniq_search(
     clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
-) -> list[list[str]]:
-    """Top-``k`` asins of the category gallery per triplet, in caption-file order (reference kept, as in
+) -> CIRRanking:
+    """Global top-``k`` ranking of the category gallery per triplet, in caption-file order (reference kept, as in
     CLIP4Cir's FashionIQ protocol); captions are paired ``"C1 and c2"``."""
     triplets = dataset.triplets
     return rank_cir_queries(
@@ -140,20 +212,22 @@ def fashioniq_rankings(
         load_image=dataset.load_image,
         k=k,
         options=options,
-    ).names
+    )
 
 
-def cirr_rankings(
+def fashioniq_rankings(
     clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
-) -> dict[int, list[str]]:
-    """pairid -> ranking over the whole split with the reference removed (CIRR protocol).
+) -> list[list[str]]:
+    """Top-``k`` asins of the category gallery per triplet (see :func:`fashioniq_search`)."""
+    return fashioniq_search(clip, fuser, dataset=dataset, k=k, options=options).names
 
-    Each ranking is the top ``k`` followed by the query's remaining ``img_set`` members in score order, so it
-    is a prefix of the full ranking *restricted* to what Recall_subset needs: both ``cirr_metrics`` and the
-    ``recall_subset`` submission writer can read it without ranking the whole gallery per query.
-    """
+
+def cirr_search(
+    clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
+) -> CIRRanking:
+    """Global top-``k`` ranking over the whole split per triplet, the reference removed (CIRR protocol)."""
     triplets = dataset.triplets
-    result = rank_cir_queries(
+    return rank_cir_queries(
         clip,
         fuser,
         references=[t.reference for t in triplets],
@@ -164,8 +238,18 @@ def cirr_rankings(
         exclude_reference=True,
         options=options,
     )
+
+
+def cirr_with_members(result: CIRRanking, *, dataset: Any) -> dict[int, list[str]]:
+    """pairid -> the ranking of ``result`` followed by the query's remaining ``img_set`` members.
+
+    The members not already listed are appended in descending similarity to the composed query, so the list
+    is a prefix of the full ranking *restricted* to what Recall_subset needs: both ``cirr_metrics`` and the
+    ``recall_subset`` submission writer can read it without ranking the whole gallery per query. After
+    reranking, the listed members keep the reranked order and the appended ones follow in score order.
+    """
     out: dict[int, list[str]] = {}
-    for i, (t, ranking) in enumerate(zip(triplets, result.names)):
+    for i, (t, ranking) in enumerate(zip(dataset.triplets, result.names)):
         listed = set(ranking)
         rest = [m for m in dict.fromkeys(t.members) if m != t.reference and m not in listed]
         if rest:
@@ -174,6 +258,48 @@ def cirr_rankings(
             ranking = ranking + [rest[j] for j in order]
         out[t.query_id] = ranking
     return out
+
+
+def cirr_rankings(
+    clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
+) -> dict[int, list[str]]:
+    """pairid -> ranking over the whole split with the reference removed (CIRR protocol): the top ``k`` then
+    the remaining ``img_set`` members (see :func:`cirr_with_members`)."""
+    result = cirr_search(clip, fuser, dataset=dataset, k=k, options=options)
+    return cirr_with_members(result, dataset=dataset)
+
+
+def circo_search(
+    clip: ClipBundle,
+    fuser: nn.Module,
+    *,
+    dataset: Any,
+    k: int = TOP_K,
+    exclude_reference: bool = False,
+    options: FeatureOptions | None = None,
+) -> CIRRanking:
+    """Global top-``k`` ranking of the gallery (names are COCO ids as strings) per query.
+
+    The official CIRCO evaluation (SEARLE's ``circo_compute_val_metrics``) ranks the whole gallery without
+    removing the reference, hence ``exclude_reference=False`` by default.
+    """
+    queries = dataset.queries
+    return rank_cir_queries(
+        clip,
+        fuser,
+        references=[str(q.reference) for q in queries],
+        captions=[q.caption for q in queries],
+        gallery=[str(g) for g in dataset.gallery],
+        load_image=lambda name: dataset.load_image(int(name)),
+        k=k,
+        exclude_reference=exclude_reference,
+        options=options,
+    )
+
+
+def circo_ids(result: CIRRanking, *, dataset: Any) -> dict[int, list[int]]:
+    """query id -> ranked COCO ids, what ``circo_metrics`` and the submission writer take."""
+    return {q.query_id: [int(n) for n in ranking] for q, ranking in zip(dataset.queries, result.names)}
 
 
 def circo_rankings(
@@ -185,22 +311,8 @@ def circo_rankings(
     exclude_reference: bool = False,
     options: FeatureOptions | None = None,
 ) -> dict[int, list[int]]:
-    """query id -> top-``k`` COCO ids of the gallery.
-
-    The official CIRCO evaluation (SEARLE's ``circo_compute_val_metrics``) ranks the whole gallery without
-    removing the reference, hence ``exclude_reference=False`` by default.
-    """
-    queries = dataset.queries
-    gallery = [str(g) for g in dataset.gallery]
-    result = rank_cir_queries(
-        clip,
-        fuser,
-        references=[str(q.reference) for q in queries],
-        captions=[q.caption for q in queries],
-        gallery=gallery,
-        load_image=lambda name: dataset.load_image(int(name)),
-        k=k,
-        exclude_reference=exclude_reference,
-        options=options,
+    """query id -> top-``k`` COCO ids of the gallery (see :func:`circo_search`)."""
+    result = circo_search(
+        clip, fuser, dataset=dataset, k=k, exclude_reference=exclude_reference, options=options
     )
-    return {q.query_id: [int(n) for n in ranking] for q, ranking in zip(queries, result.names)}
+    return circo_ids(result, dataset=dataset)
