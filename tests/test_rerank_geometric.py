@@ -12,6 +12,7 @@ from PIL import Image
 from skimage import data, transform
 
 from capret.retrieval.geometric import (
+    MIN_SIDE,
     LocalFeatureExtractor,
     LocalFeatureSettings,
     count_inliers,
@@ -171,3 +172,14 @@ def test_batched_ransac_agrees_with_kornia_ransac(photos: dict[str, str]) -> Non
     ]
     counts = ransac_homography_batch(pairs, threshold=3.0, hypotheses=2048)
     assert 60 <= counts[0] <= 64 and counts[1] <= 8, counts
+
+
+def test_tiny_images_are_upsampled_not_fatal(photos: dict[str, str], tmp_path: Path) -> None:
+    """A 24x40 placeholder (CIR test data) used to break SIFT's pyramid; it is upsampled to MIN_SIDE now."""
+    tiny = tmp_path / "tiny.png"
+    Image.open(photos[next(iter(photos))]).convert("RGB").resize((24, 40)).save(tiny)
+    crop = load_crop((str(tiny), None), margin=0.0, max_side=256)
+    assert min(crop.shape[-2:]) == MIN_SIDE
+    extractor = LocalFeatureExtractor(LocalFeatureSettings(extractor="sift", num_features=64), device="cpu")
+    feats = extractor.extract([(str(tiny), None), (str(tiny), [2, 2, 20, 30])])
+    assert all(f.keypoints.shape[1] == 2 for f in feats)

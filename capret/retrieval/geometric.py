@@ -77,6 +77,10 @@ class LocalFeatures(NamedTuple):
     descriptors: torch.Tensor  # [N, 128] float32
 
 
+#: shortest side a crop is upsampled to before SIFT (smaller ones break the scale-space pyramid)
+MIN_SIDE = 64
+
+
 def load_crop(ref: ImageRef, *, margin: float, max_side: int) -> torch.Tensor:
     """Grayscale ``[1, 1, H, W]`` float tensor in [0, 1] of the box crop of ``ref``, longest side <= max_side."""
     path, bbox = ref
@@ -102,6 +106,11 @@ def load_crop(ref: ImageRef, *, margin: float, max_side: int) -> torch.Tensor:
     if scale < 1.0:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BILINEAR)
+    if min(image.width, image.height) < MIN_SIDE:
+        # SIFT's scale-space pyramid halves the image several times and pads with reflection, which fails on
+        # a few-pixel octave; tiny crops are upsampled instead (they carry few keypoints either way).
+        up = MIN_SIDE / min(image.width, image.height)
+        image = image.resize((round(image.width * up), round(image.height * up)), Image.Resampling.BILINEAR)
     rgb = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return kornia.color.rgb_to_grayscale(rgb)
 
