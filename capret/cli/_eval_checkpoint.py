@@ -19,6 +19,38 @@ import numpy as np
 from capret.config import ConfigError
 
 
+def _pictures(args: argparse.Namespace, result: Any, *, ks: list[int]) -> dict[str, str]:
+    """Recall@k curve (before/after with --rerank) and a retrieval grid of the global ranking."""
+    from capret.data.deepfashion2 import image_path
+    from capret.evaluation.visualize import plot_recall_curve, plot_retrieval_grid
+
+    split = args.split or "validation"
+    metrics = result.metrics
+    sides = ("before", "after") if "before" in metrics else (None,)
+    curves = {
+        side or "recall@k": {k: (metrics[side] if side else metrics)[f"recall@{k}"] for k in ks}
+        for side in sides
+    }
+    top = min(5, len(result.gallery_items))
+    ranking = np.argsort(-(result.query_features @ result.gallery_features.T), axis=1, kind="stable")[:, :top]
+    hits = result.gallery_labels[ranking] == result.query_labels[:, None]
+
+    def refs(items: list[Any]) -> list[tuple[str, Any]]:
+        return [(str(image_path(args.root, split, it.image_id)), it.bbox) for it in items]
+
+    grid = plot_retrieval_grid(
+        args.out / "retrieval_grid.png",
+        query_images=refs(result.query_items),
+        gallery_images=refs(result.gallery_items),
+        ranking=ranking,
+        hits=hits,
+        k=top,
+        title=f"{args.checkpoint}: top-{top} of the global ranking, green = same identity",
+    )
+    recall = plot_recall_curve(args.out / "recall_at_k.png", curves)
+    return {"grid_png": str(grid), "recall_png": str(recall)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from capret.api import evaluate_items, load_model
 
@@ -72,6 +104,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         metrics.update({k: v for k, v in official.items() if k.startswith("official_")})
         metrics["results"] = str(args.out / "results.json")
+        if args.rerank:
+            # evaluate_gt_boxes ranks by the fused features; the reranked order is reported under "after".
+            metrics["official_ranking"] = "global (before --rerank)"
+        metrics.update(_pictures(args, result, ks=sorted(set(args.ks))))
         for name, array in (
             ("query_features", result.query_features),
             ("gallery_features", result.gallery_features),
