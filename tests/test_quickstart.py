@@ -31,7 +31,7 @@ def test_quickstart_stages_write_report(tmp_path: Path, capsys: pytest.CaptureFi
 @pytest.mark.slow
 def test_full_quickstart(tmp_path: Path) -> None:
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--train-seconds", "60"]) == 0
+    assert main(["quickstart", "--out", str(out)]) == 0  # the default 240 s budget: shorter runs are noisy
     report = json.loads((out / "report.json").read_text())
     assert {"data", "captions", "baseline", "dual_stream", "rerank"} <= set(report)
     assert report["dual_stream"]["map_after"] > report["dual_stream"]["map_before"]
