@@ -131,6 +131,8 @@ def test_eval_checkpoint_with_and_without_captions(
     for k in (1, 2, 4):  # with ground-truth boxes the official protocol must agree with R@k
         assert with_captions[f"official_top{k}"] == pytest.approx(with_captions[f"recall@{k}"])
     assert (setup["root"] / "eval" / "results.json").is_file()
+    for picture in ("grid_png", "recall_png"):
+        assert Path(with_captions[picture]).stat().st_size > 0
     assert main([*base, "--no-captions"]) == 0
     without = json.loads(capsys.readouterr().out)
     assert without["captions"] == "none" and 0.0 <= without["map"] <= 1.0
