@@ -178,7 +178,39 @@ def _signed_pow(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return x.sign() * x.abs().pow(alpha)
 
 
-class AlphaQueryExpansion:
+class FeatureReranker:
+    """Shared entry point of the rerankers that use global features only (``aqe``, ``superglobal``,
+    ``kreciprocal``): :meth:`rerank` validates and converts the inputs once, then :meth:`reorder` does the
+    method's own work on the checked tensors. Image references are accepted for the common protocol and ignored.
+    """
+
+    device: str | None = None
+
+    def rerank(
+        self,
+        *,
+        ranking: Any,
+        scores: Any,
+        query_features: Any,
+        gallery_features: Any,
+        query_images: list[ImageRef] | None = None,
+        gallery_images: list[ImageRef] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        inp = prepare_inputs(
+            ranking=ranking,
+            scores=scores,
+            query_features=query_features,
+            gallery_features=gallery_features,
+            device=self.device,
+        )
+        return self.reorder(inp)
+
+    def reorder(self, inp: RerankInputs) -> tuple[np.ndarray, np.ndarray]:
+        """The reordered ``(ranking, scores)`` as numpy arrays of the input's shape."""
+        raise NotImplementedError
+
+
+class AlphaQueryExpansion(FeatureReranker):
     """αQE with database-side augmentation, fast-reid style (``aqe``: k=10, α=3, one round).
 
     Queries and gallery items are pooled into one set; every descriptor is replaced by the mean of its ``k``
@@ -216,23 +248,7 @@ class AlphaQueryExpansion:
         feats = torch.nn.functional.normalize(feats, dim=1)
         return feats[: queries.shape[0]], feats[queries.shape[0] :]
 
-    def rerank(
-        self,
-        *,
-        ranking: Any,
-        scores: Any,
-        query_features: Any,
-        gallery_features: Any,
-        query_images: list[ImageRef] | None = None,
-        gallery_images: list[ImageRef] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        inp = prepare_inputs(
-            ranking=ranking,
-            scores=scores,
-            query_features=query_features,
-            gallery_features=gallery_features,
-            device=self.device,
-        )
+    def reorder(self, inp: RerankInputs) -> tuple[np.ndarray, np.ndarray]:
         q, g = self.expand(inp.query_features, inp.gallery_features)
         return sort_rows(inp.ranking, candidate_scores(q, g, inp.ranking))
 
@@ -242,7 +258,7 @@ def _make_aqe(k: int = 10, alpha: float = 3.0, iterations: int = 1, device: str 
     return AlphaQueryExpansion(k=k, alpha=alpha, iterations=iterations, device=device)
 
 
-class SuperGlobalRerank:
+class SuperGlobalRerank(FeatureReranker):
     """SuperGlobal reranking (Shao et al., "Global Features are All You Need for Image Retrieval and
     Reranking", ICCV 2023): MDescAug followed by RerankwMDA, defaults M=400, K=9, β=0.15.
 
@@ -286,23 +302,7 @@ class SuperGlobalRerank:
         pooled = aug.gather(1, best[:, :, None].expand(-1, -1, aug.shape[2])).max(dim=1).values  # x̂ [c, D]
         return (s + torch.einsum("cd,cmd->cm", pooled, aug)) / 2.0
 
-    def rerank(
-        self,
-        *,
-        ranking: Any,
-        scores: Any,
-        query_features: Any,
-        gallery_features: Any,
-        query_images: list[ImageRef] | None = None,
-        gallery_images: list[ImageRef] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        inp = prepare_inputs(
-            ranking=ranking,
-            scores=scores,
-            query_features=query_features,
-            gallery_features=gallery_features,
-            device=self.device,
-        )
+    def reorder(self, inp: RerankInputs) -> tuple[np.ndarray, np.ndarray]:
         m = min(self.m, inp.topk)
         head = inp.ranking[:, :m]
         new = torch.empty(head.shape, dtype=torch.float32, device=head.device)
@@ -346,7 +346,7 @@ def _rows_contain(table: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
     return (table[rows] == targets[:, None, None]).any(-1)
 
 
-class KReciprocalRerank:
+class KReciprocalRerank(FeatureReranker):
     """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal
     Encoding", CVPR 2017), defaults k1=20, k2=6, λ=0.3.
 
@@ -459,23 +459,7 @@ class KReciprocalRerank:
             out[rows] = (1.0 - self.lambda_value) * jaccard + self.lambda_value * original
         return out
 
-    def rerank(
-        self,
-        *,
-        ranking: Any,
-        scores: Any,
-        query_features: Any,
-        gallery_features: Any,
-        query_images: list[ImageRef] | None = None,
-        gallery_images: list[ImageRef] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        inp = prepare_inputs(
-            ranking=ranking,
-            scores=scores,
-            query_features=query_features,
-            gallery_features=gallery_features,
-            device=self.device,
-        )
+    def reorder(self, inp: RerankInputs) -> tuple[np.ndarray, np.ndarray]:
         final = self.distances(inp.query_features, inp.gallery_features, inp.ranking)
         return sort_rows(inp.ranking, -final)
 
