@@ -13,7 +13,7 @@ __all__ = ["__version__", "load_model"]
 
 
 def load_model(path: Any, *, device: Any = None) -> Any:
-    """Load a trained capret model folder for feature extraction (see :func:`capret.api.load_model`)."""
-    from capret.api import load_model as _load_model
+    """Load a trained capret model folder for feature extraction (see :func:`capret.inference.dualstream.load_model`)."""
+    from capret.inference.dualstream import load_model as _load_model
 
     return _load_model(path, device=device)

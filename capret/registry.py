@@ -7,6 +7,7 @@ lists the valid names.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -18,9 +19,12 @@ __all__ = ["Registry"]
 class Registry(Generic[T]):
     """Maps names to factories of one family."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, *, lazy_modules: dict[str, str] | None = None) -> None:
+        """``lazy_modules`` maps a name to the module that registers it on import, so heavy members (training
+        tasks) are imported only when asked for and ``--help`` stays fast."""
         self.family = family
         self._entries: dict[str, Callable[..., T]] = {}
+        self._lazy = dict(lazy_modules or {})
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator that registers a factory under ``name``; a duplicate name is an error."""
@@ -34,18 +38,20 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> Callable[..., T]:
+        if name not in self._entries and name in self._lazy:
+            importlib.import_module(self._lazy[name])
         try:
             return self._entries[name]
         except KeyError:
             raise KeyError(
-                f"unknown {self.family} {name!r}; valid names: {', '.join(sorted(self._entries)) or '(none)'}"
+                f"unknown {self.family} {name!r}; valid names: {', '.join(self.names()) or '(none)'}"
             ) from None
 
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(set(self._entries) | set(self._lazy))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._lazy

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import print_json, run_guarded
 from capret.config import ConfigError, cfg, from_dict, load_config, to_dict
+from capret.console import print_json, run_guarded
 from captioning.loop import LoopConfig
 
 __all__ = ["CaptionConfig", "OpenAIOptions", "TransformersOptions", "build_parser", "main", "run"]

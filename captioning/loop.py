@@ -23,8 +23,9 @@ from typing import Any, Literal
 from PIL import Image, ImageDraw
 
 from capret.config import cfg
-from captioning.backends import CaptionBackend
+from captioning.backends.base import CaptionBackend
 from captioning.prompts import PromptSet
+from captioning.text import is_uninformative
 from captioning.types import QA, ChatRequest, Generation, ItemContext, VisualQuery
 
 __all__ = [
@@ -100,11 +101,6 @@ _LEADING_LABEL = re.compile(r"^\s*(answer|a|question|q|next question|description
 _YES_NO_START = re.compile(
     r"^(is|are|was|were|does|do|did|has|have|had|can|could|will|would|should|shall|may|might|must)\b", re.I
 )
-_UNSURE = re.compile(
-    r"^(not sure|unsure|i am not sure|i'm not sure|i do not know|i don't know|unknown|no answer|n/?a|"
-    r"cannot tell|can't tell|it is not clear|unclear|hard to tell|none)\b",
-    re.I,
-)
 
 
 def trim_answer(text: str) -> str:
@@ -156,12 +152,6 @@ def is_yes_no(question: str) -> bool:
     """Questions opening with an auxiliary verb ("Is it red?") invite yes/no, unless they offer a choice."""
     text = question.strip()
     return bool(_YES_NO_START.match(text)) and " or " not in f" {text.lower()} "
-
-
-def is_uninformative(answer: str) -> bool:
-    """Empty or "not sure"-style answers, which the summary must ignore."""
-    text = answer.strip().strip(".!").strip()
-    return not text or bool(_UNSURE.match(text))
 
 
 # --- views ----------------------------------------------------------------------------------------------

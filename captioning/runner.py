@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from captioning.backends import CaptionBackend
+from captioning.backends.base import CaptionBackend
 from captioning.loop import CaptionResult, CaptionTask, LoopConfig, caption_batch
 from captioning.prompts import PromptSet
 from captioning.sources import CaptionTarget

@@ -1,4 +1,4 @@
-"""Task ``dualstream`` trained through ``capret.engine.dualstream_task.run``; started under torchrun by
+"""Task ``dualstream`` trained through ``capret.tasks.dualstream.run``; started under torchrun by
 ``test_dualstream_ddp.py`` (and called in-process there for the single-process reference).
 
 Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/_dualstream_ddp_worker.py CONFIG OUTPUT_DIR P``.
@@ -21,7 +21,7 @@ def main(config_path: str, output_dir: str, p: str | int) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from capret.config import load_config
     from capret.engine.distributed import cleanup_distributed, init_distributed
-    from capret.engine.dualstream_task import DualStreamConfig, run
+    from capret.tasks.dualstream import DualStreamConfig, run
 
     torch.set_num_threads(1)
     config = load_config(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from captioning_helpers import write_deepfashion2
 
+from capret.testing import ChatServer
 from captioning.cli import main
-from captioning.loopback import ChatServer
 from captioning.sources import create_source, parse_shard, select_shard, shard_of
 from captioning.store import failures_path, iter_records, read_captions, read_records
 

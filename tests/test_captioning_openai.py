@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from capret.testing import ChatServer
 from captioning.backends import create_backend
 from captioning.loop import CaptionTask, LoopConfig, caption_batch
-from captioning.loopback import ChatServer
 from captioning.prompts import get_prompt_set
 from captioning.types import ChatRequest, ItemContext
 

@@ -65,8 +65,8 @@ def _full_reranked(
     ckpt: Path, ds, *, exclude_reference: bool, reranker: str, topk: int, must_change: bool = True
 ) -> list[list[str]]:
     """Whole-gallery ranking per query, its top ``topk`` reordered by ``reranker``."""
-    from capret.cli._eval_cir import load_cir_model
-    from capret.engine.cir_inference import rank_cir_queries
+    from capret.inference.cir import rank_cir_queries
+    from capret.inference.loading import load_cir_model
     from capret.retrieval.rerank import create_reranker
 
     clip, fuser, _ = load_cir_model(ckpt)

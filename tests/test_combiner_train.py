@@ -22,7 +22,7 @@ from tiny_cir import make_tiny_clip, write_circo, write_cirr, write_fashioniq  #
 from capret.cli import eval as eval_cli  # noqa: E402
 from capret.cli import train as train_cli  # noqa: E402
 from capret.config import load_config  # noqa: E402
-from capret.engine.combiner_task import CombinerTask, CombinerTaskConfig  # noqa: E402
+from capret.tasks.combiner import CombinerTask, CombinerTaskConfig  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.amp='off'", "trainer.num_workers=0"]
@@ -109,8 +109,8 @@ def test_both_stages_lower_the_loss(cirr_runs):
 
 
 def test_stage2_starts_from_stage1_weights(cirr_runs):
-    from capret.cli._eval_cir import load_cir_model
     from capret.engine.checkpoint import load_model_weights
+    from capret.inference.loading import load_cir_model
     from capret.models.clip import load_clip
 
     out = cirr_runs["out"]

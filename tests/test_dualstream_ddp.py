@@ -109,7 +109,7 @@ def _config(root: Path) -> Path:
 def _captioned_per_rank(config: Path) -> list[list[int]]:
     """Captioned items per step (epochs 0 and 1) on each of the two ranks."""
     from capret.config import load_config
-    from capret.engine.dualstream_task import DualStreamConfig, DualStreamTask
+    from capret.tasks.dualstream import DualStreamConfig, DualStreamTask
 
     counts = []
     for rank in range(2):
@@ -162,7 +162,7 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
     # the run really trained: the final weights are not the common initialisation
     from capret.config import load_config
     from capret.engine.checkpoint import seed_everything
-    from capret.engine.dualstream_task import DualStreamConfig, DualStreamTask
+    from capret.tasks.dualstream import DualStreamConfig, DualStreamTask
 
     seed_everything(0)
     init = DualStreamTask(load_config(DualStreamConfig, config, [])).build_model().state_dict()

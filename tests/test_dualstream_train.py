@@ -141,7 +141,7 @@ def test_eval_checkpoint_with_and_without_captions(
 
 def test_resume_continues_the_same_loss_curve(setup: dict[str, Path], tmp_path: Path) -> None:
     from capret.config import load_config
-    from capret.engine.dualstream_task import DualStreamConfig, run
+    from capret.tasks.dualstream import DualStreamConfig, run
 
     common = ["trainer.max_steps=6", "trainer.save_every=3", "data.val_split=", "trainer.keep_last=0"]
     straight = load_config(

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from skimage import data, transform
 
-from capret.retrieval.geometric import (
+from capret.retrieval.rerank import create_reranker
+from capret.retrieval.rerank.geometric import (
     MIN_SIDE,
     LocalFeatureExtractor,
     LocalFeatureSettings,
@@ -21,7 +22,6 @@ from capret.retrieval.geometric import (
     match_many,
     ransac_homography_batch,
 )
-from capret.retrieval.rerank import create_reranker
 
 _H = np.array([[0.92, 0.12, 12.0], [-0.06, 1.02, 6.0], [3e-4, 2e-4, 1.0]])
 

@@ -20,7 +20,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def make_tiny_clip(directory: str | Path, *, texts: list[str] | None = None, seed: int = 0) -> Path:
     """A tiny random CLIP + trained tokenizer + image processor in ``from_pretrained`` layout."""
-    from capret.models.clip import save_random_clip
+    from capret.testing import save_random_clip
 
     corpus = texts or [
         "is shiny and silver with shorter sleeves",

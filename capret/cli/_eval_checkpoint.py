@@ -52,7 +52,7 @@ def _pictures(args: argparse.Namespace, result: Any, *, ks: list[int]) -> dict[s
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from capret.api import evaluate_items, load_model
+    from capret.inference.dualstream import evaluate_items, load_model
 
     if args.dataset not in ("deepfashion2", "demo"):
         raise ConfigError(

@@ -24,7 +24,6 @@ exists, else the COCO image-info file under the root, else every ``*.jpg`` in th
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from capret.config import ConfigError, from_dict
-from capret.engine.checkpoint import load_model_weights
-from capret.engine.cir_inference import (
+from capret.config import ConfigError
+from capret.inference.cir import (
     TOP_K,
     CIRRanking,
     FeatureOptions,
@@ -46,49 +44,11 @@ from capret.engine.cir_inference import (
     image_refs,
     rerank_cir,
 )
-from capret.engine.combiner_task import CombinerTaskConfig, build_fuser, load_task_clip
+from capret.inference.loading import load_cir_model
+from capret.io import atomic_write_json, resolve_model_folder
 from capret.models.clip import ClipBundle
 
 _SPLITS = {"fashioniq": ("val", "test"), "cirr": ("val", "test", "test1"), "circo": ("val", "test")}
-
-
-def _checkpoint_folder(path: Path) -> Path:
-    """A checkpoint folder; a run folder resolves to its ``best/`` (else its latest checkpoint)."""
-    if (path / "checkpoint.json").is_file():
-        return path
-    from capret.engine.checkpoint import find_latest_checkpoint
-
-    if (path / "best" / "checkpoint.json").is_file():
-        return path / "best"
-    latest = find_latest_checkpoint(path) if path.is_dir() else None
-    if latest is None:
-        raise FileNotFoundError(
-            f"--checkpoint {path}: not a checkpoint folder (no checkpoint.json) nor a run folder with best/ or "
-            "checkpoints/step_*"
-        )
-    return latest
-
-
-def load_cir_model(
-    checkpoint: Path, *, device: str | torch.device = "cpu"
-) -> tuple[ClipBundle, nn.Module, CombinerTaskConfig]:
-    """CLIP and fuser of a ``combiner`` checkpoint, with the config its sidecar recorded."""
-    sidecar = json.loads((checkpoint / "checkpoint.json").read_text())
-    task = (sidecar.get("config") or {}).get("task") or {}
-    if task.get("task") != "combiner":
-        raise ConfigError(
-            f"{checkpoint}: sidecar task is {task.get('task')!r}; CIR evaluation needs a 'combiner' checkpoint"
-        )
-    config = from_dict(CombinerTaskConfig, task)
-    if config.stage == 1:
-        clip = load_task_clip(config, device=device)
-        load_model_weights(clip, checkpoint, device=device)
-        fuser = build_fuser(config, clip.feature_dim)
-    else:
-        clip = load_task_clip(config, device=device)  # pretrained or stage-1 weights, as in training
-        fuser = build_fuser(config, clip.feature_dim)
-        load_model_weights(fuser, checkpoint, device=device)
-    return clip.eval(), fuser.to(device).eval(), config
 
 
 def _circo_gallery(args: argparse.Namespace, root: Path) -> list[int] | str | Path | None:
@@ -106,14 +66,6 @@ def _circo_gallery(args: argparse.Namespace, root: Path) -> list[int] | str | Pa
             f"CIRCO gallery: no --gallery-ids, no {root / IMAGE_INFO} and no <id>.jpg images in {folder}"
         )
     return ids
-
-
-def _write_json(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-    return path
 
 
 @dataclass
@@ -192,7 +144,7 @@ def _fashioniq(job: _Job) -> tuple[_Outcome, Any, list[str]]:
     if args.split == "test":  # no public targets and no server: write the rankings themselves
         files = [
             str(
-                _write_json(
+                atomic_write_json(
                     job.out / f"fashioniq_{c}_test_rankings.json",
                     {str(i): r[:TOP_K] for i, r in enumerate(ranks)},
                 )
@@ -289,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.rerank is not None and int(args.rerank_topk) < 1:
         raise ConfigError(f"--rerank-topk must be >= 1, got {args.rerank_topk}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint = _checkpoint_folder(Path(args.checkpoint))
+    checkpoint = resolve_model_folder(Path(args.checkpoint))
     clip, fuser, config = load_cir_model(checkpoint, device=device)
     default_out = (
         checkpoint.parent / f"{checkpoint.name}_eval_{args.dataset}_{split}"
@@ -310,5 +262,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "metrics": metrics,
         "files": files,
     }
-    _write_json(out / "metrics.json", result)
+    atomic_write_json(out / "metrics.json", result)
     return result

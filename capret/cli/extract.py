@@ -84,8 +84,8 @@ def list_images(source: Path) -> tuple[list[Path], list[str]]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from capret.api import load_model
     from capret.data.captions import load_caption_map
+    from capret.inference.dualstream import load_model
 
     if args.batch_size < 1 or args.shard_size < 1:
         raise ConfigError(

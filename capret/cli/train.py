@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from capret.config import to_dict
-    from capret.engine.tasks import get_task
+    from capret.tasks.registry import get_task
 
     if args.config is None:
         raise ConfigError("--config is required (see configs/*.yaml)")

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from capret.data.caption_records import read_captions
 from capret.data.deepfashion2 import Item
 
 __all__ = ["CaptionJoin", "join_captions", "load_caption_map"]
@@ -31,13 +32,12 @@ class CaptionJoin:
 
 
 def load_caption_map(source: str | Path | Mapping[str, str]) -> dict[str, str]:
-    """A key -> caption dict from a caption-store JSONL path (read with ``captioning.store``) or a mapping."""
+    """A key -> caption dict from a caption-store JSONL path (read with :mod:`capret.data.caption_records`) or a mapping."""
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"caption store {path} does not exist")
-    from captioning.store import read_captions
 
     return read_captions(path)
 

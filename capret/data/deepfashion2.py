@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from capret.io import atomic_write
+
 __all__ = [
     "CATEGORIES", "KEYPOINT_COUNTS", "KEYPOINT_OFFSETS", "NUM_KEYPOINT_SLOTS", "Item", "ProtocolSide",
     "build_retrieval_ground_truth", "crop_item", "gt_box_protocol", "image_path", "items_from_ground_truth",
@@ -322,13 +324,14 @@ def _write_index(path: Path, items: Sequence[Item], signature: tuple[int, int]) 
     }
     for name in _ATTRS:
         columns[name] = np.asarray([getattr(it, name) for it in items], dtype=np.int8)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, **columns)
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write DeepFashion2 index cache {path}: {exc}", stacklevel=3)
 
 

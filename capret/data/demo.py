@@ -17,7 +17,6 @@ by ``(seed, identity)`` and JPEGs are written with a fixed quality.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from capret.data.deepfashion2 import CATEGORIES, KEYPOINT_COUNTS, build_retrieval_ground_truth, load_items
+from capret.io import atomic_write_json
 
 __all__ = [
     "CLUTTER_PHOTOS",
@@ -496,8 +496,6 @@ def build_demo_dataset(
         "gallery_items": len(gallery_gt),
         "photos": sorted({p["photo"] for p in manifest}),
     }
-    tmp = root / (MARKER_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, root / MARKER_FILE)
+    atomic_write_json(root / MARKER_FILE, summary, indent=1)
     (root / _BUILDING_FILE).unlink()
     return summary

@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from capret.losses.gather import all_gather_sizes, all_gather_with_grad  # noqa: F401  (re-exported)
+
 __all__ = [
     "DistContext",
     "all_gather_object",
@@ -135,64 +137,6 @@ def cleanup_distributed(ctx: DistContext) -> None:
     """Destroy the process group if :func:`init_distributed` created it."""
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def all_gather_sizes(rows: int, *, world_size: int, device: torch.device, group: Any = None) -> list[int]:
-    """Every rank's row count (ranks may hold different numbers of rows, e.g. captioned items only)."""
-    if world_size == 1:
-        return [rows]
-    local = torch.tensor([rows], dtype=torch.long, device=device)
-    parts = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(parts, local, group=group)
-    return [int(p.item()) for p in parts]
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather of variable-length row blocks; backward sums the gradients of all ranks, keeps the local slice."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, tensor: torch.Tensor, rank: int, world_size: int, group: Any, sizes: list[int]
-    ) -> torch.Tensor:
-        ctx.group, ctx.offset, ctx.rows = group, sum(sizes[:rank]), tensor.shape[0]
-        longest = max(sizes)
-        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world_size)]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad.narrow(0, ctx.offset, ctx.rows), None, None, None, None
-
-
-def all_gather_with_grad(
-    tensor: torch.Tensor,
-    *,
-    rank: int,
-    world_size: int,
-    group: Any = None,
-    sizes: list[int] | None = None,
-) -> torch.Tensor:
-    """Concatenate every rank's rows of ``tensor`` along dim 0, in rank order.
-
-    Ranks may hold different numbers of rows (``sizes``, gathered first when not given; pass them when you also
-    need them, as ITC does for its targets). Gradients flow back to the local slice and include every rank's use
-    of it (see the module docstring). With ``world_size == 1`` the tensor is returned unchanged. This is a
-    module-level function so that tests monkeypatch it to simulate several ranks in one process.
-    """
-    if world_size == 1:
-        return tensor
-    if sizes is None:
-        sizes = all_gather_sizes(tensor.shape[0], world_size=world_size, device=tensor.device, group=group)
-    if len(sizes) != world_size or sizes[rank] != tensor.shape[0]:
-        raise ValueError(
-            f"sizes {sizes} do not match world_size={world_size} and {tensor.shape[0]} local rows"
-        )
-    return _GatherWithGrad.apply(tensor, rank, world_size, group, list(sizes))
 
 
 def all_reduce_mean(tensor: torch.Tensor, *, world_size: int, group: Any = None) -> torch.Tensor:

@@ -23,7 +23,6 @@ each query's reference image (CIRR) when asked.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -31,6 +30,8 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from capret.io import atomic_write_json
 
 __all__ = [
     "circo_metrics",
@@ -115,16 +116,6 @@ def _check_unique(ranking: Sequence[Any], *, what: str) -> None:
 def _check_length(ranking: Sequence[Any], need: int, *, what: str, note: str = "") -> None:
     if len(ranking) < need:
         raise ValueError(f"{what}: ranking has {len(ranking)} entries{note}, need at least {need}")
-
-
-def _atomic_write_json(path: Path | str, payload: Mapping[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
-    return path
 
 
 def _recall_at_ks(target_positions: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
@@ -222,7 +213,7 @@ def write_circo_submission(
         _check_unique(ranking, what=f"CIRCO query {qid}")
         _check_length(ranking, CIRCO_TOP, what=f"CIRCO query {qid}")
         payload[str(qid)] = ranking[:CIRCO_TOP]
-    return _atomic_write_json(path, payload)
+    return atomic_write_json(path, payload)
 
 
 # ----------------------------------------------------------------------------------------------- CIRR
@@ -337,7 +328,7 @@ def write_cirr_submission(
             )
             _check_length(subset, CIRR_TOP_SUBSET, what=f"CIRR pairid {pairid} subset")
             payload[str(pairid)] = subset[:CIRR_TOP_SUBSET]
-    return _atomic_write_json(path, payload)
+    return atomic_write_json(path, payload)
 
 
 # ----------------------------------------------------------------------------------------------- FashionIQ

@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from capret.io import atomic_write_json
+
 __all__ = [
     "OFFICIAL_KS",
     "IOU_THRESHOLD",
@@ -474,13 +476,7 @@ def write_retrieval_results(
         }
         for i in range(n)
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(records, fh)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, records)
 
 
 def items_to_ground_truth(

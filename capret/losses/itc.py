@@ -6,7 +6,7 @@ cross-entropy against the matching pair, in both directions, and the two directi
 initialises the learnable temperature at 0.07 and clamps it to [0.001, 0.5] before each use; we do the same.
 
 Under DDP each rank scores its *local* rows against the columns gathered from all ranks
-(``capret.engine.distributed.all_gather_with_grad``, looked up at call time so tests can monkeypatch it, or any
+(``capret.losses.gather.all_gather_with_grad``, looked up at call time so tests can monkeypatch it, or any
 ``gather`` passed in). Rank, world size and process group are arguments, never globals. Because the gather's
 backward sums gradients over ranks, DDP's gradient averaging yields exactly the gradient of the loss averaged
 over the global batch (``tests/test_ddp.py``). Ranks may pass different numbers of rows (even none), but every
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capret.engine import distributed as _dist
+import capret.losses.gather as _dist
 
 __all__ = ["ITCLoss", "itc_loss"]
 

@@ -1,21 +1,19 @@
-"""Hugging Face CLIP behind one small wrapper, plus randomly initialised CLIPs for tests and benchmarks.
+"""Hugging Face CLIP behind one small wrapper.
 
 :func:`load_clip` returns a :class:`ClipBundle`: the ``CLIPModel`` *with* its tokenizer and its image
 preprocessing (target-pad or square-pad followed by CLIP's resize/crop/normalisation, as in CLIP4Cir,
 Baldrati et al. 2022, Sec. 3.3), so no caller rebuilds normalisation. Any CLIP size works because the
 architecture is read from the checkpoint's ``config.json``; a hub id or a local folder is accepted.
 
-These machines cannot reach the model hub, so tests and benchmarks use :func:`save_random_clip`, which builds
-a CLIP of a named size preset with random weights and a BPE tokenizer trained on the fly, saves it in the
-``from_pretrained`` layout, and lets the exact same :func:`load_clip` path load it.
+Tests and benchmarks use :func:`capret.testing.save_random_clip` (random weights, a tokenizer trained on the
+fly, saved in the ``from_pretrained`` layout), so the exact same :func:`load_clip` path loads it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,13 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "CLIP_PRESETS",
+    "CLIP_MEAN",
+    "CLIP_STD",
     "ClipBundle",
-    "ClipPreset",
-    "build_random_clip",
     "load_clip",
-    "save_random_clip",
-    "train_tokenizer",
 ]
 
 PadMode = Literal["targetpad", "squarepad", "none"]
@@ -38,189 +33,6 @@ PadMode = Literal["targetpad", "squarepad", "none"]
 #: CLIP's own normalisation statistics (openai/CLIP ``_transform``), used when a folder has no image processor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-UNK_TOKEN = "<|unk|>"
-
-
-@dataclass(frozen=True)
-class ClipPreset:
-    """Architecture of a CLIP size (the numbers of the public checkpoints' ``config.json``)."""
-
-    text_width: int  # transformer width of the text tower
-    text_layers: int  # number of text transformer blocks
-    text_heads: int  # attention heads in the text tower
-    context_length: int  # maximum number of tokens (77 for every OpenAI CLIP)
-    vision_width: int  # transformer width of the ViT image tower
-    vision_layers: int  # number of ViT blocks
-    vision_heads: int  # ViT attention heads
-    image_size: int  # input resolution in pixels
-    patch_size: int  # ViT patch size in pixels
-    embed_dim: int  # joint embedding size (the ``d`` of the Combiner)
-
-
-CLIP_PRESETS: dict[str, ClipPreset] = {
-    # a few thousand parameters: builds and runs a training step on CPU in milliseconds
-    "tiny": ClipPreset(
-        text_width=32,
-        text_layers=2,
-        text_heads=2,
-        context_length=32,
-        vision_width=32,
-        vision_layers=2,
-        vision_heads=2,
-        image_size=32,
-        patch_size=8,
-        embed_dim=24,
-    ),
-    # openai/clip-vit-base-patch32
-    "vit-b-32": ClipPreset(
-        text_width=512,
-        text_layers=12,
-        text_heads=8,
-        context_length=77,
-        vision_width=768,
-        vision_layers=12,
-        vision_heads=12,
-        image_size=224,
-        patch_size=32,
-        embed_dim=512,
-    ),
-    # openai/clip-vit-large-patch14
-    "vit-l-14": ClipPreset(
-        text_width=768,
-        text_layers=12,
-        text_heads=12,
-        context_length=77,
-        vision_width=1024,
-        vision_layers=24,
-        vision_heads=16,
-        image_size=224,
-        patch_size=14,
-        embed_dim=768,
-    ),
-}
-
-
-def _preset(name: str) -> ClipPreset:
-    if name not in CLIP_PRESETS:
-        raise KeyError(f"unknown CLIP preset {name!r}; valid presets: {', '.join(sorted(CLIP_PRESETS))}")
-    return CLIP_PRESETS[name]
-
-
-def build_random_clip(
-    preset: str = "tiny", *, vocab_size: int = 49408, special_ids: dict[str, int] | None = None, seed: int = 0
-) -> Any:
-    """A randomly initialised ``CLIPModel`` of a preset size (no download).
-
-    ``special_ids`` gives the ``bos``/``eos``/``pad`` token ids of the tokenizer the model will be used with;
-    the text tower pools at the first ``eos`` token, so a wrong id would pool at the wrong position.
-    """
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-
-    p = _preset(preset)
-    ids = special_ids or {"bos": 49406, "eos": 49407, "pad": 1}
-    text = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=p.text_width,
-        intermediate_size=4 * p.text_width,
-        num_hidden_layers=p.text_layers,
-        num_attention_heads=p.text_heads,
-        max_position_embeddings=p.context_length,
-        projection_dim=p.embed_dim,
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        pad_token_id=ids["pad"],
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=p.vision_width,
-        intermediate_size=4 * p.vision_width,
-        num_hidden_layers=p.vision_layers,
-        num_attention_heads=p.vision_heads,
-        image_size=p.image_size,
-        patch_size=p.patch_size,
-        projection_dim=p.embed_dim,
-    )
-    config = CLIPConfig(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=p.embed_dim
-    )
-    torch.manual_seed(seed)
-    return CLIPModel(config).eval()
-
-
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, context_length: int = 77) -> Any:
-    """A byte-level BPE tokenizer trained on ``texts``, wrapped as ``PreTrainedTokenizerFast``.
-
-    It mimics CLIP's tokenizer where it matters to the model: lower-casing, ``<|startoftext|>`` and
-    ``<|endoftext|>`` around every sequence, and a maximum length equal to the text context.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN]
-    tok = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    bos, eos = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOS_TOKEN)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
-        special_tokens=[(BOS_TOKEN, bos), (EOS_TOKEN, eos)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
-        model_max_length=context_length,
-    )
-
-
-def save_random_clip(
-    out_dir: str | Path,
-    *,
-    preset: str = "tiny",
-    texts: Sequence[str] = (),
-    vocab_size: int = 512,
-    seed: int = 0,
-) -> Path:
-    """Write a random CLIP, a freshly trained tokenizer and a CLIP image processor to ``out_dir``.
-
-    The folder has the layout of a hub checkpoint, so ``load_clip(out_dir)`` exercises the real loading path.
-    """
-    from transformers import CLIPImageProcessor
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    p = _preset(preset)
-    corpus = list(texts) or ["a photo of a red dress with short sleeves", "a blue shirt", "two dogs on grass"]
-    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, context_length=p.context_length)
-    special = {
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-        "pad": tokenizer.pad_token_id,
-    }
-    model = build_random_clip(preset, vocab_size=len(tokenizer), special_ids=special, seed=seed)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": p.image_size},
-        crop_size={"height": p.image_size, "width": p.image_size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    processor.save_pretrained(out)
-    return out
 
 
 class ClipBundle(nn.Module):

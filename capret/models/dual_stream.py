@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capret.config import cfg, from_dict, to_dict
+from capret.io import atomic_write, atomic_write_json
 from capret.models.encoders import EncoderOutput, TextEncoder, VisualEncoder, create_encoder, minilm_dir
 
 __all__ = [
@@ -311,11 +312,12 @@ class DualStreamModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         config = self.portable_config(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = directory / (MODEL_WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp), metadata={"format": MODEL_FORMAT})
-        tmp.replace(directory / MODEL_WEIGHTS_FILE)
+        atomic_write(
+            directory / MODEL_WEIGHTS_FILE,
+            lambda tmp: save_file(state, str(tmp), metadata={"format": MODEL_FORMAT}),
+        )
         meta = {"format": MODEL_FORMAT, "config": to_dict(config)}
-        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        atomic_write_json(directory / MODEL_CONFIG_FILE, meta, indent=2)
         return directory
 
     def portable_config(self, directory: Path) -> DualStreamModelConfig:

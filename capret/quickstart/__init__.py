@@ -9,12 +9,12 @@ so an interrupted quickstart keeps what it finished.
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from capret.io import atomic_write_json
 
 __all__ = ["STAGES", "QuickstartContext", "run_quickstart"]
 
@@ -38,15 +38,6 @@ class QuickstartContext:
     train_seconds: float | None = None  # training budget override (None: the stage's default)
     state: dict[str, Any] = field(default_factory=dict)  # artefacts handed from stage to stage
     report: dict[str, Any] = field(default_factory=dict)  # the report so far (read-only for stages)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _summary_line(key: str, result: dict[str, Any]) -> str:
@@ -91,7 +82,7 @@ def run_quickstart(
         elapsed = time.perf_counter() - start
         ctx.report[key] = result
         ctx.report["stages"][key] = {"seconds": round(elapsed, 2)}
-        _write_json_atomic(report_path, ctx.report)
+        atomic_write_json(report_path, ctx.report, indent=2, fsync=True)
         print(_summary_line(key, result) + f"  ({elapsed:.1f}s)", flush=True)
     print(f"report written to {report_path}")
     return ctx.report

@@ -65,7 +65,7 @@ def demo_config(
     *, data_root: Path, captions: dict[str, Path], run_dir: Path, export_dir: Path, seed: int, seconds: float
 ) -> Any:
     """The :class:`DualStreamConfig` of the quickstart run."""
-    from capret.engine.dualstream_task import DualStreamConfig
+    from capret.tasks.dualstream import DualStreamConfig
 
     recipe = to_dict(from_dict(DualStreamConfig, DEMO_RECIPE))
     recipe["data"].update(
@@ -155,11 +155,11 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
 def _train_and_evaluate(
     ctx: QuickstartContext, *, config: Any, captions: dict[str, Path], export_dir: Path, device: str
 ) -> dict[str, Any]:
-    from capret.api import evaluate_items, load_model
     from capret.data.deepfashion2 import image_path
-    from capret.engine.dualstream_task import run as train_task
     from capret.engine.trainer import seed_everything
+    from capret.inference.dualstream import evaluate_items, load_model
     from capret.models.dual_stream import DualStreamModel
+    from capret.tasks.dualstream import run as train_task
 
     val = {"root": ctx.data_root, "split": "validation", "ks": config.eval.ks, "device": device}
 

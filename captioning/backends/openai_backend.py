@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import httpx
 from PIL import Image
 
-from captioning.backends import CaptionBackend, register_backend
+from captioning.backends.base import CaptionBackend, register_backend
 from captioning.types import ChatRequest, Generation, VisualQuery
 
 __all__ = ["API_KEY_ENV_VARS", "OpenAIBackend", "image_data_url"]

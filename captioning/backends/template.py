@@ -16,8 +16,9 @@ from typing import Any
 
 from PIL import Image
 
-from captioning.backends import CaptionBackend, register_backend
+from captioning.backends.base import CaptionBackend, register_backend
 from captioning.colors import PALETTE_VERSION, colour_shares, dominant_colours
+from captioning.text import is_uninformative
 from captioning.types import QA, ChatRequest, Generation, ItemContext, VisualQuery
 
 __all__ = ["TemplateBackend"]
@@ -185,7 +186,6 @@ class TemplateBackend(CaptionBackend):
 
     @staticmethod
     def _summary(context: ItemContext, dialogue: Sequence[QA]) -> str:
-        from captioning.loop import is_uninformative
 
         by_topic = {topic_of(qa.q, context.category): qa.a for qa in dialogue if not is_uninformative(qa.a)}
         parts = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from captioning.backends import CaptionBackend, register_backend
+from captioning.backends.base import CaptionBackend, register_backend
 from captioning.types import ChatRequest, Generation, VisualQuery
 
 __all__ = ["TransformersBackend"]

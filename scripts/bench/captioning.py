@@ -24,9 +24,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from PIL import Image  # noqa: E402
 
+from capret.testing import ChatServer  # noqa: E402
 from captioning.backends import create_backend  # noqa: E402
 from captioning.loop import LoopConfig  # noqa: E402
-from captioning.loopback import ChatServer  # noqa: E402
 from captioning.prompts import get_prompt_set  # noqa: E402
 from captioning.runner import caption_targets  # noqa: E402
 from captioning.sources import CaptionTarget  # noqa: E402

@@ -81,8 +81,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from capret.config import load_config
-    from capret.engine.combiner_task import CombinerTask, CombinerTaskConfig
-    from capret.models.clip import save_random_clip
+    from capret.tasks.combiner import CombinerTask, CombinerTaskConfig
+    from capret.testing import save_random_clip
 
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:

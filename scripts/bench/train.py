@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from capret.engine.dualstream_task import LossConfig, TrainModule  # noqa: E402
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig  # noqa: E402
+from capret.tasks.dualstream import LossConfig, TrainModule  # noqa: E402
 
 ARCHITECTURES: dict[str, tuple[DualStreamModelConfig, int]] = {
     # (config, batch size on CPU; GPUs use --gpu-batch-size)

@@ -4,7 +4,7 @@ Geometric verification scores each query against its top-K candidates; estimatin
 ``kornia.geometry.RANSAC`` call at a time costs 10-500 ms per pair on a CPU, most of it per-call overhead and local
 optimisation. Here the random minimal samples, DLT fits and inlier counts of all pairs of a query are tensors of
 shape ``[pairs, hypotheses, ...]``; kornia's RANSAC stays the reference path (``ransac="kornia"`` in
-:mod:`capret.retrieval.geometric`), and the tests compare the two on real photographs.
+:mod:`capret.retrieval.rerank.geometric`), and the tests compare the two on real photographs.
 """
 
 from __future__ import annotations

@@ -31,8 +31,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from capret.retrieval.ransac import ransac_homography_batch
-from capret.retrieval.rerank import ImageRef, Reranker, prepare_inputs, register_reranker, sort_rows
+from capret.io import atomic_write
+from capret.retrieval.rerank.base import (
+    ImageRef,
+    Reranker,
+    append_tail,
+    prepare_inputs,
+    register_reranker,
+    sort_rows,
+)
+from capret.retrieval.rerank.ransac import ransac_homography_batch
 
 __all__ = [
     "GeometricVerification",
@@ -187,13 +195,11 @@ class LocalFeatureExtractor:
         path = self._cache_file(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(
-            {"keypoints": feats.keypoints.contiguous(), "descriptors": feats.descriptors.half().contiguous()},
-            str(tmp),
-        )
-        os.replace(tmp, path)
+        tensors = {
+            "keypoints": feats.keypoints.contiguous(),
+            "descriptors": feats.descriptors.half().contiguous(),
+        }
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
     def _run(self, crops: list[torch.Tensor]) -> list[LocalFeatures]:
         """SIFT on crops: one by one, or as one zero-padded batch with validity masks (scale-space backend)."""
@@ -518,7 +524,6 @@ class GeometricVerification:
         new_rank, new_scores = sort_rows(head, self.rescore(head_scores, inliers))
         if k == inp.topk:
             return new_rank, new_scores
-        from capret.retrieval.rerank import append_tail
 
         full_rank, full_scores = append_tail(
             torch.from_numpy(new_rank), torch.from_numpy(new_scores), inp.ranking[:, k:], inp.scores[:, k:]

@@ -31,10 +31,12 @@ from torch import Tensor, nn
 
 from capret.config import cfg, to_dict
 from capret.data.captions import join_captions
-from capret.data.items import ItemCollator, ItemDataset, ItemTransform, PKBatchSampler, identity_labels
-from capret.engine.tasks import register_task
+from capret.data.items import ItemCollator, ItemDataset, PKBatchSampler, identity_labels
+from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
+from capret.inference.dualstream import evaluate_items, item_transform, load_dual_stream_weights
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig
+from capret.tasks.registry import register_task
 
 __all__ = [
     "DataConfig",
@@ -213,16 +215,22 @@ class DualStreamTask:
             )
         self._model: DualStreamModel | None = None
         self._dataset: ItemDataset | None = None
+        self.dist = DistContext()  # replaced by the trainer's ``setup`` call
 
     # ------------------------------------------------------------------------------------------ trainer API
+    def setup(self, dist: DistContext) -> None:
+        """The trainer tells the task where it sits in the job (ITC gathers across ranks with it)."""
+        self.dist = dist
+
     def build_model(self) -> nn.Module:
-        dist = torch.distributed
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         model = DualStreamModel(self.config.model)
         self._model = model
         return TrainModule(
-            model, num_classes=len(self.identities), loss=self.config.loss, rank=rank, world_size=world
+            model,
+            num_classes=len(self.identities),
+            loss=self.config.loss,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -239,17 +247,7 @@ class DualStreamTask:
         if self._dataset is None:
             if self._model is None:
                 raise RuntimeError("build_model() must run before train_dataloader()")
-            dc = self._model.data_config
-            mc = self.config.model
-            transform = ItemTransform(
-                image_size=dc.image_size,
-                mean=dc.mean,
-                std=dc.std,
-                mode=mc.mode,
-                crop_margin=mc.crop_margin,
-                pad=mc.pad,
-                augment=self.config.data.augment,
-            )
+            transform = item_transform(self._model, augment=self.config.data.augment)
             self._dataset = ItemDataset(
                 root=self.config.data.root,
                 split=self.config.data.train_split,
@@ -291,7 +289,6 @@ class DualStreamTask:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.config.data.val_split:
             return {}
-        from capret.api import evaluate_items
 
         module = _unwrap(model)
         data, ev = self.config.data, self.config.eval
@@ -333,12 +330,10 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
     task = DualStreamTask(config)
     result = train(task, config.trainer, resume=resume, task_config=task.config_dict())
     export = Path(config.eval.export_dir or Path(config.trainer.output_dir) / "model")
-    if _is_rank_zero():
+    if task.dist.is_main:
         model = task._model if task._model is not None else DualStreamModel(config.model)
         best = Path(config.trainer.output_dir) / "best"
         if (best / "checkpoint.json").is_file():
-            from capret.api import load_dual_stream_weights
-
             load_dual_stream_weights(model, best)
         model.save_pretrained(export)
         result = {**result, "model_dir": str(export), **task.caption_join.summary()}
@@ -351,11 +346,6 @@ def _unwrap(model: nn.Module) -> TrainModule:
     if not isinstance(inner, TrainModule):
         raise TypeError(f"expected the dual-stream TrainModule, got {type(inner).__name__}")
     return inner
-
-
-def _is_rank_zero() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 register_task("dualstream", DualStreamConfig, run)

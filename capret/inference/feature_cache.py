@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from capret.io import atomic_write
 from capret.models.clip import ClipBundle
 
 __all__ = ["CachedFeatures", "cache_key", "encode_images", "encode_texts", "image_features", "text_features"]
@@ -141,11 +141,8 @@ def _cached(
         if stored.shape[0] == len(names):
             return CachedFeatures(names, stored)
     features = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     meta = {"kind": kind, "fingerprint": fingerprint, "preprocess": preprocess_id, "names": json.dumps(names)}
-    save_file({"features": features.contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, str(tmp), metadata=meta))
     return CachedFeatures(names, features)
 
 

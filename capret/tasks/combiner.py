@@ -4,7 +4,7 @@
   tower) with the batch-based classification loss: query ``i`` = ``normalize(img_i + txt_i)`` must pick
   target ``i`` among the batch's targets, logits ``100 · query @ normalize(targets).T``; AdamW, lr 2e-6.
 * **Stage 2** freezes CLIP and trains the Combiner with the same loss; Adam, lr 2e-5. Since CLIP is frozen,
-  every image (and caption) feature is computed once into a feature cache (:mod:`capret.engine.feature_cache`)
+  every image (and caption) feature is computed once into a feature cache (:mod:`capret.inference.feature_cache`)
   and each epoch is a few small MLP steps. Stage 2 starts from the stage-1 weights (``stage1_checkpoint``).
   Stage 1 with the image tower frozen (the default) caches image features the same way.
 
@@ -29,12 +29,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from capret.config import ConfigError, cfg, to_dict
-from capret.engine.cir_inference import FeatureOptions, cirr_rankings, fashioniq_rankings
-from capret.engine.feature_cache import CachedFeatures, image_features, text_features
-from capret.engine.tasks import register_task
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
+from capret.inference.cir import FeatureOptions, cirr_rankings, fashioniq_rankings
+from capret.inference.feature_cache import CachedFeatures, image_features, text_features
 from capret.models.clip import ClipBundle, load_clip
 from capret.models.combiner import Combiner, ElementWiseSum, batch_classification_loss
+from capret.tasks.registry import register_task
 
 __all__ = ["CombinerNetConfig", "CombinerTask", "CombinerTaskConfig", "StageConfig", "build_fuser", "run"]
 

@@ -1,0 +1,121 @@
+"""Small shared I/O helpers, each written once: atomic file writes, the default device, model folder lookup.
+
+Atomic writes go to a temporary file in the destination folder and are published with one ``os.replace``, so a
+reader (or a rerun after ``kill -9``) sees either the old complete file or the new complete file, never a torn
+one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "default_device",
+    "resolve_model_folder",
+    "step_checkpoints",
+]
+
+
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[Path], object], *, fsync: bool = False
+) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it over ``path``.
+
+    The temporary name carries the pid and a random suffix, so concurrent writers never share one; it is removed
+    when ``write`` fails. ``fsync`` flushes the file to disk before the rename (for files a crash must not lose).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=fsync)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync=fsync)
+
+
+def atomic_write_json(
+    path: str | os.PathLike[str],
+    obj: Any,
+    *,
+    indent: int | None = None,
+    fsync: bool = False,
+    default: Any = None,
+) -> Path:
+    """``obj`` as JSON (NaN allowed only where the caller's data has it: the standard library writes it)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=default), fsync=fsync)
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a ``torch.device``; None picks CUDA when available, else the CPU."""
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders ``<run_dir>/checkpoints/step_<n>`` (sidecar present), oldest step first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        suffix = child.name.removeprefix("step_")
+        if child.is_dir() and child.name.startswith("step_") and suffix.isdigit():
+            if (child / "checkpoint.json").is_file():
+                found.append((int(suffix), child))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_model_folder(path: str | Path, *, markers: tuple[str, ...] = ("checkpoint.json",)) -> Path:
+    """The folder holding a model for ``path``, with one precedence for every task.
+
+    ``path`` itself when it holds one of ``markers`` (a model folder or a checkpoint), else its ``model/``, else
+    its ``best/``, else its newest complete ``checkpoints/step_*``.
+
+    Raises:
+        FileNotFoundError: naming ``path`` and what was looked for.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+
+    def holds(folder: Path) -> bool:
+        return any((folder / m).is_file() for m in markers)
+
+    if holds(path):
+        return path
+    for candidate in (path / "model", path / "best"):
+        if holds(candidate):
+            return candidate
+    steps = step_checkpoints(path)
+    if steps:
+        return steps[-1]
+    raise FileNotFoundError(
+        f"{path} is not a capret model folder or checkpoint (none of {', '.join(markers)}) nor a run folder with "
+        "model/, best/ or checkpoints/step_*"
+    )

@@ -1,0 +1,200 @@
+"""Rerankers of a global top-K ranking: one registry, one call signature.
+
+Every reranker has ``rerank(*, ranking, scores, query_features, gallery_features, query_images=None,
+gallery_images=None) -> (ranking, scores)``: ``ranking`` is ``[Q, K]`` gallery positions (best first) from a
+global search, ``scores`` its ``[Q, K]`` similarities, features are the L2-normalised global descriptors of
+*all* queries and *all* gallery items (the transductive methods use them), and an image reference is
+``(path, bbox_xyxy | None)`` (used by ``geometric`` only). The result is the same ``[Q, K]`` items reordered,
+as numpy ``(int64 ranking, float32 scores)`` with scores non-increasing along each row.
+
+This module holds the protocol, the registry and the shared input checks; the rerankers live in
+:mod:`.global_` (``aqe``, ``superglobal``, ``kreciprocal``) and :mod:`.geometric` (SIFT + RANSAC).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from capret.registry import Registry
+
+__all__ = [
+    "FeatureReranker",
+    "ImageRef",
+    "append_tail",
+    "candidate_scores",
+    "Reranker",
+    "RerankInputs",
+    "create_reranker",
+    "list_rerankers",
+    "prepare_inputs",
+    "register_reranker",
+    "sort_rows",
+]
+
+#: ``(image path, [x1, y1, x2, y2] box in pixels or None for the whole image)``.
+ImageRef = tuple[str, Any]
+
+
+class Reranker(Protocol):
+    def rerank(
+        self,
+        *,
+        ranking: Any,
+        scores: Any,
+        query_features: Any,
+        gallery_features: Any,
+        query_images: list[ImageRef] | None = None,
+        gallery_images: list[ImageRef] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+_RERANKERS: Registry[Reranker] = Registry("reranker")
+
+
+def register_reranker(name: str) -> Any:
+    """Decorator registering a reranker factory (``factory(**options) -> Reranker``) under ``name``."""
+    return _RERANKERS.register(name)
+
+
+def create_reranker(name: str, **options: Any) -> Reranker:
+    """Build reranker ``name`` with its keyword options (the package ``capret.retrieval.rerank`` imports the
+    modules that register the built-in ones)."""
+    return _RERANKERS.create(name, **options)
+
+
+def list_rerankers() -> list[str]:
+    return _RERANKERS.names()
+
+
+def _to_tensor(value: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(value), dtype=dtype, device=device)
+
+
+class RerankInputs:
+    """Validated reranker inputs as torch tensors on one device."""
+
+    def __init__(
+        self,
+        *,
+        ranking: torch.Tensor,
+        scores: torch.Tensor,
+        query_features: torch.Tensor,
+        gallery_features: torch.Tensor,
+    ) -> None:
+        self.ranking = ranking
+        self.scores = scores
+        self.query_features = query_features
+        self.gallery_features = gallery_features
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.ranking.shape[0])
+
+    @property
+    def topk(self) -> int:
+        return int(self.ranking.shape[1])
+
+
+def prepare_inputs(
+    *,
+    ranking: Any,
+    scores: Any,
+    query_features: Any,
+    gallery_features: Any,
+    device: torch.device | str | None = None,
+) -> RerankInputs:
+    """Convert and check shapes: ranking ``[Q, K]`` positions in ``[0, G)``, scores ``[Q, K]``, ``[Q|G, D]``."""
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank_t = _to_tensor(ranking, dtype=torch.int64, device=dev)
+    score_t = _to_tensor(scores, dtype=torch.float32, device=dev)
+    q = _to_tensor(query_features, dtype=torch.float32, device=dev)
+    g = _to_tensor(gallery_features, dtype=torch.float32, device=dev)
+    if rank_t.ndim != 2:
+        raise ValueError(f"ranking must be [Q, K] gallery positions, got shape {list(rank_t.shape)}")
+    if score_t.shape != rank_t.shape:
+        raise ValueError(
+            f"scores shape {list(score_t.shape)} differs from ranking shape {list(rank_t.shape)}"
+        )
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+        raise ValueError(
+            f"query_features {list(q.shape)} and gallery_features {list(g.shape)} must be [Q, D] and [G, D]"
+        )
+    if q.shape[0] != rank_t.shape[0]:
+        raise ValueError(f"{q.shape[0]} query features for {rank_t.shape[0]} ranking rows")
+    if rank_t.numel() and (int(rank_t.min()) < 0 or int(rank_t.max()) >= g.shape[0]):
+        bad = int(rank_t.min()) if int(rank_t.min()) < 0 else int(rank_t.max())
+        raise ValueError(
+            f"ranking holds gallery position {bad}, outside [0, {g.shape[0]}); search with k <= gallery size "
+            "so no -1 padding reaches the reranker"
+        )
+    return RerankInputs(ranking=rank_t, scores=score_t, query_features=q, gallery_features=g)
+
+
+def sort_rows(ranking: torch.Tensor, new_scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder each row by ``new_scores`` (descending; ties keep the incoming order) and return numpy arrays."""
+    order = torch.sort(new_scores, dim=1, descending=True, stable=True).indices
+    out_rank = ranking.gather(1, order)
+    out_scores = new_scores.gather(1, order)
+    return out_rank.cpu().numpy().astype(np.int64), out_scores.float().cpu().numpy()
+
+
+def append_tail(
+    head_ranking: torch.Tensor,
+    head_scores: torch.Tensor,
+    tail_ranking: torch.Tensor,
+    tail_scores: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join a reranked head with the untouched tail, shifting tail scores so rows stay non-increasing."""
+    if tail_ranking.shape[1] == 0:
+        return head_ranking, head_scores
+    head_min = head_scores.min(dim=1, keepdim=True).values
+    shift = (tail_scores[:, :1] - head_min).clamp(min=0)
+    return torch.cat([head_ranking, tail_ranking], 1), torch.cat([head_scores, tail_scores - shift], 1)
+
+
+def candidate_scores(
+    queries: torch.Tensor, gallery: torch.Tensor, ranking: torch.Tensor, *, chunk: int = 256
+) -> torch.Tensor:
+    """``[Q, K]`` inner products of each query with its ranked candidates, chunked over queries."""
+    out = torch.empty(ranking.shape, dtype=torch.float32, device=ranking.device)
+    for s in range(0, ranking.shape[0], chunk):
+        cand = gallery[ranking[s : s + chunk]]  # [c, K, D]
+        out[s : s + chunk] = torch.einsum("cd,ckd->ck", queries[s : s + chunk], cand)
+    return out
+
+
+class FeatureReranker:
+    """Shared entry point of the rerankers that use global features only (``aqe``, ``superglobal``,
+    ``kreciprocal``): :meth:`rerank` validates and converts the inputs once, then :meth:`reorder` does the
+    method's own work on the checked tensors. Image references are accepted for the common protocol and ignored.
+    """
+
+    device: str | None = None
+
+    def rerank(
+        self,
+        *,
+        ranking: Any,
+        scores: Any,
+        query_features: Any,
+        gallery_features: Any,
+        query_images: list[ImageRef] | None = None,
+        gallery_images: list[ImageRef] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        inp = prepare_inputs(
+            ranking=ranking,
+            scores=scores,
+            query_features=query_features,
+            gallery_features=gallery_features,
+            device=self.device,
+        )
+        return self.reorder(inp)
+
+    def reorder(self, inp: RerankInputs) -> tuple[np.ndarray, np.ndarray]:
+        """The reordered ``(ranking, scores)`` as numpy arrays of the input's shape."""
+        raise NotImplementedError
