@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from repo_paths import SHARED_DATA
 
 from capret.data.circo import CIRCO, read_gallery_ids
 from capret.data.cirr import CIRR
 from capret.data.fashioniq import PAIRINGS, FashionIQ, pair_captions
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 FIQ_SIZES = {"dress": 2017, "shirt": 2038, "toptee": 1961}
 
 

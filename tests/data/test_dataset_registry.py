@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from repo_paths import SHARED_DATA
 
 from capret.data import create_dataset, list_datasets
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def test_registry_lists_and_rejects() -> None:
@@ -15,7 +14,7 @@ def test_registry_lists_and_rejects() -> None:
         create_dataset("coco", root=".", split="val")
 
 
-@pytest.mark.skipif(not (SHARED / "circo").is_dir(), reason="shared data not beside the repository")
+@pytest.mark.usefixtures("shared_data")
 def test_create_real_circo() -> None:
     dataset = create_dataset("circo", root=SHARED / "circo", split="val")
     assert len(dataset) == 220

@@ -1,7 +1,7 @@
 """Task ``dualstream`` trained through ``capret.tasks.dualstream.run``; started under torchrun by
 ``test_dualstream_ddp.py`` (and called in-process there for the single-process reference).
 
-Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/_dualstream_ddp_worker.py CONFIG OUTPUT_DIR P``.
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/helpers/dualstream_ddp_worker.py CONFIG OUTPUT_DIR P``.
 ``P`` is the number of identities per *local* batch: the single-process reference takes ``2 P`` so both runs
 optimise on the same global batches (the P x K sampler hands whole batches to ranks in order, and its per-sample
 seeds fix augmentations and caption dropout independently of the rank).

@@ -24,13 +24,12 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import _dualstream_ddp_worker  # noqa: E402
+import dualstream_ddp_worker as _dualstream_ddp_worker  # noqa: E402
 from tiny_text import build_tiny_bert, write_synthetic_df2  # noqa: E402
 
-WORKER = Path(__file__).resolve().parent / "_dualstream_ddp_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "helpers" / "dualstream_ddp_worker.py"
 STEPS = 3
 LOCAL_P = 2
 TERMS = ("loss", "arcface", "itc", "box")
@@ -51,14 +50,6 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(run / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
-
-
-@pytest.fixture
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(root: Path) -> Path:
@@ -125,7 +116,7 @@ def _captioned_per_rank(config: Path) -> list[list[int]]:
     return counts
 
 
-@pytest.mark.usefixtures("_one_thread")
+@pytest.mark.usefixtures("one_thread")
 def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
     config = _config(tmp_path)
     counts = _captioned_per_rank(config)
@@ -138,7 +129,13 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
     env = {
         k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
     }
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1] / "helpers")]
+        ),
+    )
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     command += [str(WORKER), str(config), str(ddp), str(LOCAL_P)]

@@ -11,15 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-from captioning_helpers import write_deepfashion2
+from repo_paths import REPO_ROOT, SHARED_DATA
+from tiny_vlm import write_deepfashion2
 
 from capret.testing import ChatServer
 from captioning.cli import main
 from captioning.sources import create_source, parse_shard, select_shard, shard_of
 from captioning.store import failures_path, iter_records, read_captions, read_records
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+REPO = REPO_ROOT
+SHARED = SHARED_DATA
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_paths import SHARED_DATA
 
 from capret.evaluation.cir import (
     circo_metrics,
@@ -20,7 +21,7 @@ from capret.evaluation.cir import (
     write_cirr_submission,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 CIRCO_VAL = DATA / "circo" / "annotations" / "val.json"
 CIRR_VAL = DATA / "cirr" / "captions" / "cap.rc2.val.json"
 CIRR_SPLIT = DATA / "cirr" / "image_splits" / "split.rc2.val.json"

@@ -15,16 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_worker as _ddp_worker  # noqa: E402
 import pytest
 import torch
 
 from capret.engine.checkpoint import load_model_weights
 from capret.engine.trainer import train
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _ddp_worker  # noqa: E402
-
-WORKER = Path(__file__).resolve().parent / "_ddp_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "helpers" / "ddp_worker.py"
 
 
 def _free_port() -> int:
@@ -46,7 +44,12 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
     env = {
         k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
     }
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1] / "helpers")]
+        ),
+    )
     command = [
         sys.executable,
         "-m",

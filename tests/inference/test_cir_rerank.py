@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from repo_paths import CONFIGS as REPO_CONFIGS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,7 +23,7 @@ from tiny_cir import make_tiny_clip, write_cirr, write_fashioniq  # noqa: E402
 from capret.cli import eval as eval_cli  # noqa: E402
 from capret.cli import train as train_cli  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO_CONFIGS
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.amp='off'", "trainer.num_workers=0"]
 
 

@@ -1,6 +1,6 @@
 """A tiny ITC + regression task trained by ``capret.engine.trainer.train``; run under torchrun by test_ddp.py.
 
-Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/_ddp_worker.py OUTPUT_DIR``. Every optimisation
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/helpers/ddp_worker.py OUTPUT_DIR``. Every optimisation
 step consumes one *global* batch of ``GLOBAL_BATCH`` pairs; rank ``r`` of ``W`` takes the ``r``-th contiguous
 slice, so the gathered ITC matrix equals the single-process one and the runs must match. ITC only sees the
 "captioned" rows, so ranks contribute unequal (sometimes zero) numbers of pairs to the gather.

@@ -113,9 +113,6 @@ def test_features_mode_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_features_mode_rerank_before_after(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rerank = pytest.importorskip("capret.retrieval.rerank")
-    if "aqe" not in rerank.list_rerankers():
-        pytest.skip("aqe reranker not registered")
     p = _features(tmp_path, seed=2)
     assert (
         main(_feature_argv(p) + ["--rerank", "aqe", "--rerank-topk", "10", "--out", str(tmp_path / "o")]) == 0

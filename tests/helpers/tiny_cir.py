@@ -3,7 +3,7 @@
 The annotation records are real ones, a small subset taken from ``../shared/data`` so the files have the
 official structure; the images are small placeholder pictures (a flat colour per image plus noise, with
 varied aspect ratios so target padding is exercised) written only for the images those records name.
-Import from a test as ``from tiny_cir import ...`` (pytest puts ``tests/`` on ``sys.path``).
+Import from a test as ``from tiny_cir import ...`` (``tests/helpers`` is on pytest's ``pythonpath``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from repo_paths import SHARED_DATA  # noqa: E402
 
 
 def make_tiny_clip(directory: str | Path, *, texts: list[str] | None = None, seed: int = 0) -> Path:

@@ -10,7 +10,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from captioning_helpers import build_tiny_blip2, build_tiny_llama, build_tiny_llava  # noqa: E402
+from tiny_vlm import build_tiny_blip2, build_tiny_llama, build_tiny_llava  # noqa: E402
 
 from captioning.backends import create_backend  # noqa: E402
 from captioning.loop import CaptionTask, LoopConfig, caption_batch  # noqa: E402

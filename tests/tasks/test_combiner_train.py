@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_paths import CONFIGS as REPO_CONFIGS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,7 +25,7 @@ from capret.cli import train as train_cli  # noqa: E402
 from capret.config import load_config  # noqa: E402
 from capret.tasks.combiner import CombinerTask, CombinerTaskConfig  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO_CONFIGS
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.amp='off'", "trainer.num_workers=0"]
 
 

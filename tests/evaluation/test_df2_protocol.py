@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
+from repo_paths import SHARED_DATA, require_shared_data
 
 from capret.evaluation.deepfashion2 import (
     coco_iou,
@@ -25,7 +26,7 @@ from capret.evaluation.deepfashion2 import (
     write_retrieval_results,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "deepfashion2"
+DATA = SHARED_DATA / "deepfashion2"
 
 
 def _xywh(box):
@@ -542,8 +543,7 @@ def test_write_then_read_round_trip(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def real_gt():
-    if not (DATA / "query_gt.json").is_file():
-        pytest.skip(f"real DeepFashion2 GT not found under {DATA}")
+    require_shared_data("deepfashion2", "query_gt.json")
     return json.loads((DATA / "query_gt.json").read_text()), json.loads(
         (DATA / "gallery_gt.json").read_text()
     )

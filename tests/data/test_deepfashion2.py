@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from repo_paths import SHARED_DATA
 
 from capret.data.deepfashion2 import (
     CATEGORIES,
@@ -27,7 +28,7 @@ from capret.data.deepfashion2 import (
     to_coco,
 )
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "deepfashion2"
+REAL = SHARED_DATA / "deepfashion2"
 
 
 def _item_json(category_id: int, style: int, bbox: list[int], seed: int) -> dict:
@@ -230,7 +231,7 @@ def test_coco_export_loads_in_pycocotools(synth: Path, tmp_path: Path) -> None:
     assert mask.shape == (48, 64) and mask.sum() > 0
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="real DeepFashion2 GT files not available")
+@pytest.mark.usefixtures("shared_data")
 def test_real_ground_truth_counts_and_round_trip() -> None:
     query_gt = load_ground_truth(REAL / "query_gt.json")
     gallery_gt = load_ground_truth(REAL / "gallery_gt.json")
