@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from capret.io import default_device
 from capret.registry import Registry
 
 __all__ = [
@@ -109,7 +110,7 @@ def prepare_inputs(
     device: torch.device | str | None = None,
 ) -> RerankInputs:
     """Convert and check shapes: ranking ``[Q, K]`` positions in ``[0, G)``, scores ``[Q, K]``, ``[Q|G, D]``."""
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     rank_t = _to_tensor(ranking, dtype=torch.int64, device=dev)
     score_t = _to_tensor(scores, dtype=torch.float32, device=dev)
     q = _to_tensor(query_features, dtype=torch.float32, device=dev)

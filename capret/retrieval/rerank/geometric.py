@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from capret.io import atomic_write
+from capret.io import atomic_write, default_device
 from capret.retrieval.rerank.base import (
     ImageRef,
     Reranker,
@@ -136,9 +136,7 @@ class LocalFeatureExtractor:
         cpu_threads: int | None = 1,
     ) -> None:
         settings = settings or LocalFeatureSettings()
-        self.device = (
-            torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = default_device(device)
         if settings.extractor not in _EXTRACTORS:
             raise ValueError(f"unknown extractor {settings.extractor!r}; valid: {', '.join(_EXTRACTORS)}")
         if settings.descriptor not in _DESCRIPTORS:
