@@ -1,6 +1,15 @@
 """capret: caption-augmented image retrieval.
 
-``capret.load_model(path)`` returns a trained model with ``encode_images`` / ``encode_captions`` (see the README).
+``capret.load_model(path)`` returns a trained model with ``encode_images`` / ``encode_captions`` (see the README);
+:mod:`capret.api` re-exports the rest of the public surface.
+
+Layout, bottom to top (a package imports only the ones below it; ``tests/test_layout.py`` checks it):
+:mod:`capret.config`, :mod:`capret.registry`, :mod:`capret.io`, :mod:`capret.errors`, :mod:`capret.console`
+(shared foundations) -> :mod:`capret.data` (dataset readers) -> the :mod:`captioning` package ->
+:mod:`capret.models`, :mod:`capret.losses`, :mod:`capret.retrieval`, :mod:`capret.evaluation` ->
+:mod:`capret.engine` (the training loop) -> :mod:`capret.inference` (loading trained models, embedding, CIR
+search) and :mod:`capret.tasks` (one module per trainable task) -> :mod:`capret.api`, :mod:`capret.testing` ->
+:mod:`capret.cli` and :mod:`capret.quickstart` (the only places that parse command lines).
 """
 
 from __future__ import annotations

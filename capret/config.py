@@ -2,7 +2,7 @@
 
 Configs are plain dataclasses whose fields each carry a one-line help text (``cfg(default, "help")``).
 They are read from YAML files under ``configs/`` and then overridden by ``key=value`` strings from the
-command line (``optim.lr=3e-4``, ``data.ks=[1,5,10]``). Both steps are strict: a key that no field
+command line (``trainer.lr=3e-4``, ``eval.ks=[1,5,10]``). Both steps are strict: a key that no field
 declares, or a value of the wrong type, raises :class:`ConfigError` with the offending key or value and the
 list of valid keys, so that a typo can never silently fall back to a default.
 """

@@ -70,10 +70,18 @@ def atomic_write_json(
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=default), fsync=fsync)
 
 
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as a ``torch.device``; None picks CUDA when available, else the CPU."""
+def default_device(
+    device: str | torch.device | None = None, *, local_rank: int | None = None
+) -> torch.device:
+    """``device`` as a ``torch.device``; None picks CUDA when available, else the CPU.
+
+    ``local_rank`` (a torchrun process's GPU on its node) makes the CUDA default ``cuda:<local_rank>``, so every
+    process of a multi-GPU job picks its own GPU; an explicit ``device`` is returned as given.
+    """
     if device is None or device == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
     return torch.device(device)
 
 

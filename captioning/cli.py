@@ -74,12 +74,12 @@ class CaptionConfig:
 
 # (flag, config key, argparse options)
 _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--dataset", "dataset", {"help": "deepfashion2 | demo | fashioniq | cirr | circo | images"}),
+    ("--dataset", "dataset", {"help": "what to caption"}),
     ("--root", "root", {"help": "dataset root folder"}),
     ("--split", "split", {"help": "split (default: validation for deepfashion2/demo, val otherwise)"}),
     ("--category", "category", {"help": "fashioniq category (default: all three)"}),
     ("--out", "out", {"help": "caption store (JSONL); an existing one is resumed"}),
-    ("--backend", "backend", {"help": "template | transformers | openai"}),
+    ("--backend", "backend", {"help": "caption backend"}),
     ("--vlm", "vlm", {"help": "VLM hub id / local folder (transformers) or served model name (openai)"}),
     ("--llm", "llm", {"help": "LLM for questions and summary (default: the VLM)"}),
     ("--batch-size", "batch_size", {"type": int, "help": "items per batch (default 8)"}),
@@ -114,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Caption dataset items with a VLM/LLM dialogue (ChatCaptioner-style) into a resumable "
         "JSONL store. Re-running the same command resumes: finished keys are skipped, failed ones retried.",
     )
+    from captioning.backends import list_backends
+    from captioning.sources import list_sources
+
+    # the valid names come from the registries; they are checked by the library, whose error is one line
+    registered = {"dataset": list_sources(), "backend": list_backends()}
     for flag, key, options in _FLAGS:
+        if key in registered:
+            options = {**options, "help": f"{options['help']}: {' | '.join(registered[key])}"}
         metavar = None if "choices" in options else flag[2:].upper().replace("-", "_")
         parser.add_argument(flag, dest=key, default=None, metavar=metavar, **options)
     parser.add_argument(

@@ -26,11 +26,14 @@ import numpy as np
 
 from capret.cli.common import print_json, run_guarded
 from capret.config import ConfigError
+from capret.io import default_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from capret.inference.dualstream import PRECISIONS
+
     p = argparse.ArgumentParser(
         prog="capret-extract",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16"],
+        choices=PRECISIONS,
         help="autocast precision (default fp32)",
     )
     p.add_argument(
@@ -93,12 +96,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         )
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = args.device
-    if device is None:
-        import torch
-
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    device = default_device(args.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     paths, ids = list_images(args.images)
     paths, ids = paths[rank::world_size], ids[rank::world_size]
     captions = None

@@ -13,11 +13,13 @@ from capret.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from capret.tasks.registry import list_tasks
+
     parser = argparse.ArgumentParser(
         prog="capret-train",
         description="Train a model from a YAML config (configs/*.yaml). The config's `task` key picks the task "
-        "(dualstream: DeepFashion2 dual-stream model; combiner: CLIP4Cir stage 1/2). Any field can be "
-        "overridden with key=value, e.g. optim.lr=1e-4 trainer.max_steps=100.",
+        f"({', '.join(list_tasks())}). Every task's config has the sections data, model, loss and trainer "
+        "(plus its own); any field can be overridden with key=value, e.g. trainer.lr=1e-4 trainer.max_steps=100.",
     )
     parser.add_argument("--config", type=Path, required=False, help="YAML config file")
     parser.add_argument(

@@ -1,13 +1,19 @@
 """Dataset readers, and the dataset registry (``create_dataset(name, root=..., split=...)``).
 
+Readers: :mod:`.deepfashion2` (items, boxes, the official ground-truth files), :mod:`.demo` (the quickstart's
+DeepFashion2-layout set cut from scikit-image photographs), :mod:`.fashioniq`, :mod:`.cirr`, :mod:`.circo`
+(composed image retrieval triplets); :mod:`.items` (item crops, P x K batches), :mod:`.transforms` (CLIP
+padding and item transforms), :mod:`.captions` / :mod:`.caption_records` (joining caption stores to items).
+
 Every reader builds from annotation files alone and opens images lazily. The registry lets configs and CLIs
-name a dataset instead of importing its module; modules are imported on first use.
+name a dataset instead of importing its module (the training tasks build their data through it, and CLI
+``--dataset`` choices come from :func:`list_datasets`); modules are imported on first use.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from capret.registry import Registry
 
@@ -38,25 +44,29 @@ def list_datasets(kind: str | None = None) -> list[str]:
 
 
 @register_dataset("deepfashion2", kind="items")
-def _deepfashion2(*, root: str | Path, split: str, with_geometry: bool = False) -> Any:
+def _deepfashion2(*, root: str | Path, split: str, with_geometry: bool = False, progress: bool = True) -> Any:
+    """The items (``list[Item]``) of one split."""
     from capret.data.deepfashion2 import load_items
 
-    return load_items(root, split, with_geometry=with_geometry)
+    return load_items(root, split, with_geometry=with_geometry, progress=progress)
 
 
 @register_dataset("demo", kind="items")
-def _demo(*, root: str | Path, split: str, with_geometry: bool = False) -> Any:
+def _demo(*, root: str | Path, split: str, with_geometry: bool = False, progress: bool = True) -> Any:
     """The quickstart dataset: DeepFashion2 layout, so the DeepFashion2 reader serves it."""
     from capret.data.deepfashion2 import load_items
 
-    return load_items(root, split, with_geometry=with_geometry)
+    return load_items(root, split, with_geometry=with_geometry, progress=progress)
 
 
 @register_dataset("fashioniq", kind="cir")
-def _fashioniq(*, root: str | Path, split: str, category: str) -> Any:
+def _fashioniq(
+    *, root: str | Path, split: str, category: str, caption_mode: Literal["train", "eval"] | None = None
+) -> Any:
+    """One category; ``caption_mode`` ``eval`` joins the two captions in the fixed order of the evaluation."""
     from capret.data.fashioniq import FashionIQ
 
-    return FashionIQ(root, category, split)
+    return FashionIQ(root, category, split, caption_mode=caption_mode)
 
 
 @register_dataset("cirr", kind="cir")

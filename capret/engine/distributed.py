@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from capret.io import default_device
 from capret.losses.gather import all_gather_sizes, all_gather_with_grad  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -96,7 +97,7 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
         raise ValueError(f"invalid torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
 
     if device is None:
-        resolved = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        resolved = default_device(local_rank=local_rank)
     else:
         resolved = torch.device(device)
         if resolved.type == "cuda" and resolved.index is None:

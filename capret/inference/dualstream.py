@@ -32,6 +32,7 @@ from capret.io import default_device, resolve_model_folder
 from capret.models.dual_stream import MODEL_CONFIG_FILE, DualStreamModel
 
 __all__ = [
+    "PRECISIONS",
     "ItemRetrieval",
     "RetrievalModel",
     "encode_items",
@@ -45,6 +46,8 @@ ImageInput = str | Path | Image.Image | Tensor
 
 #: precision name -> autocast dtype (None = plain float32)
 _AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the precisions ``encode_images`` accepts (CLI choice lists come from here)
+PRECISIONS: tuple[str, ...] = tuple(_AUTOCAST)
 
 
 def item_transform(model: DualStreamModel, *, augment: bool = False) -> ItemTransform:

@@ -1,5 +1,7 @@
-"""Models: encoders behind one registry (``encoders``), the dual-stream retrieval model (``dual_stream``), the
-CLIP4Cir Combiner and zero-shot CIR models.
+"""Models (architectures only; training lives in :mod:`capret.tasks`, loading for inference in
+:mod:`capret.inference`): encoders behind one registry (:mod:`.encoders`), the dual-stream retrieval model
+(:mod:`.dual_stream`), Hugging Face CLIP with its CIR preprocessing (:mod:`.clip`) and the CLIP4Cir fusers behind
+the combiner registry (:mod:`.combiner`).
 
 Submodules are imported on demand (``from capret.models.dual_stream import DualStreamModel``) so that importing
 ``capret.models`` does not pull in timm or transformers.

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from capret.config import from_dict, to_dict
+from capret.io import default_device
 from capret.quickstart import QuickstartContext
 
 DEFAULT_TRAIN_SECONDS = 240.0
@@ -140,7 +141,7 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
         seed=ctx.seed,
         seconds=seconds,
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device().type
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(fastest_thread_count())

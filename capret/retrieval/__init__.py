@@ -1,5 +1,6 @@
-"""Search and reranking: exact/faiss indexes (:mod:`.index`), global rerankers (:mod:`.rerank`) and SIFT +
-RANSAC geometric verification (:mod:`.geometric`)."""
+"""Search and reranking: exact/faiss indexes behind one registry (:mod:`.index`) and the rerankers of a global
+top-K (:mod:`.rerank`: shared protocol and input checks in ``base``, ``aqe`` / ``superglobal`` /
+``kreciprocal`` in ``global_``, SIFT + RANSAC geometric verification in ``geometric`` and ``ransac``)."""
 
 from capret.retrieval.index import create_index, exact_topk, list_indexes, load_index, register_index
 from capret.retrieval.rerank import create_reranker, list_rerankers, register_reranker

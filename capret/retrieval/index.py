@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from capret.io import default_device
 from capret.registry import Registry
 
 __all__ = [
@@ -108,10 +109,6 @@ def _check_k(k: int) -> int:
     return int(k)
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def exact_topk(
     queries: torch.Tensor,
     gallery: torch.Tensor,
@@ -166,7 +163,7 @@ class ExactIndex:
 
     def __init__(self, dim: int, *, device: str | None = None, max_block: int = 1 << 24) -> None:
         self.dim = dim
-        self.device = torch.device(device) if device else _default_device()
+        self.device = default_device(device)
         self.max_block = max_block
         self._vectors = torch.empty((0, dim), dtype=torch.float32, device=self.device)
         self._ids = torch.empty((0,), dtype=torch.int64, device=self.device)

@@ -29,11 +29,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from capret.config import ConfigError, cfg, to_dict
+from capret.data import create_dataset
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
 from capret.inference.cir import FeatureOptions, cirr_rankings, fashioniq_rankings
 from capret.inference.feature_cache import CachedFeatures, image_features, text_features
 from capret.models.clip import ClipBundle, load_clip
-from capret.models.combiner import LOGIT_SCALE, ElementWiseSum, batch_classification_loss, create_combiner
+from capret.models.combiner import LOGIT_SCALE, batch_classification_loss, create_combiner
 from capret.tasks.registry import register_task
 
 __all__ = [
@@ -143,11 +144,6 @@ class CombinerTaskConfig:
     )
     trainer: TrainerConfig = cfg(factory=TrainerConfig, help="shared training loop settings")
 
-    @property
-    def clip(self) -> str:
-        """The CLIP source (``model.clip.source``), for readers written against the flat pre-0.2 config."""
-        return self.model.clip.source
-
 
 #: where each key of the flat pre-sections config (checkpoints written before the reorganisation) now lives
 _FLAT_KEYS: dict[str, tuple[str, ...]] = {
@@ -195,7 +191,8 @@ class _Triplet:
 
 
 def build_fuser(config: CombinerTaskConfig, feature_dim: int) -> nn.Module:
-    """The fusion module of a stage: element-wise sum after stage 1, the Combiner in stage 2."""
+    """The fusion module of a stage, from the combiner registry: element-wise sum in stage 1, the Combiner in
+    stage 2."""
     if config.stage == 1:
         return create_combiner("sum", feature_dim=feature_dim)
     net = config.model.combiner
@@ -278,28 +275,28 @@ class CombinerTask:
         self._text_fp: str | None = None
 
     # ----------------------------------------------------------------------------------------- data
-    def _fashioniq(self, split: str) -> list[Any]:
-        from capret.data.fashioniq import FashionIQ
-
-        return [
-            FashionIQ(self.config.data.root, c, split, caption_mode="eval")
-            for c in self.config.data.categories
-        ]
+    def _datasets(self, split: str) -> list[Any]:
+        """The split's readers, built by the dataset registry: one per FashionIQ category, or one CIRR split."""
+        data = self.config.data
+        if data.dataset == "fashioniq":
+            return [
+                create_dataset("fashioniq", root=data.root, split=split, category=c, caption_mode="eval")
+                for c in data.categories
+            ]
+        return [create_dataset(data.dataset, root=data.root, split=split)]
 
     def _train_triplets(self) -> tuple[list[_Triplet], Callable[[str], Any]]:
         from capret.data.fashioniq import PAIRINGS, pair_captions
 
+        datasets = self._datasets(self.config.data.train_split)
         if self.config.data.dataset == "fashioniq":
-            datasets = self._fashioniq(self.config.data.train_split)
             triplets = [
                 _Triplet(t.reference, t.target, tuple(pair_captions(t.captions, p) for p in PAIRINGS))  # type: ignore[arg-type]
                 for ds in datasets
                 for t in ds.triplets
             ]
             return triplets, datasets[0].load_image
-        from capret.data.cirr import CIRR
-
-        ds = CIRR(self.config.data.root, self.config.data.train_split)
+        ds = datasets[0]
         return [_Triplet(t.reference, t.target, (t.caption,)) for t in ds.triplets], ds.load_image  # type: ignore[arg-type]
 
     @property
@@ -412,7 +409,7 @@ class CombinerTask:
             clip.set_trainable(
                 text=self.config.model.encoder in ("text", "both"), image=self.config.model.encoder != "text"
             )
-            self.fuser = ElementWiseSum(clip.feature_dim)
+            self.fuser = build_fuser(self.config, clip.feature_dim)
             return clip
         clip.requires_grad_(False).eval()
         self.fuser = build_fuser(self.config, clip.feature_dim)
@@ -446,7 +443,8 @@ class CombinerTask:
         else:
             out = model(**tokens)
             reference, target = batch["reference"], batch["target"]
-        query = ElementWiseSum()(reference.to(out["text"].dtype), out["text"])
+        assert self.fuser is not None  # build_model ran: the stage-1 fuser is the parameter-free sum
+        query = self.fuser(reference.to(out["text"].dtype), out["text"])
         target = target.to(query.dtype)
         return {"loss": batch_classification_loss(query, target, scale=self.config.loss.logit_scale)}
 
@@ -468,15 +466,13 @@ class CombinerTask:
             batch_size=self.config.data.encode_batch_size,
             num_workers=self.config.trainer.num_workers,
         )
+        datasets = self._datasets(self.config.data.val_split)
         if self.config.data.dataset == "fashioniq":
-            datasets = self._fashioniq(self.config.data.val_split)
             rankings = {
                 ds.category: fashioniq_rankings(clip, fuser, dataset=ds, options=options) for ds in datasets
             }
             return fashioniq_recall(rankings, {ds.category: ds.annotations for ds in datasets})
-        from capret.data.cirr import CIRR
-
-        ds = CIRR(self.config.data.root, self.config.data.val_split)
+        ds = datasets[0]
         metrics = cirr_metrics(cirr_rankings(clip, fuser, dataset=ds, options=options), ds.annotations)
         metrics["r5_rs1_mean"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
         return metrics

@@ -129,13 +129,11 @@ class TrainModule(nn.Module):
         super().__init__()
         from pytorch_metric_learning.losses import ArcFaceLoss
 
-        if loss.itc_weight > 0:
-            from capret.losses.itc import ITCLoss
-        if loss.box_weight > 0:
-            from capret.losses.box import BoxLoss
+        from capret.losses import create_loss
 
         self.model = model
         self.loss_config = loss
+        self.world_size = world_size
         self.arcface = ArcFaceLoss(
             num_classes=num_classes,
             embedding_size=model.embed_dim,
@@ -143,13 +141,14 @@ class TrainModule(nn.Module):
             scale=loss.arcface_scale,
         )
         # Heads are only built for terms that are on, so a switched-off term costs nothing and owns no weights.
+        # ITC and box come from the loss registry (capret.losses); ArcFace from pytorch-metric-learning.
         self.itc = (
-            ITCLoss(init_temperature=loss.itc_temperature, rank=rank, world_size=world_size)
+            create_loss("itc", init_temperature=loss.itc_temperature, rank=rank, world_size=world_size)
             if loss.itc_weight > 0
             else None
         )
         self.box = (
-            BoxLoss(l1_weight=loss.box_l1_weight, giou_weight=loss.box_giou_weight)
+            create_loss("box", l1_weight=loss.box_l1_weight, giou_weight=loss.box_giou_weight)
             if loss.box_weight > 0
             else None
         )
@@ -169,7 +168,7 @@ class TrainModule(nn.Module):
         if (
             self.itc is not None
             and out.text_embedding is not None
-            and (self.itc.world_size > 1 or captioned.any())
+            and (self.world_size > 1 or captioned.any())
         ):
             itc = self.itc(out.image_embedding[captioned].float(), out.text_embedding[captioned].float())
             terms["itc"] = itc["loss"]
@@ -194,11 +193,12 @@ class DualStreamTask:
     """The :class:`~capret.engine.trainer.TrainTask` of the dual-stream model."""
 
     def __init__(self, config: DualStreamConfig) -> None:
-        from capret.data.deepfashion2 import load_items
+        from capret.data import create_dataset
 
         self.config = config
         data = config.data
-        items = [it for it in load_items(data.root, data.train_split, progress=False) if it.style > 0]
+        train = create_dataset("deepfashion2", root=data.root, split=data.train_split, progress=False)
+        items = [it for it in train if it.style > 0]
         if data.max_items is not None:
             items = items[: data.max_items]
         if not items:

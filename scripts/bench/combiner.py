@@ -73,9 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--triplets", type=int, default=256, help="training triplets in the synthetic set")
     parser.add_argument("--batch-size", type=int, default=128, help="stage-2 batch size (paper: 4096)")
-    parser.add_argument(
-        "--preset", default="vit-b-32", help="CLIP size preset (capret.models.clip.CLIP_PRESETS)"
-    )
+    parser.add_argument("--preset", default="vit-b-32", help="CLIP size preset (capret.testing.CLIP_PRESETS)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -69,3 +69,30 @@ def test_protocol_mode_rejects_rerank(tmp_path, capsys: pytest.CaptureFixture[st
     ]
     assert main([*args, "--rerank", "aqe"]) == 2
     assert "--rerank needs features" in capsys.readouterr().err
+
+
+def test_choice_lists_follow_the_registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newly registered task / caption backend / caption source / precision shows up in the CLIs."""
+    from capret.cli import extract, train
+    from capret.inference import dualstream
+    from capret.tasks.registry import _TASKS
+    from captioning import cli as caption_cli
+    from captioning.backends import base as backends
+    from captioning.sources import _SOURCES
+
+    monkeypatch.setitem(_TASKS._lazy, "newtask", "capret.tasks.newtask")
+    assert "newtask" in train.build_parser().format_help()
+
+    monkeypatch.setitem(backends._BACKENDS._entries, "newbackend", lambda **_: None)
+    monkeypatch.setitem(_SOURCES._entries, "newsource", lambda *a, **k: [])
+    caption_help = caption_cli.build_parser().format_help()
+    assert "newbackend" in caption_help and "newsource" in caption_help
+
+    monkeypatch.setattr(dualstream, "PRECISIONS", ("fp32", "fp8"))
+    assert extract.build_parser().parse_args(
+        ["--checkpoint", "m", "--images", "i", "--out", "o", "--precision", "fp8"]
+    )
+    with pytest.raises(SystemExit):
+        extract.build_parser().parse_args(
+            ["--checkpoint", "m", "--images", "i", "--out", "o", "--precision", "bf16"]
+        )

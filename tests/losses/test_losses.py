@@ -213,3 +213,34 @@ def test_loss_registry() -> None:
     assert isinstance(create_loss("box"), BoxLoss)
     with pytest.raises(KeyError, match="valid names: .*box.*itc"):
         create_loss("arcface_typo")
+
+
+def test_dual_stream_task_builds_itc_and_box_from_the_registry(monkeypatch) -> None:
+    """The training module asks the registry for its ITC and box losses (a registered replacement is used)."""
+    from torch import nn
+
+    from capret import losses
+    from capret.tasks.dualstream import LossConfig, TrainModule
+
+    built: dict[str, dict] = {}
+    for name in ("itc", "box"):
+        real = losses._LOSSES.get(name)
+
+        def spy(*, _real=real, _name=name, **kwargs):
+            built[_name] = kwargs
+            return _real(**kwargs)
+
+        monkeypatch.setitem(losses._LOSSES._entries, name, spy)
+
+    model = nn.Linear(2, 2)
+    model.embed_dim = 8  # type: ignore[assignment]  # all TrainModule reads of the model when building heads
+    config = LossConfig(itc_temperature=0.05, box_l1_weight=2.0)
+    module = TrainModule(model, num_classes=3, loss=config, rank=1, world_size=2)  # type: ignore[arg-type]
+    assert built == {
+        "itc": {"init_temperature": 0.05, "rank": 1, "world_size": 2},
+        "box": {"l1_weight": 2.0, "giou_weight": 1.0},
+    }
+    assert isinstance(module.itc, ITCLoss) and isinstance(module.box, BoxLoss)
+    built.clear()
+    TrainModule(model, num_classes=3, loss=LossConfig(itc_weight=0.0, box_weight=0.0))  # type: ignore[arg-type]
+    assert built == {}

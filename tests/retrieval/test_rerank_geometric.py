@@ -183,3 +183,19 @@ def test_tiny_images_are_upsampled_not_fatal(photos: dict[str, str], tmp_path: P
     extractor = LocalFeatureExtractor(LocalFeatureSettings(extractor="sift", num_features=64), device="cpu")
     feats = extractor.extract([(str(tiny), None), (str(tiny), [2, 2, 20, 30])])
     assert all(f.keypoints.shape[1] == 2 for f in feats)
+
+
+def test_geometric_checks_inputs_with_the_shared_helpers() -> None:
+    """Features through ``prepare_inputs``, image references through ``require_image_refs``."""
+    from capret.retrieval.rerank.geometric import GeometricVerification
+
+    geo = GeometricVerification(progress=False)
+    feats = {"query_features": [[1.0, 0.0]], "gallery_features": [[1.0, 0.0], [0.0, 1.0]]}
+    refs = {"query_images": [("q.jpg", None)], "gallery_images": [("a.jpg", None), ("b.jpg", None)]}
+    with pytest.raises(ValueError, match="outside \\[0, 2\\)"):
+        geo.rerank(ranking=[[0, 2]], scores=[[1.0, 0.5]], **feats, **refs)
+    with pytest.raises(ValueError, match="geometric reranking needs query_images"):
+        geo.rerank(ranking=[[0, 1]], scores=[[1.0, 0.5]], **feats)
+    with pytest.raises(ValueError, match="1 query / 1 gallery image refs for 1 queries / 2 gallery items"):
+        geo.rerank(ranking=[[0, 1]], scores=[[1.0, 0.5]], **feats, query_images=refs["query_images"],
+                   gallery_images=refs["gallery_images"][:1])  # fmt: skip

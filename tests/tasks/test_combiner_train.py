@@ -288,3 +288,29 @@ def test_monitor_and_stage_are_checked(world, tmp_path, capsys):
     assert "valid: recall@1" in capsys.readouterr().err
     assert train_cli.main([*argv, "stage=3", f"trainer.output_dir={tmp_path}"]) == 2
     assert "choose 1 or 2" in capsys.readouterr().err
+
+
+def test_datasets_and_fusers_come_from_the_registries(world, tmp_path, monkeypatch):
+    """The task builds its readers with ``create_dataset`` and its fuser with ``create_combiner``."""
+    from capret import data
+    from capret.models import combiner as combiner_module
+    from capret.tasks.combiner import build_fuser
+
+    calls: list[tuple[str, dict]] = []
+    for family, name in ((data._DATASETS, "cirr"), (combiner_module._COMBINERS, "combiner")):
+        real = family.get(name)
+
+        def spy(*, _real=real, _name=name, **kwargs):
+            calls.append((_name, kwargs))
+            return _real(**kwargs)
+
+        monkeypatch.setitem(family._entries, name, spy)
+    argv = [f"data.root={world['cirr']}", f"model.clip.source={world['clip']}", "stage=2"]
+    config = load_config(
+        CombinerTaskConfig, CONFIGS / "cirr_combiner.yaml", [*argv, "model.combiner.dropout=0.1"]
+    )
+    CombinerTask(config)
+    assert calls == [("cirr", {"root": str(world["cirr"]), "split": "train"})]
+    fuser = build_fuser(config, 8)
+    assert calls[1][0] == "combiner" and calls[1][1]["dropout"] == 0.1
+    assert type(fuser).__name__ == "Combiner"

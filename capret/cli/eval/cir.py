@@ -256,7 +256,7 @@ def run(args: CirEvalConfig) -> dict[str, Any]:
         "split": split,
         "checkpoint": str(checkpoint),
         "stage": config.stage,
-        "clip": config.clip,
+        "clip": config.model.clip.source,
         "metrics": metrics,
         "files": files,
     }

@@ -17,6 +17,7 @@ from capret.retrieval.rerank.base import (
     list_rerankers,
     prepare_inputs,
     register_reranker,
+    require_image_refs,
     sort_rows,
 )
 from capret.retrieval.rerank.global_ import AlphaQueryExpansion, KReciprocalRerank, SuperGlobalRerank
@@ -35,5 +36,6 @@ __all__ = [
     "list_rerankers",
     "prepare_inputs",
     "register_reranker",
+    "require_image_refs",
     "sort_rows",
 ]

@@ -7,7 +7,8 @@ global search, ``scores`` its ``[Q, K]`` similarities, features are the L2-norma
 ``(path, bbox_xyxy | None)`` (used by ``geometric`` only). The result is the same ``[Q, K]`` items reordered,
 as numpy ``(int64 ranking, float32 scores)`` with scores non-increasing along each row.
 
-This module holds the protocol, the registry and the shared input checks; the rerankers live in
+This module holds the protocol, the registry and the shared input checks (:func:`prepare_inputs`, and
+:func:`require_image_refs` for rerankers that look at pixels); the rerankers live in
 :mod:`.global_` (``aqe``, ``superglobal``, ``kreciprocal``) and :mod:`.geometric` (SIFT + RANSAC).
 """
 
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from capret.io import default_device
 from capret.registry import Registry
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "list_rerankers",
     "prepare_inputs",
     "register_reranker",
+    "require_image_refs",
     "sort_rows",
 ]
 
@@ -117,7 +120,7 @@ def prepare_inputs(
     device: torch.device | str | None = None,
 ) -> RerankInputs:
     """Convert and check shapes: ranking ``[Q, K]`` positions in ``[0, G)``, scores ``[Q, K]``, ``[Q|G, D]``."""
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     rank_t = _to_tensor(ranking, dtype=torch.int64, device=dev)
     score_t = _to_tensor(scores, dtype=torch.float32, device=dev)
     q = _to_tensor(query_features, dtype=torch.float32, device=dev)
@@ -141,6 +144,24 @@ def prepare_inputs(
             "so no -1 padding reaches the reranker"
         )
     return RerankInputs(ranking=rank_t, scores=score_t, query_features=q, gallery_features=g)
+
+
+def require_image_refs(
+    inp: RerankInputs,
+    *,
+    query_images: list[ImageRef] | None,
+    gallery_images: list[ImageRef] | None,
+    method: str,
+) -> tuple[list[ImageRef], list[ImageRef]]:
+    """The image references of a reranker that looks at pixels: present, one per query row and per gallery item."""
+    if query_images is None or gallery_images is None:
+        raise ValueError(f"{method} reranking needs query_images and gallery_images: (path, bbox) per item")
+    if len(query_images) != inp.num_queries or len(gallery_images) != inp.gallery_features.shape[0]:
+        raise ValueError(
+            f"got {len(query_images)} query / {len(gallery_images)} gallery image refs for "
+            f"{inp.num_queries} queries / {inp.gallery_features.shape[0]} gallery items"
+        )
+    return list(query_images), list(gallery_images)
 
 
 def sort_rows(ranking: torch.Tensor, new_scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

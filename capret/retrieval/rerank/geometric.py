@@ -31,13 +31,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from capret.io import atomic_write
+from capret.io import atomic_write, default_device
 from capret.retrieval.rerank.base import (
     ImageRef,
     Reranker,
     append_tail,
     prepare_inputs,
     register_reranker,
+    require_image_refs,
     sort_rows,
 )
 from capret.retrieval.rerank.ransac import ransac_homography_batch
@@ -136,9 +137,7 @@ class LocalFeatureExtractor:
         cpu_threads: int | None = 1,
     ) -> None:
         settings = settings or LocalFeatureSettings()
-        self.device = (
-            torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = default_device(device)
         if settings.extractor not in _EXTRACTORS:
             raise ValueError(f"unknown extractor {settings.extractor!r}; valid: {', '.join(_EXTRACTORS)}")
         if settings.descriptor not in _DESCRIPTORS:
@@ -502,10 +501,6 @@ class GeometricVerification:
         query_images: list[ImageRef] | None = None,
         gallery_images: list[ImageRef] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        if query_images is None or gallery_images is None:
-            raise ValueError(
-                "geometric reranking needs query_images and gallery_images: (path, bbox) per item"
-            )
         inp = prepare_inputs(
             ranking=ranking,
             scores=scores,
@@ -513,11 +508,9 @@ class GeometricVerification:
             gallery_features=gallery_features,
             device="cpu",
         )
-        if len(query_images) != inp.num_queries or len(gallery_images) != inp.gallery_features.shape[0]:
-            raise ValueError(
-                f"got {len(query_images)} query / {len(gallery_images)} gallery image refs for "
-                f"{inp.num_queries} queries / {inp.gallery_features.shape[0]} gallery items"
-            )
+        query_images, gallery_images = require_image_refs(
+            inp, query_images=query_images, gallery_images=gallery_images, method="geometric"
+        )
         k = min(self.topk, inp.topk)
         head, head_scores = inp.ranking[:, :k], inp.scores[:, :k]
         inliers = torch.from_numpy(self.inlier_matrix(head.numpy(), query_images, gallery_images))
