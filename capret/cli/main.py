@@ -6,7 +6,11 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from capret.cli import serve
 from capret.cli.common import run_guarded
+
+#: umbrella subcommands with a module of their own (``add_parser(subparsers)`` and ``run(args) -> int``)
+SUBCOMMANDS = {"serve": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument(
         "--stages", nargs="*", default=None, help="run only these stages (default: all); see report.json keys"
     )
+    for module in SUBCOMMANDS.values():
+        module.add_parser(sub)
     return parser
 
 
@@ -48,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 and 0
             )
         )
+    if args.command in SUBCOMMANDS:
+        return run_guarded(SUBCOMMANDS[args.command].run, args)
     parser.print_help()
     return 2
 
