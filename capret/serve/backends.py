@@ -66,12 +66,13 @@ class ComposedMethod(Protocol):
         ...
 
 
-def crop_box(picture: Image.Image, box: Box | None) -> Image.Image:
-    return (
-        picture.convert("RGB")
-        if box is None
-        else picture.convert("RGB").crop(tuple(int(round(v)) for v in box))
-    )
+def crop_box(picture: Image.Image, box: Any) -> Image.Image:
+    """``picture`` in RGB, cropped to ``box`` (x1, y1, x2, y2 in pixels) when one is given."""
+    rgb = picture.convert("RGB")
+    if not box:
+        return rgb
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    return rgb.crop((x1, y1, x2, y2))
 
 
 class DualStreamComposed:
