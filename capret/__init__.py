@@ -1,6 +1,7 @@
 """capret: caption-augmented image retrieval.
 
-``capret.load_model(path)`` returns a trained model with ``encode_images`` / ``encode_captions`` (see the README).
+``capret.load_model(path)`` returns a trained model with ``encode_images`` / ``encode_captions``;
+``capret.RetrievalPipeline.load(folder).search(photo)`` ranks a gallery for a photo (see the README).
 """
 
 from __future__ import annotations
@@ -9,7 +10,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["Match", "RetrievalPipeline", "__version__", "load_model"]
+
+_LAZY = {"RetrievalPipeline": "capret.inference.pipeline", "Match": "capret.inference.pipeline"}
+
+
+def __getattr__(name: str) -> Any:
+    """``capret.RetrievalPipeline`` without importing torch and faiss at ``import capret``."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'capret' has no attribute {name!r}")
 
 
 def load_model(path: Any, *, device: Any = None) -> Any:

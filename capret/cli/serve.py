@@ -23,6 +23,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
     p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted upload (default: 8 MB)")
     p.add_argument("--max-concurrency", type=int, default=2, help="searches run at once (default: 2)")
+    p.set_defaults(run=run)
     return p
 
 
