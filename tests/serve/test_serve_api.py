@@ -178,3 +178,26 @@ def test_concurrency_limit_answers_503(backend: ServeBackend, monkeypatch: pytes
     release.set()
     worker.join(10)
     assert second.status_code == 503 and statuses == [200]
+
+
+def test_serve_cli_builds_a_pipeline_from_checkpoint_and_gallery(
+    backend: ServeBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``capret serve --checkpoint M --gallery DIR`` indexes the gallery (once) and serves it; uvicorn is
+    replaced by a probe that checks the app it would run."""
+    import capret.serve as serve_pkg
+    from capret.cli.main import main
+
+    root = Path(backend.pipeline.gallery.directory).parent
+    served: list[object] = []
+
+    def probe(app: object, *, host: str, port: int) -> None:
+        client = TestClient(app)  # type: ignore[arg-type]
+        served.append((host, port, client.get("/api/info").json()["gallery_size"]))
+
+    monkeypatch.setattr(serve_pkg, "serve", probe)
+    argv = ["serve", "--checkpoint", str(root / "model"), "--gallery", str(root / "shop")]
+    assert main([*argv, "--workdir", str(tmp_path / "w"), "--port", "8123"]) == 0
+    assert served == [("127.0.0.1", 8123, 9)]  # localhost unless --host says otherwise
+    assert (tmp_path / "w" / "pipeline" / "pipeline.json").is_file()
+    assert main(["serve", "--checkpoint", str(root / "model")]) == 2  # --gallery missing: one-line error
