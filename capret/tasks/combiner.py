@@ -1,11 +1,11 @@
 """Training task ``combiner``: the two stages of CLIP4Cir (Baldrati et al., CVPR-W 2022 / TOMM 2023).
 
-* **Stage 1** fine-tunes CLIP's text encoder (``encoder: text``; ``image`` or ``both`` also tune the image
+* **Stage 1** fine-tunes CLIP's text encoder (``model.encoder: text``; ``image`` or ``both`` also tune the image
   tower) with the batch-based classification loss: query ``i`` = ``normalize(img_i + txt_i)`` must pick
   target ``i`` among the batch's targets, logits ``100 · query @ normalize(targets).T``; AdamW, lr 2e-6.
 * **Stage 2** freezes CLIP and trains the Combiner with the same loss; Adam, lr 2e-5. Since CLIP is frozen,
   every image (and caption) feature is computed once into a feature cache (:mod:`capret.inference.feature_cache`)
-  and each epoch is a few small MLP steps. Stage 2 starts from the stage-1 weights (``stage1_checkpoint``).
+  and each epoch is a few small MLP steps. Stage 2 starts from the stage-1 weights (``model.stage1_checkpoint``).
   Stage 1 with the image tower frozen (the default) caches image features the same way.
 
 Model selection follows the paper: FashionIQ by the average of R@10 and R@50 over the categories
@@ -33,10 +33,22 @@ from capret.engine.trainer import TrainerConfig, train, unwrap_model
 from capret.inference.cir import FeatureOptions, cirr_rankings, fashioniq_rankings
 from capret.inference.feature_cache import CachedFeatures, image_features, text_features
 from capret.models.clip import ClipBundle, load_clip
-from capret.models.combiner import Combiner, ElementWiseSum, batch_classification_loss
+from capret.models.combiner import LOGIT_SCALE, ElementWiseSum, batch_classification_loss, create_combiner
 from capret.tasks.registry import register_task
 
-__all__ = ["CombinerNetConfig", "CombinerTask", "CombinerTaskConfig", "StageConfig", "build_fuser", "run"]
+__all__ = [
+    "ClipConfig",
+    "CombinerNetConfig",
+    "CombinerTask",
+    "CombinerTaskConfig",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "StageConfig",
+    "build_fuser",
+    "run",
+    "upgrade_config_dict",
+]
 
 
 @dataclass
@@ -51,6 +63,38 @@ class StageConfig:
 
 
 @dataclass
+class DataConfig:
+    """Which benchmark the triplets come from, and where CLIP features are cached."""
+
+    dataset: Literal["fashioniq", "cirr"] = cfg("fashioniq", "training dataset: fashioniq | cirr")
+    root: str = cfg("data/fashioniq", "dataset root in the official layout")
+    categories: list[str] = cfg(
+        factory=lambda: ["dress", "shirt", "toptee"], help="FashionIQ categories used for training/validation"
+    )
+    train_split: str = cfg("train", "split the model is trained on")
+    val_split: str = cfg("val", "split used for model selection")
+    feature_cache: str | None = cfg(
+        "auto",
+        "folder of cached CLIP features (what stage 2 trains on); 'auto' = <trainer.output_dir>/feature_cache; "
+        "null = off",
+    )
+    encode_batch_size: int = cfg(64, "images per batch when encoding features (caches, validation galleries)")
+
+
+@dataclass
+class ClipConfig:
+    """The CLIP model both stages build on, and the image preprocessing in front of it."""
+
+    source: str = cfg(
+        "openai/clip-vit-base-patch32", "CLIP: Hugging Face hub id or local from_pretrained folder"
+    )
+    preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
+        "targetpad", "image padding before CLIP resize"
+    )
+    target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
+
+
+@dataclass
 class CombinerNetConfig:
     """Sizes of the Combiner (``d`` comes from the CLIP checkpoint)."""
 
@@ -60,41 +104,87 @@ class CombinerNetConfig:
 
 
 @dataclass
-class CombinerTaskConfig:
-    """Config of ``capret-train`` task ``combiner`` (see configs/fashioniq_combiner.yaml)."""
+class ModelConfig:
+    """CLIP, the Combiner, which CLIP towers stage 1 tunes and which weights stage 2 starts from."""
 
-    task: str = cfg("combiner", "task name; must be 'combiner'")
-    stage: int = cfg(1, "1: fine-tune CLIP with element-wise sum; 2: train the Combiner on frozen CLIP")
-    dataset: Literal["fashioniq", "cirr"] = cfg("fashioniq", "training dataset: fashioniq | cirr")
-    root: str = cfg("data/fashioniq", "dataset root in the official layout")
-    categories: list[str] = cfg(
-        factory=lambda: ["dress", "shirt", "toptee"], help="FashionIQ categories used for training/validation"
-    )
-    train_split: str = cfg("train", "split the model is trained on")
-    val_split: str = cfg("val", "split used for model selection")
-    clip: str = cfg(
-        "openai/clip-vit-base-patch32", "CLIP: Hugging Face hub id or local from_pretrained folder"
-    )
-    preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
-        "targetpad", "image padding before CLIP resize"
-    )
-    target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
+    clip: ClipConfig = cfg(factory=ClipConfig, help="the CLIP model and its preprocessing")
+    combiner: CombinerNetConfig = cfg(factory=CombinerNetConfig, help="Combiner sizes (stage 2)")
     encoder: Literal["text", "image", "both"] = cfg("text", "stage 1: which CLIP tower(s) to fine-tune")
     stage1_checkpoint: str | None = cfg(
         None,
         "stage 2: stage-1 checkpoint folder; 'auto' = <trainer.output_dir>/stage1/best; null = pretrained",
     )
-    combiner: CombinerNetConfig = cfg(factory=CombinerNetConfig, help="Combiner sizes")
+
+
+@dataclass
+class LossConfig:
+    """The batch-based classification loss of both stages."""
+
+    logit_scale: float = cfg(LOGIT_SCALE, "fixed logit scale of the loss (CLIP4Cir: 100)")
+
+
+@dataclass
+class CombinerTaskConfig:
+    """Config of ``capret-train`` task ``combiner`` (see configs/fashioniq_combiner.yaml).
+
+    Same shape as every task (``data``, ``model``, ``loss``, ``trainer``); ``stage`` and the per-stage
+    optimisation sections ``stage1`` / ``stage2`` are this task's own.
+    """
+
+    task: str = cfg("combiner", "task name; must be 'combiner'")
+    stage: int = cfg(1, "1: fine-tune CLIP with element-wise sum; 2: train the Combiner on frozen CLIP")
+    data: DataConfig = cfg(factory=DataConfig, help="benchmark, splits and feature cache")
+    model: ModelConfig = cfg(factory=ModelConfig, help="CLIP and Combiner")
+    loss: LossConfig = cfg(factory=LossConfig, help="loss")
     stage1: StageConfig = cfg(factory=StageConfig, help="stage-1 optimisation")
     stage2: StageConfig = cfg(
         factory=lambda: StageConfig(lr=2e-5, weight_decay=0.0, batch_size=4096),
         help="stage-2 optimisation",
     )
-    feature_cache: str | None = cfg(
-        "auto", "folder of cached CLIP features; 'auto' = <trainer.output_dir>/feature_cache; null = off"
-    )
-    eval_batch_size: int = cfg(64, "images per batch when encoding galleries")
     trainer: TrainerConfig = cfg(factory=TrainerConfig, help="shared training loop settings")
+
+    @property
+    def clip(self) -> str:
+        """The CLIP source (``model.clip.source``), for readers written against the flat pre-0.2 config."""
+        return self.model.clip.source
+
+
+#: where each key of the flat pre-sections config (checkpoints written before the reorganisation) now lives
+_FLAT_KEYS: dict[str, tuple[str, ...]] = {
+    "dataset": ("data", "dataset"),
+    "root": ("data", "root"),
+    "categories": ("data", "categories"),
+    "train_split": ("data", "train_split"),
+    "val_split": ("data", "val_split"),
+    "feature_cache": ("data", "feature_cache"),
+    "eval_batch_size": ("data", "encode_batch_size"),
+    "clip": ("model", "clip", "source"),
+    "preprocess": ("model", "clip", "preprocess"),
+    "target_ratio": ("model", "clip", "target_ratio"),
+    "combiner": ("model", "combiner"),
+    "encoder": ("model", "encoder"),
+    "stage1_checkpoint": ("model", "stage1_checkpoint"),
+}
+
+
+def upgrade_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """A combiner config dict in today's sectioned shape; flat dicts of older sidecars are moved into sections.
+
+    Checkpoints written before every task shared the ``data/model/loss/trainer`` shape keep loading: their
+    top-level keys are moved to the place :data:`_FLAT_KEYS` names. A dict already in today's shape is returned
+    unchanged, so this is safe to call on any sidecar.
+    """
+    if not any(key in raw for key in _FLAT_KEYS):
+        return raw
+    out: dict[str, Any] = {k: v for k, v in raw.items() if k not in _FLAT_KEYS}
+    for key, where in _FLAT_KEYS.items():
+        if key not in raw:
+            continue
+        node = out
+        for part in where[:-1]:
+            node = node.setdefault(part, {})
+        node[where[-1]] = raw[key]
+    return out
 
 
 @dataclass(frozen=True)
@@ -107,10 +197,11 @@ class _Triplet:
 def build_fuser(config: CombinerTaskConfig, feature_dim: int) -> nn.Module:
     """The fusion module of a stage: element-wise sum after stage 1, the Combiner in stage 2."""
     if config.stage == 1:
-        return ElementWiseSum(feature_dim)
-    net = config.combiner
-    return Combiner(
-        feature_dim,
+        return create_combiner("sum", feature_dim=feature_dim)
+    net = config.model.combiner
+    return create_combiner(
+        "combiner",
+        feature_dim=feature_dim,
         projection_dim=net.projection_dim or None,
         hidden_dim=net.hidden_dim or None,
         dropout=net.dropout,
@@ -119,16 +210,14 @@ def build_fuser(config: CombinerTaskConfig, feature_dim: int) -> nn.Module:
 
 def resolve_stage1_checkpoint(config: CombinerTaskConfig) -> Path | None:
     """The stage-1 checkpoint folder a stage-2 run starts from (None = pretrained CLIP)."""
-    if config.stage1_checkpoint is None:
+    value = config.model.stage1_checkpoint
+    if value is None:
         return None
-    if config.stage1_checkpoint == "auto":
-        path = Path(config.trainer.output_dir) / "stage1" / "best"
-    else:
-        path = Path(config.stage1_checkpoint)
+    path = Path(config.trainer.output_dir) / "stage1" / "best" if value == "auto" else Path(value)
     if not (path / "checkpoint.json").is_file():
         raise FileNotFoundError(
-            f"stage1_checkpoint={config.stage1_checkpoint!r}: {path} is not a checkpoint folder "
-            "(train stage 1 first, or set stage1_checkpoint=null to start from the pretrained CLIP)"
+            f"model.stage1_checkpoint={value!r}: {path} is not a checkpoint folder "
+            "(train stage 1 first, or set model.stage1_checkpoint=null to start from the pretrained CLIP)"
         )
     return path
 
@@ -137,9 +226,8 @@ def load_task_clip(config: CombinerTaskConfig, *, device: str | torch.device = "
     """CLIP with this config's preprocessing; in stage 2, with the stage-1 fine-tuned weights loaded."""
     from capret.engine.checkpoint import load_model_weights
 
-    clip = load_clip(
-        config.clip, preprocess=config.preprocess, target_ratio=config.target_ratio, device=device
-    )
+    spec = config.model.clip
+    clip = load_clip(spec.source, preprocess=spec.preprocess, target_ratio=spec.target_ratio, device=device)
     stage1 = resolve_stage1_checkpoint(config) if config.stage == 2 else None
     if stage1 is not None:
         load_model_weights(clip, stage1, device=device)
@@ -193,13 +281,16 @@ class CombinerTask:
     def _fashioniq(self, split: str) -> list[Any]:
         from capret.data.fashioniq import FashionIQ
 
-        return [FashionIQ(self.config.root, c, split, caption_mode="eval") for c in self.config.categories]
+        return [
+            FashionIQ(self.config.data.root, c, split, caption_mode="eval")
+            for c in self.config.data.categories
+        ]
 
     def _train_triplets(self) -> tuple[list[_Triplet], Callable[[str], Any]]:
         from capret.data.fashioniq import PAIRINGS, pair_captions
 
-        if self.config.dataset == "fashioniq":
-            datasets = self._fashioniq(self.config.train_split)
+        if self.config.data.dataset == "fashioniq":
+            datasets = self._fashioniq(self.config.data.train_split)
             triplets = [
                 _Triplet(t.reference, t.target, tuple(pair_captions(t.captions, p) for p in PAIRINGS))  # type: ignore[arg-type]
                 for ds in datasets
@@ -208,19 +299,19 @@ class CombinerTask:
             return triplets, datasets[0].load_image
         from capret.data.cirr import CIRR
 
-        ds = CIRR(self.config.root, self.config.train_split)
+        ds = CIRR(self.config.data.root, self.config.data.train_split)
         return [_Triplet(t.reference, t.target, (t.caption,)) for t in ds.triplets], ds.load_image  # type: ignore[arg-type]
 
     @property
     def _cache_dir(self) -> Path | None:
-        value = self.config.feature_cache
+        value = self.config.data.feature_cache
         if value is None:
             return None
         return Path(self.config.trainer.output_dir) / "feature_cache" if value == "auto" else Path(value)
 
     @property
     def _images_frozen(self) -> bool:
-        return self.config.stage == 2 or self.config.encoder == "text"
+        return self.config.stage == 2 or self.config.model.encoder == "text"
 
     def epoch_batches(
         self, *, rank: int, world_size: int, epoch: int, seed: int
@@ -256,7 +347,7 @@ class CombinerTask:
                 load_image=self.load_image,
                 cache_dir=cache,
                 fingerprint=self._image_fp,
-                batch_size=self.config.eval_batch_size,
+                batch_size=self.config.data.encode_batch_size,
                 num_workers=self.config.trainer.num_workers,
             )
         if self.config.stage == 2 and self._text_cache is None:
@@ -319,7 +410,7 @@ class CombinerTask:
         self.clip = clip
         if self.config.stage == 1:
             clip.set_trainable(
-                text=self.config.encoder in ("text", "both"), image=self.config.encoder != "text"
+                text=self.config.model.encoder in ("text", "both"), image=self.config.model.encoder != "text"
             )
             self.fuser = ElementWiseSum(clip.feature_dim)
             return clip
@@ -343,7 +434,9 @@ class CombinerTask:
         """Batch-based classification loss of the stage (CLIP4Cir Sec. 3.1/3.2)."""
         if self.config.stage == 2:
             query = model(batch["reference"], batch["text"])
-            return {"loss": batch_classification_loss(query, batch["target"])}
+            return {
+                "loss": batch_classification_loss(query, batch["target"], scale=self.config.loss.logit_scale)
+            }
         tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if "reference_pixels" in batch:
             n = batch["reference_pixels"].shape[0]
@@ -354,7 +447,8 @@ class CombinerTask:
             out = model(**tokens)
             reference, target = batch["reference"], batch["target"]
         query = ElementWiseSum()(reference.to(out["text"].dtype), out["text"])
-        return {"loss": batch_classification_loss(query, target.to(query.dtype))}
+        target = target.to(query.dtype)
+        return {"loss": batch_classification_loss(query, target, scale=self.config.loss.logit_scale)}
 
     # ----------------------------------------------------------------------------------------- eval
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -371,18 +465,18 @@ class CombinerTask:
             cache_texts=self.config.stage == 2,
             image_fingerprint=self._image_fp,
             text_fingerprint=self._text_fp,
-            batch_size=self.config.eval_batch_size,
+            batch_size=self.config.data.encode_batch_size,
             num_workers=self.config.trainer.num_workers,
         )
-        if self.config.dataset == "fashioniq":
-            datasets = self._fashioniq(self.config.val_split)
+        if self.config.data.dataset == "fashioniq":
+            datasets = self._fashioniq(self.config.data.val_split)
             rankings = {
                 ds.category: fashioniq_rankings(clip, fuser, dataset=ds, options=options) for ds in datasets
             }
             return fashioniq_recall(rankings, {ds.category: ds.annotations for ds in datasets})
         from capret.data.cirr import CIRR
 
-        ds = CIRR(self.config.root, self.config.val_split)
+        ds = CIRR(self.config.data.root, self.config.data.val_split)
         metrics = cirr_metrics(cirr_rankings(clip, fuser, dataset=ds, options=options), ds.annotations)
         metrics["r5_rs1_mean"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
         return metrics
@@ -393,8 +487,8 @@ class CombinerTask:
 
 #: names of the validation metrics of each dataset, for checking ``trainer.monitor`` before training starts
 def _metric_names(config: CombinerTaskConfig) -> list[str]:
-    if config.dataset == "fashioniq":
-        names = [f"{c}/recall@{k}" for c in config.categories for k in (10, 50)]
+    if config.data.dataset == "fashioniq":
+        names = [f"{c}/recall@{k}" for c in config.data.categories for k in (10, 50)]
         return [*names, "average/recall@10", "average/recall@50", "average"]
     return [
         *(f"recall@{k}" for k in (1, 5, 10, 50)),
@@ -413,8 +507,8 @@ def run(config: CombinerTaskConfig, *, resume: str | None = None) -> dict[str, A
     names = _metric_names(config)
     if config.trainer.monitor not in names:
         raise ConfigError(
-            f"trainer.monitor={config.trainer.monitor!r} is not a {config.dataset} validation metric; "
-            f"valid: {', '.join(names)} (paper: {'average' if config.dataset == 'fashioniq' else 'r5_rs1_mean'})"
+            f"trainer.monitor={config.trainer.monitor!r} is not a {config.data.dataset} validation metric; valid: "
+            f"{', '.join(names)} (paper: {'average' if config.data.dataset == 'fashioniq' else 'r5_rs1_mean'})"
         )
     stage = config.stage1 if config.stage == 1 else config.stage2
     trainer_config = replace(

@@ -37,13 +37,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     argv = [
         "--config",
         str(CONFIGS / "cirr_combiner.yaml"),
-        f"root={cirr}",
-        f"clip={clip}",
+        f"data.root={cirr}",
+        f"model.clip.source={clip}",
         f"trainer.output_dir={out}",
         "stage=1",
         "stage1.batch_size=10",
         "stage1.epochs=1",
-        "feature_cache=null",
+        "data.feature_cache=null",
         *QUIET,
     ]
     assert train_cli.main(argv) == 0

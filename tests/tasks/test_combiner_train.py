@@ -66,8 +66,8 @@ def cirr_runs(world: dict[str, Path]) -> dict[str, object]:
     """Stage 1 then stage 2 on tiny CIRR with the full data in one batch, so each step sees the same loss."""
     out = world["base"] / "cirr_run"
     common = [
-        f"root={world['cirr']}",
-        f"clip={world['clip']}",
+        f"data.root={world['cirr']}",
+        f"model.clip.source={world['clip']}",
         f"trainer.output_dir={out}",
         "trainer.log_every=1",
         "trainer.schedule=constant",
@@ -86,7 +86,7 @@ def cirr_runs(world: dict[str, Path]) -> dict[str, object]:
         "stage2.lr=0.001",
         "stage2.epochs=8",
         "stage2.eval_every=8",
-        "combiner.dropout=0.0",
+        "model.combiner.dropout=0.0",
     ]
     results = {}
     for name, extra in (("stage1", stage1), ("stage2", stage2)):
@@ -117,11 +117,52 @@ def test_stage2_starts_from_stage1_weights(cirr_runs):
     out = cirr_runs["out"]
     clip, fuser, config = load_cir_model(out / "stage2" / "best")
     assert config.stage == 2 and type(fuser).__name__ == "Combiner"
-    stage1 = load_model_weights(load_clip(config.clip), out / "stage1" / "best")
-    pretrained = load_clip(config.clip)
+    stage1 = load_model_weights(load_clip(config.model.clip.source), out / "stage1" / "best")
+    pretrained = load_clip(config.model.clip.source)
     key = "model.text_projection.weight"
     torch.testing.assert_close(clip.state_dict()[key], stage1.state_dict()[key])
     assert not torch.equal(clip.state_dict()[key], pretrained.state_dict()[key])
+
+
+def test_sidecar_of_the_flat_pre_sections_config_still_loads(cirr_runs, tmp_path):
+    """Checkpoints written when the combiner config was flat (``root``, ``clip``, ...) load to the same model."""
+    from capret.inference.loading import load_cir_model
+
+    best = cirr_runs["out"] / "stage2" / "best"
+    old = tmp_path / "old_best"
+    shutil.copytree(best, old)
+    sidecar = json.loads((old / "checkpoint.json").read_text())
+    task = sidecar["config"]["task"]
+    data, model = task.pop("data"), task.pop("model")
+    task.pop("loss")
+    clip = model.pop("clip")
+    task.update(
+        dataset=data["dataset"],
+        root=data["root"],
+        categories=data["categories"],
+        train_split=data["train_split"],
+        val_split=data["val_split"],
+        feature_cache=data["feature_cache"],
+        eval_batch_size=data["encode_batch_size"],
+        clip=clip["source"],
+        preprocess=clip["preprocess"],
+        target_ratio=clip["target_ratio"],
+        **model,
+    )
+    (old / "checkpoint.json").write_text(json.dumps(sidecar))
+    clip_new, fuser_new, config_new = load_cir_model(best)
+    clip_old, fuser_old, config_old = load_cir_model(old)
+    assert config_old == config_new
+    for a, b in ((clip_old, clip_new), (fuser_old, fuser_new)):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(x, y, msg=name)
+
+
+def test_flat_keys_are_rejected_with_the_sections(world, tmp_path, capsys):
+    argv = ["--config", str(CONFIGS / "fashioniq_combiner.yaml"), "root=fashion-iq", "--print-config"]
+    assert train_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "root" in err and "data" in err and "model" in err
 
 
 def test_cirr_eval_cli_metrics_and_server_files(cirr_runs, world, tmp_path, capsys):
@@ -170,16 +211,16 @@ def test_fashioniq_stage1_both_towers_and_eval(world, tmp_path, capsys):
     summary = _train(
         "fashioniq_combiner.yaml",
         [
-            f"root={world['fiq']}",
-            f"clip={world['clip']}",
-            "categories=[dress,shirt]",
+            f"data.root={world['fiq']}",
+            f"model.clip.source={world['clip']}",
+            "data.categories=[dress,shirt]",
             f"trainer.output_dir={out}",
             "stage=1",
-            "encoder=both",
+            "model.encoder=both",
             "stage1.batch_size=4",
             "stage1.lr=0.0001",
             "stage1.epochs=1",
-            "feature_cache=null",
+            "data.feature_cache=null",
         ],
         capsys,
     )
@@ -208,12 +249,12 @@ def test_stage2_batches_come_from_the_cache_without_images(world, tmp_path):
         CombinerTaskConfig,
         CONFIGS / "fashioniq_combiner.yaml",
         [
-            f"root={root}",
-            f"clip={world['clip']}",
-            "categories=[dress]",
+            f"data.root={root}",
+            f"model.clip.source={world['clip']}",
+            "data.categories=[dress]",
             f"trainer.output_dir={tmp_path / 'run'}",
             "stage=2",
-            "stage1_checkpoint=null",
+            "model.stage1_checkpoint=null",
             "stage2.batch_size=4",
             "trainer.num_workers=0",
         ],
@@ -237,7 +278,12 @@ def test_stage2_batches_come_from_the_cache_without_images(world, tmp_path):
 
 
 def test_monitor_and_stage_are_checked(world, tmp_path, capsys):
-    argv = ["--config", str(CONFIGS / "cirr_combiner.yaml"), f"root={world['cirr']}", f"clip={world['clip']}"]
+    argv = [
+        "--config",
+        str(CONFIGS / "cirr_combiner.yaml"),
+        f"data.root={world['cirr']}",
+        f"model.clip.source={world['clip']}",
+    ]
     assert train_cli.main([*argv, "trainer.monitor=map", f"trainer.output_dir={tmp_path}"]) == 2
     assert "valid: recall@1" in capsys.readouterr().err
     assert train_cli.main([*argv, "stage=3", f"trainer.output_dir={tmp_path}"]) == 2
