@@ -201,3 +201,57 @@ def test_serve_cli_builds_a_pipeline_from_checkpoint_and_gallery(
     assert served == [("127.0.0.1", 8123, 9)]  # localhost unless --host says otherwise
     assert (tmp_path / "w" / "pipeline" / "pipeline.json").is_file()
     assert main(["serve", "--checkpoint", str(root / "model")]) == 2  # --gallery missing: one-line error
+
+
+def test_combiner_method_matches_a_direct_computation(backend: ServeBackend, tmp_path: Path) -> None:
+    """A Combiner checkpoint loaded with ``--combiner``: the served ranking equals composed features computed
+    directly (CLIP image + text features -> fuser -> cosine against the gallery crops' CLIP features)."""
+    import numpy as np
+    import torch
+    from repo_paths import CONFIGS
+    from tiny_cir import make_tiny_clip, write_cirr
+
+    from capret.cli import train as train_cli
+    from capret.inference.loading import load_cir_model
+    from capret.serve.backends import CombinerMethod, crop_box
+
+    clip_dir = make_tiny_clip(tmp_path / "clip")
+    argv = [
+        "--config",
+        str(CONFIGS / "cirr_combiner.yaml"),
+        f"data.root={write_cirr(tmp_path / 'cirr')}",
+        f"model.clip.source={clip_dir}",
+        f"trainer.output_dir={tmp_path / 'run'}",
+        "stage=1",
+        "stage1.batch_size=10",
+        "stage1.epochs=1",
+        "data.feature_cache=null",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        "trainer.num_workers=0",
+    ]
+    assert train_cli.main(argv) == 0
+    checkpoint = tmp_path / "run" / "stage1" / "best"
+    method = CombinerMethod(checkpoint, backend.entries, device="cpu")
+    backend.composed[method.name] = method
+    client = TestClient(create_app(backend))
+    served = client.post(
+        "/api/search/composed",
+        data={"reference_id": "000002/0", "text": "a red dress", "k": "9", "method": "combiner"},
+    )
+    assert served.status_code == 200, served.text
+
+    clip, fuser, _ = load_cir_model(checkpoint)
+    with torch.no_grad():
+
+        def image_feature(entry_id: str) -> torch.Tensor:
+            entry = backend.entry(entry_id)
+            return clip.image_features(clip.transform(crop_box(Image.open(entry.image), entry.box))[None])
+
+        gallery = torch.nn.functional.normalize(
+            torch.cat([image_feature(e.id) for e in backend.entries]), dim=-1
+        )
+        text = clip.text_features(**clip.tokenize(["a red dress"]))
+        query = torch.nn.functional.normalize(fuser(image_feature("000002/0"), text), dim=-1)
+        expected = np.argsort(-(query @ gallery.T)[0].numpy(), kind="stable")
+    assert [r["id"] for r in served.json()["results"]] == [backend.entries[i].id for i in expected]
