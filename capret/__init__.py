@@ -1,6 +1,7 @@
 """capret: caption-augmented image retrieval.
 
-``capret.load_model(path)`` returns a trained model with ``encode_images`` / ``encode_captions`` (see the README);
+``capret.load_model(path)`` returns a trained model with ``encode_images`` / ``encode_captions``;
+``capret.RetrievalPipeline.load(folder).search(photo)`` ranks a gallery for a photo (see the README);
 :mod:`capret.api` re-exports the rest of the public surface.
 
 Layout, bottom to top (a package imports only the ones below it; ``tests/test_layout.py`` checks it):
@@ -9,7 +10,8 @@ Layout, bottom to top (a package imports only the ones below it; ``tests/test_la
 :mod:`capret.models`, :mod:`capret.losses`, :mod:`capret.retrieval`, :mod:`capret.evaluation` ->
 :mod:`capret.engine` (the training loop) -> :mod:`capret.inference` (loading trained models, embedding, CIR
 search) and :mod:`capret.tasks` (one module per trainable task) -> :mod:`capret.api`, :mod:`capret.testing` ->
-:mod:`capret.cli` and :mod:`capret.quickstart` (the only places that parse command lines).
+:mod:`capret.cli`, :mod:`capret.quickstart` and :mod:`capret.serve` (the only places that parse command lines
+or serve requests).
 """
 
 from __future__ import annotations
@@ -18,7 +20,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["Match", "RetrievalPipeline", "__version__", "load_model"]
+
+_LAZY = {"RetrievalPipeline": "capret.inference.pipeline", "Match": "capret.inference.pipeline"}
+
+
+def __getattr__(name: str) -> Any:
+    """``capret.RetrievalPipeline`` without importing torch and faiss at ``import capret``."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'capret' has no attribute {name!r}")
 
 
 def load_model(path: Any, *, device: Any = None) -> Any:

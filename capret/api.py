@@ -5,6 +5,7 @@ Everything here is a re-export; the code lives in :mod:`capret.inference`.
 
 from __future__ import annotations
 
+from capret.inference.detection import Detection, Detector, create_detector
 from capret.inference.dualstream import (
     ItemRetrieval,
     RetrievalModel,
@@ -14,10 +15,22 @@ from capret.inference.dualstream import (
     load_dual_stream_weights,
     load_model,
 )
+from capret.inference.gallery import Gallery, build_gallery, finish_gallery
 from capret.inference.loading import load_cir_model
+from capret.inference.pipeline import Match, PipelineConfig, RetrievalPipeline, SearchResult
 
 __all__ = [
+    "Detection",
+    "Detector",
+    "Gallery",
     "ItemRetrieval",
+    "Match",
+    "PipelineConfig",
+    "RetrievalPipeline",
+    "SearchResult",
+    "build_gallery",
+    "create_detector",
+    "finish_gallery",
     "RetrievalModel",
     "encode_items",
     "evaluate_items",

@@ -1,12 +1,24 @@
-"""``capret``: umbrella command (``capret quickstart``)."""
+"""``capret``: umbrella command (``capret quickstart``, ``capret search``, ``capret index build``, ...).
+
+A subcommand lives in its own module ``capret/cli/<name>.py`` with ``add_parser(subparsers)`` (which sets
+``run`` as the parser's default) and ``run(args) -> int``, and is registered by one line in :data:`SUBCOMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from capret.cli.common import run_guarded
+
+#: modules of the subcommands (one line each)
+SUBCOMMANDS: list[str] = [
+    "capret.cli.index",
+    "capret.cli.search",
+    "capret.cli.serve",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument(
         "--stages", nargs="*", default=None, help="run only these stages (default: all); see report.json keys"
     )
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -48,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 and 0
             )
         )
+    if getattr(args, "run", None) is not None:
+        return run_guarded(args.run, args)
     parser.print_help()
     return 2
 

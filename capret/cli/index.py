@@ -1,0 +1,148 @@
+"""``capret index build``: the gallery side of the query pipeline, built once and resumably.
+
+    capret index build --checkpoint MODEL --images SHOP_DIR|LIST --out GALLERY [--detector NAME | --detections
+        dets.json] [--captions template|none|transformers|openai] [--index flat|exact|ivfpq] [--shard-images N]
+
+Detects the items of every gallery photo (default: the whole photo is the item), captions them, embeds them with
+the trained model into sharded, memory-mapped features (``GALLERY/features``) and indexes them
+(``GALLERY/index.faiss`` or, for ``ivfpq``, an IVF-PQ index with on-disk inverted lists and exact re-scoring).
+Re-running the same command continues an interrupted build. Under ``torchrun`` every rank embeds every
+``WORLD_SIZE``-th image into its own shards and rank 0 merges the manifests and builds the index. Options of the
+detector, captioner and index are given as ``--detector-option key=value`` (repeatable), and so on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from capret.config import ConfigError, parse_overrides
+from capret.console import print_json, run_guarded
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "index",
+        help="build a searchable gallery (detect, caption, embed, index) for `capret search`",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    build = sub.add_parser("build", help="build (or resume building) a gallery folder")
+    build.add_argument(
+        "--checkpoint", type=Path, required=True, help="model folder, checkpoint or run folder"
+    )
+    build.add_argument("--images", type=Path, required=True, help="image folder or text file of image paths")
+    build.add_argument("--out", type=Path, required=True, help="gallery folder to write (resumable)")
+    build.add_argument("--detector", default=None, help="registered detector name (default: whole image)")
+    build.add_argument(
+        "--detections", type=Path, default=None, help="COCO results file of an external detector"
+    )
+    build.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE")
+    build.add_argument(
+        "--captions",
+        default="none",
+        help="caption backend for the gallery items: none (default), template, ...",
+    )
+    build.add_argument("--caption-option", action="append", default=[], metavar="KEY=VALUE")
+    build.add_argument("--index", default="flat", choices=["flat", "exact", "ivfpq"], help="index kind")
+    build.add_argument("--index-option", action="append", default=[], metavar="KEY=VALUE")
+    build.add_argument("--shard-images", type=int, default=512, help="images per feature shard (resume unit)")
+    build.add_argument("--batch-size", type=int, default=32, help="items per forward pass")
+    build.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(run=run)
+
+
+def _options(pairs: list[str], what: str) -> dict[str, Any]:
+    options = parse_overrides(pairs)
+    nested = [k for k, v in options.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"--{what}-option keys are plain names, got {nested[0]!r}.*")
+    return options
+
+
+def make_detector(name: str | None, detections: Path | None, options: dict[str, Any]) -> Any:
+    """The detector named on a command line: ``--detections`` (COCO results), ``--detector NAME`` or None."""
+    from capret.inference.detection import create_detector
+
+    if detections is not None and name is not None:
+        raise ConfigError("give either --detector or --detections, not both")
+    if detections is not None:
+        return create_detector("coco_results", path=detections, **options)
+    return create_detector(name, **options) if name else None
+
+
+def _build(args: argparse.Namespace) -> dict[str, Any]:
+    from capret.cli.extract import list_images
+    from capret.engine.distributed import barrier, cleanup_distributed, init_distributed
+    from capret.inference.captioner import Captioner, CaptionerSettings
+    from capret.inference.dualstream import load_model
+    from capret.inference.gallery import build_gallery, finish_gallery
+
+    if args.shard_images < 1 or args.batch_size < 1:
+        raise ConfigError(
+            f"--shard-images and --batch-size must be >= 1 ({args.shard_images}, {args.batch_size})"
+        )
+    ctx = init_distributed(args.device)
+    try:
+        paths, ids = list_images(args.images)
+        detector = make_detector(args.detector, args.detections, _options(args.detector_option, "detector"))
+        captioner = None
+        settings: dict[str, Any] = {"captioner": None}
+        if args.captions != "none":
+            caption_settings = CaptionerSettings(
+                backend=args.captions,
+                options=_options(args.caption_option, "caption"),
+                cache=str((args.out / "captions.jsonl").resolve()),
+            )
+            captioner = Captioner.from_settings(caption_settings)
+            settings["captioner"] = caption_settings.to_dict() | {"cache": None}
+            if ctx.world_size > 1:  # one caption store per rank: a store has one writer
+                captioner.cache_path = args.out / f"captions_r{ctx.rank}.jsonl"
+        model = load_model(args.checkpoint, device=str(ctx.device))
+        summary = build_gallery(
+            model,
+            images=paths,
+            ids=ids,
+            out=args.out,
+            detector=detector,
+            captioner=captioner,
+            model_ref=str(args.checkpoint.resolve()),
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            shard_images=args.shard_images,
+            batch_size=args.batch_size,
+            progress=not args.no_progress and ctx.rank == 0,
+        )
+        if captioner is not None:
+            captioner.close()
+        barrier(world_size=ctx.world_size)
+        if ctx.rank == 0:
+            settings["model"] = str(args.checkpoint.resolve())
+            gallery = finish_gallery(
+                args.out,
+                index=args.index,
+                index_options=_options(args.index_option, "index"),
+                settings=settings,
+                progress=not args.no_progress,
+            )
+            summary.update(rows=gallery["rows"], index=gallery["index"], out=str(args.out))
+        barrier(world_size=ctx.world_size)
+        return summary
+    finally:
+        cleanup_distributed(ctx)
+
+
+def run(args: argparse.Namespace) -> int:
+    def body(a: argparse.Namespace) -> int:
+        summary = _build(a)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_json(summary)
+        return 0
+
+    return run_guarded(body, args)

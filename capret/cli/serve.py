@@ -1,0 +1,88 @@
+"""``capret serve --pipeline DIR | --checkpoint M --gallery DIR [--combiner CKPT] [--host 127.0.0.1] [--port 8000]``.
+
+With ``--checkpoint``/``--gallery`` the gallery is indexed first (``capret index build``, template captions,
+resumable) into ``--workdir`` (default: a folder under ``$CAPRET_CACHE``, ``~/.cache/capret``), and a pipeline
+folder naming it is written there; later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="web page + JSON API: image-to-image and composed queries over a shop gallery",
+        description="Serve a query pipeline (capret index build / capret quickstart's qs/pipeline) as a web page "
+        "for people and a JSON API (/docs). Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pipeline", type=Path, help="pipeline folder (pipeline.json)")
+    source.add_argument("--checkpoint", type=Path, help="trained dual-stream model (with --gallery)")
+    p.add_argument("--gallery", type=Path, help="folder (or text file) of shop photos, with --checkpoint")
+    p.add_argument(
+        "--workdir", type=Path, help="where --checkpoint/--gallery builds its index (default: cache)"
+    )
+    p.add_argument("--combiner", type=Path, help="optional Combiner checkpoint for composed queries")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default: %(default)s, this machine)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
+    p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted upload (default: 8 MB)")
+    p.add_argument("--max-concurrency", type=int, default=2, help="searches run at once (default: 2)")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from capret.config import ConfigError
+    from capret.serve import ServeBackend, create_app, serve
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_concurrency < 1:
+        raise ConfigError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    pipeline = args.pipeline if args.pipeline is not None else _pipeline_from_gallery(args)
+    backend = ServeBackend.from_pipeline_dir(pipeline, combiner=args.combiner, device=args.device)
+    app = create_app(
+        backend,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_concurrency=args.max_concurrency,
+    )
+    print(f"capret serve: http://{args.host}:{args.port}/ (API: /docs); Ctrl+C stops")
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
+def _pipeline_from_gallery(args: argparse.Namespace) -> Path:
+    """Index ``--gallery`` with ``--checkpoint`` (resumable) and write a pipeline folder naming both."""
+    import hashlib
+    import os
+
+    from capret.cli.main import main as capret_main
+    from capret.config import ConfigError
+    from capret.inference.pipeline import PipelineConfig
+
+    if args.gallery is None:
+        raise ConfigError("--checkpoint needs --gallery DIR (the shop photos to search)")
+    checkpoint, gallery = args.checkpoint.resolve(), args.gallery.resolve()
+    workdir = args.workdir
+    if workdir is None:
+        digest = hashlib.sha256(f"{checkpoint}\n{gallery}".encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("CAPRET_CACHE") or Path.home() / ".cache" / "capret")
+        workdir = cache / "serve" / digest
+    index = workdir / "gallery"
+    argv = ["index", "build", "--checkpoint", str(checkpoint), "--images", str(gallery), "--out", str(index)]
+    code = capret_main([*argv, "--captions", "template"])
+    if code != 0:
+        raise ConfigError(
+            f"indexing {gallery} with {checkpoint} failed (exit code {code}); see the message above"
+        )
+    PipelineConfig(model=str(checkpoint), gallery="../gallery", captioner={"backend": "template"}).save(
+        workdir / "pipeline"
+    )
+    return workdir / "pipeline"

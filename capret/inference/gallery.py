@@ -1,0 +1,228 @@
+"""The gallery side of the query pipeline, built once: items, captions, features and an index, in one folder.
+
+``capret index build`` calls :func:`build_gallery`, which detects the items of every shop photo (or takes the
+whole photo), captions them (optional), embeds them with the trained model and writes them as sharded features
+(:mod:`capret.retrieval.sharded`), then indexes them. Layout of the folder::
+
+    OUT/gallery.json            what was built: model, detector, captioner, index kind and options, counts
+    OUT/features/               sharded features + items_*.jsonl (id, image, box, score, category_id, caption)
+    OUT/captions.jsonl          the gallery caption store (resumable like every caption store)
+    OUT/index.faiss             flat / exact index over all rows (ids = global row numbers), or
+    OUT/index/                  a sharded IVF-PQ index (ivf.index, lists.ivfdata, index.json)
+
+Resuming: shards are made of ``shard_images`` consecutive images of this rank's list; a shard listed in the
+rank manifest is never redone, and captions already in the store are never asked again, so re-running the same
+command after an interruption continues where it stopped. Under ``torchrun`` rank ``r`` takes images ``r, r + W,
+...``; the caller merges the manifests and builds the index once every rank is done (:func:`finish_gallery`).
+
+:class:`Gallery` opens such a folder for searching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from capret.errors import DataError
+from capret.io import atomic_write_json
+from capret.retrieval.index import create_index, load_index
+from capret.retrieval.sharded import (
+    ShardedFeatures,
+    ShardedIVFIndex,
+    ShardWriter,
+    build_ivf_from_shards,
+    merge_manifests,
+    open_features,
+)
+
+__all__ = ["GALLERY_FILE", "Gallery", "build_gallery", "finish_gallery"]
+
+GALLERY_FILE = "gallery.json"
+INDEX_KINDS = ("flat", "exact", "ivfpq")
+
+
+def _list_digest(ids: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def build_gallery(
+    model: Any,
+    *,
+    images: Sequence[Path],
+    ids: Sequence[str],
+    out: str | Path,
+    detector: Any = None,
+    captioner: Any = None,
+    model_ref: str = "",
+    rank: int = 0,
+    world_size: int = 1,
+    shard_images: int = 512,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed this rank's share of ``images`` into shards under ``out/features`` (see the module docstring).
+
+    Args:
+        model: a :class:`~capret.inference.dualstream.RetrievalModel`.
+        images, ids: gallery photos and their unique ids (item ids are ``"<image id>/<n>"``).
+        detector: a detector (:mod:`capret.inference.detection`); ``None`` = whole image.
+        captioner: a :class:`~capret.inference.captioner.Captioner`; ``None`` = image-only features.
+        model_ref: how the model was named (recorded; a resumed run must name the same).
+    Returns:
+        Counts of this rank: images, items, shards written / skipped, items without caption.
+    """
+    from capret.inference.detection import WholeImageDetector, run_detector
+
+    if len(images) != len(ids) or len(set(ids)) != len(ids):
+        raise ValueError(
+            f"need one unique id per image, got {len(images)} images and {len(set(ids))} unique ids"
+        )
+    if shard_images < 1:
+        raise ValueError(f"shard_images must be >= 1, got {shard_images}")
+    out = Path(out)
+    detector = detector or WholeImageDetector()
+    describe = getattr(detector, "describe", None)
+    meta = {
+        "model": model_ref,
+        "detector": describe() if callable(describe) else type(detector).__name__,
+        "captioner": captioner.backend.describe() | {"backend": captioner.name} if captioner else None,
+        "images": _list_digest(list(ids)),
+        "shard_images": int(shard_images),
+    }
+    writer = ShardWriter(out / "features", rank=rank, world_size=world_size, dim=model.embed_dim, meta=meta)
+    mine = list(range(rank, len(images), world_size))
+    summary = {"rank": rank, "images": len(mine), "items": 0, "shards_written": 0, "shards_skipped": 0}
+    summary["items_without_caption"] = 0
+    bar = tqdm(total=len(mine), desc=f"gallery r{rank}", unit="image", disable=not progress)
+    for shard, start in enumerate(range(0, len(mine), shard_images)):
+        chunk = mine[start : start + shard_images]
+        if writer.done(shard):
+            summary["shards_skipped"] += 1
+            summary["items"] += writer.shards[shard].rows
+            bar.update(len(chunk))
+            continue
+        pictures = []
+        for i in chunk:
+            if not Path(images[i]).is_file():
+                raise DataError("gallery image does not exist", path=images[i])
+            with Image.open(images[i]) as handle:
+                pictures.append(handle.convert("RGB"))
+        detections = run_detector(detector, pictures, [images[i] for i in chunk])
+        owners, boxes, records = [], [], []
+        for local, (i, dets) in enumerate(zip(chunk, detections)):
+            for n, det in enumerate(dets):
+                owners.append(local)
+                boxes.append(tuple(float(v) for v in det.box))
+                records.append(
+                    {"id": f"{ids[i]}/{n}", "image": str(images[i]), **det.to_dict(), "caption": None}
+                )
+        captions: list[str | None] | None = None
+        if captioner is not None and records:
+            captions = captioner.caption(
+                [pictures[o] for o in owners],
+                boxes,
+                category_ids=[r["category_id"] for r in records],
+            )
+            for record, caption in zip(records, captions):
+                record["caption"] = caption
+            summary["items_without_caption"] += sum(c is None for c in captions)
+        feats = (
+            model.encode_images([pictures[o] for o in owners], captions, boxes=boxes, batch_size=batch_size)
+            if records
+            else np.zeros((0, model.embed_dim), np.float32)
+        )
+        writer.write(shard, feats, records, span=(start, start + len(chunk)))
+        summary["items"] += len(records)
+        summary["shards_written"] += 1
+        bar.update(len(chunk))
+    bar.close()
+    return summary
+
+
+def finish_gallery(
+    out: str | Path,
+    *,
+    index: str = "flat",
+    index_options: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Merge the rank manifests and index every row (run once, after all ranks finished); writes gallery.json."""
+    if index not in INDEX_KINDS:
+        raise ValueError(f"unknown gallery index {index!r}; valid: {', '.join(INDEX_KINDS)}")
+    out = Path(out)
+    merge_manifests(out / "features")
+    features = open_features(out / "features")
+    options = dict(index_options or {})
+    if features.rows == 0:
+        raise DataError("the gallery holds no item (no detection in any image?)", path=out / "features")
+    if index == "ivfpq":
+        build_ivf_from_shards(features, out / "index", progress=progress, **options)
+    else:
+        flat = create_index(index, features.dim, **options)
+        for start, chunk in features.iter_chunks():
+            flat.add(chunk, np.arange(start, start + chunk.shape[0], dtype=np.int64))
+        flat.save(out / "index.faiss")
+    gallery = {
+        "format": "capret-gallery",
+        "version": 1,
+        "rows": features.rows,
+        "dim": features.dim,
+        "index": {"kind": index, "options": options},
+        "build": features.meta,
+        **(settings or {}),
+    }
+    atomic_write_json(out / GALLERY_FILE, gallery, indent=1)
+    return gallery
+
+
+class Gallery:
+    """A built gallery folder opened for search: index, memory-mapped features, and one record per row."""
+
+    def __init__(self, directory: str | Path, *, device: str | None = None) -> None:
+        self.directory = Path(directory)
+        path = self.directory / GALLERY_FILE
+        if not path.is_file():
+            raise DataError(
+                f"not a gallery folder (no {GALLERY_FILE}); build one with `capret index build`", path=path
+            )
+        self.settings = json.loads(path.read_text())
+        self.features: ShardedFeatures = open_features(self.directory / "features")
+        self.items = self.features.items()
+        self._rows = {str(item["id"]): row for row, item in enumerate(self.items)}
+        kind = self.settings["index"]["kind"]
+        self.index: Any
+        if kind == "ivfpq":
+            self.index = ShardedIVFIndex(self.directory / "index", features=self.features)
+        else:
+            self.index = load_index(self.directory / "index.faiss", device=device)
+        if self.index.ntotal != self.features.rows:
+            raise DataError(
+                f"index holds {self.index.ntotal} rows, features {self.features.rows}; rebuild the index",
+                path=path,
+            )
+
+    @property
+    def dim(self) -> int:
+        return self.features.dim
+
+    def __len__(self) -> int:
+        return self.features.rows
+
+    def row_of(self, item_id: str) -> int:
+        """Global row of a gallery item id (``"<image id>/<n>"``); unknown ids are an error naming one valid id."""
+        if item_id not in self._rows:
+            example = next(iter(self._rows), "")
+            raise KeyError(f"gallery item {item_id!r} not found (ids look like {example!r})")
+        return self._rows[item_id]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, rows)`` of the top-``k`` gallery rows per query (``-1`` rows pad small galleries)."""
+        return self.index.search(queries, min(int(k), len(self)))
