@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from capret.config import ConfigError, cfg, from_dict, load_config, to_dict
-from capret.console import print_json, run_guarded
+from capret.console import add_debug_flag, print_json, run_guarded
 from captioning.loop import LoopConfig
 
 __all__ = ["CaptionConfig", "OpenAIOptions", "TransformersOptions", "build_parser", "main", "run"]
@@ -30,7 +30,9 @@ class OpenAIOptions:
         factory=list, help="server base URLs ending in /v1; several are used round-robin"
     )
     api_key_env: str = cfg(
-        "", "environment variable holding the API key (default: CAPRET_API_KEY, OPENAI_API_KEY)"
+        "",
+        "environment variable holding the API key (default: CAPRET_API_KEY; OPENAI_API_KEY only for the "
+        "hosted API over https)",
     )
     concurrency: int = cfg(8, "requests in flight at once, over all servers")
     timeout: float = cfg(60.0, "seconds before a request counts as timed out (and is retried)")
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any config field, e.g. --set loop.max_reasks=3",
     )
+    add_debug_flag(parser)
     return parser  # fmt: skip
 
 
@@ -169,7 +172,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> CaptionConfig:
     """Defaults <- --config YAML <- --set overrides <- explicit flags."""
     config = load_config(CaptionConfig, args.config, args.overrides)
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "overrides")}
+    flags = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("config", "overrides", "debug")
+    }
     config = from_dict(CaptionConfig, _merge(to_dict(config), _nest(flags)))
     if config.root is None:
         raise ConfigError("--root is required (the dataset folder)")
@@ -245,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_json(summary)
         return 1 if summary["failed"] else 0
 
-    return run_guarded(body)
+    return run_guarded(body, debug=args.debug or None)
 
 
 if __name__ == "__main__":

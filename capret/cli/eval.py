@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="batch size for feature extraction")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
     p.add_argument("--out", type=Path, help="also write metrics.json, official results and pictures here")
+    p.add_argument(
+        "--debug", action="store_true", help="print the full traceback of an error (also: CAPRET_DEBUG=1)"
+    )
     return p
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from capret.cli.common import print_json, run_guarded
+from capret.cli.common import add_debug_flag, print_json, run_guarded
 from capret.config import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available else cpu)"
     )
+    add_debug_flag(p)
     return p
 
 

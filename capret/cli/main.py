@@ -6,13 +6,14 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from capret.cli.common import run_guarded
+from capret.cli.common import add_debug_flag, run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capret", description="capret: caption-augmented image retrieval. Subcommands below."
     )
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     qs = sub.add_parser(
         "quickstart",
@@ -46,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lambda: (
                 run_quickstart(args.out, seed=args.seed, stages=args.stages, train_seconds=args.train_seconds)
                 and 0
-            )
+            ),
+            debug=args.debug or None,
         )
     parser.print_help()
     return 2
