@@ -16,6 +16,8 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "MissingDependencyError",
+    "MissingFileError",
+    "MissingImageError",
     "NonFiniteError",
     "OutputFolderError",
 ]
@@ -38,6 +40,15 @@ class DataError(CapretError):
 
 class BadImageError(DataError):
     """An image file cannot be decoded (missing, truncated, corrupt or not an image)."""
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """A file the run needs does not exist (also a ``FileNotFoundError`` for callers that expect one)."""
+
+
+class MissingImageError(BadImageError, FileNotFoundError):
+    """An image file listed by a dataset does not exist (also a ``FileNotFoundError`` for callers that expect
+    one)."""
 
 
 class CaptionStoreMismatchError(DataError):

@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from capret.data.imagefile import decode_image
 from capret.registry import Registry
 
 __all__ = [
@@ -37,11 +38,8 @@ _DF2_SLEEVES = {1: "short", 2: "long", 3: "short", 4: "long", 5: "none", 6: "str
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Open an image file as RGB; a missing file raises ``FileNotFoundError`` naming it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Open an image file as RGB; a missing or undecodable file raises ``BadImageError`` naming it."""
+    return decode_image(path)
 
 
 @dataclass(frozen=True)

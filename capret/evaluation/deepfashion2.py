@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from capret.io import atomic_write_json
+from capret.io import atomic_write_json, read_json
 
 __all__ = [
     "OFFICIAL_KS",
@@ -95,13 +95,7 @@ def load_json_records(source: str | os.PathLike[str] | Sequence[Mapping[str, Any
     """A list of records from a JSON file path or an already-loaded list."""
     if isinstance(source, str | os.PathLike):
         path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} file not found: {path}")
-        with open(path) as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{what} file {path} is not valid JSON: {exc}") from None
+        data = read_json(path, what=f"{what} file")
         if not isinstance(data, list):
             raise ValueError(f"{what} file {path} must hold a JSON list, got {type(data).__name__}")
         return data
