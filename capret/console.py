@@ -10,7 +10,6 @@ traceback of expected failures too, for reports.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -56,7 +55,7 @@ def fail(message: str, code: int = 2) -> int:
     return code
 
 
-def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+def add_debug_flag(parser: Any) -> None:
     """Add ``--debug`` to a console script's parser (read by :func:`run_guarded` from the parsed namespace)."""
     parser.add_argument("--debug", action="store_true", default=False, help=DEBUG_HELP)
 
@@ -65,7 +64,7 @@ def debug_enabled(*args: Any) -> bool:
     """``CAPRET_DEBUG`` set to a true value, or a parsed namespace among ``args`` with ``debug=True``."""
     if os.environ.get("CAPRET_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
         return True
-    return any(isinstance(a, argparse.Namespace) and getattr(a, "debug", False) for a in args)
+    return any(getattr(a, "debug", False) is True for a in args)
 
 
 def _expected_types() -> tuple[type[BaseException], ...]:

@@ -236,7 +236,9 @@ def _scan(annos: Path) -> tuple[list[tuple[int, Path]], str]:
                 raise ValueError(f"{entry.path}: annotation file names must be NNNNNN.json (the image id)")
             info = entry.stat()
             files.append((int(stem), Path(entry.path)))
-            stats.append(f"{entry.name}\t{info.st_size}\t{info.st_mtime_ns}\t{info.st_ctime_ns}\t{info.st_ino}")
+            stats.append(
+                f"{entry.name}\t{info.st_size}\t{info.st_mtime_ns}\t{info.st_ctime_ns}\t{info.st_ino}"
+            )
     files.sort()
     digest = hashlib.sha256("\n".join(sorted(stats)).encode("utf-8")).hexdigest()
     return files, digest

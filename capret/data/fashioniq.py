@@ -150,11 +150,17 @@ class FashionIQ:
         gallery = load_json(self.split_file)
         if not isinstance(gallery, list) or not all(isinstance(n, str) for n in gallery):
             raise ValueError(f"{self.split_file}: expected a JSON list of image names (asin strings)")
-        names = [*gallery, *(t.reference for t in self.triplets), *(t.target for t in self.triplets if t.target)]
+        names = [
+            *gallery,
+            *(t.reference for t in self.triplets),
+            *(t.target for t in self.triplets if t.target),
+        ]
         for name in names:  # image names are file stems: no folders, no "../" escapes
             path_inside(self.image_dir, f"{name}.png", where=f"FashionIQ {category}/{split}: image name")
             if "/" in name or "\\" in name:
-                raise DataError(f"FashionIQ {category}/{split}: image name {name!r} must not contain a folder")
+                raise DataError(
+                    f"FashionIQ {category}/{split}: image name {name!r} must not contain a folder"
+                )
         #: Every image of the category and split: the search space of the evaluation (CLIP4Cir protocol).
         self.gallery: list[str] = gallery
 

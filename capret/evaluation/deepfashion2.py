@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from capret.errors import NonFiniteError, require_finite
 from capret.io import atomic_write_json, read_json
 
 __all__ = [
@@ -149,6 +150,7 @@ def _gt_arrays(records: list, *, what: str, keys: tuple[str, ...], id_key: str) 
                 if k != "bbox" and not isinstance(rec[k], int | float):
                     raise _bad(what, i, rec, f"{k} must be a number, got {rec[k]!r}") from None
         raise
+    require_finite(out["box"], what=f"{what} bbox (index [record, coordinate])")
     return out
 
 
@@ -218,6 +220,8 @@ def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
                 if not isinstance(rec[k], int | float):
                     raise _bad("results", i, rec, f"{k} must be a number, got {rec[k]!r}") from None
         raise
+    require_finite(arrays["score"], what="results query_score (index [record])")
+    require_finite(arrays["box"], what="results query_bbox (index [record, coordinate])")
     return arrays
 
 
@@ -243,7 +247,15 @@ def _retrieved_boxes(records: list, rows: np.ndarray, ranks: np.ndarray) -> np.n
     """``[M, 4]`` boxes ``records[rows[m]]["gallery_bbox"][ranks[m]]``: only the entries that can be hits."""
     boxes = [records[r]["gallery_bbox"][t] for r, t in zip(rows.tolist(), ranks.tolist(), strict=True)]
     try:
-        return _boxes(boxes, n=len(boxes))
+        out = _boxes(boxes, n=len(boxes))
+        bad = ~np.isfinite(out).all(axis=1)
+        if bad.any():  # a NaN box would compare false everywhere and slip through as a hit
+            m = int(np.argmax(bad))
+            r, t = int(rows[m]), int(ranks[m])
+            raise NonFiniteError(
+                f"results record {r}: gallery_bbox[{t}] holds a non-finite number: {boxes[m]!r}"
+            )
+        return out
     except (TypeError, ValueError):
         for r, t, b in zip(rows.tolist(), ranks.tolist(), boxes, strict=True):
             if not (

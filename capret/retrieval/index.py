@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from capret.errors import require_finite
 from capret.registry import Registry
 
 __all__ = [
@@ -86,8 +87,7 @@ def as_float32(vectors: Any, *, dim: int, what: str) -> np.ndarray:
     array = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
     if array.ndim != 2 or array.shape[1] != dim:
         raise ValueError(f"{what} must have shape [n, {dim}], got {list(array.shape)}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{what} contain NaN or infinite values")
+    require_finite(array, what=what)
     return array
 
 
