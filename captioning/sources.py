@@ -24,6 +24,7 @@ from capret.registry import Registry
 __all__ = [
     "CaptionTarget",
     "create_source",
+    "default_split",
     "list_sources",
     "parse_shard",
     "register_source",
@@ -76,6 +77,11 @@ def create_source(
         duplicate = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(f"dataset {name!r} at {root} yields key {duplicate!r} more than once")
     return sorted(targets, key=lambda t: t.key)
+
+
+def default_split(name: str) -> str:
+    """The split a source reads when none is given (recorded in the caption store's binding)."""
+    return {"deepfashion2": "validation", "demo": "validation", "images": ""}.get(name, "val")
 
 
 def list_sources() -> list[str]:

@@ -335,12 +335,15 @@ def evaluate_items(
     rerank_topk: int = 100,
     index: str = "exact",
     progress: bool = False,
+    min_caption_coverage: float = 0.5,
 ) -> ItemRetrieval:
     """Ground-truth-box consumer-to-shop retrieval: user items (style > 0) query shop items (style > 0).
 
-    Captions come from a caption store (or mapping); ``captions=None`` evaluates the image-only path.
+    Captions come from a caption store (or mapping); ``captions=None`` evaluates the image-only path. A store
+    written for another split or annotation version, or covering less than ``min_caption_coverage`` of either
+    side, is refused.
     """
-    from capret.data.captions import join_captions
+    from capret.data.captions import join_captions, split_fingerprint
     from capret.data.deepfashion2 import gt_box_protocol, image_path, load_items
     from capret.evaluation.retrieval_eval import evaluate_embeddings
 
@@ -348,8 +351,13 @@ def evaluate_items(
     queries, gallery = gt_box_protocol(items)
     if not queries.items or not gallery.items:
         raise ValueError(f"{root}/{split}: the protocol needs user and shop items with style > 0")
-    q_join = join_captions(queries.items, captions)
-    g_join = join_captions(gallery.items, captions)
+    fingerprint = split_fingerprint(items)
+    q_join, g_join = (
+        join_captions(
+            side.items, captions, split=split, fingerprint=fingerprint, min_coverage=min_caption_coverage
+        )
+        for side in (queries, gallery)
+    )
 
     def encode(side: list[Item], side_captions: list[str | None]) -> np.ndarray:
         return encode_items(

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from capret.config import cfg, to_dict
-from capret.data.captions import join_captions
+from capret.data.captions import join_captions, split_fingerprint
 from capret.data.items import ItemCollator, ItemDataset, PKBatchSampler, identity_labels
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
@@ -65,6 +65,16 @@ class DataConfig:
         None,
         "caption store JSONL of the validation split; null = validate without captions. A separate store because "
         "DeepFashion2 image ids restart at 1 in every split, so Item.key values collide across splits",
+    )
+    min_caption_coverage: float = cfg(
+        0.5,
+        "smallest fraction of items a caption store must cover; below it training/validation stops (a store of "
+        "another split or dataset would otherwise silently leave most items on the no-caption path)",
+    )
+    on_bad_image: str = cfg(
+        "error",
+        "error: an unreadable image stops the run naming the file; skip: its item is left out and listed in "
+        "<output_dir>/bad_images.json",
     )
     p: int = cfg(16, "identities per batch (P of the P x K sampler)")
     k: int = cfg(4, "items per identity per batch (K), alternating shop and user items")
@@ -198,14 +208,21 @@ class DualStreamTask:
 
         self.config = config
         data = config.data
-        items = [it for it in load_items(data.root, data.train_split, progress=False) if it.style > 0]
+        every = load_items(data.root, data.train_split, progress=False)
+        items = [it for it in every if it.style > 0]
         if data.max_items is not None:
             items = items[: data.max_items]
         if not items:
             raise ValueError(f"{data.root}/{data.train_split}: no items with style > 0 to train on")
         self.items = items
         self.labels, self.identities = identity_labels(items)
-        self.caption_join = join_captions(items, data.captions)
+        self.caption_join = join_captions(
+            items,
+            data.captions,
+            split=data.train_split,
+            fingerprint=split_fingerprint(every) if data.captions is not None else None,
+            min_coverage=data.min_caption_coverage,
+        )
         if data.captions is not None:
             logger.info(
                 "captions: %d found, %d missing of %d train items",
@@ -299,6 +316,7 @@ class DualStreamTask:
             root=data.root,
             split=data.val_split,
             captions=data.val_captions,
+            min_caption_coverage=data.min_caption_coverage,
             ks=ev.ks,
             batch_size=ev.batch_size,
             device=device,
