@@ -27,7 +27,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capret.data.deepfashion2 import Item
+from capret.data.imagefile import decode_image
 from capret.data.items import ItemCollator, ItemDataset, ItemTransform
+from capret.errors import BadImageError
 from capret.io import default_device, resolve_model_folder
 from capret.models.dual_stream import MODEL_CONFIG_FILE, DualStreamModel
 
@@ -113,27 +115,31 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None) ->
 class _ImageList(torch.utils.data.Dataset):
     """Decodes and preprocesses one input per index (run in DataLoader workers)."""
 
-    def __init__(self, images: Sequence[ImageInput], transform: ItemTransform) -> None:
-        self.images, self.transform = images, transform
+    def __init__(
+        self, images: Sequence[ImageInput], transform: ItemTransform, *, skip_bad: bool = False
+    ) -> None:
+        self.images, self.transform, self.skip_bad = images, transform, skip_bad
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> Tensor:
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+        """``(pixels, "")``, or under ``skip_bad`` ``(black pixels, reason)`` for an undecodable file."""
         image = self.images[index]
         if isinstance(image, str | Path):
-            path = Path(image)
-            if not path.is_file():
-                raise FileNotFoundError(f"image {path} does not exist (input {index})")
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
+            try:
+                image = decode_image(image)
+            except BadImageError as exc:
+                if not self.skip_bad:
+                    raise
+                return self.transform(Image.new("RGB", (8, 8)))[0], str(exc) or "unreadable image"
         elif isinstance(image, Tensor):
             image = _tensor_to_pil(image, index=index)
         elif not isinstance(image, Image.Image):
             raise TypeError(
                 f"input {index}: expected a path, PIL image or tensor, got {type(image).__name__}"
             )
-        return self.transform(image)[0]
+        return self.transform(image)[0], ""
 
 
 def _tensor_to_pil(tensor: Tensor, *, index: int) -> Image.Image:
@@ -176,6 +182,7 @@ class RetrievalModel:
         num_workers: int | None = None,
         precision: str = "fp32",
         progress: bool = False,
+        bad_images: list[tuple[int, str]] | None = None,
     ) -> np.ndarray:
         """Embed images, optionally with their captions, into L2-normalised float32 rows ``[N, embed_dim]``.
 
@@ -189,7 +196,15 @@ class RetrievalModel:
             precision: ``fp32``, or ``bf16`` / ``fp16`` autocast (bf16 also on CPUs with AVX512-BF16/AMX, where
                 it roughly doubles throughput; rows are still returned as normalised float32).
             progress: show a progress bar.
+            bad_images: ``None`` (default): an image file that cannot be decoded raises ``BadImageError`` naming
+                it. A list: such files are skipped instead -- ``(input index, reason)`` is appended for each and
+                its row is left all zeros, for the caller to drop (``on_bad_image: skip``).
         """
+        if isinstance(images, str | Path):
+            raise TypeError(
+                f"encode_images expects a list of images, got the single path {str(images)!r}; "
+                f"pass [{str(images)!r}]"
+            )
         if precision not in _AUTOCAST:
             raise ValueError(f"precision {precision!r} is not one of {sorted(_AUTOCAST)}")
         if isinstance(images, Tensor):
@@ -208,15 +223,19 @@ class RetrievalModel:
             busy = has_paths and self.device.type == "cuda" and len(images) > batch_size
             num_workers = min(8, os.cpu_count() or 1) if busy else 0
         loader = torch.utils.data.DataLoader(
-            _ImageList(images, self.transform), batch_size=batch_size, shuffle=False, num_workers=num_workers
+            _ImageList(images, self.transform, skip_bad=bad_images is not None),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
         )
         out = np.empty((len(images), self.embed_dim), dtype=np.float32)
         start = 0
         dtype = _AUTOCAST[precision]
         autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         with torch.inference_mode(), autocast:
-            for pixels in tqdm(loader, desc="encode images", unit="batch", disable=not progress):
+            for pixels, problems in tqdm(loader, desc="encode images", unit="batch", disable=not progress):
                 end = start + pixels.shape[0]
+                broken = [start + i for i, reason in enumerate(problems) if reason]
                 pixels = pixels.to(self.device, non_blocking=True)
                 if captions is None:
                     emb = self.model.encode_image(pixels)
@@ -232,6 +251,9 @@ class RetrievalModel:
                     )
                     emb = self.model.forward_head(feats)
                 out[start:end] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
+                if broken and bad_images is not None:
+                    out[broken] = 0.0
+                    bad_images.extend((i, problems[i - start]) for i in broken)
                 start = end
         return out
 
