@@ -18,6 +18,7 @@ __all__ = [
     "CaptionStoreMismatchError",
     "CheckpointError",
     "DataError",
+    "IncompleteCheckpointError",
     "MissingDependencyError",
     "MissingFileError",
     "MissingImageError",
@@ -61,6 +62,10 @@ class CaptionStoreMismatchError(DataError):
 
 class CheckpointError(CapretError):
     """A checkpoint or model folder is missing files, fails its checksum, or does not fit the model."""
+
+
+class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
+    """A checkpoint folder or one of its files does not exist (also a ``FileNotFoundError``)."""
 
 
 class NonFiniteError(CapretError):

@@ -25,6 +25,7 @@ __all__ = [
     "cache_dir",
     "default_device",
     "file_sha256",
+    "load_safetensors",
     "read_json",
     "resolve_model_folder",
     "step_checkpoints",
@@ -125,6 +126,25 @@ def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_safetensors(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing, truncated or corrupt file raises
+    :class:`~capret.errors.CheckpointError` naming it (safetensors' own error names no path)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from capret.errors import CheckpointError, IncompleteCheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise IncompleteCheckpointError(f"weights file {path} does not exist", path=path)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot read safetensors weights ({exc}); the file is truncated or corrupt", path=path
+        ) from None
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:

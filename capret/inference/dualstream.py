@@ -13,7 +13,6 @@ of a DeepFashion2-layout split) and :func:`evaluate_items` (the ground-truth-box
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from capret.data.deepfashion2 import Item
 from capret.data.imagefile import decode_image
 from capret.data.items import ItemCollator, ItemDataset, ItemTransform
 from capret.errors import BadImageError
-from capret.io import default_device, resolve_model_folder
+from capret.io import default_device, load_safetensors, read_json, resolve_model_folder
 from capret.models.dual_stream import MODEL_CONFIG_FILE, DualStreamModel
 
 __all__ = [
@@ -80,12 +79,11 @@ def _find_model_config(config: dict[str, Any]) -> dict[str, Any] | None:
 
 def load_dual_stream_weights(model: DualStreamModel, checkpoint: str | Path) -> DualStreamModel:
     """Load the dual-stream weights of a training checkpoint (keys ``model.*``; loss heads are dropped)."""
-    from safetensors.torch import load_file
+    from capret.engine.checkpoint import MODEL_FILE, verify_checkpoint
 
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (not a capret checkpoint folder)")
-    state = load_file(str(path))
+    verify_checkpoint(checkpoint, files=(MODEL_FILE,))
+    path = Path(checkpoint) / MODEL_FILE
+    state = load_safetensors(path)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     prefix = "model."
@@ -100,7 +98,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None) ->
     if (folder / MODEL_CONFIG_FILE).is_file():
         model = DualStreamModel.from_pretrained(folder)
     else:
-        sidecar = json.loads((folder / "checkpoint.json").read_text())
+        sidecar = read_json(folder / "checkpoint.json", what="checkpoint sidecar", allow_nonfinite=True)
         model_config = _find_model_config(sidecar.get("config", {}))
         if model_config is None:
             raise ValueError(f"{folder / 'checkpoint.json'}: config has no dual-stream `model` section")
