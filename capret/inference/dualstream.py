@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capret.data.deepfashion2 import Item
-from capret.data.imagefile import decode_image
+from capret.data.imagefile import check_bad_image_policy, decode_image, find_bad_images
 from capret.data.items import ItemCollator, ItemDataset, ItemTransform
 from capret.errors import BadImageError
 from capret.io import default_device, load_safetensors, read_json, resolve_model_folder
@@ -339,6 +339,7 @@ class ItemRetrieval:
     query_items: list[Item]
     gallery_items: list[Item]
     captions: dict[str, int]  # found / missing counts
+    bad_images: list[dict[str, str]] = field(default_factory=list)  # skipped under on_bad_image="skip"
 
 
 def evaluate_items(
@@ -356,22 +357,32 @@ def evaluate_items(
     index: str = "exact",
     progress: bool = False,
     min_caption_coverage: float = 0.5,
+    on_bad_image: str = "error",
 ) -> ItemRetrieval:
     """Ground-truth-box consumer-to-shop retrieval: user items (style > 0) query shop items (style > 0).
 
     Captions come from a caption store (or mapping); ``captions=None`` evaluates the image-only path. A store
     written for another split or annotation version, or covering less than ``min_caption_coverage`` of either
-    side, is refused.
+    side, is refused. ``on_bad_image="skip"`` scans the split's images first and leaves out every item whose
+    image cannot be read (listed in ``bad_images`` and counted in ``metrics["skipped_images"]``); the default
+    ``"error"`` stops at the first one, naming it.
     """
     from capret.data.captions import join_captions, split_fingerprint
     from capret.data.deepfashion2 import gt_box_protocol, image_path, load_items
     from capret.evaluation.retrieval_eval import evaluate_embeddings
 
     items = load_items(root, split, progress=progress)
+    fingerprint = split_fingerprint(items)
+    bad: list[dict[str, str]] = []
+    if check_bad_image_policy(on_bad_image) == "skip":
+        paired = sorted({it.image_id for it in items if it.style > 0})
+        found = find_bad_images([image_path(root, split, i) for i in paired], progress=progress)
+        bad = [{"file": str(path), "reason": reason} for path, reason in found]
+        broken = {str(path) for path, _ in found}
+        items = [it for it in items if str(image_path(root, split, it.image_id)) not in broken]
     queries, gallery = gt_box_protocol(items)
     if not queries.items or not gallery.items:
         raise ValueError(f"{root}/{split}: the protocol needs user and shop items with style > 0")
-    fingerprint = split_fingerprint(items)
     q_join, g_join = (
         join_captions(
             side.items, captions, split=split, fingerprint=fingerprint, min_coverage=min_caption_coverage
@@ -398,7 +409,7 @@ def evaluate_items(
     def refs(side: list[Item]) -> list[tuple[str, tuple[float, float, float, float]]]:
         return [(str(image_path(root, split, it.image_id)), it.bbox) for it in side]
 
-    metrics = evaluate_embeddings(
+    metrics: dict[str, Any] = evaluate_embeddings(
         q_feats,
         g_feats,
         queries.labels,
@@ -410,6 +421,8 @@ def evaluate_items(
         query_images=refs(queries.items) if rerank else None,
         gallery_images=refs(gallery.items) if rerank else None,
     )
+    if bad:
+        metrics["skipped_images"] = len(bad)
     return ItemRetrieval(
         metrics=metrics,
         query_features=q_feats,
@@ -418,6 +431,7 @@ def evaluate_items(
         gallery_labels=gallery.labels,
         query_items=queries.items,
         gallery_items=gallery.items,
+        bad_images=bad,
         captions={
             "captions_found": q_join.found + g_join.found if captions else 0,
             "captions_missing": q_join.missing + g_join.missing if captions else len(q_feats) + len(g_feats),

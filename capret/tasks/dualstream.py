@@ -35,6 +35,7 @@ from capret.data.items import ItemCollator, ItemDataset, PKBatchSampler, identit
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
 from capret.inference.dualstream import evaluate_items, item_transform, load_dual_stream_weights
+from capret.io import atomic_write_json
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig
 from capret.tasks.registry import register_task
 
@@ -216,6 +217,7 @@ class DualStreamTask:
             raise ValueError(f"{data.root}/{data.train_split}: no items with style > 0 to train on")
         self.items = items
         self.labels, self.identities = identity_labels(items)
+        self.bad_images: list[str] = []
         self.caption_join = join_captions(
             items,
             data.captions,
@@ -273,6 +275,7 @@ class DualStreamTask:
                 transform=transform,
                 captions=self.caption_join.captions,
                 caption_dropout=self.config.data.caption_dropout,
+                on_bad_image=self.config.data.on_bad_image,
             )
         return self._dataset
 
@@ -301,7 +304,24 @@ class DualStreamTask:
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        bad = batch.pop("bad_images", None)
+        if bad:
+            self._record_bad_images(bad)  # type: ignore[arg-type]
         return model(batch)
+
+    def _record_bad_images(self, files: list[str]) -> None:
+        """Under ``data.on_bad_image: skip``: keep every skipped file and its count in
+        ``<output_dir>/bad_images.json`` (rewritten atomically when a new one appears)."""
+        new = [f for f in files if f not in self.bad_images]
+        if not new:
+            return
+        self.bad_images.extend(new)
+        logger.warning("skipped unreadable image(s): %s", ", ".join(new))
+        atomic_write_json(
+            Path(self.config.trainer.output_dir) / "bad_images.json",
+            {"count": len(self.bad_images), "files": self.bad_images},
+            indent=2,
+        )
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.config.data.val_split:
@@ -317,6 +337,7 @@ class DualStreamTask:
             split=data.val_split,
             captions=data.val_captions,
             min_caption_coverage=data.min_caption_coverage,
+            on_bad_image=data.on_bad_image,
             ks=ev.ks,
             batch_size=ev.batch_size,
             device=device,
@@ -331,6 +352,7 @@ class DualStreamTask:
                 ks=ev.ks,
                 batch_size=ev.batch_size,
                 device=device,
+                on_bad_image=data.on_bad_image,
             )
             for key, value in without.metrics.items():
                 if isinstance(value, int | float) and (
