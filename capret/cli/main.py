@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from capret.cli.common import add_debug_flag, run_guarded
+
+#: Subcommand modules, each exposing ``add_parser(subparsers)`` (which sets ``handler``) and ``run(args)``.
+SUBCOMMANDS = [
+    "capret.cli.check_data",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument(
         "--stages", nargs="*", default=None, help="run only these stages (default: all); see report.json keys"
     )
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -50,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             debug=args.debug or None,
         )
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        return run_guarded(handler, args)
     parser.print_help()
     return 2
 

@@ -124,10 +124,10 @@ def _int_field(obj: dict[str, Any], name: str, where: str, path: Path, *, defaul
     if name not in obj:
         if default is not None:
             return default
-        raise ValueError(f"{path}: missing field {where}{name!r}")
+        raise ValueError(f"{path}: missing field '{where}{name}'")
     value = obj[name]
     if not _is_int(value):
-        raise ValueError(f"{path}: field {where}{name!r} must be an integer, got {value!r}")
+        raise ValueError(f"{path}: field '{where}{name}' must be an integer, got {value!r}")
     return int(value)
 
 
