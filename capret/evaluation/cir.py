@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from capret.errors import require_finite
 from capret.io import atomic_write_json, read_json
 
 __all__ = [
@@ -410,6 +411,8 @@ def rank_gallery(
         raise ValueError(
             f"rank_gallery needs [Q, D] and [G, D] features, got {tuple(q.shape)} and {tuple(g.shape)}"
         )
+    require_finite(q, what="rank_gallery query_features")
+    require_finite(g, what="rank_gallery gallery_features")
     names = list(gallery_names)
     if len(names) != g.shape[0]:
         raise ValueError(f"rank_gallery: {len(names)} gallery names for {g.shape[0]} gallery features")
