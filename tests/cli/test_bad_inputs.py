@@ -376,3 +376,41 @@ def test_check_data_reports_every_problem(tmp_path: Path, capsys: pytest.Capture
     expect_error(
         capsys, capret_cli.main, [*argv[:4], str(tmp_path / "nope"), *argv[5:]], "nope", "does not exist"
     )
+
+
+# ------------------------------------------------------------------------------------------------ skip policy
+
+
+def test_skip_policy_in_training_batches_and_evaluation(tmp_path: Path, model_dir: Path) -> None:
+    import capret
+    from capret.data.deepfashion2 import load_items
+    from capret.data.items import ItemCollator, ItemDataset, identity_labels
+    from capret.errors import BadImageError
+    from capret.inference.dualstream import evaluate_items, item_transform
+
+    root = tmp_path / "df2"
+    write_synthetic_df2(root, identities={"validation": 3}, size=48)
+    broken = root / "validation" / "image" / "000002.jpg"
+    broken.write_bytes(broken.read_bytes()[:60])
+    model = capret.load_model(model_dir).model
+    items = load_items(root, "validation", progress=False)
+    labels, _ = identity_labels(items)
+
+    def dataset(policy: str) -> ItemDataset:
+        return ItemDataset(root=root, split="validation", items=items, labels=labels,
+                           transform=item_transform(model), on_bad_image=policy)  # fmt: skip
+
+    with pytest.raises(BadImageError, match="000002.jpg"):
+        [dataset("error")[i] for i in range(len(items))]
+    samples = [dataset("skip")[i] for i in range(len(items))]
+    batch = ItemCollator(model.tokenize)(samples)
+    assert batch["pixels"].shape[0] == len(items) - 1 and batch["bad_images"] == [str(broken)]
+    with pytest.raises(ValueError, match="on_bad_image"):
+        dataset("ignore")
+    with pytest.raises(BadImageError, match="000002.jpg"):
+        evaluate_items(model, root=root, split="validation", captions=None, batch_size=4)
+    result = evaluate_items(
+        model, root=root, split="validation", captions=None, batch_size=4, on_bad_image="skip"
+    )
+    assert result.metrics["skipped_images"] == 1 and result.bad_images[0]["file"] == str(broken)
+    assert all(it.image_id != 2 for it in [*result.query_items, *result.gallery_items])
