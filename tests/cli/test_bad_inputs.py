@@ -414,3 +414,31 @@ def test_skip_policy_in_training_batches_and_evaluation(tmp_path: Path, model_di
     )
     assert result.metrics["skipped_images"] == 1 and result.bad_images[0]["file"] == str(broken)
     assert all(it.image_id != 2 for it in [*result.query_items, *result.gallery_items])
+
+
+def test_train_on_bad_annotations_and_wrong_split_captions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], configs_dir: Path
+) -> None:
+    root = tmp_path / "df2"
+    write_synthetic_df2(root, identities={"train": 3, "validation": 2}, size=48)
+    base = ["--config", str(configs_dir / "deepfashion2_dualstream.yaml"), f"data.root={root}",
+            f"trainer.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    val_store = tmp_path / "captions.validation.jsonl"
+    assert (
+        caption_cli.main(
+            ["--root", str(root), "--split", "validation", "--out", str(val_store), "--no-progress"]
+        )
+        == 0
+    )
+    expect_error(capsys, train_cli.main, [*base, f"data.captions={val_store}"],
+                 "captions.validation.jsonl", "split 'validation'", "'train'")  # fmt: skip
+    path = root / "train" / "annos" / "000002.json"
+    anno = json.loads(path.read_text())
+    del anno["item1"]["category_id"]
+    path.write_text(json.dumps(anno))
+    expect_error(capsys, train_cli.main, base, "000002.json", "missing field 'item1.category_id'")
+    anno["item1"]["category_id"] = "3"
+    path.write_text(json.dumps(anno))
+    expect_error(capsys, train_cli.main, base, "000002.json", "'item1.category_id'", "'3'")
+    path.write_bytes(b'{"source": "user", \xff')
+    expect_error(capsys, train_cli.main, base, "000002.json", "not UTF-8")
