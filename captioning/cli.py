@@ -226,7 +226,7 @@ def run(config: CaptionConfig) -> dict[str, Any]:
     from captioning.backends import create_backend
     from captioning.prompts import get_prompt_set, load_prompt_set
     from captioning.runner import caption_targets
-    from captioning.sources import create_source, default_split, parse_shard, select_shard
+    from captioning.sources import create_source, parse_shard, select_shard, store_binding
     from captioning.store import CaptionStore
 
     assert config.root is not None and config.out is not None
@@ -237,17 +237,12 @@ def run(config: CaptionConfig) -> dict[str, Any]:
     if config.limit is not None and config.limit < 0:
         raise ConfigError(f"--limit must be >= 0, got {config.limit}")
     options = _backend_options(config)
-    from capret.data.caption_records import items_fingerprint
     from capret.data.imagefile import check_bad_image_policy
 
     check_bad_image_policy(config.on_bad_image)
     targets = create_source(config.dataset, root=config.root, split=config.split, category=config.category)
     # the store is bound to the whole split (computed before sharding, so every shard carries the same value)
-    binding = {
-        "dataset": config.dataset,
-        "split": config.split or default_split(config.dataset),
-        "fingerprint": items_fingerprint((t.key, t.bbox) for t in targets),
-    }
+    binding = store_binding(config.dataset, config.split, targets)
     targets = select_shard(targets, shard_index, shard_count)
     if config.limit is not None:
         targets = targets[: config.limit]

@@ -29,6 +29,7 @@ __all__ = [
     "parse_shard",
     "register_source",
     "select_shard",
+    "store_binding",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -82,6 +83,18 @@ def create_source(
 def default_split(name: str) -> str:
     """The split a source reads when none is given (recorded in the caption store's binding)."""
     return {"deepfashion2": "validation", "demo": "validation", "images": ""}.get(name, "val")
+
+
+def store_binding(name: str, split: str | None, targets: Sequence[CaptionTarget]) -> dict[str, str]:
+    """What a caption store written from ``targets`` describes: dataset, split and the fingerprint of every
+    target of the split (pass them *before* sharding, so that every shard carries the same value)."""
+    from capret.data.caption_records import items_fingerprint
+
+    return {
+        "dataset": name,
+        "split": split or default_split(name),
+        "fingerprint": items_fingerprint((t.key, t.bbox) for t in targets),
+    }
 
 
 def list_sources() -> list[str]:
