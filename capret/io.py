@@ -7,6 +7,7 @@ one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -21,7 +22,11 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "cache_dir",
     "default_device",
+    "file_sha256",
+    "load_safetensors",
+    "read_json",
     "resolve_model_folder",
     "step_checkpoints",
 ]
@@ -68,6 +73,78 @@ def atomic_write_json(
 ) -> Path:
     """``obj`` as JSON (NaN allowed only where the caller's data has it: the standard library writes it)."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=default), fsync=fsync)
+
+
+def cache_dir(*parts: str) -> Path:
+    """The user cache folder ``$CAPRET_CACHE`` (default ``~/.cache/capret``), joined with ``parts``.
+
+    Caches never go inside a dataset root: shared dataset storage is often read-only, and a cache written beside
+    the data would be picked up by every other user of that copy.
+    """
+    base = os.environ.get("CAPRET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "capret")
+    return Path(base, *parts)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
+def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", allow_nonfinite: bool = False) -> Any:
+    """Parse a JSON file; every failure is a :class:`~capret.errors.DataError` naming the file.
+
+    Missing or unreadable files, bytes that are not UTF-8, syntax errors (with line and column) and -- unless
+    ``allow_nonfinite`` -- the non-standard constants ``NaN``/``Infinity`` that Python's json module accepts
+    silently (an ``Infinity`` box would otherwise reach the metrics as a valid number).
+    """
+    from capret.errors import DataError, MissingFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}", path=path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise DataError(f"{what} cannot be read ({exc.strerror or exc})", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} is not UTF-8 text (byte {exc.start}: {exc.reason})", path=path) from None
+    try:
+        if allow_nonfinite:
+            return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{what} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path=path
+        ) from None
+    except ValueError as exc:  # a NaN/Infinity constant
+        raise DataError(f"{what} holds a {exc}; only finite numbers are valid", path=path) from None
+
+
+def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (memory bounded)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_safetensors(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing, truncated or corrupt file raises
+    :class:`~capret.errors.CheckpointError` naming it (safetensors' own error names no path)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from capret.errors import CheckpointError, IncompleteCheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise IncompleteCheckpointError(f"weights file {path} does not exist", path=path)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot read safetensors weights ({exc}); the file is truncated or corrupt", path=path
+        ) from None
 
 
 def default_device(

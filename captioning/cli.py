@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from capret.config import ConfigError, cfg, from_dict, load_config, to_dict
-from capret.console import print_json, run_guarded
+from capret.console import add_debug_flag, print_json, run_guarded
 from captioning.loop import LoopConfig
 
 __all__ = ["CaptionConfig", "OpenAIOptions", "TransformersOptions", "build_parser", "main", "run"]
@@ -30,7 +30,9 @@ class OpenAIOptions:
         factory=list, help="server base URLs ending in /v1; several are used round-robin"
     )
     api_key_env: str = cfg(
-        "", "environment variable holding the API key (default: CAPRET_API_KEY, OPENAI_API_KEY)"
+        "",
+        "environment variable holding the API key (default: CAPRET_API_KEY; OPENAI_API_KEY only for the "
+        "hosted API over https)",
     )
     concurrency: int = cfg(8, "requests in flight at once, over all servers")
     timeout: float = cfg(60.0, "seconds before a request counts as timed out (and is retried)")
@@ -67,6 +69,11 @@ class CaptionConfig:
     prompt_version: str = cfg("capret-chat-v1", "built-in prompt set")
     prompt_file: Path | None = cfg(None, "YAML prompt set (overrides prompt_version)")
     progress: bool = cfg(True, "show a progress bar")
+    on_bad_image: str = cfg(
+        "error",
+        "error: an unreadable image stops the run naming the file; skip: it is logged to the failures file and "
+        "counted in the summary (bad_images)",
+    )
     loop: LoopConfig = cfg(factory=LoopConfig, help="dialogue options")
     openai: OpenAIOptions = cfg(factory=OpenAIOptions, help="openai backend options")
     transformers: TransformersOptions = cfg(factory=TransformersOptions, help="transformers backend options")
@@ -141,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
     )
+    parser.add_argument(
+        "--on-bad-image",
+        dest="on_bad_image",
+        choices=["error", "skip"],
+        default=None,
+        help="an unreadable image: stop naming it (error, default) or log it and go on (skip)",
+    )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        default=False,
+        help="rewrite the store at --out so every key is unique (first line of each key wins) and exit",
+    )
     parser.add_argument("--config", type=Path, default=None, help="YAML file of CaptionConfig fields")
     parser.add_argument(
         "--set",
@@ -150,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any config field, e.g. --set loop.max_reasks=3",
     )
+    add_debug_flag(parser)
     return parser  # fmt: skip
 
 
@@ -176,9 +197,13 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> CaptionConfig:
     """Defaults <- --config YAML <- --set overrides <- explicit flags."""
     config = load_config(CaptionConfig, args.config, args.overrides)
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "overrides")}
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("config", "overrides", "debug", "repair")
+    }
     config = from_dict(CaptionConfig, _merge(to_dict(config), _nest(flags)))
-    if config.root is None:
+    if config.root is None and not getattr(args, "repair", False):
         raise ConfigError("--root is required (the dataset folder)")
     if config.out is None:
         raise ConfigError("--out is required (the JSONL caption store)")
@@ -208,7 +233,7 @@ def run(config: CaptionConfig) -> dict[str, Any]:
     from captioning.backends import create_backend
     from captioning.prompts import get_prompt_set, load_prompt_set
     from captioning.runner import caption_targets
-    from captioning.sources import create_source, parse_shard, select_shard
+    from captioning.sources import create_source, parse_shard, select_shard, store_binding
     from captioning.store import CaptionStore
 
     assert config.root is not None and config.out is not None
@@ -219,11 +244,16 @@ def run(config: CaptionConfig) -> dict[str, Any]:
     if config.limit is not None and config.limit < 0:
         raise ConfigError(f"--limit must be >= 0, got {config.limit}")
     options = _backend_options(config)
+    from capret.data.imagefile import check_bad_image_policy
+
+    check_bad_image_policy(config.on_bad_image)
     targets = create_source(config.dataset, root=config.root, split=config.split, category=config.category)
+    # the store is bound to the whole split (computed before sharding, so every shard carries the same value)
+    binding = store_binding(config.dataset, config.split, targets)
     targets = select_shard(targets, shard_index, shard_count)
     if config.limit is not None:
         targets = targets[: config.limit]
-    with CaptionStore(config.out, overwrite=config.overwrite) as store:
+    with CaptionStore(config.out, overwrite=config.overwrite, binding=binding) as store:
         if store.truncated_tail:
             print(
                 f"warning: {config.out} ended in a partial line of {len(store.truncated_tail)} bytes (a killed "
@@ -239,6 +269,7 @@ def run(config: CaptionConfig) -> dict[str, Any]:
                 config=config.loop,
                 batch_size=config.batch_size,
                 progress=config.progress,
+                on_bad_image=config.on_bad_image,
             )
     result = {"out": str(config.out), "failures_file": str(store.failures_path), **summary.to_dict()}
     return result
@@ -248,11 +279,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        if args.repair:
+            from captioning.store import repair_store
+
+            out = getattr(args, "out", None)
+            if out is None:
+                raise ConfigError("--repair needs --out (the caption store to rewrite)")
+            print_json({"out": str(out), **repair_store(out)})
+            return 0
         summary = run(config_from_args(args))
         print_json(summary)
         return 1 if summary["failed"] else 0
 
-    return run_guarded(body)
+    return run_guarded(body, debug=args.debug or None)
 
 
 if __name__ == "__main__":

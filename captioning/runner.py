@@ -18,6 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from capret.data.imagefile import check_bad_image_policy
+from capret.errors import BadImageError
 from captioning.backends.base import CaptionBackend
 from captioning.loop import CaptionResult, CaptionTask, LoopConfig, caption_batch
 from captioning.prompts import PromptSet
@@ -41,6 +43,8 @@ class RunSummary:
     seconds: float = 0.0
     items_per_second: float = 0.0
     truncated_tail_bytes: int = 0  # size of a torn last line repaired on open (0 = file was clean)
+    bad_images: int = 0  # images that could not be read, skipped under on_bad_image="skip"
+    bad_image_files: list[str] = field(default_factory=list)  # each skipped file (also in the failures log)
     example: str = ""  # one caption of this run, for a quick look
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,14 +60,17 @@ def _reason_class(error: str) -> str:
     return text if len(text) <= 160 else text[:160] + "..."
 
 
-def _load(targets: Sequence[CaptionTarget]) -> list[CaptionTask | str]:
-    """Open the images of a batch; a target that cannot be opened gives its error message instead."""
-    out: list[CaptionTask | str] = []
+def _load(targets: Sequence[CaptionTarget]) -> list[CaptionTask | BadImageError]:
+    """Open the images of a batch; a target that cannot be opened gives its error instead."""
+    out: list[CaptionTask | BadImageError] = []
     for target in targets:
         try:
             image = target.open_image()
-        except (OSError, ValueError) as exc:  # missing/corrupt image files: fail this item, not the run
-            out.append(f"cannot open image: {exc}")
+        except BadImageError as exc:  # missing/corrupt image files: the policy decides
+            out.append(exc)
+            continue
+        except OSError as exc:
+            out.append(BadImageError(f"cannot open image ({exc})", path=getattr(exc, "filename", None)))
             continue
         out.append(
             CaptionTask(
@@ -87,8 +94,15 @@ def caption_targets(
     config: LoopConfig,
     batch_size: int = 8,
     progress: bool = True,
+    on_bad_image: str = "error",
 ) -> RunSummary:
-    """Caption every target not yet in ``store`` (the store must be open); see the module docstring."""
+    """Caption every target not yet in ``store`` (the store must be open); see the module docstring.
+
+    ``on_bad_image="error"`` stops at the first image that cannot be read (raising ``BadImageError`` naming
+    it, after the batches before it were stored); ``"skip"`` logs it to the failures file, counts it in
+    ``bad_images`` and lists it in ``bad_image_files``.
+    """
+    check_bad_image_policy(on_bad_image)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     start = time.perf_counter()
@@ -100,19 +114,26 @@ def caption_targets(
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     bar = tqdm(total=len(todo), desc="captioning", unit="item", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="capret-images") as pool:
-        upcoming: Future[list[CaptionTask | str]] | None = pool.submit(_load, batches[0]) if batches else None
+        upcoming: Future[list[CaptionTask | BadImageError]] | None = (
+            pool.submit(_load, batches[0]) if batches else None
+        )
         for index, batch in enumerate(batches):
             assert upcoming is not None
             loaded = upcoming.result()
             upcoming = pool.submit(_load, batches[index + 1]) if index + 1 < len(batches) else None
+            broken = [x for x in loaded if isinstance(x, BadImageError)]
+            if broken and on_bad_image == "error":
+                raise broken[0]
             tasks = [x for x in loaded if isinstance(x, CaptionTask)]
             results: dict[str, CaptionResult] = {}
             if tasks:
                 for result in caption_batch(tasks, backend=backend, prompts=prompts, config=config):
                     results[result.key] = result
             for target, item in zip(batch, loaded):
-                if isinstance(item, str):
-                    results[target.key] = CaptionResult(key=target.key, error=item)
+                if isinstance(item, BadImageError):
+                    results[target.key] = CaptionResult(key=target.key, error=f"cannot open image: {item}")
+                    summary.bad_images += 1
+                    summary.bad_image_files.append(str(item.path) if item.path else str(item))
             records: list[dict[str, Any]] = []
             failures: list[dict[str, Any]] = []
             now = utc_now()

@@ -18,15 +18,18 @@ from typing import Any
 
 from PIL import Image
 
+from capret.data.imagefile import decode_image
 from capret.registry import Registry
 
 __all__ = [
     "CaptionTarget",
     "create_source",
+    "default_split",
     "list_sources",
     "parse_shard",
     "register_source",
     "select_shard",
+    "store_binding",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -37,11 +40,8 @@ _DF2_SLEEVES = {1: "short", 2: "long", 3: "short", 4: "long", 5: "none", 6: "str
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Open an image file as RGB; a missing file raises ``FileNotFoundError`` naming it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Open an image file as RGB; a missing or undecodable file raises ``BadImageError`` naming it."""
+    return decode_image(path)
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,23 @@ def create_source(
         duplicate = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(f"dataset {name!r} at {root} yields key {duplicate!r} more than once")
     return sorted(targets, key=lambda t: t.key)
+
+
+def default_split(name: str) -> str:
+    """The split a source reads when none is given (recorded in the caption store's binding)."""
+    return {"deepfashion2": "validation", "demo": "validation", "images": ""}.get(name, "val")
+
+
+def store_binding(name: str, split: str | None, targets: Sequence[CaptionTarget]) -> dict[str, str]:
+    """What a caption store written from ``targets`` describes: dataset, split and the fingerprint of every
+    target of the split (pass them *before* sharding, so that every shard carries the same value)."""
+    from capret.data.caption_records import items_fingerprint
+
+    return {
+        "dataset": name,
+        "split": split or default_split(name),
+        "fingerprint": items_fingerprint((t.key, t.bbox) for t in targets),
+    }
 
 
 def list_sources() -> list[str]:

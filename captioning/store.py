@@ -26,11 +26,12 @@ import datetime as _dt
 import fcntl
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from capret.data.caption_records import (
+    BINDING_FIELDS,
     REQUIRED_FIELDS,
     StoreError,
     _fold,
@@ -39,6 +40,8 @@ from capret.data.caption_records import (
     read_captions,
     read_records,
 )
+from capret.errors import CaptionStoreMismatchError
+from capret.io import atomic_write_text
 
 __all__ = [
     "CaptionStore",
@@ -47,6 +50,7 @@ __all__ = [
     "iter_records",
     "read_captions",
     "read_records",
+    "repair_store",
     "utc_now",
 ]
 
@@ -68,8 +72,18 @@ class CaptionStore:
     Use as a context manager; opening takes the file lock, repairs a torn last line and loads the done keys.
     """
 
-    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, overwrite: bool = False, binding: dict[str, str] | None = None
+    ) -> None:
+        """``binding``: the ``dataset``/``split``/``fingerprint`` this store describes; stamped on every record
+        appended, and an existing record bound to something else makes :meth:`open` fail."""
         self.path = Path(path)
+        self.binding = dict(binding or {})
+        unknown = set(self.binding) - set(BINDING_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"unknown caption store binding field(s) {sorted(unknown)}; valid: {BINDING_FIELDS}"
+            )
         self.failures_path = failures_path(self.path)
         self.overwrite = overwrite
         self.truncated_tail: bytes = b""  # what was cut from a torn last line on open (for the report)
@@ -93,7 +107,10 @@ class CaptionStore:
         try:
             with open(os.dup(fd), "rb") as handle:
                 scanner = _Scanner(self.path, handle)
-                self._done = set(_fold(self.path, scanner, "created"))  # only keys are kept
+                self._done = set(_fold(self.path, self._checked(scanner), "created"))  # only keys are kept
+            if scanner.missing_newline:  # a valid last record without its newline: keep it, end the line
+                os.pwrite(fd, b"\n", scanner.good_bytes)
+                os.fsync(fd)
             if scanner.truncated_tail:
                 # A torn write from a killed run: cut it so the next append starts on a fresh line.
                 self.truncated_tail = scanner.truncated_tail
@@ -104,6 +121,19 @@ class CaptionStore:
             raise
         self._fd = fd
         return self
+
+    def _checked(self, records: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Pass records through, refusing one bound to another dataset, split or annotation version."""
+        for number, record in records:
+            for name, expected in self.binding.items():
+                found = record.get(name)
+                if found is not None and found != expected:
+                    raise CaptionStoreMismatchError(
+                        f"{self.path}:{number}: the store holds captions for {name} {found!r}, this run writes "
+                        f"{name} {expected!r}; give this run its own --out",
+                        path=self.path,
+                    )
+            yield number, record
 
     def close(self) -> None:
         if self._fd is not None:
@@ -153,6 +183,8 @@ class CaptionStore:
                 if not self.overwrite:
                     raise StoreError(f"{self.path}: key {key!r} is already captioned (use overwrite)")
                 record = {**record, "overwrite": True}
+            if self.binding:
+                record = {**record, **self.binding}
             lines.append(json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) + "\n")
         if not lines:
             return
@@ -179,3 +211,26 @@ class CaptionStore:
             fh.write(payload.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def repair_store(path: str | Path) -> dict[str, int]:
+    """Rewrite a store so every key is unique: for each key the first line wins, later lines without an
+    overwrite flag are dropped (lines marked ``"overwrite": true`` still replace, as when reading). Written
+    atomically; returns ``{"kept": n, "dropped": m}``. The fix that the duplicate-key error names."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption store {path} does not exist")
+    kept: dict[str, dict[str, Any]] = {}
+    dropped = 0
+    with open(path, "rb") as handle:
+        for _, record in _Scanner(path, handle):
+            key = record["key"]
+            if key in kept and not record.get("overwrite", False):
+                dropped += 1
+                continue
+            if key in kept:
+                dropped += 1
+            kept[key] = record
+    text = "".join(json.dumps(r, ensure_ascii=False, separators=(", ", ": ")) + "\n" for r in kept.values())
+    atomic_write_text(path, text, fsync=True)
+    return {"kept": len(kept), "dropped": dropped}

@@ -2,9 +2,13 @@
 
 Embeds images with a trained dual-stream model and writes sharded features::
 
-    OUT/features_r{rank}_{shard:05d}.npy   float32 [n, D], L2-normalised rows
-    OUT/ids_r{rank}_{shard:05d}.txt        one image id per line, aligned with the rows
-    OUT/manifest_r{rank}.json              shards of this rank, counts, model, dimensions
+    OUT/manifest_r{rank}.json                    identity (model, images, captions), counts, shards + SHA-256
+    OUT/features_r{rank}_{shard:05d}_{run}.npy   float32 [n, D], L2-normalised rows
+    OUT/ids_r{rank}_{shard:05d}_{run}.npy        the image ids as a numpy string array, aligned with the rows
+
+Shards are written aside and published with one atomic manifest rename, so a killed run leaves the previous
+complete run readable; stale shards are removed; a folder holding another model's features is refused without
+``--overwrite``. Read it with ``capret.inference.extract.read_extraction``.
 
 ``--images`` is a folder (every .jpg/.jpeg/.png/.webp/.bmp below it, sorted; the id is the path relative to the
 folder without extension) or a text file with one image path per line, optionally followed by a tab and an id.
@@ -16,7 +20,6 @@ RANK / WORLD_SIZE environment variables) and writes its own shards, so ranks nev
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from capret.cli.common import print_json, run_guarded
+from capret.cli.common import add_debug_flag, print_json, run_guarded
 from capret.config import ConfigError
 from capret.io import default_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_MODEL_MARKERS = ("capret_model.json", "checkpoint.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available else cpu)"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the features in --out even when they come from a different model or configuration",
+    )
+    p.add_argument(
+        "--on-bad-image",
+        choices=["error", "skip"],
+        default="error",
+        help="an unreadable image: stop naming it (error, default) or leave it out and list it in the manifest",
+    )
+    p.add_argument(
+        "--min-caption-coverage",
+        type=float,
+        default=0.5,
+        help="with --captions: the smallest fraction of images that must find a caption (default 0.5)",
+    )
+    add_debug_flag(p)
     return p
 
 
@@ -87,53 +109,81 @@ def list_images(source: Path) -> tuple[list[Path], list[str]]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from capret.data.captions import load_caption_map
+    from capret.data.caption_records import read_captions
+    from capret.data.imagefile import check_bad_image_policy
+    from capret.errors import CaptionStoreMismatchError
     from capret.inference.dualstream import load_model
+    from capret.inference.extract import (
+        ExtractionWriter,
+        check_output_folder,
+        folder_fingerprint,
+        ids_fingerprint,
+    )
+    from capret.io import file_sha256, resolve_model_folder
 
     if args.batch_size < 1 or args.shard_size < 1:
         raise ConfigError(
             f"--batch-size and --shard-size must be >= 1 (got {args.batch_size}, {args.shard_size})"
         )
+    check_bad_image_policy(args.on_bad_image)
+    if not 0.0 <= args.min_caption_coverage <= 1.0:
+        raise ConfigError(f"--min-caption-coverage must be in [0, 1], got {args.min_caption_coverage}")
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = default_device(args.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    paths, ids = list_images(args.images)
-    paths, ids = paths[rank::world_size], ids[rank::world_size]
+    all_paths, all_ids = list_images(args.images)
+    paths, ids = all_paths[rank::world_size], all_ids[rank::world_size]
+    identity = {
+        "model": folder_fingerprint(resolve_model_folder(args.checkpoint, markers=_MODEL_MARKERS)),
+        "images": ids_fingerprint(all_ids),
+        "captions": None if args.captions is None else file_sha256(args.captions),
+        "precision": args.precision,
+        "world_size": world_size,
+    }
+    check_output_folder(args.out, identity=identity, overwrite=args.overwrite)
     captions = None
     missing = 0
     if args.captions is not None:
-        table = load_caption_map(args.captions)
+        table = read_captions(args.captions)
         captions = [table.get(i) for i in ids]
         missing = sum(c is None for c in captions)
+        if ids and (len(ids) - missing) / len(ids) < args.min_caption_coverage:
+            raise CaptionStoreMismatchError(
+                f"only {len(ids) - missing} of {len(ids)} images have a caption (keys are the image ids, e.g. "
+                f"{ids[0]!r}); below --min-caption-coverage {args.min_caption_coverage}",
+                path=args.captions,
+            )
     model = load_model(args.checkpoint, device=device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for shard, start in enumerate(range(0, len(paths), args.shard_size)):
-        stop = start + args.shard_size
-        feats = model.encode_images(
-            paths[start:stop],
-            None if captions is None else captions[start:stop],
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            precision=args.precision,
-            progress=rank == 0,
+    skipped: list[dict[str, str]] = []
+    with ExtractionWriter(args.out, rank=rank, world_size=world_size, identity=identity) as writer:
+        for start in range(0, len(paths), args.shard_size):
+            stop = start + args.shard_size
+            bad: list[tuple[int, str]] | None = [] if args.on_bad_image == "skip" else None
+            feats = model.encode_images(
+                paths[start:stop],
+                None if captions is None else captions[start:stop],
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                precision=args.precision,
+                progress=rank == 0,
+                bad_images=bad,
+            )
+            keep = np.ones(len(feats), dtype=bool)
+            for index, reason in bad or []:
+                keep[index] = False
+                skipped.append(
+                    {"id": ids[start + index], "file": str(paths[start + index]), "reason": reason}
+                )
+            writer.write_shard(feats[keep], [i for i, k in zip(ids[start:stop], keep) if k])
+        manifest = writer.publish(
+            {
+                "checkpoint": str(args.checkpoint),
+                "images": len(paths),
+                "dim": model.embed_dim,
+                "captions": None if captions is None else {"found": len(ids) - missing, "missing": missing},
+                "skipped_images": {"count": len(skipped), "files": skipped},
+            }
         )
-        name = f"r{rank}_{shard:05d}"
-        tmp = args.out / f"features_{name}.tmp.npy"
-        np.save(tmp, feats)
-        tmp.replace(args.out / f"features_{name}.npy")
-        (args.out / f"ids_{name}.txt").write_text("\n".join(ids[start:stop]) + "\n")
-        shards.append({"features": f"features_{name}.npy", "ids": f"ids_{name}.txt", "rows": len(feats)})
-    manifest = {
-        "checkpoint": str(args.checkpoint),
-        "rank": rank,
-        "world_size": world_size,
-        "images": len(paths),
-        "dim": model.embed_dim,
-        "captions": None if captions is None else {"found": len(ids) - missing, "missing": missing},
-        "shards": shards,
-    }
-    (args.out / f"manifest_r{rank}.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -11,10 +11,11 @@ import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from capret.cli.common import run_guarded
+from capret.cli.common import add_debug_flag, run_guarded
 
 #: modules of the subcommands (one line each)
 SUBCOMMANDS: list[str] = [
+    "capret.cli.check_data",
     "capret.cli.index",
     "capret.cli.search",
     "capret.cli.serve",
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capret", description="capret: caption-augmented image retrieval. Subcommands below."
     )
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     qs = sub.add_parser(
         "quickstart",
@@ -60,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lambda: (
                 run_quickstart(args.out, seed=args.seed, stages=args.stages, train_seconds=args.train_seconds)
                 and 0
-            )
+            ),
+            debug=args.debug or None,
         )
     if getattr(args, "run", None) is not None:
         return run_guarded(args.run, args)

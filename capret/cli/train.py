@@ -6,10 +6,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
-from capret.cli.common import fail, print_json, run_guarded
-from capret.config import ConfigError, load_config
+from capret.cli.common import add_debug_flag, fail, print_json, run_guarded
+from capret.config import ConfigError, load_config, load_yaml_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
+    add_debug_flag(parser)
     return parser
 
 
@@ -36,9 +35,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.config is None:
         raise ConfigError("--config is required (see configs/*.yaml)")
-    if not args.config.is_file():
-        raise ConfigError(f"config file {args.config} does not exist")
-    raw = yaml.safe_load(args.config.read_text()) or {}
+    raw = load_yaml_file(args.config) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {args.config}: top level must be a mapping, got {type(raw).__name__}")
     task_name = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("task=")), raw.get("task"))
     if not task_name:
         raise ConfigError(f"config file {args.config} has no `task` key")

@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image
 
 from capret.data.fashioniq import load_json
+from capret.data.imagefile import path_inside
 from capret.data.transforms import open_image
 
 __all__ = ["SPLITS", "CIRR", "CIRRTriplet"]
@@ -74,6 +75,8 @@ class CIRR:
         paths = load_json(self.split_file)
         if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
             raise ValueError(f"{self.split_file}: expected a JSON object mapping image name -> relative path")
+        for name, relative in paths.items():  # reject "../" escapes before any image is opened
+            path_inside(self.image_dir, relative, where=f"{self.split_file}: entry {name!r}")
         self._relative_paths: dict[str, str] = paths
         #: Every image of the split, in the split file's order: the CIRR search space.
         self.gallery: list[str] = list(paths)
@@ -135,7 +138,7 @@ class CIRR:
             relative = self._relative_paths[name]
         except KeyError:
             raise KeyError(f"CIRR image {name!r} is not listed in {self.split_file}") from None
-        return self.image_dir / relative
+        return path_inside(self.image_dir, relative, where=f"{self.split_file}: entry {name!r}")
 
     def load_image(self, name: str) -> Image.Image:
         """Open image ``name`` as RGB; a missing image raises ``FileNotFoundError`` naming the file."""

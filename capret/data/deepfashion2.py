@@ -15,7 +15,7 @@ slots shared by the 13 categories).
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import re
 import warnings
@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from capret.io import atomic_write
+from capret.data.imagefile import decode_image
+from capret.io import atomic_write, cache_dir, read_json
 
 __all__ = [
     "CATEGORIES", "KEYPOINT_COUNTS", "KEYPOINT_OFFSETS", "NUM_KEYPOINT_SLOTS", "Item", "ProtocolSide",
@@ -64,8 +65,7 @@ KEYPOINT_OFFSETS: dict[int, int] = {
 NUM_KEYPOINT_SLOTS: int = sum(KEYPOINT_COUNTS.values())
 
 SOURCES = ("user", "shop")
-_INDEX_FILE = ".capret_index.npz"
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2: signature hashes every file's size and mtime_ns
 _ITEM_KEY = re.compile(r"^item(\d+)$")
 _ATTRS = ("scale", "occlusion", "zoom_in", "viewpoint")
 
@@ -124,10 +124,10 @@ def _int_field(obj: dict[str, Any], name: str, where: str, path: Path, *, defaul
     if name not in obj:
         if default is not None:
             return default
-        raise ValueError(f"{path}: missing field {where}{name!r}")
+        raise ValueError(f"{path}: missing field '{where}{name}'")
     value = obj[name]
     if not _is_int(value):
-        raise ValueError(f"{path}: field {where}{name!r} must be an integer, got {value!r}")
+        raise ValueError(f"{path}: field '{where}{name}' must be an integer, got {value!r}")
     return int(value)
 
 
@@ -156,10 +156,7 @@ def _parse_geometry(
 
 def _parse_annotation(path: Path, image_id: int, *, with_geometry: bool) -> list[Item]:
     """Parse one per-image JSON; every malformed field raises ``ValueError`` naming the file and the field."""
-    try:
-        data = json.loads(path.read_bytes())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, what="DeepFashion2 annotation")
     if not isinstance(data, dict):
         raise ValueError(
             f"{path}: expected a JSON object with 'source', 'pair_id', 'item1'..., got {data!r:.80}"
@@ -220,10 +217,16 @@ def _annos_dir(root: str | Path, split: str) -> Path:
     return annos
 
 
-def _scan(annos: Path) -> tuple[list[tuple[int, Path]], tuple[int, int]]:
-    """List ``(image_id, path)`` sorted by id, plus the cache signature (file count, newest mtime in ns)."""
+def _scan(annos: Path) -> tuple[list[tuple[int, Path]], str]:
+    """List ``(image_id, path)`` sorted by id, plus the cache signature.
+
+    The signature hashes every annotation file's name, size, ``mtime_ns``, ``ctime_ns`` and inode: a count plus
+    the newest mtime missed an annotation edited with its old mtime restored (``cp -p``, ``rsync -a``, ``touch
+    -d``). Users can set mtime but not ctime, which the kernel updates on every write or rename, so even a
+    same-size edit with the old mtime is seen (at the cost of one rebuild after a dataset is copied).
+    """
     files = []
-    newest = 0
+    stats = []
     with os.scandir(annos) as entries:
         for entry in entries:
             if not entry.name.endswith(".json") or not entry.is_file():
@@ -231,10 +234,21 @@ def _scan(annos: Path) -> tuple[list[tuple[int, Path]], tuple[int, int]]:
             stem = entry.name[: -len(".json")]
             if not stem.isdigit():
                 raise ValueError(f"{entry.path}: annotation file names must be NNNNNN.json (the image id)")
+            info = entry.stat()
             files.append((int(stem), Path(entry.path)))
-            newest = max(newest, entry.stat().st_mtime_ns)
+            stats.append(
+                f"{entry.name}\t{info.st_size}\t{info.st_mtime_ns}\t{info.st_ctime_ns}\t{info.st_ino}"
+            )
     files.sort()
-    return files, (len(files), newest)
+    digest = hashlib.sha256("\n".join(sorted(stats)).encode("utf-8")).hexdigest()
+    return files, digest
+
+
+def index_cache_path(annos: Path) -> Path:
+    """Where the index of an annotation folder is cached: under the user cache (:func:`capret.io.cache_dir`),
+    named by a hash of the folder's absolute path, never inside the dataset root."""
+    where = hashlib.sha256(str(annos.resolve()).encode("utf-8")).hexdigest()[:24]
+    return cache_dir("deepfashion2_index", f"{where}.npz")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -260,15 +274,16 @@ def load_items(
     """Load every item of ``<root>/<split>/annos`` sorted by ``(image_id, item_index)``.
 
     By default only the index fields are kept (no landmarks/polygons: the 390k-image train split then fits in
-    a few hundred MB) and the index is cached to ``<root>/<split>/.capret_index.npz``; the cache is reused
-    while the annotation folder has the same file count and newest modification time, otherwise rebuilt.
+    a few hundred MB) and the index is cached under the user cache folder (``$CAPRET_CACHE``, default
+    ``~/.cache/capret``; see :func:`index_cache_path`); the cache is reused while every annotation file has the
+    same name, size, modification and change time (ns) and inode, otherwise rebuilt.
     ``with_geometry=True`` reads landmarks and polygons too and bypasses the cache.
     """
     annos = _annos_dir(root, split)
     if with_geometry or not cache:
         return list(iter_items(root, split, with_geometry=with_geometry, progress=progress))
     files, signature = _scan(annos)
-    cache_path = annos.parent / _INDEX_FILE
+    cache_path = index_cache_path(annos)
     cached = _read_index(cache_path, signature)
     if cached is not None:
         return cached
@@ -279,12 +294,12 @@ def load_items(
     return items
 
 
-def _read_index(path: Path, signature: tuple[int, int]) -> list[Item] | None:
+def _read_index(path: Path, signature: str) -> list[Item] | None:
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            if int(data["version"]) != _INDEX_VERSION or tuple(data["signature"].tolist()) != signature:
+            if int(data["version"]) != _INDEX_VERSION or str(data["signature"]) != signature:
                 return None
             cols = {name: data[name].tolist() for name in data.files if name not in ("version", "signature")}
     except (OSError, ValueError, KeyError) as exc:
@@ -309,11 +324,11 @@ def _read_index(path: Path, signature: tuple[int, int]) -> list[Item] | None:
     ]
 
 
-def _write_index(path: Path, items: Sequence[Item], signature: tuple[int, int]) -> None:
-    """Write the columnar index atomically; a read-only dataset folder only costs a warning."""
+def _write_index(path: Path, items: Sequence[Item], signature: str) -> None:
+    """Write the columnar index atomically; an unwritable cache folder only costs a warning."""
     columns: dict[str, Any] = {
         "version": np.asarray(_INDEX_VERSION),
-        "signature": np.asarray(signature, dtype=np.int64),
+        "signature": np.asarray(signature),
         "image_id": np.asarray([it.image_id for it in items], dtype=np.int64),
         "item_index": np.asarray([it.item_index for it in items], dtype=np.int32),
         "source": np.asarray([SOURCES.index(it.source) for it in items], dtype=np.int8),
@@ -352,14 +367,8 @@ def image_path(root: str | Path, split: str, image_id: int) -> Path:
 
 
 def open_image(root: str | Path, split: str, image_id: int) -> Image.Image:
-    """Open an image as RGB; a missing file raises ``FileNotFoundError`` naming the path."""
-    path = image_path(root, split, image_id)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"DeepFashion2 image not found: {path} (split {split!r}, image_id {image_id})"
-        )
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Open an image as RGB; a missing or undecodable file raises ``BadImageError`` naming the path."""
+    return decode_image(image_path(root, split, image_id))
 
 
 def crop_item(image: Image.Image, bbox: Sequence[float], *, margin: float = 0.0) -> Image.Image:
@@ -431,12 +440,7 @@ def load_ground_truth(source: str | Path | list[dict[str, Any]]) -> list[dict[st
     name = str(source) if isinstance(source, str | Path) else "<ground-truth list>"
     if isinstance(source, str | Path):
         path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"DeepFashion2 ground-truth file not found: {path}")
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        records = read_json(path, what="DeepFashion2 ground-truth file")
     else:
         records = source
     if not isinstance(records, list):

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from capret.data.deepfashion2 import CATEGORIES, KEYPOINT_COUNTS, build_retrieval_ground_truth, load_items
-from capret.io import atomic_write_json
+from capret.io import atomic_write_json, read_json
 
 __all__ = [
     "CLUTTER_PHOTOS",
@@ -393,7 +393,7 @@ def read_demo_marker(root: str | Path) -> dict[str, Any] | None:
     path = Path(root) / MARKER_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    return dict(read_json(path, what="demo dataset marker"))
 
 
 def _prepare(root: Path) -> None:

@@ -16,7 +16,6 @@ one); training draws uniformly among ``"C1 and c2"``, ``"C2 and c1"``, ``"C1"``,
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,10 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from capret.data.imagefile import path_inside
 from capret.data.transforms import open_image
+from capret.errors import DataError
+from capret.io import read_json
 
 __all__ = [
     "CATEGORIES",
@@ -48,13 +50,7 @@ PAIRINGS: tuple[str, ...] = ("c1_and_c2", "c2_and_c1", "c1", "c2")
 
 def load_json(path: Path) -> Any:
     """Read a JSON annotation file, naming the file on a missing file or a parse error."""
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    return read_json(path, what="annotation file")
 
 
 def _clean(caption: str) -> str:
@@ -154,6 +150,17 @@ class FashionIQ:
         gallery = load_json(self.split_file)
         if not isinstance(gallery, list) or not all(isinstance(n, str) for n in gallery):
             raise ValueError(f"{self.split_file}: expected a JSON list of image names (asin strings)")
+        names = [
+            *gallery,
+            *(t.reference for t in self.triplets),
+            *(t.target for t in self.triplets if t.target),
+        ]
+        for name in names:  # image names are file stems: no folders, no "../" escapes
+            path_inside(self.image_dir, f"{name}.png", where=f"FashionIQ {category}/{split}: image name")
+            if "/" in name or "\\" in name:
+                raise DataError(
+                    f"FashionIQ {category}/{split}: image name {name!r} must not contain a folder"
+                )
         #: Every image of the category and split: the search space of the evaluation (CLIP4Cir protocol).
         self.gallery: list[str] = gallery
 

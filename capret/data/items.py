@@ -28,6 +28,8 @@ from PIL import Image, ImageEnhance
 from torch import Tensor
 
 from capret.data.deepfashion2 import Item, open_image
+from capret.data.imagefile import check_bad_image_policy
+from capret.errors import BadImageError
 
 __all__ = [
     "ItemCollator",
@@ -178,6 +180,7 @@ class ItemDataset(torch.utils.data.Dataset):
         transform: ItemTransform,
         captions: Sequence[str | None] | None = None,
         caption_dropout: float = 0.0,
+        on_bad_image: str = "error",
     ) -> None:
         if len(labels) != len(items):
             raise ValueError(f"{len(labels)} labels for {len(items)} items")
@@ -191,6 +194,7 @@ class ItemDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.captions = list(captions) if captions is not None else [None] * len(self.items)
         self.caption_dropout = caption_dropout
+        self.on_bad_image = check_bad_image_policy(on_bad_image)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -201,7 +205,13 @@ class ItemDataset(torch.utils.data.Dataset):
             index, seed = index
         item = self.items[index]
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        image = open_image(self.root, self.split, item.image_id)
+        try:
+            image = open_image(self.root, self.split, item.image_id)
+        except BadImageError as exc:
+            if self.on_bad_image == "error":
+                raise
+            # skip: the collator leaves the sample out and reports the file in the batch's "bad_images"
+            return {"bad_image": str(exc.path or exc), "index": index}
         pixels, box = self.transform(image, item.bbox, generator=generator)
         caption = self.captions[index]
         if caption is not None and generator is not None and self.caption_dropout > 0:
@@ -223,9 +233,15 @@ class ItemCollator:
 
     tokenize: Any  # callable list[str] -> {"input_ids", "attention_mask"}
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Tensor]:
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack the samples; ones whose image could not be read (``on_bad_image: skip``) are left out and their
+        files listed under ``"bad_images"`` (present only when there are some)."""
+        bad = [s["bad_image"] for s in samples if "bad_image" in s]
+        samples = [s for s in samples if "bad_image" not in s]
+        if not samples:
+            raise BadImageError(f"every image of a batch is unreadable ({', '.join(bad[:3])} ...)")
         tokens = self.tokenize([s["caption"] for s in samples])
-        return {
+        batch: dict[str, Any] = {
             "pixels": torch.stack([s["pixels"] for s in samples]),
             "box": torch.stack([s["box"] for s in samples]),
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
@@ -234,6 +250,9 @@ class ItemCollator:
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
         }
+        if bad:
+            batch["bad_images"] = bad
+        return batch
 
 
 class PKBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):

@@ -22,6 +22,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
+from capret.data.imagefile import decode_image
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -47,13 +49,10 @@ def open_image(path: Path | str, *, mode: str = "RGB") -> Image.Image:
     whose images were never downloaded still lists its queries; this is where a missing image is reported.
 
     Raises:
-        FileNotFoundError: naming the missing file.
+        BadImageError: naming a file that is missing or cannot be decoded (empty, truncated, corrupt, not an
+            image).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    with Image.open(path) as image:
-        return image.convert(mode)
+    return decode_image(path, mode=mode)
 
 
 class SquarePad:

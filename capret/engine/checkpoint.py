@@ -28,6 +28,7 @@ import logging
 import random
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -36,18 +37,23 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from capret.errors import CheckpointError, DataError, IncompleteCheckpointError
+from capret.io import file_sha256, load_safetensors, read_json
 
 __all__ = [
     "CHECKPOINT_FILES",
     "LoadedCheckpoint",
     "capture_rng_state",
+    "config_differences",
     "decode_state",
     "encode_state",
     "find_latest_checkpoint",
     "git_revision",
     "list_checkpoints",
+    "newest_intact_checkpoint",
     "load_checkpoint",
     "load_model_weights",
     "package_versions",
@@ -56,6 +62,7 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "seed_everything",
+    "verify_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -311,6 +318,8 @@ def save_checkpoint(
         "packages": package_versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "files": list(CHECKPOINT_FILES),
+        # SHA-256 of every other file: loading verifies them, and --resume auto skips a checkpoint that fails
+        "checksums": {name: file_sha256(tmp / name) for name in CHECKPOINT_FILES if name != SIDECAR_FILE},
     }
     _write_json(tmp / SIDECAR_FILE, sidecar)
 
@@ -334,41 +343,115 @@ class LoadedCheckpoint:
     sidecar: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_folder(directory: Path) -> dict[str, Any]:
+def _check_folder(directory: Path, *, files: tuple[str, ...] = CHECKPOINT_FILES) -> dict[str, Any]:
+    """The sidecar of a checkpoint folder, after checking that ``files`` exist and match their checksums.
+
+    Raises:
+        CheckpointError: naming the folder and the missing file, or the file that fails its checksum.
+    """
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {directory} does not exist")
+        raise IncompleteCheckpointError(f"checkpoint folder {directory} does not exist", path=directory)
     sidecar_path = directory / SIDECAR_FILE
     if not sidecar_path.is_file():
         present = sorted(p.name for p in directory.iterdir())
-        raise FileNotFoundError(
+        raise IncompleteCheckpointError(
             f"{directory} is not a complete capret checkpoint: {SIDECAR_FILE} is missing "
             f"(found: {present or 'nothing'}); expected files {list(CHECKPOINT_FILES)}"
         )
-    sidecar = json.loads(sidecar_path.read_text())
+    try:
+        sidecar = read_json(sidecar_path, what="checkpoint sidecar", allow_nonfinite=True)
+    except DataError as exc:
+        raise CheckpointError(str(exc), path=sidecar_path) from None
+    if not isinstance(sidecar, dict):
+        raise CheckpointError(f"{sidecar_path}: expected a JSON object")
     if sidecar.get("format") != FORMAT_NAME:
-        raise ValueError(f"{sidecar_path}: format {sidecar.get('format')!r} is not {FORMAT_NAME!r}")
+        raise CheckpointError(f"{sidecar_path}: format {sidecar.get('format')!r} is not {FORMAT_NAME!r}")
+    checksums = sidecar.get("checksums") or {}
+    for name in files:
+        if name == SIDECAR_FILE:
+            continue
+        path = directory / name
+        if not path.is_file():
+            raise IncompleteCheckpointError(f"{directory}: checkpoint file {name} is missing", path=directory)
+        if name in checksums and file_sha256(path) != checksums[name]:
+            raise CheckpointError(
+                f"{path}: fails its checksum in {SIDECAR_FILE} (truncated or modified after saving)"
+            )
     if sidecar.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{sidecar_path}: format_version {sidecar['format_version']} is newer than this capret "
             f"understands ({FORMAT_VERSION}); upgrade capret"
         )
     return sidecar
 
 
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], *, limit: int = 6) -> list[str]:
+    """``key: saved -> current`` for every config leaf that differs (the first ``limit``)."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]]
+
+
+def _check_shapes(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    path: Path,
+    saved_config: dict[str, Any] | None,
+    config: dict[str, Any] | None,
+) -> None:
+    """Name the tensors whose shapes differ, and the config keys that differ from the checkpoint's own."""
+    own = model.state_dict()
+    wrong = [
+        f"{k} {list(v.shape)} in the checkpoint vs {list(own[k].shape)} in the model"
+        for k, v in state.items()
+        if k in own and tuple(own[k].shape) != tuple(v.shape)
+    ]
+    if not wrong:
+        return
+    hint = ""
+    if saved_config is not None and config is not None:
+        diff = config_differences(saved_config, config)
+        hint = (
+            f"; config keys that differ from the checkpoint's saved config: {'; '.join(diff)}"
+            if diff
+            else "; the config equals the checkpoint's saved config"
+        )
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    raise CheckpointError(f"shape mismatch: {wrong[0]}{more}{hint}", path=path)
+
+
 def load_model_weights(
-    model: nn.Module, path: str | Path, *, strict: bool = True, device: str | torch.device = "cpu"
+    model: nn.Module,
+    path: str | Path,
+    *,
+    strict: bool = True,
+    device: str | torch.device = "cpu",
+    config: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Load weights from a checkpoint folder or a bare ``.safetensors`` file into ``model`` (in place).
 
-    A ``module.`` prefix (weights saved from a DDP-wrapped model by other tools) is stripped.
+    A ``module.`` prefix (weights saved from a DDP-wrapped model by other tools) is stripped. The folder's
+    checksums are verified first. ``config``: the configuration ``model`` was built from; on a shape mismatch
+    the error then lists the keys that differ from the checkpoint's saved config.
 
     Raises:
-        FileNotFoundError: the path is neither a checkpoint folder nor a safetensors file.
+        CheckpointError: a missing or corrupt file, a checksum failure, or a tensor shape mismatch (naming it).
         RuntimeError: with ``strict``, the keys do not match (torch lists the missing/unexpected ones).
     """
     path = Path(path)
+    saved_config = None
     if path.is_dir():
-        _check_folder(path)
+        saved_config = dict(_check_folder(path, files=(MODEL_FILE,)).get("config") or {})
         path = path / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -378,9 +461,10 @@ def load_model_weights(
         raise ValueError(
             f"{path}: only .safetensors weights are loaded (no pickle files); got {path.suffix!r}"
         )
-    state = load_file(str(path), device=str(device))
+    state = load_safetensors(path, device=str(device))
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
+    _check_shapes(model, state, path=path, saved_config=saved_config, config=config)
     model.load_state_dict(state, strict=strict)
     return model
 
@@ -394,19 +478,25 @@ def load_checkpoint(
     scaler: Any = None,
     strict: bool = True,
     device: str | torch.device = "cpu",
+    config: dict[str, Any] | None = None,
 ) -> LoadedCheckpoint:
     """Load a checkpoint folder written by :func:`save_checkpoint` into the given objects.
 
     Objects passed as None are skipped, so the same call serves inference (``model`` only) and resuming
     (everything). The RNG state is returned, not applied: the trainer applies it at the exact point of the
-    data stream where it was captured.
+    data stream where it was captured. ``config`` (the current run's) makes a shape mismatch name the config
+    keys that differ from the checkpoint's.
     """
     directory = Path(directory)
     sidecar = _check_folder(directory)
     if model is not None:
-        load_model_weights(model, directory, strict=strict, device=device)
-    tensors = load_file(str(directory / STATE_TENSORS_FILE), device="cpu")
-    state = decode_state(json.loads((directory / STATE_JSON_FILE).read_text()), tensors)
+        load_model_weights(model, directory, strict=strict, device=device, config=config)
+    tensors = load_safetensors(directory / STATE_TENSORS_FILE, device="cpu")
+    try:
+        raw_state = read_json(directory / STATE_JSON_FILE, what="training state", allow_nonfinite=True)
+    except DataError as exc:
+        raise CheckpointError(str(exc), path=directory / STATE_JSON_FILE) from None
+    state = decode_state(raw_state, tensors)
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if target is None:
             continue
@@ -475,10 +565,42 @@ def safetensors_keys(path: str | Path) -> list[str]:
         return list(handle.keys())
 
 
+def verify_checkpoint(directory: str | Path, *, files: tuple[str, ...] = CHECKPOINT_FILES) -> dict[str, Any]:
+    """The sidecar of a checkpoint folder; :class:`CheckpointError` when ``files`` are missing or fail their
+    checksums."""
+    return _check_folder(Path(directory), files=files)
+
+
+def newest_intact_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run that passes :func:`verify_checkpoint`, and ``(folder, why)`` for every
+    newer one that was skipped (a truncated or corrupt file after a crash or a full disk)."""
+    skipped: list[tuple[Path, str]] = []
+    for candidate in reversed(list_checkpoints(Path(run_dir) / "checkpoints")):
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as exc:
+            skipped.append((candidate, str(exc)))
+            continue
+        return candidate, skipped
+    return None, skipped
+
+
 def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """Checkpoint folder for ``resume``: 'auto' = latest in ``output_dir`` (None if there is none yet)."""
+    """Checkpoint folder for ``resume``: 'auto' = the newest *intact* checkpoint in ``output_dir`` (None if
+    there is none yet); newer ones that fail verification are skipped with a warning saying which and why."""
     if resume == "auto":
-        return find_latest_checkpoint(output_dir)
+        found, skipped = newest_intact_checkpoint(output_dir)
+        for folder, why in skipped:
+            message = f"--resume auto: skipped checkpoint {folder.name}: {why}"
+            logger.warning(message)
+            print(f"warning: {message}", file=sys.stderr)
+        if found is None and skipped:
+            raise CheckpointError(
+                f"--resume auto: every checkpoint under {output_dir / 'checkpoints'} is damaged "
+                f"({len(skipped)} skipped); start afresh without --resume or repair one",
+                path=output_dir,
+            )
+        return found
     path = Path(resume)
     if (path / "checkpoint.json").is_file():
         return path

@@ -277,6 +277,7 @@ class _Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             scaler=self.scaler if self.scaler.is_enabled() else None,
+            config=self.saved_config,
         )
         state = loaded.trainer_state
         self.step = loaded.step

@@ -22,7 +22,6 @@ each query's reference image (CIRR) when asked.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from capret.io import atomic_write_json
+from capret.errors import require_finite
+from capret.io import atomic_write_json, read_json
 
 __all__ = [
     "circo_metrics",
@@ -57,10 +57,7 @@ SEMANTIC_K = 10  # CIRCO's per-semantic-aspect breakdown is mAP@10
 def _load(annotations: Annotations, *, what: str) -> list[Mapping[str, Any]]:
     if isinstance(annotations, (str, Path)):
         path = Path(annotations)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} annotation file not found: {path}")
-        with path.open(encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path, what=f"{what} annotation file")
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of {what} queries")
         return data
@@ -414,6 +411,8 @@ def rank_gallery(
         raise ValueError(
             f"rank_gallery needs [Q, D] and [G, D] features, got {tuple(q.shape)} and {tuple(g.shape)}"
         )
+    require_finite(q, what="rank_gallery query_features")
+    require_finite(g, what="rank_gallery gallery_features")
     names = list(gallery_names)
     if len(names) != g.shape[0]:
         raise ValueError(f"rank_gallery: {len(names)} gallery names for {g.shape[0]} gallery features")

@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from capret.io import atomic_write_json
+from capret.errors import NonFiniteError, require_finite
+from capret.io import atomic_write_json, read_json
 
 __all__ = [
     "OFFICIAL_KS",
@@ -95,13 +96,7 @@ def load_json_records(source: str | os.PathLike[str] | Sequence[Mapping[str, Any
     """A list of records from a JSON file path or an already-loaded list."""
     if isinstance(source, str | os.PathLike):
         path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} file not found: {path}")
-        with open(path) as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{what} file {path} is not valid JSON: {exc}") from None
+        data = read_json(path, what=f"{what} file")
         if not isinstance(data, list):
             raise ValueError(f"{what} file {path} must hold a JSON list, got {type(data).__name__}")
         return data
@@ -155,6 +150,7 @@ def _gt_arrays(records: list, *, what: str, keys: tuple[str, ...], id_key: str) 
                 if k != "bbox" and not isinstance(rec[k], int | float):
                     raise _bad(what, i, rec, f"{k} must be a number, got {rec[k]!r}") from None
         raise
+    require_finite(out["box"], what=f"{what} bbox (index [record, coordinate])")
     return out
 
 
@@ -224,6 +220,8 @@ def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
                 if not isinstance(rec[k], int | float):
                     raise _bad("results", i, rec, f"{k} must be a number, got {rec[k]!r}") from None
         raise
+    require_finite(arrays["score"], what="results query_score (index [record])")
+    require_finite(arrays["box"], what="results query_bbox (index [record, coordinate])")
     return arrays
 
 
@@ -249,7 +247,15 @@ def _retrieved_boxes(records: list, rows: np.ndarray, ranks: np.ndarray) -> np.n
     """``[M, 4]`` boxes ``records[rows[m]]["gallery_bbox"][ranks[m]]``: only the entries that can be hits."""
     boxes = [records[r]["gallery_bbox"][t] for r, t in zip(rows.tolist(), ranks.tolist(), strict=True)]
     try:
-        return _boxes(boxes, n=len(boxes))
+        out = _boxes(boxes, n=len(boxes))
+        bad = ~np.isfinite(out).all(axis=1)
+        if bad.any():  # a NaN box would compare false everywhere and slip through as a hit
+            m = int(np.argmax(bad))
+            r, t = int(rows[m]), int(ranks[m])
+            raise NonFiniteError(
+                f"results record {r}: gallery_bbox[{t}] holds a non-finite number: {boxes[m]!r}"
+            )
+        return out
     except (TypeError, ValueError):
         for r, t, b in zip(rows.tolist(), ranks.tolist(), boxes, strict=True):
             if not (

@@ -35,6 +35,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from capret.errors import require_finite
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "rank",
@@ -65,6 +67,7 @@ ArrayLike = np.ndarray | torch.Tensor
 def _as_tensor(x: ArrayLike, *, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     t = t.detach().cpu()
+    require_finite(t, what=name)  # NaN scores sort anywhere and would still give a plausible metric
     return t.to(dtype) if dtype is not None else t
 
 

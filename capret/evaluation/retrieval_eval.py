@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from capret.errors import require_finite
 from capret.evaluation.metrics import (
     ap_from_hits,
     hit_at_k_from_hits,
@@ -42,6 +43,7 @@ def _features(x: Any, *, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a [N, D] matrix, got shape {tuple(t.shape)}")
     if not torch.is_floating_point(t):
         raise ValueError(f"{name} must hold floats, got {t.dtype}")
+    require_finite(t, what=name)
     return t.to(torch.float32)
 
 

@@ -13,10 +13,9 @@ of a DeepFashion2-layout split) and :func:`evaluate_items` (the ground-truth-box
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capret.data.deepfashion2 import Item
+from capret.data.imagefile import check_bad_image_policy, decode_image, find_bad_images
 from capret.data.items import ItemCollator, ItemDataset, ItemTransform
-from capret.io import default_device, resolve_model_folder
+from capret.errors import BadImageError
+from capret.io import default_device, load_safetensors, read_json, resolve_model_folder
 from capret.models.dual_stream import MODEL_CONFIG_FILE, DualStreamModel
 
 __all__ = [
@@ -81,12 +82,11 @@ def _find_model_config(config: dict[str, Any]) -> dict[str, Any] | None:
 
 def load_dual_stream_weights(model: DualStreamModel, checkpoint: str | Path) -> DualStreamModel:
     """Load the dual-stream weights of a training checkpoint (keys ``model.*``; loss heads are dropped)."""
-    from safetensors.torch import load_file
+    from capret.engine.checkpoint import MODEL_FILE, verify_checkpoint
 
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (not a capret checkpoint folder)")
-    state = load_file(str(path))
+    verify_checkpoint(checkpoint, files=(MODEL_FILE,))
+    path = Path(checkpoint) / MODEL_FILE
+    state = load_safetensors(path)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     prefix = "model."
@@ -101,7 +101,7 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None) ->
     if (folder / MODEL_CONFIG_FILE).is_file():
         model = DualStreamModel.from_pretrained(folder)
     else:
-        sidecar = json.loads((folder / "checkpoint.json").read_text())
+        sidecar = read_json(folder / "checkpoint.json", what="checkpoint sidecar", allow_nonfinite=True)
         model_config = _find_model_config(sidecar.get("config", {}))
         if model_config is None:
             raise ValueError(f"{folder / 'checkpoint.json'}: config has no dual-stream `model` section")
@@ -121,20 +121,24 @@ class _ImageList(torch.utils.data.Dataset):
         images: Sequence[ImageInput],
         transform: ItemTransform,
         boxes: Sequence[Sequence[float] | None] | None = None,
+        *,
+        skip_bad: bool = False,
     ) -> None:
-        self.images, self.transform, self.boxes = images, transform, boxes
+        self.images, self.transform, self.boxes, self.skip_bad = images, transform, boxes, skip_bad
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> Tensor:
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+        """``(pixels, "")``, or under ``skip_bad`` ``(black pixels, reason)`` for an undecodable file."""
         image = self.images[index]
         if isinstance(image, str | Path):
-            path = Path(image)
-            if not path.is_file():
-                raise FileNotFoundError(f"image {path} does not exist (input {index})")
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
+            try:
+                image = decode_image(image)
+            except BadImageError as exc:
+                if not self.skip_bad:
+                    raise
+                return self.transform(Image.new("RGB", (8, 8)))[0], str(exc) or "unreadable image"
         elif isinstance(image, Tensor):
             image = _tensor_to_pil(image, index=index)
         elif not isinstance(image, Image.Image):
@@ -142,7 +146,7 @@ class _ImageList(torch.utils.data.Dataset):
                 f"input {index}: expected a path, PIL image or tensor, got {type(image).__name__}"
             )
         box = self.boxes[index] if self.boxes is not None else None
-        return self.transform(image, box)[0]
+        return self.transform(image, box)[0], ""
 
 
 def _tensor_to_pil(tensor: Tensor, *, index: int) -> Image.Image:
@@ -186,6 +190,7 @@ class RetrievalModel:
         num_workers: int | None = None,
         precision: str = "fp32",
         progress: bool = False,
+        bad_images: list[tuple[int, str]] | None = None,
     ) -> np.ndarray:
         """Embed images, optionally with their captions, into L2-normalised float32 rows ``[N, embed_dim]``.
 
@@ -201,7 +206,15 @@ class RetrievalModel:
             precision: ``fp32``, or ``bf16`` / ``fp16`` autocast (bf16 also on CPUs with AVX512-BF16/AMX, where
                 it roughly doubles throughput; rows are still returned as normalised float32).
             progress: show a progress bar.
+            bad_images: ``None`` (default): an image file that cannot be decoded raises ``BadImageError`` naming
+                it. A list: such files are skipped instead -- ``(input index, reason)`` is appended for each and
+                its row is left all zeros, for the caller to drop (``on_bad_image: skip``).
         """
+        if isinstance(images, str | Path):
+            raise TypeError(
+                f"encode_images expects a list of images, got the single path {str(images)!r}; "
+                f"pass [{str(images)!r}]"
+            )
         if precision not in _AUTOCAST:
             raise ValueError(f"precision {precision!r} is not one of {sorted(_AUTOCAST)}")
         if isinstance(images, Tensor):
@@ -222,7 +235,7 @@ class RetrievalModel:
             busy = has_paths and self.device.type == "cuda" and len(images) > batch_size
             num_workers = min(8, os.cpu_count() or 1) if busy else 0
         loader = torch.utils.data.DataLoader(
-            _ImageList(images, self.transform, boxes),
+            _ImageList(images, self.transform, boxes, skip_bad=bad_images is not None),
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,
@@ -232,8 +245,9 @@ class RetrievalModel:
         dtype = _AUTOCAST[precision]
         autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         with torch.inference_mode(), autocast:
-            for pixels in tqdm(loader, desc="encode images", unit="batch", disable=not progress):
+            for pixels, problems in tqdm(loader, desc="encode images", unit="batch", disable=not progress):
                 end = start + pixels.shape[0]
+                broken = [start + i for i, reason in enumerate(problems) if reason]
                 pixels = pixels.to(self.device, non_blocking=True)
                 if captions is None:
                     emb = self.model.encode_image(pixels)
@@ -249,6 +263,9 @@ class RetrievalModel:
                     )
                     emb = self.model.forward_head(feats)
                 out[start:end] = torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
+                if broken and bad_images is not None:
+                    out[broken] = 0.0
+                    bad_images.extend((i, problems[i - start]) for i in broken)
                 start = end
         return out
 
@@ -336,6 +353,7 @@ class ItemRetrieval:
     query_items: list[Item]
     gallery_items: list[Item]
     captions: dict[str, int]  # found / missing counts
+    bad_images: list[dict[str, str]] = field(default_factory=list)  # skipped under on_bad_image="skip"
 
 
 def evaluate_items(
@@ -352,21 +370,39 @@ def evaluate_items(
     rerank_topk: int = 100,
     index: str = "exact",
     progress: bool = False,
+    min_caption_coverage: float = 0.5,
+    on_bad_image: str = "error",
 ) -> ItemRetrieval:
     """Ground-truth-box consumer-to-shop retrieval: user items (style > 0) query shop items (style > 0).
 
-    Captions come from a caption store (or mapping); ``captions=None`` evaluates the image-only path.
+    Captions come from a caption store (or mapping); ``captions=None`` evaluates the image-only path. A store
+    written for another split or annotation version, or covering less than ``min_caption_coverage`` of either
+    side, is refused. ``on_bad_image="skip"`` scans the split's images first and leaves out every item whose
+    image cannot be read (listed in ``bad_images`` and counted in ``metrics["skipped_images"]``); the default
+    ``"error"`` stops at the first one, naming it.
     """
-    from capret.data.captions import join_captions
+    from capret.data.captions import join_captions, split_fingerprint
     from capret.data.deepfashion2 import gt_box_protocol, image_path, load_items
     from capret.evaluation.retrieval_eval import evaluate_embeddings
 
     items = load_items(root, split, progress=progress)
+    fingerprint = split_fingerprint(items)
+    bad: list[dict[str, str]] = []
+    if check_bad_image_policy(on_bad_image) == "skip":
+        paired = sorted({it.image_id for it in items if it.style > 0})
+        found = find_bad_images([image_path(root, split, i) for i in paired], progress=progress)
+        bad = [{"file": str(path), "reason": reason} for path, reason in found]
+        broken = {str(path) for path, _ in found}
+        items = [it for it in items if str(image_path(root, split, it.image_id)) not in broken]
     queries, gallery = gt_box_protocol(items)
     if not queries.items or not gallery.items:
         raise ValueError(f"{root}/{split}: the protocol needs user and shop items with style > 0")
-    q_join = join_captions(queries.items, captions)
-    g_join = join_captions(gallery.items, captions)
+    q_join, g_join = (
+        join_captions(
+            side.items, captions, split=split, fingerprint=fingerprint, min_coverage=min_caption_coverage
+        )
+        for side in (queries, gallery)
+    )
 
     def encode(side: list[Item], side_captions: list[str | None]) -> np.ndarray:
         return encode_items(
@@ -387,7 +423,7 @@ def evaluate_items(
     def refs(side: list[Item]) -> list[tuple[str, tuple[float, float, float, float]]]:
         return [(str(image_path(root, split, it.image_id)), it.bbox) for it in side]
 
-    metrics = evaluate_embeddings(
+    metrics: dict[str, Any] = evaluate_embeddings(
         q_feats,
         g_feats,
         queries.labels,
@@ -399,6 +435,8 @@ def evaluate_items(
         query_images=refs(queries.items) if rerank else None,
         gallery_images=refs(gallery.items) if rerank else None,
     )
+    if bad:
+        metrics["skipped_images"] = len(bad)
     return ItemRetrieval(
         metrics=metrics,
         query_features=q_feats,
@@ -407,6 +445,7 @@ def evaluate_items(
         gallery_labels=gallery.labels,
         query_items=queries.items,
         gallery_items=gallery.items,
+        bad_images=bad,
         captions={
             "captions_found": q_join.found + g_join.found if captions else 0,
             "captions_missing": q_join.missing + g_join.missing if captions else len(q_feats) + len(g_feats),

@@ -23,7 +23,6 @@ assets (configs, tokenizer, image processor) so ``DualStreamModel.from_pretraine
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capret.config import cfg, from_dict, to_dict
+from capret.errors import CheckpointError
 from capret.io import atomic_write, atomic_write_json
 from capret.models.encoders import EncoderOutput, TextEncoder, VisualEncoder, create_encoder, minilm_dir
 
@@ -350,20 +350,29 @@ class DualStreamModel(nn.Module):
         cls, directory: str | Path, *, device: str | torch.device | None = None
     ) -> DualStreamModel:
         """Load a folder written by :meth:`save_pretrained`."""
-        from safetensors.torch import load_file
+        from capret.io import load_safetensors, read_json
 
         directory = Path(directory)
         meta_path = directory / MODEL_CONFIG_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} does not exist (not a capret model folder)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, what="model config")
         if meta.get("format") != MODEL_FORMAT:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {MODEL_FORMAT!r}")
         model = cls.from_config_dict(meta["config"], base_dir=directory)
         weights = directory / MODEL_WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} does not exist")
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        state = load_safetensors(weights)
+        own = model.state_dict()
+        wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+        if wrong:
+            raise CheckpointError(
+                f"tensor {wrong[0]} has shape {list(state[wrong[0]].shape)} in {weights.name} but "
+                f"{list(own[wrong[0]].shape)} in the model built from {MODEL_CONFIG_FILE}",
+                path=weights,
+            )
+        model.load_state_dict(state, strict=True)
         if device is not None:
             model.to(device)
         return model.eval()

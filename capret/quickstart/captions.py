@@ -16,7 +16,7 @@ from captioning.backends import create_backend
 from captioning.loop import LoopConfig
 from captioning.prompts import get_prompt_set
 from captioning.runner import caption_targets
-from captioning.sources import create_source
+from captioning.sources import create_source, store_binding
 from captioning.store import CaptionStore, read_captions
 
 from . import QuickstartContext
@@ -36,8 +36,8 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
             if not (ctx.data_root / split).is_dir():
                 continue
             path = ctx.out_dir / f"captions.{split}.jsonl"
-            with CaptionStore(path) as store:
-                targets = create_source("demo", root=ctx.data_root, split=split)
+            targets = create_source("demo", root=ctx.data_root, split=split)
+            with CaptionStore(path, binding=store_binding("demo", split, targets)) as store:
                 summary = caption_targets(
                     targets, store=store, backend=backend, prompts=prompts, config=LoopConfig(), batch_size=32
                 )

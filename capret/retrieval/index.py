@@ -31,9 +31,11 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from capret.io import default_device
+from capret.errors import DataError, require_finite
+from capret.io import atomic_write, default_device
 from capret.registry import Registry
 
 __all__ = [
@@ -95,8 +97,7 @@ def as_float32(vectors: Any, *, dim: int, what: str) -> np.ndarray:
     array = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
     if array.ndim != 2 or array.shape[1] != dim:
         raise ValueError(f"{what} must have shape [n, {dim}], got {list(array.shape)}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{what} contain NaN or infinite values")
+    require_finite(array, what=what)
     return array
 
 
@@ -208,7 +209,7 @@ class ExactIndex:
     def save(self, path: str | Path) -> None:
         vectors, ids = self.reconstruct()
         meta = {"capret_index": "exact", "dim": str(self.dim)}
-        save_file({"vectors": vectors, "ids": ids}, str(path), metadata=meta)
+        atomic_write(path, lambda tmp: save_file({"vectors": vectors, "ids": ids}, str(tmp), metadata=meta))
 
 
 class FaissIndex:
@@ -282,7 +283,7 @@ class FaissIndex:
 
     def save(self, path: str | Path) -> None:
         index = faiss.index_gpu_to_cpu(self._index) if self._on_gpu else self._index
-        faiss.write_index(index, str(path))
+        atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))  # never a torn index file
 
 
 def _id_map(index: Any) -> Any:
@@ -394,13 +395,21 @@ def load_index(path: str | Path, *, device: str | None = None) -> Index:
     if not path.is_file():
         raise FileNotFoundError(f"index file not found: {path}")
     if _is_safetensors(path):
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except SafetensorError as exc:
+            raise DataError(f"index file is truncated or corrupt ({exc})", path=path) from None
         if "vectors" not in tensors or "ids" not in tensors:
             raise ValueError(f"{path}: not a capret exact index (needs tensors 'vectors' and 'ids')")
         exact = ExactIndex(int(tensors["vectors"].shape[1]), device=device)
         exact.add(tensors["vectors"], tensors["ids"])
         return exact
-    index = faiss.read_index(str(path))  # already the concrete type; a second downcast would free it
+    try:
+        index = faiss.read_index(str(path))  # already the concrete type; a second downcast would free it
+    except RuntimeError as exc:  # faiss reports a torn or foreign file as a RuntimeError
+        raise DataError(
+            f"not a readable faiss index ({str(exc).strip().splitlines()[-1]})", path=path
+        ) from None
     kind = _faiss_kind(index)
     if kind == "ivfpq":
         nprobe = int(faiss.extract_index_ivf(index).nprobe)

@@ -30,11 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from capret.config import cfg, to_dict
-from capret.data.captions import join_captions
+from capret.data.captions import join_captions, split_fingerprint
 from capret.data.items import ItemCollator, ItemDataset, PKBatchSampler, identity_labels
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
 from capret.inference.dualstream import evaluate_items, item_transform, load_dual_stream_weights
+from capret.io import atomic_write_json
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig
 from capret.tasks.registry import register_task
 
@@ -65,6 +66,16 @@ class DataConfig:
         None,
         "caption store JSONL of the validation split; null = validate without captions. A separate store because "
         "DeepFashion2 image ids restart at 1 in every split, so Item.key values collide across splits",
+    )
+    min_caption_coverage: float = cfg(
+        0.5,
+        "smallest fraction of items a caption store must cover; below it training/validation stops (a store of "
+        "another split or dataset would otherwise silently leave most items on the no-caption path)",
+    )
+    on_bad_image: str = cfg(
+        "error",
+        "error: an unreadable image stops the run naming the file; skip: its item is left out and listed in "
+        "<output_dir>/bad_images.json",
     )
     p: int = cfg(16, "identities per batch (P of the P x K sampler)")
     k: int = cfg(4, "items per identity per batch (K), alternating shop and user items")
@@ -197,15 +208,22 @@ class DualStreamTask:
 
         self.config = config
         data = config.data
-        train = create_dataset("deepfashion2", root=data.root, split=data.train_split, progress=False)
-        items = [it for it in train if it.style > 0]
+        every = create_dataset("deepfashion2", root=data.root, split=data.train_split, progress=False)
+        items = [it for it in every if it.style > 0]
         if data.max_items is not None:
             items = items[: data.max_items]
         if not items:
             raise ValueError(f"{data.root}/{data.train_split}: no items with style > 0 to train on")
         self.items = items
         self.labels, self.identities = identity_labels(items)
-        self.caption_join = join_captions(items, data.captions)
+        self.bad_images: list[str] = []
+        self.caption_join = join_captions(
+            items,
+            data.captions,
+            split=data.train_split,
+            fingerprint=split_fingerprint(every) if data.captions is not None else None,
+            min_coverage=data.min_caption_coverage,
+        )
         if data.captions is not None:
             logger.info(
                 "captions: %d found, %d missing of %d train items",
@@ -256,6 +274,7 @@ class DualStreamTask:
                 transform=transform,
                 captions=self.caption_join.captions,
                 caption_dropout=self.config.data.caption_dropout,
+                on_bad_image=self.config.data.on_bad_image,
             )
         return self._dataset
 
@@ -284,7 +303,24 @@ class DualStreamTask:
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        bad = batch.pop("bad_images", None)
+        if bad:
+            self._record_bad_images(bad)  # type: ignore[arg-type]
         return model(batch)
+
+    def _record_bad_images(self, files: list[str]) -> None:
+        """Under ``data.on_bad_image: skip``: keep every skipped file and its count in
+        ``<output_dir>/bad_images.json`` (rewritten atomically when a new one appears)."""
+        new = [f for f in files if f not in self.bad_images]
+        if not new:
+            return
+        self.bad_images.extend(new)
+        logger.warning("skipped unreadable image(s): %s", ", ".join(new))
+        atomic_write_json(
+            Path(self.config.trainer.output_dir) / "bad_images.json",
+            {"count": len(self.bad_images), "files": self.bad_images},
+            indent=2,
+        )
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.config.data.val_split:
@@ -299,6 +335,8 @@ class DualStreamTask:
             root=data.root,
             split=data.val_split,
             captions=data.val_captions,
+            min_caption_coverage=data.min_caption_coverage,
+            on_bad_image=data.on_bad_image,
             ks=ev.ks,
             batch_size=ev.batch_size,
             device=device,
@@ -313,6 +351,7 @@ class DualStreamTask:
                 ks=ev.ks,
                 batch_size=ev.batch_size,
                 device=device,
+                on_bad_image=data.on_bad_image,
             )
             for key, value in without.metrics.items():
                 if isinstance(value, int | float) and (

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import ipaddress
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ import random
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image
@@ -31,10 +33,57 @@ from PIL import Image
 from captioning.backends.base import CaptionBackend, register_backend
 from captioning.types import ChatRequest, Generation, VisualQuery
 
-__all__ = ["API_KEY_ENV_VARS", "OpenAIBackend", "image_data_url"]
+__all__ = ["API_KEY_ENV_VARS", "OpenAIBackend", "image_data_url", "resolve_api_key"]
 
-#: Environment variables read for the API key, first set one wins (never a command-line value).
+#: Environment variables read for the API key, first set one wins (never a command-line value). OPENAI_API_KEY
+#: is read only when every base URL is the hosted OpenAI API over https (see :func:`resolve_api_key`).
 API_KEY_ENV_VARS = ("CAPRET_API_KEY", "OPENAI_API_KEY")
+HOSTED_API_HOSTS = ("api.openai.com",)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_api_key(
+    base_urls: Sequence[str], *, api_key: str | None = None, api_key_env: str | None = None
+) -> str | None:
+    """The API key to send to ``base_urls``, or None; keys only go where they were meant to.
+
+    A user with ``$OPENAI_API_KEY`` set for the hosted API must not leak it to every local or LAN server they
+    try, so: ``$OPENAI_API_KEY`` is used only when every URL is the hosted API over https; any other server takes
+    a key only from ``api_key_env`` (``--api-key-env NAME``) or ``$CAPRET_API_KEY`` (or an explicit
+    ``api_key``); and no key is ever sent over plain http to a host other than loopback, where anyone on the
+    path could read it.
+
+    Raises:
+        ValueError: ``api_key_env`` names an unset variable, or a key would travel over plain http to a
+            non-loopback host.
+    """
+    parsed = [urlsplit(u) for u in base_urls]
+    if api_key is None and api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
+    if api_key is None:
+        api_key = os.environ.get("CAPRET_API_KEY") or None
+    hosted = all(p.scheme == "https" and (p.hostname or "") in HOSTED_API_HOSTS for p in parsed)
+    if api_key is None and hosted:
+        api_key = os.environ.get("OPENAI_API_KEY") or None
+    if api_key:
+        for url, p in zip(base_urls, parsed):
+            if p.scheme != "https" and not _is_loopback(p.hostname or ""):
+                raise ValueError(
+                    f"--base-url {url}: refusing to send an API key over plain http to a non-loopback host "
+                    "(anyone on the network could read it); use https, or unset the key for this server"
+                )
+    return api_key
+
 
 T = TypeVar("T")
 
@@ -115,14 +164,7 @@ class OpenAIBackend(CaptionBackend):
         self.backoff_max = backoff_max
         self.temperature = temperature
         self.seed = seed
-        if api_key is None and api_key_env:
-            api_key = os.environ.get(api_key_env)
-            if not api_key:
-                raise ValueError(
-                    f"--api-key-env {api_key_env}: that environment variable is not set or empty"
-                )
-        elif api_key is None:  # local servers (vLLM, Ollama, llama.cpp) usually need no key at all
-            api_key = next((os.environ[n] for n in API_KEY_ENV_VARS if os.environ.get(n)), None)
+        api_key = resolve_api_key(self.base_urls, api_key=api_key, api_key_env=api_key_env)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._urls = itertools.cycle(self.base_urls)
         self._rng = random.Random(seed)

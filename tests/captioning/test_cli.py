@@ -44,8 +44,14 @@ def test_template_run_then_resume_skips_everything(df2, tmp_path, capsys) -> Non
     records = read_records(out)
     assert sorted(records) == sorted(keys)
     record = records[keys[0]]
-    assert set(record) == {"key", "caption", "dialogue", "backend", "model", "prompt_version", "created"}
+    assert set(record) == {"key", "caption", "dialogue", "backend", "model", "prompt_version", "created",
+                           "dataset", "split", "fingerprint"}  # fmt: skip
     assert record["backend"] == "template" and record["prompt_version"] == "capret-chat-v1"
+    assert (record["dataset"], record["split"]) == ("deepfashion2", "validation")
+    from capret.data.captions import split_fingerprint
+    from capret.data.deepfashion2 import load_items
+
+    assert record["fingerprint"] == split_fingerprint(load_items(root, "validation", progress=False))
     assert all(set(turn) == {"q", "a"} for turn in record["dialogue"])
     before = out.read_bytes()
     code, summary = _run(["--root", str(root), "--out", str(out)], capsys)
@@ -92,11 +98,16 @@ def test_missing_image_is_a_logged_failure_retried_next_run(df2, tmp_path, capsy
     os.replace(image, hidden)
     out = tmp_path / "c.jsonl"
     try:
-        code, summary = _run(["--root", str(root), "--out", str(out)], capsys)
+        # default policy: stop, naming the file (one line, no traceback)
+        assert main(["--root", str(root), "--out", str(tmp_path / "e.jsonl"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "000003.jpg" in err and "image not found" in err and "Traceback" not in err
+        code, summary = _run(["--root", str(root), "--out", str(out), "--on-bad-image", "skip"], capsys)
     finally:
         os.replace(hidden, image)
     assert code == 1 and summary["failed"] == 2 and summary["done"] == len(keys) - 2
     assert summary["failure_reasons"] == {"cannot open image": 2}
+    assert summary["bad_images"] == 2 and all(f.endswith("000003.jpg") for f in summary["bad_image_files"])
     failures = [json.loads(x) for x in failures_path(out).read_text().splitlines()]
     assert {f["key"] for f in failures} == {"deepfashion2/000003/1", "deepfashion2/000003/2"}
     assert "000003.jpg" in failures[0]["reason"]

@@ -154,3 +154,27 @@ def test_option_validation() -> None:
         create_backend("openai", base_urls=["http://x"], vlm="m", api_key_env="CAPRET_NO_SUCH_KEY")
     with pytest.raises(ValueError, match="needs --vlm"):
         create_backend("openai", base_urls=["http://x"], vlm="")
+
+
+def test_api_keys_only_go_where_they_were_meant_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captioning.backends.openai_backend import resolve_api_key
+
+    monkeypatch.delenv("CAPRET_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-hosted")
+    # the hosted API over https gets $OPENAI_API_KEY; nothing else does
+    assert resolve_api_key(["https://api.openai.com/v1"]) == "sk-hosted"
+    assert resolve_api_key(["http://127.0.0.1:8000/v1"]) is None
+    assert resolve_api_key(["https://llm.example.org/v1"]) is None
+    assert resolve_api_key(["http://api.openai.com/v1"]) is None  # plain http: not the hosted API
+    # other servers take $CAPRET_API_KEY or --api-key-env
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    assert resolve_api_key(["https://llm.example.org/v1"], api_key_env="MY_KEY") == "sk-mine"
+    monkeypatch.setenv("CAPRET_API_KEY", "sk-capret")
+    assert resolve_api_key(["http://localhost:8000/v1", "http://[::1]:9/v1"]) == "sk-capret"
+    # plain http beyond loopback never receives a key
+    with pytest.raises(ValueError, match="plain http"):
+        resolve_api_key(["http://10.0.0.5:8000/v1"])
+    with pytest.raises(ValueError, match="plain http"):
+        resolve_api_key(["http://gpu-box.lan/v1"], api_key_env="MY_KEY")
+    monkeypatch.delenv("CAPRET_API_KEY")
+    assert resolve_api_key(["http://10.0.0.5:8000/v1"]) is None  # no key at all: fine

@@ -105,8 +105,9 @@ def test_cache_is_reused_and_invalidated(synth: Path, monkeypatch: pytest.Monkey
     from capret.data import deepfashion2 as df2
 
     first = load_items(synth, "validation", progress=False)
-    cache_file = synth / "validation" / ".capret_index.npz"
-    assert cache_file.is_file()
+    cache_file = df2.index_cache_path(synth / "validation" / "annos")
+    assert cache_file.is_file() and str(cache_file).startswith(os.environ["CAPRET_CACHE"])
+    assert not list(synth.rglob("*.npz"))  # never inside the dataset root
 
     def boom(*args, **kwargs):
         raise AssertionError("annotation parsed although the cache is valid")
@@ -124,6 +125,20 @@ def test_cache_is_reused_and_invalidated(synth: Path, monkeypatch: pytest.Monkey
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000_000))
     changed = load_items(synth, "validation", progress=False)
     assert [it.style for it in changed if it.image_id == 7] == [3]
+
+    # a same-size edit with the old mtime restored (cp -p, rsync -a) still invalidates it (ctime changes)
+    path = synth / "validation" / "annos" / "000008.json"
+    stat = path.stat()
+    anno = json.loads(path.read_text())
+    anno["item1"]["bounding_box"] = [1, 2, 30, 40]
+    path.write_text(json.dumps(anno))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert [it.bbox for it in load_items(synth, "validation", progress=False) if it.image_id == 8][0] == (
+        1,
+        2,
+        30,
+        40,
+    )
 
     # a new file (count changes) invalidates it too
     extra = synth / "validation" / "annos" / "000009.json"

@@ -353,3 +353,46 @@ def test_bad_settings_fail_early(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="yielded no batches"):
         train(Empty(), _config(tmp_path / "empty"))
+
+
+def test_resume_auto_skips_a_corrupt_newest_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated newest checkpoint (full disk, kill during a copy) is skipped, saying which and why; the run
+    resumes from the newest intact one and still reproduces the uninterrupted curve."""
+    from capret.engine.checkpoint import newest_intact_checkpoint
+    from capret.errors import CheckpointError
+
+    full = tmp_path / "full"
+    train(RegressionTask(), _config(full))
+    reference = _losses(full)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(CrashingTask(crash_at=3 * 10 + 2), _config(run))  # last checkpoint: step 8
+    newest = run / "checkpoints" / "step_00000008"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated
+    found, skipped = newest_intact_checkpoint(run)
+    assert found == run / "checkpoints" / "step_00000004" and skipped[0][0] == newest
+    with pytest.raises(CheckpointError, match="model.safetensors.*checksum"):
+        load_checkpoint(newest)
+    result = train(RegressionTask(), _config(run), resume="auto")
+    err = capsys.readouterr().err
+    assert "skipped checkpoint step_00000008" in err and "checksum" in err
+    assert result["steps"] == 12
+    resumed = {s: a for s, a, _ in _losses(run)}
+    for step, loss, _ in reference:
+        assert resumed[step] == pytest.approx(loss, abs=1e-6)
+
+
+def test_shape_mismatch_names_tensor_and_config_keys(tmp_path: Path) -> None:
+    from capret.errors import CheckpointError
+
+    result = train(RegressionTask(), _config(tmp_path / "run", max_steps=4))
+    wider = nn.Sequential(nn.Linear(5, 32), nn.Dropout(0.1), nn.Linear(32, 1))
+    saved = json.loads((Path(result["last_checkpoint"]) / "checkpoint.json").read_text())["config"]
+    changed = {**saved, "task": {**saved["task"], "hidden": 32}}
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch: 0\.bias \[16\].*\[32\].*task\.hidden: None -> 32"
+    ):
+        load_model_weights(wider, result["last_checkpoint"], config=changed)

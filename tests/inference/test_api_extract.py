@@ -118,8 +118,12 @@ def test_extract_cli_writes_shards_ids_and_rank_splits(
     assert manifest["images"] == 7 and manifest["captions"] == {"found": 4, "missing": 3}
     assert [s["rows"] for s in manifest["shards"]] == [3, 3, 1]
     feats = np.concatenate([np.load(out / s["features"]) for s in manifest["shards"]])
-    ids = [line for s in manifest["shards"] for line in (out / s["ids"]).read_text().split()]
+    ids = [i for s in manifest["shards"] for i in np.load(out / s["ids"]).tolist()]
     assert ids == [f"sub/im{i}" for i in range(7)]
+    from capret.inference.extract import read_extraction
+
+    read_feats, read_ids = read_extraction(out)
+    assert read_ids == ids and np.array_equal(read_feats, feats)
     model = capret.load_model(assets["model"])
     captions = [f"a red top number {i}" if i % 2 == 0 else None for i in range(7)]
     np.testing.assert_allclose(feats, model.encode_images(_paths(assets), captions), atol=1e-5)
@@ -138,7 +142,8 @@ def test_extract_cli_writes_shards_ids_and_rank_splits(
             == 0
         )
         capsys.readouterr()
-        parts.append((tmp_path / "r" / f"ids_r{rank}_00000.txt").read_text().split())
+        shard = json.loads((tmp_path / "r" / f"manifest_r{rank}.json").read_text())["shards"][0]
+        parts.append(np.load(tmp_path / "r" / shard["ids"]).tolist())
     assert parts == [[f"id{i}" for i in range(0, 7, 2)], [f"id{i}" for i in range(1, 7, 2)]]
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from capret.config import ConfigError
-from capret.console import print_json, run_guarded
+from capret.console import add_debug_flag, debug_enabled, print_json, run_guarded
 
 __all__ = ["MODES", "RUNNERS", "build_parser", "main", "parse_args", "select_mode"]
 
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     for mode in MODES:
         mode_parser = sub.add_parser(mode, help=_HELP[mode], description=_HELP[mode])
         _module(mode).add_arguments(mode_parser)
+        add_debug_flag(mode_parser)
     return parser
 
 
@@ -100,6 +101,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, Any]:
     module = _module(mode)
     parser = argparse.ArgumentParser(prog=f"capret-eval {mode}", description=_HELP[mode])
     module.add_arguments(parser)
+    add_debug_flag(parser)
     return mode, module.config_from_args(parser.parse_args(rest))
 
 
@@ -113,9 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled() or "--debug" in args
     if not args:
-        return run_guarded(select_mode, args)
-    return run_guarded(_run, args)
+        return run_guarded(select_mode, args, debug=debug)
+    return run_guarded(_run, args, debug=debug)
 
 
 if __name__ == "__main__":

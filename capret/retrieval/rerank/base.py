@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from capret.errors import require_finite
 from capret.io import default_device
 from capret.registry import Registry
 
@@ -135,6 +136,9 @@ def prepare_inputs(
         raise ValueError(
             f"query_features {list(q.shape)} and gallery_features {list(g.shape)} must be [Q, D] and [G, D]"
         )
+    require_finite(score_t, what="reranker scores")
+    require_finite(q, what="reranker query_features")
+    require_finite(g, what="reranker gallery_features")
     if q.shape[0] != rank_t.shape[0]:
         raise ValueError(f"{q.shape[0]} query features for {rank_t.shape[0]} ranking rows")
     if rank_t.numel() and (int(rank_t.min()) < 0 or int(rank_t.max()) >= g.shape[0]):

@@ -31,6 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from capret.data.imagefile import decode_image
 from capret.io import atomic_write, default_device
 from capret.retrieval.rerank.base import (
     ImageRef,
@@ -93,10 +94,7 @@ MIN_SIDE = 64
 def load_crop(ref: ImageRef, *, margin: float, max_side: int) -> torch.Tensor:
     """Grayscale ``[1, 1, H, W]`` float tensor in [0, 1] of the box crop of ``ref``, longest side <= max_side."""
     path, bbox = ref
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image not found for geometric verification: {path}")
-    with Image.open(path) as im:
-        image = im.convert("RGB")
+    image = decode_image(path)  # a missing or corrupt file raises BadImageError naming it
     if bbox is not None:
         x1, y1, x2, y2 = (float(v) for v in bbox)
         if not (x2 > x1 and y2 > y1):
