@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from capret.config import ConfigError
+from capret.config import ConfigError, to_dict
 from capret.inference.cir import (
     TOP_K,
     CIRRanking,
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "split": split,
         "checkpoint": str(checkpoint),
         "stage": config.stage,
-        "clip": config.clip,
+        "clip": to_dict(config.clip),
         "metrics": metrics,
         "files": files,
     }
