@@ -167,6 +167,13 @@ class ZeroShotModel:
     placeholder: str
     config: dict[str, Any]  # the task config recorded in the checkpoint sidecar
 
+    @property
+    def template(self) -> str:
+        """The method's inference prompt, written with this model's placeholder."""
+        if self.method == "pic2word":
+            return PIC2WORD_PROMPT.replace("*", self.placeholder)
+        return SEARLE_PROMPT.replace("$", self.placeholder)
+
     def query_features(self, *, reference_features: torch.Tensor, captions: Captions) -> torch.Tensor:
         """Normalised composed queries with the method's own prompt."""
         fn = {
@@ -180,6 +187,7 @@ class ZeroShotModel:
             reference_features=reference_features,
             captions=captions,
             placeholder=self.placeholder,
+            template=self.template,
         )
 
 

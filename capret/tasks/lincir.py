@@ -23,7 +23,6 @@ from capret.config import ConfigError, cfg
 from capret.data.keywords import read_caption_corpus, replace_keywords
 from capret.engine.trainer import TrainerConfig, train
 from capret.models.clip import ClipConfig
-from capret.models.zeroshot import Phi
 from capret.tasks.registry import register_task
 from capret.tasks.zeroshot_common import MapperTaskBase, SizedBatches, index_batches
 
@@ -68,17 +67,18 @@ class LinCIRTask(MapperTaskBase):
             replace_keywords(c, placeholder=config.placeholder, rng=random.Random(i))
             for i, c in enumerate(self.captions)
         ]
+        self._keep_placeholders(self.load_frozen_clip(config.clip))
 
-    def build_model(self) -> nn.Module:
-        clip = self.load_frozen_clip(self.config.clip)
-        self._keep_placeholders(clip)
-        self.mapper = Phi(
-            clip.feature_dim,
-            hidden_dim=self.config.hidden_dim or None,
-            output_dim=clip.token_width,
-            dropout=self.config.dropout,
-        )
-        return self.mapper
+    def mapper_hparams(self) -> dict[str, Any]:
+        assert self.clip is not None
+        d = self.clip.feature_dim
+        hidden = self.config.hidden_dim or 4 * d
+        return {
+            "input_dim": d,
+            "hidden_dim": hidden,
+            "output_dim": self.clip.token_width,
+            "dropout": self.config.dropout,
+        }
 
     def _keep_placeholders(self, clip: Any) -> None:
         """Edits whose placeholder falls beyond the context length become ``"a photo of $"`` (LinCIR's fallback)."""

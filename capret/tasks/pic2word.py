@@ -20,7 +20,6 @@ from capret.config import ConfigError, cfg
 from capret.data.image_sources import open_image_source
 from capret.engine.trainer import TrainerConfig, train
 from capret.models.clip import ClipConfig
-from capret.models.zeroshot import Pic2WordMapper
 from capret.tasks.registry import register_task
 from capret.tasks.zeroshot_common import MapperTaskBase, SizedBatches, index_batches
 
@@ -62,20 +61,18 @@ class Pic2WordTask(MapperTaskBase):
                 f"prompt={config.prompt!r} must contain the placeholder {config.placeholder!r} as a word"
             )
         self.source = open_image_source(config.images, limit=config.limit)
+        clip = self.load_frozen_clip(config.clip, preprocess=config.preprocess, ratio=config.target_ratio)
+        clip.placeholder_id(config.placeholder)  # fail before training if it is not one token
         self.features: torch.Tensor | None = None
 
-    def build_model(self) -> nn.Module:
-        clip = self.load_frozen_clip(
-            self.config.clip, preprocess=self.config.preprocess, ratio=self.config.target_ratio
-        )
-        clip.placeholder_id(self.config.placeholder)  # fail before training if it is not one token
-        self.mapper = Pic2WordMapper(
-            clip.feature_dim,
-            hidden_dim=self.config.hidden_dim,
-            output_dim=clip.token_width,
-            dropout=self.config.dropout,
-        )
-        return self.mapper
+    def mapper_hparams(self) -> dict[str, Any]:
+        assert self.clip is not None
+        return {
+            "input_dim": self.clip.feature_dim,
+            "hidden_dim": self.config.hidden_dim,
+            "output_dim": self.clip.token_width,
+            "dropout": self.config.dropout,
+        }
 
     def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
         if self.features is None:

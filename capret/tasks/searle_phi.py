@@ -27,7 +27,6 @@ from capret.inference.concepts import PhraseBank, concept_features, top_concepts
 from capret.inference.oti import TokenStore
 from capret.losses.distillation import nt_xent_loss
 from capret.models.clip import ClipConfig
-from capret.models.zeroshot import Phi
 from capret.tasks.registry import register_task
 from capret.tasks.zeroshot_common import MapperTaskBase, SizedBatches, index_batches
 
@@ -82,25 +81,25 @@ class PhiTask(MapperTaskBase):
             )
         self.targets = ema[[index[k] for k in self.source.keys]]
         self.bank = PhraseBank.load(config.phrases) if config.phrases and config.lambda_gpt > 0 else None
+        clip = self.load_frozen_clip(config.clip, preprocess=config.preprocess, ratio=config.target_ratio)
+        if self.targets.shape[1] != clip.token_width:
+            raise ConfigError(
+                f"OTI tokens in {config.tokens} are {self.targets.shape[1]} wide but {clip.name} tokens are "
+                f"{clip.token_width}: the store was made with another CLIP"
+            )
         self.features: torch.Tensor | None = None
         self.candidates: list[list[tuple[str, str]]] = []
 
-    def build_model(self) -> nn.Module:
-        clip = self.load_frozen_clip(
-            self.config.clip, preprocess=self.config.preprocess, ratio=self.config.target_ratio
-        )
-        if self.targets.shape[1] != clip.token_width:
-            raise ConfigError(
-                f"OTI tokens in {self.config.tokens} are {self.targets.shape[1]} wide but {clip.name} tokens are "
-                f"{clip.token_width}: the store was made with another CLIP"
-            )
-        self.mapper = Phi(
-            clip.feature_dim,
-            hidden_dim=self.config.hidden_dim or None,
-            output_dim=clip.token_width,
-            dropout=self.config.dropout,
-        )
-        return self.mapper
+    def mapper_hparams(self) -> dict[str, Any]:
+        assert self.clip is not None
+        d = self.clip.feature_dim
+        hidden = self.config.hidden_dim or 4 * d
+        return {
+            "input_dim": d,
+            "hidden_dim": hidden,
+            "output_dim": self.clip.token_width,
+            "dropout": self.config.dropout,
+        }
 
     def _prepare(self) -> None:
         if self.features is not None:

@@ -75,6 +75,16 @@ class MapperTaskBase:
         self.clip = clip
         return clip
 
+    def mapper_hparams(self) -> dict[str, Any]:
+        """Sizes of the mapper (from the loaded CLIP's dimensions and the config)."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        from capret.models.zeroshot import build_mapper
+
+        self.mapper = build_mapper(self.mapper_kind, self.mapper_hparams())
+        return self.mapper
+
     def follow_mapper(self) -> ClipBundle:
         """The frozen CLIP, moved to the device the trainer put the mapper on."""
         assert self.clip is not None and self.mapper is not None
@@ -118,13 +128,12 @@ class MapperTaskBase:
 
     def config_dict(self) -> dict[str, Any]:
         """The task config plus the mapper's family/sizes and inference settings (for the loader)."""
-        assert self.mapper is not None
         return {
             **to_dict(self.config),
             "zeroshot": {
                 "method": self.method,
                 "mapper": self.mapper_kind,
-                "hparams": dict(getattr(self.mapper, "hparams", {})),
+                "hparams": self.mapper_hparams(),
                 "placeholder": self.config.placeholder,
             },
         }
