@@ -247,3 +247,31 @@ def test_monitor_and_stage_are_checked(world, tmp_path, capsys):
     assert "valid: recall@1" in capsys.readouterr().err
     assert train_cli.main([*argv, "stage=3", f"trainer.output_dir={tmp_path}"]) == 2
     assert "choose 1 or 2" in capsys.readouterr().err
+
+
+def test_combiner_on_an_open_clip_backbone(world, tmp_path, capsys):
+    """The RN50x4 config's path: an open_clip ModifiedResNet CLIP through both stages and capret-eval."""
+    from tiny_zeroshot import tiny_open_clip
+
+    name = tiny_open_clip(tmp_path / "rn", image_tower="rn")
+    out = tmp_path / "oc_run"
+    common = [
+        f"root={world['cirr']}",
+        "clip.backend=open_clip",
+        f"clip.name={name}",
+        "clip.pretrained=null",
+        f"trainer.output_dir={out}",
+        "combiner.projection_dim=32",
+        "combiner.hidden_dim=64",
+    ]
+    _train(
+        "cirr_combiner_rn50x4.yaml", [*common, "stage=1", "stage1.batch_size=10", "stage1.epochs=1"], capsys
+    )
+    summary = _train(
+        "cirr_combiner_rn50x4.yaml", [*common, "stage=2", "stage2.batch_size=10", "stage2.epochs=2"], capsys
+    )
+    assert summary["steps"] == 2
+    base = ["--dataset", "cirr", "--checkpoint", str(out / "stage2"), "--root", str(world["cirr"])]
+    val = _eval([*base, "--split", "val", "--out", str(tmp_path / "eval")], capsys)
+    assert val["clip"] == {"backend": "open_clip", "name": name, "pretrained": None}
+    assert val["stage"] == 2 and 0.0 <= val["metrics"]["recall@50"] <= 1.0
