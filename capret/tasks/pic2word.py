@@ -10,7 +10,7 @@ trains on Conceptual Captions images with AdamW lr 1e-4, weight decay 0.1, batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,9 @@ class Pic2WordTaskConfig:
 
     task: str = cfg("pic2word", "task name; must be 'pic2word'")
     clip: ClipConfig = cfg(factory=ClipConfig, help="frozen CLIP backbone (Pic2Word: ViT-L/14)")
-    preprocess: str = cfg("none", "image padding before the CLIP transform: targetpad | squarepad | none")
+    preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
+        "none", "image padding before the CLIP transform: targetpad | squarepad | none"
+    )
     target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
     images: str = cfg("data/cc3m", "unlabeled images: a folder (recursive) or webdataset .tar shards")
     limit: int | None = cfg(None, "use only the first N images (sorted keys)")

@@ -14,7 +14,7 @@ one text-encoder pass for the regulariser. Inference: :func:`capret.inference.ze
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ class PhiTaskConfig:
 
     task: str = cfg("phi", "task name; must be 'phi'")
     clip: ClipConfig = cfg(factory=ClipConfig, help="frozen CLIP backbone (SEARLE: ViT-B/32 or ViT-L/14)")
-    preprocess: str = cfg(
+    preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
         "targetpad", "image padding before the CLIP transform: targetpad | squarepad | none"
     )
     target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")

@@ -118,3 +118,13 @@ def test_backend_errors() -> None:
         load_clip("NoSuchArch-99", backend="open_clip")
     with pytest.raises(ValueError, match="only for backend open_clip"):
         load_clip("openai/clip-vit-base-patch32", pretrained="openai")
+
+
+@pytest.mark.slow
+def test_rn50x4_architecture_has_the_papers_dimensions() -> None:
+    """CLIP4Cir's backbone builds through open_clip (random weights here): d = 640, 288 px, 640-wide tokens."""
+    clip = load_clip("RN50x4", backend="open_clip", pretrained=None)
+    assert (clip.feature_dim, clip.token_width, clip.context_length) == (640, 640, 77)
+    pixels = clip.transform(Image.new("RGB", (100, 300)))
+    assert pixels.shape == (3, 288, 288)
+    assert clip.placeholder_id("$") == 259 and clip.placeholder_id("*") == 265  # CLIP BPE ids, looked up
