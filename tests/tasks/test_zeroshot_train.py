@@ -137,3 +137,34 @@ def test_lincir_on_a_caption_store(world: dict[str, Any], capsys: pytest.Capture
         reference_features=torch.randn(3, model.clip.feature_dim), captions=["a", "b", "c"]
     )
     assert queries.shape == (3, model.clip.feature_dim)
+
+
+def _phrase_reply(payload: dict[str, Any]) -> str:
+    """A loopback 'LLM' that writes two phrases about the concept named in the prompt."""
+    import re
+
+    prompt = payload["messages"][-1]["content"]
+    prompt = prompt if isinstance(prompt, str) else prompt[0]["text"]
+    concept = re.search(r"a photo of (.+?)\. Every", prompt).group(1)  # type: ignore[union-attr]
+    return f"1. a {concept} on a wooden table\n2. a close view of the {concept}\nno concept here"
+
+
+def test_oti_phrases_from_an_openai_compatible_server(
+    world: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from capret.testing import ChatServer
+
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("dog\nred dress\n# a comment\ncat\n")
+    with ChatServer(responder=_phrase_reply) as server:
+        argv = ["oti", "--clip-backend", "open_clip", "--clip", world["open_clip"], "--images", str(world["images"]),
+                "--limit", "2", "--concepts", str(concepts), "--phrase-backend", "openai", "--phrase-base-url",
+                server.base_url, "--phrase-model", "tiny-llm", "--phrases-out", str(tmp_path / "phrases.json"),
+                "--steps", "2", "--top-k", "2", "--no-progress"]  # fmt: skip
+        first = _json(capret_cli.main, [*argv, "--out", str(tmp_path / "a.safetensors")], capsys)
+        assert server.requests == 3
+        assert first["phrase_generation"] == {"requested": 3, "cached": 0, "fallback": 0, "failed": 0}
+        second = _json(capret_cli.main, [*argv, "--out", str(tmp_path / "b.safetensors")], capsys)
+        assert server.requests == 3 and second["phrase_generation"]["cached"] == 3  # no model call on a rerun
+    phrases = json.loads((tmp_path / "phrases.json").read_text())["phrases"]
+    assert phrases["red dress"] == ["a red dress on a wooden table", "a close view of the red dress"]
