@@ -18,6 +18,7 @@ SUBCOMMANDS: list[str] = [
     "capret.cli.check_data",
     "capret.cli.index",
     "capret.cli.search",
+    "capret.cli.oti",
     "capret.cli.serve",
 ]
 
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             debug=args.debug or None,
         )
-    if getattr(args, "run", None) is not None:
+    if callable(getattr(args, "run", None)):
         return run_guarded(args.run, args)
     parser.print_help()
     return 2

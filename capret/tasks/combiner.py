@@ -33,7 +33,8 @@ from capret.data import create_dataset
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
 from capret.inference.cir import FeatureOptions, cirr_rankings, fashioniq_rankings
 from capret.inference.feature_cache import CachedFeatures, image_features, text_features
-from capret.models.clip import ClipBundle, load_clip
+from capret.models.clip import ClipBundle, load_clip_config
+from capret.models.clip import ClipConfig as ClipModelConfig
 from capret.models.combiner import LOGIT_SCALE, batch_classification_loss, create_combiner
 from capret.tasks.registry import register_task
 
@@ -83,12 +84,10 @@ class DataConfig:
 
 
 @dataclass
-class ClipConfig:
-    """The CLIP model both stages build on, and the image preprocessing in front of it."""
+class ClipConfig(ClipModelConfig):
+    """The CLIP model both stages build on (``backend``, ``name``, ``pretrained``: see
+    :class:`capret.models.clip.ClipConfig`), and the image preprocessing in front of it."""
 
-    source: str = cfg(
-        "openai/clip-vit-base-patch32", "CLIP: Hugging Face hub id or local from_pretrained folder"
-    )
     preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
         "targetpad", "image padding before CLIP resize"
     )
@@ -154,7 +153,7 @@ _FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "val_split": ("data", "val_split"),
     "feature_cache": ("data", "feature_cache"),
     "eval_batch_size": ("data", "encode_batch_size"),
-    "clip": ("model", "clip", "source"),
+    "clip": ("model", "clip", "name"),
     "preprocess": ("model", "clip", "preprocess"),
     "target_ratio": ("model", "clip", "target_ratio"),
     "combiner": ("model", "combiner"),
@@ -224,7 +223,7 @@ def load_task_clip(config: CombinerTaskConfig, *, device: str | torch.device = "
     from capret.engine.checkpoint import load_model_weights
 
     spec = config.model.clip
-    clip = load_clip(spec.source, preprocess=spec.preprocess, target_ratio=spec.target_ratio, device=device)
+    clip = load_clip_config(spec, preprocess=spec.preprocess, target_ratio=spec.target_ratio, device=device)
     stage1 = resolve_stage1_checkpoint(config) if config.stage == 2 else None
     if stage1 is not None:
         load_model_weights(clip, stage1, device=device)

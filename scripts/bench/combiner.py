@@ -93,7 +93,7 @@ def main() -> None:
             [
                 f"data.root={tmp_path / 'fiq'}",
                 "data.categories=[dress]",
-                f"model.clip.source={clip_dir}",
+                f"model.clip.name={clip_dir}",
                 "stage=2",
                 "model.stage1_checkpoint=null",
                 f"stage2.batch_size={args.batch_size}",

@@ -220,7 +220,7 @@ def test_combiner_method_matches_a_direct_computation(backend: ServeBackend, tmp
         "--config",
         str(CONFIGS / "cirr_combiner.yaml"),
         f"data.root={write_cirr(tmp_path / 'cirr')}",
-        f"model.clip.source={clip_dir}",
+        f"model.clip.name={clip_dir}",
         f"trainer.output_dir={tmp_path / 'run'}",
         "stage=1",
         "stage1.batch_size=10",

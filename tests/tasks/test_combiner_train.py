@@ -67,7 +67,7 @@ def cirr_runs(world: dict[str, Path]) -> dict[str, object]:
     out = world["base"] / "cirr_run"
     common = [
         f"data.root={world['cirr']}",
-        f"model.clip.source={world['clip']}",
+        f"model.clip.name={world['clip']}",
         f"trainer.output_dir={out}",
         "trainer.log_every=1",
         "trainer.schedule=constant",
@@ -117,8 +117,8 @@ def test_stage2_starts_from_stage1_weights(cirr_runs):
     out = cirr_runs["out"]
     clip, fuser, config = load_cir_model(out / "stage2" / "best")
     assert config.stage == 2 and type(fuser).__name__ == "Combiner"
-    stage1 = load_model_weights(load_clip(config.model.clip.source), out / "stage1" / "best")
-    pretrained = load_clip(config.model.clip.source)
+    stage1 = load_model_weights(load_clip(config.model.clip.name), out / "stage1" / "best")
+    pretrained = load_clip(config.model.clip.name)
     key = "model.text_projection.weight"
     torch.testing.assert_close(clip.state_dict()[key], stage1.state_dict()[key])
     assert not torch.equal(clip.state_dict()[key], pretrained.state_dict()[key])
@@ -144,7 +144,7 @@ def test_sidecar_of_the_flat_pre_sections_config_still_loads(cirr_runs, tmp_path
         val_split=data["val_split"],
         feature_cache=data["feature_cache"],
         eval_batch_size=data["encode_batch_size"],
-        clip=clip["source"],
+        clip=clip["name"],
         preprocess=clip["preprocess"],
         target_ratio=clip["target_ratio"],
         **model,
@@ -212,7 +212,7 @@ def test_fashioniq_stage1_both_towers_and_eval(world, tmp_path, capsys):
         "fashioniq_combiner.yaml",
         [
             f"data.root={world['fiq']}",
-            f"model.clip.source={world['clip']}",
+            f"model.clip.name={world['clip']}",
             "data.categories=[dress,shirt]",
             f"trainer.output_dir={out}",
             "stage=1",
@@ -250,7 +250,7 @@ def test_stage2_batches_come_from_the_cache_without_images(world, tmp_path):
         CONFIGS / "fashioniq_combiner.yaml",
         [
             f"data.root={root}",
-            f"model.clip.source={world['clip']}",
+            f"model.clip.name={world['clip']}",
             "data.categories=[dress]",
             f"trainer.output_dir={tmp_path / 'run'}",
             "stage=2",
@@ -282,7 +282,7 @@ def test_monitor_and_stage_are_checked(world, tmp_path, capsys):
         "--config",
         str(CONFIGS / "cirr_combiner.yaml"),
         f"data.root={world['cirr']}",
-        f"model.clip.source={world['clip']}",
+        f"model.clip.name={world['clip']}",
     ]
     assert train_cli.main([*argv, "trainer.monitor=map", f"trainer.output_dir={tmp_path}"]) == 2
     assert "valid: recall@1" in capsys.readouterr().err
@@ -305,7 +305,7 @@ def test_datasets_and_fusers_come_from_the_registries(world, tmp_path, monkeypat
             return _real(**kwargs)
 
         monkeypatch.setitem(family._entries, name, spy)
-    argv = [f"data.root={world['cirr']}", f"model.clip.source={world['clip']}", "stage=2"]
+    argv = [f"data.root={world['cirr']}", f"model.clip.name={world['clip']}", "stage=2"]
     config = load_config(
         CombinerTaskConfig, CONFIGS / "cirr_combiner.yaml", [*argv, "model.combiner.dropout=0.1"]
     )
@@ -314,3 +314,35 @@ def test_datasets_and_fusers_come_from_the_registries(world, tmp_path, monkeypat
     fuser = build_fuser(config, 8)
     assert calls[1][0] == "combiner" and calls[1][1]["dropout"] == 0.1
     assert type(fuser).__name__ == "Combiner"
+
+
+def test_combiner_on_an_open_clip_backbone(world, tmp_path, capsys):
+    """The RN50x4 config's path: an open_clip ModifiedResNet CLIP through both stages and capret-eval."""
+    from tiny_zeroshot import tiny_open_clip
+
+    name = tiny_open_clip(tmp_path / "rn", image_tower="rn")
+    out = tmp_path / "oc_run"
+    common = [
+        f"data.root={world['cirr']}",
+        "model.clip.backend=open_clip",
+        f"model.clip.name={name}",
+        "model.clip.pretrained=null",
+        f"trainer.output_dir={out}",
+        "model.combiner.projection_dim=32",
+        "model.combiner.hidden_dim=64",
+    ]
+    _train(
+        "cirr_combiner_rn50x4.yaml", [*common, "stage=1", "stage1.batch_size=10", "stage1.epochs=1"], capsys
+    )
+    summary = _train(
+        "cirr_combiner_rn50x4.yaml", [*common, "stage=2", "stage2.batch_size=10", "stage2.epochs=2"], capsys
+    )
+    assert summary["steps"] == 2
+    base = ["--dataset", "cirr", "--checkpoint", str(out / "stage2"), "--root", str(world["cirr"])]
+    val = _eval([*base, "--split", "val", "--out", str(tmp_path / "eval")], capsys)
+    assert {k: val["clip"][k] for k in ("backend", "name", "pretrained")} == {
+        "backend": "open_clip",
+        "name": name,
+        "pretrained": None,
+    }
+    assert val["stage"] == 2 and 0.0 <= val["metrics"]["recall@50"] <= 1.0

@@ -31,7 +31,7 @@ from torch import nn
 
 from capret.cli.eval.cir_config import CirEvalConfig
 from capret.cli.eval.common import require
-from capret.config import ConfigError
+from capret.config import ConfigError, to_dict
 from capret.inference.cir import (
     TOP_K,
     CIRRanking,
@@ -256,7 +256,7 @@ def run(args: CirEvalConfig) -> dict[str, Any]:
         "split": split,
         "checkpoint": str(checkpoint),
         "stage": config.stage,
-        "clip": config.model.clip.source,
+        "clip": to_dict(config.model.clip),
         "metrics": metrics,
         "files": files,
     }
