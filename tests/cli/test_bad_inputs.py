@@ -442,3 +442,23 @@ def test_train_on_bad_annotations_and_wrong_split_captions(
     expect_error(capsys, train_cli.main, base, "000002.json", "'item1.category_id'", "'3'")
     path.write_bytes(b'{"source": "user", \xff')
     expect_error(capsys, train_cli.main, base, "000002.json", "not UTF-8")
+
+
+def test_eval_checkpoint_flags_reach_the_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``capret-eval map --checkpoint`` passes --on-bad-image and --min-caption-coverage to evaluate_items."""
+    import capret.inference.dualstream as dualstream
+    from capret.cli.eval import main as eval_main
+
+    seen: dict[str, object] = {}
+
+    def stop(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise ValueError("stopped after the call")
+
+    monkeypatch.setattr(
+        dualstream, "load_model", lambda *a, **k: type("M", (), {"model": None, "device": "cpu"})()
+    )
+    monkeypatch.setattr(dualstream, "evaluate_items", stop)
+    argv = ["--metric", "map", "--checkpoint", str(tmp_path), "--dataset", "demo", "--root", str(tmp_path)]
+    assert eval_main([*argv, "--on-bad-image", "skip", "--min-caption-coverage", "0.9"]) == 2
+    assert seen["on_bad_image"] == "skip" and seen["min_caption_coverage"] == 0.9

@@ -78,6 +78,8 @@ def run(args: MapEvalConfig) -> dict[str, Any]:
         rerank_topk=args.rerank_topk,
         index=args.index,
         progress=True,
+        min_caption_coverage=args.min_caption_coverage,
+        on_bad_image=args.on_bad_image,
     )
     metrics: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),

@@ -27,6 +27,8 @@ class MapEvalConfig:
     split: str | None  # split (default validation)
     captions: Path | None  # caption store joined to items by key
     no_captions: bool  # image-only path (caption ablation)
+    min_caption_coverage: float  # a caption store joining fewer items than this fraction is an error
+    on_bad_image: str  # error | skip: what an unreadable image does (checkpoint source)
     ks: list[int]  # R@k cut-offs
     index: str  # search backend
     rerank: str | None  # reranker name
@@ -56,6 +58,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions", type=Path, help="caption store JSONL joined to items by key")
     p.add_argument(
         "--no-captions", action="store_true", help="evaluate the image-only path (caption ablation)"
+    )
+    p.add_argument(
+        "--min-caption-coverage",
+        type=float,
+        default=0.5,
+        help="refuse a caption store that joins fewer than this fraction of the items (default 0.5)",
+    )
+    p.add_argument(
+        "--on-bad-image",
+        choices=["error", "skip"],
+        default="error",
+        help="an unreadable image stops the run naming it (error, default) or is left out and reported (skip)",
     )
     add_ks(p)
     p.add_argument("--index", default="exact", choices=indexes(), help="search backend (default: exact)")
