@@ -25,6 +25,7 @@ STAGES: list[tuple[str, str]] = [
     ("baseline", "baseline"),
     ("dual_stream", "dual_stream"),
     ("rerank", "rerank"),
+    ("pipeline", "pipeline"),
 ]
 
 

@@ -33,6 +33,10 @@ def test_full_quickstart(tmp_path: Path) -> None:
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out)]) == 0  # the default 240 s budget: shorter runs are noisy
     report = json.loads((out / "report.json").read_text())
-    assert {"data", "captions", "baseline", "dual_stream", "rerank"} <= set(report)
+    assert {"data", "captions", "baseline", "dual_stream", "rerank", "pipeline"} <= set(report)
     assert report["dual_stream"]["map_after"] > report["dual_stream"]["map_before"]
     assert report["rerank"]["geometric"]["map"] > report["rerank"]["none"]["map"]
+    # the pipeline folder the quickstart leaves works with `capret search` right away
+    assert report["pipeline"]["top20"] > 0.3 and report["pipeline"]["gallery_items"] > 0
+    command = report["pipeline"]["example_command"].split()
+    assert main([*command[1:], "--k", "3", "--json"]) == 0
