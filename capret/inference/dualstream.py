@@ -113,8 +113,13 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None) ->
 class _ImageList(torch.utils.data.Dataset):
     """Decodes and preprocesses one input per index (run in DataLoader workers)."""
 
-    def __init__(self, images: Sequence[ImageInput], transform: ItemTransform) -> None:
-        self.images, self.transform = images, transform
+    def __init__(
+        self,
+        images: Sequence[ImageInput],
+        transform: ItemTransform,
+        boxes: Sequence[Sequence[float] | None] | None = None,
+    ) -> None:
+        self.images, self.transform, self.boxes = images, transform, boxes
 
     def __len__(self) -> int:
         return len(self.images)
@@ -133,7 +138,8 @@ class _ImageList(torch.utils.data.Dataset):
             raise TypeError(
                 f"input {index}: expected a path, PIL image or tensor, got {type(image).__name__}"
             )
-        return self.transform(image)[0]
+        box = self.boxes[index] if self.boxes is not None else None
+        return self.transform(image, box)[0]
 
 
 def _tensor_to_pil(tensor: Tensor, *, index: int) -> Image.Image:
@@ -171,6 +177,7 @@ class RetrievalModel:
         images: Sequence[ImageInput] | Tensor,
         captions: Sequence[str | None] | None = None,
         *,
+        boxes: Sequence[Sequence[float] | None] | None = None,
         batch_size: int = 64,
         device: str | torch.device | None = None,
         num_workers: int | None = None,
@@ -183,6 +190,8 @@ class RetrievalModel:
             images: paths, PIL images, ``[3, H, W]`` tensors, or one ``[N, 3, H, W]`` tensor (uint8, or float in
                 [0, 1]); each is preprocessed as in training (resize, normalisation, padding option).
             captions: one caption per image (``None`` entries take the no-caption path); ``None`` = image only.
+            boxes: one ``[x1, y1, x2, y2]`` item box per image (``None`` = whole image), cropped and padded as in
+                training (the model's mode, margin and padding), so a detected item embeds like a GT-box item.
             batch_size: images per forward pass.
             device: overrides the model's device for this call.
             num_workers: decoding workers (default: up to 8 on CUDA when there are files to decode, else 0).
@@ -199,6 +208,8 @@ class RetrievalModel:
         images = list(images)
         if captions is not None and len(captions) != len(images):
             raise ValueError(f"{len(captions)} captions for {len(images)} images")
+        if boxes is not None and len(boxes) != len(images):
+            raise ValueError(f"{len(boxes)} boxes for {len(images)} images")
         if device is not None:
             self.to(device)
         if num_workers is None:
@@ -208,7 +219,10 @@ class RetrievalModel:
             busy = has_paths and self.device.type == "cuda" and len(images) > batch_size
             num_workers = min(8, os.cpu_count() or 1) if busy else 0
         loader = torch.utils.data.DataLoader(
-            _ImageList(images, self.transform), batch_size=batch_size, shuffle=False, num_workers=num_workers
+            _ImageList(images, self.transform, boxes),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
         )
         out = np.empty((len(images), self.embed_dim), dtype=np.float32)
         start = 0

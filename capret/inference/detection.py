@@ -1,0 +1,225 @@
+"""The detector stage of the query pipeline: a small protocol, a registry, and the detectors that need no model.
+
+A detector turns photos into clothing items::
+
+    detector.detect(images: Sequence[PIL.Image]) -> list[list[Detection]]   # one list per image, best first
+
+:class:`Detection` holds a box ``[x1, y1, x2, y2]`` in pixels (our convention everywhere), a score and a
+DeepFashion2 ``category_id`` (or ``None``). Any object with that method is a detector: the trained torchvision
+detector of the ``deepfashion2_detector`` task registers itself here under its own name, and users can pass
+their own. Detectors that work from *files* rather than pixels — :class:`CocoResultsDetector`, which reads the
+COCO results file of an external detector (detectron2, mmdetection) — also offer
+``detect_files(paths) -> list[list[Detection]]``; the pipeline calls it when it knows the query's path.
+
+Built in (:func:`create_detector`): ``whole_image`` (one item = the whole photo; what a shop catalogue of
+single-product pictures needs) and ``coco_results`` (external detections). Boxes given by the caller bypass the
+detector altogether (``RetrievalPipeline.search(image, boxes=...)``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+from capret.errors import DataError
+from capret.registry import Registry
+
+__all__ = [
+    "CocoResultsDetector",
+    "Detection",
+    "Detector",
+    "FileDetector",
+    "WholeImageDetector",
+    "create_detector",
+    "list_detectors",
+    "register_detector",
+    "run_detector",
+]
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected item: ``box`` xyxy pixels, ``score`` in [0, 1], DeepFashion2 ``category_id`` or None."""
+
+    box: Box
+    score: float = 1.0
+    category_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "box": [float(v) for v in self.box],
+            "score": float(self.score),
+            "category_id": self.category_id,
+        }
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Anything that finds items in decoded photos."""
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Detection]]: ...
+
+
+@runtime_checkable
+class FileDetector(Protocol):
+    """A detector whose answers are keyed by file (precomputed detections)."""
+
+    def detect_files(self, paths: Sequence[str | Path]) -> list[list[Detection]]: ...
+
+
+_DETECTORS: Registry[Any] = Registry("detector")
+
+
+def register_detector(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a detector factory ``factory(**options) -> Detector`` under ``name``."""
+    return _DETECTORS.register(name)
+
+
+def create_detector(name: str, **options: Any) -> Any:
+    """Build detector ``name`` with its keyword options; unknown names list the valid ones."""
+    return _DETECTORS.create(name, **options)
+
+
+def list_detectors() -> list[str]:
+    return _DETECTORS.names()
+
+
+def run_detector(
+    detector: Any, images: Sequence[Image.Image], paths: Sequence[str | Path | None]
+) -> list[list[Detection]]:
+    """Detect with pixels, or with files for a :class:`FileDetector` (which then needs every path)."""
+    if isinstance(detector, FileDetector):
+        if any(p is None for p in paths):
+            raise ValueError(
+                f"detector {type(detector).__name__} reads precomputed detections per file, so every query needs "
+                "its file path (search by path, or pass boxes=...)"
+            )
+        return detector.detect_files([p for p in paths if p is not None])
+    return detector.detect(images)
+
+
+@register_detector("whole_image")
+class WholeImageDetector:
+    """One item per photo: the whole image (no detector; single-product shop photos, or pre-cropped queries)."""
+
+    name = "whole_image"
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Detection]]:
+        return [[Detection(box=(0.0, 0.0, float(im.width), float(im.height)))] for im in images]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+def _coco_image_ids(images_file: Path | None) -> dict[str, int]:
+    """``file name -> image_id`` from a COCO annotation/image-list file (``{"images": [{"id", "file_name"}]}``)."""
+    if images_file is None:
+        return {}
+    if not images_file.is_file():
+        raise DataError("COCO images file does not exist", path=images_file)
+    data = json.loads(images_file.read_text())
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise DataError("expected a COCO JSON object with an 'images' list", path=images_file)
+    try:
+        return {Path(str(e["file_name"])).name: int(e["id"]) for e in entries}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"'images' entries need 'id' and 'file_name' ({exc})", path=images_file) from None
+
+
+@register_detector("coco_results")
+class CocoResultsDetector:
+    """Detections of an external detector, read from a COCO results file.
+
+    The file is a JSON list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` (what detectron2's
+    and mmdetection's COCO evaluators write). A query file is matched to its ``image_id`` through ``images_file``
+    (a COCO annotation file's ``images`` list: ``file_name`` -> ``id``) or, without one, through the numeric file
+    stem (DeepFashion2 names images ``000123.jpg`` = image 123). Detections below ``score_threshold`` are
+    dropped; at most ``max_items`` per image are kept, best first. An image without detections gives ``[]``.
+    """
+
+    name = "coco_results"
+
+    def __init__(
+        self,
+        *,
+        path: str | Path,
+        images_file: str | Path | None = None,
+        score_threshold: float = 0.0,
+        max_items: int = 10,
+    ) -> None:
+        self.path = Path(path)
+        self.images_file = Path(images_file) if images_file is not None else None
+        self.score_threshold = float(score_threshold)
+        self.max_items = int(max_items)
+        if not self.path.is_file():
+            raise DataError("COCO results file does not exist", path=self.path)
+        try:
+            results = json.loads(self.path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON ({exc})", path=self.path) from None
+        if not isinstance(results, list):
+            raise DataError("a COCO results file is a JSON list of detections", path=self.path)
+        self._by_image: dict[int, list[Detection]] = {}
+        for number, entry in enumerate(results):
+            try:
+                x, y, w, h = (float(v) for v in entry["bbox"])
+                image_id = int(entry["image_id"])
+                det = Detection(
+                    box=(x, y, x + w, y + h),
+                    score=float(entry.get("score", 1.0)),
+                    category_id=int(entry["category_id"]) if entry.get("category_id") is not None else None,
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataError(
+                    f"entry {number} needs image_id, bbox [x, y, w, h], score ({exc}): {entry!r}",
+                    path=self.path,
+                ) from None
+            if w <= 0 or h <= 0:
+                raise DataError(f"entry {number} has an empty box {entry['bbox']}", path=self.path)
+            if det.score >= self.score_threshold:
+                self._by_image.setdefault(image_id, []).append(det)
+        for dets in self._by_image.values():
+            dets.sort(key=lambda d: -d.score)
+        self._ids = _coco_image_ids(self.images_file)
+
+    def image_id(self, path: str | Path) -> int:
+        name = Path(path).name
+        if self._ids:
+            if name not in self._ids:
+                raise DataError(
+                    f"image {name!r} is not listed in the COCO images file", path=self.images_file
+                )
+            return self._ids[name]
+        stem = Path(path).stem
+        if not stem.isdigit():
+            raise DataError(
+                f"cannot tell the COCO image_id of {name!r}: its stem is not a number; pass images_file (a COCO "
+                "annotation file listing file_name and id)",
+                path=self.path,
+            )
+        return int(stem)
+
+    def detect_files(self, paths: Sequence[str | Path]) -> list[list[Detection]]:
+        return [list(self._by_image.get(self.image_id(p), []))[: self.max_items] for p in paths]
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Detection]]:
+        raise ValueError(
+            "coco_results detections are keyed by file: give the query as a file path (or pass boxes=...)"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "images_file": str(self.images_file) if self.images_file else None,
+            "score_threshold": self.score_threshold,
+            "max_items": self.max_items,
+        }
