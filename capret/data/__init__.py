@@ -14,10 +14,16 @@ from capret.registry import Registry
 __all__ = ["create_dataset", "list_datasets", "register_dataset"]
 
 _DATASETS: Registry[Any] = Registry("dataset")
+#: dataset name -> kind: ``items`` (DeepFashion2-layout item retrieval) or ``cir`` (composed image retrieval)
+_KINDS: dict[str, str] = {}
 
 
-def register_dataset(name: str) -> Any:
-    """Decorator registering a dataset factory ``factory(*, root, split, **options)``."""
+def register_dataset(name: str, *, kind: str) -> Any:
+    """Decorator registering a dataset factory ``factory(*, root, split, **options)`` of a kind (``items`` or
+    ``cir``), so that CLIs offer the right datasets for each mode."""
+    if kind not in ("items", "cir"):
+        raise ValueError(f"dataset kind must be 'items' or 'cir', got {kind!r}")
+    _KINDS[name] = kind
     return _DATASETS.register(name)
 
 
@@ -26,18 +32,19 @@ def create_dataset(name: str, *, root: str | Path, split: str, **options: Any) -
     return _DATASETS.create(name, root=root, split=split, **options)
 
 
-def list_datasets() -> list[str]:
-    return _DATASETS.names()
+def list_datasets(kind: str | None = None) -> list[str]:
+    """Registered dataset names, all or those of one kind (``items`` | ``cir``)."""
+    return [n for n in _DATASETS.names() if kind is None or _KINDS.get(n) == kind]
 
 
-@register_dataset("deepfashion2")
+@register_dataset("deepfashion2", kind="items")
 def _deepfashion2(*, root: str | Path, split: str, with_geometry: bool = False) -> Any:
     from capret.data.deepfashion2 import load_items
 
     return load_items(root, split, with_geometry=with_geometry)
 
 
-@register_dataset("demo")
+@register_dataset("demo", kind="items")
 def _demo(*, root: str | Path, split: str, with_geometry: bool = False) -> Any:
     """The quickstart dataset: DeepFashion2 layout, so the DeepFashion2 reader serves it."""
     from capret.data.deepfashion2 import load_items
@@ -45,21 +52,21 @@ def _demo(*, root: str | Path, split: str, with_geometry: bool = False) -> Any:
     return load_items(root, split, with_geometry=with_geometry)
 
 
-@register_dataset("fashioniq")
+@register_dataset("fashioniq", kind="cir")
 def _fashioniq(*, root: str | Path, split: str, category: str) -> Any:
     from capret.data.fashioniq import FashionIQ
 
     return FashionIQ(root, category, split)
 
 
-@register_dataset("cirr")
+@register_dataset("cirr", kind="cir")
 def _cirr(*, root: str | Path, split: str) -> Any:
     from capret.data.cirr import CIRR
 
     return CIRR(root, split)
 
 
-@register_dataset("circo")
+@register_dataset("circo", kind="cir")
 def _circo(*, root: str | Path, split: str, gallery_ids: Any = None) -> Any:
     from capret.data.circo import CIRCO
 

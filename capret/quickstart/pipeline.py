@@ -1,7 +1,8 @@
 """Quickstart stage ``pipeline``: leave a ready pipeline folder ``OUT/pipeline`` and check it end to end.
 
 The folder holds ``pipeline.json`` (the trained dual-stream model of the ``dual_stream`` stage, the template
-captioner, no reranker, whole-image detector — boxes can be given per query) and ``gallery/``: the demo
+captioner, no reranker, and the demo clothing detector of the ``detector`` stage — or the whole image when that
+stage did not run; boxes can also be given per query) and ``gallery/``: the demo
 validation shop photos indexed by ``capret index build``'s library path, with their items taken from a COCO
 results file (``gallery_boxes.json``) made of the shop boxes *without* categories, so no annotation field reaches
 a caption. Right after the quickstart::
@@ -9,7 +10,8 @@ a caption. Right after the quickstart::
     capret search --pipeline OUT/pipeline --image OUT/data/validation/image/000001.jpg --box x1,y1,x2,y2
 
 The stage searches a spread of demo validation queries (their ground-truth boxes given as the query item) and
-reports how often the right shop item is first / in the top 20, and the median milliseconds per stage.
+reports how often the right shop item is first / in the top 20, and the median milliseconds per stage; with the
+demo detector it also searches the same photos with the detector's boxes (``top20_detected``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def _model_dir(ctx: QuickstartContext) -> Path:
             f"the pipeline stage needs the trained model of the dual_stream stage in {model_dir}; run that stage first"
         )
     return model_dir
+
+
+def _detector_dir(ctx: QuickstartContext) -> Path | None:
+    """The demo detector of the ``detector`` stage (this run's, else one left in OUT/detector), or None."""
+    state = ctx.state.get("detector")
+    folder = Path(state) if state is not None else ctx.out_dir / "detector"
+    return folder if folder.is_dir() and any(folder.iterdir()) else None
 
 
 def run(ctx: QuickstartContext) -> dict[str, Any]:
@@ -103,10 +112,19 @@ def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
     )
     captioner.close()
     finish_gallery(pipe_dir / "gallery", index="flat", settings={"model": str(model_dir)}, progress=False)
+    detector_dir = _detector_dir(ctx)
+    detector = None
+    if detector_dir is not None:
+        detector = {
+            "name": "deepfashion2_detector",
+            "options": {"path": os.path.relpath(detector_dir, pipe_dir)},
+        }
     PipelineConfig(
         model=os.path.relpath(model_dir, pipe_dir),
         gallery="gallery",
+        detector=detector,
         captioner={"backend": "template"},
+        max_items=2,
     ).save(pipe_dir)
 
     pipeline = RetrievalPipeline.load(pipe_dir)
@@ -116,14 +134,20 @@ def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
     }
     step = max(1, len(queries.items) // QUERIES)
     chosen = list(range(0, len(queries.items), step))[:QUERIES]
-    first = top20 = 0
+    first = top20 = detected_top20 = 0
     timings: dict[str, list[float]] = {}
     for q in chosen:
         item = queries.items[q]
-        matches = pipeline.search(image_path(ctx.data_root, split, item.image_id), k=20, boxes=[item.bbox])
+        photo = image_path(ctx.data_root, split, item.image_id)
+        matches = pipeline.search(photo, k=20, boxes=[item.bbox])
         labels = [label_of.get((m.image, tuple(m.box or ())), -1) for m in matches]
         first += bool(labels) and labels[0] == int(queries.labels[q])
         top20 += int(queries.labels[q]) in labels
+        if detector is not None:
+            found = pipeline.search(photo, k=20)
+            detected_top20 += int(queries.labels[q]) in [
+                label_of.get((m.image, tuple(m.box or ())), -1) for m in found
+            ]
         for stage, ms in pipeline.last_timings.items():
             timings.setdefault(stage, []).append(ms)
     pipeline.close()
@@ -135,6 +159,8 @@ def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
         "queries": len(chosen),
         "top1": first / len(chosen),
         "top20": top20 / len(chosen),
+        "top20_detected": detected_top20 / len(chosen) if detector is not None else None,
+        "detector": str(detector_dir) if detector_dir is not None else "whole image",
         "torch_threads": torch.get_num_threads(),
         "median_ms": {stage: round(float(np.median(v)), 2) for stage, v in timings.items()},
         "example_command": (

@@ -2,10 +2,10 @@
 
 :mod:`.base` (protocol, registry, shared input checks) <- :mod:`.global_` (``aqe``, ``superglobal``,
 ``kreciprocal``) and :mod:`.geometric` (SIFT + RANSAC spatial verification, batched RANSAC in :mod:`.ransac`).
-Importing this package registers every built-in reranker.
+The built-in rerankers are registered lazily: :func:`create_reranker` imports a reranker's module on first use,
+so listing names (CLI choices) imports neither kornia nor the reranking code.
 """
 
-from capret.retrieval.rerank import geometric, global_  # noqa: F401  (registration)
 from capret.retrieval.rerank.base import (
     FeatureReranker,
     ImageRef,

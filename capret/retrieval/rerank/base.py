@@ -51,7 +51,16 @@ class Reranker(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-_RERANKERS: Registry[Reranker] = Registry("reranker")
+#: the built-in rerankers register themselves when their module is imported (on first use)
+_RERANKERS: Registry[Reranker] = Registry(
+    "reranker",
+    lazy_modules={
+        "aqe": "capret.retrieval.rerank.global_",
+        "superglobal": "capret.retrieval.rerank.global_",
+        "kreciprocal": "capret.retrieval.rerank.global_",
+        "geometric": "capret.retrieval.rerank.geometric",
+    },
+)
 
 
 def register_reranker(name: str) -> Any:
@@ -60,8 +69,7 @@ def register_reranker(name: str) -> Any:
 
 
 def create_reranker(name: str, **options: Any) -> Reranker:
-    """Build reranker ``name`` with its keyword options (the package ``capret.retrieval.rerank`` imports the
-    modules that register the built-in ones)."""
+    """Build reranker ``name`` with its keyword options; unknown names list the valid ones."""
     return _RERANKERS.create(name, **options)
 
 

@@ -1,14 +1,14 @@
-"""``capret-eval --metric map --query-features ...``: mAP / MAP@R / R@k of saved embeddings and labels."""
+"""``capret-eval map --query-features ...`` (source: saved features): mAP / MAP@R / R@k of saved embeddings and labels."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from capret.cli.eval.map_config import MapEvalConfig
 from capret.config import ConfigError
 
 FEATURE_FLAGS = (
@@ -59,7 +59,7 @@ def read_image_list(path: Path, *, flag: str) -> list[tuple[str, tuple[float, ..
     return refs
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: MapEvalConfig) -> dict[str, Any]:
     """Evaluate saved features; ``--rerank`` reports before/after; ``--out`` writes metrics.json and pictures."""
     from capret.evaluation.retrieval_eval import retrieve_and_evaluate
 

@@ -1,4 +1,4 @@
-"""``capret-eval --dataset fashioniq|cirr|circo --checkpoint CKPT --root DIR --split val|test``.
+"""``capret-eval cir --dataset fashioniq|cirr|circo --checkpoint CKPT --root DIR --split val|test``.
 
 Evaluates a ``combiner`` checkpoint (stage 1: fine-tuned CLIP + element-wise sum; stage 2: Combiner on the
 CLIP its sidecar names) with each benchmark's official protocol. On ``val`` it returns the metrics; on
@@ -23,14 +23,14 @@ exists, else the COCO image-info file under the root, else every ``*.jpg`` in th
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from capret.cli.eval.cir_config import CirEvalConfig
+from capret.cli.eval.common import require
 from capret.config import ConfigError
 from capret.inference.cir import (
     TOP_K,
@@ -45,16 +45,16 @@ from capret.inference.cir import (
     rerank_cir,
 )
 from capret.inference.loading import load_cir_model
-from capret.io import atomic_write_json, resolve_model_folder
+from capret.io import atomic_write_json, default_device, resolve_model_folder
 from capret.models.clip import ClipBundle
 
 _SPLITS = {"fashioniq": ("val", "test"), "cirr": ("val", "test", "test1"), "circo": ("val", "test")}
 
 
-def _circo_gallery(args: argparse.Namespace, root: Path) -> list[int] | str | Path | None:
+def _circo_gallery(args: CirEvalConfig, root: Path) -> list[int] | str | Path | None:
     from capret.data.circo import IMAGE_FOLDER, IMAGE_INFO
 
-    given = getattr(args, "gallery_ids", None)
+    given = args.gallery_ids
     if given is not None:
         return Path(given)
     if (root / IMAGE_INFO).is_file():
@@ -72,7 +72,7 @@ def _circo_gallery(args: argparse.Namespace, root: Path) -> list[int] | str | Pa
 class _Job:
     """What every benchmark handler needs: parsed flags, the model, feature options, output folder."""
 
-    args: argparse.Namespace
+    args: CirEvalConfig
     clip: ClipBundle
     fuser: nn.Module
     options: FeatureOptions
@@ -109,7 +109,7 @@ def _rerank(
         gallery_images = image_refs(dataset, result.gallery.names)
     return rerank_cir(
         result,
-        reranker=job.args.rerank,
+        reranker=require(job.args.rerank, "--rerank"),
         topk=int(job.args.rerank_topk),
         query_images=query_images,
         gallery_images=gallery_images,
@@ -226,10 +226,8 @@ def _report(job: _Job, outcome: _Outcome, metrics: Any) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: CirEvalConfig) -> dict[str, Any]:
     """Metrics (val) or server files (test) of a combiner checkpoint on a CIR benchmark."""
-    if args.checkpoint is None or args.root is None:
-        raise ConfigError(f"--dataset {args.dataset} needs --checkpoint CKPT and --root DIR")
     split = args.split or "val"
     if split not in _SPLITS[args.dataset]:
         raise ConfigError(
@@ -240,8 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--category applies to fashioniq only (got --dataset {args.dataset})")
     if args.rerank is not None and int(args.rerank_topk) < 1:
         raise ConfigError(f"--rerank-topk must be >= 1, got {args.rerank_topk}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoint = resolve_model_folder(Path(args.checkpoint))
+    device = default_device(args.device)
+    checkpoint = resolve_model_folder(require(args.checkpoint, "--checkpoint", "a combiner checkpoint"))
     clip, fuser, config = load_cir_model(checkpoint, device=device)
     default_out = (
         checkpoint.parent / f"{checkpoint.name}_eval_{args.dataset}_{split}"

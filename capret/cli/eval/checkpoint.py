@@ -1,4 +1,4 @@
-"""``capret-eval --metric map --checkpoint CKPT --dataset deepfashion2|demo --root DIR --split validation``.
+"""``capret-eval map --checkpoint CKPT --dataset deepfashion2|demo --root DIR --split validation``.
 
 Embeds the ground-truth-box protocol items of the split (user items with style > 0 query shop items with
 style > 0) with a trained dual-stream model, with captions from ``--captions`` (or none with ``--no-captions``,
@@ -10,21 +10,23 @@ evaluator (``official_top{k}``; with ground-truth boxes it must equal R@k).
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
 import numpy as np
 
+from capret.cli.eval.common import require
+from capret.cli.eval.map_config import MapEvalConfig
 from capret.config import ConfigError
 
 
-def _pictures(args: argparse.Namespace, result: Any, *, ks: list[int]) -> dict[str, str]:
+def _pictures(args: MapEvalConfig, result: Any, *, ks: list[int]) -> dict[str, str]:
     """Recall@k curve (before/after with --rerank) and a retrieval grid of the global ranking."""
     from capret.data.deepfashion2 import image_path
     from capret.evaluation.visualize import plot_recall_curve, plot_retrieval_grid
 
     split = args.split or "validation"
+    root, out = require(args.root, "--root"), require(args.out, "--out")
     metrics = result.metrics
     sides = ("before", "after") if "before" in metrics else (None,)
     curves = {
@@ -36,10 +38,10 @@ def _pictures(args: argparse.Namespace, result: Any, *, ks: list[int]) -> dict[s
     hits = result.gallery_labels[ranking] == result.query_labels[:, None]
 
     def refs(items: list[Any]) -> list[tuple[str, Any]]:
-        return [(str(image_path(args.root, split, it.image_id)), it.bbox) for it in items]
+        return [(str(image_path(root, split, it.image_id)), it.bbox) for it in items]
 
     grid = plot_retrieval_grid(
-        args.out / "retrieval_grid.png",
+        out / "retrieval_grid.png",
         query_images=refs(result.query_items),
         gallery_images=refs(result.gallery_items),
         ranking=ranking,
@@ -47,17 +49,15 @@ def _pictures(args: argparse.Namespace, result: Any, *, ks: list[int]) -> dict[s
         k=top,
         title=f"{args.checkpoint}: top-{top} of the global ranking, green = same identity",
     )
-    recall = plot_recall_curve(args.out / "recall_at_k.png", curves)
+    recall = plot_recall_curve(out / "recall_at_k.png", curves)
     return {"grid_png": str(grid), "recall_png": str(recall)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: MapEvalConfig) -> dict[str, Any]:
     from capret.inference.dualstream import evaluate_items, load_model
 
-    if args.dataset not in ("deepfashion2", "demo"):
-        raise ConfigError(
-            f"--checkpoint evaluation supports --dataset deepfashion2|demo, got {args.dataset!r}"
-        )
+    if args.dataset is None:
+        raise ConfigError("--checkpoint evaluation needs --dataset deepfashion2|demo (DeepFashion2 layout)")
     if args.root is None:
         raise ConfigError(
             "--root is required: the dataset folder in DeepFashion2 layout (<root>/<split>/annos)"
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.captions is not None and args.no_captions:
         raise ConfigError("--captions and --no-captions exclude each other")
     split = args.split or "validation"
-    model = load_model(args.checkpoint, device=args.device)
+    model = load_model(require(args.checkpoint, "--checkpoint"), device=args.device)
     result = evaluate_items(
         model.model,
         root=args.root,
