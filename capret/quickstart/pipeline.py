@@ -30,7 +30,7 @@ from capret.quickstart import QuickstartContext
 __all__ = ["QUERIES", "run"]
 
 #: demo validation queries searched by the stage (spread over the split)
-QUERIES = 16
+QUERIES = 12
 
 
 def _model_dir(ctx: QuickstartContext) -> Path:

@@ -8,7 +8,8 @@ queries, one batch) of faiss flat, IVF-PQ with PQ codes only, IVF-PQ with the de
 shortlist (``IVFPQ_DEFAULTS``, ``nlist = 4 sqrt(n)``), the same index built from ``--shards`` memory-mapped shards
 with on-disk inverted lists (re-scoring read from the shards), and optionally HNSW; plus the peak resident memory
 of building the default IVF-PQ from one in-memory array versus from the shards, each measured in its own
-subprocess (``resource.getrusage``), next to the bare interpreter's peak after the same imports.
+subprocess (``VmHWM``; ``resource.getrusage``'s ``ru_maxrss`` is printed too but survives ``exec`` on Linux, so
+a child of this large parent inherits its peak), next to the bare interpreter's peak after the same imports.
 
     python scripts/bench/search.py [--n 1000000] [--dim 64] [--shards 8] [--hnsw] [--skip-exact] [--skip-approx]
 """
