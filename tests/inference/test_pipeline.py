@@ -160,6 +160,17 @@ def test_search_cli_json_picture_and_reranker(
     assert main([*argv, "--no-rerank", "--no-captions"]) == 0
     table = capsys.readouterr().out
     assert "000007/0" in table and "rerank=0.0" in table
+    assert (
+        main(
+            ["search", "--pipeline", str(tmp_path / "pipe"), "--gallery-id", "000003/0", "--k", "2", "--json"]
+        )
+        == 0
+    )
+    by_id = json.loads(capsys.readouterr().out)
+    assert by_id["query"] == "000003/0" and len(by_id["matches"]) == 2
+    assert all(m["gallery_id"] != "000003/0" for m in by_id["matches"])
+    assert main(["search", "--pipeline", str(tmp_path / "pipe"), "--gallery-id", "nope/0"]) == 2
+    assert "not found" in capsys.readouterr().err
     assert main(["search", "--pipeline", str(tmp_path / "nowhere"), "--image", str(query)]) == 2
     assert "no pipeline.json" in capsys.readouterr().err
 
