@@ -47,6 +47,7 @@ def coco_detection_ap(
     *,
     iou_type: Literal["bbox", "segm"] = "bbox",
     image_ids: Sequence[int] | None = None,
+    use_categories: bool = True,
 ) -> dict[str, float]:
     """COCOeval summary of ``results`` on ``ground_truth`` (``{"ap", "ap50", ..., "ar100", ...}``, in [0, 1]).
 
@@ -55,6 +56,8 @@ def coco_detection_ap(
         results: COCO result entries; none at all gives 0 everywhere (pycocotools cannot load an empty list).
         iou_type: ``bbox`` or ``segm``.
         image_ids: evaluate only these images (default: every image of ``ground_truth``).
+        use_categories: ``False`` is COCOeval's class-agnostic mode (``useCats = 0``): localisation alone, which
+            separates "finds the garment" from "names its category".
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -72,6 +75,7 @@ def coco_detection_ap(
         gt.createIndex()
         dt = gt.loadRes([dict(r) for r in results])
         evaluator = COCOeval(gt, dt, iou_type)
+        evaluator.params.useCats = int(use_categories)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         evaluator.evaluate()

@@ -26,7 +26,6 @@ their class) the result equals that protocol's official top-k exactly (``tests/i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -256,7 +255,7 @@ def evaluate_detected(
     detect_batch_size: int = 8,
     progress: bool = False,
 ) -> DetectedProtocolResult:
-    """Detect, caption, embed, search and score a split; writes ``results.json`` and ``metrics.json``.
+    """Detect, caption, embed, search and score a split; writes ``results.json``, ``metrics.json``, ``detections.json``.
 
     Args:
         model: a :class:`~capret.inference.dualstream.RetrievalModel` (``load_model``).
@@ -389,13 +388,12 @@ def evaluate_detected(
         "results": str(results_path),
     }
     atomic_write_json(out_dir / "metrics.json", metrics, indent=2)
-    (out_dir / "detections.json").write_text(
-        json.dumps(
-            {
-                side: [{"image_id": i, **d.to_dict()} for i, d in zip(s.image_ids, s.detections)]
-                for side, s in (("query", query), ("gallery", gallery))
-            }
-        )
+    atomic_write_json(
+        out_dir / "detections.json",
+        {
+            side: [{"image_id": i, **d.to_dict()} for i, d in zip(s.image_ids, s.detections)]
+            for side, s in (("query", query), ("gallery", gallery))
+        },
     )
     return DetectedProtocolResult(
         metrics=metrics,

@@ -100,6 +100,8 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
         "box_ap50": float(metrics.get("box_ap50", 0.0)),
         "box_ap75": float(metrics.get("box_ap75", 0.0)),
         "box_ar100": float(metrics.get("box_ar100", 0.0)),
+        "box_ap_any_class": float(metrics.get("box_ap_any_class", 0.0)),
+        "box_ap50_any_class": float(metrics.get("box_ap50_any_class", 0.0)),
         "val_images": int(metrics.get("val_images", 0)),
         "backbone": config.model.backbone,
         "train_steps": int(result.get("steps", 0)),

@@ -288,6 +288,9 @@ class DetectorTask:
         metrics = {
             f"box_{k}": v for k, v in coco_detection_ap(self._val_coco, results, image_ids=image_ids).items()
         }
+        # Class-agnostic AP: how well garments are found, whatever category they are given.
+        agnostic = coco_detection_ap(self._val_coco, results, image_ids=image_ids, use_categories=False)
+        metrics.update({"box_ap_any_class": agnostic["ap"], "box_ap50_any_class": agnostic["ap50"]})
         if self.config.model.arch == "mask_rcnn":
             segm = coco_detection_ap(self._val_coco, results, iou_type="segm", image_ids=image_ids)
             metrics.update({f"mask_{k}": v for k, v in segm.items()})

@@ -118,6 +118,31 @@ def test_template_captions_per_detection_match_item_captions(
     assert len(store.read_text().splitlines()) == 36
 
 
+def test_rerank_reorders_the_head_of_each_ranking(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = _detected(assets, tmp_path / "plain", capsys, "none")
+    argv = ["--protocol", "deepfashion2", "--checkpoint", str(assets["model"]), "--root", str(assets["root"])]
+    argv += [
+        "--detections",
+        str(assets["dets"]),
+        "--captions",
+        "none",
+        "--rerank",
+        "aqe",
+        "--rerank-topk",
+        "5",
+    ]
+    out = _run([*argv, "--out", str(tmp_path / "aqe"), "--ks", *KS], capsys)
+    assert out["rerank"] == "aqe" and plain["rerank"] is None
+    before = json.loads((tmp_path / "plain" / "results.json").read_text())
+    after = json.loads((tmp_path / "aqe" / "results.json").read_text())
+    for b, a in zip(before, after):  # the top 5 are permuted, the rest stays
+        assert sorted(a["gallery_image_id"][:5]) == sorted(b["gallery_image_id"][:5])
+        assert a["gallery_image_id"][5:] == b["gallery_image_id"][5:]
+    assert any(a["gallery_image_id"] != b["gallery_image_id"] for b, a in zip(before, after))
+
+
 def test_trained_detector_folder_runs_the_protocol(
     assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -86,3 +86,30 @@ def test_bad_names_list_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="IMAGENET1K_V1"):
         ClothingDetector(DetectorModelConfig(backbone="resnet18", backbone_weights="NOPE"))
     assert "timm:<name>" in list_backbones()
+
+
+def test_pretrained_weights_resolve_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names resolve to torchvision weight enums and timm's pretrained flag (nothing is downloaded here)."""
+    import timm
+    from torchvision.models import ResNet18_Weights
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    from capret.models import detector as module
+
+    assert module._weights_enum("resnet18", "DEFAULT") is ResNet18_Weights.DEFAULT
+    assert module._weights_enum("resnet18", "IMAGENET1K_V1") is ResNet18_Weights.IMAGENET1K_V1
+    assert (
+        module._weights_enum("fasterrcnn_resnet50_fpn", "DEFAULT") is FasterRCNN_ResNet50_FPN_Weights.DEFAULT
+    )
+    seen: dict[str, object] = {}
+    real = timm.create_model
+
+    def spy(name: str, **kwargs: object) -> object:
+        seen.update(name=name, **kwargs)
+        return real(name, **{**kwargs, "pretrained": False})
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    ClothingDetector(
+        DetectorModelConfig(backbone="timm:resnet18", backbone_weights="DEFAULT", fpn_channels=16, **SMALL)
+    )
+    assert seen == {"name": "resnet18", "pretrained": True, "features_only": True}

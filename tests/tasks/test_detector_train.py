@@ -66,7 +66,8 @@ def test_capret_train_detector_end_to_end(
     result = json.loads(capsys.readouterr().out)
     assert result["steps"] == 2 and result["monitor"] == "box_ap"
     metrics = result["metrics"]
-    assert 0.0 <= metrics["box_ap"] <= 1.0 and metrics["val_images"] == 6
+    assert 0.0 <= metrics["box_ap"] <= 1.0 and 0.0 <= metrics["box_ap_any_class"] <= 1.0
+    assert metrics["val_images"] == 6
     assert (run / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
     assert (run / "coco_train.json").is_file()  # the COCO export is cached in the run folder
     detector = load_detector(run, max_items=3, score_threshold=0.0)  # run folder -> run/model
@@ -124,6 +125,7 @@ def test_coco_ap_of_perfect_and_wrong_detections(data: Path) -> None:
     assert coco_detection_ap(coco, perfect)["ap"] == pytest.approx(1.0)
     wrong_class = [{**r, "category_id": r["category_id"] % 13 + 1} for r in perfect]
     assert coco_detection_ap(coco, wrong_class)["ap"] == 0.0
+    assert coco_detection_ap(coco, wrong_class, use_categories=False)["ap"] == pytest.approx(1.0)
     shifted = [{**r, "bbox": [r["bbox"][0] + r["bbox"][2] * 0.3, *r["bbox"][1:]]} for r in perfect]
     assert (
         0.0 < coco_detection_ap(coco, shifted)["ap"] < 1.0

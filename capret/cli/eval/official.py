@@ -123,6 +123,7 @@ def _run_detected(args: OfficialEvalConfig, ks: list[int]) -> dict[str, Any]:
     """The protocol from raw images (see the module docstring)."""
     from capret.inference.detected_protocol import evaluate_detected
     from capret.inference.dualstream import load_model
+    from capret.io import atomic_write_json
 
     root = require(args.root, "--root", "the dataset folder in DeepFashion2 layout (<root>/<split>/annos)")
     out = require(args.out, "--out", "the folder for results.json, metrics.json and the caption store")
@@ -170,7 +171,7 @@ def _run_detected(args: OfficialEvalConfig, ks: list[int]) -> dict[str, Any]:
         "checkpoint": str(args.checkpoint),
         "detector": str(args.detector or args.detections),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(out / "metrics.json", metrics, indent=2)
     return metrics
 
 
