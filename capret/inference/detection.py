@@ -74,7 +74,10 @@ class FileDetector(Protocol):
     def detect_files(self, paths: Sequence[str | Path]) -> list[list[Detection]]: ...
 
 
-_DETECTORS: Registry[Any] = Registry("detector")
+#: detectors with a model register themselves when their module is imported (on first use)
+_DETECTORS: Registry[Any] = Registry(
+    "detector", lazy_modules={"deepfashion2_detector": "capret.inference.detector"}
+)
 
 
 def register_detector(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

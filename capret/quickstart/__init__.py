@@ -21,10 +21,12 @@ __all__ = ["STAGES", "QuickstartContext", "run_quickstart"]
 #: (report key, module under capret.quickstart) in execution order.
 STAGES: list[tuple[str, str]] = [
     ("data", "data"),
+    ("detector", "detector"),
     ("captions", "captions"),
     ("baseline", "baseline"),
     ("dual_stream", "dual_stream"),
     ("rerank", "rerank"),
+    ("pipeline", "pipeline"),
 ]
 
 

@@ -27,6 +27,7 @@ _TASKS: Registry[TaskSpec] = Registry(
     "task",
     lazy_modules={
         "dualstream": "capret.tasks.dualstream",
+        "detector": "capret.tasks.detector",
         "combiner": "capret.tasks.combiner",
         "phi": "capret.tasks.searle_phi",
         "pic2word": "capret.tasks.pic2word",

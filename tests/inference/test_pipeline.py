@@ -160,6 +160,17 @@ def test_search_cli_json_picture_and_reranker(
     assert main([*argv, "--no-rerank", "--no-captions"]) == 0
     table = capsys.readouterr().out
     assert "000007/0" in table and "rerank=0.0" in table
+    assert (
+        main(
+            ["search", "--pipeline", str(tmp_path / "pipe"), "--gallery-id", "000003/0", "--k", "2", "--json"]
+        )
+        == 0
+    )
+    by_id = json.loads(capsys.readouterr().out)
+    assert by_id["query"] == "000003/0" and len(by_id["matches"]) == 2
+    assert all(m["gallery_id"] != "000003/0" for m in by_id["matches"])
+    assert main(["search", "--pipeline", str(tmp_path / "pipe"), "--gallery-id", "nope/0"]) == 2
+    assert "not found" in capsys.readouterr().err
     assert main(["search", "--pipeline", str(tmp_path / "nowhere"), "--image", str(query)]) == 2
     assert "no pipeline.json" in capsys.readouterr().err
 
@@ -192,3 +203,48 @@ def test_captioner_with_openai_backend_caches_per_box(tmp_path: Path) -> None:
     reopened = Captioner(create_backend("template"), cache=tmp_path / "c.jsonl")
     assert reopened.caption([image], [(16, 0, 32, 24)]) == first[1:]
     reopened.close()
+
+
+def test_ranks_split_the_gallery_and_merge_to_the_single_process_build(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    model = capret.load_model(assets["model"], device="cpu")
+    paths = sorted(assets["shop"].glob("*.png"))
+    ids = [p.stem for p in paths]
+    common = {"images": paths, "ids": ids, "shard_images": 2, "progress": False}
+    build_gallery(model, out=tmp_path / "one", **common)
+    finish_gallery(tmp_path / "one")
+    for rank in (1, 0):  # ranks finish in any order; the merge waits for every rank manifest
+        build_gallery(model, out=tmp_path / "two", rank=rank, world_size=2, **common)
+    finish_gallery(tmp_path / "two")
+    one, two = Gallery(tmp_path / "one"), Gallery(tmp_path / "two")
+    assert [s.rank for s in two.features.shards] == [0, 0, 0, 1, 1]
+    order = [one.row_of(item["id"]) for item in two.items]
+    assert sorted(order) == list(range(9))
+    np.testing.assert_allclose(two.features.read_all(), one.features.read_all()[order], atol=1e-6)
+    query = one.features.gather([3])
+    assert [two.items[r]["id"] for r in two.search(query, 4)[1][0]] == [
+        one.items[r]["id"] for r in one.search(query, 4)[1][0]
+    ]
+
+
+def test_capret_extract_output_opens_as_sharded_features(assets: dict[str, Path], tmp_path: Path) -> None:
+    from capret.cli.extract import main as extract_main
+    from capret.retrieval.sharded import open_features
+
+    argv = [
+        "--checkpoint",
+        str(assets["model"]),
+        "--images",
+        str(assets["shop"]),
+        "--out",
+        str(tmp_path / "f"),
+    ]
+    assert extract_main([*argv, "--shard-size", "4", "--device", "cpu"]) == 0
+    features = open_features(tmp_path / "f")
+    assert features.rows == 9 and [s.rows for s in features.shards] == [4, 4, 1]
+    assert [item["id"] for item in features.items()] == [f"{i:06d}" for i in range(1, 10)]
+    expected = capret.load_model(assets["model"], device="cpu").encode_images(
+        sorted(assets["shop"].glob("*.png"))
+    )
+    np.testing.assert_allclose(features.read_all(), expected, atol=1e-5)

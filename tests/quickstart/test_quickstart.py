@@ -33,6 +33,36 @@ def test_full_quickstart(tmp_path: Path) -> None:
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out)]) == 0  # the default 240 s budget: shorter runs are noisy
     report = json.loads((out / "report.json").read_text())
-    assert {"data", "captions", "baseline", "dual_stream", "rerank"} <= set(report)
+    assert {"data", "captions", "baseline", "dual_stream", "rerank", "pipeline"} <= set(report)
     assert report["dual_stream"]["map_after"] > report["dual_stream"]["map_before"]
     assert report["rerank"]["geometric"]["map"] > report["rerank"]["none"]["map"]
+    # the pipeline folder the quickstart leaves works with `capret search` right away
+    assert report["pipeline"]["top20"] > 0.3 and report["pipeline"]["gallery_items"] > 0
+    command = report["pipeline"]["example_command"].split()
+    assert main([*command[1:], "--k", "3", "--json"]) == 0
+
+
+def test_detector_stage_trains_and_saves_a_loadable_detector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage on a synthetic DeepFashion2 layout with a smaller recipe (the demo recipe is for real runs)."""
+    import copy
+
+    from tiny_text import write_synthetic_df2
+
+    from capret.inference.detector import load_detector
+    from capret.quickstart import QuickstartContext
+    from capret.quickstart import detector as stage
+
+    data = tmp_path / "data"
+    write_synthetic_df2(data, identities={"train": 4, "validation": 2}, user_views=2, size=64)
+    recipe = copy.deepcopy(stage.DEMO_RECIPE)
+    recipe["model"].update(backbone="mobilenet_v3_small", min_size=64, max_size=64, box_head_width=32)
+    recipe["data"]["batch_size"] = 2
+    monkeypatch.setattr(stage, "DEMO_RECIPE", recipe)
+    ctx = QuickstartContext(out_dir=tmp_path / "qs", data_root=data, train_seconds=1.0)
+    ctx.out_dir.mkdir()
+    result = stage.run(ctx)
+    assert 0.0 <= result["box_ap"] <= 1.0 and result["val_images"] == 6 and result["train_steps"] >= 1
+    assert ctx.state["detector"] == ctx.out_dir / "detector"
+    assert load_detector(result["model_dir"]).model.config.backbone == "mobilenet_v3_small"

@@ -1,0 +1,322 @@
+"""Task ``detector``: train the DeepFashion2 clothing detector (Faster / Mask R-CNN) with the shared trainer.
+
+``capret-train --config configs/deepfashion2_detector.yaml [key=value ...]`` builds a :class:`DetectorConfig`
+and calls :func:`run`. Training data is a COCO instances dataset: the file named by ``data.train_coco`` (e.g.
+the official ``deepfashion2_to_coco.py`` output) or, by default, the export of ``<root>/<split>/annos`` by
+:func:`capret.data.deepfashion2.to_coco`, written once to ``<output_dir>/coco_<split>.json`` and reused. Every
+item counts for detection (also ``style == 0`` ones: they are clothes, just not retrieval identities).
+
+The task gives the trainer torchvision's loss dict (``loss_classifier``, ``loss_box_reg``, ``loss_objectness``,
+``loss_rpn_box_reg``, ``loss_mask``) and its sum as ``loss``; AMP, DDP, resume and safetensors checkpoints come
+from the engine. Validation (``evaluate``) is COCO-style box AP from pycocotools on ``data.val_split`` (``box_ap``
+is the monitored metric; ``mask_ap`` too for Mask R-CNN). After training the best (or last) weights are exported
+as a detector folder (``eval.export_dir``, default ``<output_dir>/model``) that :func:`capret.load_detector`
+reads.
+
+Augmentation is a horizontal flip decided by the sampler from ``(seed, epoch)``, so an interrupted run resumes
+on the same flips.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from capret.config import cfg, to_dict
+from capret.engine.distributed import DistContext
+from capret.engine.trainer import TrainerConfig, train
+from capret.errors import BadImageError, DataError
+from capret.inference.detector import pil_to_tensor, predict_coco
+from capret.io import atomic_write_json
+from capret.models.detector import ClothingDetector, DetectorModelConfig
+from capret.tasks.registry import register_task
+
+__all__ = ["CocoDetectionDataset", "DetectorConfig", "DetectorTask", "load_coco_split", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectorDataConfig:
+    """Where the images and their COCO annotations are."""
+
+    root: str = cfg(
+        "data/deepfashion2", "dataset root in the DeepFashion2 layout (<root>/<split>/image, annos)"
+    )
+    train_split: str = cfg("train", "split to train on")
+    val_split: str = cfg("validation", "split for box AP; '' = no validation")
+    train_coco: str | None = cfg(None, "COCO instances JSON of the train split; null = export the annos")
+    val_coco: str | None = cfg(None, "COCO instances JSON of the validation split; null = export the annos")
+    batch_size: int = cfg(4, "images per batch (per rank)")
+    flip: bool = cfg(True, "random horizontal flips (p = 0.5)")
+    max_images: int | None = cfg(None, "train on the first N images only (debugging)")
+
+
+@dataclass
+class DetectorEvalConfig:
+    """Validation during and after training."""
+
+    batch_size: int = cfg(8, "images per forward pass during validation")
+    max_images: int | None = cfg(None, "validate on the first N images (by id) only; null = all")
+    export_dir: str | None = cfg(None, "detector folder written after training; null = <output_dir>/model")
+
+
+@dataclass
+class DetectorConfig:
+    """Everything ``capret-train`` needs for task ``detector``."""
+
+    task: str = cfg("detector", "task name (fixed)")
+    data: DetectorDataConfig = cfg(factory=DetectorDataConfig, help="data")
+    model: DetectorModelConfig = cfg(factory=DetectorModelConfig, help="detector architecture")
+    trainer: TrainerConfig = cfg(
+        factory=lambda: TrainerConfig(monitor="box_ap"), help="training loop (shared trainer)"
+    )
+    eval: DetectorEvalConfig = cfg(factory=DetectorEvalConfig, help="validation")
+
+
+def load_coco_split(
+    *, root: str | Path, split: str, coco_file: str | Path | None, cache_dir: Path | None
+) -> dict[str, Any]:
+    """The COCO dict of a split: ``coco_file`` if given, else the (cached) export of its DeepFashion2 annos."""
+    if coco_file is not None:
+        path = Path(coco_file)
+        if not path.is_file():
+            raise DataError("COCO annotation file does not exist", path=path)
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not {"images", "annotations"} <= set(data):
+            raise DataError("expected a COCO instances object with 'images' and 'annotations'", path=path)
+        return data
+    cached = cache_dir / f"coco_{split}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        return json.loads(cached.read_text())  # type: ignore[no-any-return]
+    from capret.data.deepfashion2 import load_items, to_coco
+
+    data = to_coco(load_items(root, split, progress=False), root=root, split=split)
+    if cached is not None:
+        atomic_write_json(cached, data)
+    return data
+
+
+def _mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    from pycocotools import mask as mask_util
+
+    if not segmentation:
+        return np.zeros((height, width), dtype=np.uint8)
+    if isinstance(segmentation, list):
+        rles = mask_util.frPyObjects([p for p in segmentation if len(p) >= 6], height, width)
+        if not rles:
+            return np.zeros((height, width), dtype=np.uint8)
+        rle = mask_util.merge(rles)
+    else:
+        rle = segmentation
+    return np.asarray(mask_util.decode(rle), dtype=np.uint8)
+
+
+class CocoDetectionDataset(torch.utils.data.Dataset):
+    """``(image [3, H, W] in [0, 1], target)`` per COCO image; indexed by ``(index, flip)`` from the sampler."""
+
+    def __init__(self, coco: dict[str, Any], *, image_root: Path, masks: bool) -> None:
+        self.images = sorted(coco["images"], key=lambda im: int(im["id"]))
+        self.image_root = image_root
+        self.masks = masks
+        self._annotations: dict[int, list[dict[str, Any]]] = {}
+        for ann in coco["annotations"]:
+            if not ann.get("iscrowd", 0):
+                self._annotations.setdefault(int(ann["image_id"]), []).append(ann)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple[Tensor, dict[str, Tensor]]:
+        index, flip = key
+        entry = self.images[index]
+        path = self.image_root / entry["file_name"]
+        try:
+            with Image.open(path) as im:
+                pixels = pil_to_tensor(im)
+        except OSError as exc:
+            raise BadImageError(f"cannot read image ({exc})", path=path) from None
+        height, width = pixels.shape[1:]
+        boxes, labels, masks = [], [], []
+        for ann in self._annotations.get(int(entry["id"]), []):
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            x1, y1 = max(0.0, x), max(0.0, y)
+            x2, y2 = min(float(width), x + w), min(float(height), y + h)
+            if x2 - x1 < 1 or y2 - y1 < 1:  # degenerate boxes break the box-regression targets
+                continue
+            boxes.append([x1, y1, x2, y2])
+            labels.append(int(ann["category_id"]))
+            if self.masks:
+                masks.append(_mask(ann.get("segmentation"), height, width))
+        target = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+        }
+        if self.masks:
+            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, height, width)
+            target["masks"] = target["masks"].to(torch.uint8)
+        if flip:
+            pixels = pixels.flip(-1)
+            b = target["boxes"]
+            target["boxes"] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return pixels, target
+
+
+class FlipBatchSampler(torch.utils.data.Sampler[list[tuple[int, bool]]]):
+    """Shuffled, rank-sharded, equal-sized batches of ``(index, flip)``, a pure function of (seed, epoch)."""
+
+    def __init__(
+        self, size: int, *, batch_size: int, flip: bool, seed: int, epoch: int, rank: int, world_size: int
+    ) -> None:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(size)
+        flips = rng.random(size) < 0.5 if flip else np.zeros(size, dtype=bool)
+        per_step = batch_size * world_size
+        usable = (size // per_step) * per_step
+        if usable == 0:
+            raise ValueError(
+                f"{size} training images cannot fill one step of {batch_size} x {world_size} ranks"
+            )
+        self.batches = [
+            [
+                (int(order[i]), bool(flips[i]))
+                for i in range(start + rank * batch_size, start + (rank + 1) * batch_size)
+            ]
+            for start in range(0, usable, per_step)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+
+def _collate(samples: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    return [s[0] for s in samples], [s[1] for s in samples]
+
+
+class DetectorTask:
+    """The :class:`~capret.engine.trainer.TrainTask` of the clothing detector."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        data = config.data
+        self.cache_dir = Path(config.trainer.output_dir)
+        train_coco = load_coco_split(
+            root=data.root, split=data.train_split, coco_file=data.train_coco, cache_dir=self.cache_dir
+        )
+        if data.max_images is not None:
+            keep = sorted(train_coco["images"], key=lambda im: int(im["id"]))[: data.max_images]
+            train_coco = {**train_coco, "images": keep}
+        if not train_coco["images"]:
+            raise DataError("no training images", path=Path(data.root) / data.train_split)
+        self.dataset = CocoDetectionDataset(
+            train_coco,
+            image_root=Path(data.root) / data.train_split / "image",
+            masks=config.model.arch == "mask_rcnn",
+        )
+        self._val_coco: dict[str, Any] | None = None
+        self._model: ClothingDetector | None = None
+        self.dist = DistContext()  # replaced by the trainer's ``setup`` call
+
+    def setup(self, dist: DistContext) -> None:
+        self.dist = dist
+
+    def build_model(self) -> nn.Module:
+        self._model = ClothingDetector(self.config.model)
+        return self._model
+
+    def train_dataloader(
+        self, *, rank: int, world_size: int, epoch: int, seed: int
+    ) -> torch.utils.data.DataLoader:
+        sampler = FlipBatchSampler(
+            len(self.dataset),
+            batch_size=self.config.data.batch_size,
+            flip=self.config.data.flip,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+        )
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=_collate,
+            num_workers=self.config.trainer.num_workers,
+        )
+
+    def training_step(
+        self, model: nn.Module, batch: tuple[list[Tensor], list[dict[str, Tensor]]]
+    ) -> dict[str, Tensor]:
+        images, targets = batch
+        losses = model(list(images), list(targets))
+        terms = {name: value for name, value in losses.items()}
+        terms["loss"] = sum(losses.values(), torch.zeros((), device=images[0].device))
+        return terms
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        from capret.evaluation.detection import coco_detection_ap
+
+        data, ev = self.config.data, self.config.eval
+        if not data.val_split:
+            return {}
+        if self._val_coco is None:
+            self._val_coco = load_coco_split(
+                root=data.root, split=data.val_split, coco_file=data.val_coco, cache_dir=self.cache_dir
+            )
+        module = getattr(model, "module", model)
+        if not isinstance(module, ClothingDetector):
+            raise TypeError(f"expected the ClothingDetector, got {type(module).__name__}")
+        results, image_ids = predict_coco(
+            module,
+            coco=self._val_coco,
+            image_root=Path(data.root) / data.val_split / "image",
+            batch_size=ev.batch_size,
+            max_images=ev.max_images,
+        )
+        metrics = {
+            f"box_{k}": v for k, v in coco_detection_ap(self._val_coco, results, image_ids=image_ids).items()
+        }
+        # Class-agnostic AP: how well garments are found, whatever category they are given.
+        agnostic = coco_detection_ap(self._val_coco, results, image_ids=image_ids, use_categories=False)
+        metrics.update({"box_ap_any_class": agnostic["ap"], "box_ap50_any_class": agnostic["ap50"]})
+        if self.config.model.arch == "mask_rcnn":
+            segm = coco_detection_ap(self._val_coco, results, iou_type="segm", image_ids=image_ids)
+            metrics.update({f"mask_{k}": v for k, v in segm.items()})
+        metrics["val_images"] = float(len(image_ids))
+        metrics["detections_per_image"] = len(results) / max(1, len(image_ids))
+        return metrics
+
+    def config_dict(self) -> dict[str, Any]:
+        return to_dict(self.config)
+
+
+def run(config: DetectorConfig, *, resume: str | None = None) -> dict[str, Any]:
+    """Train, then export the best (or last) weights as a detector folder."""
+    from capret.engine.checkpoint import load_model_weights
+
+    task = DetectorTask(config)
+    result = train(task, config.trainer, resume=resume, task_config=task.config_dict())
+    export = Path(config.eval.export_dir or Path(config.trainer.output_dir) / "model")
+    if task.dist.is_main:
+        model = task._model if task._model is not None else ClothingDetector(config.model)
+        best = Path(config.trainer.output_dir) / "best"
+        if (best / "checkpoint.json").is_file():
+            load_model_weights(model, best)
+        model.cpu().save_pretrained(export)
+        result = {**result, "model_dir": str(export)}
+    return result
+
+
+register_task("detector", DetectorConfig, run)

@@ -1,0 +1,146 @@
+"""Task ``detector``: ``capret-train`` trains the clothing detector on a synthetic DeepFashion2 layout, scores box
+AP with pycocotools and exports a folder that ``load_detector`` reads; its parts are checked against references."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from tiny_text import write_synthetic_df2
+
+from capret.cli.train import main
+from capret.config import from_dict, load_config, to_dict
+from capret.evaluation.detection import coco_detection_ap
+from capret.inference.detection import Detection, create_detector
+from capret.inference.detector import load_detector
+from capret.tasks.detector import CocoDetectionDataset, DetectorConfig, FlipBatchSampler, load_coco_split
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("det") / "df2"
+    write_synthetic_df2(root, identities={"train": 4, "validation": 2}, user_views=2, size=64)
+    return root
+
+
+def _config(data: Path, out: Path) -> Path:
+    config = {
+        "task": "detector",
+        "data": {"root": str(data), "batch_size": 2},
+        "model": {
+            "backbone": "mobilenet_v3_small",
+            "min_size": 64,
+            "max_size": 64,
+            "box_head_width": 32,
+            "rpn_proposals_train": 50,
+            "rpn_proposals_test": 20,
+            "score_threshold": 0.0,
+        },
+        "trainer": {
+            "output_dir": str(out),
+            "max_steps": 2,
+            "lr": 1e-3,
+            "amp": "off",
+            "log_every": 1,
+            "tensorboard": False,
+            "progress": False,
+        },
+    }
+    path = out.parent / "detector.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_capret_train_detector_end_to_end(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert main(["--config", str(_config(data, run))]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 2 and result["monitor"] == "box_ap"
+    metrics = result["metrics"]
+    assert 0.0 <= metrics["box_ap"] <= 1.0 and 0.0 <= metrics["box_ap_any_class"] <= 1.0
+    assert metrics["val_images"] == 6
+    assert (run / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
+    assert (run / "coco_train.json").is_file()  # the COCO export is cached in the run folder
+    detector = load_detector(run, max_items=3, score_threshold=0.0)  # run folder -> run/model
+    from PIL import Image
+
+    image = Image.open(data / "validation" / "image" / "000001.jpg").convert("RGB")
+    found = detector.detect([image, image])
+    assert len(found) == 2 and found[0] == found[1] and 0 < len(found[0]) <= 3
+    assert all(isinstance(d, Detection) and 1 <= (d.category_id or 0) <= 13 for d in found[0])
+    assert [d.score for d in found[0]] == sorted((d.score for d in found[0]), reverse=True)
+    registered = create_detector(
+        "deepfashion2_detector", path=str(run / "model"), max_items=3, score_threshold=0.0
+    )
+    assert registered.detect([image]) == [found[0]]
+    # resume: two more steps from the finished run's last checkpoint
+    assert main(["--config", str(_config(data, run)), "--resume", "auto", "trainer.max_steps=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
+
+
+def test_flip_sampler_is_deterministic_and_shards_ranks() -> None:
+    whole = FlipBatchSampler(10, batch_size=4, flip=True, seed=3, epoch=1, rank=0, world_size=1).batches
+    again = FlipBatchSampler(10, batch_size=4, flip=True, seed=3, epoch=1, rank=0, world_size=1).batches
+    assert whole == again and len(whole) == 2
+    ranks = [
+        FlipBatchSampler(10, batch_size=2, flip=True, seed=3, epoch=1, rank=r, world_size=2).batches
+        for r in (0, 1)
+    ]
+    for step in range(2):  # rank 0's batch + rank 1's batch = the single-process batch
+        assert ranks[0][step] + ranks[1][step] == whole[step]
+    other = FlipBatchSampler(10, batch_size=4, flip=True, seed=3, epoch=2, rank=0, world_size=1).batches
+    assert other != whole
+
+
+def test_dataset_flips_boxes_and_masks(data: Path) -> None:
+    coco = load_coco_split(root=data, split="train", coco_file=None, cache_dir=None)
+    dataset = CocoDetectionDataset(coco, image_root=data / "train" / "image", masks=True)
+    pixels, target = dataset[(0, False)]
+    flipped, target_f = dataset[(0, True)]
+    width = pixels.shape[-1]
+    assert torch.equal(flipped, pixels.flip(-1))
+    x1, y1, x2, y2 = target["boxes"][0].tolist()
+    assert target_f["boxes"][0].tolist() == [width - x2, y1, width - x1, y2]
+    assert torch.equal(target_f["masks"], target["masks"].flip(-1))
+    # the polygon mask covers the box (the synthetic polygons are the boxes)
+    ys, xs = np.nonzero(target["masks"][0].numpy())
+    assert abs(xs.min() - x1) <= 1 and abs(xs.max() + 1 - x2) <= 1 and abs(ys.min() - y1) <= 1
+
+
+def test_coco_ap_of_perfect_and_wrong_detections(data: Path) -> None:
+    coco = load_coco_split(root=data, split="validation", coco_file=None, cache_dir=None)
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in coco["annotations"]
+    ]
+    assert coco_detection_ap(coco, perfect)["ap"] == pytest.approx(1.0)
+    wrong_class = [{**r, "category_id": r["category_id"] % 13 + 1} for r in perfect]
+    assert coco_detection_ap(coco, wrong_class)["ap"] == 0.0
+    assert coco_detection_ap(coco, wrong_class, use_categories=False)["ap"] == pytest.approx(1.0)
+    shifted = [{**r, "bbox": [r["bbox"][0] + r["bbox"][2] * 0.3, *r["bbox"][1:]]} for r in perfect]
+    assert (
+        0.0 < coco_detection_ap(coco, shifted)["ap"] < 1.0
+    )  # IoU 0.54: counted only at the 0.5/0.55 thresholds
+    assert coco_detection_ap(coco, [])["ap"] == 0.0
+
+
+def test_configs_parse_and_demo_yaml_is_the_quickstart_recipe(configs_dir: Path) -> None:
+    from capret.quickstart.detector import DEMO_RECIPE
+
+    full = load_config(DetectorConfig, configs_dir / "deepfashion2_detector.yaml")
+    assert full.model.weights == "DEFAULT" and full.trainer.monitor == "box_ap"
+    demo = to_dict(load_config(DetectorConfig, configs_dir / "demo_detector.yaml"))
+    recipe = to_dict(from_dict(DetectorConfig, copy.deepcopy(DEMO_RECIPE)))
+    assert demo["model"] == recipe["model"] and demo["eval"]["max_images"] == recipe["eval"]["max_images"]
+    for key in ("lr", "batch_size", "flip"):
+        section = "data" if key in ("batch_size", "flip") else "trainer"
+        assert demo[section][key] == recipe[section][key]
