@@ -163,6 +163,7 @@ def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
         "detector": str(detector_dir) if detector_dir is not None else "whole image",
         "torch_threads": torch.get_num_threads(),
         "median_ms": {stage: round(float(np.median(v)), 2) for stage, v in timings.items()},
+        "serve_command": f"capret serve --pipeline {pipe_dir}",
         "example_command": (
             f"capret search --pipeline {pipe_dir} --image {image_path(ctx.data_root, split, example.image_id)} "
             f"--box {x1},{y1},{x2},{y2}"

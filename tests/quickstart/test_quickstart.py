@@ -40,6 +40,19 @@ def test_full_quickstart(tmp_path: Path) -> None:
     assert report["pipeline"]["top20"] > 0.3 and report["pipeline"]["gallery_items"] > 0
     command = report["pipeline"]["example_command"].split()
     assert main([*command[1:], "--k", "3", "--json"]) == 0
+    # ... and `capret serve --pipeline qs/pipeline` serves it: a gallery item as the query finds itself first
+    from fastapi.testclient import TestClient
+
+    from capret.serve import ServeBackend, create_app
+
+    assert report["pipeline"]["serve_command"].split()[:3] == ["capret", "serve", "--pipeline"]
+    backend = ServeBackend.from_pipeline_dir(report["pipeline"]["serve_command"].split()[3])
+    client = TestClient(create_app(backend))
+    first = backend.entries[0].id
+    found = client.post("/api/search/image", data={"gallery_id": first, "k": "5"}).json()
+    assert found["results"][0]["id"] == first and found["items"][0]["caption"]
+    composed = client.post("/api/search/composed", data={"reference_id": first, "text": "in red", "k": "5"})
+    assert composed.status_code == 200 and len(composed.json()["results"]) == 5
 
 
 def test_detector_stage_trains_and_saves_a_loadable_detector(
