@@ -20,7 +20,7 @@ import torch
 from capret.config import from_dict, to_dict
 from capret.quickstart import QuickstartContext
 
-DEFAULT_TRAIN_SECONDS = 35.0
+DEFAULT_TRAIN_SECONDS = 30.0
 VAL_IMAGES = 60
 
 #: The demo recipe (also in configs/demo_detector.yaml, which tests keep equal to it).
