@@ -6,6 +6,7 @@ Everything here is a re-export; the code lives in :mod:`capret.inference`.
 from __future__ import annotations
 
 from capret.inference.detection import Detection, Detector, create_detector
+from capret.inference.detector import load_detector
 from capret.inference.dualstream import (
     ItemRetrieval,
     RetrievalModel,
@@ -36,6 +37,7 @@ __all__ = [
     "evaluate_items",
     "item_transform",
     "load_cir_model",
+    "load_detector",
     "load_dual_stream_weights",
     "load_model",
 ]
