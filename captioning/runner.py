@@ -4,6 +4,12 @@ The runner skips keys the store already holds (unless overwriting), opens the ne
 background thread while the current batch is in the dialogue, writes each finished batch atomically and logs
 failed items (missing image, failed request, empty summary) to the failures file so the next run retries
 them. A tqdm bar shows rate and ETA; the returned :class:`RunSummary` is what ``capret-caption`` prints.
+
+What the dialogue is told about an item is decided here, once: by default only the pixels, the box and a
+*predicted* category (a detector's class on the target, else the ``category_model``'s prediction from the
+crop, else none); the target's annotation (category, viewpoint, occlusion, scale, zoom) only with
+``oracle=True``. Every record says which (``"oracle"``, ``"caption_source"``, ``"category"``), so oracle
+captions can never pass for pixel ones downstream.
 """
 
 from __future__ import annotations
@@ -16,15 +22,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from captioning.backends.base import CaptionBackend
+from captioning.category import CategoryModel, CategoryPrediction
 from captioning.loop import CaptionResult, CaptionTask, LoopConfig, caption_batch
 from captioning.prompts import PromptSet
 from captioning.sources import CaptionTarget
 from captioning.store import CaptionStore, utc_now
 
-__all__ = ["RunSummary", "caption_targets"]
+__all__ = ["ORACLE_ATTRIBUTES", "RunSummary", "caption_source", "caption_targets", "make_task"]
+
+#: Annotation fields the oracle hands to the dialogue (besides the category name).
+ORACLE_ATTRIBUTES = ("viewpoint", "occlusion", "scale", "zoom_in")
+
+
+def caption_source(*, oracle: bool) -> str:
+    """The ``caption_source`` written into records and reports."""
+    return "oracle-attributes" if oracle else "pixels"
 
 
 @dataclass
@@ -42,6 +58,7 @@ class RunSummary:
     items_per_second: float = 0.0
     truncated_tail_bytes: int = 0  # size of a torn last line repaired on open (0 = file was clean)
     example: str = ""  # one caption of this run, for a quick look
+    caption_source: str = "pixels"  # "pixels" (default) or "oracle-attributes" (annotation fields were used)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,26 +73,37 @@ def _reason_class(error: str) -> str:
     return text if len(text) <= 160 else text[:160] + "..."
 
 
-def _load(targets: Sequence[CaptionTarget]) -> list[CaptionTask | str]:
+def _load(targets: Sequence[CaptionTarget]) -> list[Image.Image | str]:
     """Open the images of a batch; a target that cannot be opened gives its error message instead."""
-    out: list[CaptionTask | str] = []
+    out: list[Image.Image | str] = []
     for target in targets:
         try:
-            image = target.open_image()
+            out.append(target.open_image())
         except (OSError, ValueError) as exc:  # missing/corrupt image files: fail this item, not the run
             out.append(f"cannot open image: {exc}")
-            continue
-        out.append(
-            CaptionTask(
-                key=target.key,
-                image=image,
-                bbox=target.bbox,
-                category=target.category,
-                category_id=target.category_id,
-                attributes=dict(target.attributes),
-            )
-        )
     return out
+
+
+def make_task(
+    target: CaptionTarget, image: Image.Image, *, oracle: bool, predicted: CategoryPrediction | None
+) -> tuple[CaptionTask, dict[str, Any]]:
+    """The dialogue's view of one item and the record's ``category`` provenance (see the module docstring)."""
+    if oracle:
+        annotation = target.annotation
+        category = str(annotation.get("category_name", ""))
+        attributes = {k: annotation[k] for k in ORACLE_ATTRIBUTES if k in annotation}
+        category_id = annotation.get("category_id")
+        task = CaptionTask(key=target.key, image=image, bbox=target.bbox, category=category,
+                           category_id=int(category_id) if category_id is not None else None,
+                           attributes=attributes)  # fmt: skip
+        return task, {"name": category, "source": "annotation"}
+    if target.category:
+        info: dict[str, Any] = {"name": target.category, "source": "detector"}
+    elif predicted is not None:
+        info = {"name": predicted.name, "source": "category-model", "score": round(predicted.score, 4)}
+    else:
+        info = {"name": "", "source": "none"}
+    return CaptionTask(key=target.key, image=image, bbox=target.bbox, category=info["name"]), info
 
 
 def caption_targets(
@@ -87,25 +115,48 @@ def caption_targets(
     config: LoopConfig,
     batch_size: int = 8,
     progress: bool = True,
+    category_model: CategoryModel | None = None,
+    oracle: bool = False,
 ) -> RunSummary:
-    """Caption every target not yet in ``store`` (the store must be open); see the module docstring."""
+    """Caption every target not yet in ``store`` (the store must be open); see the module docstring.
+
+    Args:
+        category_model: predicts the category named in the prompts of targets without a detector class.
+        oracle: hand the annotation (category, viewpoint, occlusion, scale, zoom) to the dialogue instead;
+            the records say so.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     start = time.perf_counter()
-    summary = RunSummary(total=len(targets), truncated_tail_bytes=len(store.truncated_tail))
+    summary = RunSummary(
+        total=len(targets),
+        truncated_tail_bytes=len(store.truncated_tail),
+        caption_source=caption_source(oracle=oracle),
+    )
     todo = [t for t in targets if store.overwrite or t.key not in store]
     summary.skipped = len(targets) - len(todo)
     reasons: Counter[str] = Counter()
     model = backend.describe()
+    if category_model is not None and not oracle:
+        model = {**model, "category_model": category_model.describe()}
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     bar = tqdm(total=len(todo), desc="captioning", unit="item", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="capret-images") as pool:
-        upcoming: Future[list[CaptionTask | str]] | None = pool.submit(_load, batches[0]) if batches else None
+        upcoming: Future[list[Image.Image | str]] | None = pool.submit(_load, batches[0]) if batches else None
         for index, batch in enumerate(batches):
             assert upcoming is not None
             loaded = upcoming.result()
             upcoming = pool.submit(_load, batches[index + 1]) if index + 1 < len(batches) else None
-            tasks = [x for x in loaded if isinstance(x, CaptionTask)]
+            opened = [(t, x) for t, x in zip(batch, loaded) if isinstance(x, Image.Image)]
+            predictions: list[CategoryPrediction | None] = [None] * len(opened)
+            if category_model is not None and not oracle:
+                predictions = list(
+                    category_model.predict([x for _, x in opened], [t.bbox for t, _ in opened])
+                )
+            tasks, categories = [], {}
+            for (target, image), predicted in zip(opened, predictions):
+                task, categories[target.key] = make_task(target, image, oracle=oracle, predicted=predicted)
+                tasks.append(task)
             results: dict[str, CaptionResult] = {}
             if tasks:
                 for result in caption_batch(tasks, backend=backend, prompts=prompts, config=config):
@@ -130,6 +181,9 @@ def caption_targets(
                             "model": model,
                             "prompt_version": prompts.version,
                             "created": now,
+                            "oracle": oracle,
+                            "caption_source": summary.caption_source,
+                            "category": categories[result.key],
                         }
                     )
                 else:
