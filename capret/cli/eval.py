@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-captions", action="store_true", help="evaluate the image-only path (caption ablation)"
     )
+    p.add_argument("--corrupt-captions", nargs="+", choices=["shuffle", "drop", "replace"], help="--checkpoint: "
+                   "also report metrics with these caption corruptions (capret.evaluation.caption_corruption)")  # fmt: skip
+    p.add_argument("--corrupt-rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0],
+                   help="shares of corrupted captions for --corrupt-captions (default 0 0.25 0.5 1)")  # fmt: skip
     p.add_argument(
         "--ks", type=int, nargs="+", default=[1, 5, 10, 20], help="cut-offs for R@k (default 1 5 10 20)"
     )

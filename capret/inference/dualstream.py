@@ -335,16 +335,20 @@ def evaluate_items(
     rerank_topk: int = 100,
     index: str = "exact",
     progress: bool = False,
+    items: Sequence[Item] | None = None,
 ) -> ItemRetrieval:
     """Ground-truth-box consumer-to-shop retrieval: user items (style > 0) query shop items (style > 0).
 
     Captions come from a caption store (or mapping); ``captions=None`` evaluates the image-only path.
+    ``items`` restricts the protocol to these items of the split (held-out train identities for model
+    selection); ``None`` = every item of the split.
     """
     from capret.data.captions import join_captions
     from capret.data.deepfashion2 import gt_box_protocol, image_path, load_items
     from capret.evaluation.retrieval_eval import evaluate_embeddings
 
-    items = load_items(root, split, progress=progress)
+    if items is None:
+        items = load_items(root, split, progress=progress)
     queries, gallery = gt_box_protocol(items)
     if not queries.items or not gallery.items:
         raise ValueError(f"{root}/{split}: the protocol needs user and shop items with style > 0")

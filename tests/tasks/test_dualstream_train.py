@@ -85,9 +85,16 @@ def test_train_lowers_loss_and_exports_a_loadable_model(
         columns = next(csv.reader(fh))
     for term in ("arcface", "itc", "box", "box_l1", "box_giou", "lr/model", "lr/arcface"):
         assert term in columns  # every term logged, ArcFace in its own parameter group
-    assert result["captions_found"] == 24 and result["captions_missing"] == 0
-    for key in ("map", "map_no_captions", "recall@1", "recall@1_no_captions"):
-        assert 0.0 <= result["metrics"][key] <= 1.0
+    # 5% of 8 train identities rounds up to one held-out identity (3 items): selection never sees validation
+    assert result["holdout_items"] == 3 and result["selection"] == "holdout train identities"
+    assert result["captions_found"] == 21 and result["captions_missing"] == 0
+    assert result["metrics"]["num_queries"] == 2  # the user items of the held-out identity
+    final = result["final_metrics"]  # the reported split, evaluated once after training
+    assert final["split"] == "validation" and final["num_queries"] == 8
+    assert json.loads((setup["run"] / "final_metrics.json").read_text()) == final
+    for metrics in (result["metrics"], final):
+        for key in ("map", "map_no_captions", "recall@1", "recall@1_no_captions"):
+            assert 0.0 <= metrics[key] <= 1.0
 
     import capret
 
@@ -126,6 +133,17 @@ def test_eval_checkpoint_with_and_without_captions(
     without = json.loads(capsys.readouterr().out)
     assert without["captions"] == "none" and 0.0 <= without["map"] <= 1.0
     assert main([*base, "--captions", str(setup["validation"]), "--no-captions"]) == 2
+    capsys.readouterr()
+    corrupt = ["--captions", str(setup["validation"]), "--corrupt-captions", "drop", "shuffle", "replace"]
+    assert main([*base, *corrupt, "--corrupt-rates", "0", "0.5", "1"]) == 0
+    swept = json.loads(capsys.readouterr().out)
+    curves = swept["caption_corruption"]["modes"]
+    assert [point["rate"] for point in curves["drop"]] == [0.0, 0.5, 1.0]
+    for mode in ("drop", "shuffle", "replace"):  # rate 0 is the uncorrupted evaluation
+        assert curves[mode][0]["map"] == pytest.approx(with_captions["map"], abs=1e-6)
+    assert curves["drop"][-1]["map"] == pytest.approx(without["map"], abs=1e-6)  # all dropped = image only
+    assert swept["caption_source"] == {"unrecorded": 12}  # the synthetic store predates the field
+    assert main([*base, "--no-captions", "--corrupt-captions", "drop"]) == 2
 
 
 def test_resume_continues_the_same_loss_curve(setup: dict[str, Path], tmp_path: Path) -> None:
