@@ -183,9 +183,15 @@ def test_quickstart_stage_reports_before_after_and_ablation(
     ctx = QuickstartContext(out_dir=tmp_path, data_root=setup["data"], seed=0, train_seconds=60)
     ctx.state["captions"] = {"train": setup["train"], "validation": setup["validation"]}
     result = stage.run(ctx)
-    for key in ("map_before", "map_after", "map_after_no_captions", "recall@1_before", "recall@1_after"):
+    for key in ("map_before", "map_after", "map_after_no_captions", "recall@1_before", "recall@1_after",
+                "map_image_only_trained", "map_category_filtered_baseline"):  # fmt: skip
         assert 0.0 <= result[key] <= 1.0
     assert result["train_steps"] == 4 and result["model_dir"] == str(tmp_path / "model")
+    assert result["train_steps_image_only"] == 4 and result["model_dir_image_only"] == str(
+        tmp_path / "model_image_only"
+    )
+    # the synthetic stores predate the provenance fields: the report says so instead of claiming pixels
+    assert result["caption_source"] == "unrecorded" and result["oracle_captions"] is False
     state = ctx.state["dual_stream"]
     assert state["query_features"].shape == (8, 32) and len(state["gallery_images"]) == 4
     reloaded = capret.load_model(result["model_dir"])
