@@ -196,3 +196,16 @@ def test_quickstart_stage_reports_before_after_and_ablation(
     assert state["query_features"].shape == (8, 32) and len(state["gallery_images"]) == 4
     reloaded = capret.load_model(result["model_dir"])
     assert reloaded.embed_dim == 32
+
+
+def test_demo_config_file_follows_the_quickstart_recipe(configs_dir: Path) -> None:
+    import capret.quickstart.dual_stream as stage
+
+    shipped = yaml.safe_load((configs_dir / "demo_dualstream.yaml").read_text())
+    recipe = stage.DEMO_RECIPE
+    for section in ("data", "model", "loss", "trainer"):
+        for key, value in recipe[section].items():
+            assert shipped[section][key] == value, (section, key)
+    assert shipped["trainer"]["max_seconds"] == stage.DEFAULT_TRAIN_SECONDS
+    for name in ("demo_dualstream.yaml", "deepfashion2_dualstream.yaml"):  # selection on held-out train identities
+        assert yaml.safe_load((configs_dir / name).read_text())["data"]["holdout_identities"] == 0.05
