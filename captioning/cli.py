@@ -7,7 +7,8 @@ JSON summary (done, skipped, failed with reasons, tokens, rate) and exits 0, or 
 
 Captions are functions of the pixels and the box by default. The category named in the prompts comes from a
 category model (``--category-model DIR``, or ``--train-category-model`` to fit one on this split's crops and
-save it to ``<out stem>.category_model/``), else none. ``--oracle-attributes`` hands the annotation
+save it to ``<out stem>.category_model/``; this split's own captions then use cross-fitted, out-of-fold
+predictions, so they are as often wrong as those of unseen items), else none. ``--oracle-attributes`` hands the annotation
 (category, viewpoint, occlusion, scale, zoom) to the dialogue instead: an explicit oracle, recorded in every
 record (``"oracle": true``) and in the summary.
 """
@@ -256,10 +257,11 @@ def run(config: CaptionConfig) -> dict[str, Any]:
     if config.category_model and config.train_category_model:
         raise ConfigError("--category-model and --train-category-model exclude each other")
     category_model = None
+    cross_fitted = None
     category_report: dict[str, Any] = {}
     if config.train_category_model:
         folder = category_model_dir(config.out)
-        category_model = fit_category_model_on_targets(
+        category_model, cross_fitted = fit_category_model_on_targets(
             targets, out_dir=folder, max_seconds=config.category_seconds, progress=config.progress
         )
         category_report = {"category_model": str(folder), "category_model_metrics": category_model.metrics}
@@ -283,6 +285,7 @@ def run(config: CaptionConfig) -> dict[str, Any]:
                 batch_size=config.batch_size,
                 progress=config.progress,
                 category_model=category_model,
+                cross_fitted=cross_fitted,
                 oracle=config.oracle_attributes,
             )
     result = {

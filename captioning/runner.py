@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -116,12 +116,15 @@ def caption_targets(
     batch_size: int = 8,
     progress: bool = True,
     category_model: CategoryModel | None = None,
+    cross_fitted: Mapping[str, CategoryPrediction] | None = None,
     oracle: bool = False,
 ) -> RunSummary:
     """Caption every target not yet in ``store`` (the store must be open); see the module docstring.
 
     Args:
         category_model: predicts the category named in the prompts of targets without a detector class.
+        cross_fitted: key -> out-of-fold prediction, used instead of ``category_model`` for the items the
+            model was trained on (:func:`captioning.category.cross_fitted_predictions`).
         oracle: hand the annotation (category, viewpoint, occlusion, scale, zoom) to the dialogue instead;
             the records say so.
     """
@@ -153,9 +156,15 @@ def caption_targets(
                 predictions = list(
                     category_model.predict([x for _, x in opened], [t.bbox for t, _ in opened])
                 )
+            out_of_fold = {t.key for t, _ in opened if cross_fitted and not oracle and t.key in cross_fitted}
             tasks, categories = [], {}
             for (target, image), predicted in zip(opened, predictions):
+                if target.key in out_of_fold:
+                    assert cross_fitted is not None
+                    predicted = cross_fitted[target.key]
                 task, categories[target.key] = make_task(target, image, oracle=oracle, predicted=predicted)
+                if target.key in out_of_fold and categories[target.key]["source"] == "category-model":
+                    categories[target.key]["cross_fitted"] = True
                 tasks.append(task)
             results: dict[str, CaptionResult] = {}
             if tasks:

@@ -18,12 +18,14 @@ from tiny_vlm import write_deepfashion2
 from captioning.category import (
     FEATURE_DIM,
     category_model_dir,
+    cross_fitted_predictions,
     fit_category_model,
     list_category_models,
     load_category_model,
     pixel_features,
 )
 from captioning.cli import main
+from captioning.sources import create_source
 from captioning.store import read_records
 
 
@@ -50,30 +52,24 @@ def _edit_annotations(root: Path, split: str) -> None:
         path.write_text(json.dumps(anno))
 
 
-def _categorised(root: Path, split: str) -> None:
-    """Give the synthetic annotation real DeepFashion2 category names (the category model's labels)."""
-    for path in sorted((root / split / "annos").glob("*.json")):
-        anno = json.loads(path.read_text())
-        for name, item in anno.items():
-            if name.startswith("item"):
-                item["category_name"] = ["short sleeve top", "trousers", "long sleeve dress"][
-                    item["category_id"] % 3
-                ]
-        path.write_text(json.dumps(anno))
-
-
 def test_editing_the_annotation_leaves_default_captions_unchanged(tmp_path, capsys) -> None:
     root = tmp_path / "df2"
     write_deepfashion2(root, "train", images=16, items_per_image=2)
     keys = write_deepfashion2(root, "validation", images=8, items_per_image=2)
-    _categorised(root, "train")
-    _categorised(root, "validation")
     train_store = tmp_path / "captions.train.jsonl"
     summary = _caption(["--root", str(root), "--split", "train", "--out", str(train_store),
                         "--train-category-model", "--category-seconds", "5"], capsys)  # fmt: skip
     folder = category_model_dir(train_store)
     assert summary["category_model"] == str(folder) and (folder / "model.safetensors").is_file()
     assert 0.0 <= summary["category_model_metrics"]["heldout_accuracy"] <= 1.0
+    train_records = read_records(train_store)
+    # the split the model trained on is captioned with out-of-fold predictions, not memorised ones
+    assert all(r["category"]["cross_fitted"] is True for r in train_records.values())
+    truth = {
+        t.key: t.annotation["category_name"] for t in create_source("deepfashion2", root=root, split="train")
+    }
+    right = [r["category"]["name"] == truth[k] for k, r in train_records.items()]
+    assert summary["category_model_metrics"]["cross_fitted_accuracy"] == pytest.approx(np.mean(right))
     base = ["--root", str(root), "--split", "validation", "--category-model", str(folder)]
     before = read_records(_caption([*base, "--out", str(tmp_path / "a.jsonl")], capsys)["out"])
     oracle_before = read_records(
@@ -144,3 +140,13 @@ def test_category_model_learns_from_pixels_and_round_trips(tmp_path) -> None:
         load_category_model(tmp_path / "nope")
     with pytest.raises(ValueError, match="differ"):
         fit_category_model(features=features, labels=labels[:-1], groups=groups)
+    oof = cross_fitted_predictions(features=features, labels=labels, groups=groups, folds=5)
+    assert np.mean([p.name == y for p, y in zip(oof, labels)]) >= 0.95  # separable: right out of fold too
+    shuffled = [str(x) for x in np.random.default_rng(1).permutation(labels)]  # labels unrelated to pixels
+    noise = fit_category_model(features=features, labels=shuffled, groups=groups, heldout_fraction=0.3)
+    oof = cross_fitted_predictions(features=features, labels=shuffled, groups=groups, folds=5)
+    out_of_fold = float(np.mean([p.name == y for p, y in zip(oof, shuffled)]))
+    assert out_of_fold < 0.75 and noise.metrics["train_accuracy"] > out_of_fold + 0.05, (
+        out_of_fold,
+        noise.metrics,
+    )

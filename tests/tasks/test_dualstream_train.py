@@ -207,5 +207,8 @@ def test_demo_config_file_follows_the_quickstart_recipe(configs_dir: Path) -> No
         for key, value in recipe[section].items():
             assert shipped[section][key] == value, (section, key)
     assert shipped["trainer"]["max_seconds"] == stage.DEFAULT_TRAIN_SECONDS
-    for name in ("demo_dualstream.yaml", "deepfashion2_dualstream.yaml"):  # selection on held-out train identities
+    for name in (
+        "demo_dualstream.yaml",
+        "deepfashion2_dualstream.yaml",
+    ):  # selection on held-out train identities
         assert yaml.safe_load((configs_dir / name).read_text())["data"]["holdout_identities"] == 0.05
