@@ -59,7 +59,7 @@ DEMO_RECIPE: dict[str, Any] = {
         "clip_grad_norm": 5.0,
         "amp": "off",
         "log_every": 10,
-        "eval_every": 50,  # on the held-out train identities: selects the exported checkpoint
+        "eval_every": 100,  # on the held-out train identities: selects the exported checkpoint
         "save_every": 0,
         "keep_last": 1,
         "num_workers": 0,
