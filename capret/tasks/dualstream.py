@@ -342,10 +342,15 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
                   "holdout_items": len(task.holdout_items), "selection": "holdout train identities"}  # fmt: skip
         if config.data.val_split:
             # The one evaluation of the reported split, after selection is over.
-            final = {"split": config.data.val_split, **protocol_metrics(
-                model.to(next(model.parameters()).device).eval(), root=config.data.root,
-                split=config.data.val_split, items=None, captions=config.data.val_captions,
-                eval_config=config.eval)}  # fmt: skip
+            reported = protocol_metrics(
+                model.eval(),
+                root=config.data.root,
+                split=config.data.val_split,
+                items=None,
+                captions=config.data.val_captions,
+                eval_config=config.eval,
+            )
+            final = {"split": config.data.val_split, **reported}
             atomic_write_json(Path(config.trainer.output_dir) / "final_metrics.json", final, indent=2)
             result["final_metrics"] = final
     return result
