@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from tiny_vlm import write_deepfashion2
 
+from captioning.backends import CaptionBackend, create_backend
 from captioning.category import (
     FEATURE_DIM,
     category_model_dir,
@@ -25,8 +26,11 @@ from captioning.category import (
     pixel_features,
 )
 from captioning.cli import main
-from captioning.sources import create_source
-from captioning.store import read_records
+from captioning.loop import LoopConfig
+from captioning.prompts import get_prompt_set
+from captioning.runner import caption_targets
+from captioning.sources import CaptionTarget, create_source
+from captioning.store import CaptionStore, read_records
 
 
 def _caption(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
@@ -150,3 +154,55 @@ def test_category_model_learns_from_pixels_and_round_trips(tmp_path) -> None:
         out_of_fold,
         noise.metrics,
     )
+
+
+class _Recorder(CaptionBackend):
+    """A backend that answers like the template one and records every message it was sent."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.inner = create_backend("template")
+        self.texts: list[str] = []
+
+    def _keep(self, messages: list[dict]) -> None:
+        self.texts.append(json.dumps(messages))
+
+    def ask(self, requests, *, max_tokens):  # type: ignore[no-untyped-def]
+        for r in requests:
+            self._keep(r.messages)
+        return self.inner.ask(requests, max_tokens=max_tokens)
+
+    def answer(self, queries, *, max_tokens):  # type: ignore[no-untyped-def]
+        for q in queries:
+            self._keep(q.messages)
+        return self.inner.answer(queries, max_tokens=max_tokens)
+
+    def describe(self) -> dict:
+        return {"name": "recorder"}
+
+
+def test_prompts_name_a_detector_class_but_never_the_annotation(tmp_path) -> None:
+    image = Image.new("RGB", (40, 40), (240, 240, 240))
+    annotation = {
+        "category_name": "vest dress",
+        "category_id": 12,
+        "viewpoint": 3,
+        "occlusion": 3,
+        "scale": 1,
+    }
+    targets = [
+        CaptionTarget(key="d/1/1", open_image=lambda: image, bbox=(5, 5, 30, 35), annotation=annotation),
+        CaptionTarget(key="d/1/2", open_image=lambda: image, bbox=(5, 5, 30, 35), annotation=annotation,
+                      category="trousers"),  # a detector's class
+    ]  # fmt: skip
+    backend = _Recorder()
+    with CaptionStore(tmp_path / "c.jsonl") as store:
+        caption_targets(targets, store=store, backend=backend, prompts=get_prompt_set("capret-chat-v1"),
+                        config=LoopConfig(), progress=False)  # fmt: skip
+    records = read_records(tmp_path / "c.jsonl")
+    assert records["d/1/1"]["category"] == {"name": "", "source": "none"}
+    assert records["d/1/2"]["category"] == {"name": "trousers", "source": "detector"}
+    assert "trousers" in records["d/1/2"]["caption"]
+    sent = "\n".join(backend.texts)
+    assert "trousers" in sent and "vest dress" not in sent and "seen from the side" not in sent
