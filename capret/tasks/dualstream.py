@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from capret.config import cfg, to_dict
+from capret.data.caption_records import caption_sources
 from capret.data.captions import join_captions
 from capret.data.items import (
     ItemCollator,
@@ -340,6 +341,8 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
         model.save_pretrained(export)
         result = {**result, "model_dir": str(export), **task.caption_join.summary(),
                   "holdout_items": len(task.holdout_items), "selection": "holdout train identities"}  # fmt: skip
+        if config.data.captions is not None:  # pixels or oracle: every report says which captions it rests on
+            result["caption_source"] = caption_sources(config.data.captions)
         if config.data.val_split:
             # The one evaluation of the reported split, after selection is over.
             reported = protocol_metrics(

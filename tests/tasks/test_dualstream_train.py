@@ -88,6 +88,7 @@ def test_train_lowers_loss_and_exports_a_loadable_model(
     # 5% of 8 train identities rounds up to one held-out identity (3 items): selection never sees validation
     assert result["holdout_items"] == 3 and result["selection"] == "holdout train identities"
     assert result["captions_found"] == 21 and result["captions_missing"] == 0
+    assert result["caption_source"] == {"unrecorded": 24}  # the synthetic store predates the provenance field
     assert result["metrics"]["num_queries"] == 2  # the user items of the held-out identity
     final = result["final_metrics"]  # the reported split, evaluated once after training
     assert final["split"] == "validation" and final["num_queries"] == 8
