@@ -4,6 +4,13 @@ Flags map onto :class:`CaptionConfig` (a ``capret.config`` dataclass); ``--confi
 fields from YAML and ``--set key=value`` overrides any of them (``--set loop.view=box``). The command prints a
 JSON summary (done, skipped, failed with reasons, tokens, rate) and exits 0, or 1 when some items failed
 (they are in ``<out stem>.failures.jsonl`` and are retried by the next run), or 2 on a usage error.
+
+Captions are functions of the pixels and the box by default. The category named in the prompts comes from a
+category model (``--category-model DIR``, or ``--train-category-model`` to fit one on this split's crops and
+save it to ``<out stem>.category_model/``; this split's own captions then use cross-fitted, out-of-fold
+predictions, so they are as often wrong as those of unseen items), else none. ``--oracle-attributes`` hands the annotation
+(category, viewpoint, occlusion, scale, zoom) to the dialogue instead: an explicit oracle, recorded in every
+record (``"oracle": true``) and in the summary.
 """
 
 from __future__ import annotations
@@ -57,7 +64,9 @@ class CaptionConfig:
     dataset: str = cfg("deepfashion2", "deepfashion2, demo, fashioniq, cirr, circo or images")
     root: Path | None = cfg(None, "dataset root folder")
     split: str | None = cfg(None, "split (default: validation for deepfashion2/demo, val otherwise)")
-    category: str | None = cfg(None, "fashioniq category (default: all); images: category name for prompts")
+    category: str | None = cfg(
+        None, "fashioniq category subset (default: all); images: a category name, read only by the oracle"
+    )
     out: Path | None = cfg(None, "the JSONL caption store to write (resumed if it exists)")
     backend: str = cfg("template", "caption backend: template, transformers or openai")
     vlm: str = cfg("", "VLM: hub id or local folder (transformers) / served model name (openai)")
@@ -74,6 +83,14 @@ class CaptionConfig:
         "error: an unreadable image stops the run naming the file; skip: it is logged to the failures file and "
         "counted in the summary (bad_images)",
     )
+    oracle_attributes: bool = cfg(
+        False, "ORACLE: give the dialogue the annotated category, viewpoint, occlusion, scale and zoom"
+    )
+    category_model: Path | None = cfg(None, "category-model folder predicting the category named in prompts")
+    train_category_model: bool = cfg(
+        False, "fit a category model on this split's crops first (saved to <out stem>.category_model/)"
+    )
+    category_seconds: float = cfg(30.0, "time budget of --train-category-model (features + fitting)")
     loop: LoopConfig = cfg(factory=LoopConfig, help="dialogue options")
     openai: OpenAIOptions = cfg(factory=OpenAIOptions, help="openai backend options")
     transformers: TransformersOptions = cfg(factory=TransformersOptions, help="transformers backend options")
@@ -98,6 +115,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-question-tokens", "loop.max_question_tokens", {"type": int, "help": "token limit per question"}),
     ("--max-answer-tokens", "loop.max_answer_tokens", {"type": int, "help": "token limit per answer"}),
     ("--max-summary-tokens", "loop.max_summary_tokens", {"type": int, "help": "token limit of the caption"}),
+    ("--category-model", "category_model", {"help": "category-model folder (predicts the prompt category)"}),
+    ("--category-seconds", "category_seconds", {"type": float, "help": "budget of --train-category-model"}),
     ("--prompt-version", "prompt_version", {"help": "built-in prompt set (default capret-chat-v1)"}),
     ("--prompt-file", "prompt_file", {"help": "YAML prompt set"}),
     ("--base-url", "openai.base_url", {"action": "append", "help": "server base URL (repeat for several)"}),
@@ -137,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="re-caption keys already in the store (the new line is marked and wins)",
+    )
+    parser.add_argument(
+        "--oracle-attributes",
+        dest="oracle_attributes",
+        action="store_true",
+        default=None,
+        help="ORACLE: captions may read the annotation (category, viewpoint, ...); records say oracle: true",
+    )
+    parser.add_argument(
+        "--train-category-model",
+        dest="train_category_model",
+        action="store_true",
+        default=None,
+        help="fit a category model on this split's crops, save it beside --out, and caption with it",
     )
     parser.add_argument(
         "--trust-remote-code",
@@ -231,6 +264,7 @@ def _backend_options(config: CaptionConfig) -> dict[str, Any]:
 def run(config: CaptionConfig) -> dict[str, Any]:
     """Caption ``config.dataset`` into ``config.out``; returns the run summary as a dict."""
     from captioning.backends import create_backend
+    from captioning.category import category_model_dir, fit_category_model_on_targets, load_category_model
     from captioning.prompts import get_prompt_set, load_prompt_set
     from captioning.runner import caption_targets
     from captioning.sources import create_source, parse_shard, select_shard, store_binding
@@ -253,6 +287,24 @@ def run(config: CaptionConfig) -> dict[str, Any]:
     targets = select_shard(targets, shard_index, shard_count)
     if config.limit is not None:
         targets = targets[: config.limit]
+    if config.oracle_attributes and (config.category_model or config.train_category_model):
+        raise ConfigError(
+            "--oracle-attributes uses the annotated category; drop --category-model/--train-category-model"
+        )
+    if config.category_model and config.train_category_model:
+        raise ConfigError("--category-model and --train-category-model exclude each other")
+    category_model = None
+    cross_fitted = None
+    category_report: dict[str, Any] = {}
+    if config.train_category_model:
+        folder = category_model_dir(config.out)
+        category_model, cross_fitted = fit_category_model_on_targets(
+            targets, out_dir=folder, max_seconds=config.category_seconds, progress=config.progress
+        )
+        category_report = {"category_model": str(folder), "category_model_metrics": category_model.metrics}
+    elif config.category_model:
+        category_model = load_category_model(config.category_model)
+        category_report = {"category_model": str(config.category_model)}
     with CaptionStore(config.out, overwrite=config.overwrite, binding=binding) as store:
         if store.truncated_tail:
             print(
@@ -270,8 +322,17 @@ def run(config: CaptionConfig) -> dict[str, Any]:
                 batch_size=config.batch_size,
                 progress=config.progress,
                 on_bad_image=config.on_bad_image,
+                category_model=category_model,
+                cross_fitted=cross_fitted,
+                oracle=config.oracle_attributes,
             )
-    result = {"out": str(config.out), "failures_file": str(store.failures_path), **summary.to_dict()}
+    result = {
+        "out": str(config.out),
+        "failures_file": str(store.failures_path),
+        **summary.to_dict(),
+        "oracle": config.oracle_attributes,
+        **category_report,
+    }
     return result
 
 

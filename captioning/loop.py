@@ -1,7 +1,7 @@
 """The captioning dialogue (ChatCaptioner adapted to one clothing item), run on a batch of items at once.
 
 Round 0 asks the VLM to describe the item. Each of the ``rounds`` following rounds asks the LLM, which knows
-only the item's category and the dialogue so far, for one new informative non-yes/no question, and the VLM
+only the item's category (a model's prediction by default, see :mod:`captioning.runner`) and the dialogue so far, for one new informative non-yes/no question, and the VLM
 answers it while seeing the item (a crop with context margin, or the full image with the box drawn) and the
 previous turns. The LLM finally summarises the informative answers into a caption of a few sentences.
 
@@ -68,7 +68,11 @@ class LoopConfig:
 
 @dataclass
 class CaptionTask:
-    """One item to caption: its full image, its box in that image, and what the annotation says."""
+    """One item to caption: its full image, its box in that image, and a category name for the prompts.
+
+    ``category`` is a prediction by default; ``category_id`` and ``attributes`` are set only by the explicit
+    oracle (:func:`captioning.runner.make_task`).
+    """
 
     key: str
     image: Image.Image
@@ -306,6 +310,8 @@ def caption_batch(
             category_id=task.category_id,
             attributes=dict(task.attributes),
             bbox_in_view=box,
+            image_size=task.image.size,
+            bbox_in_image=task.bbox,
         )
         states.append(_State(result=CaptionResult(key=task.key), view=view, context=context))
 

@@ -1,7 +1,12 @@
 """What to caption: a dataset name and root become a sorted list of :class:`CaptionTarget`.
 
-Targets are cheap (a key, a way to open the image, the box and annotation fields); images are opened only
-when their batch is captioned. Keys follow DESIGN.md (``<dataset>/<image_id>/<item_index>``) and are the
+Targets are cheap (a key, a way to open the image, the box); images are opened only when their batch is
+captioned. The dataset's annotation fields (category, viewpoint, occlusion, scale, zoom) travel in
+``CaptionTarget.annotation`` and reach a caption only under the explicit oracle (``--oracle-attributes``); by
+default a caption is a function of the pixels and the box alone (DESIGN.md "No oracle by default"), and the
+category comes from a model (``CaptionTarget.category`` set by a detector, or the runner's category model).
+
+Keys follow DESIGN.md (``<dataset>/<image_id>/<item_index>``) and are the
 ones the training code joins on: DeepFashion2 and the quickstart's demo dataset (same layout) use
 ``Item.key``; FashionIQ/CIRR/CIRCO reference images use their dataset class's ``images_to_caption()``
 keys; ``images`` captions every image file under a folder (key ``images/<relative path>/0``).
@@ -34,10 +39,6 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
-#: DeepFashion2 category id -> sleeve kind, so that annotation-based answers can state it.
-_DF2_SLEEVES = {1: "short", 2: "long", 3: "short", 4: "long", 5: "none", 6: "straps",
-                10: "short", 11: "long", 12: "none", 13: "straps"}  # fmt: skip
-
 
 def open_rgb(path: Path) -> Image.Image:
     """Open an image file as RGB; a missing or undecodable file raises ``BadImageError`` naming it."""
@@ -46,14 +47,18 @@ def open_rgb(path: Path) -> Image.Image:
 
 @dataclass(frozen=True)
 class CaptionTarget:
-    """One thing to caption: its store key, how to open its image, its box and annotation fields."""
+    """One thing to caption: its store key, how to open its image, its box, and (oracle only) its annotation.
+
+    ``category`` is a *predicted* category (a detector's class) and may be used by default; ``annotation``
+    holds the dataset's fields (``category_name``, ``category_id``, ``viewpoint``, ...) and is read only when
+    the caller asks for the oracle.
+    """
 
     key: str
     open_image: Callable[[], Image.Image] = field(repr=False, compare=False)
     bbox: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2; None = the whole image
-    category: str = ""
-    category_id: int | None = None
-    attributes: dict[str, Any] = field(default_factory=dict, compare=False)
+    category: str = ""  # predicted by a model (detector), never copied from the annotation
+    annotation: dict[str, Any] = field(default_factory=dict, compare=False)  # oracle only
 
 
 SourceFactory = Callable[..., list[CaptionTarget]]
@@ -136,23 +141,22 @@ def _deepfashion2(root: Path, split: str | None, *, category: str | None) -> lis
     split = split or "validation"
     targets = []
     for item in load_items(root, split):
-        attributes: dict[str, Any] = {
+        annotation: dict[str, Any] = {
+            "category_name": item.category_name,
+            "category_id": item.category_id,
             "source": item.source,
+            "identity": [item.pair_id, item.style],
             "viewpoint": item.viewpoint,
             "occlusion": item.occlusion,
             "zoom_in": item.zoom_in,
             "scale": item.scale,
         }
-        if item.category_id in _DF2_SLEEVES:
-            attributes["sleeves"] = _DF2_SLEEVES[item.category_id]
         targets.append(
             CaptionTarget(
                 key=item.key,
                 open_image=partial(open_image, root, split, item.image_id),
                 bbox=tuple(float(v) for v in item.bbox),  # type: ignore[arg-type]
-                category=item.category_name,
-                category_id=item.category_id,
-                attributes=attributes,
+                annotation=annotation,
             )
         )
     return targets
@@ -164,8 +168,9 @@ register_source("demo")(_deepfashion2)
 
 
 def _reference_images(pairs: Sequence[tuple[str, Path]], category: str = "") -> list[CaptionTarget]:
+    annotation = {"category_name": category} if category else {}
     return [
-        CaptionTarget(key=key, open_image=partial(open_rgb, Path(path)), category=category)
+        CaptionTarget(key=key, open_image=partial(open_rgb, Path(path)), annotation=dict(annotation))
         for key, path in pairs
     ]
 
@@ -210,7 +215,7 @@ def _images(root: Path, split: str | None, *, category: str | None) -> list[Capt
         CaptionTarget(
             key=f"images/{p.relative_to(base).with_suffix('').as_posix()}/0",
             open_image=partial(open_rgb, p),
-            category=category or "",
+            annotation={"category_name": category} if category else {},
         )
         for p in paths
     ]

@@ -3,7 +3,8 @@
 The loop talks to every backend through two batched calls (``ask`` for the question-asking/summarising LLM,
 ``answer`` for the VLM that sees the item). Requests carry both the rendered chat ``messages`` (what a real
 model reads) and the structured ``context``/``dialogue`` they were rendered from, so that the model-free
-``template`` backend can answer from the annotation and pixels while keeping the exact same record shape.
+``template`` backend can answer from the pixels (and, under the explicit oracle only, the annotation) while
+keeping the exact same record shape.
 """
 
 from __future__ import annotations
@@ -29,17 +30,24 @@ class QA:
 
 @dataclass(frozen=True)
 class ItemContext:
-    """What is known about an item without looking at it (annotation fields).
+    """What the dialogue is told about an item besides its pixels.
 
-    ``bbox_in_view`` is the item's box in the coordinates of the image the VLM is shown (after cropping with
-    context margin), so that pixel-based answers can separate the garment from its surroundings.
+    By default ``category`` is a model's prediction (or "") and ``attributes`` is empty; only the explicit
+    oracle (``--oracle-attributes``) fills them from the annotation. ``bbox_in_view`` is the item's box in the
+    coordinates of the image the VLM is shown (after cropping with context margin), so that pixel-based
+    answers can separate the garment from its surroundings; ``image_size`` and ``bbox_in_image`` place the box
+    in the full photo (how large the item appears).
     """
 
     key: str
     category: str = ""  # category name, e.g. "short sleeve top" ("" when unknown)
-    category_id: int | None = None  # dataset category id (DeepFashion2: 1..13)
-    attributes: dict[str, Any] = field(default_factory=dict)  # e.g. viewpoint, occlusion, zoom_in, scale
+    category_id: int | None = None  # dataset category id (oracle only)
+    attributes: dict[str, Any] = field(
+        default_factory=dict
+    )  # oracle only: viewpoint, occlusion, zoom_in, scale
     bbox_in_view: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in view pixels
+    image_size: tuple[int, int] | None = None  # width, height of the full photo
+    bbox_in_image: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in the full photo
 
 
 @dataclass(frozen=True)

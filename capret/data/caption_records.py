@@ -18,6 +18,7 @@ __all__ = [
     "FIELD_TYPES",
     "REQUIRED_FIELDS",
     "StoreError",
+    "caption_sources",
     "items_fingerprint",
     "iter_records",
     "read_captions",
@@ -176,3 +177,14 @@ def read_records(path: str | Path) -> dict[str, dict[str, Any]]:
 def read_captions(path: str | Path) -> dict[str, str]:
     """Key -> caption, for joining captions to dataset items by ``Item.key``."""
     return _read(path, "caption")
+
+
+def caption_sources(path: str | Path) -> dict[str, int]:
+    """How a store's captions were made: record count per ``caption_source`` (``pixels``, ``oracle-attributes``;
+    ``unrecorded`` for records written before the field existed), so every report can say whether it rests on
+    oracle captions."""
+    counts: dict[str, int] = {}
+    for record in read_records(path).values():
+        source = str(record.get("caption_source", "unrecorded"))
+        counts[source] = counts.get(source, 0) + 1
+    return counts

@@ -37,6 +37,7 @@ __all__ = [
     "ItemTransform",
     "PKBatchSampler",
     "identity_labels",
+    "split_holdout_identities",
 ]
 
 
@@ -334,3 +335,33 @@ class PKBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         yield from self.batches()[self.rank :: self.world_size]
+
+
+def split_holdout_identities(
+    items: Sequence[Item], *, fraction: float, seed: int
+) -> tuple[list[Item], list[Item]]:
+    """``(training items, held-out items)``: whole identities held out of a *train* split for model selection.
+
+    Checkpoints must never be selected on the split that is reported (DESIGN.md), so validation during
+    training runs on identities the model never trains on, drawn from the train split itself. Only identities
+    with at least one user and one shop item can be scored by the consumer-to-shop protocol, so only those are
+    drawn: ``max(1, round(fraction * eligible))`` of them (none when ``fraction`` is 0), by a seeded permutation
+    of the sorted identities, so a config and seed always hold out the same garments.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.holdout_identities must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return list(items), []
+    sources: dict[tuple[int, int], set[str]] = {}
+    for item in items:
+        sources.setdefault(item.identity, set()).add(item.source)
+    eligible = sorted(identity for identity, seen in sources.items() if {"user", "shop"} <= seen)
+    if len(eligible) < 2:
+        raise ValueError(
+            f"data.holdout_identities={fraction}: only {len(eligible)} train identities have both user and shop "
+            "items; at least 2 are needed (set data.holdout_identities=0 to train without selection)"
+        )
+    count = min(max(1, round(fraction * len(eligible))), len(eligible) - 1)
+    order = np.random.default_rng(seed).permutation(len(eligible))
+    held = {eligible[i] for i in order[:count]}
+    return [it for it in items if it.identity not in held], [it for it in items if it.identity in held]

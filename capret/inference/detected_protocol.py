@@ -188,7 +188,6 @@ def caption_detections(
                     open_image=partial(open_image, root, split, image_id),
                     bbox=tuple(float(v) for v in det.box),  # type: ignore[arg-type]
                     category=category,  # the detector's prediction, not an annotation
-                    category_id=det.category_id,
                 )
     config = from_dict(LoopConfig, loop or {})
     with create_backend(backend, **(backend_options or {})) as engine, CaptionStore(store) as cache:

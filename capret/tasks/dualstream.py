@@ -13,10 +13,13 @@ Losses (all weights configurable, every term logged):
   temperature (X-VLM), on the samples that have a caption;
 * **box**: L1 + (1 - GIoU) between the predicted and the annotated item box (X-VLM's bounding-box loss).
 
-Validation (``evaluate``) runs the ground-truth-box protocol on the validation split: mAP and R@k with the
-captions (``map``, the monitored metric) and without them (``map_no_captions``, the caption ablation).
-After training, a self-contained model folder is exported (``trainer.output_dir/model`` by default) that
-``capret.load_model`` reads.
+Model selection never sees the reported split: ``data.holdout_identities`` (default 5%) of the train split's
+identities are held out of training, and validation during training (``evaluate``: the ground-truth-box
+protocol, mAP and R@k with the captions (``map``, the monitored metric) and without them
+(``map_no_captions``)) runs on them. After training, a self-contained model folder is exported
+(``trainer.output_dir/model`` by default) with the selected weights, and the reported split
+(``data.val_split``) is evaluated exactly once with it: ``final_metrics`` in the result and
+``<output_dir>/final_metrics.json``.
 """
 
 from __future__ import annotations
@@ -30,8 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from capret.config import cfg, to_dict
+from capret.data.caption_records import caption_sources
 from capret.data.captions import join_captions, split_fingerprint
-from capret.data.items import ItemCollator, ItemDataset, PKBatchSampler, identity_labels
+from capret.data.items import (
+    ItemCollator,
+    ItemDataset,
+    PKBatchSampler,
+    identity_labels,
+    split_holdout_identities,
+)
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
 from capret.inference.dualstream import evaluate_items, item_transform, load_dual_stream_weights
@@ -46,6 +56,7 @@ __all__ = [
     "EvalConfig",
     "LossConfig",
     "TrainModule",
+    "protocol_metrics",
     "run",
 ]
 
@@ -60,7 +71,16 @@ class DataConfig:
         "data/deepfashion2", "dataset root in the official DeepFashion2 layout (<root>/<split>/annos)"
     )
     train_split: str = cfg("train", "split to train on")
-    val_split: str = cfg("validation", "split for validation (ground-truth-box protocol); '' = no validation")
+    val_split: str = cfg(
+        "validation",
+        "reported split, evaluated once after training with the selected weights (never used for selection); "
+        "'' = none",
+    )
+    holdout_identities: float = cfg(
+        0.05,
+        "share of the train split's identities held out of training for validation and checkpoint selection; "
+        "0 = no validation during training (the last weights are exported)",
+    )
     captions: str | None = cfg(None, "caption store JSONL of the train split (keys = Item.key); null = none")
     val_captions: str | None = cfg(
         None,
@@ -214,6 +234,9 @@ class DualStreamTask:
             items = items[: data.max_items]
         if not items:
             raise ValueError(f"{data.root}/{data.train_split}: no items with style > 0 to train on")
+        items, self.holdout_items = split_holdout_identities(
+            items, fraction=data.holdout_identities, seed=config.trainer.seed
+        )
         self.items = items
         self.labels, self.identities = identity_labels(items)
         self.bad_images: list[str] = []
@@ -323,42 +346,20 @@ class DualStreamTask:
         )
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        if not self.config.data.val_split:
+        """Model-selection metrics on the held-out *train* identities (empty without a holdout)."""
+        if not self.holdout_items:
             return {}
-
-        module = _unwrap(model)
-        data, ev = self.config.data, self.config.eval
-        device = next(module.parameters()).device
-        metrics: dict[str, float] = {}
-        with_captions = evaluate_items(
-            module.model,
+        data = self.config.data
+        return protocol_metrics(
+            _unwrap(model).model,
             root=data.root,
-            split=data.val_split,
-            captions=data.val_captions,
+            split=data.train_split,
+            items=self.holdout_items,
+            captions=data.captions,
+            eval_config=self.config.eval,
             min_caption_coverage=data.min_caption_coverage,
             on_bad_image=data.on_bad_image,
-            ks=ev.ks,
-            batch_size=ev.batch_size,
-            device=device,
         )
-        metrics.update({k: float(v) for k, v in with_captions.metrics.items() if isinstance(v, int | float)})
-        if ev.no_captions and data.val_captions is not None:
-            without = evaluate_items(
-                module.model,
-                root=data.root,
-                split=data.val_split,
-                captions=None,
-                ks=ev.ks,
-                batch_size=ev.batch_size,
-                device=device,
-                on_bad_image=data.on_bad_image,
-            )
-            for key, value in without.metrics.items():
-                if isinstance(value, int | float) and (
-                    key in ("map", "map_at_r") or key.startswith("recall@")
-                ):
-                    metrics[f"{key}_no_captions"] = float(value)
-        return metrics
 
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.config)
@@ -375,8 +376,57 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
         if (best / "checkpoint.json").is_file():
             load_dual_stream_weights(model, best)
         model.save_pretrained(export)
-        result = {**result, "model_dir": str(export), **task.caption_join.summary()}
+        result = {**result, "model_dir": str(export), **task.caption_join.summary(),
+                  "holdout_items": len(task.holdout_items), "selection": "holdout train identities"}  # fmt: skip
+        if config.data.captions is not None:  # pixels or oracle: every report says which captions it rests on
+            result["caption_source"] = caption_sources(config.data.captions)
+        if config.data.val_split:
+            # The one evaluation of the reported split, after selection is over.
+            reported = protocol_metrics(
+                model.eval(),
+                root=config.data.root,
+                split=config.data.val_split,
+                items=None,
+                captions=config.data.val_captions,
+                eval_config=config.eval,
+                min_caption_coverage=config.data.min_caption_coverage,
+                on_bad_image=config.data.on_bad_image,
+            )
+            final = {"split": config.data.val_split, **reported}
+            atomic_write_json(Path(config.trainer.output_dir) / "final_metrics.json", final, indent=2)
+            result["final_metrics"] = final
     return result
+
+
+def protocol_metrics(
+    model: DualStreamModel,
+    *,
+    root: str,
+    split: str,
+    items: list[Any] | None,
+    captions: str | None,
+    eval_config: EvalConfig,
+    min_caption_coverage: float = 0.5,
+    on_bad_image: str = "error",
+) -> dict[str, float]:
+    """Ground-truth-box mAP / R@k with captions and (``eval.no_captions``) without them (``*_no_captions``)."""
+    device = next(model.parameters()).device
+    common = {"root": root, "split": split, "items": items, "ks": eval_config.ks,
+              "batch_size": eval_config.batch_size, "device": device,
+              "on_bad_image": on_bad_image}  # fmt: skip
+    with_captions = evaluate_items(
+        model,
+        captions=captions,
+        min_caption_coverage=min_caption_coverage,
+        **common,  # type: ignore[arg-type]
+    )
+    metrics = {k: float(v) for k, v in with_captions.metrics.items() if isinstance(v, int | float)}
+    if eval_config.no_captions and captions is not None:
+        without = evaluate_items(model, captions=None, **common)  # type: ignore[arg-type]
+        for key, value in without.metrics.items():
+            if isinstance(value, int | float) and (key in ("map", "map_at_r") or key.startswith("recall@")):
+                metrics[f"{key}_no_captions"] = float(value)
+    return metrics
 
 
 def _unwrap(model: nn.Module) -> TrainModule:

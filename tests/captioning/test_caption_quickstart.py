@@ -1,4 +1,5 @@
-"""The quickstart's captions stage on a small demo dataset: every item of both splits, keyed by Item.key."""
+"""The quickstart's captions stage on a small demo dataset: every item of both splits, keyed by Item.key,
+captioned from pixels with the category of a category model trained on the train split."""
 
 from __future__ import annotations
 
@@ -26,9 +27,21 @@ def test_captions_stage_captions_every_demo_item_and_resumes(tmp_path: Path) -> 
         records = read_records(path)
         assert sorted(records) == keys and keys[0].startswith("deepfashion2/")
         assert all(r["backend"] == "template" and len(r["dialogue"]) >= 3 for r in records.values())
+        assert all(r["oracle"] is False and r["caption_source"] == "pixels" for r in records.values())
+        assert all(r["category"]["source"] == "category-model" for r in records.values())
+        assert ctx.state["predicted_categories"][split] == {
+            k: r["category"]["name"] for k, r in records.items()
+        }
         total += len(keys)
         captions |= {r["caption"] for r in records.values()}
     assert result["captioned"] == total and result["skipped"] == 0 and result["failed"] == 0
     assert result["example"] in captions
+    assert result["caption_source"] == "pixels"
+    model = result["category_model"]
+    assert model["dir"] == str(tmp_path / "captions.train.category_model")
+    assert (tmp_path / "captions.train.category_model" / "model.safetensors").is_file()
+    for key in ("heldout_accuracy", "validation_accuracy", "chance_accuracy"):
+        assert 0.0 <= model[key] <= 1.0
     again = run(QuickstartContext(out_dir=tmp_path, data_root=data))
     assert again["captioned"] == 0 and again["skipped"] == total and again["example"]
+    assert again["category_model"] == model  # the saved model is reused, not retrained

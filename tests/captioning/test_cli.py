@@ -45,13 +45,17 @@ def test_template_run_then_resume_skips_everything(df2, tmp_path, capsys) -> Non
     assert sorted(records) == sorted(keys)
     record = records[keys[0]]
     assert set(record) == {"key", "caption", "dialogue", "backend", "model", "prompt_version", "created",
-                           "dataset", "split", "fingerprint"}  # fmt: skip
+                           "dataset", "split", "fingerprint",
+                           "oracle", "caption_source", "category"}  # fmt: skip
     assert record["backend"] == "template" and record["prompt_version"] == "capret-chat-v1"
     assert (record["dataset"], record["split"]) == ("deepfashion2", "validation")
     from capret.data.captions import split_fingerprint
     from capret.data.deepfashion2 import load_items
 
     assert record["fingerprint"] == split_fingerprint(load_items(root, "validation", progress=False))
+    assert record["oracle"] is False and record["caption_source"] == "pixels"
+    assert record["category"] == {"name": "", "source": "none"}  # no category model given: no category
+    assert summary["oracle"] is False and summary["caption_source"] == "pixels"
     assert all(set(turn) == {"q", "a"} for turn in record["dialogue"])
     before = out.read_bytes()
     code, summary = _run(["--root", str(root), "--out", str(out)], capsys)
@@ -175,7 +179,8 @@ def test_reference_image_sources(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="image not found"):
         cirr[0].open_image()  # images are not shipped: a clear error naming the file
     fiq = create_source("fashioniq", root=SHARED / "fashioniq", split="val", category="dress")
-    assert fiq and fiq[0].key.startswith("fashioniq/") and fiq[0].category == "dress"
+    assert fiq and fiq[0].key.startswith("fashioniq/") and fiq[0].annotation["category_name"] == "dress"
+    assert fiq[0].category == ""  # the subset name is annotation: only the oracle may hand it to a prompt
     circo = create_source("circo", root=SHARED / "circo", split="val")
     assert 0 < len(circo) <= 220
     folder = tmp_path / "pics" / "a"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -194,16 +195,11 @@ def test_dominant_colours_of_solid_and_two_tone_images() -> None:
     assert dominant_colours(two) == ["white", "blue"]
 
 
-def test_template_backend_dialogue_from_pixels_and_annotation() -> None:
+def test_template_backend_dialogue_from_pixels_and_box() -> None:
     image = Image.new("RGB", (100, 100), (245, 245, 245))
-    image.paste((200, 30, 35), (30, 30, 70, 70))
+    image.paste((200, 30, 35), (30, 20, 60, 80))  # a plain red item, twice as tall as wide, 18% of the photo
     task = CaptionTask(
-        key="deepfashion2/000001/1",
-        image=image,
-        bbox=(30, 30, 70, 70),
-        category="short sleeve top",
-        category_id=1,
-        attributes={"viewpoint": 2, "occlusion": 1, "scale": 2, "zoom_in": 1, "sleeves": "short"},
+        key="deepfashion2/000001/1", image=image, bbox=(30, 20, 60, 80), category="short sleeve top"
     )
     with create_backend("template") as backend:
         (result,) = caption_batch([task], backend=backend, prompts=PROMPTS, config=LoopConfig(rounds=8))
@@ -211,16 +207,70 @@ def test_template_backend_dialogue_from_pixels_and_annotation() -> None:
     assert result.ok and result.caption == again.caption  # deterministic
     answers = {qa.q: qa.a for qa in result.dialogue}
     assert answers[PROMPTS.first_question] == "A red short sleeve top."
+    assert (
+        answers["What pattern or print does the short sleeve top have?"]
+        == "It looks plain, in a single colour."
+    )
     assert answers["What material does the short sleeve top seem to be made of?"] == "Not sure."
+    assert (
+        answers["What kind of sleeves does the short sleeve top have?"] == "It has short sleeves."
+    )  # from the name
+    assert answers["What shape and length does the short sleeve top have?"] == (
+        "It is long and narrow, much taller than wide."
+    )
+    assert answers["How large does the short sleeve top appear in the photo?"] == (
+        "It takes up a moderate part of the photo."
+    )
     assert "mainly white" in answers["What does the background around the short sleeve top look like?"]
+    # without oracle attributes the dialogue never asks what only the annotation knows
+    assert not any("seen" in q or "hidden" in q for q in answers)
     assert result.caption.startswith("A red short sleeve top.")
-    assert "It has short sleeves." in result.caption and "seen from the front" in result.caption
+    assert "It has short sleeves." in result.caption and "taller than wide" in result.caption
     assert "Not sure" not in result.caption  # unsure answers are ignored by the summary
     # fewer rounds: fewer questions, same first sentence
     short = caption_batch(
         [task], backend=create_backend("template"), prompts=PROMPTS, config=LoopConfig(rounds=2)
     )
     assert len(short[0].dialogue) == 3
+
+
+def test_template_backend_measures_texture_and_names_no_category_it_was_not_given() -> None:
+    stripes = Image.new("RGB", (80, 80), (245, 245, 245))
+    for x in range(10, 70, 8):
+        stripes.paste((25, 35, 85), (x, 10, x + 4, 70))  # vertical navy stripes on white
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    tasks = [CaptionTask(key="a/1/1", image=stripes, bbox=(10, 10, 70, 70)),
+             CaptionTask(key="a/2/1", image=noise, bbox=(0, 0, 80, 80))]  # fmt: skip
+    striped, noisy = caption_batch(
+        tasks, backend=create_backend("template"), prompts=PROMPTS, config=LoopConfig()
+    )
+    pattern_q = "What pattern or print does the clothing item have?"
+    assert dict((qa.q, qa.a) for qa in striped.dialogue)[pattern_q] == "It has a striped or linear pattern."
+    assert (
+        dict((qa.q, qa.a) for qa in noisy.dialogue)[pattern_q]
+        == "It has a busy, fine-grained print or texture."
+    )
+    for result in (striped, noisy):
+        assert "clothing item" in result.caption and "sleeve" not in result.caption
+        assert not any("sleeves" in qa.q for qa in result.dialogue)  # no category, no sleeve question
+
+
+def test_template_backend_oracle_attributes_are_used_only_when_given() -> None:
+    image = Image.new("RGB", (100, 100), (245, 245, 245))
+    image.paste((200, 30, 35), (30, 30, 70, 70))
+    oracle = CaptionTask(
+        key="k/1/1",
+        image=image,
+        bbox=(30, 30, 70, 70),
+        category="short sleeve top",
+        category_id=1,
+        attributes={"viewpoint": 2, "occlusion": 1, "scale": 3, "zoom_in": 2},
+    )
+    (result,) = caption_batch(
+        [oracle], backend=create_backend("template"), prompts=PROMPTS, config=LoopConfig()
+    )
+    assert "seen from the front" in result.caption and "Almost all of it is visible." in result.caption
+    assert "It fills most of the photo. The photo is zoomed in" in result.caption  # the annotated scale/zoom
 
 
 def test_prompt_sets_are_versioned_and_loadable(tmp_path) -> None:

@@ -17,6 +17,8 @@ def test_quickstart_stages_write_report(tmp_path: Path, capsys: pytest.CaptureFi
     assert set(report["stages"]) == {"data", "captions", "baseline"}
     assert report["data"]["identities_train"] + report["data"]["identities_validation"] >= 100
     assert report["captions"]["failed"] == 0 and report["captions"]["captioned"] > 0
+    assert report["captions"]["caption_source"] == "pixels"
+    assert 0.0 <= report["captions"]["category_model"]["heldout_accuracy"] <= 1.0
     baseline = report["baseline"]
     assert 0.0 < baseline["map"] <= 1.0
     # With ground-truth boxes the official top-k must equal R@k (the stage itself raises otherwise).
@@ -31,10 +33,17 @@ def test_quickstart_stages_write_report(tmp_path: Path, capsys: pytest.CaptureFi
 @pytest.mark.slow
 def test_full_quickstart(tmp_path: Path) -> None:
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out)]) == 0  # the default 240 s budget: shorter runs are noisy
+    assert (
+        main(["quickstart", "--out", str(out)]) == 0
+    )  # the default 2 x 100 s budget: shorter runs are noisy
     report = json.loads((out / "report.json").read_text())
     assert {"data", "captions", "baseline", "dual_stream", "rerank", "pipeline"} <= set(report)
-    assert report["dual_stream"]["map_after"] > report["dual_stream"]["map_before"]
+    dual = report["dual_stream"]
+    assert dual["map_after"] > dual["map_before"]
+    assert dual["map_image_only_trained"] > dual["map_before_no_captions"]
+    assert 0.0 < dual["map_category_filtered_baseline"] <= 1.0
+    assert dual["caption_source"] == "pixels" and dual["oracle_captions"] is False
+    assert report["captions"]["caption_source"] == "pixels"
     assert report["rerank"]["geometric"]["map"] > report["rerank"]["none"]["map"]
     # the pipeline folder the quickstart leaves works with `capret search` right away
     assert report["pipeline"]["top20"] > 0.3 and report["pipeline"]["gallery_items"] > 0

@@ -85,9 +85,17 @@ def test_train_lowers_loss_and_exports_a_loadable_model(
         columns = next(csv.reader(fh))
     for term in ("arcface", "itc", "box", "box_l1", "box_giou", "lr/model", "lr/arcface"):
         assert term in columns  # every term logged, ArcFace in its own parameter group
-    assert result["captions_found"] == 24 and result["captions_missing"] == 0
-    for key in ("map", "map_no_captions", "recall@1", "recall@1_no_captions"):
-        assert 0.0 <= result["metrics"][key] <= 1.0
+    # 5% of 8 train identities rounds up to one held-out identity (3 items): selection never sees validation
+    assert result["holdout_items"] == 3 and result["selection"] == "holdout train identities"
+    assert result["captions_found"] == 21 and result["captions_missing"] == 0
+    assert result["caption_source"] == {"unrecorded": 24}  # the synthetic store predates the provenance field
+    assert result["metrics"]["num_queries"] == 2  # the user items of the held-out identity
+    final = result["final_metrics"]  # the reported split, evaluated once after training
+    assert final["split"] == "validation" and final["num_queries"] == 8
+    assert json.loads((setup["run"] / "final_metrics.json").read_text()) == final
+    for metrics in (result["metrics"], final):
+        for key in ("map", "map_no_captions", "recall@1", "recall@1_no_captions"):
+            assert 0.0 <= metrics[key] <= 1.0
 
     import capret
 
@@ -126,6 +134,17 @@ def test_eval_checkpoint_with_and_without_captions(
     without = json.loads(capsys.readouterr().out)
     assert without["captions"] == "none" and 0.0 <= without["map"] <= 1.0
     assert main([*base, "--captions", str(setup["validation"]), "--no-captions"]) == 2
+    capsys.readouterr()
+    corrupt = ["--captions", str(setup["validation"]), "--corrupt-captions", "drop", "shuffle", "replace"]
+    assert main([*base, *corrupt, "--corrupt-rates", "0", "0.5", "1"]) == 0
+    swept = json.loads(capsys.readouterr().out)
+    curves = swept["caption_corruption"]["modes"]
+    assert [point["rate"] for point in curves["drop"]] == [0.0, 0.5, 1.0]
+    for mode in ("drop", "shuffle", "replace"):  # rate 0 is the uncorrupted evaluation
+        assert curves[mode][0]["map"] == pytest.approx(with_captions["map"], abs=1e-6)
+    assert curves["drop"][-1]["map"] == pytest.approx(without["map"], abs=1e-6)  # all dropped = image only
+    assert swept["caption_source"] == {"unrecorded": 12}  # the synthetic store predates the field
+    assert main([*base, "--no-captions", "--corrupt-captions", "drop"]) == 2
 
 
 def test_resume_continues_the_same_loss_curve(setup: dict[str, Path], tmp_path: Path) -> None:
@@ -165,10 +184,32 @@ def test_quickstart_stage_reports_before_after_and_ablation(
     ctx = QuickstartContext(out_dir=tmp_path, data_root=setup["data"], seed=0, train_seconds=60)
     ctx.state["captions"] = {"train": setup["train"], "validation": setup["validation"]}
     result = stage.run(ctx)
-    for key in ("map_before", "map_after", "map_after_no_captions", "recall@1_before", "recall@1_after"):
+    for key in ("map_before", "map_after", "map_after_no_captions", "recall@1_before", "recall@1_after",
+                "map_image_only_trained", "map_category_filtered_baseline"):  # fmt: skip
         assert 0.0 <= result[key] <= 1.0
     assert result["train_steps"] == 4 and result["model_dir"] == str(tmp_path / "model")
+    assert result["train_steps_image_only"] == 4 and result["model_dir_image_only"] == str(
+        tmp_path / "model_image_only"
+    )
+    # the synthetic stores predate the provenance fields: the report says so instead of claiming pixels
+    assert result["caption_source"] == "unrecorded" and result["oracle_captions"] is False
     state = ctx.state["dual_stream"]
     assert state["query_features"].shape == (8, 32) and len(state["gallery_images"]) == 4
     reloaded = capret.load_model(result["model_dir"])
     assert reloaded.embed_dim == 32
+
+
+def test_demo_config_file_follows_the_quickstart_recipe(configs_dir: Path) -> None:
+    import capret.quickstart.dual_stream as stage
+
+    shipped = yaml.safe_load((configs_dir / "demo_dualstream.yaml").read_text())
+    recipe = stage.DEMO_RECIPE
+    for section in ("data", "model", "loss", "trainer"):
+        for key, value in recipe[section].items():
+            assert shipped[section][key] == value, (section, key)
+    assert shipped["trainer"]["max_seconds"] == stage.DEFAULT_TRAIN_SECONDS
+    for name in (
+        "demo_dualstream.yaml",
+        "deepfashion2_dualstream.yaml",
+    ):  # selection on held-out train identities
+        assert yaml.safe_load((configs_dir / name).read_text())["data"]["holdout_identities"] == 0.05

@@ -5,7 +5,10 @@ style > 0) with a trained dual-stream model, with captions from ``--captions`` (
 the caption ablation), and reports mAP / MAP@R / R@k (``capret.evaluation.retrieval_eval``), optionally before
 and after ``--rerank``. With ``--out`` it also writes ``metrics.json``, the features and labels (``.npy``) and
 the ranking in the official DeepFashion2 submission format (``results.json``), scored by the official-protocol
-evaluator (``official_top{k}``; with ground-truth boxes it must equal R@k).
+evaluator (``official_top{k}``; with ground-truth boxes it must equal R@k). ``caption_source`` counts the
+store's records by how they were made (``pixels`` or ``oracle-attributes``). ``--corrupt-captions shuffle drop
+replace --corrupt-rates 0 0.25 0.5 1`` adds ``caption_corruption``: the metrics per corruption mode and rate
+(:func:`capret.inference.robustness.caption_corruption_sweep`).
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ def _pictures(args: MapEvalConfig, result: Any, *, ks: list[int]) -> dict[str, s
 
 
 def run(args: MapEvalConfig) -> dict[str, Any]:
+    from capret.data.caption_records import caption_sources
     from capret.inference.dualstream import evaluate_items, load_model
+    from capret.inference.robustness import caption_corruption_sweep
 
     if args.dataset is None:
         raise ConfigError("--checkpoint evaluation needs --dataset deepfashion2|demo (DeepFashion2 layout)")
@@ -89,6 +94,15 @@ def run(args: MapEvalConfig) -> dict[str, Any]:
         **result.captions,
         **result.metrics,
     }
+    if args.captions is not None and not args.no_captions:
+        metrics["caption_source"] = caption_sources(args.captions)
+    if args.corrupt_captions:
+        if args.captions is None or args.no_captions:
+            raise ConfigError("--corrupt-captions needs --captions (the captions to corrupt)")
+        metrics["caption_corruption"] = caption_corruption_sweep(
+            model.model, root=args.root, split=split, captions=args.captions, modes=args.corrupt_captions,
+            rates=args.corrupt_rates, ks=args.ks, batch_size=args.batch_size, device=model.device,
+        )  # fmt: skip
     if args.out is not None:
         from capret.evaluation.deepfashion2 import evaluate_gt_boxes
 

@@ -27,6 +27,8 @@ class MapEvalConfig:
     split: str | None  # split (default validation)
     captions: Path | None  # caption store joined to items by key
     no_captions: bool  # image-only path (caption ablation)
+    corrupt_captions: list[str] | None  # caption corruption modes to sweep (checkpoint source)
+    corrupt_rates: list[float]  # shares of corrupted captions for corrupt_captions
     min_caption_coverage: float  # a caption store joining fewer items than this fraction is an error
     on_bad_image: str  # error | skip: what an unreadable image does (checkpoint source)
     ks: list[int]  # R@k cut-offs
@@ -58,6 +60,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions", type=Path, help="caption store JSONL joined to items by key")
     p.add_argument(
         "--no-captions", action="store_true", help="evaluate the image-only path (caption ablation)"
+    )
+    p.add_argument(
+        "--corrupt-captions",
+        nargs="+",
+        choices=["shuffle", "drop", "replace"],
+        help="with --checkpoint: also report metrics with these caption corruptions at --corrupt-rates",
+    )
+    p.add_argument(
+        "--corrupt-rates",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.25, 0.5, 1.0],
+        help="shares of corrupted captions for --corrupt-captions (default 0 0.25 0.5 1)",
     )
     p.add_argument(
         "--min-caption-coverage",
