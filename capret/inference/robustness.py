@@ -64,14 +64,17 @@ def caption_corruption_sweep(
             corrupted = corrupt_caption_map(table, keys, mode=mode, rate=rate, seed=seed)
             with warnings.catch_warnings():  # dropped captions are the point here, not a join problem
                 warnings.simplefilter("ignore", UserWarning)
+                # Rate 0 reads the store itself (its split binding and coverage are checked as usual); corrupted
+                # maps drop captions on purpose, so their coverage is not held against them.
                 result = evaluate_items(
                     model,
                     root=root,
                     split=split,
-                    captions=corrupted,
+                    captions=captions if rate == 0.0 else corrupted,
                     ks=ks,
                     batch_size=batch_size,
                     device=device,
+                    min_caption_coverage=0.5 if rate == 0.0 else 0.0,
                 )
             cache[cache_key] = {k: float(result.metrics[k]) for k in _KEPT if k in result.metrics}
         return cache[cache_key]

@@ -19,7 +19,7 @@ A manifest (per rank or merged) is one JSON object::
 ``span`` is the range of the rank's *inputs* (e.g. images) the shard covers, which is what lets an interrupted
 writer resume: shards already in the rank manifest are skipped. Global row numbers follow the merged order
 (rank, then shard index); they are the ids an index built here returns. The legacy ``capret-extract`` layout (an
-``ids_*.txt`` file instead of ``items``, no checksum) is read as well.
+``ids_*.npy`` array -- or, from older versions, an ``ids_*.txt`` file -- instead of ``items``) is read as well.
 
 **Indexes from shards** (:func:`build_ivf_from_shards`): the coarse quantiser and PQ codebooks are trained on a
 sample of rows read shard by shard (the same rows :func:`capret.retrieval.index.training_rows` picks for the
@@ -84,7 +84,7 @@ class ShardInfo:
     rows: int
     features: str
     items: str | None = None  # items_*.jsonl (ids and per-row metadata)
-    ids: str | None = None  # legacy capret-extract layout: ids_*.txt, one id per line
+    ids: str | None = None  # capret-extract layout: ids_*.npy (numpy unicode array) or legacy ids_*.txt
     span: tuple[int, int] | None = None
     sha256: str | None = None
 
@@ -382,7 +382,10 @@ class ShardedFeatures:
             if info.items is not None:
                 path = self.directory / info.items
                 records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            elif info.ids is not None:
+            elif info.ids is not None and info.ids.endswith(".npy"):  # capret-extract: a numpy unicode array
+                path = self.directory / info.ids
+                records = [{"id": str(v)} for v in np.load(path, allow_pickle=False).tolist()]
+            elif info.ids is not None:  # older capret-extract folders: one id per line
                 path = self.directory / info.ids
                 records = [{"id": line} for line in path.read_text().splitlines() if line]
             else:
