@@ -51,6 +51,26 @@ def _pictures(args: argparse.Namespace, result: Any, *, ks: list[int]) -> dict[s
     return {"grid_png": str(grid), "recall_png": str(recall)}
 
 
+def _box_metrics(
+    args: argparse.Namespace, model: Any, result: Any, *, split: str, device: Any
+) -> dict[str, float]:
+    """Grounding quality of the text-conditioned box head on the captioned query and gallery items."""
+    from capret.data.captions import join_captions
+    from capret.inference.dualstream import box_quality, predict_item_boxes
+
+    items = [*result.query_items, *result.gallery_items]
+    pred, target = predict_item_boxes(
+        model,
+        root=args.root,
+        split=split,
+        items=items,
+        captions=join_captions(items, args.captions).captions,
+        batch_size=args.batch_size,
+        device=device,
+    )
+    return box_quality(pred, target)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from capret.inference.dualstream import evaluate_items, load_model
 
@@ -87,6 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **result.captions,
         **result.metrics,
     }
+    if args.captions is not None and not args.no_captions:
+        metrics.update(_box_metrics(args, model.model, result, split=split, device=model.device))
     if args.out is not None:
         from capret.evaluation.deepfashion2 import evaluate_gt_boxes
 

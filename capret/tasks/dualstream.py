@@ -11,10 +11,16 @@ Losses (all weights configurable, every term logged):
   matrix gets its own parameter group and learning rate, as PML requires);
 * **ITC**: symmetric InfoNCE between the visual-only and caption-only embeddings with a learnable clamped
   temperature (X-VLM), on the samples that have a caption;
-* **box**: L1 + (1 - GIoU) between the predicted and the annotated item box (X-VLM's bounding-box loss).
+* **box**: L1 + (1 - GIoU) between the predicted and the annotated item box (X-VLM's bounding-box loss). The
+  head is text-conditioned, so only samples whose caption is present (not missing, not dropped) contribute; in
+  ``model.mode: full`` it localises the captioned item in the whole image, in ``crop`` mode inside its crop.
+
+ITC is identity-aware: the batch's identity labels are its ids, so the K items of an identity (and the
+sampler's repeats) are positives of one another, never negatives.
 
 Validation (``evaluate``) runs the ground-truth-box protocol on the validation split: mAP and R@k with the
-captions (``map``, the monitored metric) and without them (``map_no_captions``, the caption ablation).
+captions (``map``, the monitored metric) and without them (``map_no_captions``, the caption ablation), and the
+box head's grounding quality on the captioned items (``box_miou``, ``box_iou@0.5``).
 After training, a self-contained model folder is exported (``trainer.output_dir/model`` by default) that
 ``capret.load_model`` reads.
 """
@@ -34,7 +40,13 @@ from capret.data.captions import join_captions
 from capret.data.items import ItemCollator, ItemDataset, PKBatchSampler, identity_labels
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
-from capret.inference.dualstream import evaluate_items, item_transform, load_dual_stream_weights
+from capret.inference.dualstream import (
+    box_quality,
+    evaluate_items,
+    item_transform,
+    load_dual_stream_weights,
+    predict_item_boxes,
+)
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig
 from capret.tasks.registry import register_task
 
@@ -171,7 +183,11 @@ class TrainModule(nn.Module):
             and out.text_embedding is not None
             and (self.itc.world_size > 1 or captioned.any())
         ):
-            itc = self.itc(out.image_embedding[captioned].float(), out.text_embedding[captioned].float())
+            itc = self.itc(
+                out.image_embedding[captioned].float(),
+                out.text_embedding[captioned].float(),
+                ids=batch["label"][captioned],
+            )
             terms["itc"] = itc["loss"]
             terms["itc_temperature"] = itc["temperature"].detach()
             total = total + cfg_.itc_weight * itc["loss"]
@@ -182,7 +198,8 @@ class TrainModule(nn.Module):
             terms["itc"] = zero
             total = total + zero
         if self.box is not None:
-            box = self.box(out.box.float(), batch["box"].float())
+            # text-conditioned localisation: no target without the caption that names the item
+            box = self.box(out.box.float(), batch["box"].float(), mask=captioned)
             for name, value in box.items():
                 terms["box" if name == "loss" else f"box_{name}"] = value
             total = total + cfg_.box_weight * box["loss"]
@@ -319,7 +336,27 @@ class DualStreamTask:
                     key in ("map", "map_at_r") or key.startswith("recall@")
                 ):
                     metrics[f"{key}_no_captions"] = float(value)
+        if data.val_captions is not None:
+            metrics.update(self._box_metrics(module.model, device=device))
         return metrics
+
+    def _box_metrics(self, model: DualStreamModel, *, device: torch.device) -> dict[str, float]:
+        """Grounding quality of the box head on the captioned validation items (user and shop, style > 0)."""
+        from capret.data.deepfashion2 import load_items
+
+        data = self.config.data
+        items = [it for it in load_items(data.root, data.val_split, progress=False) if it.style > 0]
+        captions = join_captions(items, data.val_captions).captions
+        pred, target = predict_item_boxes(
+            model,
+            root=data.root,
+            split=data.val_split,
+            items=items,
+            captions=captions,
+            batch_size=self.config.eval.batch_size,
+            device=device,
+        )
+        return box_quality(pred, target)
 
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.config)
