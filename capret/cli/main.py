@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from capret.cli.common import run_guarded
+
+#: subcommand modules, each with ``add_parser(subparsers)`` (setting ``handler``) and ``run(args) -> int``
+SUBCOMMANDS: list[str] = [
+    "capret.cli.ablate",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument(
         "--stages", nargs="*", default=None, help="run only these stages (default: all); see report.json keys"
     )
+    for module in SUBCOMMANDS:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -48,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 and 0
             )
         )
+    if getattr(args, "handler", None) is not None:
+        return int(args.handler(args))
     parser.print_help()
     return 2
 
