@@ -12,7 +12,8 @@
       - name: gem_resnet18                    # a baseline instead of a trained dual-stream model
         baseline: {name: gem, source: resnet18, pretrained: true, whiten_dim: 128}
 
-Each run ``(variant, seed)`` writes ``DIR/runs/<variant>/seed<seed>/result.json`` atomically when it is done;
+Variants with the same training config (a model scored with and without the category filter) share one training
+per seed (``DIR/train/<config hash>/seed<n>``). Each run ``(variant, seed)`` writes ``DIR/runs/<variant>/seed<seed>/result.json`` atomically when it is done;
 a rerun skips every run whose result exists (resumable), so an interrupted ablation loses at most the run in
 progress. Every variant is scored by the same protocol (ground-truth boxes on the base config's validation
 split, :func:`capret.inference.baselines.score_items`): mAP, R@k and the official DeepFashion2 top-k, plus the box
@@ -22,6 +23,7 @@ mean +- std over seeds, ``DIR/ablation.png`` the bar chart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -114,27 +116,39 @@ def _merge_tree(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _variant_config(base: dict[str, Any], variant: Variant, *, seed: int, run_dir: Path) -> Any:
-    """The typed dual-stream config of one run: base + variant overrides + seed + run folders."""
+def _training_key(base: dict[str, Any], variant: Variant) -> str:
+    """Variants whose training configs are equal (e.g. a model scored with and without the category filter)
+    share one training per seed: the key is a hash of the resolved config tree."""
+    tree = json.loads(json.dumps(base))
+    for key, value in variant.overrides.items():
+        _set_dotted(tree, key, value)
+    return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _variant_config(base: dict[str, Any], variant: Variant, *, seed: int, train_dir: Path) -> Any:
+    """The typed dual-stream config of one run: base + variant overrides + seed + training folders."""
     from capret.tasks.dualstream import DualStreamConfig
 
     tree = json.loads(json.dumps(base))
     for key, value in variant.overrides.items():
         _set_dotted(tree, key, value)
     _set_dotted(tree, "trainer.seed", seed)
-    _set_dotted(tree, "trainer.output_dir", str(run_dir / "train"))
-    _set_dotted(tree, "eval.export_dir", str(run_dir / "model"))
+    _set_dotted(tree, "trainer.output_dir", str(train_dir / "run"))
+    _set_dotted(tree, "eval.export_dir", str(train_dir / "model"))
     try:
         return from_dict(DualStreamConfig, tree)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"variant {variant.name!r}: {exc}") from exc
 
 
-def _run_one(base: dict[str, Any], variant: Variant, *, seed: int, run_dir: Path) -> dict[str, Any]:
+def _run_one(base: dict[str, Any], variant: Variant, *, seed: int, out_dir: Path) -> dict[str, Any]:
     """Train (or fit) and evaluate one ``(variant, seed)``; returns the result record."""
+    from capret.models.dual_stream import MODEL_CONFIG_FILE
     from capret.tasks.dualstream import run as train_dualstream
 
-    config = _variant_config(base, variant, seed=seed, run_dir=run_dir)
+    key = _training_key(base, variant)
+    train_dir = out_dir / "train" / key / f"seed{seed}"
+    config = _variant_config(base, variant, seed=seed, train_dir=train_dir)
     data, ks = config.data, list(config.eval.ks)
     val_split = data.val_split or "validation"
     val_captions = data.val_captions if variant.captions else None
@@ -152,8 +166,14 @@ def _run_one(base: dict[str, Any], variant: Variant, *, seed: int, run_dir: Path
             batch_size=config.eval.batch_size,
         )
         return {"kind": "baseline", "spec": variant.baseline, **metrics}
-    trained = train_dualstream(config)
-    model = load_model(trained["model_dir"]).model
+    model_dir = train_dir / "model"
+    summary_path = train_dir / "train_result.json"
+    if (model_dir / MODEL_CONFIG_FILE).is_file() and summary_path.is_file():
+        trained = json.loads(summary_path.read_text())  # trained for another variant with the same config
+    else:
+        trained = json.loads(json.dumps(train_dualstream(config), default=str))
+        atomic_write_json(summary_path, trained, indent=2)
+    model = load_model(model_dir).model
     queries, gallery = gt_box_protocol(load_items(data.root, val_split, progress=False))
     feats = []
     for side in (queries.items, gallery.items):
@@ -184,7 +204,9 @@ def _run_one(base: dict[str, Any], variant: Variant, *, seed: int, run_dir: Path
         metrics.update(box_quality(pred, target))
     return {
         "kind": "dualstream",
-        "train_steps": trained.get("steps", trained.get("step")),
+        "training": key,
+        "train_steps": trained.get("steps"),
+        "train_seconds": trained.get("seconds"),
         "eval_captions": str(val_captions) if val_captions else "none",
         "train_captions": str(data.captions) if data.captions else "none",
         **metrics,
@@ -300,7 +322,7 @@ def run_ablation(
         record = {
             "variant": variant.name,
             "seed": seed,
-            **_run_one(base, variant, seed=seed, run_dir=run_dir),
+            **_run_one(base, variant, seed=seed, out_dir=out_dir),
         }
         record = json.loads(json.dumps(record, default=float))
         atomic_write_json(done, record, indent=2)

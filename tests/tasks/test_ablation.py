@@ -85,6 +85,9 @@ def test_ablate_writes_tables_and_resumes(setup: dict[str, Path], capsys: pytest
         (out / "runs" / "image_only_category_filtered" / "seed1" / "result.json").read_text()
     )
     assert filtered["category_filter"] == "annotation (oracle)" and filtered["eval_captions"] == "none"
+    plain = json.loads((out / "runs" / "image_only" / "seed1" / "result.json").read_text())
+    assert plain["training"] == filtered["training"]  # same training config: trained once per seed
+    assert len(list((out / "train").iterdir())) == 2
     md = (out / "ablation.md").read_text()
     assert "| image_only |" in md and "±" in md
     assert (out / "ablation.png").stat().st_size > 1000
