@@ -47,7 +47,7 @@ from capret.inference.dualstream import (
     load_dual_stream_weights,
     predict_item_boxes,
 )
-from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig
+from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, create_dual_stream_model
 from capret.tasks.registry import register_task
 
 __all__ = [
@@ -240,7 +240,7 @@ class DualStreamTask:
         self.dist = dist
 
     def build_model(self) -> nn.Module:
-        model = DualStreamModel(self.config.model)
+        model = create_dual_stream_model(self.config.model)
         self._model = model
         return TrainModule(
             model,
@@ -368,7 +368,7 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
     result = train(task, config.trainer, resume=resume, task_config=task.config_dict())
     export = Path(config.eval.export_dir or Path(config.trainer.output_dir) / "model")
     if task.dist.is_main:
-        model = task._model if task._model is not None else DualStreamModel(config.model)
+        model = task._model if task._model is not None else create_dual_stream_model(config.model)
         best = Path(config.trainer.output_dir) / "best"
         if (best / "checkpoint.json").is_file():
             load_dual_stream_weights(model, best)
