@@ -141,6 +141,26 @@ def _variant_config(base: dict[str, Any], variant: Variant, *, seed: int, train_
         raise ConfigError(f"variant {variant.name!r}: {exc}") from exc
 
 
+def _check_inputs(base: dict[str, Any], variants: list[Variant]) -> None:
+    """Fail before the first run when a variant's data root or caption store does not exist (not an hour in)."""
+    problems = []
+    for variant in variants:
+        tree = json.loads(json.dumps(base))
+        for key, value in variant.overrides.items():
+            _set_dotted(tree, key, value)
+        data = tree.get("data", {})
+        needed = [("data.root", data.get("root"), Path.is_dir)]
+        if variant.baseline is None or variant.baseline.get("name") == "late_fusion":
+            needed += [
+                (k, data.get(k.split(".")[1]), Path.is_file) for k in ("data.captions", "data.val_captions")
+            ]
+        for key, value, exists in needed:
+            if value is not None and not exists(Path(str(value))):
+                problems.append(f"{variant.name}: {key} {value} does not exist")
+    if problems:
+        raise ConfigError("; ".join(problems) + " (fix the paths, or leave those variants out with --only)")
+
+
 def _run_one(base: dict[str, Any], variant: Variant, *, seed: int, out_dir: Path) -> dict[str, Any]:
     """Train (or fit) and evaluate one ``(variant, seed)``; returns the result record."""
     from capret.models.dual_stream import MODEL_CONFIG_FILE
@@ -305,6 +325,7 @@ def run_ablation(
         if unknown:
             raise ConfigError(f"--only {unknown}: not in {variants}; valid: {[v.name for v in chosen]}")
         chosen = [v for v in chosen if v.name in only]
+    _check_inputs(base, chosen)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ConfigError("--seeds must give at least one seed")

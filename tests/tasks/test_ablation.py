@@ -110,6 +110,10 @@ def test_ablate_rejects_bad_variants(setup: dict[str, Path], tmp_path: Path) -> 
     bad.write_text("variants:\n  - name: a\n  - name: a\n")
     with pytest.raises(ConfigError, match="twice"):
         load_variants(bad)
+    bad.write_text("variants:\n  - name: oracle\n    overrides: {data.captions: /no/such/store.jsonl}\n")
+    with pytest.raises(ConfigError, match="oracle: data.captions /no/such/store.jsonl does not exist"):
+        run_ablation(config=setup["config"], variants=bad, seeds=1, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
     bad.write_text("variants:\n  - name: a\n    overrides: {model.widht: 3}\n")
     with pytest.raises(ConfigError, match="widht"):
         run_ablation(config=setup["config"], variants=bad, seeds=1, out_dir=tmp_path / "o")
