@@ -156,9 +156,18 @@ def evaluate_baseline(
         name = str(spec.pop("name", "gem"))
     model = create_baseline(name, **spec)
     train = [it for it in load_items(root, train_split, progress=False) if it.style > 0]
-    encode: Any = lambda items, split, **kw: encode_baseline_items(  # noqa: E731
-        model, root=root, split=split, items=items, batch_size=batch_size, device=device, **kw
-    )
+
+    def encode(items: list[Item], split: str, *, whitened: bool = True) -> np.ndarray:
+        return encode_baseline_items(
+            model,
+            root=root,
+            split=split,
+            items=items,
+            batch_size=batch_size,
+            device=device,
+            whitened=whitened,
+        )
+
     if model.needs_fit:
         model.fit_whitening(torch.from_numpy(encode(train, train_split, whitened=False)))
     queries, gallery = gt_box_protocol(load_items(root, val_split, progress=False))
