@@ -47,6 +47,7 @@ from capret.inference.dualstream import (
     load_dual_stream_weights,
     predict_item_boxes,
 )
+from capret.losses.gather import all_gather_sizes
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, create_dual_stream_model
 from capret.tasks.registry import register_task
 
@@ -148,6 +149,7 @@ class TrainModule(nn.Module):
 
         self.model = model
         self.loss_config = loss
+        self.world_size = world_size
         self.arcface = ArcFaceLoss(
             num_classes=num_classes,
             embedding_size=model.embed_dim,
@@ -200,11 +202,23 @@ class TrainModule(nn.Module):
         if self.box is not None:
             # text-conditioned localisation: no target without the caption that names the item
             box = self.box(out.box.float(), batch["box"].float(), mask=captioned)
+            scale = self._box_rank_scale(captioned)
             for name, value in box.items():
-                terms["box" if name == "loss" else f"box_{name}"] = value
-            total = total + cfg_.box_weight * box["loss"]
+                terms["box" if name == "loss" else f"box_{name}"] = value * scale
+            total = total + cfg_.box_weight * box["loss"] * scale
         terms["loss"] = total
         return terms
+
+    def _box_rank_scale(self, captioned: Tensor) -> float:
+        """``local * world_size / global`` captioned count: the box loss is a mean over the captioned samples, and
+        ranks hold different numbers of them, so this factor makes DDP's average over ranks (and the logged mean)
+        the mean over the global batch, as for ITC. 1 on a single process."""
+        world = self.itc.world_size if self.itc is not None else self.world_size
+        if world == 1:
+            return 1.0
+        local = int(captioned.sum())
+        sizes = all_gather_sizes(local, world_size=world, device=captioned.device)
+        return local * world / sum(sizes) if sum(sizes) else 0.0
 
 
 class DualStreamTask:
