@@ -13,12 +13,14 @@ from pathlib import Path
 
 from capret.cli.common import add_debug_flag, run_guarded
 
-#: modules of the subcommands (one line each)
+#: modules of the subcommands (one line each); each has ``add_parser(subparsers)`` (setting ``run`` as the parser's
+#: default) and ``run(args) -> int``
 SUBCOMMANDS: list[str] = [
+    "capret.cli.ablate",
     "capret.cli.check_data",
     "capret.cli.index",
-    "capret.cli.search",
     "capret.cli.oti",
+    "capret.cli.search",
     "capret.cli.serve",
 ]
 

@@ -41,6 +41,8 @@ __all__ = [
     "item_transform",
     "load_dual_stream_weights",
     "load_model",
+    "box_quality",
+    "predict_item_boxes",
 ]
 
 ImageInput = str | Path | Image.Image | Tensor
@@ -339,6 +341,70 @@ def encode_items(
             out[batch["index"].numpy()] = model.forward_head(feats).float().cpu().numpy()
     model.train(was_training)
     return out
+
+
+def predict_item_boxes(
+    model: DualStreamModel,
+    *,
+    root: str | Path,
+    split: str,
+    items: Sequence[Item],
+    captions: Sequence[str | None],
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The box head's ``(cx, cy, w, h)`` for every captioned item, with the target box in the same input frame.
+
+    The box head is text-conditioned (X-VLM): it says where the caption's item is, so only items with a caption
+    are scored. Returns ``(predicted, target)``, both ``[M, 4]`` for the ``M`` captioned items, in input order.
+    """
+    keep = [i for i, c in enumerate(captions) if c is not None]
+    device = default_device(device)
+    if not keep:
+        return np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32)
+    dataset = ItemDataset(
+        root=root,
+        split=split,
+        items=[items[i] for i in keep],
+        labels=np.zeros(len(keep), dtype=np.int64),
+        transform=item_transform(model),
+        captions=[captions[i] for i in keep],
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, collate_fn=ItemCollator(model.tokenize), num_workers=0
+    )
+    was_training = model.training
+    model.eval()
+    pred, target = np.empty((len(keep), 4), np.float32), np.empty((len(keep), 4), np.float32)
+    with torch.inference_mode():
+        for batch in loader:
+            out = model(
+                batch["pixels"].to(device),
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                has_caption=batch["has_caption"].to(device),
+            )
+            rows = batch["index"].numpy()
+            pred[rows] = out.box.float().cpu().numpy()
+            target[rows] = batch["box"].numpy()
+    model.train(was_training)
+    return pred, target
+
+
+def box_quality(pred: np.ndarray, target: np.ndarray, *, threshold: float = 0.5) -> dict[str, float]:
+    """Mean IoU and the rate of IoU >= ``threshold`` between ``(cx, cy, w, h)`` boxes (grounding accuracy)."""
+    from torchvision.ops import box_convert, box_iou
+
+    if len(pred) == 0:
+        return {"box_count": 0.0}
+    a = box_convert(torch.as_tensor(pred, dtype=torch.float64), "cxcywh", "xyxy")
+    b = box_convert(torch.as_tensor(target, dtype=torch.float64), "cxcywh", "xyxy")
+    iou = box_iou(a, b).diagonal()
+    return {
+        "box_miou": float(iou.mean()),
+        f"box_iou@{threshold:g}": float((iou >= threshold).double().mean()),
+        "box_count": float(len(pred)),
+    }
 
 
 @dataclass

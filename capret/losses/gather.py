@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_sizes", "all_gather_with_grad"]
+__all__ = ["all_gather_no_grad", "all_gather_sizes", "all_gather_with_grad"]
 
 
 def all_gather_sizes(rows: int, *, world_size: int, device: torch.device, group: Any = None) -> list[int]:
@@ -72,3 +72,22 @@ def all_gather_with_grad(
             f"sizes {sizes} do not match world_size={world_size} and {tensor.shape[0]} local rows"
         )
     return _GatherWithGrad.apply(tensor, rank, world_size, group, list(sizes))
+
+
+def all_gather_no_grad(
+    tensor: torch.Tensor, *, rank: int, world_size: int, group: Any = None, sizes: list[int] | None = None
+) -> torch.Tensor:
+    """Concatenate every rank's rows of a tensor that needs no gradient (identity ids of ITC), in rank order."""
+    if world_size == 1:
+        return tensor
+    if sizes is None:
+        sizes = all_gather_sizes(tensor.shape[0], world_size=world_size, device=tensor.device, group=group)
+    if len(sizes) != world_size or sizes[rank] != tensor.shape[0]:
+        raise ValueError(
+            f"sizes {sizes} do not match world_size={world_size} and {tensor.shape[0]} local rows"
+        )
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)

@@ -1,9 +1,16 @@
-"""Image-text contrastive (ITC) loss: symmetric InfoNCE with a learnable temperature, DDP-aware.
+"""Image-text contrastive (ITC) loss: symmetric InfoNCE with a learnable temperature, identity-aware, DDP-aware.
 
 As in CLIP (Radford et al., 2021) and X-VLM (Zeng et al., 2022, Sec. 3.2): the similarity of every image
 embedding with every caption embedding of the (global) batch, divided by a temperature, is scored with
 cross-entropy against the matching pair, in both directions, and the two directions are averaged. X-VLM
 initialises the learnable temperature at 0.07 and clamps it to [0.001, 0.5] before each use; we do the same.
+
+**Identity-aware targets.** A P x K retrieval batch holds K items of every identity (and the sampler repeats an
+item when an identity has fewer than K), so "the matching pair only" would push an image away from the captions
+of its own identity. X-VLM's retrieval fine-tuning passes instance ids instead: the target distribution of row
+``i`` is ``(id_i == id_j) / #{j: id_j == id_i}`` over the global batch (soft multi-positive cross-entropy, both
+directions). Same-identity rows, duplicates included, are therefore never negatives. Without ids every row is
+its own identity, which is plain InfoNCE. Under DDP the ids are gathered with the embeddings.
 
 Under DDP each rank scores its *local* rows against the columns gathered from all ranks
 (``capret.losses.gather.all_gather_with_grad``, looked up at call time so tests can monkeypatch it, or any
@@ -40,8 +47,9 @@ def itc_loss(
     group: Any = None,
     gather: GatherFn | None = None,
     normalize: bool = True,
+    ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Symmetric InfoNCE between the local rows and the global batch.
+    """Symmetric (multi-positive) InfoNCE between the local rows and the global batch.
 
     Ranks may hold different numbers of rows (e.g. only captioned items), including none: every rank must still
     call this function, since it takes part in collectives. The local terms are scaled by
@@ -55,6 +63,8 @@ def itc_loss(
         gather: replaces ``all_gather_with_grad`` (tests simulate several ranks with it); called as
             ``gather(tensor, rank=, world_size=, group=, sizes=)``.
         normalize: L2-normalise the embeddings first (a no-op for encoders that already do).
+        ids: ``(n,)`` integer identity of each local row; rows of equal id (across ranks too) are all positives,
+            with equal shares of the target mass. ``None``: each row is its own identity.
 
     Returns:
         ``loss`` = (i2t + t2i) / 2, ``i2t`` (image -> caption cross-entropy), ``t2i``, and the detached
@@ -67,6 +77,8 @@ def itc_loss(
         )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    if ids is not None and ids.shape != image_emb.shape[:1]:
+        raise ValueError(f"itc_loss ids must have shape ({image_emb.shape[0]},), got {tuple(ids.shape)}")
     if normalize:
         image_emb = F.normalize(image_emb, dim=-1)
         text_emb = F.normalize(text_emb, dim=-1)
@@ -77,8 +89,13 @@ def itc_loss(
         gather_fn = gather if gather is not None else _dist.all_gather_with_grad
         all_image = gather_fn(image_emb, rank=rank, world_size=world_size, group=group, sizes=sizes)
         all_text = gather_fn(text_emb, rank=rank, world_size=world_size, group=group, sizes=sizes)
+        all_ids = (
+            None
+            if ids is None
+            else _dist.all_gather_no_grad(ids, rank=rank, world_size=world_size, group=group, sizes=sizes)
+        )
     else:
-        sizes, all_image, all_text = [n], image_emb, text_emb
+        sizes, all_image, all_text, all_ids = [n], image_emb, text_emb, ids
     total = sum(sizes)
     if all_image.shape[0] != total or all_text.shape[0] != total:
         raise ValueError(f"gather returned {all_image.shape[0]} rows, expected {total} (rank sizes {sizes})")
@@ -88,12 +105,19 @@ def itc_loss(
         zero = (all_image.sum() + all_text.sum()) * 0.0 + temperature * 0.0
         zero = zero.float()
         return {"loss": zero, "i2t": zero, "t2i": zero, "temperature": temperature.detach().float()}
-    targets = torch.arange(n, device=image_emb.device) + sum(sizes[:rank])
     logits_i2t = image_emb @ all_text.t() / temperature
     logits_t2i = text_emb @ all_image.t() / temperature
     # cross-entropy in at least float32: under fp16/bf16 autocast the logits (up to 1/0.001) lose precision
     wide = torch.promote_types(logits_i2t.dtype, torch.float32)
     scale = n * world_size / total
+    if all_ids is None:
+        targets: torch.Tensor = torch.arange(n, device=image_emb.device) + sum(sizes[:rank])
+    else:
+        if all_ids.shape[0] != total:
+            raise ValueError(f"gathered {all_ids.shape[0]} ids, expected {total} (rank sizes {sizes})")
+        local_ids = all_ids[sum(sizes[:rank]) : sum(sizes[: rank + 1])].to(image_emb.device)
+        same = (local_ids[:, None] == all_ids.to(image_emb.device)[None, :]).to(wide)
+        targets = same / same.sum(dim=1, keepdim=True)  # each row holds at least itself
     i2t = F.cross_entropy(logits_i2t.to(wide), targets) * scale
     t2i = F.cross_entropy(logits_t2i.to(wide), targets) * scale
     return {"loss": (i2t + t2i) / 2, "i2t": i2t, "t2i": t2i, "temperature": temperature.detach().float()}
@@ -144,6 +168,7 @@ class ITCLoss(nn.Module):
         world_size: int | None = None,
         group: Any = None,
         gather: GatherFn | None = None,
+        ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             self.temperature.clamp_(self.min_temperature, self.max_temperature)
@@ -155,6 +180,7 @@ class ITCLoss(nn.Module):
             world_size=self.world_size if world_size is None else world_size,
             group=self.group if group is None else group,
             gather=gather,
+            ids=ids,
         )
 
     def extra_repr(self) -> str:

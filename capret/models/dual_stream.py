@@ -35,6 +35,7 @@ from capret.config import cfg, from_dict, to_dict
 from capret.errors import CheckpointError
 from capret.io import atomic_write, atomic_write_json
 from capret.models.encoders import EncoderOutput, TextEncoder, VisualEncoder, create_encoder, minilm_dir
+from capret.registry import Registry
 
 __all__ = [
     "MODEL_CONFIG_FILE",
@@ -44,6 +45,9 @@ __all__ = [
     "DualStreamOutput",
     "TextConfig",
     "VisualConfig",
+    "create_dual_stream_model",
+    "list_families",
+    "register_family",
 ]
 
 MODEL_CONFIG_FILE = "capret_model.json"
@@ -93,6 +97,26 @@ class DualStreamModelConfig:
     crop_margin: float = cfg(0.1, "crop mode: context margin around the item box, as a fraction of its size")
     pad: Literal["none", "targetpad", "squarepad"] = cfg(
         "none", "pad the input before resizing (targetpad: CLIP4Cir TargetPad 1.25; squarepad)"
+    )
+    family: str = cfg(
+        "capret",
+        "capret: visual/text towers + our cross-attention layers; blip: a Hugging Face BlipForImageTextRetrieval "
+        "whose cross-attention text encoder is the fusion stream (needs `pretrained`)",
+    )
+    pretrained: str | None = cfg(
+        None,
+        "family blip: hub id or local folder of the BLIP checkpoint (e.g. Salesforce/blip-itm-base-coco)",
+    )
+    pretrained_weights: bool = cfg(True, "family blip: load its weights (false: random init from its config)")
+    xvlm_checkpoint: str | None = cfg(
+        None,
+        "family blip: an X-VLM checkpoint (.pth read with weights_only=True, or .safetensors) loaded over the "
+        "architecture of `pretrained` (capret.models.xvlm_convert; set pretrained_weights: false)",
+    )
+    fusion_layer: int | None = cfg(
+        None,
+        "family blip: null = BLIP schedule (every text layer cross-attends in the fused pass); k = X-VLM schedule "
+        "(layers < k encode the caption, layers >= k fuse it with the image)",
     )
 
 
@@ -156,6 +180,25 @@ def sincos_2d(height: int, width: int, dim: int, *, device: torch.device, dtype:
     omega = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
     out = [f(c.flatten()[:, None] * omega[None]) for c in (ys, xs) for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1).to(dtype)
+
+
+_FAMILIES: Registry[Any] = Registry("dual-stream family", lazy_modules={"blip": "capret.models.blip_stream"})
+
+
+def register_family(name: str, cls: Any) -> None:
+    """Register a dual-stream model family (a :class:`DualStreamModel` subclass built from the same config)."""
+    _FAMILIES.register(name)(cls)
+
+
+def list_families() -> list[str]:
+    return sorted({"capret", *_FAMILIES.names()})
+
+
+def create_dual_stream_model(config: DualStreamModelConfig) -> DualStreamModel:
+    """Build the model of ``config.family``; an unknown family raises ``KeyError`` listing the valid ones."""
+    if config.family == "capret":
+        return DualStreamModel(config)
+    return _FAMILIES.create(config.family, config=config)  # type: ignore[no-any-return]
 
 
 def _resolve_source(source: str) -> str:
@@ -343,7 +386,9 @@ class DualStreamModel(nn.Module):
                 candidate = base_dir / sub.source
                 if sub.source and (candidate / "config.json").is_file():
                     config = replace(config, **{stream: replace(sub, source=str(candidate))})
-        return cls(config)
+            if config.pretrained and (base_dir / config.pretrained / "config.json").is_file():
+                config = replace(config, pretrained=str(base_dir / config.pretrained))
+        return create_dual_stream_model(config)
 
     @classmethod
     def from_pretrained(

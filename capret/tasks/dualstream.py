@@ -11,12 +11,18 @@ Losses (all weights configurable, every term logged):
   matrix gets its own parameter group and learning rate, as PML requires);
 * **ITC**: symmetric InfoNCE between the visual-only and caption-only embeddings with a learnable clamped
   temperature (X-VLM), on the samples that have a caption;
-* **box**: L1 + (1 - GIoU) between the predicted and the annotated item box (X-VLM's bounding-box loss).
+* **box**: L1 + (1 - GIoU) between the predicted and the annotated item box (X-VLM's bounding-box loss). The
+  head is text-conditioned, so only samples whose caption is present (not missing, not dropped) contribute; in
+  ``model.mode: full`` it localises the captioned item in the whole image, in ``crop`` mode inside its crop.
+
+ITC is identity-aware: the batch's identity labels are its ids, so the K items of an identity (and the
+sampler's repeats) are positives of one another, never negatives.
 
 Model selection never sees the reported split: ``data.holdout_identities`` (default 5%) of the train split's
 identities are held out of training, and validation during training (``evaluate``: the ground-truth-box
 protocol, mAP and R@k with the captions (``map``, the monitored metric) and without them
-(``map_no_captions``)) runs on them. After training, a self-contained model folder is exported
+(``map_no_captions``), and the text-conditioned box head's grounding quality on the captioned items
+(``box_miou``, ``box_iou@0.5``)) runs on them. After training, a self-contained model folder is exported
 (``trainer.output_dir/model`` by default) with the selected weights, and the reported split
 (``data.val_split``) is evaluated exactly once with it: ``final_metrics`` in the result and
 ``<output_dir>/final_metrics.json``.
@@ -44,9 +50,16 @@ from capret.data.items import (
 )
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
-from capret.inference.dualstream import evaluate_items, item_transform, load_dual_stream_weights
+from capret.inference.dualstream import (
+    box_quality,
+    evaluate_items,
+    item_transform,
+    load_dual_stream_weights,
+    predict_item_boxes,
+)
 from capret.io import atomic_write_json
-from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig
+from capret.losses.gather import all_gather_sizes
+from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, create_dual_stream_model
 from capret.tasks.registry import register_task
 
 __all__ = [
@@ -201,7 +214,11 @@ class TrainModule(nn.Module):
             and out.text_embedding is not None
             and (self.world_size > 1 or captioned.any())
         ):
-            itc = self.itc(out.image_embedding[captioned].float(), out.text_embedding[captioned].float())
+            itc = self.itc(
+                out.image_embedding[captioned].float(),
+                out.text_embedding[captioned].float(),
+                ids=batch["label"][captioned],
+            )
             terms["itc"] = itc["loss"]
             terms["itc_temperature"] = itc["temperature"].detach()
             total = total + cfg_.itc_weight * itc["loss"]
@@ -212,12 +229,25 @@ class TrainModule(nn.Module):
             terms["itc"] = zero
             total = total + zero
         if self.box is not None:
-            box = self.box(out.box.float(), batch["box"].float())
+            # text-conditioned localisation: no target without the caption that names the item
+            box = self.box(out.box.float(), batch["box"].float(), mask=captioned)
+            scale = self._box_rank_scale(captioned)
             for name, value in box.items():
-                terms["box" if name == "loss" else f"box_{name}"] = value
-            total = total + cfg_.box_weight * box["loss"]
+                terms["box" if name == "loss" else f"box_{name}"] = value * scale
+            total = total + cfg_.box_weight * box["loss"] * scale
         terms["loss"] = total
         return terms
+
+    def _box_rank_scale(self, captioned: Tensor) -> float:
+        """``local * world_size / global`` captioned count: the box loss is a mean over the captioned samples, and
+        ranks hold different numbers of them, so this factor makes DDP's average over ranks (and the logged mean)
+        the mean over the global batch, as for ITC. 1 on a single process."""
+        world = int(self.world_size)
+        if world == 1:
+            return 1.0
+        local = int(captioned.sum())
+        sizes = all_gather_sizes(local, world_size=world, device=captioned.device)
+        return local * world / sum(sizes) if sum(sizes) else 0.0
 
 
 class DualStreamTask:
@@ -264,7 +294,7 @@ class DualStreamTask:
         self.dist = dist
 
     def build_model(self) -> nn.Module:
-        model = DualStreamModel(self.config.model)
+        model = create_dual_stream_model(self.config.model)
         self._model = model
         return TrainModule(
             model,
@@ -371,7 +401,7 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
     result = train(task, config.trainer, resume=resume, task_config=task.config_dict())
     export = Path(config.eval.export_dir or Path(config.trainer.output_dir) / "model")
     if task.dist.is_main:
-        model = task._model if task._model is not None else DualStreamModel(config.model)
+        model = task._model if task._model is not None else create_dual_stream_model(config.model)
         best = Path(config.trainer.output_dir) / "best"
         if (best / "checkpoint.json").is_file():
             load_dual_stream_weights(model, best)
@@ -426,6 +456,18 @@ def protocol_metrics(
         for key, value in without.metrics.items():
             if isinstance(value, int | float) and (key in ("map", "map_at_r") or key.startswith("recall@")):
                 metrics[f"{key}_no_captions"] = float(value)
+    if captions is not None:  # grounding: the box the caption points to, on the protocol's captioned items
+        scored = [*with_captions.query_items, *with_captions.gallery_items]
+        pred, target = predict_item_boxes(
+            model,
+            root=root,
+            split=split,
+            items=scored,
+            captions=join_captions(scored, captions).captions,
+            batch_size=eval_config.batch_size,
+            device=device,
+        )
+        metrics.update(box_quality(pred, target))
     return metrics
 
 

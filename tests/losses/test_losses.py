@@ -117,6 +117,103 @@ def test_itc_gather_path_equals_full_batch(monkeypatch: pytest.MonkeyPatch, size
     assert calls == [(r, world) for r in range(world) for _ in range(2)]
 
 
+def _itc_identity_reference(
+    image: torch.Tensor, text: torch.Tensor, ids: list[int], temperature: float
+) -> tuple[float, float]:
+    """Multi-positive InfoNCE written out with loops: row i's target mass is spread evenly over every j with
+    ids[j] == ids[i] (X-VLM's retrieval fine-tuning), in both directions."""
+
+    def unit(v: list[float]) -> list[float]:
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    image_rows = [unit(v) for v in image.tolist()]
+    text_rows = [unit(v) for v in text.tolist()]
+    n = len(ids)
+    totals = [0.0, 0.0]
+    for direction, (a, b) in enumerate(((image_rows, text_rows), (text_rows, image_rows))):
+        for i in range(n):
+            sims = [sum(x * y for x, y in zip(a[i], b[j])) / temperature for j in range(n)]
+            log_z = math.log(sum(math.exp(s) for s in sims))
+            positives = [j for j in range(n) if ids[j] == ids[i]]
+            totals[direction] += -sum((sims[j] - log_z) / len(positives) for j in positives)
+    return totals[0] / n, totals[1] / n
+
+
+def test_itc_identity_targets_match_loop() -> None:
+    gen = torch.Generator().manual_seed(3)
+    ids = [0, 0, 1, 2, 2, 2, 3, 0]  # K items of an identity, one repeated as the P x K sampler does
+    image = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    text = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+    text[1] = text[0]  # a duplicated sample: it must count as a positive, never as a negative
+    out = itc_loss(image, text, temperature=0.1, ids=torch.tensor(ids))
+    i2t, t2i = _itc_identity_reference(image, text, ids, 0.1)
+    assert out["i2t"].item() == pytest.approx(i2t, rel=1e-9)
+    assert out["t2i"].item() == pytest.approx(t2i, rel=1e-9)
+    # distinct ids reproduce plain InfoNCE; shared ids change the loss
+    plain = itc_loss(image, text, temperature=0.1)
+    distinct = itc_loss(image, text, temperature=0.1, ids=torch.arange(8) * 7)
+    assert distinct["loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-12)
+    assert out["loss"].item() != pytest.approx(plain["loss"].item(), rel=1e-3)
+    with pytest.raises(ValueError, match="ids"):
+        itc_loss(image, text, temperature=0.1, ids=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 0, 5), (2, 6, 1)])
+def test_itc_identity_targets_across_ranks(monkeypatch: pytest.MonkeyPatch, sizes: tuple[int, ...]) -> None:
+    """Identities spread over simulated ranks: ids are gathered, the mean of the per-rank losses equals the
+    full-batch loop reference, and the gradients equal the full-batch gradients."""
+    world, total, d = len(sizes), sum(sizes), 4
+    offsets = [sum(sizes[:r]) for r in range(world)]
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 3, (total,), generator=gen)
+    full_image = torch.randn(total, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    full_text = torch.randn(total, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    temperature = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    reference = itc_loss(full_image, full_text, temperature=temperature, ids=ids)
+    i2t, t2i = _itc_identity_reference(full_image.detach(), full_text.detach(), ids.tolist(), 0.2)
+    assert reference["loss"].item() == pytest.approx((i2t + t2i) / 2, rel=1e-9)
+    ref_grads = torch.autograd.grad(reference["loss"], [full_image, full_text, temperature])
+    calls: list[str] = []
+
+    def fake_gather(
+        tensor: torch.Tensor, *, rank: int, world_size: int, group: object = None, sizes: list[int]
+    ) -> torch.Tensor:
+        full = (full_image, full_text)[len([c for c in calls if c != "ids"]) % 2]
+        calls.append("emb")
+        normed = F.normalize(full, dim=-1)
+        lo = offsets[rank]
+        return torch.cat([normed[:lo], tensor, normed[lo + sizes[rank] :]])
+
+    def fake_gather_ids(
+        tensor: torch.Tensor, *, rank: int, world_size: int, group: object = None, sizes: list[int]
+    ) -> torch.Tensor:
+        calls.append("ids")
+        assert torch.equal(tensor, ids[offsets[rank] : offsets[rank] + sizes[rank]])
+        return ids.clone()
+
+    monkeypatch.setattr(distributed, "all_gather_sizes", lambda rows, **_: list(sizes))
+    monkeypatch.setattr(distributed, "all_gather_with_grad", fake_gather)
+    monkeypatch.setattr(distributed, "all_gather_no_grad", fake_gather_ids)
+    terms = []
+    for rank in range(world):
+        local = slice(offsets[rank], offsets[rank] + sizes[rank])
+        out = itc_loss(
+            full_image[local],
+            full_text[local],
+            temperature=temperature,
+            rank=rank,
+            world_size=world,
+            ids=ids[local],
+        )
+        terms.append(out["loss"])
+    mean = torch.stack(terms).mean()
+    assert mean.item() == pytest.approx(reference["loss"].item(), rel=1e-10)
+    for got, want in zip(torch.autograd.grad(mean, [full_image, full_text, temperature]), ref_grads):
+        torch.testing.assert_close(got, want)
+    assert calls.count("ids") == world
+
+
 def test_itc_module_rank_defaults() -> None:
     seen = {}
 

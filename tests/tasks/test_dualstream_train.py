@@ -128,6 +128,7 @@ def test_eval_checkpoint_with_and_without_captions(
     for k in (1, 2, 4):  # with ground-truth boxes the official protocol must agree with R@k
         assert with_captions[f"official_top{k}"] == pytest.approx(with_captions[f"recall@{k}"])
     assert (setup["root"] / "eval" / "results.json").is_file()
+    assert 0.0 <= with_captions["box_miou"] <= 1.0 and with_captions["box_count"] == 12.0
     for picture in ("grid_png", "recall_png"):
         assert Path(with_captions[picture]).stat().st_size > 0
     assert main([*base, "--no-captions"]) == 0
@@ -213,3 +214,30 @@ def test_demo_config_file_follows_the_quickstart_recipe(configs_dir: Path) -> No
         "deepfashion2_dualstream.yaml",
     ):  # selection on held-out train identities
         assert yaml.safe_load((configs_dir / name).read_text())["data"]["holdout_identities"] == 0.05
+
+
+def test_full_mode_box_head_is_masked_and_reported(setup: dict[str, Path], tmp_path: Path) -> None:
+    """``mode: full``: the box target is the item in the whole image; samples without a caption give no box
+    loss; validation reports the grounding quality (mean IoU, IoU >= 0.5 rate)."""
+    import torch
+
+    from capret.config import load_config
+    from capret.tasks.dualstream import DualStreamConfig, DualStreamTask, run
+
+    overrides = ["model.mode=full", "trainer.max_steps=3", f"trainer.output_dir={tmp_path / 'full'}"]
+    config = load_config(DualStreamConfig, setup["config"], overrides)
+    task = DualStreamTask(config)
+    module = task.build_model()
+    batch = next(iter(task.train_dataloader(rank=0, world_size=1, epoch=0, seed=0)))
+    assert (batch["box"][:, 2:] < 0.95).all()  # whole image: the item is smaller than the frame
+    batch["has_caption"][:] = False
+    terms = module(batch)
+    assert terms["box"].item() == 0.0 and terms["itc"].item() == 0.0
+    batch["has_caption"][0] = True
+    assert module(batch)["box"].item() > 0.0
+    result = run(config)
+    assert 0.0 <= result["metrics"]["box_miou"] <= 1.0  # model selection on the held-out train identities
+    metrics = result["final_metrics"]  # the reported split, evaluated once
+    assert 0.0 <= metrics["box_miou"] <= 1.0 and 0.0 <= metrics["box_iou@0.5"] <= 1.0
+    assert metrics["box_count"] == 12.0  # every captioned validation item (4 shop + 8 user)
+    assert torch.isfinite(torch.tensor(metrics["map"]))

@@ -56,6 +56,26 @@ def _pictures(args: MapEvalConfig, result: Any, *, ks: list[int]) -> dict[str, s
     return {"grid_png": str(grid), "recall_png": str(recall)}
 
 
+def _box_metrics(
+    args: MapEvalConfig, model: Any, result: Any, *, split: str, device: Any
+) -> dict[str, float]:
+    """Grounding quality of the text-conditioned box head on the captioned query and gallery items."""
+    from capret.data.captions import join_captions
+    from capret.inference.dualstream import box_quality, predict_item_boxes
+
+    items = [*result.query_items, *result.gallery_items]
+    pred, target = predict_item_boxes(
+        model,
+        root=args.root,
+        split=split,
+        items=items,
+        captions=join_captions(items, args.captions).captions,
+        batch_size=args.batch_size,
+        device=device,
+    )
+    return box_quality(pred, target)
+
+
 def run(args: MapEvalConfig) -> dict[str, Any]:
     from capret.data.caption_records import caption_sources
     from capret.inference.dualstream import evaluate_items, load_model
@@ -96,6 +116,7 @@ def run(args: MapEvalConfig) -> dict[str, Any]:
     }
     if args.captions is not None and not args.no_captions:
         metrics["caption_source"] = caption_sources(args.captions)
+        metrics.update(_box_metrics(args, model.model, result, split=split, device=model.device))
     if args.corrupt_captions:
         if args.captions is None or args.no_captions:
             raise ConfigError("--corrupt-captions needs --captions (the captions to corrupt)")
