@@ -47,7 +47,7 @@ DEMO_RECIPE: dict[str, Any] = {
         "heads": 4,
         "embed_dim": 128,
         "itc_dim": 128,
-        "mode": "crop",
+        "mode": "full",  # whole image + caption; the box head grounds the captioned item (X-VLM)
         "crop_margin": 0.1,
     },
     "loss": {"arcface_scale": 32.0, "arcface_lr": 0.01, "itc_weight": 0.2, "box_weight": 0.2},

@@ -66,7 +66,7 @@ def _box_metrics(
     items = [*result.query_items, *result.gallery_items]
     pred, target = predict_item_boxes(
         model,
-        root=args.root,
+        root=require(args.root, "--root"),
         split=split,
         items=items,
         captions=join_captions(items, args.captions).captions,
