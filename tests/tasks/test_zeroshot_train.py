@@ -237,3 +237,18 @@ def test_oti_phrases_from_an_openai_compatible_server(
         assert server.requests == 3 and second["phrase_generation"]["cached"] == 3  # no model call on a rerun
     phrases = json.loads((tmp_path / "phrases.json").read_text())["phrases"]
     assert phrases["red dress"] == ["a red dress on a wooden table", "a close view of the red dress"]
+
+
+def test_upgrade_leaves_sectioned_and_other_task_dicts_alone() -> None:
+    sectioned = {"task": "phi", "data": {"images": "x"}, "model": {}, "trainer": {"lr": 1.0}}
+    assert upgrade_config_dict(sectioned) is sectioned
+    combiner = {"task": "combiner", "root": "data/fashioniq", "clip": "openai/clip-vit-base-patch32"}
+    assert upgrade_config_dict(combiner) is combiner
+    # the oldest form: a bare Hugging Face CLIP name instead of a clip section
+    old = upgrade_config_dict({"task": "pic2word", "clip": "tiny-clip", "images": "shards/", "lr": 0.3})
+    assert old == {
+        "task": "pic2word",
+        "model": {"clip": {"backend": "hf", "name": "tiny-clip"}},
+        "data": {"images": "shards/"},
+        "trainer": {"lr": 0.3},
+    }
