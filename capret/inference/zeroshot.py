@@ -35,7 +35,7 @@ from capret.errors import CheckpointError
 from capret.io import resolve_model_folder
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
 from capret.models.zeroshot import build_mapper
-from capret.tasks.zeroshot_common import upgrade_config_dict
+from capret.tasks.zeroshot_common import ZEROSHOT_TASKS, upgrade_config_dict
 
 __all__ = [
     "PIC2WORD_PROMPT",
@@ -167,9 +167,8 @@ class ZeroShotModel:
     clip: ClipBundle
     mapper: nn.Module
     placeholder: str
-    config: dict[
-        str, Any
-    ]  # the task config recorded in the checkpoint sidecar (sectioned: data/model/loss/...)
+    #: the task config recorded in the checkpoint sidecar, in the sectioned shape (data/model/loss/trainer)
+    config: dict[str, Any]
 
     @property
     def clip_config(self) -> dict[str, Any]:
@@ -210,7 +209,7 @@ def load_zeroshot_model(
     sidecar = json.loads((folder / "checkpoint.json").read_text())
     task = upgrade_config_dict((sidecar.get("config") or {}).get("task") or {})
     info = task.get("zeroshot")
-    if not isinstance(info, dict) or task.get("task") not in ("phi", "pic2word", "lincir"):
+    if not isinstance(info, dict) or task.get("task") not in ZEROSHOT_TASKS:
         raise CheckpointError(
             f"sidecar task is {task.get('task')!r}; a zero-shot mapper checkpoint comes from capret-train tasks "
             "phi, pic2word or lincir",

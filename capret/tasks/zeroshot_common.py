@@ -33,10 +33,12 @@ __all__ = [
     "MapperModelConfig",
     "MapperTaskBase",
     "SizedBatches",
+    "ZEROSHOT_TASKS",
     "index_batches",
     "upgrade_config_dict",
 ]
 
+#: the ``capret-train`` tasks whose checkpoints :func:`capret.inference.zeroshot.load_zeroshot_model` reads
 ZEROSHOT_TASKS = ("phi", "pic2word", "lincir")
 
 
