@@ -13,7 +13,8 @@ renormalised. Features in, features out: reference features are the raw CLIP ima
 :mod:`capret.inference.feature_cache` already stores for the gallery, so the same cache serves both.
 
 :func:`load_zeroshot_model` rebuilds a trained mapper (``capret-train`` tasks ``phi``, ``pic2word``,
-``lincir``) and its frozen CLIP from a checkpoint folder.
+``lincir``) and its frozen CLIP from a checkpoint folder; sidecars of the first, flat-keyed configs of these
+tasks are read through :func:`capret.tasks.zeroshot_common.upgrade_config_dict`.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capret.config import from_dict
+from capret.config import from_dict, to_dict
 from capret.engine.checkpoint import load_model_weights
 from capret.errors import CheckpointError
 from capret.io import resolve_model_folder
-from capret.models.clip import ClipBundle, ClipConfig, load_clip_config
+from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
 from capret.models.zeroshot import build_mapper
+from capret.tasks.zeroshot_common import ZEROSHOT_TASKS, upgrade_config_dict
 
 __all__ = [
     "PIC2WORD_PROMPT",
@@ -165,7 +167,14 @@ class ZeroShotModel:
     clip: ClipBundle
     mapper: nn.Module
     placeholder: str
-    config: dict[str, Any]  # the task config recorded in the checkpoint sidecar
+    #: the task config recorded in the checkpoint sidecar, in the sectioned shape (data/model/loss/trainer)
+    config: dict[str, Any]
+
+    @property
+    def clip_config(self) -> dict[str, Any]:
+        """The recorded ``model.clip`` section (backend, name, pretrained, preprocess, target_ratio), with the
+        defaults filled in for sidecars that left some out."""
+        return to_dict(from_dict(TaskClipConfig, (self.config.get("model") or {}).get("clip") or {}))
 
     @property
     def template(self) -> str:
@@ -198,9 +207,9 @@ def load_zeroshot_model(
     the newest checkpoint). ``clip`` reuses an already loaded backbone instead of loading the recorded one."""
     folder = resolve_model_folder(checkpoint)
     sidecar = json.loads((folder / "checkpoint.json").read_text())
-    task = (sidecar.get("config") or {}).get("task") or {}
+    task = upgrade_config_dict((sidecar.get("config") or {}).get("task") or {})
     info = task.get("zeroshot")
-    if not isinstance(info, dict) or task.get("task") not in ("phi", "pic2word", "lincir"):
+    if not isinstance(info, dict) or task.get("task") not in ZEROSHOT_TASKS:
         raise CheckpointError(
             f"sidecar task is {task.get('task')!r}; a zero-shot mapper checkpoint comes from capret-train tasks "
             "phi, pic2word or lincir",
@@ -209,13 +218,8 @@ def load_zeroshot_model(
     mapper = build_mapper(info["mapper"], info["hparams"])
     load_model_weights(mapper, folder, device=device)
     if clip is None:
-        clip_cfg = from_dict(ClipConfig, task.get("clip") or {})
-        clip = load_clip_config(
-            clip_cfg,
-            preprocess=task.get("preprocess", "targetpad"),
-            target_ratio=float(task.get("target_ratio", 1.25)),
-            device=device,
-        )
+        section = (task.get("model") or {}).get("clip") or {}
+        clip = load_task_clip_config(from_dict(TaskClipConfig, section), device=device)
     if clip.token_width != info["hparams"]["output_dim"]:
         raise CheckpointError(
             f"mapper outputs {info['hparams']['output_dim']}-wide tokens but {clip.name} tokens are "

@@ -10,7 +10,8 @@ normalisation, as in CLIP4Cir, Baldrati et al. 2022, Sec. 3.3), so no caller reb
   backbones (``RN50x4``/``openai`` for CLIP4Cir, ``ViT-L-14``/``openai`` for SEARLE/Pic2Word/LinCIR,
   ``ViT-bigG-14``/``laion2b_s39b_b160k`` for CIReVL); ``pretrained`` may also be a local weights file.
 
-Configs name a backbone with a :class:`ClipConfig` section (``clip: {backend, name, pretrained}``).
+Configs name a backbone with a :class:`ClipConfig` section (``clip: {backend, name, pretrained}``); the training
+tasks' ``model.clip`` sections are a :class:`TaskClipConfig` (the same plus ``preprocess``/``target_ratio``).
 Tests use :func:`capret.testing.save_random_clip` (HF layout) and :func:`capret.testing.register_tiny_open_clip`
 (a tiny open_clip architecture), so the exact same loading paths run offline.
 """
@@ -36,8 +37,10 @@ __all__ = [
     "ClipConfig",
     "HFClipBundle",
     "PseudoTokenError",
+    "TaskClipConfig",
     "load_clip",
     "load_clip_config",
+    "load_task_clip_config",
     "weights_fingerprint",
 ]
 
@@ -61,6 +64,18 @@ class ClipConfig:
     pretrained: str | None = cfg(
         None, "open_clip: pretrained tag (openai, laion2b_s39b_b160k) or a local weights file; hf: unused"
     )
+
+
+@dataclass
+class TaskClipConfig(ClipConfig):
+    """A training task's ``model.clip`` section: which CLIP (``backend``, ``name``, ``pretrained``) and the image
+    preprocessing in front of it. The preprocessing belongs to the model because features computed with another
+    padding are different features (the feature caches key on it)."""
+
+    preprocess: PadMode = cfg(
+        "targetpad", "image padding before the CLIP transform: targetpad | squarepad | none"
+    )
+    target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
 
 
 class HFClipBundle(ClipBundle):
@@ -177,6 +192,13 @@ def load_clip_config(
         preprocess=preprocess,
         target_ratio=target_ratio,
         device=device,
+    )
+
+
+def load_task_clip_config(config: TaskClipConfig, *, device: str | torch.device = "cpu") -> ClipBundle:
+    """:func:`load_clip` for a task's ``model.clip`` section, with the preprocessing it records."""
+    return load_clip_config(
+        config, preprocess=config.preprocess, target_ratio=config.target_ratio, device=device
     )
 
 

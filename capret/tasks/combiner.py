@@ -33,8 +33,7 @@ from capret.data import create_dataset
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
 from capret.inference.cir import FeatureOptions, cirr_rankings, fashioniq_rankings
 from capret.inference.feature_cache import CachedFeatures, image_features, text_features
-from capret.models.clip import ClipBundle, load_clip_config
-from capret.models.clip import ClipConfig as ClipModelConfig
+from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
 from capret.models.combiner import LOGIT_SCALE, batch_classification_loss, create_combiner
 from capret.tasks.registry import register_task
 
@@ -83,15 +82,8 @@ class DataConfig:
     encode_batch_size: int = cfg(64, "images per batch when encoding features (caches, validation galleries)")
 
 
-@dataclass
-class ClipConfig(ClipModelConfig):
-    """The CLIP model both stages build on (``backend``, ``name``, ``pretrained``: see
-    :class:`capret.models.clip.ClipConfig`), and the image preprocessing in front of it."""
-
-    preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
-        "targetpad", "image padding before CLIP resize"
-    )
-    target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
+#: the ``model.clip`` section (CLIP + its preprocessing), shared with the zero-shot tasks
+ClipConfig = TaskClipConfig
 
 
 @dataclass
@@ -222,8 +214,7 @@ def load_task_clip(config: CombinerTaskConfig, *, device: str | torch.device = "
     """CLIP with this config's preprocessing; in stage 2, with the stage-1 fine-tuned weights loaded."""
     from capret.engine.checkpoint import load_model_weights
 
-    spec = config.model.clip
-    clip = load_clip_config(spec, preprocess=spec.preprocess, target_ratio=spec.target_ratio, device=device)
+    clip = load_task_clip_config(config.model.clip, device=device)
     stage1 = resolve_stage1_checkpoint(config) if config.stage == 2 else None
     if stage1 is not None:
         load_model_weights(clip, stage1, device=device)

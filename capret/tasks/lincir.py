@@ -22,11 +22,29 @@ from torch import nn
 from capret.config import ConfigError, cfg
 from capret.data.keywords import read_caption_corpus, replace_keywords
 from capret.engine.trainer import TrainerConfig, train
-from capret.models.clip import ClipConfig
 from capret.tasks.registry import register_task
-from capret.tasks.zeroshot_common import MapperTaskBase, SizedBatches, index_batches
+from capret.tasks.zeroshot_common import MapperModelConfig, MapperTaskBase, SizedBatches, index_batches
 
-__all__ = ["LinCIRTask", "LinCIRTaskConfig", "run"]
+__all__ = ["LinCIRDataConfig", "LinCIRLossConfig", "LinCIRTask", "LinCIRTaskConfig", "run"]
+
+
+@dataclass
+class LinCIRDataConfig:
+    """The caption corpus (no images are seen in training)."""
+
+    captions: str = cfg(
+        "data/captions.jsonl", "caption corpus: .jsonl caption store, .json list, or one per line"
+    )
+    limit: int | None = cfg(None, "use only the first N captions")
+    batch_size: int = cfg(256, "captions per batch per process")
+    encode_batch_size: int = cfg(256, "captions per batch when tokenizing the edited captions up front")
+
+
+@dataclass
+class LinCIRLossConfig:
+    """MSE between the edited caption's text feature and the caption's own; noise on phi's input."""
+
+    noise: float = cfg(1.0, "scale of the input noise U(0,1)*N(0,I) added to the caption's text feature")
 
 
 @dataclass
@@ -34,23 +52,15 @@ class LinCIRTaskConfig:
     """Config of ``capret-train`` task ``lincir`` (see configs/lincir_demo.yaml)."""
 
     task: str = cfg("lincir", "task name; must be 'lincir'")
-    clip: ClipConfig = cfg(factory=ClipConfig, help="frozen CLIP backbone (LinCIR: ViT-L/14, ViT-bigG/14)")
-    captions: str = cfg(
-        "data/captions.jsonl", "caption corpus: .jsonl caption store, .json list, or one per line"
+    data: LinCIRDataConfig = cfg(factory=LinCIRDataConfig, help="caption corpus and batches")
+    model: MapperModelConfig = cfg(
+        factory=MapperModelConfig,
+        help="frozen CLIP (LinCIR: ViT-L/14, ViT-bigG/14; preprocessing applies at inference) and phi's sizes",
     )
-    limit: int | None = cfg(None, "use only the first N captions")
-    placeholder: str = cfg("$", "pseudo-word placeholder (one token)")
-    noise: float = cfg(1.0, "scale of the input noise U(0,1)*N(0,I) added to the caption's text feature")
-    dropout: float = cfg(0.5, "phi dropout")
-    hidden_dim: int = cfg(0, "phi hidden width; 0 = 4 x CLIP projection size")
-    lr: float = cfg(1e-4, "AdamW learning rate")
-    weight_decay: float = cfg(0.01, "AdamW weight decay")
-    batch_size: int = cfg(256, "captions per batch per process")
-    feature_cache: str | None = cfg(
-        None, "unused (text features are computed per step); kept for the shared base"
+    loss: LinCIRLossConfig = cfg(factory=LinCIRLossConfig, help="text-feature reconstruction loss")
+    trainer: TrainerConfig = cfg(
+        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.01), help="shared training loop (AdamW lr, wd)"
     )
-    eval_batch_size: int = cfg(256, "captions per batch when encoding")
-    trainer: TrainerConfig = cfg(factory=TrainerConfig, help="shared training loop settings")
 
 
 class LinCIRTask(MapperTaskBase):
@@ -61,38 +71,39 @@ class LinCIRTask(MapperTaskBase):
 
     def __init__(self, config: LinCIRTaskConfig) -> None:
         super().__init__(config)
-        self.captions = read_caption_corpus(config.captions, limit=config.limit)
+        self.captions = read_caption_corpus(config.data.captions, limit=config.data.limit)
         # the edit of each caption is fixed (the random fallback word is seeded by the caption's position)
         self.replaced = [
-            replace_keywords(c, placeholder=config.placeholder, rng=random.Random(i))
+            replace_keywords(c, placeholder=config.model.placeholder, rng=random.Random(i))
             for i, c in enumerate(self.captions)
         ]
-        self._keep_placeholders(self.load_frozen_clip(config.clip))
+        self._keep_placeholders(self.load_frozen_clip())
 
     def mapper_hparams(self) -> dict[str, Any]:
         assert self.clip is not None
         d = self.clip.feature_dim
-        hidden = self.config.hidden_dim or 4 * d
+        hidden = self.config.model.hidden_dim or 4 * d
         return {
             "input_dim": d,
             "hidden_dim": hidden,
             "output_dim": self.clip.token_width,
-            "dropout": self.config.dropout,
+            "dropout": self.config.model.dropout,
         }
 
     def _keep_placeholders(self, clip: Any) -> None:
         """Edits whose placeholder falls beyond the context length become ``"a photo of $"`` (LinCIR's fallback)."""
-        pid = clip.placeholder_id(self.config.placeholder)
-        step = self.config.eval_batch_size
+        placeholder = self.config.model.placeholder
+        pid = clip.placeholder_id(placeholder)
+        step = self.config.data.encode_batch_size
         for start in range(0, len(self.replaced), step):
             ids = clip.tokenize(self.replaced[start : start + step])["input_ids"]
             for offset in (~(ids == pid).any(dim=1)).nonzero().flatten().tolist():
-                self.replaced[start + offset] = f"a photo of {self.config.placeholder}"
+                self.replaced[start + offset] = f"a photo of {placeholder}"
 
     def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
         batches = index_batches(
             len(self.captions),
-            batch_size=self.config.batch_size,
+            batch_size=self.config.data.batch_size,
             rank=rank,
             world_size=world_size,
             epoch=epoch,
@@ -112,9 +123,11 @@ class LinCIRTask(MapperTaskBase):
             tokens = {k: v.to(clip.device) for k, v in clip.tokenize(batch["captions"]).items()}
             original = clip.text_features(**tokens).float()
         scale = torch.rand(original.shape[0], 1, device=original.device)
-        noisy = original + self.config.noise * scale * torch.randn_like(original)
+        noisy = original + self.config.loss.noise * scale * torch.randn_like(original)
         pseudo = model(noisy)
-        edited = clip.pseudo_token_features(batch["replaced"], pseudo, placeholder=self.config.placeholder)
+        edited = clip.pseudo_token_features(
+            batch["replaced"], pseudo, placeholder=self.config.model.placeholder
+        )
         return {"loss": F.mse_loss(edited.float(), original)}
 
 

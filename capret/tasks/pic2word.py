@@ -10,7 +10,7 @@ trains on Conceptual Captions images with AdamW lr 1e-4, weight decay 0.1, batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,24 @@ from torch import nn
 from capret.config import ConfigError, cfg
 from capret.data.image_sources import open_image_source
 from capret.engine.trainer import TrainerConfig, train
-from capret.models.clip import ClipConfig
+from capret.models.clip import TaskClipConfig
 from capret.tasks.registry import register_task
-from capret.tasks.zeroshot_common import MapperTaskBase, SizedBatches, index_batches
+from capret.tasks.zeroshot_common import (
+    ImageDataConfig,
+    MapperModelConfig,
+    MapperTaskBase,
+    SizedBatches,
+    index_batches,
+)
 
-__all__ = ["Pic2WordTask", "Pic2WordTaskConfig", "run"]
+__all__ = ["Pic2WordLossConfig", "Pic2WordTask", "Pic2WordTaskConfig", "run"]
+
+
+@dataclass
+class Pic2WordLossConfig:
+    """CLIP's symmetric image-text contrastive loss (CLIP's own frozen logit scale) on the training prompt."""
+
+    prompt: str = cfg("a photo of *", "training prompt; must contain model.placeholder as a word")
 
 
 @dataclass
@@ -31,23 +44,20 @@ class Pic2WordTaskConfig:
     """Config of ``capret-train`` task ``pic2word`` (see configs/pic2word_demo.yaml)."""
 
     task: str = cfg("pic2word", "task name; must be 'pic2word'")
-    clip: ClipConfig = cfg(factory=ClipConfig, help="frozen CLIP backbone (Pic2Word: ViT-L/14)")
-    preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
-        "none", "image padding before the CLIP transform: targetpad | squarepad | none"
+    data: ImageDataConfig = cfg(
+        factory=lambda: ImageDataConfig(images="data/cc3m", batch_size=128),
+        help="unlabeled images, batches, feature cache",
     )
-    target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
-    images: str = cfg("data/cc3m", "unlabeled images: a folder (recursive) or webdataset .tar shards")
-    limit: int | None = cfg(None, "use only the first N images (sorted keys)")
-    prompt: str = cfg("a photo of *", "training prompt; must contain the placeholder")
-    placeholder: str = cfg("*", "pseudo-word placeholder (one token)")
-    hidden_dim: int = cfg(512, "IM2TEXT hidden width")
-    dropout: float = cfg(0.1, "IM2TEXT dropout")
-    lr: float = cfg(1e-4, "AdamW learning rate")
-    weight_decay: float = cfg(0.1, "AdamW weight decay")
-    batch_size: int = cfg(128, "images per batch per process (the contrastive negatives)")
-    feature_cache: str | None = cfg("auto", "image-feature cache folder; auto = <output_dir>/feature_cache")
-    eval_batch_size: int = cfg(64, "images per batch when computing features")
-    trainer: TrainerConfig = cfg(factory=TrainerConfig, help="shared training loop settings")
+    model: MapperModelConfig = cfg(
+        factory=lambda: MapperModelConfig(
+            clip=TaskClipConfig(preprocess="none"), hidden_dim=512, dropout=0.1, placeholder="*"
+        ),
+        help="frozen CLIP (Pic2Word: ViT-L/14, CLIP's own preprocessing) and IM2TEXT's sizes",
+    )
+    loss: Pic2WordLossConfig = cfg(factory=Pic2WordLossConfig, help="contrastive loss")
+    trainer: TrainerConfig = cfg(
+        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.1), help="shared training loop (AdamW lr, wd)"
+    )
 
 
 class Pic2WordTask(MapperTaskBase):
@@ -58,22 +68,23 @@ class Pic2WordTask(MapperTaskBase):
 
     def __init__(self, config: Pic2WordTaskConfig) -> None:
         super().__init__(config)
-        if f" {config.placeholder}" not in f" {config.prompt} ":
+        prompt, placeholder = config.loss.prompt, config.model.placeholder
+        if f" {placeholder}" not in f" {prompt} ":
             raise ConfigError(
-                f"prompt={config.prompt!r} must contain the placeholder {config.placeholder!r} as a word"
+                f"loss.prompt={prompt!r} must contain model.placeholder={placeholder!r} as a word"
             )
-        self.source = open_image_source(config.images, limit=config.limit)
-        clip = self.load_frozen_clip(config.clip, preprocess=config.preprocess, ratio=config.target_ratio)
-        clip.placeholder_id(config.placeholder)  # fail before training if it is not one token
+        self.source = open_image_source(config.data.images, limit=config.data.limit)
+        clip = self.load_frozen_clip()
+        clip.placeholder_id(placeholder)  # fail before training if it is not one token
         self.features: torch.Tensor | None = None
 
     def mapper_hparams(self) -> dict[str, Any]:
         assert self.clip is not None
         return {
             "input_dim": self.clip.feature_dim,
-            "hidden_dim": self.config.hidden_dim,
+            "hidden_dim": self.config.model.hidden_dim,
             "output_dim": self.clip.token_width,
-            "dropout": self.config.dropout,
+            "dropout": self.config.model.dropout,
         }
 
     def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
@@ -81,7 +92,7 @@ class Pic2WordTask(MapperTaskBase):
             self.features = self.image_table(self.source).lookup(self.source.keys)
         batches = index_batches(
             len(self.source),
-            batch_size=self.config.batch_size,
+            batch_size=self.config.data.batch_size,
             rank=rank,
             world_size=world_size,
             epoch=epoch,
@@ -96,7 +107,7 @@ class Pic2WordTask(MapperTaskBase):
         images = batch["features"]
         tokens = model(images)
         texts = clip.pseudo_token_features(
-            [self.config.prompt] * images.shape[0], tokens, placeholder=self.config.placeholder
+            [self.config.loss.prompt] * images.shape[0], tokens, placeholder=self.config.model.placeholder
         )
         image_n = F.normalize(images.float(), dim=-1)
         text_n = F.normalize(texts.float(), dim=-1)

@@ -14,7 +14,7 @@ one text-encoder pass for the regulariser. Inference: :func:`capret.inference.ze
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,34 @@ from capret.engine.trainer import TrainerConfig, train
 from capret.inference.concepts import PhraseBank, concept_features, top_concepts
 from capret.inference.oti import TokenStore
 from capret.losses.distillation import nt_xent_loss
-from capret.models.clip import ClipConfig
 from capret.tasks.registry import register_task
-from capret.tasks.zeroshot_common import MapperTaskBase, SizedBatches, index_batches
+from capret.tasks.zeroshot_common import (
+    ImageDataConfig,
+    MapperModelConfig,
+    MapperTaskBase,
+    SizedBatches,
+    index_batches,
+)
 
-__all__ = ["PhiTask", "PhiTaskConfig", "run"]
+__all__ = ["PhiDataConfig", "PhiLossConfig", "PhiTask", "PhiTaskConfig", "run"]
+
+
+@dataclass
+class PhiDataConfig(ImageDataConfig):
+    """The unlabeled images, their OTI tokens (the distillation targets) and the regulariser's phrases."""
+
+    tokens: str = cfg("runs/oti/tokens.safetensors", "OTI token store of these images (capret oti --out)")
+    phrases: str | None = cfg(None, "phrase file of the regulariser (capret oti --phrases-out); null = off")
+
+
+@dataclass
+class PhiLossConfig:
+    """Distillation of the OTI tokens plus SEARLE's phrase regulariser."""
+
+    temperature: float = cfg(0.25, "NT-Xent temperature of the distillation")
+    lambda_distil: float = cfg(1.0, "weight of the distillation loss")
+    lambda_gpt: float = cfg(0.25, "weight of the phrase regulariser (SEARLE code: 0.25); 0 = off")
+    top_k_concepts: int = cfg(15, "concepts per image the regulariser draws its phrases from")
 
 
 @dataclass
@@ -38,28 +61,16 @@ class PhiTaskConfig:
     """Config of ``capret-train`` task ``phi`` (see configs/searle_phi_demo.yaml)."""
 
     task: str = cfg("phi", "task name; must be 'phi'")
-    clip: ClipConfig = cfg(factory=ClipConfig, help="frozen CLIP backbone (SEARLE: ViT-B/32 or ViT-L/14)")
-    preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
-        "targetpad", "image padding before the CLIP transform: targetpad | squarepad | none"
+    data: PhiDataConfig = cfg(
+        factory=PhiDataConfig, help="images, OTI tokens, phrases, batches, feature cache"
     )
-    target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
-    images: str = cfg("data/unlabeled", "unlabeled images: a folder (recursive) or webdataset .tar shards")
-    limit: int | None = cfg(None, "use only the first N images (sorted keys)")
-    tokens: str = cfg("runs/oti/tokens.safetensors", "OTI token store of these images (capret oti --out)")
-    phrases: str | None = cfg(None, "phrase file of the regulariser (capret oti --phrases-out); null = off")
-    top_k_concepts: int = cfg(15, "concepts per image the regulariser draws from")
-    placeholder: str = cfg("$", "pseudo-word placeholder (one token)")
-    temperature: float = cfg(0.25, "NT-Xent temperature of the distillation")
-    lambda_distil: float = cfg(1.0, "weight of the distillation loss")
-    lambda_gpt: float = cfg(0.25, "weight of the phrase regulariser (SEARLE code: 0.25)")
-    dropout: float = cfg(0.5, "phi dropout")
-    hidden_dim: int = cfg(0, "phi hidden width; 0 = 4 x CLIP feature size")
-    lr: float = cfg(1e-4, "AdamW learning rate")
-    weight_decay: float = cfg(0.01, "AdamW weight decay")
-    batch_size: int = cfg(256, "images per batch per process (the distillation's negatives)")
-    feature_cache: str | None = cfg("auto", "image-feature cache folder; auto = <output_dir>/feature_cache")
-    eval_batch_size: int = cfg(64, "images per batch when computing features")
-    trainer: TrainerConfig = cfg(factory=TrainerConfig, help="shared training loop settings")
+    model: MapperModelConfig = cfg(
+        factory=MapperModelConfig, help="frozen CLIP (SEARLE: ViT-B/32 or ViT-L/14) and phi's sizes"
+    )
+    loss: PhiLossConfig = cfg(factory=PhiLossConfig, help="distillation and phrase regulariser")
+    trainer: TrainerConfig = cfg(
+        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.01), help="shared training loop (AdamW lr, wd)"
+    )
 
 
 class PhiTask(MapperTaskBase):
@@ -70,21 +81,22 @@ class PhiTask(MapperTaskBase):
 
     def __init__(self, config: PhiTaskConfig) -> None:
         super().__init__(config)
-        self.source = open_image_source(config.images, limit=config.limit)
-        store_keys, _, ema, _ = TokenStore.read(config.tokens)
+        data = config.data
+        self.source = open_image_source(data.images, limit=data.limit)
+        store_keys, _, ema, _ = TokenStore.read(data.tokens)
         index = {k: i for i, k in enumerate(store_keys)}
         missing = [k for k in self.source.keys if k not in index]
         if missing:
             raise ConfigError(
-                f"{len(missing)} of {len(self.source)} images have no OTI token in {config.tokens} "
-                f"(e.g. {missing[0]!r}); run `capret oti --images {config.images} --out {config.tokens}` first"
+                f"{len(missing)} of {len(self.source)} images have no OTI token in data.tokens={data.tokens} "
+                f"(e.g. {missing[0]!r}); run `capret oti --images {data.images} --out {data.tokens}` first"
             )
         self.targets = ema[[index[k] for k in self.source.keys]]
-        self.bank = PhraseBank.load(config.phrases) if config.phrases and config.lambda_gpt > 0 else None
-        clip = self.load_frozen_clip(config.clip, preprocess=config.preprocess, ratio=config.target_ratio)
+        self.bank = PhraseBank.load(data.phrases) if data.phrases and config.loss.lambda_gpt > 0 else None
+        clip = self.load_frozen_clip()
         if self.targets.shape[1] != clip.token_width:
             raise ConfigError(
-                f"OTI tokens in {config.tokens} are {self.targets.shape[1]} wide but {clip.name} tokens are "
+                f"OTI tokens in {data.tokens} are {self.targets.shape[1]} wide but {clip.name} tokens are "
                 f"{clip.token_width}: the store was made with another CLIP"
             )
         self.features: torch.Tensor | None = None
@@ -93,12 +105,12 @@ class PhiTask(MapperTaskBase):
     def mapper_hparams(self) -> dict[str, Any]:
         assert self.clip is not None
         d = self.clip.feature_dim
-        hidden = self.config.hidden_dim or 4 * d
+        hidden = self.config.model.hidden_dim or 4 * d
         return {
             "input_dim": d,
             "hidden_dim": hidden,
             "output_dim": self.clip.token_width,
-            "dropout": self.config.dropout,
+            "dropout": self.config.model.dropout,
         }
 
     def _prepare(self) -> None:
@@ -109,7 +121,7 @@ class PhiTask(MapperTaskBase):
             clip = self.follow_mapper()
             concepts = self.bank.concepts
             nearest = top_concepts(
-                self.features, concept_features(clip, concepts), k=self.config.top_k_concepts
+                self.features, concept_features(clip, concepts), k=self.config.loss.top_k_concepts
             )
             self.candidates = [
                 [(concepts[i], p) for i in row for p in self.bank.phrases[concepts[i]]]
@@ -120,7 +132,7 @@ class PhiTask(MapperTaskBase):
         self._prepare()
         batches = index_batches(
             len(self.source),
-            batch_size=self.config.batch_size,
+            batch_size=self.config.data.batch_size,
             rank=rank,
             world_size=world_size,
             epoch=epoch,
@@ -133,10 +145,11 @@ class PhiTask(MapperTaskBase):
         return {"features": self.features[idx], "targets": self.targets[idx], "index": torch.tensor(idx)}
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        loss, placeholder = self.config.loss, self.config.model.placeholder
         predicted = model(batch["features"])
-        distil = nt_xent_loss(predicted, batch["targets"], temperature=self.config.temperature)
+        distil = nt_xent_loss(predicted, batch["targets"], temperature=loss.temperature)
         terms = {"distil": distil}
-        total = self.config.lambda_distil * distil
+        total = loss.lambda_distil * distil
         if self.bank is not None:
             terms["gpt"] = torch.zeros((), device=predicted.device)
             rows = [i for i, c in enumerate(batch["index"].tolist()) if self.candidates[c]]
@@ -147,17 +160,15 @@ class PhiTask(MapperTaskBase):
                     for c in batch["index"][rows].tolist()
                 ]
                 swapped = [
-                    " ".join(phrase.replace(concept, f" {self.config.placeholder} ", 1).split())
+                    " ".join(phrase.replace(concept, f" {placeholder} ", 1).split())
                     for concept, phrase in draws
                 ]
                 with torch.no_grad():
                     target = clip.encode_text([phrase for _, phrase in draws])
-                inverted = clip.pseudo_token_features(
-                    swapped, predicted[rows], placeholder=self.config.placeholder
-                )
+                inverted = clip.pseudo_token_features(swapped, predicted[rows], placeholder=placeholder)
                 gpt = (1 - F.cosine_similarity(inverted.float(), target.float(), dim=-1)).mean()
                 terms["gpt"] = gpt
-                total = total + self.config.lambda_gpt * gpt
+                total = total + loss.lambda_gpt * gpt
         return {"loss": total, **terms}
 
 

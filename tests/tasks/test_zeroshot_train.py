@@ -21,6 +21,7 @@ from tiny_zeroshot import (
 
 from capret.cli import main as capret_cli
 from capret.cli import train as train_cli
+from capret.config import from_dict
 from capret.data.image_sources import open_image_source
 from capret.inference.feature_cache import encode_images
 from capret.inference.oti import TokenStore
@@ -29,6 +30,11 @@ from capret.inference.zeroshot import (
     load_zeroshot_model,
     searle_oti_query_features,
 )
+from capret.io import resolve_model_folder
+from capret.tasks.lincir import LinCIRTaskConfig
+from capret.tasks.pic2word import Pic2WordTaskConfig
+from capret.tasks.searle_phi import PhiTaskConfig
+from capret.tasks.zeroshot_common import upgrade_config_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.amp=off", "trainer.num_workers=0",
@@ -56,6 +62,63 @@ def _json(fn: Any, argv: list[str], capsys: pytest.CaptureFixture) -> dict[str, 
     return json.loads(captured.out)
 
 
+def _flat_task_dict(task: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar ``config.task`` as the first, flat-keyed versions of these tasks wrote it (written out by hand,
+    not by inverting the upgrade's table)."""
+    data, model, loss = dict(task["data"]), dict(task["model"]), dict(task["loss"])
+    clip = dict(model.pop("clip"))
+    flat: dict[str, Any] = {
+        "task": task["task"],
+        "clip": {k: clip[k] for k in ("backend", "name", "pretrained")},
+        **(
+            {}
+            if task["task"] == "lincir"
+            else {"preprocess": clip["preprocess"], "target_ratio": clip["target_ratio"]}
+        ),
+        **{k: v for k, v in data.items() if k != "encode_batch_size"},
+        "eval_batch_size": data["encode_batch_size"],
+        **model,
+        **loss,
+        "lr": task["trainer"]["lr"],
+        "weight_decay": task["trainer"]["weight_decay"],
+        "trainer": {**task["trainer"], "lr": 0.5, "weight_decay": 0.5},  # the old tasks ignored these two
+        "zeroshot": task["zeroshot"],
+    }
+    if task["task"] == "lincir":
+        flat["feature_cache"] = None  # carried, unused, by the old lincir config
+    return flat
+
+
+def _assert_flat_sidecar_loads(run: Path, config_cls: type, tmp: Path) -> None:
+    """A copy of the run's checkpoint with its sidecar rewritten to the flat form loads to the same model."""
+    import shutil
+
+    source = resolve_model_folder(run)
+    copy = tmp / f"flat_{run.name}"
+    shutil.copytree(source, copy)
+    sidecar = json.loads((copy / "checkpoint.json").read_text())
+    task = sidecar["config"]["task"]
+    flat = _flat_task_dict(task)
+    assert "data" not in flat and "model" not in flat and ("images" in flat or "captions" in flat)
+    sidecar["config"]["task"] = flat
+    (copy / "checkpoint.json").write_text(json.dumps(sidecar))
+
+    upgraded = upgrade_config_dict(flat)
+    assert from_dict(config_cls, {k: v for k, v in upgraded.items() if k != "zeroshot"}) == from_dict(
+        config_cls, {k: v for k, v in task.items() if k != "zeroshot"}
+    )
+
+    new, old = load_zeroshot_model(source), load_zeroshot_model(copy)
+    assert old.method == new.method and old.placeholder == new.placeholder
+    assert old.clip_config == new.clip_config and old.clip.preprocess_id == new.clip.preprocess_id
+    features = torch.randn(2, new.clip.feature_dim)
+    captions = ["is red", "has stripes"]
+    torch.testing.assert_close(
+        old.query_features(reference_features=features, captions=captions),
+        new.query_features(reference_features=features, captions=captions),
+    )
+
+
 def test_oti_cli_then_phi(world: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
     tokens = world["base"] / "oti" / "tokens.safetensors"
     oti_argv = ["oti", "--clip-backend", "open_clip", "--clip", world["open_clip"], "--images", str(world["images"]),
@@ -68,9 +131,9 @@ def test_oti_cli_then_phi(world: dict[str, Any], capsys: pytest.CaptureFixture) 
     out = world["base"] / "phi_run"
     summary = _json(
         train_cli.main,
-        ["--config", str(CONFIGS / "searle_phi_demo.yaml"), "clip.backend=open_clip", f"clip.name={world['open_clip']}",
-         "clip.pretrained=null", f"images={world['images']}", f"tokens={tokens}", f"phrases={world['phrases']}",
-         "top_k_concepts=2", "batch_size=3", f"trainer.output_dir={out}", "trainer.max_steps=3", *QUIET],
+        ["--config", str(CONFIGS / "searle_phi_demo.yaml"), "model.clip.backend=open_clip",
+         f"model.clip.name={world['open_clip']}", "model.clip.pretrained=null", f"data.images={world['images']}",
+         f"data.tokens={tokens}", f"data.phrases={world['phrases']}", "loss.top_k_concepts=2", "data.batch_size=3", f"trainer.output_dir={out}", "trainer.max_steps=3", *QUIET],
         capsys,
     )  # fmt: skip
     assert summary["steps"] == 3
@@ -91,14 +154,16 @@ def test_oti_cli_then_phi(world: dict[str, Any], capsys: pytest.CaptureFixture) 
         model.clip, tokens=store.lookup(source.keys[:2]), captions=["a", "b"]
     )
     assert oti_queries.shape == (2, model.clip.feature_dim)
+    _assert_flat_sidecar_loads(out, PhiTaskConfig, world["base"])
 
 
 def test_pic2word_on_shards_with_hf_clip(world: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
     out = world["base"] / "p2w_run"
     _json(
         train_cli.main,
-        ["--config", str(CONFIGS / "pic2word_demo.yaml"), "clip.backend=hf", f"clip.name={world['hf']}",
-         "clip.pretrained=null", f"images={world['shards']}", "batch_size=3", "prompt=$ photo", "placeholder=$",
+        ["--config", str(CONFIGS / "pic2word_demo.yaml"), "model.clip.backend=hf", f"model.clip.name={world['hf']}",
+         "model.clip.pretrained=null", f"data.images={world['shards']}", "data.batch_size=3", "loss.prompt=$ photo",
+         "model.placeholder=$",
          f"trainer.output_dir={out}", "trainer.max_steps=3", "trainer.warmup_steps=0", *QUIET],
         capsys,
     )  # fmt: skip
@@ -110,6 +175,8 @@ def test_pic2word_on_shards_with_hf_clip(world: dict[str, Any], capsys: pytest.C
         reference_features=torch.randn(2, model.clip.feature_dim), captions=["x", "y"]
     )
     assert queries.shape == (2, model.clip.feature_dim)
+    assert model.clip_config["preprocess"] == "none"
+    _assert_flat_sidecar_loads(out, Pic2WordTaskConfig, world["base"])
 
 
 def test_lincir_on_a_caption_store(world: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
@@ -125,8 +192,9 @@ def test_lincir_on_a_caption_store(world: dict[str, Any], capsys: pytest.Capture
     out = world["base"] / "lincir_run"
     _json(
         train_cli.main,
-        ["--config", str(CONFIGS / "lincir_demo.yaml"), "clip.backend=open_clip", f"clip.name={world['open_clip']}",
-         "clip.pretrained=null", f"captions={captions}", "batch_size=2", f"trainer.output_dir={out}",
+        ["--config", str(CONFIGS / "lincir_demo.yaml"), "model.clip.backend=open_clip",
+         f"model.clip.name={world['open_clip']}", "model.clip.pretrained=null", f"data.captions={captions}",
+         "data.batch_size=2", f"trainer.output_dir={out}",
          "trainer.max_steps=4", "trainer.warmup_steps=0", *QUIET],
         capsys,
     )  # fmt: skip
@@ -137,6 +205,7 @@ def test_lincir_on_a_caption_store(world: dict[str, Any], capsys: pytest.Capture
         reference_features=torch.randn(3, model.clip.feature_dim), captions=["a", "b", "c"]
     )
     assert queries.shape == (3, model.clip.feature_dim)
+    _assert_flat_sidecar_loads(out, LinCIRTaskConfig, world["base"])
 
 
 def _phrase_reply(payload: dict[str, Any]) -> str:
@@ -168,3 +237,18 @@ def test_oti_phrases_from_an_openai_compatible_server(
         assert server.requests == 3 and second["phrase_generation"]["cached"] == 3  # no model call on a rerun
     phrases = json.loads((tmp_path / "phrases.json").read_text())["phrases"]
     assert phrases["red dress"] == ["a red dress on a wooden table", "a close view of the red dress"]
+
+
+def test_upgrade_leaves_sectioned_and_other_task_dicts_alone() -> None:
+    sectioned = {"task": "phi", "data": {"images": "x"}, "model": {}, "trainer": {"lr": 1.0}}
+    assert upgrade_config_dict(sectioned) is sectioned
+    combiner = {"task": "combiner", "root": "data/fashioniq", "clip": "openai/clip-vit-base-patch32"}
+    assert upgrade_config_dict(combiner) is combiner
+    # the oldest form: a bare Hugging Face CLIP name instead of a clip section
+    old = upgrade_config_dict({"task": "pic2word", "clip": "tiny-clip", "images": "shards/", "lr": 0.3})
+    assert old == {
+        "task": "pic2word",
+        "model": {"clip": {"backend": "hf", "name": "tiny-clip"}},
+        "data": {"images": "shards/"},
+        "trainer": {"lr": 0.3},
+    }
