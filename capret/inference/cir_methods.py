@@ -34,7 +34,7 @@ from torch import nn
 from capret.config import ConfigError
 from capret.evaluation.cir import rank_gallery
 from capret.inference.cir import TOP_K, CIRRanking, FeatureOptions, compose_queries
-from capret.inference.cir_registry import create_cir_method, list_cir_methods, register_cir_method
+from capret.inference.cir_registry import METHODS, list_cir_methods, register_cir_method
 from capret.inference.cirevl import CirevlOptions, CirevlReport, edited_descriptions
 from capret.inference.feature_cache import CachedFeatures, image_features, text_features
 from capret.models.clip import ClipBundle, load_clip
@@ -268,6 +268,14 @@ class MethodInputs:
                 "open_clip an architecture such as ViT-L-14 and --clip-pretrained TAG)"
             )
         return self.clip.load(device=self.device)
+
+
+def create_cir_method(name: str, inputs: MethodInputs) -> CirMethod:
+    """Build the method ``name`` (:func:`list_cir_methods`); an unknown name lists the valid ones."""
+    method = METHODS.create(name, inputs=inputs)
+    if not isinstance(method, CirMethod):
+        raise TypeError(f"CIR method factory {name!r} returned {type(method).__name__}, not a CirMethod")
+    return method
 
 
 @register_cir_method("combiner")

@@ -4,18 +4,17 @@ without loading torch or any model code; each name's module registers it when fi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 from capret.registry import Registry
 
-if TYPE_CHECKING:
-    from capret.inference.cir_methods import CirMethod, MethodInputs
-
-__all__ = ["create_cir_method", "list_cir_methods", "register_cir_method"]
+__all__ = ["METHODS", "list_cir_methods", "register_cir_method"]
 
 _BUILTIN = "capret.inference.cir_methods"
 
-_METHODS: Registry[CirMethod] = Registry(
+#: name -> factory ``(*, inputs: MethodInputs) -> CirMethod`` (typed in :mod:`capret.inference.cir_methods`,
+#: which this light module must not import)
+METHODS: Registry[Any] = Registry(
     "CIR method",
     lazy_modules={
         "combiner": _BUILTIN,
@@ -27,16 +26,11 @@ _METHODS: Registry[CirMethod] = Registry(
 )
 
 
-def register_cir_method(name: str) -> Callable[[Callable[..., CirMethod]], Callable[..., CirMethod]]:
+def register_cir_method(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering a factory ``(*, inputs: MethodInputs) -> CirMethod`` under ``name``."""
-    return _METHODS.register(name)
-
-
-def create_cir_method(name: str, inputs: MethodInputs) -> CirMethod:
-    """Build the method ``name``; an unknown name lists the valid ones."""
-    return _METHODS.create(name, inputs=inputs)
+    return METHODS.register(name)
 
 
 def list_cir_methods() -> list[str]:
     """Every method name, registered or lazily importable."""
-    return _METHODS.names()
+    return METHODS.names()
