@@ -3,6 +3,9 @@
 - :func:`save_random_clip` / :func:`build_random_clip` / :func:`train_tokenizer`: a randomly initialised
   Hugging Face CLIP of a named size preset with a BPE tokenizer trained on the fly, saved in the
   ``from_pretrained`` layout so :func:`capret.models.clip.load_clip` loads it through the real path.
+- :func:`save_tiny_open_clip`: a tiny random open_clip model (ViT or ModifiedResNet image tower, open_clip's
+  bundled OpenAI BPE tokenizer) in open_clip's ``local-dir:`` layout, so ``load_clip("local-dir:DIR",
+  backend="open_clip")`` goes through ``open_clip.create_model_and_transforms`` offline.
 - :class:`ChatServer`: a loopback OpenAI-compatible chat-completions server (below).
 
 A loopback OpenAI-compatible chat-completions server, for tests, benchmarks and dry runs.
@@ -34,7 +37,7 @@ import torch
 
 from capret.models.clip import CLIP_MEAN, CLIP_STD
 
-__all__ = ["ChatServer", "reply_for"]
+__all__ = ["ChatServer", "reply_for", "save_tiny_open_clip", "tiny_open_clip_config"]
 
 _WORDS = ["red", "blue", "white", "black", "green", "striped", "cotton", "denim", "floral", "plain"]
 _TOPICS = ["colour", "material", "pattern", "sleeve length", "neckline", "length", "fit", "closure", "logo",
@@ -411,6 +414,52 @@ def save_random_clip(
         image_std=list(CLIP_STD),
     )
     processor.save_pretrained(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tiny open_clip
+
+
+def tiny_open_clip_config(image_tower: str = "vit") -> dict[str, Any]:
+    """An open_clip ``model_cfg`` a few hundred kB large: ``vit`` (ViT) or ``rn`` (ModifiedResNet, the tower
+    family of RN50x4). The text tower keeps CLIP's vocabulary (49,408) and context (77) so open_clip's bundled
+    tokenizer works unchanged."""
+    text = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+    if image_tower == "vit":
+        vision: dict[str, Any] = {
+            "image_size": 32,
+            "layers": 2,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 8,
+        }
+    elif image_tower == "rn":
+        vision = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16, "patch_size": None}
+    else:
+        raise ValueError(f"image_tower={image_tower!r}; valid: vit, rn")
+    return {"embed_dim": 24, "vision_cfg": vision, "text_cfg": text}
+
+
+def save_tiny_open_clip(out_dir: str | Path, *, image_tower: str = "vit", seed: int = 0) -> Path:
+    """Write a random tiny open_clip model as ``open_clip_config.json`` + ``open_clip_model.safetensors``.
+
+    Load it with ``load_clip(f"local-dir:{out_dir}", backend="open_clip")``; weights are seeded, so two calls
+    with the same seed give the same model.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = tiny_open_clip_config(image_tower)
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"])
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    preprocess = {"size": config["vision_cfg"]["image_size"], "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    (out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=1)
+    )
     return out
 
 

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument(
         "--stages", nargs="*", default=None, help="run only these stages (default: all); see report.json keys"
     )
+    # subcommands in their own modules: add_parser(sub) registers the parser and sets defaults(run=...)
+    from capret.cli import oti
+
+    oti.add_parser(sub)
     return parser
 
 
@@ -48,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 and 0
             )
         )
+    if callable(getattr(args, "run", None)):
+        return run_guarded(args.run, args)
     parser.print_help()
     return 2
 

@@ -15,6 +15,8 @@ Built-in methods (``list_cir_methods()``):
 * the textual-inversion methods (``searle``, ``searle-oti``, ``pic2word``, ``lincir``) register from
   :mod:`capret.inference.zeroshot_methods`.
 
+The registry itself is :mod:`capret.inference.cir_registry` (light, for ``--help``).
+
 New methods register with :func:`register_cir_method`; a factory takes one :class:`MethodInputs` and reads the
 fields it needs (a combiner checkpoint, a CLIP, a mapper, a captioner).
 """
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capret.config import ConfigError
+from capret.config import ConfigError, to_dict
 from capret.evaluation.cir import rank_gallery
 from capret.inference.cir import TOP_K, CIRRanking, FeatureOptions, compose_queries
 from capret.inference.cir_registry import METHODS, list_cir_methods, register_cir_method
@@ -123,8 +125,10 @@ class CirMethod(abc.ABC):
 
     name: str = ""
 
-    def __init__(self, clip: ClipBundle) -> None:
+    def __init__(self, clip: ClipBundle, *, clip_record: dict[str, Any] | None = None) -> None:
         self.clip = clip
+        #: how the CLIP was loaded (backend, name, pretrained), for the output
+        self.clip_record = clip_record or {"name": clip.name}
 
     @abc.abstractmethod
     def query_features(
@@ -134,7 +138,7 @@ class CirMethod(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         """What the output records about the method (model names, checkpoints, prompts)."""
-        return {"method": self.name, "clip": self.clip.name}
+        return {"method": self.name, "clip": self.clip_record}
 
     def report(self) -> dict[str, Any]:
         """Counts of the last run worth reporting (e.g. CIReVL's cached calls and fallbacks); {} if none."""
@@ -191,8 +195,10 @@ class FuserMethod(CirMethod):
 
     name = "combiner"
 
-    def __init__(self, clip: ClipBundle, *, fuser: nn.Module, checkpoint: Path, stage: int) -> None:
-        super().__init__(clip)
+    def __init__(
+        self, clip: ClipBundle, *, fuser: nn.Module, checkpoint: Path, stage: int, clip_record: dict[str, Any]
+    ) -> None:
+        super().__init__(clip, clip_record=clip_record)
         self.fuser = fuser
         self.checkpoint = checkpoint
         self.stage = stage
@@ -211,6 +217,9 @@ class FuserMethod(CirMethod):
         return {**super().describe(), "checkpoint": str(self.checkpoint), "stage": self.stage}
 
 
+CLIP_BACKENDS: tuple[str, ...] = ("hf", "open_clip")
+
+
 @dataclass
 class ClipSpec:
     """Which CLIP a method without its own checkpoint uses (``--clip``, ``--clip-backend``, ...)."""
@@ -221,22 +230,24 @@ class ClipSpec:
     preprocess: str = "targetpad"  # targetpad | squarepad | none
     target_ratio: float = 1.25
 
+    def record(self) -> dict[str, Any]:
+        return {"backend": self.backend, "name": self.name, "pretrained": self.pretrained}
+
     def load(self, *, device: str | torch.device) -> ClipBundle:
-        if self.backend == "hf":
-            if self.pretrained:
-                raise ConfigError("--clip-pretrained applies to --clip-backend open_clip only")
-            return load_clip(
-                self.name,
-                preprocess=self.preprocess,  # type: ignore[arg-type]
-                target_ratio=self.target_ratio,
-                device=device,
-            ).eval()
-        raise ConfigError(
-            f"--clip-backend {self.backend!r} is not valid; choose one of: {', '.join(CLIP_BACKENDS)}"
-        )
-
-
-CLIP_BACKENDS: tuple[str, ...] = ("hf",)
+        if self.backend not in CLIP_BACKENDS:
+            raise ConfigError(
+                f"--clip-backend {self.backend!r} is not valid; choose one of {', '.join(CLIP_BACKENDS)}"
+            )
+        if self.backend == "hf" and self.pretrained:
+            raise ConfigError("--clip-pretrained applies to --clip-backend open_clip only")
+        return load_clip(
+            self.name,
+            backend=self.backend,  # type: ignore[arg-type]
+            pretrained=self.pretrained,
+            preprocess=self.preprocess,  # type: ignore[arg-type]
+            target_ratio=self.target_ratio,
+            device=device,
+        ).eval()
 
 
 @dataclass
@@ -259,15 +270,18 @@ class MethodInputs:
     captioner: CaptionerSpec = field(default_factory=CaptionerSpec)
     caption_store: Path | None = None  # CIReVL store (default: <work_dir>/cirevl_<backend>.jsonl)
     caption_batch_size: int = 16
+    oti_tokens: Path | None = None  # SEARLE-OTI token store (default: <work_dir>/oti_tokens.safetensors)
+    oti_phrases: Path | None = None  # SEARLE-OTI regulariser phrases (capret oti's phrase file); None = off
+    oti_settings: dict[str, Any] = field(default_factory=dict)  # OTIConfig fields to change (steps, ...)
     progress: bool = True
 
-    def require_clip(self, method: str) -> ClipBundle:
+    def require_clip(self, method: str) -> ClipSpec:
         if self.clip is None:
             raise ConfigError(
                 f"--method {method} needs a CLIP: --clip NAME (hub id or folder; with --clip-backend "
                 "open_clip an architecture such as ViT-L-14 and --clip-pretrained TAG)"
             )
-        return self.clip.load(device=self.device)
+        return self.clip
 
 
 def create_cir_method(name: str, inputs: MethodInputs) -> CirMethod:
@@ -287,12 +301,14 @@ def _combiner(*, inputs: MethodInputs) -> CirMethod:
         raise ConfigError("--method combiner needs --checkpoint (a combiner checkpoint or run folder)")
     checkpoint = resolve_model_folder(inputs.checkpoint)
     clip, fuser, config = load_cir_model(checkpoint, device=inputs.device)
-    return FuserMethod(clip, fuser=fuser, checkpoint=checkpoint, stage=config.stage)
+    record = to_dict(config.clip)
+    return FuserMethod(clip, fuser=fuser, checkpoint=checkpoint, stage=config.stage, clip_record=record)
 
 
 def _baseline_factory(cls: type[CirMethod]) -> Callable[..., CirMethod]:
     def factory(*, inputs: MethodInputs) -> CirMethod:
-        return cls(inputs.require_clip(cls.name))
+        spec = inputs.require_clip(cls.name)
+        return cls(spec.load(device=inputs.device), clip_record=spec.record())
 
     return factory
 
@@ -306,8 +322,15 @@ class CirevlMethod(CirMethod):
 
     name = "cirevl"
 
-    def __init__(self, clip: ClipBundle, *, captioner: CaptionerSpec, options: CirevlOptions) -> None:
-        super().__init__(clip)
+    def __init__(
+        self,
+        clip: ClipBundle,
+        *,
+        captioner: CaptionerSpec,
+        options: CirevlOptions,
+        clip_record: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(clip, clip_record=clip_record)
         self.captioner = captioner
         self.options = options
         self.reports: dict[str, CirevlReport] = {}
@@ -358,13 +381,19 @@ def _cirevl(*, inputs: MethodInputs) -> CirMethod:
     backend = inputs.captioner.backend
     store = inputs.caption_store or inputs.work_dir / f"cirevl_{backend}.jsonl"
     options = CirevlOptions(store=Path(store), batch_size=inputs.caption_batch_size, progress=inputs.progress)
-    return CirevlMethod(inputs.require_clip("cirevl"), captioner=inputs.captioner, options=options)
+    spec = inputs.require_clip("cirevl")
+    return CirevlMethod(
+        spec.load(device=inputs.device),
+        captioner=inputs.captioner,
+        options=options,
+        clip_record=spec.record(),
+    )
 
 
-def baseline(name: str, clip: ClipBundle) -> CirMethod:
-    """A shortcut baseline on a given CLIP (the evaluated method's own)."""
+def baseline(name: str, method: CirMethod) -> CirMethod:
+    """A shortcut baseline on the CLIP of ``method`` (the evaluated method's own)."""
     classes: dict[str, type[CirMethod]] = {"image-only": ImageOnly, "text-only": TextOnly, "sum": Sum}
-    return classes[name](clip)
+    return classes[name](method.clip, clip_record=method.clip_record)
 
 
 def search_methods(

@@ -11,6 +11,7 @@ from capret.registry import Registry
 __all__ = ["METHODS", "list_cir_methods", "register_cir_method"]
 
 _BUILTIN = "capret.inference.cir_methods"
+_ZEROSHOT = "capret.inference.zeroshot_methods"
 
 #: name -> factory ``(*, inputs: MethodInputs) -> CirMethod`` (typed in :mod:`capret.inference.cir_methods`,
 #: which this light module must not import)
@@ -22,6 +23,10 @@ METHODS: Registry[Any] = Registry(
         "text-only": _BUILTIN,
         "sum": _BUILTIN,
         "cirevl": _BUILTIN,
+        "searle": _ZEROSHOT,
+        "searle-oti": _ZEROSHOT,
+        "pic2word": _ZEROSHOT,
+        "lincir": _ZEROSHOT,
     },
 )
 

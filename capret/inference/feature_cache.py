@@ -196,6 +196,6 @@ def text_features(
         kind="text",
         names=unique,
         fingerprint=fingerprint or "",
-        preprocess_id=f"tokenizer:{len(clip.tokenizer)}:{clip.context_length}",
+        preprocess_id=clip.tokenizer_id,
         compute=lambda: encode_texts(clip, unique, batch_size=batch_size),
     )

@@ -30,6 +30,8 @@ def load_cir_model(
         raise ConfigError(
             f"{checkpoint}: sidecar task is {task.get('task')!r}; CIR evaluation needs a 'combiner' checkpoint"
         )
+    if isinstance(task.get("clip"), str):  # checkpoints written before the clip section: a Hugging Face CLIP
+        task = {**task, "clip": {"backend": "hf", "name": task["clip"]}}
     config = from_dict(CombinerTaskConfig, task)
     if config.stage == 1:
         clip = load_task_clip(config, device=device)

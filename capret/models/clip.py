@@ -1,66 +1,70 @@
-"""Hugging Face CLIP behind one small wrapper.
+"""CLIP backbones behind one interface: Hugging Face ``CLIPModel`` and open_clip.
 
-:func:`load_clip` returns a :class:`ClipBundle`: the ``CLIPModel`` *with* its tokenizer and its image
-preprocessing (target-pad or square-pad followed by CLIP's resize/crop/normalisation, as in CLIP4Cir,
-Baldrati et al. 2022, Sec. 3.3), so no caller rebuilds normalisation. Any CLIP size works because the
-architecture is read from the checkpoint's ``config.json``; a hub id or a local folder is accepted.
+:func:`load_clip` returns a :class:`ClipBundle` (see :mod:`capret.models.clip_base`): the model *with* its
+tokenizer and its image preprocessing (target-pad or square-pad followed by the model's own resize/crop/
+normalisation, as in CLIP4Cir, Baldrati et al. 2022, Sec. 3.3), so no caller rebuilds normalisation.
 
-Tests and benchmarks use :func:`capret.testing.save_random_clip` (random weights, a tokenizer trained on the
-fly, saved in the ``from_pretrained`` layout), so the exact same :func:`load_clip` path loads it.
+* ``backend="hf"``: any Hugging Face CLIP (a hub id or a local ``save_pretrained`` folder); the architecture is
+  read from its ``config.json``.
+* ``backend="open_clip"``: ``open_clip.create_model_and_transforms(name, pretrained=tag)`` — the papers'
+  backbones (``RN50x4``/``openai`` for CLIP4Cir, ``ViT-L-14``/``openai`` for SEARLE/Pic2Word/LinCIR,
+  ``ViT-bigG-14``/``laion2b_s39b_b160k`` for CIReVL); ``pretrained`` may also be a local weights file.
+
+Configs name a backbone with a :class:`ClipConfig` section (``clip: {backend, name, pretrained}``).
+Tests use :func:`capret.testing.save_random_clip` (HF layout) and :func:`capret.testing.register_tiny_open_clip`
+(a tiny open_clip architecture), so the exact same loading paths run offline.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from capret.config import cfg
+from capret.models.clip_base import ClipBundle, PseudoTokenError, weights_fingerprint
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "ClipBundle",
+    "ClipConfig",
+    "HFClipBundle",
+    "PseudoTokenError",
     "load_clip",
+    "load_clip_config",
+    "weights_fingerprint",
 ]
 
 PadMode = Literal["targetpad", "squarepad", "none"]
+Backend = Literal["hf", "open_clip"]
 
 #: CLIP's own normalisation statistics (openai/CLIP ``_transform``), used when a folder has no image processor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ClipBundle(nn.Module):
-    """A ``CLIPModel`` with its tokenizer and image preprocessing.
+@dataclass
+class ClipConfig:
+    """Which CLIP to load (a ``clip:`` section of a task config)."""
 
-    ``image_features``/``text_features`` return the *raw* projected embeddings, which is what the CLIP4Cir
-    Combiner and its element-wise sum consume (normalisation happens after fusion); ``encode_image`` and
-    ``encode_text`` return L2-normalised embeddings as the package's encoder contract requires.
-    """
+    backend: Backend = cfg("hf", "model library: hf (transformers CLIPModel) | open_clip")
+    name: str = cfg(
+        "openai/clip-vit-base-patch32",
+        "hf: hub id or local from_pretrained folder; open_clip: architecture (RN50x4, ViT-L-14, ViT-bigG-14)",
+    )
+    pretrained: str | None = cfg(
+        None, "open_clip: pretrained tag (openai, laion2b_s39b_b160k) or a local weights file; hf: unused"
+    )
 
-    model: Any  # transformers.CLIPModel (typed loosely: its submodules are read as attributes)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        tokenizer: Any,
-        transform: Callable[[Any], torch.Tensor],
-        name: str,
-        preprocess_id: str,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.transform = transform
-        self.name = name
-        #: a string that identifies the preprocessing, part of every feature-cache key
-        self.preprocess_id = preprocess_id
+class HFClipBundle(ClipBundle):
+    """A Hugging Face ``CLIPModel`` behind the :class:`ClipBundle` interface."""
 
     @property
     def feature_dim(self) -> int:
@@ -71,8 +75,12 @@ class ClipBundle(nn.Module):
         return int(self.model.config.text_config.max_position_embeddings)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.text_model.embeddings.token_embedding
+
+    @property
+    def tokenizer_id(self) -> str:
+        return f"tokenizer:{len(self.tokenizer)}:{self.context_length}"
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Token ids and attention mask, padded to the longest text and cut at the context length."""
@@ -85,79 +93,22 @@ class ClipBundle(nn.Module):
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def plain_token_ids(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Projected (unnormalised) image embeddings ``[B, d]`` of preprocessed pixels ``[B, 3, H, W]``."""
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         return self.model.visual_projection(pooled)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Projected (unnormalised) text embeddings ``[B, d]`` pooled at the end-of-text token."""
         pooled = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return self.model.text_projection(pooled)
 
-    def forward(
-        self,
-        *,
-        pixels: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Raw features of whatever is given: ``{"image": [B, d]}`` and/or ``{"text": [B, d]}``.
+    def is_image_parameter(self, name: str) -> bool:
+        return name.startswith(("vision_model.", "visual_projection."))
 
-        Training goes through ``forward`` (one call per step) so that DistributedDataParallel can
-        synchronise the gradients of both towers.
-        """
-        out: dict[str, torch.Tensor] = {}
-        if pixels is not None:
-            out["image"] = self.image_features(pixels)
-        if input_ids is not None:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            out["text"] = self.text_features(input_ids, attention_mask)
-        return out
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_features(pixels), dim=-1)
-
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
-        return F.normalize(self.text_features(**tokens), dim=-1)
-
-    def image_fingerprint(self) -> str:
-        """Hash of the weights image features depend on (vision tower + projection), for cache keys."""
-        return weights_fingerprint(nn.ModuleList([self.model.vision_model, self.model.visual_projection]))
-
-    def text_fingerprint(self) -> str:
-        """Hash of the weights text features depend on (text tower + projection), for cache keys.
-
-        Keying each modality by its own tower means fine-tuning only the text encoder (CLIP4Cir stage 1)
-        keeps every cached image feature valid.
-        """
-        return weights_fingerprint(nn.ModuleList([self.model.text_model, self.model.text_projection]))
-
-    def set_trainable(self, *, text: bool, image: bool) -> None:
-        """Freeze or unfreeze the two towers (CLIP4Cir stage 1 fine-tunes the text tower, optionally both)."""
-        self.model.requires_grad_(False)
-        if text:
-            for module in (self.model.text_model, self.model.text_projection):
-                module.requires_grad_(True)
-        if image:
-            for module in (self.model.vision_model, self.model.visual_projection):
-                module.requires_grad_(True)
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """A short hash of every parameter and buffer, used to key feature caches by the exact weights.
-
-    Hashing the bytes makes a cache built from a fine-tuned stage-1 model distinct from one built from the
-    pretrained weights even though both carry the same name.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    def is_text_parameter(self, name: str) -> bool:
+        return name.startswith(("text_model.", "text_projection."))
 
 
 def _processor_stats(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -171,25 +122,71 @@ def _processor_stats(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def load_clip(
     name_or_path: str | Path,
     *,
+    backend: Backend = "hf",
+    pretrained: str | None = None,
     preprocess: PadMode = "targetpad",
     target_ratio: float = 1.25,
     device: str | torch.device = "cpu",
 ) -> ClipBundle:
-    """Load a CLIP checkpoint (hub id or local folder) with its tokenizer and CIR preprocessing.
+    """Load a CLIP (either family) with its tokenizer and CIR preprocessing.
 
     Args:
-        name_or_path: e.g. ``openai/clip-vit-base-patch32`` or a folder written by ``save_pretrained``.
+        name_or_path: hf: e.g. ``openai/clip-vit-base-patch32`` or a ``save_pretrained`` folder; open_clip: an
+            architecture name such as ``RN50x4``.
+        backend: ``hf`` or ``open_clip``.
+        pretrained: open_clip only: a pretrained tag of the architecture or a local weights file (None =
+            random initialisation, for tests).
         preprocess: ``targetpad`` (CLIP4Cir's default: pad only images whose aspect ratio exceeds
-            ``target_ratio``), ``squarepad`` (always pad to a square) or ``none`` (plain CLIP resize/crop).
+            ``target_ratio``), ``squarepad`` (always pad to a square) or ``none`` (the model's own resize/crop).
         target_ratio: the aspect-ratio threshold of target padding (1.25 in CLIP4Cir).
         device: where the model is placed.
     """
+    if preprocess not in ("targetpad", "squarepad", "none"):
+        raise ValueError(f"preprocess={preprocess!r}; valid: targetpad, squarepad, none")
+    if backend == "open_clip":
+        from capret.models.openclip import load_open_clip
+
+        return load_open_clip(
+            str(name_or_path),
+            pretrained=pretrained,
+            preprocess=preprocess,
+            target_ratio=target_ratio,
+            device=device,
+        )
+    if backend != "hf":
+        raise ValueError(f"clip backend={backend!r}; valid: hf, open_clip")
+    if pretrained is not None:
+        raise ValueError(
+            f"clip.pretrained={pretrained!r} is only for backend open_clip; an hf CLIP is named by clip.name"
+        )
+    return _load_hf_clip(name_or_path, preprocess=preprocess, target_ratio=target_ratio, device=device)
+
+
+def load_clip_config(
+    config: ClipConfig,
+    *,
+    preprocess: PadMode = "targetpad",
+    target_ratio: float = 1.25,
+    device: str | torch.device = "cpu",
+) -> ClipBundle:
+    """:func:`load_clip` for a :class:`ClipConfig` section."""
+    return load_clip(
+        config.name,
+        backend=config.backend,
+        pretrained=config.pretrained,
+        preprocess=preprocess,
+        target_ratio=target_ratio,
+        device=device,
+    )
+
+
+def _load_hf_clip(
+    name_or_path: str | Path, *, preprocess: PadMode, target_ratio: float, device: str | torch.device
+) -> HFClipBundle:
     from transformers import AutoTokenizer, CLIPModel
 
     from capret.data.transforms import clip_transform
 
-    if preprocess not in ("targetpad", "squarepad", "none"):
-        raise ValueError(f"preprocess={preprocess!r}; valid: targetpad, squarepad, none")
     model: Any = CLIPModel.from_pretrained(str(name_or_path))
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
@@ -199,7 +196,7 @@ def load_clip(
     pad = None if preprocess == "none" else preprocess
     transform = clip_transform(size, pad=pad, target_ratio=target_ratio, mean=mean, std=std)
     preprocess_id = f"{preprocess}:{target_ratio}:{size}:{mean}:{std}"
-    return ClipBundle(
+    return HFClipBundle(
         model,
         tokenizer=tokenizer,
         transform=transform,

@@ -32,7 +32,7 @@ from capret.config import ConfigError, cfg, to_dict
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
 from capret.inference.cir import FeatureOptions, cirr_rankings, fashioniq_rankings
 from capret.inference.feature_cache import CachedFeatures, image_features, text_features
-from capret.models.clip import ClipBundle, load_clip
+from capret.models.clip import ClipBundle, ClipConfig, load_clip_config
 from capret.models.combiner import Combiner, ElementWiseSum, batch_classification_loss
 from capret.tasks.registry import register_task
 
@@ -72,8 +72,9 @@ class CombinerTaskConfig:
     )
     train_split: str = cfg("train", "split the model is trained on")
     val_split: str = cfg("val", "split used for model selection")
-    clip: str = cfg(
-        "openai/clip-vit-base-patch32", "CLIP: Hugging Face hub id or local from_pretrained folder"
+    clip: ClipConfig = cfg(
+        factory=ClipConfig,
+        help="CLIP backbone: backend hf|open_clip, name (hub id / folder / open_clip architecture), pretrained tag",
     )
     preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
         "targetpad", "image padding before CLIP resize"
@@ -137,7 +138,7 @@ def load_task_clip(config: CombinerTaskConfig, *, device: str | torch.device = "
     """CLIP with this config's preprocessing; in stage 2, with the stage-1 fine-tuned weights loaded."""
     from capret.engine.checkpoint import load_model_weights
 
-    clip = load_clip(
+    clip = load_clip_config(
         config.clip, preprocess=config.preprocess, target_ratio=config.target_ratio, device=device
     )
     stage1 = resolve_stage1_checkpoint(config) if config.stage == 2 else None

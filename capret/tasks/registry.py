@@ -28,6 +28,9 @@ _TASKS: Registry[TaskSpec] = Registry(
     lazy_modules={
         "dualstream": "capret.tasks.dualstream",
         "combiner": "capret.tasks.combiner",
+        "phi": "capret.tasks.searle_phi",
+        "pic2word": "capret.tasks.pic2word",
+        "lincir": "capret.tasks.lincir",
     },
 )
 

@@ -95,7 +95,7 @@ def main() -> None:
             [
                 f"root={tmp_path / 'fiq'}",
                 "categories=[dress]",
-                f"clip={clip_dir}",
+                f"clip.name={clip_dir}",
                 "stage=2",
                 "stage1_checkpoint=null",
                 f"stage2.batch_size={args.batch_size}",

@@ -38,7 +38,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "--config",
         str(CONFIGS / "cirr_combiner.yaml"),
         f"root={cirr}",
-        f"clip={clip}",
+        f"clip.name={clip}",
         f"trainer.output_dir={out}",
         "stage=1",
         "stage1.batch_size=10",

@@ -67,7 +67,7 @@ def cirr_runs(world: dict[str, Path]) -> dict[str, object]:
     out = world["base"] / "cirr_run"
     common = [
         f"root={world['cirr']}",
-        f"clip={world['clip']}",
+        f"clip.name={world['clip']}",
         f"trainer.output_dir={out}",
         "trainer.log_every=1",
         "trainer.schedule=constant",
@@ -117,8 +117,8 @@ def test_stage2_starts_from_stage1_weights(cirr_runs):
     out = cirr_runs["out"]
     clip, fuser, config = load_cir_model(out / "stage2" / "best")
     assert config.stage == 2 and type(fuser).__name__ == "Combiner"
-    stage1 = load_model_weights(load_clip(config.clip), out / "stage1" / "best")
-    pretrained = load_clip(config.clip)
+    stage1 = load_model_weights(load_clip(config.clip.name), out / "stage1" / "best")
+    pretrained = load_clip(config.clip.name)
     key = "model.text_projection.weight"
     torch.testing.assert_close(clip.state_dict()[key], stage1.state_dict()[key])
     assert not torch.equal(clip.state_dict()[key], pretrained.state_dict()[key])
@@ -171,7 +171,7 @@ def test_fashioniq_stage1_both_towers_and_eval(world, tmp_path, capsys):
         "fashioniq_combiner.yaml",
         [
             f"root={world['fiq']}",
-            f"clip={world['clip']}",
+            f"clip.name={world['clip']}",
             "categories=[dress,shirt]",
             f"trainer.output_dir={out}",
             "stage=1",
@@ -209,7 +209,7 @@ def test_stage2_batches_come_from_the_cache_without_images(world, tmp_path):
         CONFIGS / "fashioniq_combiner.yaml",
         [
             f"root={root}",
-            f"clip={world['clip']}",
+            f"clip.name={world['clip']}",
             "categories=[dress]",
             f"trainer.output_dir={tmp_path / 'run'}",
             "stage=2",
@@ -237,8 +237,41 @@ def test_stage2_batches_come_from_the_cache_without_images(world, tmp_path):
 
 
 def test_monitor_and_stage_are_checked(world, tmp_path, capsys):
-    argv = ["--config", str(CONFIGS / "cirr_combiner.yaml"), f"root={world['cirr']}", f"clip={world['clip']}"]
+    argv = [
+        "--config",
+        str(CONFIGS / "cirr_combiner.yaml"),
+        f"root={world['cirr']}",
+        f"clip.name={world['clip']}",
+    ]
     assert train_cli.main([*argv, "trainer.monitor=map", f"trainer.output_dir={tmp_path}"]) == 2
     assert "valid: recall@1" in capsys.readouterr().err
     assert train_cli.main([*argv, "stage=3", f"trainer.output_dir={tmp_path}"]) == 2
     assert "choose 1 or 2" in capsys.readouterr().err
+
+
+def test_combiner_on_an_open_clip_backbone(world, tmp_path, capsys):
+    """The RN50x4 config's path: an open_clip ModifiedResNet CLIP through both stages and capret-eval."""
+    from tiny_zeroshot import tiny_open_clip
+
+    name = tiny_open_clip(tmp_path / "rn", image_tower="rn")
+    out = tmp_path / "oc_run"
+    common = [
+        f"root={world['cirr']}",
+        "clip.backend=open_clip",
+        f"clip.name={name}",
+        "clip.pretrained=null",
+        f"trainer.output_dir={out}",
+        "combiner.projection_dim=32",
+        "combiner.hidden_dim=64",
+    ]
+    _train(
+        "cirr_combiner_rn50x4.yaml", [*common, "stage=1", "stage1.batch_size=10", "stage1.epochs=1"], capsys
+    )
+    summary = _train(
+        "cirr_combiner_rn50x4.yaml", [*common, "stage=2", "stage2.batch_size=10", "stage2.epochs=2"], capsys
+    )
+    assert summary["steps"] == 2
+    base = ["--dataset", "cirr", "--checkpoint", str(out / "stage2"), "--root", str(world["cirr"])]
+    val = _eval([*base, "--split", "val", "--out", str(tmp_path / "eval")], capsys)
+    assert val["clip"] == {"backend": "open_clip", "name": name, "pretrained": None}
+    assert val["stage"] == 2 and 0.0 <= val["metrics"]["recall@50"] <= 1.0

@@ -237,6 +237,9 @@ def _method_inputs(args: CirEvalConfig, *, device: str, out: Path) -> MethodInpu
         captioner=CaptionerSpec(backend=args.captioner, options=options),
         caption_store=args.caption_store,
         caption_batch_size=args.caption_batch_size,
+        oti_tokens=args.oti_tokens,
+        oti_phrases=args.oti_phrases,
+        oti_settings={"steps": args.oti_steps, "batch_size": args.oti_batch_size},
     )
 
 
@@ -280,7 +283,7 @@ def run(args: CirEvalConfig) -> dict[str, Any]:
     method: CirMethod = create_cir_method(args.method, _method_inputs(args, device=str(device), out=out))
     units = _units(args)
     score = _metric_fn(args, units)
-    methods = {_METHOD: method, **({b: baseline(b, method.clip) for b in BASELINES} if score else {})}
+    methods = {_METHOD: method, **({b: baseline(b, method) for b in BASELINES} if score else {})}
     options = FeatureOptions(cache_dir=out / "feature_cache", batch_size=args.batch_size)
     depth = max(TOP_K, int(args.rerank_topk)) if args.rerank else TOP_K
     seconds, widths = 0.0, []

@@ -44,6 +44,10 @@ class CirEvalConfig:
     captioner_dtype: str = "auto"  # transformers backend dtype
     caption_store: Path | None = None  # CIReVL caption store
     caption_batch_size: int = 16  # CIReVL requests per backend call
+    oti_tokens: Path | None = None  # SEARLE-OTI token store
+    oti_phrases: Path | None = None  # SEARLE-OTI regulariser phrase file
+    oti_steps: int = 350  # OTI steps per image
+    oti_batch_size: int = 32  # images optimised together
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,6 +116,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "reads it and makes no model call",
     )
     cap.add_argument("--caption-batch-size", type=int, default=16, help="requests per backend call")
+    oti = p.add_argument_group("SEARLE-OTI (--method searle-oti)")
+    oti.add_argument(
+        "--oti-tokens",
+        type=Path,
+        help="token store of the reference images (default: <out>/oti_tokens.safetensors); resumed, so a rerun "
+        "optimises nothing",
+    )
+    oti.add_argument(
+        "--oti-phrases",
+        type=Path,
+        help="phrase file of the regulariser (capret oti writes one); default: off",
+    )
+    oti.add_argument("--oti-steps", type=int, default=350, help="optimisation steps per image (paper: 350)")
+    oti.add_argument("--oti-batch-size", type=int, default=32, help="images optimised together")
     add_rerank(p)
     add_device(p)
     add_out(p, "metrics.json, rankings and server files (default: beside the checkpoint or mapper)")

@@ -1,0 +1,129 @@
+r"""``capret oti``: SEARLE's optimisation-based textual inversion of every image of a folder or shard set.
+
+    capret oti --clip-backend open_clip --clip ViT-L-14 --clip-pretrained openai --images DIR \
+        --out tokens.safetensors [--phrases phrases.json | --concepts concepts.txt --phrase-backend openai \
+        --phrase-base-url URL --phrase-model MODEL] [--steps 350 --batch-size 32 ...]
+
+Tokens are stored per image key in a safetensors file and the run resumes: images already in ``--out`` are
+skipped. The phrase regulariser reads ``--phrases`` (a phrase file), or generates phrases for ``--concepts``
+with a captioning LLM backend into ``--phrases-out`` (cached: a rerun makes no model call); with neither, OTI
+runs with the cosine loss alone. Prints a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from capret.inference.oti import OTIConfig
+
+    parser = subparsers.add_parser(
+        "oti",
+        help="SEARLE OTI: optimise one pseudo-word token per image (resumable safetensors token store)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--clip", required=True, help="hf: hub id or folder; open_clip: architecture or local-dir:DIR"
+    )
+    parser.add_argument("--clip-backend", default="hf", choices=["hf", "open_clip"], help="CLIP library")
+    parser.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag or weights file")
+    parser.add_argument("--preprocess", default="targetpad", choices=["targetpad", "squarepad", "none"])
+    parser.add_argument("--images", type=Path, required=True, help="image folder (recursive) or .tar shards")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images (sorted keys)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="token store (.safetensors), resumed if present"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:K (default: cuda if available)")
+    parser.add_argument(
+        "--phrases", type=Path, default=None, help="existing phrase file (concept -> phrases)"
+    )
+    parser.add_argument("--concepts", type=Path, default=None, help="concept vocabulary (one per line)")
+    parser.add_argument("--phrase-backend", default=None, choices=["openai", "transformers"])
+    parser.add_argument(
+        "--phrase-base-url", default=None, help="openai: server URL (e.g. http://127.0.0.1:8000/v1)"
+    )
+    parser.add_argument("--phrase-model", default=None, help="model that writes the phrases")
+    parser.add_argument(
+        "--phrases-out", type=Path, default=None, help="phrase cache (default: OUT.phrases.json)"
+    )
+    parser.add_argument("--per-concept", type=int, default=8, help="phrases requested per concept")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    for f in fields(OTIConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: %(default)s)"
+        if f.type in ("bool", bool):
+            parser.add_argument(
+                flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default, help=help_text
+            )
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _phrases(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from capret.errors import CapretError
+    from capret.inference.concepts import PhraseBank, generate_phrases, load_concepts
+
+    if args.phrases is not None:
+        return PhraseBank.load(args.phrases), {"phrases": str(args.phrases)}
+    if args.concepts is None:
+        return None, {"phrases": None}
+    if args.phrase_backend is None or not args.phrase_model:
+        raise CapretError(
+            "--concepts needs --phrase-backend and --phrase-model to write phrases (or pass --phrases)"
+        )
+    from captioning.backends import create_backend
+
+    if args.phrase_backend == "openai":
+        if not args.phrase_base_url:
+            raise CapretError("--phrase-backend openai needs --phrase-base-url")
+        backend = create_backend(
+            "openai", base_urls=[args.phrase_base_url], vlm=args.phrase_model, llm=args.phrase_model
+        )
+    else:  # a chat model of the transformers backend asks the text-only prompts itself
+        backend = create_backend("transformers", vlm=args.phrase_model)
+    cache = args.phrases_out or args.out.with_suffix(".phrases.json")
+    with backend:
+        bank, stats = generate_phrases(
+            backend, load_concepts(args.concepts), cache=cache, per_concept=args.per_concept
+        )
+    return bank, {"phrases": str(cache), "phrase_generation": stats}
+
+
+def run(args: argparse.Namespace) -> int:
+    from capret.console import print_json
+    from capret.data.image_sources import open_image_source
+    from capret.inference.oti import OTIConfig, run_oti
+    from capret.io import default_device
+    from capret.models.clip import load_clip
+
+    config = OTIConfig(**{f.name: getattr(args, f.name) for f in fields(OTIConfig)})
+    source = open_image_source(args.images, limit=args.limit)
+    bank, phrase_info = _phrases(args)
+    clip = load_clip(
+        args.clip,
+        backend=args.clip_backend,
+        pretrained=args.clip_pretrained,
+        preprocess=args.preprocess,
+        device=default_device(args.device),
+    )
+    report = run_oti(
+        clip,
+        source.keys,
+        load_image=source.load,
+        store=args.out,
+        config=config,
+        phrases=bank,
+        progress=not args.no_progress,
+    )
+    print_json({**asdict(report), **phrase_info, "images": len(source), "clip": clip.name})
+    return 0

@@ -1,0 +1,231 @@
+"""Composed queries of the textual-inversion methods: SEARLE (phi or OTI), Pic2Word and LinCIR.
+
+Each method turns the reference image into a pseudo-word token and reads the relative caption around it:
+
+* SEARLE (Baldrati et al., ICCV 2023): token = phi(image feature) or the image's OTI token; prompt
+  ``"a photo of $ that {caption}"``.
+* Pic2Word (Saito et al., CVPR 2023): token = IM2TEXT(image feature); prompt ``"a photo of * , {caption}"``.
+* LinCIR (Gu et al., CVPR 2024): token = phi(image feature) of the language-only phi; SEARLE's prompt.
+
+The query is the normalised text feature of the prompt; with several caption *variants* per query (FashionIQ:
+both orders of its two captions, as SEARLE evaluates) the normalised variant features are averaged and
+renormalised. Features in, features out: reference features are the raw CLIP image features that
+:mod:`capret.inference.feature_cache` already stores for the gallery, so the same cache serves both.
+
+:func:`load_zeroshot_model` rebuilds a trained mapper (``capret-train`` tasks ``phi``, ``pic2word``,
+``lincir``) and its frozen CLIP from a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capret.config import from_dict
+from capret.engine.checkpoint import load_model_weights
+from capret.errors import CheckpointError
+from capret.io import resolve_model_folder
+from capret.models.clip import ClipBundle, ClipConfig, load_clip_config
+from capret.models.zeroshot import build_mapper
+
+__all__ = [
+    "PIC2WORD_PROMPT",
+    "SEARLE_PROMPT",
+    "ZeroShotModel",
+    "fashioniq_caption_variants",
+    "lincir_query_features",
+    "load_zeroshot_model",
+    "pic2word_query_features",
+    "pseudo_word_query_features",
+    "searle_oti_query_features",
+    "searle_query_features",
+]
+
+SEARLE_PROMPT = "a photo of $ that {caption}"
+PIC2WORD_PROMPT = "a photo of * , {caption}"
+
+Captions = Sequence[str] | Sequence[Sequence[str]]
+
+
+def fashioniq_caption_variants(first: str, second: str) -> list[str]:
+    """SEARLE's two FashionIQ captions: ``"c1 and c2"`` and ``"c2 and c1"`` (edges stripped of ``.?, ``)."""
+    a, b = first.strip(".?, "), second.strip(".?, ")
+    return [f"{a} and {b}", f"{b} and {a}"]
+
+
+def _variants(captions: Captions) -> list[list[str]]:
+    return [[c] if isinstance(c, str) else list(c) for c in captions]
+
+
+@torch.no_grad()
+def pseudo_word_query_features(
+    clip: ClipBundle,
+    tokens: torch.Tensor,
+    captions: Captions,
+    *,
+    template: str,
+    placeholder: str,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Normalised query features ``[N, d]``: ``template`` filled with each caption (variant), ``placeholder`` =
+    ``tokens[i]``; the variants of one query are averaged (normalised) and renormalised."""
+    groups = _variants(captions)
+    if len(groups) != tokens.shape[0]:
+        raise ValueError(f"{tokens.shape[0]} pseudo-tokens but {len(groups)} queries")
+    if any(not g for g in groups):
+        raise ValueError("every query needs at least one caption")
+    texts = [template.format(caption=c) for g in groups for c in g]
+    owner = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+    feats = []
+    for start in range(0, len(texts), batch_size):
+        rows = owner[start : start + batch_size]
+        vectors = tokens[rows].to(clip.device, dtype=clip.token_embedding.weight.dtype)
+        out = clip.pseudo_token_features(texts[start : start + batch_size], vectors, placeholder=placeholder)
+        feats.append(F.normalize(out.float(), dim=-1).cpu())
+    summed = torch.zeros(len(groups), feats[0].shape[1]).index_add_(0, owner, torch.cat(feats))
+    return F.normalize(summed, dim=-1)
+
+
+@torch.no_grad()
+def _mapped_tokens(mapper: nn.Module, features: torch.Tensor, device: torch.device) -> torch.Tensor:
+    was_training = mapper.training
+    mapper.eval()
+    param = next(mapper.parameters())
+    tokens = mapper(features.to(device, dtype=param.dtype))
+    mapper.train(was_training)
+    return tokens
+
+
+def searle_query_features(
+    clip: ClipBundle,
+    phi: nn.Module,
+    *,
+    reference_features: torch.Tensor,
+    captions: Captions,
+    placeholder: str = "$",
+    template: str = SEARLE_PROMPT,
+) -> torch.Tensor:
+    """SEARLE queries: token = phi(raw reference image feature), prompt ``"a photo of $ that {caption}"``."""
+    tokens = _mapped_tokens(phi, reference_features, clip.device)
+    return pseudo_word_query_features(clip, tokens, captions, template=template, placeholder=placeholder)
+
+
+def searle_oti_query_features(
+    clip: ClipBundle,
+    *,
+    tokens: torch.Tensor,
+    captions: Captions,
+    placeholder: str = "$",
+    template: str = SEARLE_PROMPT,
+) -> torch.Tensor:
+    """SEARLE-OTI queries: the reference images' OTI tokens (``TokenStore.lookup(keys)``) in SEARLE's prompt."""
+    return pseudo_word_query_features(clip, tokens, captions, template=template, placeholder=placeholder)
+
+
+def pic2word_query_features(
+    clip: ClipBundle,
+    mapper: nn.Module,
+    *,
+    reference_features: torch.Tensor,
+    captions: Captions,
+    placeholder: str = "*",
+    template: str = PIC2WORD_PROMPT,
+) -> torch.Tensor:
+    """Pic2Word queries: token = IM2TEXT(raw reference image feature), prompt ``"a photo of * , {caption}"``."""
+    tokens = _mapped_tokens(mapper, reference_features, clip.device)
+    return pseudo_word_query_features(clip, tokens, captions, template=template, placeholder=placeholder)
+
+
+def lincir_query_features(
+    clip: ClipBundle,
+    phi: nn.Module,
+    *,
+    reference_features: torch.Tensor,
+    captions: Captions,
+    placeholder: str = "$",
+    template: str = SEARLE_PROMPT,
+) -> torch.Tensor:
+    """LinCIR queries: the language-trained phi applied to the raw reference *image* feature, SEARLE's prompt."""
+    tokens = _mapped_tokens(phi, reference_features, clip.device)
+    return pseudo_word_query_features(clip, tokens, captions, template=template, placeholder=placeholder)
+
+
+@dataclass
+class ZeroShotModel:
+    """A trained mapper with the frozen CLIP it was trained on and its inference settings."""
+
+    method: str  # searle | pic2word | lincir
+    clip: ClipBundle
+    mapper: nn.Module
+    placeholder: str
+    config: dict[str, Any]  # the task config recorded in the checkpoint sidecar
+
+    @property
+    def template(self) -> str:
+        """The method's inference prompt, written with this model's placeholder."""
+        if self.method == "pic2word":
+            return PIC2WORD_PROMPT.replace("*", self.placeholder)
+        return SEARLE_PROMPT.replace("$", self.placeholder)
+
+    def query_features(self, *, reference_features: torch.Tensor, captions: Captions) -> torch.Tensor:
+        """Normalised composed queries with the method's own prompt."""
+        fn = {
+            "searle": searle_query_features,
+            "pic2word": pic2word_query_features,
+            "lincir": lincir_query_features,
+        }[self.method]
+        return fn(
+            self.clip,
+            self.mapper,
+            reference_features=reference_features,
+            captions=captions,
+            placeholder=self.placeholder,
+            template=self.template,
+        )
+
+
+def load_zeroshot_model(
+    checkpoint: str | Path, *, device: str | torch.device = "cpu", clip: ClipBundle | None = None
+) -> ZeroShotModel:
+    """Mapper + frozen CLIP of a ``phi``/``pic2word``/``lincir`` checkpoint (or run folder: ``best/``, else
+    the newest checkpoint). ``clip`` reuses an already loaded backbone instead of loading the recorded one."""
+    folder = resolve_model_folder(checkpoint)
+    sidecar = json.loads((folder / "checkpoint.json").read_text())
+    task = (sidecar.get("config") or {}).get("task") or {}
+    info = task.get("zeroshot")
+    if not isinstance(info, dict) or task.get("task") not in ("phi", "pic2word", "lincir"):
+        raise CheckpointError(
+            f"sidecar task is {task.get('task')!r}; a zero-shot mapper checkpoint comes from capret-train tasks "
+            "phi, pic2word or lincir",
+            path=folder,
+        )
+    mapper = build_mapper(info["mapper"], info["hparams"])
+    load_model_weights(mapper, folder, device=device)
+    if clip is None:
+        clip_cfg = from_dict(ClipConfig, task.get("clip") or {})
+        clip = load_clip_config(
+            clip_cfg,
+            preprocess=task.get("preprocess", "targetpad"),
+            target_ratio=float(task.get("target_ratio", 1.25)),
+            device=device,
+        )
+    if clip.token_width != info["hparams"]["output_dim"]:
+        raise CheckpointError(
+            f"mapper outputs {info['hparams']['output_dim']}-wide tokens but {clip.name} tokens are "
+            f"{clip.token_width} wide",
+            path=folder,
+        )
+    return ZeroShotModel(
+        method=info["method"],
+        clip=clip.requires_grad_(False).eval(),
+        mapper=mapper.to(device).eval(),
+        placeholder=info["placeholder"],
+        config=task,
+    )

@@ -1,0 +1,171 @@
+"""Training task ``phi``: SEARLE's textual-inversion network (Baldrati et al., ICCV 2023, Sec. 4.2).
+
+phi maps a CLIP image feature to a pseudo-word token in one forward pass, distilling the tokens OTI found by
+per-image optimisation (``capret oti``): on an unlabeled image collection, the predicted tokens and the OTI
+(EMA) tokens of a batch are contrasted with a symmetric NT-Xent loss (temperature 0.25), plus the phrase
+regulariser of OTI (an LLM phrase about one of the image's top-k CLIP concepts, the concept replaced by ``$``,
+must keep the phrase's text feature; cosine loss). SEARLE's code weighs them 1 and 0.25; AdamW lr 1e-4,
+weight decay 0.01, batch 256.
+
+CLIP stays frozen and image features are computed once (feature cache), so a step is a small MLP forward plus
+one text-encoder pass for the regulariser. Inference: :func:`capret.inference.zeroshot.searle_query_features`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capret.config import ConfigError, cfg
+from capret.data.image_sources import open_image_source
+from capret.engine.trainer import TrainerConfig, train
+from capret.inference.concepts import PhraseBank, concept_features, top_concepts
+from capret.inference.oti import TokenStore
+from capret.losses.distillation import nt_xent_loss
+from capret.models.clip import ClipConfig
+from capret.tasks.registry import register_task
+from capret.tasks.zeroshot_common import MapperTaskBase, SizedBatches, index_batches
+
+__all__ = ["PhiTask", "PhiTaskConfig", "run"]
+
+
+@dataclass
+class PhiTaskConfig:
+    """Config of ``capret-train`` task ``phi`` (see configs/searle_phi_demo.yaml)."""
+
+    task: str = cfg("phi", "task name; must be 'phi'")
+    clip: ClipConfig = cfg(factory=ClipConfig, help="frozen CLIP backbone (SEARLE: ViT-B/32 or ViT-L/14)")
+    preprocess: Literal["targetpad", "squarepad", "none"] = cfg(
+        "targetpad", "image padding before the CLIP transform: targetpad | squarepad | none"
+    )
+    target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
+    images: str = cfg("data/unlabeled", "unlabeled images: a folder (recursive) or webdataset .tar shards")
+    limit: int | None = cfg(None, "use only the first N images (sorted keys)")
+    tokens: str = cfg("runs/oti/tokens.safetensors", "OTI token store of these images (capret oti --out)")
+    phrases: str | None = cfg(None, "phrase file of the regulariser (capret oti --phrases-out); null = off")
+    top_k_concepts: int = cfg(15, "concepts per image the regulariser draws from")
+    placeholder: str = cfg("$", "pseudo-word placeholder (one token)")
+    temperature: float = cfg(0.25, "NT-Xent temperature of the distillation")
+    lambda_distil: float = cfg(1.0, "weight of the distillation loss")
+    lambda_gpt: float = cfg(0.25, "weight of the phrase regulariser (SEARLE code: 0.25)")
+    dropout: float = cfg(0.5, "phi dropout")
+    hidden_dim: int = cfg(0, "phi hidden width; 0 = 4 x CLIP feature size")
+    lr: float = cfg(1e-4, "AdamW learning rate")
+    weight_decay: float = cfg(0.01, "AdamW weight decay")
+    batch_size: int = cfg(256, "images per batch per process (the distillation's negatives)")
+    feature_cache: str | None = cfg("auto", "image-feature cache folder; auto = <output_dir>/feature_cache")
+    eval_batch_size: int = cfg(64, "images per batch when computing features")
+    trainer: TrainerConfig = cfg(factory=TrainerConfig, help="shared training loop settings")
+
+
+class PhiTask(MapperTaskBase):
+    """The :class:`capret.engine.trainer.TrainTask` of SEARLE's phi."""
+
+    mapper_kind = "phi"
+    method = "searle"
+
+    def __init__(self, config: PhiTaskConfig) -> None:
+        super().__init__(config)
+        self.source = open_image_source(config.images, limit=config.limit)
+        store_keys, _, ema, _ = TokenStore.read(config.tokens)
+        index = {k: i for i, k in enumerate(store_keys)}
+        missing = [k for k in self.source.keys if k not in index]
+        if missing:
+            raise ConfigError(
+                f"{len(missing)} of {len(self.source)} images have no OTI token in {config.tokens} "
+                f"(e.g. {missing[0]!r}); run `capret oti --images {config.images} --out {config.tokens}` first"
+            )
+        self.targets = ema[[index[k] for k in self.source.keys]]
+        self.bank = PhraseBank.load(config.phrases) if config.phrases and config.lambda_gpt > 0 else None
+        clip = self.load_frozen_clip(config.clip, preprocess=config.preprocess, ratio=config.target_ratio)
+        if self.targets.shape[1] != clip.token_width:
+            raise ConfigError(
+                f"OTI tokens in {config.tokens} are {self.targets.shape[1]} wide but {clip.name} tokens are "
+                f"{clip.token_width}: the store was made with another CLIP"
+            )
+        self.features: torch.Tensor | None = None
+        self.candidates: list[list[tuple[str, str]]] = []
+
+    def mapper_hparams(self) -> dict[str, Any]:
+        assert self.clip is not None
+        d = self.clip.feature_dim
+        hidden = self.config.hidden_dim or 4 * d
+        return {
+            "input_dim": d,
+            "hidden_dim": hidden,
+            "output_dim": self.clip.token_width,
+            "dropout": self.config.dropout,
+        }
+
+    def _prepare(self) -> None:
+        if self.features is not None:
+            return
+        self.features = self.image_table(self.source).lookup(self.source.keys)
+        if self.bank is not None:
+            clip = self.follow_mapper()
+            concepts = self.bank.concepts
+            nearest = top_concepts(
+                self.features, concept_features(clip, concepts), k=self.config.top_k_concepts
+            )
+            self.candidates = [
+                [(concepts[i], p) for i in row for p in self.bank.phrases[concepts[i]]]
+                for row in nearest.tolist()
+            ]
+
+    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
+        self._prepare()
+        batches = index_batches(
+            len(self.source),
+            batch_size=self.config.batch_size,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            seed=seed,
+        )
+        return SizedBatches(batches, self._batch)
+
+    def _batch(self, idx: list[int]) -> dict[str, Any]:
+        assert self.features is not None
+        return {"features": self.features[idx], "targets": self.targets[idx], "index": torch.tensor(idx)}
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        predicted = model(batch["features"])
+        distil = nt_xent_loss(predicted, batch["targets"], temperature=self.config.temperature)
+        terms = {"distil": distil}
+        total = self.config.lambda_distil * distil
+        if self.bank is not None:
+            terms["gpt"] = torch.zeros((), device=predicted.device)
+            rows = [i for i, c in enumerate(batch["index"].tolist()) if self.candidates[c]]
+            if rows:
+                clip = self.follow_mapper()
+                draws = [
+                    self.candidates[c][int(torch.randint(len(self.candidates[c]), ()))]
+                    for c in batch["index"][rows].tolist()
+                ]
+                swapped = [
+                    " ".join(phrase.replace(concept, f" {self.config.placeholder} ", 1).split())
+                    for concept, phrase in draws
+                ]
+                with torch.no_grad():
+                    target = clip.encode_text([phrase for _, phrase in draws])
+                inverted = clip.pseudo_token_features(
+                    swapped, predicted[rows], placeholder=self.config.placeholder
+                )
+                gpt = (1 - F.cosine_similarity(inverted.float(), target.float(), dim=-1)).mean()
+                terms["gpt"] = gpt
+                total = total + self.config.lambda_gpt * gpt
+        return {"loss": total, **terms}
+
+
+def run(config: PhiTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
+    """Train phi; returns the trainer's summary (checkpoints under ``trainer.output_dir``)."""
+    if config.task != "phi":
+        raise ConfigError(f"task={config.task!r}: this runner trains task 'phi'")
+    return train(PhiTask(config), config.trainer, resume=resume)
+
+
+register_task("phi", PhiTaskConfig, run)
