@@ -201,3 +201,8 @@ def test_method_flag_errors(world, tmp_path, capsys) -> None:
         == 2
     )
     assert "--out" in capsys.readouterr().err
+    cirevl = [*root, "--method", "cirevl", "--clip", str(world["clip"]), "--captioner", "openai"]
+    assert eval_cli.main(cirevl) == 2
+    assert "--vlm" in capsys.readouterr().err
+    assert eval_cli.main([*cirevl, "--vlm", "m"]) == 2
+    assert "--base-url" in capsys.readouterr().err

@@ -256,6 +256,10 @@ def _validate(args: CirEvalConfig) -> None:
         raise ConfigError(f"--rerank-topk must be >= 1, got {args.rerank_topk}")
     if args.method == "combiner" and args.clip is not None:
         raise ConfigError("--method combiner reads its CLIP from --checkpoint; drop --clip")
+    if args.method == "cirevl" and args.captioner in ("openai", "transformers") and not args.vlm:
+        raise ConfigError(f"--captioner {args.captioner} needs --vlm (the captioning model)")
+    if args.method == "cirevl" and args.captioner == "openai" and not args.base_url:
+        raise ConfigError("--captioner openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     if args.method != "combiner" and args.checkpoint is not None:
         raise ConfigError(
             f"--checkpoint is a combiner checkpoint; --method {args.method} takes --clip/--mapper"
