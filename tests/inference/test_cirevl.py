@@ -216,3 +216,33 @@ def test_store_of_another_backend_is_refused(world, tmp_path, capsys) -> None:
         assert server.requests == 0
     assert code == 2
     assert "give this run its own store" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_transformers_backend_local_models(world, tmp_path, capsys, monkeypatch) -> None:
+    """Tiny random LLaVA (describes) + Llama (rewrites) through ``--captioner transformers``; the rerun loads
+    neither model."""
+    from tiny_vlm import build_tiny_llama, build_tiny_llava
+
+    from captioning.backends import transformers_backend
+
+    llava, llama = build_tiny_llava(tmp_path / "llava"), build_tiny_llama(tmp_path / "llama")
+    argv = ["--dataset", "cirr", "--method", "cirevl", "--root", str(world["cirr"]), "--clip", str(world["clip"]),
+            "--captioner", "transformers", "--vlm", str(llava), "--llm", str(llama), "--captioner-dtype", "float32",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    first = _eval(argv, capsys)
+    total = first["report"]["total"]
+    assert total["queries"] == 10 and total["model_calls"] > 0
+    # random weights rarely write the marker: every unparsed reply is counted as a fallback
+    assert total["fallbacks"] >= total["unparsed"]
+    loaded = []
+    original = transformers_backend.TransformersBackend.__init__
+
+    def spy(self, **kwargs):  # type: ignore[no-untyped-def]
+        loaded.append(kwargs)
+        original(self, **kwargs)
+
+    monkeypatch.setattr(transformers_backend.TransformersBackend, "__init__", spy)
+    again = _eval(argv, capsys)
+    assert loaded == [] and again["report"]["total"]["model_calls"] == 0
+    assert again["metrics"] == first["metrics"]
