@@ -39,7 +39,7 @@ from capret.inference.concepts import PhraseBank, concept_features, top_concepts
 from capret.io import atomic_write
 from capret.models.clip_base import ClipBundle
 
-__all__ = ["OTI_TEMPLATES", "OTIConfig", "OTIReport", "TokenStore", "run_oti"]
+__all__ = ["OTI_TEMPLATES", "OTIConfig", "OTIReport", "TokenStore", "oti_tokens", "run_oti"]
 
 #: prompts of the image-matching loss, one drawn per image and step (our own wording)
 OTI_TEMPLATES: tuple[str, ...] = (
@@ -280,3 +280,22 @@ def run_oti(
         seconds=time.perf_counter() - start,
         store=str(token_store.path),
     )
+
+
+def oti_tokens(
+    clip: ClipBundle,
+    keys: Sequence[str],
+    *,
+    load_image: Callable[[str], Any],
+    store: str | Path,
+    config: OTIConfig | None = None,
+    phrases: PhraseBank | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """EMA OTI tokens ``[len(keys), W]`` of ``keys`` in order, inverting (and storing) only the missing ones.
+
+    What SEARLE-OTI evaluation needs: the reference images of a benchmark are inverted once into ``store``, and
+    every later evaluation reads them back without optimising again.
+    """
+    run_oti(clip, keys, load_image=load_image, store=store, config=config, phrases=phrases, progress=progress)
+    return TokenStore(store, token_width=clip.token_width).lookup(list(keys))

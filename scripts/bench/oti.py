@@ -30,7 +30,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (random weights)")
+    parser.add_argument(
+        "--arch",
+        default="ViT-B-32",
+        help="open_clip architecture (random weights), or 'tiny' (capret.testing)",
+    )
     parser.add_argument("--images", type=int, default=16, help="images to invert")
     parser.add_argument("--steps", type=int, default=10, help="OTI steps per image (paper: 350)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch in the batched run")
@@ -44,7 +48,15 @@ def main() -> None:
     from capret.inference.oti import OTIConfig, TokenStore, run_oti
     from capret.models.clip import load_clip
 
-    clip = load_clip(args.arch, backend="open_clip", pretrained=None, device=args.device)
+    scratch = tempfile.TemporaryDirectory()
+    name = args.arch
+    if (
+        args.arch == "tiny"
+    ):  # the test suite's tiny open_clip: per-step overheads dominate, as with small batches
+        from capret.testing import save_tiny_open_clip
+
+        name = f"local-dir:{save_tiny_open_clip(Path(scratch.name) / 'tiny')}"
+    clip = load_clip(name, backend="open_clip", pretrained=None, device=args.device)
     rng = np.random.default_rng(0)
     images = {
         f"img{i:04d}.jpg": Image.fromarray(rng.integers(0, 255, (240, 180, 3), dtype=np.uint8))
@@ -77,6 +89,7 @@ def main() -> None:
             }
         _, _, ema_b, _ = TokenStore.read(Path(tmp) / "batched.safetensors")
         _, _, ema_s, _ = TokenStore.read(Path(tmp) / "one_at_a_time.safetensors")
+    scratch.cleanup()
     print(
         json.dumps(
             {

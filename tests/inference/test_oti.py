@@ -13,7 +13,7 @@ from tiny_zeroshot import tiny_hf_clip, tiny_open_clip, write_image_folder, writ
 from capret.data.image_sources import open_image_source
 from capret.errors import CheckpointError
 from capret.inference.concepts import PhraseBank, generate_phrases, parse_phrases
-from capret.inference.oti import OTIConfig, TokenStore, run_oti
+from capret.inference.oti import OTIConfig, TokenStore, oti_tokens, run_oti
 from capret.models.clip import ClipBundle, load_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,6 +88,12 @@ def test_store_resumes_and_never_touches_finished_images(world: dict[str, Any], 
     assert torch.equal(tokens2[:2], tokens) and torch.equal(ema2[:2], ema)
     again = run_oti(clip, source.keys, load_image=source.load, store=store, config=config, progress=False)
     assert again.inverted == 0
+    order = [source.keys[3], source.keys[0]]
+
+    def never(key: str) -> Image.Image:
+        raise AssertionError(f"{key} was opened although its token is stored")
+
+    assert torch.equal(oti_tokens(clip, order, load_image=never, store=store, config=config), ema2[[3, 0]])
     with pytest.raises(CheckpointError, match="wide"):
         TokenStore(store, token_width=clip.token_width + 1)
 
