@@ -54,12 +54,14 @@ class ItemContext:
 class ChatRequest:
     """One prompt for the text-only LLM.
 
-    ``kind`` says which step of the loop asked (a new question or the final summary); real backends only
-    read ``messages``.
+    ``kind`` says which step asked: a new question or the final summary of the dialogue, or ``edit`` (the
+    caption-then-rewrite CIR pipeline, :mod:`capret.inference.cirevl`: ``dialogue`` is then the image
+    description and the requested modification, ``(QA(description question, description), QA(instruction,
+    modification))``). Real backends only read ``messages``.
     """
 
     messages: list[dict[str, Any]]
-    kind: Literal["question", "summary"]
+    kind: Literal["question", "summary", "edit"]
     context: ItemContext
     dialogue: tuple[QA, ...] = ()
 

@@ -287,11 +287,27 @@ class TemplateBackend(CaptionBackend):
                 parts.append(by_topic[topic])
         return " ".join(parts)
 
+    @staticmethod
+    def _edit(dialogue: Sequence[QA]) -> str:
+        """A model-free "edited description": the description with the modification appended.
+
+        It keeps the reply format a real LLM is asked for (``Edited Description: ...``), so the parser and the
+        cache of the caption-then-rewrite pipeline run unchanged without a model.
+        """
+        if len(dialogue) != 2:
+            return ""  # not an edit request: the caller's parser counts the fallback
+        description = dialogue[0].a.strip().rstrip(".")
+        modification = dialogue[1].a.strip().rstrip(".")
+        joined = f"{description}, {modification}" if description else modification
+        return f"Edited Description: {joined}."
+
     def ask(self, requests: Sequence[ChatRequest], *, max_tokens: int) -> list[Generation]:
         out = []
         for request in requests:
             if request.kind == "question":
                 out.append(Generation(text=self._next_question(request.context, request.dialogue)))
+            elif request.kind == "edit":
+                out.append(Generation(text=self._edit(request.dialogue)))
             else:
                 out.append(Generation(text=self._summary(request.context, request.dialogue)))
         return out

@@ -8,8 +8,10 @@ Modes (``capret-eval MODE --help`` lists each mode's flags):
   --gallery-features g.npy --query-labels ql.npy --gallery-labels gl.npy``) or a trained dual-stream checkpoint
   on DeepFashion2-layout data (``--checkpoint CKPT --dataset deepfashion2 --root DIR --split validation
   [--captions captions.jsonl]``); exactly one of ``--query-features`` / ``--checkpoint``.
-* ``cir`` — composed image retrieval: ``capret-eval cir --dataset fashioniq|cirr|circo --checkpoint CKPT --root
-  DIR --split val|test``
+* ``cir`` — composed image retrieval: ``capret-eval cir --dataset fashioniq|cirr|circo --root DIR --split
+  val|test --method combiner|searle|searle-oti|pic2word|lincir|cirevl|image-only|text-only|sum`` (``combiner``,
+  the default, takes ``--checkpoint CKPT``; the others ``--clip``/``--mapper``/``--captioner``); the image-only,
+  text-only and sum baselines are reported beside every method
 
 The documented flag forms select the same modes without the mode word: ``--protocol deepfashion2`` means
 ``official``, ``--metric map`` means ``map``, and ``--dataset fashioniq|cirr|circo`` means ``cir``.

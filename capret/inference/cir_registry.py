@@ -1,0 +1,41 @@
+"""The registry of composed-retrieval methods (light to import: ``capret-eval --help`` lists the names
+without loading torch or any model code; each name's module registers it when first asked for)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from capret.registry import Registry
+
+__all__ = ["METHODS", "list_cir_methods", "register_cir_method"]
+
+_BUILTIN = "capret.inference.cir_methods"
+_ZEROSHOT = "capret.inference.zeroshot_methods"
+
+#: name -> factory ``(*, inputs: MethodInputs) -> CirMethod`` (typed in :mod:`capret.inference.cir_methods`,
+#: which this light module must not import)
+METHODS: Registry[Any] = Registry(
+    "CIR method",
+    lazy_modules={
+        "combiner": _BUILTIN,
+        "image-only": _BUILTIN,
+        "text-only": _BUILTIN,
+        "sum": _BUILTIN,
+        "cirevl": _BUILTIN,
+        "searle": _ZEROSHOT,
+        "searle-oti": _ZEROSHOT,
+        "pic2word": _ZEROSHOT,
+        "lincir": _ZEROSHOT,
+    },
+)
+
+
+def register_cir_method(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a factory ``(*, inputs: MethodInputs) -> CirMethod`` under ``name``."""
+    return METHODS.register(name)
+
+
+def list_cir_methods() -> list[str]:
+    """Every method name, registered or lazily importable."""
+    return METHODS.names()

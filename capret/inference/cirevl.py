@@ -1,0 +1,370 @@
+"""Training-free composed retrieval by caption-then-rewrite (CIReVL: Karthik et al., "Vision-by-Language for
+Training-Free Compositional Image Retrieval", ICLR 2024).
+
+The reference image is described by a captioning model (BLIP-2 in the paper; here any caption backend of
+:mod:`captioning.backends`: a local transformers VLM, an OpenAI-compatible server, or the model-free
+``template``), an LLM rewrites that description as the relative caption asks (the "edited description"), and
+the edited description is encoded by the CLIP *text* tower and matched against CLIP image features of the
+gallery. No parameter is trained, and no annotation field reaches any prompt: the captioner sees the pixels and
+one generic question, the LLM sees the description and the query's relative caption.
+
+Both model steps are cached in one exactly-once caption store (:class:`captioning.store.CaptionStore`), so a
+rerun (another CLIP, a reranker, a metric) makes no model call at all:
+
+* ``cirevl/<dataset>/<reference>`` — the description of a reference image;
+* ``cirevl-rewrite/<dataset>/<digest>`` — the edited description, where ``digest`` hashes the reference, its
+  description and the relative caption (a re-captioned reference gets new rewrites, never stale ones).
+
+Our rewrite prompt asks for one line starting with ``Edited Description:`` (the marker CIReVL's prompt also
+ends on). A reply without that marker, or with nothing after it, is *not* retried: the query falls back to its
+relative caption (a text-only query), the record keeps ``"parsed": false`` with the raw reply, and the count is
+reported — so the fallback rate of an LLM is visible and reproducible. A request that fails (server error) is
+logged to the store's failures file and retried by the next run; until then its query falls back too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from capret.errors import CaptionStoreMismatchError
+from captioning.backends.base import CaptionBackend
+from captioning.loop import trim_answer
+from captioning.store import CaptionStore, read_records, utc_now
+from captioning.types import QA, ChatRequest, ItemContext, VisualQuery
+
+__all__ = [
+    "DESCRIBE_QUESTION",
+    "CirevlOptions",
+    "CirevlReport",
+    "caption_key",
+    "edit_messages",
+    "edited_descriptions",
+    "parse_edited_description",
+    "rewrite_key",
+]
+
+DESCRIBE_VERSION = "capret-cirevl-describe-v1"
+EDIT_VERSION = "capret-cirevl-edit-v1"
+
+#: the one question the captioner answers per reference image (no category or other annotation in it)
+DESCRIBE_QUESTION = "Describe this image in one detailed sentence."
+_DESCRIBE_SYSTEM = (
+    "You see one photo. Answer in one sentence that names the main objects, their colours, materials, count "
+    "and setting, using only what is visible."
+)
+_EDIT_SYSTEM = (
+    "You edit image descriptions. You get the description of an image and a requested change. Write the "
+    "description of the image that would result from applying the change: keep what the change does not "
+    "touch, replace what it changes, and add what it adds. Reply with exactly one line that starts with "
+    "'Edited Description:' followed by the new description, and nothing else."
+)
+_EDIT_USER = "Image description: {description}\nRequested change: {modification}\n"
+_MARKER = re.compile(r"edited\s+description\s*:\s*", re.IGNORECASE)
+
+
+@dataclass
+class CirevlOptions:
+    """How the two model steps run (the backend itself is built by the caller's factory)."""
+
+    store: Path  # the caption store (JSONL) holding descriptions and rewrites; resumed if it exists
+    batch_size: int = 16  # requests per backend call (one batched generate / concurrent server requests)
+    max_caption_tokens: int = 77  # token limit of a description
+    max_edit_tokens: int = 96  # token limit of a rewrite
+    progress: bool = True
+
+
+@dataclass
+class CirevlReport:
+    """Counts of one run: what came from the store, what was asked, and how many queries fell back."""
+
+    references: int = 0  # unique reference images
+    captions_cached: int = 0
+    captions_new: int = 0
+    caption_failures: int = 0  # failed description requests (logged; retried by the next run)
+    queries: int = 0
+    rewrites_cached: int = 0
+    rewrites_new: int = 0
+    rewrite_failures: int = 0  # failed rewrite requests (logged; retried by the next run)
+    unparsed: int = 0  # replies without an "Edited Description:" line (stored; the query falls back)
+    fallbacks: int = 0  # queries answered with their relative caption (unparsed + failed + uncaptioned)
+    model_calls: int = 0  # requests sent to the backend in this run (0 on a fully cached rerun)
+    backend: str = ""
+    store: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def caption_key(dataset: str, reference: str) -> str:
+    """Store key of a reference image's description."""
+    return f"cirevl/{dataset}/{reference}"
+
+
+def rewrite_key(dataset: str, *, reference: str, description: str, modification: str) -> str:
+    """Store key of one rewrite: a digest of everything the LLM read, so a changed input never hits."""
+    digest = hashlib.sha1(f"{reference}\0{description}\0{modification}".encode()).hexdigest()[:20]
+    return f"cirevl-rewrite/{dataset}/{digest}"
+
+
+def parse_edited_description(reply: str) -> str | None:
+    """The text after the last ``Edited Description:`` marker (first line, quotes stripped), else None.
+
+    The *last* marker wins because chatty models often restate the instruction before answering.
+    """
+    matches = list(_MARKER.finditer(reply))
+    if not matches:
+        return None
+    rest = reply[matches[-1].end() :].strip()
+    line = rest.splitlines()[0].strip() if rest else ""
+    line = line.strip("\"'` ").strip()
+    return line or None
+
+
+def edit_messages(description: str, modification: str) -> list[dict[str, Any]]:
+    """Chat messages of the rewrite request (our own prompt, see the module docstring)."""
+    return [
+        {"role": "system", "content": _EDIT_SYSTEM},
+        {"role": "user", "content": _EDIT_USER.format(description=description, modification=modification)},
+    ]
+
+
+def _describe_messages() -> list[dict[str, Any]]:
+    text = f"Question: {DESCRIBE_QUESTION}\nAnswer:"
+    return [
+        {"role": "system", "content": [{"type": "text", "text": _DESCRIBE_SYSTEM}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},
+    ]
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class _Session:
+    """The store, the lazily built backend and the report of one call of :func:`edited_descriptions`."""
+
+    def __init__(
+        self,
+        store: CaptionStore,
+        *,
+        backend_name: str,
+        make_backend: Callable[[], CaptionBackend],
+        options: CirevlOptions,
+        report: CirevlReport,
+    ) -> None:
+        self.store = store
+        self.backend_name = backend_name
+        self.make_backend = make_backend
+        self.options = options
+        self.report = report
+        self.records = read_records(store.path) if store.path.is_file() else {}
+        self._backend: CaptionBackend | None = None
+        self._model: dict[str, Any] = {}
+
+    def backend(self) -> CaptionBackend:
+        """Built on first use, so a fully cached run never loads a model or opens a connection."""
+        if self._backend is None:
+            self._backend = self.make_backend()
+            self._model = self._backend.describe()
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+
+    def cached(self, key: str, version: str) -> dict[str, Any] | None:
+        record = self.records.get(key)
+        if record is None:
+            return None
+        if record.get("backend") != self.backend_name or record.get("prompt_version") != version:
+            raise CaptionStoreMismatchError(
+                f"key {key!r} was made by backend {record.get('backend')!r} with prompts "
+                f"{record.get('prompt_version')!r}, but this run uses {self.backend_name!r} with {version!r}; "
+                "give this run its own store",
+                path=self.store.path,
+            )
+        return record
+
+    def save(self, records: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
+        model, now = self._model, utc_now()
+        full = [{**r, "backend": self.backend_name, "model": model, "created": now} for r in records]
+        self.store.append(full)
+        self.store.append_failures([{**f, "backend": self.backend_name, "created": now} for f in failures])
+        self.records.update({r["key"]: r for r in full})
+
+
+def _describe(
+    session: _Session, *, dataset: str, references: list[str], load_image: Callable[[str], Image.Image]
+) -> dict[str, str]:
+    """reference -> description (cached or new); references whose request failed are left out."""
+    out: dict[str, str] = {}
+    todo = []
+    for ref in references:
+        record = session.cached(caption_key(dataset, ref), DESCRIBE_VERSION)
+        if record is not None:
+            out[ref] = str(record["caption"])
+        else:
+            todo.append(ref)
+    session.report.captions_cached = len(out)
+    bar = tqdm(total=len(todo), desc="cirevl captions", disable=not session.options.progress or not todo)
+    for batch in _batches(todo, session.options.batch_size):
+        backend = session.backend()
+        queries = [
+            VisualQuery(
+                image=load_image(ref).convert("RGB"),
+                question=DESCRIBE_QUESTION,
+                messages=_describe_messages(),
+                context=ItemContext(key=caption_key(dataset, ref)),
+            )
+            for ref in batch
+        ]
+        replies = backend.answer(queries, max_tokens=session.options.max_caption_tokens)
+        session.report.model_calls += len(queries)
+        records, failures = [], []
+        for ref, reply in zip(batch, replies, strict=True):
+            key = caption_key(dataset, ref)
+            text = trim_answer(reply.text) if reply.ok else ""
+            if not text:
+                failures.append({"key": key, "reason": f"description: {reply.error or 'empty reply'}"})
+                continue
+            qa = QA(q=DESCRIBE_QUESTION, a=text)
+            records.append(
+                {"key": key, "caption": text, "dialogue": [qa.to_dict()], "prompt_version": DESCRIBE_VERSION}
+            )
+            out[ref] = text
+        session.save(records, failures)
+        session.report.captions_new += len(records)
+        session.report.caption_failures += len(failures)
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def _rewrite(
+    session: _Session,
+    *,
+    dataset: str,
+    pairs: list[tuple[str, str, str]],
+) -> dict[str, tuple[str, bool]]:
+    """rewrite key -> (edited description or the relative caption, parsed) for ``(ref, description, mod)``."""
+    out: dict[str, tuple[str, bool]] = {}
+    todo: dict[str, tuple[str, str, str, str]] = {}
+    for ref, description, modification in pairs:
+        key = rewrite_key(dataset, reference=ref, description=description, modification=modification)
+        if key in out or key in todo:
+            continue
+        record = session.cached(key, EDIT_VERSION)
+        if record is not None:
+            out[key] = (str(record["caption"]), bool(record.get("parsed", True)))
+        else:
+            todo[key] = (key, ref, description, modification)
+    session.report.rewrites_cached = len(out)
+    bar = tqdm(total=len(todo), desc="cirevl rewrites", disable=not session.options.progress or not todo)
+    for batch in _batches(list(todo.values()), session.options.batch_size):
+        backend = session.backend()
+        requests = [
+            ChatRequest(
+                messages=edit_messages(description, modification),
+                kind="edit",
+                context=ItemContext(key=key),
+                dialogue=(QA(q=DESCRIBE_QUESTION, a=description), QA(q="Requested change", a=modification)),
+            )
+            for key, _, description, modification in batch
+        ]
+        replies = backend.ask(requests, max_tokens=session.options.max_edit_tokens)
+        session.report.model_calls += len(requests)
+        records, failures = [], []
+        for request, (key, ref, description, modification), reply in zip(
+            requests, batch, replies, strict=True
+        ):
+            if not reply.ok:
+                failures.append({"key": key, "reason": f"rewrite: {reply.error}", "reference": ref})
+                continue
+            edited = parse_edited_description(reply.text)
+            parsed = edited is not None
+            text = edited if edited is not None else modification
+            records.append(
+                {
+                    "key": key,
+                    "caption": text,
+                    "dialogue": [{"q": request.messages[-1]["content"], "a": reply.text}],
+                    "prompt_version": EDIT_VERSION,
+                    "parsed": parsed,
+                    "reference": ref,
+                    "description": description,
+                    "relative_caption": modification,
+                }
+            )
+            out[key] = (text, parsed)
+        session.save(records, failures)
+        session.report.rewrites_new += len(records)
+        session.report.rewrite_failures += len(failures)
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def edited_descriptions(
+    *,
+    dataset: str,
+    references: Sequence[str],
+    modifications: Sequence[str],
+    load_image: Callable[[str], Image.Image],
+    backend_name: str,
+    make_backend: Callable[[], CaptionBackend],
+    options: CirevlOptions,
+) -> tuple[list[str], CirevlReport]:
+    """The edited description of every query ``(reference, modification)``, in order, with the run's counts.
+
+    Args:
+        dataset: namespace of the store keys (e.g. ``cirr``, ``fashioniq/dress``).
+        references: reference image name per query (``load_image(name)`` opens it).
+        modifications: the relative caption per query.
+        backend_name: the caption backend's registry name, recorded in and checked against the store.
+        make_backend: builds the backend; called only when something is not cached yet.
+        options: store path, batch size, token limits.
+    """
+    if len(references) != len(modifications):
+        raise ValueError(f"{len(references)} references but {len(modifications)} relative captions")
+    if options.batch_size < 1:
+        raise ValueError(f"CIReVL batch size must be >= 1, got {options.batch_size}")
+    report = CirevlReport(
+        references=len(set(references)),
+        queries=len(references),
+        backend=backend_name,
+        store=str(options.store),
+    )
+    with CaptionStore(options.store) as store:
+        session = _Session(
+            store, backend_name=backend_name, make_backend=make_backend, options=options, report=report
+        )
+        try:
+            descriptions = _describe(
+                session, dataset=dataset, references=list(dict.fromkeys(references)), load_image=load_image
+            )
+            pairs = [(r, descriptions[r], m) for r, m in zip(references, modifications) if r in descriptions]
+            rewrites = _rewrite(session, dataset=dataset, pairs=pairs)
+        finally:
+            session.close()
+    out: list[str] = []
+    for ref, modification in zip(references, modifications):
+        if ref not in descriptions:
+            out.append(modification)
+            report.fallbacks += 1
+            continue
+        key = rewrite_key(dataset, reference=ref, description=descriptions[ref], modification=modification)
+        text, parsed = rewrites.get(key, (modification, False))
+        if key in rewrites and not parsed:
+            report.unparsed += 1
+        if not parsed:
+            report.fallbacks += 1
+        out.append(text)
+    return out, report
