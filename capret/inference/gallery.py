@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
+from capret.data.imagefile import decode_image
 from capret.errors import DataError
 from capret.io import atomic_write_json
 from capret.retrieval.index import create_index, load_index
@@ -110,10 +110,7 @@ def build_gallery(
             continue
         pictures = []
         for i in chunk:
-            if not Path(images[i]).is_file():
-                raise DataError("gallery image does not exist", path=images[i])
-            with Image.open(images[i]) as handle:
-                pictures.append(handle.convert("RGB"))
+            pictures.append(decode_image(images[i]))  # BadImageError / MissingImageError naming the file
         detections = run_detector(detector, pictures, [images[i] for i in chunk])
         owners, boxes, records = [], [], []
         for local, (i, dets) in enumerate(zip(chunk, detections)):

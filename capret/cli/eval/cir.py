@@ -32,6 +32,7 @@ from torch import nn
 from capret.cli.eval.cir_config import CirEvalConfig
 from capret.cli.eval.common import require
 from capret.config import ConfigError, to_dict
+from capret.errors import DataError
 from capret.inference.cir import (
     TOP_K,
     CIRRanking,
@@ -238,6 +239,8 @@ def run(args: CirEvalConfig) -> dict[str, Any]:
         raise ConfigError(f"--category applies to fashioniq only (got --dataset {args.dataset})")
     if args.rerank is not None and int(args.rerank_topk) < 1:
         raise ConfigError(f"--rerank-topk must be >= 1, got {args.rerank_topk}")
+    if not Path(args.root).is_dir():  # before the model loads: a mistyped root should fail in a second
+        raise DataError(f"--root: the {args.dataset} dataset folder does not exist", path=args.root)
     device = default_device(args.device)
     checkpoint = resolve_model_folder(require(args.checkpoint, "--checkpoint", "a combiner checkpoint"))
     clip, fuser, config = load_cir_model(checkpoint, device=device)
