@@ -23,7 +23,7 @@ QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.amp='of
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("badcir")
-    root = write_cirr(base / "cirr", n=4, extra=4)
+    root = write_cirr(base / "cirr", n=4)
     reference = CIRR(root, "train").triplets[0].reference
     path = CIRR(root, "train").image_path(reference)
     path.write_bytes(path.read_bytes()[:60])  # truncated: the header parses, the pixels do not
@@ -55,3 +55,39 @@ def test_combiner_training_stops_with_one_line(
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and str(world["bad"]) in lines[0], err
+
+
+def test_skip_policy_drops_the_triplets_and_lists_the_file(
+    tmp_path: Path, world: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``data.on_bad_image=skip``: training goes on without the triplets of the unreadable image (validation
+    reads its own, intact copy of the images here), and the file is listed with the count."""
+    import json
+    import shutil
+
+    root = tmp_path / "cirr"
+    shutil.copytree(world["cirr"], root)
+    fresh = write_cirr(tmp_path / "fresh", n=4)  # intact images for the validation split
+    shutil.copytree(fresh / "dev", root / "devval")
+    split = root / "cirr" / "image_splits" / "split.rc2.val.json"
+    split.write_text(
+        json.dumps({k: v.replace("./dev/", "./devval/") for k, v in json.loads(split.read_text()).items()})
+    )
+    bad = root / "dev" / world["bad"].name
+    total = len(CIRR(root, "train").triplets)
+    dropped = sum(bad.stem in (t.reference, t.target) for t in CIRR(root, "train").triplets)
+    out = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "cirr_combiner.yaml"), f"data.root={root}", f"model.clip.name={world['clip']}",
+            f"trainer.output_dir={out}", "stage=2", "stage2.epochs=1", "stage2.batch_size=2",
+            "model.stage1_checkpoint=null", "data.on_bad_image=skip", *QUIET]  # fmt: skip
+    capsys.readouterr()
+    code = train_cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["bad_images"] == 1
+    listed = json.loads((out / "bad_images.json").read_text())
+    assert listed["count"] == 1 and listed["files"][0]["file"] == str(bad)
+    assert listed["dropped_triplets"] == dropped >= 1 and dropped < total
+    argv[argv.index("data.on_bad_image=skip")] = "data.on_bad_image=sometimes"
+    assert train_cli.main(argv) == 2
+    assert "on_bad_image" in capsys.readouterr().err
