@@ -181,3 +181,31 @@ def test_eval_detected_protocol_bad_detections(
         json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": float("nan")}])
     )
     expect_error(capsys, eval_cli.main, argv, "dets.json", "entry 0", "non-finite")
+
+
+def test_index_build_refuses_a_folder_of_another_model(
+    tmp_path: Path, model_dir: Path, shop: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from capret.inference.gallery import Gallery
+
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)  # same architecture and width: only the recorded model differs
+    out = tmp_path / "gallery"
+
+    def build(checkpoint: Path, *extra: str) -> list[str]:
+        return ["index", "build", "--checkpoint", str(checkpoint), "--images", str(shop), "--out", str(out),
+                "--no-progress", *extra]  # fmt: skip
+
+    assert capret_cli.main(build(model_dir)) == 0
+    line = expect_error(
+        capsys, capret_cli.main, build(other), str(out), "another build", "--overwrite", "other_model"
+    )
+    assert line.startswith("error:")
+    assert Gallery(out).settings["model"] == str(model_dir.resolve())  # the refused run changed nothing
+    (out / "notes.txt").write_text("mine")
+    assert capret_cli.main(build(other, "--overwrite")) == 0
+    assert Gallery(out).settings["model"] == str(other.resolve()) and len(Gallery(out)) == 3
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes the gallery's own files only
+    assert capret_cli.main(build(other)) == 0  # the same build again resumes (no refusal)
