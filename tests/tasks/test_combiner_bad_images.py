@@ -91,3 +91,23 @@ def test_skip_policy_drops_the_triplets_and_lists_the_file(
     argv[argv.index("data.on_bad_image=skip")] = "data.on_bad_image=sometimes"
     assert train_cli.main(argv) == 2
     assert "on_bad_image" in capsys.readouterr().err
+
+
+def test_cir_eval_names_an_unreadable_gallery_image(
+    tmp_path: Path, world: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from capret.cli import eval as eval_cli
+
+    fresh = write_cirr(tmp_path / "fresh", n=4)  # a checkpoint trained on intact images
+    out = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "cirr_combiner.yaml"), f"data.root={fresh}", f"model.clip.name={world['clip']}",
+            f"trainer.output_dir={out}", "stage=2", "stage2.epochs=1", "stage2.batch_size=4",
+            "model.stage1_checkpoint=null", *QUIET]  # fmt: skip
+    assert train_cli.main(argv) == 0
+    capsys.readouterr()
+    code = eval_cli.main(["--dataset", "cirr", "--checkpoint", str(out / "stage2" / "best"), "--root",
+                          str(world["cirr"]), "--out", str(tmp_path / "eval"), "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(world["bad"]) in lines[0] and "cannot decode" in lines[0], err
