@@ -2,6 +2,7 @@
 
     capret index build --checkpoint MODEL --images SHOP_DIR|LIST --out GALLERY [--detector NAME | --detections
         dets.json] [--captions template|none|transformers|openai] [--index flat|exact|ivfpq] [--shard-images N]
+        [--overwrite]
 
 Detects the items of every gallery photo (default: the whole photo is the item), captions them, embeds them with
 the trained model into sharded, memory-mapped features (``GALLERY/features``) and indexes them
@@ -55,6 +56,12 @@ def add_parser(subparsers: Any) -> None:
     build.add_argument("--batch-size", type=int, default=32, help="items per forward pass")
     build.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available)")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: delete the gallery already in --out (needed when another model, detector, captioner "
+        "or image list built it; without the flag such a folder is refused)",
+    )
     build.set_defaults(run=run)
 
 
@@ -82,7 +89,7 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     from capret.engine.distributed import barrier, cleanup_distributed, init_distributed
     from capret.inference.captioner import Captioner, CaptionerSettings
     from capret.inference.dualstream import load_model
-    from capret.inference.gallery import build_gallery, finish_gallery
+    from capret.inference.gallery import build_gallery, clear_gallery, finish_gallery
 
     if args.shard_images < 1 or args.batch_size < 1:
         raise ConfigError(
@@ -90,6 +97,9 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
         )
     ctx = init_distributed(args.device)
     try:
+        if args.overwrite and ctx.rank == 0:
+            clear_gallery(args.out)
+        barrier(world_size=ctx.world_size)
         paths, ids = list_images(args.images)
         detector = make_detector(args.detector, args.detections, _options(args.detector_option, "detector"))
         captioner = None

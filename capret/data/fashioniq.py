@@ -26,7 +26,7 @@ from PIL import Image
 
 from capret.data.imagefile import path_inside
 from capret.data.transforms import open_image
-from capret.errors import DataError
+from capret.errors import DataError, MissingImageError
 from capret.io import read_json
 
 __all__ = [
@@ -239,7 +239,7 @@ class FashionIQ:
             if path.is_file():
                 return open_image(path)
         tried = ", ".join(str(p) for p in candidates)
-        raise FileNotFoundError(f"FashionIQ image {name!r} not found (tried {tried})")
+        raise MissingImageError(f"FashionIQ image {name!r} not found (tried {tried})", path=candidates[0])
 
     def images_to_caption(self) -> list[tuple[str, Path]]:
         """Unique reference images of the split as ``(key, path)``, key ``fashioniq/<asin>/0`` (DESIGN.md)."""

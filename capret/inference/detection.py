@@ -19,6 +19,7 @@ detector altogether (``RetrievalPipeline.search(image, boxes=...)``).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,10 @@ class CocoResultsDetector:
                     f"entry {number} needs image_id, bbox [x, y, w, h], score ({exc}): {entry!r}",
                     path=self.path,
                 ) from None
+            if not all(math.isfinite(v) for v in (x, y, w, h, det.score)):
+                raise DataError(
+                    f"entry {number} has a non-finite bbox or score (NaN/Infinity): {entry!r}", path=self.path
+                )
             if w <= 0 or h <= 0:
                 raise DataError(f"entry {number} has an empty box {entry['bbox']}", path=self.path)
             if det.score >= self.score_threshold:

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from capret.errors import DataError
+from capret.data.imagefile import decode_image
+from capret.errors import DataError, OutputFolderError
 from capret.io import atomic_write_json
 from capret.retrieval.index import create_index, load_index
 from capret.retrieval.sharded import (
@@ -42,7 +43,7 @@ from capret.retrieval.sharded import (
     open_features,
 )
 
-__all__ = ["GALLERY_FILE", "Gallery", "build_gallery", "finish_gallery"]
+__all__ = ["GALLERY_FILE", "Gallery", "build_gallery", "clear_gallery", "finish_gallery"]
 
 GALLERY_FILE = "gallery.json"
 INDEX_KINDS = ("flat", "exact", "ivfpq")
@@ -50,6 +51,45 @@ INDEX_KINDS = ("flat", "exact", "ivfpq")
 
 def _list_digest(ids: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _refuse_another_build(out: Path, meta: dict[str, Any]) -> None:
+    """Resuming continues the same build only: features of another model (or detector, captioner, image list)
+    in ``out`` would be mixed with this run's rows in one index, so the build stops and names what differs."""
+    for path in sorted((out / "features").glob("manifest*.json")):
+        try:
+            old = json.loads(path.read_text()).get("meta", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable manifests are reported by the shard writer itself
+        differ = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        if differ:
+            what = "; ".join(f"{k}: {old.get(k)!r} -> {meta.get(k)!r}" for k in differ)
+            raise OutputFolderError(
+                f"holds a gallery of another build ({what}); pass --overwrite to rebuild it, or use a new --out",
+                path=out,
+            )
+
+
+def clear_gallery(out: str | Path) -> list[str]:
+    """Delete what a gallery build writes in ``out`` (``--overwrite``); other files there are left alone.
+
+    Returns the names removed.
+    """
+    out = Path(out)
+    removed = []
+    for name in (GALLERY_FILE, "features", "index", "index.faiss"):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    for path in sorted(out.glob("captions*.jsonl")):
+        path.unlink()
+        removed.append(path.name)
+    return removed
 
 
 def build_gallery(
@@ -96,6 +136,7 @@ def build_gallery(
         "images": _list_digest(list(ids)),
         "shard_images": int(shard_images),
     }
+    _refuse_another_build(out, meta)
     writer = ShardWriter(out / "features", rank=rank, world_size=world_size, dim=model.embed_dim, meta=meta)
     mine = list(range(rank, len(images), world_size))
     summary = {"rank": rank, "images": len(mine), "items": 0, "shards_written": 0, "shards_skipped": 0}
@@ -110,10 +151,7 @@ def build_gallery(
             continue
         pictures = []
         for i in chunk:
-            if not Path(images[i]).is_file():
-                raise DataError("gallery image does not exist", path=images[i])
-            with Image.open(images[i]) as handle:
-                pictures.append(handle.convert("RGB"))
+            pictures.append(decode_image(images[i]))  # BadImageError / MissingImageError naming the file
         detections = run_detector(detector, pictures, [images[i] for i in chunk])
         owners, boxes, records = [], [], []
         for local, (i, dets) in enumerate(zip(chunk, detections)):

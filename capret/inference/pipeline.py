@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from capret.data.imagefile import decode_image
 from capret.errors import DataError
 from capret.inference.captioner import Captioner, CaptionerSettings, image_digest
 from capret.inference.detection import Detection, WholeImageDetector, create_detector, run_detector
@@ -439,11 +440,7 @@ class RetrievalPipeline:
 def _open(image: str | Path | Image.Image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
-    path = Path(image)
-    if not path.is_file():
-        raise DataError("query image does not exist", path=path)
-    with Image.open(path) as handle:
-        return handle.convert("RGB")
+    return decode_image(image)  # MissingImageError / BadImageError naming the file
 
 
 def _box(values: Sequence[float], picture: Image.Image) -> tuple[float, float, float, float]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from capret.config import from_dict, to_dict
+from capret.io import default_device
 from capret.quickstart import QuickstartContext
 
 DEFAULT_TRAIN_SECONDS = 30.0
@@ -86,7 +87,7 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
         data_root=ctx.data_root, run_dir=run_dir, export_dir=export_dir, seed=ctx.seed, seconds=seconds
     )
     threads = torch.get_num_threads()
-    if not torch.cuda.is_available():
+    if default_device().type == "cpu":
         torch.set_num_threads(fastest_thread_count())
     try:
         result = train_task(config)

@@ -19,6 +19,7 @@ stage's learning rate and weight decay as parameter-group values and one ``train
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,12 +31,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from capret.config import ConfigError, cfg, to_dict
 from capret.data import create_dataset
+from capret.data.imagefile import check_bad_image_policy, find_bad_images
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
 from capret.inference.cir import FeatureOptions, cirr_rankings, fashioniq_rankings
 from capret.inference.feature_cache import CachedFeatures, image_features, text_features
+from capret.io import atomic_write_json
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
 from capret.models.combiner import LOGIT_SCALE, batch_classification_loss, create_combiner
 from capret.tasks.registry import register_task
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ClipConfig",
@@ -80,6 +85,11 @@ class DataConfig:
         "null = off",
     )
     encode_batch_size: int = cfg(64, "images per batch when encoding features (caches, validation galleries)")
+    on_bad_image: str = cfg(
+        "error",
+        "error: an unreadable training image stops the run naming the file; skip: the training triplets whose "
+        "reference or target cannot be read are dropped and listed in <trainer.output_dir>/bad_images.json",
+    )
 
 
 #: the ``model.clip`` section (CLIP + its preprocessing), shared with the zero-shot tasks
@@ -257,6 +267,9 @@ class CombinerTask:
         self.config = config
         self.stage_config = config.stage1 if config.stage == 1 else config.stage2
         self.triplets, self.load_image = self._train_triplets()
+        self.bad_images: list[dict[str, str]] = []
+        if check_bad_image_policy(config.data.on_bad_image) == "skip":
+            self._drop_unreadable_triplets()
         self.clip: ClipBundle | None = None
         self.fuser: nn.Module | None = None
         self._image_cache: CachedFeatures | None = None
@@ -285,9 +298,38 @@ class CombinerTask:
                 for ds in datasets
                 for t in ds.triplets
             ]
+            self._image_path = datasets[0].image_path
             return triplets, datasets[0].load_image
         ds = datasets[0]
+        self._image_path = ds.image_path
         return [_Triplet(t.reference, t.target, (t.caption,)) for t in ds.triplets], ds.load_image  # type: ignore[arg-type]
+
+    def _drop_unreadable_triplets(self) -> None:
+        """``on_bad_image: skip``: decode every training image once, drop the triplets that name an unreadable
+        one, and list the files in ``<trainer.output_dir>/bad_images.json`` (a stage-2 feature cache would
+        otherwise fail half-way, and a stage-1 batch would fail at a random step)."""
+        names = list(dict.fromkeys(n for t in self.triplets for n in (t.reference, t.target)))
+        paths = [self._image_path(n) for n in names]
+        bad = find_bad_images(paths, progress=False)
+        if not bad:
+            return
+        reasons = {str(path): reason for path, reason in bad}
+        unreadable = {n for n, p in zip(names, paths) if str(p) in reasons}
+        before = len(self.triplets)
+        self.triplets = [
+            t for t in self.triplets if t.reference not in unreadable and t.target not in unreadable
+        ]
+        self.bad_images = [{"file": file, "reason": reason} for file, reason in reasons.items()]
+        logger.warning(
+            "skipped %d unreadable image(s), %d of %d training triplets", len(bad), before - len(self.triplets),
+            before,
+        )  # fmt: skip
+        atomic_write_json(
+            Path(self.config.trainer.output_dir) / "bad_images.json",
+            {"count": len(self.bad_images), "dropped_triplets": before - len(self.triplets),
+             "files": self.bad_images},
+            indent=2,
+        )  # fmt: skip
 
     @property
     def _cache_dir(self) -> Path | None:
@@ -504,7 +546,11 @@ def run(config: CombinerTaskConfig, *, resume: str | None = None) -> dict[str, A
         trainer_config = replace(trainer_config, epochs=stage.epochs, max_steps=None)
     if stage.eval_every is not None:
         trainer_config = replace(trainer_config, eval_every=stage.eval_every)
-    return train(CombinerTask(config), trainer_config, resume=resume)
+    task = CombinerTask(config)
+    result = train(task, trainer_config, resume=resume)
+    if config.data.on_bad_image == "skip":
+        result["bad_images"] = len(task.bad_images)
+    return result
 
 
 register_task("combiner", CombinerTaskConfig, run)

@@ -42,6 +42,7 @@ from typing import Any
 from capret.cli.eval.cir_config import CirEvalConfig
 from capret.cli.eval.common import require
 from capret.config import ConfigError
+from capret.errors import DataError
 from capret.inference.cir import (
     TOP_K,
     CIRRanking,
@@ -264,6 +265,8 @@ def _validate(args: CirEvalConfig) -> None:
         raise ConfigError(
             f"--checkpoint is a combiner checkpoint; --method {args.method} takes --clip/--mapper"
         )
+    if not Path(args.root).is_dir():  # before the model loads: a mistyped root should fail in a second
+        raise DataError(f"--root: the {args.dataset} dataset folder does not exist", path=args.root)
 
 
 def _out_folder(args: CirEvalConfig) -> Path:
