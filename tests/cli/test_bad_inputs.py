@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from cli_checks import expect_error  # noqa: E402
 from tiny_text import build_tiny_bert, write_synthetic_df2  # noqa: E402
 
 from capret.cli import eval as eval_cli  # noqa: E402
@@ -30,25 +30,6 @@ from capret.cli import train as train_cli  # noqa: E402
 from captioning import cli as caption_cli  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def expect_error(
-    capsys: pytest.CaptureFixture[str],
-    main: Callable[[list[str]], int],
-    argv: list[str],
-    *needles: str,
-    code: int = 2,
-) -> str:
-    """Run ``main(argv)``; assert the exit code, one ``error:`` line containing every needle, no traceback."""
-    capsys.readouterr()
-    assert main(argv) == code, argv
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
