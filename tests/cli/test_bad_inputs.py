@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cli_checks import expect_error  # noqa: E402
-from tiny_text import build_tiny_bert, write_synthetic_df2  # noqa: E402
+from tiny_text import save_tiny_dual_stream, write_synthetic_df2  # noqa: E402
 
 from capret.cli import eval as eval_cli  # noqa: E402
 from capret.cli import extract as extract_cli  # noqa: E402
@@ -44,16 +43,9 @@ def df2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig
 
     root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    config = DualStreamModelConfig(
-        visual=VisualConfig(source="test_resnet", image_size=32),
-        text=TextConfig(source=str(build_tiny_bert(root / "bert")), pretrained=True, max_length=16),
-        width=32, depth=1, heads=2, embed_dim=24, itc_dim=16, pad="squarepad",
-    )  # fmt: skip
-    DualStreamModel(config).save_pretrained(root / "model")
+    save_tiny_dual_stream(root / "model", pad="squarepad")
     return root / "model"
 
 

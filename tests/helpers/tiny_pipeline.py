@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from tiny_text import build_tiny_bert
+from tiny_text import save_tiny_dual_stream
 
 from capret.cli.main import main
 from capret.inference.pipeline import PipelineConfig
-from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig
 
 
 def write_shop_photos(folder: Path, *, count: int = 9, seed: int = 0) -> Path:
@@ -27,18 +25,7 @@ def write_shop_photos(folder: Path, *, count: int = 9, seed: int = 0) -> Path:
 
 def build_tiny_pipeline(root: Path, *, reranker: str | None = "aqe") -> Path:
     """``root/pipeline`` naming a tiny model, a gallery index of ``root/shop`` and the template captioner."""
-    torch.manual_seed(0)
-    config = DualStreamModelConfig(
-        visual=VisualConfig(source="test_resnet", image_size=32),
-        text=TextConfig(source=str(build_tiny_bert(root / "bert")), pretrained=True, max_length=16),
-        width=32,
-        depth=1,
-        heads=2,
-        embed_dim=24,
-        itc_dim=16,
-        pad="squarepad",
-    )
-    DualStreamModel(config).save_pretrained(root / "model")
+    save_tiny_dual_stream(root / "model", pad="squarepad")
     shop = write_shop_photos(root / "shop")
     argv = ["index", "build", "--checkpoint", str(root / "model"), "--images", str(shop)]
     code = main([*argv, "--out", str(root / "gallery"), "--captions", "template", "--no-progress"])

@@ -2,7 +2,7 @@
 
 ``build_tiny_bert(dir)`` writes a 2-layer BERT config and a WordPiece tokenizer trained on a few fashion
 sentences into ``dir`` so the production loading path (``AutoModel``/``AutoTokenizer.from_pretrained(dir)``)
-runs unchanged.
+runs unchanged. ``save_tiny_dual_stream(dir)`` saves a tiny random dual-stream model folder on top of it.
 """
 
 from __future__ import annotations
@@ -75,6 +75,36 @@ COLOURS = {
     "white": (235, 235, 235),
     "black": (20, 20, 20),
 }
+
+
+def save_tiny_dual_stream(
+    out: str | Path, *, bert: str | Path | None = None, seed: int = 0, **overrides: object
+) -> Path:
+    """A tiny random dual-stream model (test ResNet at 32 px + tiny BERT, width 32, one fusion layer) saved as a
+    model folder at ``out``; ``overrides`` set other :class:`DualStreamModelConfig` fields (``pad``, ``mode``).
+
+    The seed is set before the BERT is built (``bert=None``: a new one beside ``out``), so a folder is the same
+    for the same arguments.
+    """
+    import torch
+
+    from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    text_dir = bert if bert is not None else build_tiny_bert(out.parent / "bert")
+    config = DualStreamModelConfig(
+        visual=VisualConfig(source="test_resnet", image_size=32),
+        text=TextConfig(source=str(text_dir), pretrained=True, max_length=16),
+        width=32,
+        depth=1,
+        heads=2,
+        embed_dim=24,
+        itc_dim=16,
+        **overrides,  # type: ignore[arg-type]
+    )
+    DualStreamModel(config).save_pretrained(out)
+    return out
 
 
 def write_synthetic_df2(

@@ -18,13 +18,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_text import build_tiny_bert, write_synthetic_df2  # noqa: E402
+from tiny_text import save_tiny_dual_stream, write_synthetic_df2  # noqa: E402
 
 from capret.cli.eval import main  # noqa: E402
 from capret.errors import DataError  # noqa: E402
 from capret.inference.detected_protocol import detection_key, ground_truth_detections  # noqa: E402
 from capret.inference.detection import CocoResultsDetector  # noqa: E402
-from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KS = ["1", "5", "10"]
@@ -34,18 +33,7 @@ KS = ["1", "5", "10"]
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("detected")
     write_synthetic_df2(root / "df2", identities={"validation": 12}, user_views=2, size=64)
-    torch.manual_seed(0)
-    config = DualStreamModelConfig(
-        visual=VisualConfig(source="test_resnet", image_size=32),
-        text=TextConfig(source=str(build_tiny_bert(root / "bert")), pretrained=True, max_length=16),
-        width=32,
-        depth=1,
-        heads=2,
-        embed_dim=24,
-        itc_dim=16,
-        mode="crop",
-    )
-    DualStreamModel(config).save_pretrained(root / "model")
+    save_tiny_dual_stream(root / "model", mode="crop")
     dets = root / "gt_dets.json"
     dets.write_text(json.dumps(ground_truth_detections(root / "df2", "validation")))
     return {"root": root / "df2", "model": root / "model", "dets": dets, "tmp": root}

@@ -13,17 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_text import build_tiny_bert  # noqa: E402
+from tiny_text import build_tiny_bert, save_tiny_dual_stream  # noqa: E402
 
 from capret.cli.extract import main  # noqa: E402
 from capret.errors import DataError  # noqa: E402
 from capret.inference.extract import read_extraction  # noqa: E402
-from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,13 +31,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("extract")
     bert = build_tiny_bert(root / "bert")
     for seed, name in ((0, "model_a"), (1, "model_b")):
-        torch.manual_seed(seed)
-        config = DualStreamModelConfig(
-            visual=VisualConfig(source="test_resnet", image_size=32),
-            text=TextConfig(source=str(bert), pretrained=True, max_length=16),
-            width=32, depth=1, heads=2, embed_dim=24, itc_dim=16, pad="squarepad",
-        )  # fmt: skip
-        DualStreamModel(config).save_pretrained(root / name)
+        save_tiny_dual_stream(root / name, bert=bert, seed=seed, pad="squarepad")
     rng = np.random.default_rng(0)
     images = root / "images"
     images.mkdir()

@@ -13,7 +13,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_text import build_tiny_bert  # noqa: E402
+from tiny_text import save_tiny_dual_stream  # noqa: E402
 
 import capret  # noqa: E402
 from capret.cli.main import main  # noqa: E402
@@ -21,7 +21,6 @@ from capret.inference.captioner import Captioner  # noqa: E402
 from capret.inference.detection import CocoResultsDetector, Detection  # noqa: E402
 from capret.inference.gallery import Gallery, build_gallery, finish_gallery  # noqa: E402
 from capret.inference.pipeline import PipelineConfig, RetrievalPipeline  # noqa: E402
-from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig  # noqa: E402
 from captioning.backends import create_backend  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,18 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipe")
-    torch.manual_seed(0)
-    config = DualStreamModelConfig(
-        visual=VisualConfig(source="test_resnet", image_size=32),
-        text=TextConfig(source=str(build_tiny_bert(root / "bert")), pretrained=True, max_length=16),
-        width=32,
-        depth=1,
-        heads=2,
-        embed_dim=24,
-        itc_dim=16,
-        pad="squarepad",
-    )
-    DualStreamModel(config).save_pretrained(root / "model")
+    save_tiny_dual_stream(root / "model", pad="squarepad")
     rng = np.random.default_rng(0)
     shop = root / "shop"
     shop.mkdir()
