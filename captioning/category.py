@@ -29,6 +29,7 @@ from torch import nn
 
 from capret.io import atomic_write_json
 from capret.registry import Registry
+from captioning.store import beside_store
 
 if TYPE_CHECKING:
     from captioning.sources import CaptionTarget
@@ -409,9 +410,7 @@ def fit_category_model(
 def category_model_dir(store: str | Path) -> Path:
     """Where a category model trained for a caption store is saved: ``captions.train.jsonl`` ->
     ``captions.train.category_model/`` (beside the captions it produced)."""
-    store = Path(store)
-    stem = store.name[: -len(".jsonl")] if store.name.endswith(".jsonl") else store.name
-    return store.with_name(f"{stem}.category_model")
+    return beside_store(store, ".category_model")
 
 
 def cross_fitted_predictions(

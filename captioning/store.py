@@ -46,6 +46,7 @@ from capret.io import atomic_write_text
 __all__ = [
     "CaptionStore",
     "StoreError",
+    "beside_store",
     "failures_path",
     "iter_records",
     "read_captions",
@@ -59,11 +60,16 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def failures_path(path: str | Path) -> Path:
-    """``captions.jsonl`` -> ``captions.failures.jsonl`` (beside the store)."""
+def beside_store(path: str | Path, suffix: str) -> Path:
+    """A file or folder kept next to a caption store: ``captions.jsonl`` + ``.x`` -> ``captions.x``."""
     path = Path(path)
     stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
-    return path.with_name(f"{stem}.failures.jsonl")
+    return path.with_name(stem + suffix)
+
+
+def failures_path(path: str | Path) -> Path:
+    """``captions.jsonl`` -> ``captions.failures.jsonl`` (beside the store)."""
+    return beside_store(path, ".failures.jsonl")
 
 
 class CaptionStore:
