@@ -202,6 +202,19 @@ def fashioniq_search(
 ) -> CIRRanking:
     """Global top-``k`` ranking of the category gallery per triplet, in caption-file order (reference kept, as in
     CLIP4Cir's FashionIQ protocol); captions are paired ``"C1 and c2"``."""
+    return _search_triplets(clip, fuser, dataset=dataset, k=k, options=options, exclude_reference=False)
+
+
+def _search_triplets(
+    clip: ClipBundle,
+    fuser: nn.Module,
+    *,
+    dataset: Any,
+    k: int,
+    options: FeatureOptions | None,
+    exclude_reference: bool,
+) -> CIRRanking:
+    """Rank ``dataset.gallery`` for every triplet's (reference, caption) pair."""
     triplets = dataset.triplets
     return rank_cir_queries(
         clip,
@@ -211,6 +224,7 @@ def fashioniq_search(
         gallery=dataset.gallery,
         load_image=dataset.load_image,
         k=k,
+        exclude_reference=exclude_reference,
         options=options,
     )
 
@@ -226,18 +240,7 @@ def cirr_search(
     clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
 ) -> CIRRanking:
     """Global top-``k`` ranking over the whole split per triplet, the reference removed (CIRR protocol)."""
-    triplets = dataset.triplets
-    return rank_cir_queries(
-        clip,
-        fuser,
-        references=[t.reference for t in triplets],
-        captions=[t.caption for t in triplets],
-        gallery=dataset.gallery,
-        load_image=dataset.load_image,
-        k=k,
-        exclude_reference=True,
-        options=options,
-    )
+    return _search_triplets(clip, fuser, dataset=dataset, k=k, options=options, exclude_reference=True)
 
 
 def cirr_with_members(result: CIRRanking, *, dataset: Any) -> dict[int, list[str]]:
