@@ -18,6 +18,7 @@ from capret.cli.common import add_debug_flag, run_guarded
 SUBCOMMANDS: list[str] = [
     "capret.cli.ablate",
     "capret.cli.check_data",
+    "capret.cli.convert_xvlm",
     "capret.cli.index",
     "capret.cli.oti",
     "capret.cli.search",

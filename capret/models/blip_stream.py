@@ -14,6 +14,9 @@ Two schedules of the text layers (``model.fusion_layer``):
   ``[k, L)`` fuse it with the image. Layers below ``k`` then have no cross-attention weights, exactly like an
   X-VLM checkpoint (``capret.models.xvlm_convert`` loads those).
 
+``model.vision_tower`` swaps BLIP's ViT for X-VLM's Swin or X²-VLM's BEiT-v2 (timm backbones with X-VLM's
+token layout, :mod:`capret.models.vision_towers`); the text encoder's cross-attention then reads that width.
+
 A sample without a caption takes the empty caption (``[CLS] [SEP]``) through the fusion, so the same model serves
 image-only queries. Selected by ``model.family: blip`` + ``model.pretrained: <hub id or folder>`` in a dual-stream
 config; the model satisfies the :class:`~capret.models.dual_stream.DualStreamModel` contract (it subclasses it).
@@ -21,6 +24,7 @@ config; the model satisfies the :class:`~capret.models.dual_stream.DualStreamMod
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,16 +63,37 @@ class BlipDualStreamModel(DualStreamModel):
         if not config.pretrained:
             raise ValueError("model.family blip needs model.pretrained: a BLIP hub id or local folder")
         source = str(config.pretrained)
+        tower = None
         if config.pretrained_weights:
+            if config.vision_tower:
+                raise ValueError(
+                    "model.vision_tower replaces BLIP's ViT, so BLIP's weights do not fit: set "
+                    "model.pretrained_weights: false and load weights with model.xvlm_checkpoint"
+                )
             blip: Any = BlipForImageTextRetrieval.from_pretrained(source)
         else:
             blip_config: Any = BlipConfig.from_pretrained(source)
             blip_config.text_config.is_decoder = True  # builds the cross-attention of every text layer
-            blip = BlipForImageTextRetrieval(blip_config)
+            build_config = blip_config
+            if config.vision_tower:
+                from capret.models.vision_towers import TimmVisionTower
+
+                tower = TimmVisionTower(
+                    config.vision_tower,
+                    image_size=int(blip_config.vision_config.image_size),
+                    **config.vision_tower_args,
+                )
+                blip_config.text_config.encoder_hidden_size = tower.width  # cross-attention reads the tower
+                build_config = copy.deepcopy(blip_config)
+                build_config.vision_config.num_hidden_layers = 0  # BLIP's ViT is replaced: do not build it
+            blip = BlipForImageTextRetrieval(build_config)
+            blip.config = blip_config
         self.blip_config = blip.config
-        self.vision_model = blip.vision_model
+        self.vision_model = blip.vision_model if tower is None else tower
         self.text_encoder = blip.text_encoder
-        self.vision_proj, self.text_proj = blip.vision_proj, blip.text_proj
+        self.text_proj = blip.text_proj
+        itc_dim = int(self.blip_config.image_text_hidden_size)
+        self.vision_proj = blip.vision_proj if tower is None else nn.Linear(tower.width, itc_dim)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.processor = BlipImageProcessor.from_pretrained(source)
         layers = self.text_encoder.encoder.layer
@@ -80,8 +105,7 @@ class BlipDualStreamModel(DualStreamModel):
                 if hasattr(layer, "crossattention"):
                     del layer.crossattention
         text_width = int(self.blip_config.text_config.hidden_size)
-        vision_width = int(self.blip_config.vision_config.hidden_size)
-        itc_dim = int(self.blip_config.image_text_hidden_size)
+        vision_width = int(self.blip_config.vision_config.hidden_size) if tower is None else tower.width
         self.config = replace(config, itc_dim=itc_dim, width=text_width)
         self.head = nn.Linear(text_width + vision_width, config.embed_dim)
         self.box_head = box_mlp(text_width)

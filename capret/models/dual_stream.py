@@ -118,6 +118,16 @@ class DualStreamModelConfig:
         "family blip: null = BLIP schedule (every text layer cross-attends in the fused pass); k = X-VLM schedule "
         "(layers < k encode the caption, layers >= k fuse it with the image)",
     )
+    vision_tower: str | None = cfg(
+        None,
+        "family blip: null = BLIP's ViT; a timm Swin or BEiT name replaces it with X-VLM's / X²-VLM's vision stream "
+        "(swin_base_patch4_window7_224 for X-VLM base, beit_base_patch16_224 / beit_large_patch16_224 for X²-VLM; "
+        "needs pretrained_weights: false, weights come from xvlm_checkpoint)",
+    )
+    vision_tower_args: dict[str, Any] = cfg(
+        help="family blip: extra timm.create_model arguments of vision_tower (e.g. sizes of a custom model)",
+        factory=dict,
+    )
 
 
 @dataclass

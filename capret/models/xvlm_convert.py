@@ -1,33 +1,40 @@
 """Load released X-VLM / X²-VLM checkpoints into the ``blip`` dual-stream family (tensors only, no pickle).
 
-X-VLM (Zeng et al., ICML 2022; code: zengyan-97/X-VLM, ``models/xvlm.py``) stores one state dict (under
-``"model"`` in its ``.pth`` files) with these parts, which map one to one onto
-:class:`~capret.models.blip_stream.BlipDualStreamModel` built with ``fusion_layer = k`` (X-VLM's
-``text_config.fusion_layer``, 6 for the base models):
+X-VLM (Zeng et al., ICML 2022; zengyan-97/X-VLM) and X²-VLM (Zeng et al., 2023; zengyan-97/X2-VLM) save one
+state dict (under ``"model"`` in their ``.th``/``.pth`` files) from ``models/xvlm.py``'s ``XVLMBase``: a vision
+encoder, a BERT text encoder whose layers from ``text_config.fusion_layer`` on cross-attend to the image (X-VLM
+base: 12 layers, fusion from 6; X²-VLM: 18 layers, fusion from 12), ``vision_proj``/``text_proj`` and a box head.
+They map one to one onto :class:`~capret.models.blip_stream.BlipDualStreamModel` built with ``fusion_layer = k``
+and the matching vision stream:
 
-========================================================  ====================================================
-X-VLM                                                      capret (family ``blip``)
-========================================================  ====================================================
-``vision_encoder.cls_token`` / ``pos_embed``               ``vision_model.embeddings.class_embedding`` / ``position_embedding``
-``vision_encoder.patch_embed.proj.*``                      ``vision_model.embeddings.patch_embedding.*``
-``vision_encoder.blocks.i.{norm1,attn.qkv,attn.proj,...}`` ``vision_model.encoder.layers.i.{layer_norm1,self_attn.qkv,self_attn.projection,...}``
-``vision_encoder.norm.*``                                  ``vision_model.post_layernorm.*``
-``text_encoder[.bert].embeddings/encoder.layer.i.*``       ``text_encoder.embeddings/encoder.layer.i.*`` (cross-attention from layer k)
-``text_encoder.embeddings.token_type_embeddings``          folded into ``position_embeddings`` (type 0 is added to every token)
-``vision_proj`` / ``text_proj`` / ``bbox_head``            ``vision_proj`` / ``text_proj`` / ``box_head``
-``itm_head``, ``temp``, MLM head ``text_encoder.cls.*``    not used by retrieval: dropped and reported
-========================================================  ====================================================
+==========================================================  =====================================================
+X-VLM / X²-VLM                                               capret (family ``blip``)
+==========================================================  =====================================================
+Swin (X-VLM): ``vision_encoder.layers.i.downsample.*``       ``vision_model.body.layers.{i+1}.downsample.*`` (timm
+                                                             merges patches at the start of the next stage)
+Swin / BEiT (X²-VLM): every other ``vision_encoder.*``       ``vision_model.body.*`` (timm keeps the original names)
+DeiT ViT: ``vision_encoder.blocks.i.{norm1,attn.qkv,...}``   BLIP's ViT ``vision_model.encoder.layers.i.{layer_norm1,self_attn.qkv,...}``
+``text_encoder[.bert].embeddings/encoder.layer.i.*``         ``text_encoder.embeddings/encoder.layer.i.*``
+``text_encoder.embeddings.token_type_embeddings``            folded into ``position_embeddings`` (type 0 is added
+                                                             to every token)
+``vision_proj`` / ``text_proj`` / ``bbox_head``              ``vision_proj`` / ``text_proj`` / ``box_head``
+``itm_head``, ``temp``, MLM head, queues, buffers            not used by retrieval: dropped and reported
+==========================================================  =====================================================
 
-The retrieval head (``head``) is capret's own and starts fresh. The DeiT-style ViT of X-VLM matches BLIP's ViT
-(fused ``qkv``, GELU, post-norm); set the BLIP config's ``vision_config.layer_norm_eps`` to 1e-6 as in X-VLM.
-Checkpoints whose vision encoder is a Swin transformer or a CLIP ViT (separate q/k/v, a pre-norm), or X²-VLM's
-BEiT ViT (layer scales), have no counterpart here: :func:`convert_xvlm_state_dict` then raises a
-:class:`~capret.errors.CheckpointError` that lists every unmatched key rather than loading a partial model.
+The vision stream is chosen by ``model.vision_tower`` (:mod:`capret.models.vision_towers`): a timm Swin for X-VLM,
+a timm BEiT (relative position bias, layer scale, mean pooling) for X²-VLM, none (BLIP's ViT) for DeiT-ViT
+checkpoints. :data:`PRESETS` holds the released models' sizes and :func:`write_xvlm_assets` writes the config
+folder that ``model.pretrained`` points at. The retrieval head (``head``) is capret's own and starts fresh. Keys
+that match nothing (a CLIP-ViT vision encoder, XVLMPlus's separate ``cross_encoder``, a shared relative position
+bias) make :func:`convert_xvlm_state_dict` raise a :class:`~capret.errors.CheckpointError` listing every one of
+them rather than load a partial model.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +43,20 @@ from torch import Tensor, nn
 
 from capret.errors import CheckpointError
 
-__all__ = ["convert_xvlm_state_dict", "load_xvlm_checkpoint", "read_checkpoint_tensors", "to_xvlm_state_dict"]
+__all__ = [
+    "PRESETS",
+    "XvlmPreset",
+    "convert_xvlm_state_dict",
+    "load_xvlm_checkpoint",
+    "read_checkpoint_tensors",
+    "to_xvlm_state_dict",
+    "write_xvlm_assets",
+]
 
-#: (X-VLM regex, capret template) for one-to-one renames; applied in order, first match wins
-_RULES: tuple[tuple[str, str], ...] = (
+Rule = tuple[str, "str | Callable[[re.Match[str]], str]"]
+
+#: DeiT-ViT vision encoder -> BLIP's ViT (X-VLM's ``models/vit.py``); first match wins
+_VIT_RULES: tuple[Rule, ...] = (
     (r"vision_encoder\.cls_token", "vision_model.embeddings.class_embedding"),
     (r"vision_encoder\.pos_embed", "vision_model.embeddings.position_embedding"),
     (r"vision_encoder\.patch_embed\.proj\.(weight|bias)", r"vision_model.embeddings.patch_embedding.\1"),
@@ -52,6 +69,17 @@ _RULES: tuple[tuple[str, str], ...] = (
     ),
     (r"vision_encoder\.blocks\.(\d+)\.mlp\.(fc[12])\.(.+)", r"vision_model.encoder.layers.\1.mlp.\2.\3"),
     (r"vision_encoder\.norm\.(.+)", r"vision_model.post_layernorm.\1"),
+)
+#: Swin / BEiT vision encoder -> the timm backbone of :class:`~capret.models.vision_towers.TimmVisionTower`
+_TOWER_RULES: tuple[Rule, ...] = (
+    (  # original Swin merges patches at the end of stage i, timm at the start of stage i + 1
+        r"vision_encoder\.layers\.(\d+)\.downsample\.(.+)",
+        lambda m: f"vision_model.body.layers.{int(m[1]) + 1}.downsample.{m[2]}",
+    ),
+    (r"vision_encoder\.(.+)", r"vision_model.body.\1"),
+)
+#: text encoder and heads (every vision stream)
+_SHARED_RULES: tuple[Rule, ...] = (
     (
         r"text_encoder\.(?:bert\.)?(embeddings\.(?:word_embeddings|position_embeddings|LayerNorm)\..+)",
         r"text_encoder.\1",
@@ -60,14 +88,37 @@ _RULES: tuple[tuple[str, str], ...] = (
     (r"(vision_proj|text_proj)\.(weight|bias)", r"\1.\2"),
     (r"bbox_head\.(\d+)\.(weight|bias)", r"box_head.\1.\2"),
 )
-#: checkpoint keys that retrieval does not use (reported, never an error)
+#: checkpoint keys that retrieval does not use (reported, never an error): ITM and MLM heads, temperature,
+#: momentum queues, non-learned buffers (position ids, relative position indices, Swin's attention masks) and
+#: X²-VLM's video frame embedding
 _DROPPED = re.compile(
     r"(itm_head\..*|temp|text_encoder\.cls\..*|.*position_ids|text_encoder\.(?:bert\.)?pooler\..*|idx_queue|"
-    r"image_queue|text_queue|.*_m\..*|.*_m)"
+    r"image_queue|text_queue|.*_m\..*|.*_m|vision_encoder\..*relative_position_index|vision_encoder\..*attn_mask|"
+    r"absolute_frame_pos_embed)"
 )
 _TOKEN_TYPE = re.compile(r"text_encoder\.(?:bert\.)?embeddings\.token_type_embeddings\.weight")
 #: target keys that capret adds and that start fresh
 _NEW = re.compile(r"head\.(weight|bias)")
+
+
+def _tower_kind(model: nn.Module) -> str | None:
+    """``"swin"``/``"beit"`` when ``model`` reads images through a timm tower, ``None`` for BLIP's ViT."""
+    from capret.models.vision_towers import TimmVisionTower
+
+    tower = getattr(model, "vision_model", None)
+    return tower.kind if isinstance(tower, TimmVisionTower) else None
+
+
+def _rules(model: nn.Module) -> tuple[Rule, ...]:
+    return (_VIT_RULES if _tower_kind(model) is None else _TOWER_RULES) + _SHARED_RULES
+
+
+def _rename(key: str, rules: tuple[Rule, ...]) -> str | None:
+    for pattern, template in rules:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return template(match) if callable(template) else match.expand(template)
+    return None
 
 
 def read_checkpoint_tensors(path: str | Path) -> dict[str, Tensor]:
@@ -103,6 +154,7 @@ def convert_xvlm_state_dict(
             (other than capret's new retrieval head) and shape mismatches — all of them, in one message.
     """
     target = model.state_dict()
+    rules = _rules(model)
     out: dict[str, Tensor] = {}
     dropped: list[str] = []
     unmatched: list[str] = []
@@ -111,12 +163,14 @@ def convert_xvlm_state_dict(
         if _TOKEN_TYPE.fullmatch(key):
             token_type = value
             continue
-        for pattern, template in _RULES:
-            if re.fullmatch(pattern, key):
-                out[re.sub(pattern, template, key)] = value
-                break
+        if _DROPPED.fullmatch(key):
+            dropped.append(key)
+            continue
+        name = _rename(key, rules)
+        if name is None:
+            unmatched.append(key)
         else:
-            (dropped if _DROPPED.fullmatch(key) else unmatched).append(key)
+            out[name] = value
     position = "text_encoder.embeddings.position_embeddings.weight"
     if token_type is not None and position in out:
         out[position] = out[position] + token_type[0]  # every token has type 0 in retrieval
@@ -156,8 +210,8 @@ def load_xvlm_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     return dropped
 
 
-#: capret -> X-VLM renames (the inverse of ``_RULES``), for exports and round-trip tests
-_INVERSE: tuple[tuple[str, str], ...] = (
+#: capret -> X-VLM renames (the inverse of the rules above), for exports and round-trip tests
+_VIT_INVERSE: tuple[Rule, ...] = (
     (r"vision_model\.embeddings\.class_embedding", "vision_encoder.cls_token"),
     (r"vision_model\.embeddings\.position_embedding", "vision_encoder.pos_embed"),
     (r"vision_model\.embeddings\.patch_embedding\.(.+)", r"vision_encoder.patch_embed.proj.\1"),
@@ -169,6 +223,15 @@ _INVERSE: tuple[tuple[str, str], ...] = (
     ),
     (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(.+)", r"vision_encoder.blocks.\1.mlp.\2"),
     (r"vision_model\.post_layernorm\.(.+)", r"vision_encoder.norm.\1"),
+)
+_TOWER_INVERSE: tuple[Rule, ...] = (
+    (
+        r"vision_model\.body\.layers\.(\d+)\.downsample\.(.+)",
+        lambda m: f"vision_encoder.layers.{int(m[1]) - 1}.downsample.{m[2]}",
+    ),
+    (r"vision_model\.body\.(.+)", r"vision_encoder.\1"),
+)
+_SHARED_INVERSE: tuple[Rule, ...] = (
     (r"text_encoder\.(.+)", r"text_encoder.\1"),
     (r"(vision_proj|text_proj)\.(.+)", r"\1.\2"),
     (r"box_head\.(.+)", r"bbox_head.\1"),
@@ -181,16 +244,95 @@ def to_xvlm_state_dict(model: nn.Module) -> dict[str, Tensor]:
     The token-type embedding is written as zeros (it was folded into the position embeddings) and the retrieval
     head, which X-VLM does not have, is left out.
     """
+    rules = (_VIT_INVERSE if _tower_kind(model) is None else _TOWER_INVERSE) + _SHARED_INVERSE
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if _NEW.fullmatch(key):
             continue
-        for pattern, template in _INVERSE:
-            if re.fullmatch(pattern, key):
-                out[re.sub(pattern, template, key)] = value.clone()
-                break
-        else:
+        name = _rename(key, rules)
+        if name is None:
             raise CheckpointError(f"no X-VLM name for model key {key!r}")
+        out[name] = value.clone()
     width = out["text_encoder.embeddings.word_embeddings.weight"].shape[1]
     out["text_encoder.embeddings.token_type_embeddings.weight"] = torch.zeros(2, width)
     return out
+
+
+@dataclass(frozen=True)
+class XvlmPreset:
+    """Sizes of a released X-VLM / X²-VLM model (from the ``configs/`` of their repositories)."""
+
+    vision_tower: str  #: timm name of the vision stream
+    text_layers: int  #: ``text_num_hidden_layers`` (text + fusion layers)
+    fusion_layer: int  #: ``text_fusion_start_at``
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    tokenizer: str  #: the BERT vocabulary the checkpoint was trained with
+    image_size: int = 224
+    embed_dim: int = 256  #: ITC dimension (``embed_dim``)
+    vision_tower_args: dict[str, Any] = field(default_factory=dict)  #: extra timm arguments (custom sizes)
+
+
+#: released checkpoints: X-VLM base (4M / 16M; Swin-B), X²-VLM base and large (BEiT-v2 B/16, L/16)
+PRESETS: dict[str, XvlmPreset] = {
+    "xvlm-base": XvlmPreset("swin_base_patch4_window7_224", 12, 6, 768, 12, 3072, "bert-base-uncased"),
+    "x2vlm-base": XvlmPreset("beit_base_patch16_224", 18, 12, 768, 12, 3072, "bert-base-uncased"),
+    "x2vlm-large": XvlmPreset("beit_large_patch16_224", 18, 12, 1024, 16, 4096, "bert-large-uncased"),
+}
+
+
+def write_xvlm_assets(
+    out: str | Path, preset: str | XvlmPreset, *, tokenizer: str | None = None
+) -> dict[str, Any]:
+    """Write the folder that ``model.pretrained`` points at for an X-VLM / X²-VLM checkpoint (no weights).
+
+    It holds a BLIP config describing the text/fusion stack (the vision sizes there are unused: the vision stream
+    is ``vision_tower``), the tokenizer (``tokenizer``: a folder or hub id; default the preset's) and an image
+    processor (bicubic resize to the preset's resolution, CLIP mean/std as X-VLM's test transform). Returns the
+    ``model:`` config entries to use with it (add ``xvlm_checkpoint``).
+    """
+    from transformers import AutoTokenizer, BlipConfig, BlipImageProcessor
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown X-VLM preset {preset!r}; choose one of {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    out = Path(out)
+    source = tokenizer or preset.tokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise ValueError(
+            f"tokenizer {source!r} could not be loaded (a local folder or a hub id): {exc}"
+        ) from exc
+    config = BlipConfig(
+        vision_config={"image_size": preset.image_size},
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": preset.hidden_size,
+            "num_hidden_layers": preset.text_layers,
+            "num_attention_heads": preset.num_heads,
+            "intermediate_size": preset.intermediate_size,
+            "max_position_embeddings": 512,
+            "is_decoder": True,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.cls_token_id,
+            "sep_token_id": tok.sep_token_id,
+        },
+        image_text_hidden_size=preset.embed_dim,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    tok.save_pretrained(out)
+    BlipImageProcessor(size={"height": preset.image_size, "width": preset.image_size}).save_pretrained(out)
+    entries: dict[str, Any] = {
+        "family": "blip",
+        "pretrained": str(out),
+        "pretrained_weights": False,
+        "vision_tower": preset.vision_tower,
+        "fusion_layer": preset.fusion_layer,
+    }
+    if preset.vision_tower_args:
+        entries["vision_tower_args"] = dict(preset.vision_tower_args)
+    return entries

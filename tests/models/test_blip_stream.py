@@ -141,7 +141,13 @@ def test_xvlm_converter_lists_unmatched_keys(blip_dir: Path, tmp_path: Path) -> 
         read_checkpoint_tensors(tmp_path / "missing.pth")
 
 
-def test_blip_family_trains_through_the_task(blip_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "tower",
+    [{}, {"pretrained_weights": False, "vision_tower": "beit_base_patch16_224",
+          "vision_tower_args": {"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2}}],
+    ids=["blip_vit", "x2vlm_beit"],
+)  # fmt: skip
+def test_blip_family_trains_through_the_task(blip_dir: Path, tmp_path: Path, tower: dict) -> None:
     from tiny_text import write_synthetic_df2
 
     from capret.config import from_dict
@@ -154,7 +160,7 @@ def test_blip_family_trains_through_the_task(blip_dir: Path, tmp_path: Path) -> 
             "data": {"root": str(tmp_path / "data"), "captions": str(stores["train"]),
                      "val_captions": str(stores["validation"]), "p": 2, "k": 2},
             "model": {"family": "blip", "pretrained": str(blip_dir), "embed_dim": 16, "mode": "full",
-                      "fusion_layer": 1, "text": {"freeze": False, "max_length": 16}},
+                      "fusion_layer": 1, "text": {"freeze": False, "max_length": 16}, **tower},
             "trainer": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "amp": "off", "progress": False,
                         "tensorboard": False, "warmup_steps": 0},
             "eval": {"ks": [1, 2], "batch_size": 4, "no_captions": False},
