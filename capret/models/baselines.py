@@ -250,19 +250,31 @@ def _regional_gem(**kwargs: Any) -> GlobalDescriptor:
 
 @register_baseline("clip")
 class ClipBaseline(Baseline):
-    """Zero-shot CLIP image embeddings of a Hugging Face CLIP (hub id or local folder).
+    """Zero-shot CLIP image embeddings, from a Hugging Face CLIP or an open_clip model.
 
     Args:
-        source: e.g. ``openai/clip-vit-base-patch32`` or a folder written by ``save_pretrained``.
+        source: hf: e.g. ``openai/clip-vit-base-patch32`` or a ``save_pretrained`` folder; open_clip: an
+            architecture such as ``ViT-B-32`` (or ``local-dir:DIR`` / ``hf-hub:org/repo``).
+        backend: ``hf`` or ``open_clip``.
+        pretrained: open_clip only: a pretrained tag (``openai``, ``laion2b_s34b_b79k``) or a weights file;
+            ``None`` builds random weights (a control, or where no weights are reachable).
     """
 
-    def __init__(self, *, source: str) -> None:
+    def __init__(self, *, source: str, backend: str = "hf", pretrained: str | None = None) -> None:
         super().__init__()
         from capret.models.clip import CLIP_MEAN, CLIP_STD, load_clip
 
-        self.bundle = load_clip(source, preprocess="none")
-        size = int(self.bundle.model.config.vision_config.image_size)
-        self.data_config = ImageDataConfig(image_size=size, mean=CLIP_MEAN, std=CLIP_STD)
+        self.bundle = load_clip(source, backend=backend, pretrained=pretrained, preprocess="none")  # type: ignore[arg-type]
+        model: Any = self.bundle.model
+        if backend == "open_clip":
+            size = model.visual.image_size
+            size = int(size[0] if isinstance(size, tuple | list) else size)
+            stats = getattr(model.visual, "preprocess_cfg", None) or {}
+            mean = tuple(stats.get("mean", CLIP_MEAN))
+            std = tuple(stats.get("std", CLIP_STD))
+        else:
+            size, mean, std = int(model.config.vision_config.image_size), CLIP_MEAN, CLIP_STD
+        self.data_config = ImageDataConfig(image_size=size, mean=mean, std=std)
         self.embed_dim = int(self.bundle.feature_dim)
 
     def encode(self, pixels: Tensor) -> Tensor:

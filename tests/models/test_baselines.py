@@ -97,3 +97,21 @@ def test_registry_lists_and_rejects() -> None:
         create_baseline("netvlad")
     with pytest.raises(ValueError, match="timm model"):
         create_baseline("gem", source="no_such_net")
+
+
+def test_clip_baseline_from_random_open_clip(tmp_path: Path) -> None:
+    from tiny_zeroshot import tiny_open_clip
+
+    from capret.models.clip import load_clip
+
+    name = tiny_open_clip(tmp_path / "oc")
+    model = create_baseline("clip", source=name, backend="open_clip").eval()
+    size = model.data_config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out = model.encode(pixels)
+        direct = load_clip(name, backend="open_clip", preprocess="none").model.encode_image(pixels)
+    assert out.shape == (2, model.embed_dim)
+    torch.testing.assert_close(out, torch.nn.functional.normalize(direct, dim=-1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="only for backend open_clip"):
+        create_baseline("clip", source="openai/clip-vit-base-patch32", pretrained="openai")
