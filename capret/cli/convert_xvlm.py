@@ -31,7 +31,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--preset",
         required=True,
-        help="released model: xvlm-base (Swin-B), x2vlm-base, x2vlm-large (BEiT-v2)",
+        help="released model: xvlm-base (Swin-B, 224 px), xvlm-base-384 (its 384 px fine-tunes), x2vlm-base, x2vlm-large (BEiT-v2)",
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write (model.pretrained)")
     p.add_argument(

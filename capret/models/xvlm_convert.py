@@ -274,9 +274,13 @@ class XvlmPreset:
     vision_tower_args: dict[str, Any] = field(default_factory=dict)  #: extra timm arguments (custom sizes)
 
 
-#: released checkpoints: X-VLM base (4M / 16M; Swin-B), X²-VLM base and large (BEiT-v2 B/16, L/16)
+#: released checkpoints: X-VLM base (4M / 16M pre-trained, Swin-B at 224 px; its fine-tunes at 384 px, window 12),
+#: X²-VLM base and large (BEiT-v2 B/16, L/16)
 PRESETS: dict[str, XvlmPreset] = {
     "xvlm-base": XvlmPreset("swin_base_patch4_window7_224", 12, 6, 768, 12, 3072, "bert-base-uncased"),
+    "xvlm-base-384": XvlmPreset(  # X-VLM's retrieval / VQA fine-tunes (configs/config_swinB_384.json)
+        "swin_base_patch4_window12_384", 12, 6, 768, 12, 3072, "bert-base-uncased", image_size=384
+    ),
     "x2vlm-base": XvlmPreset("beit_base_patch16_224", 18, 12, 768, 12, 3072, "bert-base-uncased"),
     "x2vlm-large": XvlmPreset("beit_large_patch16_224", 18, 12, 1024, 16, 4096, "bert-large-uncased"),
 }

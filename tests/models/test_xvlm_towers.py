@@ -265,6 +265,9 @@ def test_vision_tower_config_errors(blip_dir: Path) -> None:
 def test_presets_describe_the_released_models() -> None:
     assert PRESETS["xvlm-base"].vision_tower == "swin_base_patch4_window7_224"
     assert (PRESETS["xvlm-base"].text_layers, PRESETS["xvlm-base"].fusion_layer) == (12, 6)
+    assert (
+        PRESETS["xvlm-base-384"].image_size == 384 and "window12_384" in PRESETS["xvlm-base-384"].vision_tower
+    )
     for name in ("x2vlm-base", "x2vlm-large"):
         assert PRESETS[name].vision_tower.startswith("beit_") and PRESETS[name].fusion_layer == 12
         assert PRESETS[name].text_layers == 18 and PRESETS[name].embed_dim == 256
