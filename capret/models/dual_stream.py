@@ -110,8 +110,9 @@ class DualStreamModelConfig:
     pretrained_weights: bool = cfg(True, "family blip: load its weights (false: random init from its config)")
     xvlm_checkpoint: str | None = cfg(
         None,
-        "family blip: an X-VLM checkpoint (.pth read with weights_only=True, or .safetensors) loaded over the "
-        "architecture of `pretrained` (capret.models.xvlm_convert; set pretrained_weights: false)",
+        "family blip: an X-VLM / X²-VLM checkpoint (.th/.pth read with weights_only=True, or .safetensors) loaded "
+        "over `pretrained` + `vision_tower` (capret.models.xvlm_convert; `capret convert-xvlm` writes the folder; "
+        "set pretrained_weights: false)",
     )
     fusion_layer: int | None = cfg(
         None,
