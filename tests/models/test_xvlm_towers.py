@@ -339,3 +339,49 @@ def test_tower_model_saves_and_reloads_without_the_x_vlm_checkpoint(blip_dir: Pa
     pixels = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode_image(pixels), model.encode_image(pixels))
+
+
+def test_exported_names_are_the_released_checkpoints_names(blip_dir: Path) -> None:
+    """Pinned to X-VLM's models/xbert.py, the original Swin and X²-VLM's models/beit2.py: a rename upstream
+    (transformers or timm) shows up here, not as a checkpoint that no longer converts."""
+    swin = set(to_xvlm_state_dict(_model(blip_dir, SWIN)))
+    beit = set(to_xvlm_state_dict(_model(blip_dir, BEIT)))
+    shared = {
+        "text_encoder.embeddings.word_embeddings.weight",
+        "text_encoder.embeddings.token_type_embeddings.weight",
+        "text_encoder.embeddings.LayerNorm.weight",
+        "text_encoder.encoder.layer.0.attention.self.query.weight",
+        "text_encoder.encoder.layer.0.attention.output.LayerNorm.bias",
+        "text_encoder.encoder.layer.0.intermediate.dense.weight",
+        "text_encoder.encoder.layer.0.output.dense.weight",
+        "text_encoder.encoder.layer.1.crossattention.self.key.weight",
+        "text_encoder.encoder.layer.1.crossattention.output.dense.weight",
+        "vision_proj.weight",
+        "text_proj.bias",
+        "bbox_head.0.weight",
+        "bbox_head.1.weight",  # LayerNorm of build_mlp
+        "bbox_head.3.bias",
+    }
+    assert shared <= swin and shared <= beit
+    assert not any("crossattention" in k for k in swin if k.startswith("text_encoder.encoder.layer.0."))
+    assert {
+        "vision_encoder.patch_embed.proj.weight",
+        "vision_encoder.patch_embed.norm.weight",
+        "vision_encoder.layers.0.blocks.1.attn.relative_position_bias_table",
+        "vision_encoder.layers.0.blocks.0.attn.qkv.bias",
+        "vision_encoder.layers.0.downsample.reduction.weight",  # merging at the end of stage 0
+        "vision_encoder.layers.0.downsample.norm.weight",
+        "vision_encoder.norm.weight",
+    } <= swin
+    assert not any(k.startswith("vision_encoder.layers.1.downsample") for k in swin)  # last stage: none
+    assert {
+        "vision_encoder.cls_token",
+        "vision_encoder.blocks.0.attn.q_bias",
+        "vision_encoder.blocks.0.attn.v_bias",
+        "vision_encoder.blocks.0.attn.qkv.weight",
+        "vision_encoder.blocks.0.attn.relative_position_bias_table",
+        "vision_encoder.blocks.0.gamma_1",
+        "vision_encoder.blocks.1.gamma_2",
+        "vision_encoder.fc_norm.weight",
+    } <= beit
+    assert "vision_encoder.pos_embed" not in beit and "vision_encoder.blocks.0.attn.qkv.bias" not in beit
