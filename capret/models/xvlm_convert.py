@@ -32,6 +32,7 @@ them rather than load a partial model.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from capret.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PRESETS",
@@ -174,6 +177,9 @@ def convert_xvlm_state_dict(
     position = "text_encoder.embeddings.position_embeddings.weight"
     if token_type is not None and position in out:
         out[position] = out[position] + token_type[0]  # every token has type 0 in retrieval
+    resized = _resize_relative_tables(out, target, model)
+    if resized:
+        logger.info("resampled %d relative position bias tables to the model's window size", len(resized))
     problems = []
     extra = sorted(k for k in out if k not in target)
     missing = sorted(k for k in target if k not in out and not _NEW.fullmatch(k))
@@ -201,6 +207,32 @@ def convert_xvlm_state_dict(
         if key not in out:
             out[key] = target[key]  # capret's new head keeps its initialisation
     return out, sorted(dropped)
+
+
+def _resize_relative_tables(out: dict[str, Tensor], target: dict[str, Tensor], model: nn.Module) -> list[str]:
+    """Resample relative position bias tables to the model's window (in place); returns the keys resized.
+
+    A checkpoint used at another resolution or window (X-VLM fine-tunes its 224 px Swin at 384 px with window 12;
+    a BEiT at a new resolution has a new patch grid) has tables of another size. They are resampled as timm and
+    the BEiT/Swin repositories do when fine-tuning at a new size (:func:`timm.layers.resize_rel_pos_bias_table`;
+    BEiT's three CLS entries are kept as they are). Only timm towers are resized; other mismatches stay errors.
+    """
+    if _tower_kind(model) is None:
+        return []
+    from timm.layers import resize_rel_pos_bias_table
+
+    suffix = ".relative_position_bias_table"
+    resized = []
+    for key, value in list(out.items()):
+        if not key.endswith(suffix) or key not in target or value.shape == target[key].shape:
+            continue
+        attention: Any = model.get_submodule(key[: -len(suffix)])
+        window = (int(attention.window_size[0]), int(attention.window_size[1]))
+        out[key] = resize_rel_pos_bias_table(
+            value, new_window_size=window, new_bias_shape=tuple(target[key].shape)
+        ).to(value.dtype)
+        resized.append(key)
+    return resized
 
 
 def load_xvlm_checkpoint(model: nn.Module, path: str | Path) -> list[str]:

@@ -385,3 +385,35 @@ def test_exported_names_are_the_released_checkpoints_names(blip_dir: Path) -> No
         "vision_encoder.fc_norm.weight",
     } <= beit
     assert "vision_encoder.pos_embed" not in beit and "vision_encoder.blocks.0.attn.qkv.bias" not in beit
+
+
+@pytest.mark.parametrize(
+    "tower, new",
+    [(BEIT, {"image": 96}), (SWIN, {"image": IMAGE, "window_size": 8})],
+    ids=["beit_new_resolution", "swin_new_window"],
+)
+def test_relative_tables_are_resampled_for_a_new_resolution_or_window(
+    blip_dir: Path, tmp_path: Path, tower: tuple, new: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """X-VLM fine-tunes its 224 px checkpoint at 384 px with window 12; the tables follow the new grid."""
+    state = to_xvlm_state_dict(_model(blip_dir, tower))
+    folder = (
+        blip_dir if new["image"] == IMAGE else save_tiny_blip(tmp_path / "blip96", image_size=new["image"])
+    )
+    args = {**tower[1], **{k: v for k, v in new.items() if k != "image"}}
+    target = _model(folder, (tower[0], args), seed=1)
+    with caplog.at_level("INFO", logger="capret.models.xvlm_convert"):
+        converted, _ = convert_xvlm_state_dict(state, target)
+    assert "resampled" in caplog.text
+    target.load_state_dict(converted)
+    tables = [k for k in converted if k.endswith("relative_position_bias_table")]
+    assert tables and all(converted[k].shape == target.state_dict()[k].shape for k in tables)
+    source_key = "vision_encoder." + tables[0].removeprefix("vision_model.body.")
+    assert converted[tables[0]].shape[0] > state[source_key].shape[0]
+    if tower is BEIT:  # the three CLS entries (cls->token, token->cls, cls->cls) are kept as they are
+        torch.testing.assert_close(converted[tables[0]][-3:], state[source_key][-3:])
+    with torch.no_grad():
+        out = target.vision_model(
+            pixel_values=torch.randn(1, 3, new["image"], new["image"])
+        ).last_hidden_state
+    assert torch.isfinite(out).all()
