@@ -17,6 +17,35 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
+#: the vision tower of the tiny LLaVA and BLIP-2 (CLIP-style ViT sizes)
+TINY_VISION = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+def tiny_llama_config(tokenizer, *, max_position_embeddings: int = 4096):
+    """A 1-layer Llama config over ``tokenizer`` (the language model of every tiny VLM/LLM here)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tokenizer(directory: Path, *, image_token_attribute: bool = True):
     """A byte-level BPE tokenizer trained on the fly on our prompt texts, with a chat template.
 
@@ -53,24 +82,12 @@ def build_tokenizer(directory: Path, *, image_token_attribute: bool = True):
 def build_tiny_llama(directory: Path) -> Path:
     """A randomly initialised 1-layer Llama chat LLM saved like a hub checkpoint."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(directory)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    LlamaForCausalLM(tiny_llama_config(tokenizer, max_position_embeddings=2048)).save_pretrained(directory)
     return directory
 
 
@@ -80,7 +97,6 @@ def build_tiny_llava(directory: Path) -> Path:
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -102,27 +118,8 @@ def build_tiny_llava(directory: Path) -> Path:
     processor.save_pretrained(directory)
     torch.manual_seed(0)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=16,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=CLIPVisionConfig(**TINY_VISION, projection_dim=16),
+        text_config=tiny_llama_config(tokenizer),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -172,7 +169,6 @@ def build_tiny_blip2(directory: Path) -> Path:
         Blip2QFormerConfig,
         Blip2VisionConfig,
         BlipImageProcessor,
-        LlamaConfig,
     )
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -186,14 +182,7 @@ def build_tiny_blip2(directory: Path) -> Path:
     processor.save_pretrained(directory)
     torch.manual_seed(0)
     config = Blip2Config(
-        vision_config=Blip2VisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=Blip2VisionConfig(**TINY_VISION),
         qformer_config=Blip2QFormerConfig(
             hidden_size=16,
             num_hidden_layers=1,
@@ -201,18 +190,7 @@ def build_tiny_blip2(directory: Path) -> Path:
             intermediate_size=32,
             encoder_hidden_size=16,
         ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=tiny_llama_config(tokenizer),
         num_query_tokens=4,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
