@@ -311,9 +311,8 @@ def run(config: DetectorConfig, *, resume: str | None = None) -> dict[str, Any]:
     export = Path(config.eval.export_dir or Path(config.trainer.output_dir) / "model")
     if task.dist.is_main:
         model = task._model if task._model is not None else ClothingDetector(config.model)
-        best = Path(config.trainer.output_dir) / "best"
-        if (best / "checkpoint.json").is_file():
-            load_model_weights(model, best)
+        if result.get("best_checkpoint"):  # the trainer's selected weights, when validation ran
+            load_model_weights(model, result["best_checkpoint"])
         model.cpu().save_pretrained(export)
         result = {**result, "model_dir": str(export)}
     return result

@@ -402,9 +402,8 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
     export = Path(config.eval.export_dir or Path(config.trainer.output_dir) / "model")
     if task.dist.is_main:
         model = task._model if task._model is not None else create_dual_stream_model(config.model)
-        best = Path(config.trainer.output_dir) / "best"
-        if (best / "checkpoint.json").is_file():
-            load_dual_stream_weights(model, best)
+        if result.get("best_checkpoint"):  # the trainer's selected weights, when validation ran
+            load_dual_stream_weights(model, result["best_checkpoint"])
         model.save_pretrained(export)
         result = {**result, "model_dir": str(export), **task.caption_join.summary(),
                   "holdout_items": len(task.holdout_items), "selection": "holdout train identities"}  # fmt: skip
