@@ -13,7 +13,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -28,8 +28,10 @@ __all__ = [
     "from_dict",
     "load_config",
     "load_yaml_file",
+    "merge_trees",
     "parse_overrides",
     "save_config",
+    "set_nested",
     "to_dict",
 ]
 
@@ -272,21 +274,30 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
             value = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is both a value and a section")
-        node[parts[-1]] = value
+        set_nested(nested, key.split("."), value, what=f"override {item!r}")
     return nested
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def set_nested(tree: dict[str, Any], path: Sequence[str], value: Any, *, what: str) -> None:
+    """``tree[path[0]]...[path[-1]] = value``, creating the sections on the way.
+
+    Raises:
+        ConfigError: a section on the path already holds a value (``what`` names the source in the message).
+    """
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {part} is both a value and a section")
+    node[path[-1]] = value
+
+
+def merge_trees(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``update``, section by section (a new dict; values of ``update`` win)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -301,11 +312,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
         try:
-            from_dict(cls, _merge(data, loaded))  # validate the file on its own for a precise message
+            from_dict(cls, merge_trees(data, loaded))  # validate the file on its own for a precise message
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: {exc}") from exc
-        data = _merge(data, loaded)
-    data = _merge(data, parse_overrides(overrides))
+        data = merge_trees(data, loaded)
+    data = merge_trees(data, parse_overrides(overrides))
     return from_dict(cls, data)
 
 

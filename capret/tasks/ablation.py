@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from capret.config import ConfigError, from_dict, parse_overrides
+from capret.config import ConfigError, from_dict, merge_trees, parse_overrides, set_nested
 from capret.data.captions import join_captions
 from capret.data.deepfashion2 import gt_box_protocol, load_items
 from capret.inference.baselines import evaluate_baseline, score_items
@@ -98,22 +98,7 @@ def load_variants(path: str | Path) -> list[Variant]:
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _merge_tree(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge_tree(out[key], value) if both else value
-    return out
+    set_nested(tree, key.split("."), value, what=f"override {key!r}")
 
 
 def _training_key(base: dict[str, Any], variant: Variant) -> str:
@@ -318,7 +303,7 @@ def run_ablation(
     base = yaml.safe_load(config.read_text()) or {}
     if base.get("task", "dualstream") != "dualstream":
         raise ConfigError(f"{config}: ablations run task dualstream, not {base.get('task')!r}")
-    base = _merge_tree(base, parse_overrides(overrides))
+    base = merge_trees(base, parse_overrides(overrides))
     chosen = load_variants(variants)
     if only:
         unknown = sorted(set(only) - {v.name for v in chosen})

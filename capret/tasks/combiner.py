@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from capret.config import ConfigError, cfg, to_dict
+from capret.config import ConfigError, cfg, set_nested, to_dict
 from capret.data import create_dataset
 from capret.data.imagefile import check_bad_image_policy, find_bad_images
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
@@ -177,10 +177,7 @@ def upgrade_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
     for key, where in _FLAT_KEYS.items():
         if key not in raw:
             continue
-        node = out
-        for part in where[:-1]:
-            node = node.setdefault(part, {})
-        node[where[-1]] = raw[key]
+        set_nested(out, where, raw[key], what=f"flat config key {key!r}")
     return out
 
 

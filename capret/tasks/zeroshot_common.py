@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from capret.config import cfg, to_dict
+from capret.config import cfg, set_nested, to_dict
 from capret.data.image_sources import ImageSource
 from capret.inference.feature_cache import CachedFeatures, image_features
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
@@ -116,10 +116,7 @@ def upgrade_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
     for key, where in _FLAT_KEYS.items():
         if key not in raw or key in unused:
             continue
-        node = out
-        for part in where[:-1]:
-            node = node.setdefault(part, {})
-        node[where[-1]] = raw[key]
+        set_nested(out, where, raw[key], what=f"flat config key {key!r}")
     return out
 
 
