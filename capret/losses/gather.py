@@ -65,13 +65,21 @@ def all_gather_with_grad(
     """
     if world_size == 1:
         return tensor
+    sizes = _rank_sizes(tensor, rank=rank, world_size=world_size, group=group, sizes=sizes)
+    return _GatherWithGrad.apply(tensor, rank, world_size, group, sizes)
+
+
+def _rank_sizes(
+    tensor: torch.Tensor, *, rank: int, world_size: int, group: Any, sizes: list[int] | None
+) -> list[int]:
+    """Rows per rank: ``sizes`` checked against this rank's tensor, or gathered from every rank when None."""
     if sizes is None:
         sizes = all_gather_sizes(tensor.shape[0], world_size=world_size, device=tensor.device, group=group)
     if len(sizes) != world_size or sizes[rank] != tensor.shape[0]:
         raise ValueError(
             f"sizes {sizes} do not match world_size={world_size} and {tensor.shape[0]} local rows"
         )
-    return _GatherWithGrad.apply(tensor, rank, world_size, group, list(sizes))
+    return list(sizes)
 
 
 def all_gather_no_grad(
@@ -80,12 +88,7 @@ def all_gather_no_grad(
     """Concatenate every rank's rows of a tensor that needs no gradient (identity ids of ITC), in rank order."""
     if world_size == 1:
         return tensor
-    if sizes is None:
-        sizes = all_gather_sizes(tensor.shape[0], world_size=world_size, device=tensor.device, group=group)
-    if len(sizes) != world_size or sizes[rank] != tensor.shape[0]:
-        raise ValueError(
-            f"sizes {sizes} do not match world_size={world_size} and {tensor.shape[0]} local rows"
-        )
+    sizes = _rank_sizes(tensor, rank=rank, world_size=world_size, group=group, sizes=sizes)
     padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world_size)]
