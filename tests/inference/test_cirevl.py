@@ -43,6 +43,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def _cirr_argv(world: dict[str, Path]) -> list[str]:
+    """``capret-eval`` arguments of CIReVL on the tiny CIRR split with the tiny CLIP."""
+    return [
+        "--dataset",
+        "cirr",
+        "--method",
+        "cirevl",
+        "--root",
+        str(world["cirr"]),
+        "--clip",
+        str(world["clip"]),
+    ]
+
+
 def _eval(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     capsys.readouterr()
     code = eval_cli.main([*argv, "--device", "cpu"])
@@ -74,16 +88,7 @@ def test_parse_edited_description() -> None:
 
 
 def test_template_backend_end_to_end_and_cached_rerun(world, tmp_path, capsys) -> None:
-    argv = [
-        "--dataset",
-        "cirr",
-        "--method",
-        "cirevl",
-        "--root",
-        str(world["cirr"]),
-        "--clip",
-        str(world["clip"]),
-    ]
+    argv = _cirr_argv(world)
     first = _eval([*argv, "--captioner", "template", "--out", str(tmp_path / "o")], capsys)
     report = first["report"]["total"]
     assert report["queries"] == 10 and report["fallbacks"] == 0 and report["unparsed"] == 0
@@ -193,16 +198,7 @@ def test_failed_requests_fall_back_and_are_retried(world, tmp_path) -> None:
 
 
 def test_store_of_another_backend_is_refused(world, tmp_path, capsys) -> None:
-    argv = [
-        "--dataset",
-        "cirr",
-        "--method",
-        "cirevl",
-        "--root",
-        str(world["cirr"]),
-        "--clip",
-        str(world["clip"]),
-    ]
+    argv = _cirr_argv(world)
     store = tmp_path / "shared.jsonl"
     _eval(
         [*argv, "--captioner", "template", "--caption-store", str(store), "--out", str(tmp_path / "a")],
@@ -227,7 +223,7 @@ def test_transformers_backend_local_models(world, tmp_path, capsys, monkeypatch)
     from captioning.backends import transformers_backend
 
     llava, llama = build_tiny_llava(tmp_path / "llava"), build_tiny_llama(tmp_path / "llama")
-    argv = ["--dataset", "cirr", "--method", "cirevl", "--root", str(world["cirr"]), "--clip", str(world["clip"]),
+    argv = [*_cirr_argv(world),
             "--captioner", "transformers", "--vlm", str(llava), "--llm", str(llama), "--captioner-dtype", "float32",
             "--out", str(tmp_path / "o")]  # fmt: skip
     first = _eval(argv, capsys)
