@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from capret.data.pixel_stats import hsv_histogram, orientation_histogram
 from capret.io import atomic_write_json
 from capret.registry import Registry
 from captioning.store import beside_store
@@ -98,26 +99,8 @@ def pixel_features(image: Image.Image, box: Box | None) -> np.ndarray:
     left, top, right, bottom = _box_in(image, box)
     tile = image.convert("RGB").crop((left, top, right, bottom))
     tile = tile.resize((_TILE, _TILE), Image.Resampling.BILINEAR)
-    hsv = np.asarray(tile.convert("HSV"), dtype=np.int64)
-    bins = np.array(_HSV_BINS)
-    idx = (hsv * bins[None, None, :]) // 256
-    flat = (idx[..., 0] * bins[1] + idx[..., 1]) * bins[2] + idx[..., 2]
-    colour = np.bincount(flat.ravel(), minlength=int(np.prod(bins))).astype(np.float64)
-    colour = np.sqrt(colour / max(colour.sum(), 1.0))
-    grey = np.asarray(tile.convert("L"), dtype=np.float64) / 255.0
-    gy, gx = np.gradient(grey)
-    magnitude = np.hypot(gx, gy)
-    angle = np.mod(np.arctan2(gy, gx), np.pi)
-    bin_index = np.minimum((angle / np.pi * _ORIENTATION_BINS).astype(np.int64), _ORIENTATION_BINS - 1)
-    half = _TILE // 2
-    cells = []
-    for cy in (0, half):
-        for cx in (0, half):
-            b = bin_index[cy : cy + half, cx : cx + half].ravel()
-            m = magnitude[cy : cy + half, cx : cx + half].ravel()
-            cells.append(np.bincount(b, weights=m, minlength=_ORIENTATION_BINS))
-    texture = np.concatenate(cells)
-    texture = np.sqrt(texture / max(texture.sum(), 1e-12))
+    colour = np.sqrt(hsv_histogram(tile, _HSV_BINS))
+    texture = np.sqrt(orientation_histogram(tile, _ORIENTATION_BINS))
     width, height = float(image.width), float(image.height)
     bw, bh = float(right - left), float(bottom - top)
     geometry = np.array(

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from capret.data.pixel_stats import hsv_histogram, orientation_histogram
 from capret.quickstart import QuickstartContext
 
 __all__ = ["baseline_descriptor", "run", "HSV_BINS", "ORIENTATION_BINS", "TILE"]
@@ -34,32 +35,6 @@ TILE = 64
 TEXTURE_WEIGHT = 0.7
 
 
-def _colour_histogram(image: Image.Image) -> np.ndarray:
-    hsv = np.asarray(image.convert("HSV"), dtype=np.int64)
-    bins = np.array(HSV_BINS)
-    idx = (hsv * bins[None, None, :]) // 256
-    flat = (idx[..., 0] * bins[1] + idx[..., 1]) * bins[2] + idx[..., 2]
-    hist = np.bincount(flat.ravel(), minlength=int(np.prod(bins))).astype(np.float64)
-    return hist / max(hist.sum(), 1.0)
-
-
-def _orientation_histogram(image: Image.Image) -> np.ndarray:
-    grey = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
-    gy, gx = np.gradient(grey)
-    magnitude = np.hypot(gx, gy)
-    angle = np.mod(np.arctan2(gy, gx), np.pi)  # unsigned: a stripe and its mirror are the same texture
-    bin_index = np.minimum((angle / np.pi * ORIENTATION_BINS).astype(np.int64), ORIENTATION_BINS - 1)
-    half = TILE // 2
-    cells = []
-    for cy in (0, half):
-        for cx in (0, half):
-            b = bin_index[cy : cy + half, cx : cx + half].ravel()
-            m = magnitude[cy : cy + half, cx : cx + half].ravel()
-            cells.append(np.bincount(b, weights=m, minlength=ORIENTATION_BINS))
-    hist = np.concatenate(cells)
-    return hist / max(hist.sum(), 1e-12)
-
-
 def baseline_descriptor(images: Sequence[Image.Image]) -> np.ndarray:
     """``[N, 160]`` float32 L2-normalised colour + texture descriptors of item crops (see the module docstring).
 
@@ -68,8 +43,8 @@ def baseline_descriptor(images: Sequence[Image.Image]) -> np.ndarray:
     rows = []
     for image in images:
         tile = image.convert("RGB").resize((TILE, TILE), Image.Resampling.BILINEAR)
-        colour = np.sqrt(_colour_histogram(tile))
-        texture = np.sqrt(_orientation_histogram(tile)) * TEXTURE_WEIGHT
+        colour = np.sqrt(hsv_histogram(tile, HSV_BINS))
+        texture = np.sqrt(orientation_histogram(tile, ORIENTATION_BINS)) * TEXTURE_WEIGHT
         vec = np.concatenate([colour, texture])
         rows.append(vec / max(np.linalg.norm(vec), 1e-12))
     dim = int(np.prod(HSV_BINS)) + 4 * ORIENTATION_BINS
