@@ -137,7 +137,9 @@ def read_checkpoint_tensors(path: str | Path) -> dict[str, Tensor]:
     try:
         data: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle with code objects, or not a torch file
-        raise CheckpointError(f"{path}: not loadable with weights_only=True ({exc})", path=path) from exc
+        raise CheckpointError(
+            f"{path}: not loadable with weights_only=True ({type(exc).__name__}: {exc})", path=path
+        ) from exc
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]
     if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
