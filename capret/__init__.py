@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Match", "RetrievalPipeline", "__version__", "load_model"]
 
-_LAZY = {"RetrievalPipeline": "capret.inference.pipeline", "Match": "capret.inference.pipeline"}
+_LAZY = {"RetrievalPipeline": "capret.inference.query.pipeline", "Match": "capret.inference.query.pipeline"}
 
 
 def __getattr__(name: str) -> Any:
@@ -35,7 +35,7 @@ def __getattr__(name: str) -> Any:
 
 
 def load_model(path: Any, *, device: Any = None) -> Any:
-    """Load a trained capret model folder for feature extraction (see :func:`capret.inference.dualstream.load_model`)."""
-    from capret.inference.dualstream import load_model as _load_model
+    """Load a trained capret model folder for feature extraction (see :func:`capret.inference.dualstream.encoding.load_model`)."""
+    from capret.inference.dualstream.encoding import load_model as _load_model
 
     return _load_model(path, device=device)

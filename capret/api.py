@@ -5,9 +5,9 @@ Everything here is a re-export; the code lives in :mod:`capret.inference`.
 
 from __future__ import annotations
 
-from capret.inference.detection import Detection, Detector, create_detector
-from capret.inference.detector import load_detector
-from capret.inference.dualstream import (
+from capret.inference.cir.combiner import load_cir_model
+from capret.inference.detectors import Detection, Detector, create_detector, load_detector
+from capret.inference.dualstream.encoding import (
     ItemRetrieval,
     RetrievalModel,
     encode_items,
@@ -16,9 +16,8 @@ from capret.inference.dualstream import (
     load_dual_stream_weights,
     load_model,
 )
-from capret.inference.gallery import Gallery, build_gallery, finish_gallery
-from capret.inference.loading import load_cir_model
-from capret.inference.pipeline import Match, PipelineConfig, RetrievalPipeline, SearchResult
+from capret.inference.query.gallery import Gallery, build_gallery, finish_gallery
+from capret.inference.query.pipeline import Match, PipelineConfig, RetrievalPipeline, SearchResult
 
 __all__ = [
     "Detection",

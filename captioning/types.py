@@ -55,7 +55,7 @@ class ChatRequest:
     """One prompt for the text-only LLM.
 
     ``kind`` says which step asked: a new question or the final summary of the dialogue, or ``edit`` (the
-    caption-then-rewrite CIR pipeline, :mod:`capret.inference.cirevl`: ``dialogue`` is then the image
+    caption-then-rewrite CIR pipeline, :mod:`capret.inference.cir.cirevl`: ``dialogue`` is then the image
     description and the requested modification, ``(QA(description question, description), QA(instruction,
     modification))``). Real backends only read ``messages``.
     """

@@ -8,7 +8,7 @@ Embeds images with a trained dual-stream model and writes sharded features::
 
 Shards are written aside and published with one atomic manifest rename, so a killed run leaves the previous
 complete run readable; stale shards are removed; a folder holding another model's features is refused without
-``--overwrite``. Read it with ``capret.inference.extract.read_extraction``.
+``--overwrite``. Read it with ``capret.inference.dualstream.extract.read_extraction``.
 
 ``--images`` is a folder (every .jpg/.jpeg/.png/.webp/.bmp below it, sorted; the id is the path relative to the
 folder without extension) or a text file with one image path per line, optionally followed by a tab and an id.
@@ -36,7 +36,7 @@ _MODEL_MARKERS = ("capret_model.json", "checkpoint.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from capret.inference.dualstream import PRECISIONS
+    from capret.inference.dualstream.encoding import PRECISIONS
 
     p = argparse.ArgumentParser(
         prog="capret-extract",
@@ -112,8 +112,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from capret.data.caption_records import read_captions
     from capret.data.imagefile import check_bad_image_policy
     from capret.errors import CaptionStoreMismatchError
-    from capret.inference.dualstream import load_model
-    from capret.inference.extract import (
+    from capret.inference.dualstream.encoding import load_model
+    from capret.inference.dualstream.extract import (
         ExtractionWriter,
         check_output_folder,
         folder_fingerprint,

@@ -75,7 +75,7 @@ def _options(pairs: list[str], what: str) -> dict[str, Any]:
 
 def make_detector(name: str | None, detections: Path | None, options: dict[str, Any]) -> Any:
     """The detector named on a command line: ``--detections`` (COCO results), ``--detector NAME`` or None."""
-    from capret.inference.detection import create_detector
+    from capret.inference.detectors import create_detector
 
     if detections is not None and name is not None:
         raise ConfigError("give either --detector or --detections, not both")
@@ -87,9 +87,9 @@ def make_detector(name: str | None, detections: Path | None, options: dict[str, 
 def _build(args: argparse.Namespace) -> dict[str, Any]:
     from capret.cli.extract import list_images
     from capret.engine.distributed import barrier, cleanup_distributed, init_distributed
-    from capret.inference.captioner import Captioner, CaptionerSettings
-    from capret.inference.dualstream import load_model
-    from capret.inference.gallery import build_gallery, clear_gallery, finish_gallery
+    from capret.inference.dualstream.encoding import load_model
+    from capret.inference.query.captioner import Captioner, CaptionerSettings
+    from capret.inference.query.gallery import build_gallery, clear_gallery, finish_gallery
 
     if args.shard_images < 1 or args.batch_size < 1:
         raise ConfigError(

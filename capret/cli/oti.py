@@ -21,7 +21,7 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from capret.inference.oti import OTIConfig
+    from capret.inference.cir.oti import OTIConfig
 
     parser = subparsers.add_parser(
         "oti",
@@ -71,7 +71,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _phrases(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from capret.errors import CapretError
-    from capret.inference.concepts import PhraseBank, generate_phrases, load_concepts
+    from capret.inference.cir.concepts import PhraseBank, generate_phrases, load_concepts
 
     if args.phrases is not None:
         return PhraseBank.load(args.phrases), {"phrases": str(args.phrases)}
@@ -102,7 +102,7 @@ def _phrases(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     from capret.console import print_json
     from capret.data.image_sources import open_image_source
-    from capret.inference.oti import OTIConfig, run_oti
+    from capret.inference.cir.oti import OTIConfig, run_oti
     from capret.io import default_device
     from capret.models.clip import load_clip
 

@@ -77,7 +77,7 @@ def _picture(out: Path, *, query: tuple[str, Any], matches: list[Any], title: st
 
 
 def _search(args: argparse.Namespace) -> int:
-    from capret.inference.pipeline import RetrievalPipeline
+    from capret.inference.query.pipeline import RetrievalPipeline
 
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")

@@ -65,7 +65,7 @@ def _pipeline_from_gallery(args: argparse.Namespace) -> Path:
 
     from capret.cli.main import main as capret_main
     from capret.config import ConfigError
-    from capret.inference.pipeline import PipelineConfig
+    from capret.inference.query.pipeline import PipelineConfig
 
     if args.gallery is None:
         raise ConfigError("--checkpoint needs --gallery DIR (the shop photos to search)")

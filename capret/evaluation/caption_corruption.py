@@ -9,7 +9,7 @@ each applied to a chosen ``rate`` of the captioned items (the same items for eve
 * ``replace`` - every attribute word of the chosen captions (colour, garment, pattern, sleeve/length words)
   is swapped for a different word of the same kind: the right garment described with wrong attributes.
 
-Pure functions of the captions and a seed; :func:`capret.inference.robustness.caption_corruption_sweep`
+Pure functions of the captions and a seed; :func:`capret.inference.dualstream.robustness.caption_corruption_sweep`
 re-embeds and scores the split for each (mode, rate).
 """
 

@@ -1,11 +1,14 @@
-"""Inference: loading trained models of every task, embedding items and images, CIR search, feature caches.
+"""Inference, one folder per job. Every module here reads exported model folders, never task configs.
 
-- :mod:`.dualstream`: ``load_model`` -> :class:`~.dualstream.RetrievalModel`, ``encode_items``,
-  ``evaluate_items`` (the ground-truth-box protocol on a DeepFashion2-layout split);
-- :mod:`.loading`: ``load_cir_model`` (Combiner checkpoints);
-- :mod:`.cir`: composed queries, gallery search and reranking for FashionIQ / CIRR / CIRCO;
-- :mod:`.feature_cache`: safetensors caches of CLIP features keyed by model, preprocessing and names;
-- :mod:`.cir_registry` / :mod:`.cir_methods`: every CIR method behind one interface (``create_cir_method``),
-  the shortcut baselines and ``search_methods``; :mod:`.zeroshot_methods` (SEARLE, SEARLE-OTI, Pic2Word,
-  LinCIR) and :mod:`.cirevl` (caption-then-rewrite, cached in a caption store) register into it.
+- :mod:`.query`: the photo-to-shop-list path — :mod:`.query.pipeline` (detector -> captioner -> model -> index ->
+  reranker), :mod:`.query.gallery` (an embedded shop gallery), :mod:`.query.captioner` (captions at query time);
+- :mod:`.cir`: composed image retrieval — :mod:`.cir.search` (composed queries, gallery search, reranking),
+  :mod:`.cir.registry` / :mod:`.cir.methods` (every method behind one interface and the shortcut baselines),
+  :mod:`.cir.inversion` / :mod:`.cir.inversion_methods` (SEARLE, SEARLE-OTI, Pic2Word, LinCIR),
+  :mod:`.cir.oti` and :mod:`.cir.concepts` (optimisation-based inversion), :mod:`.cir.cirevl`
+  (caption-then-rewrite), :mod:`.cir.combiner` (Combiner checkpoints), :mod:`.cir.features` (feature caches);
+- :mod:`.dualstream`: the dual-stream retrieval model — :mod:`.dualstream.encoding` (``load_model``,
+  ``encode_items``, ``evaluate_items``), the DeepFashion2 protocols (:mod:`.dualstream.detected`,
+  :mod:`.dualstream.robustness`), :mod:`.dualstream.baselines` and :mod:`.dualstream.extract`;
+- :mod:`.detectors`: the detector protocol, the model-free detectors and the trained clothing detector.
 """

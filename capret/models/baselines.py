@@ -2,7 +2,7 @@
 
 Every baseline maps preprocessed item crops to L2-normalised global descriptors (``encode(pixels)``) and says
 how to preprocess (``data_config``), so the same ground-truth-box protocol scores all of them
-(:mod:`capret.inference.baselines`). All load real pretrained weights with the ecosystem's own calls
+(:mod:`capret.inference.dualstream.baselines`). All load real pretrained weights with the ecosystem's own calls
 (``timm.create_model(name, pretrained=True)``, ``CLIPModel.from_pretrained``); tests build them randomly
 initialised.
 
@@ -19,7 +19,7 @@ initialised.
 * ``clip`` — zero-shot CLIP image embeddings (Radford et al., 2021), through :func:`capret.models.clip.load_clip`.
 
 Late fusion of image and caption similarities is a scoring rule over a baseline and a text encoder, not a
-descriptor, and lives in :mod:`capret.inference.baselines`.
+descriptor, and lives in :mod:`capret.inference.dualstream.baselines`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ small images, trained by the ``detector`` task with the shared trainer for a tim
 or :data:`DEFAULT_TRAIN_SECONDS`), then scored with pycocotools on the first :data:`VAL_IMAGES` validation images.
 The whole stage (COCO export, training, validation, export) is meant to fit in about a minute on 2 CPUs.
 
-Artefacts: the detector folder ``ctx.out_dir / "detector"`` (loads with :func:`capret.inference.detector.
+Artefacts: the detector folder ``ctx.out_dir / "detector"`` (loads with :func:`capret.inference.detectors.
 load_detector`), the run ``ctx.out_dir / "detector_run"``, and ``ctx.state["detector"]`` (the folder's path).
 """
 

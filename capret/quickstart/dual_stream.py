@@ -186,7 +186,7 @@ def _train_and_evaluate(
     from capret.data.deepfashion2 import image_path
     from capret.engine.trainer import seed_everything
     from capret.evaluation.category_filter import category_filtered_metrics
-    from capret.inference.dualstream import evaluate_items, load_model
+    from capret.inference.dualstream.encoding import evaluate_items, load_model
     from capret.models.dual_stream import DualStreamModel
     from capret.tasks.dualstream import run as train_task
 

@@ -69,11 +69,11 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
 
 def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
     from capret.data.deepfashion2 import gt_box_protocol, image_path, load_items
-    from capret.inference.captioner import Captioner
-    from capret.inference.detection import CocoResultsDetector
-    from capret.inference.dualstream import load_model
-    from capret.inference.gallery import build_gallery, finish_gallery
-    from capret.inference.pipeline import PipelineConfig, RetrievalPipeline
+    from capret.inference.detectors import CocoResultsDetector
+    from capret.inference.dualstream.encoding import load_model
+    from capret.inference.query.captioner import Captioner
+    from capret.inference.query.gallery import build_gallery, finish_gallery
+    from capret.inference.query.pipeline import PipelineConfig, RetrievalPipeline
     from captioning.backends import create_backend
 
     model_dir = _model_dir(ctx)

@@ -1,7 +1,7 @@
 """What ``capret serve`` searches with: one image-to-image backend and optional composed-query backends.
 
 The web app (:mod:`capret.serve.app`) talks only to :class:`ServeBackend`, which wraps a
-:class:`~capret.inference.pipeline.RetrievalPipeline` (detector -> captioner -> dual-stream model -> gallery index
+:class:`~capret.inference.query.pipeline.RetrievalPipeline` (detector -> captioner -> dual-stream model -> gallery index
 -> reranker) and a list of :class:`ComposedMethod` objects. Every gallery item is addressed by its id; the file
 path behind an id is looked up here and never comes from a client.
 
@@ -100,7 +100,7 @@ class CombinerMethod:
     def __init__(
         self, checkpoint: str | Path, entries: Sequence[GalleryEntry], *, device: str | None = None
     ) -> None:
-        from capret.inference.loading import load_cir_model
+        from capret.inference.cir.combiner import load_cir_model
         from capret.io import default_device
 
         self.device = default_device(device)
@@ -117,7 +117,7 @@ class CombinerMethod:
     def search(
         self, reference: Image.Image, box: Box | None, text: str, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        from capret.inference.cir import compose_queries
+        from capret.inference.cir.search import compose_queries
 
         with torch.inference_mode():
             image = self._image_features(crop_box(reference, box))
@@ -157,7 +157,7 @@ class ServeBackend:
     def from_pipeline_dir(
         cls, directory: str | Path, *, combiner: str | Path | None = None, device: str | None = None
     ) -> ServeBackend:
-        from capret.inference.pipeline import RetrievalPipeline
+        from capret.inference.query.pipeline import RetrievalPipeline
 
         pipeline = RetrievalPipeline.load(directory, device=device)
         backend = cls(pipeline)

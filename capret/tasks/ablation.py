@@ -16,7 +16,7 @@ Variants with the same training config (a model scored with and without the cate
 per seed (``DIR/train/<config hash>/seed<n>``). Each run ``(variant, seed)`` writes ``DIR/runs/<variant>/seed<seed>/result.json`` atomically when it is done;
 a rerun skips every run whose result exists (resumable), so an interrupted ablation loses at most the run in
 progress. Every variant is scored by the same protocol (ground-truth boxes on the base config's validation
-split, :func:`capret.inference.baselines.score_items`): mAP, R@k and the official DeepFashion2 top-k, plus the box
+split, :func:`capret.inference.dualstream.baselines.score_items`): mAP, R@k and the official DeepFashion2 top-k, plus the box
 head's grounding quality for dual-stream runs with captions. ``DIR/ablation.json`` and ``DIR/ablation.md`` hold
 mean +- std over seeds, ``DIR/ablation.png`` the bar chart.
 """
@@ -37,8 +37,8 @@ import yaml
 from capret.config import ConfigError, from_dict, merge_trees, parse_overrides, set_nested
 from capret.data.captions import join_captions
 from capret.data.deepfashion2 import gt_box_protocol, load_items
-from capret.inference.baselines import evaluate_baseline, score_items
-from capret.inference.dualstream import box_quality, encode_items, load_model, predict_item_boxes
+from capret.inference.dualstream.baselines import evaluate_baseline, score_items
+from capret.inference.dualstream.encoding import box_quality, encode_items, load_model, predict_item_boxes
 from capret.io import atomic_write_json, atomic_write_text
 
 __all__ = ["TABLE_METRICS", "Variant", "load_variants", "run_ablation", "summarise"]

@@ -4,7 +4,7 @@
   tower) with the batch-based classification loss: query ``i`` = ``normalize(img_i + txt_i)`` must pick
   target ``i`` among the batch's targets, logits ``100 · query @ normalize(targets).T``; AdamW, lr 2e-6.
 * **Stage 2** freezes CLIP and trains the Combiner with the same loss; Adam, lr 2e-5. Since CLIP is frozen,
-  every image (and caption) feature is computed once into a feature cache (:mod:`capret.inference.feature_cache`)
+  every image (and caption) feature is computed once into a feature cache (:mod:`capret.inference.cir.features`)
   and each epoch is a few small MLP steps. Stage 2 starts from the stage-1 weights (``model.stage1_checkpoint``).
   Stage 1 with the image tower frozen (the default) caches image features the same way.
 
@@ -33,8 +33,8 @@ from capret.config import ConfigError, cfg, set_nested, to_dict
 from capret.data import create_dataset
 from capret.data.imagefile import check_bad_image_policy, find_bad_images
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
-from capret.inference.cir import FeatureOptions, cirr_rankings, fashioniq_rankings
-from capret.inference.feature_cache import CachedFeatures, image_features, text_features
+from capret.inference.cir.features import CachedFeatures, image_features, text_features
+from capret.inference.cir.search import FeatureOptions, cirr_rankings, fashioniq_rankings
 from capret.io import atomic_write_json
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
 from capret.models.combiner import LOGIT_SCALE, batch_classification_loss, create_combiner

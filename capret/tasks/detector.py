@@ -34,7 +34,7 @@ from capret.config import cfg, to_dict
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
 from capret.errors import BadImageError, DataError
-from capret.inference.detector import pil_to_tensor, predict_coco
+from capret.inference.detectors import pil_to_tensor, predict_coco
 from capret.io import atomic_write_json
 from capret.models.detector import ClothingDetector, DetectorModelConfig
 from capret.tasks.registry import register_task

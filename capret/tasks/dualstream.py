@@ -50,7 +50,7 @@ from capret.data.items import (
 )
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
-from capret.inference.dualstream import (
+from capret.inference.dualstream.encoding import (
     box_quality,
     evaluate_items,
     item_transform,

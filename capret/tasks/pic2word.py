@@ -4,7 +4,7 @@ IM2TEXT maps a frozen CLIP image feature to a pseudo-word token ``*``. Trained o
 feature of ``"a photo of *"`` with ``*`` = IM2TEXT(image feature) must retrieve its own image among the batch and
 vice versa — the symmetric image-text contrastive loss of CLIP with CLIP's own (frozen) logit scale. The paper
 trains on Conceptual Captions images with AdamW lr 1e-4, weight decay 0.1, batch 128. Inference prompt:
-``"a photo of * , {caption}"`` (:func:`capret.inference.zeroshot.pic2word_query_features`).
+``"a photo of * , {caption}"`` (:func:`capret.inference.cir.inversion.pic2word_query_features`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ must keep the phrase's text feature; cosine loss). SEARLE's code weighs them 1 a
 weight decay 0.01, batch 256.
 
 CLIP stays frozen and image features are computed once (feature cache), so a step is a small MLP forward plus
-one text-encoder pass for the regulariser. Inference: :func:`capret.inference.zeroshot.searle_query_features`.
+one text-encoder pass for the regulariser. Inference: :func:`capret.inference.cir.inversion.searle_query_features`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch import nn
 from capret.config import ConfigError, cfg
 from capret.data.image_sources import open_image_source
 from capret.engine.trainer import TrainerConfig, train
-from capret.inference.concepts import PhraseBank, concept_features, top_concepts
-from capret.inference.oti import TokenStore
+from capret.inference.cir.concepts import PhraseBank, concept_features, top_concepts
+from capret.inference.cir.oti import TokenStore
 from capret.losses.distillation import nt_xent_loss
 from capret.tasks.registry import register_task
 from capret.tasks.zeroshot_common import (

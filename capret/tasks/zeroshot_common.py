@@ -2,9 +2,9 @@
 
 Each trains only a small mapping network on top of a *frozen* CLIP, so: the CLIP is loaded once and follows the
 mapper to the trainer's device; image features of an unlabeled image collection are computed once through the
-feature cache (:mod:`capret.inference.feature_cache`); batches are index lists that depend only on
+feature cache (:mod:`capret.inference.cir.features`); batches are index lists that depend only on
 ``(rank, world_size, epoch, seed)`` (the trainer's resume contract); and the checkpoint sidecar records the
-mapper's family and sizes so :func:`capret.inference.zeroshot.load_zeroshot_model` rebuilds it from the
+mapper's family and sizes so :func:`capret.inference.cir.inversion.load_zeroshot_model` rebuilds it from the
 folder alone.
 
 Their configs have the shape of every task: ``data`` (what is trained on, batch size, feature cache), ``model``
@@ -25,7 +25,7 @@ from torch import nn
 
 from capret.config import cfg, set_nested, to_dict
 from capret.data.image_sources import ImageSource
-from capret.inference.feature_cache import CachedFeatures, image_features
+from capret.inference.cir.features import CachedFeatures, image_features
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
     "upgrade_config_dict",
 ]
 
-#: the ``capret-train`` tasks whose checkpoints :func:`capret.inference.zeroshot.load_zeroshot_model` reads
+#: the ``capret-train`` tasks whose checkpoints :func:`capret.inference.cir.inversion.load_zeroshot_model` reads
 ZEROSHOT_TASKS = ("phi", "pic2word", "lincir")
 
 

@@ -1,7 +1,7 @@
 """CIReVL's model steps against a loopback chat-completions server: first run vs cached rerun.
 
 ``--queries`` CIR queries over ``--references`` reference images (several queries share a reference, as in
-CIRR/FashionIQ) go through :func:`capret.inference.cirevl.edited_descriptions`: one description request per
+CIRR/FashionIQ) go through :func:`capret.inference.cir.cirevl.edited_descriptions`: one description request per
 unique reference and one rewrite request per unique (reference, caption), each taking ``--latency`` seconds on
 the server, ``--concurrency`` in flight. The rerun reads everything from the caption store. Prints ONE JSON
 object; the target is zero requests and well under a second for the rerun.
@@ -25,7 +25,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from PIL import Image  # noqa: E402
 
-from capret.inference.cirevl import CirevlOptions, edited_descriptions  # noqa: E402
+from capret.inference.cir.cirevl import CirevlOptions, edited_descriptions  # noqa: E402
 from capret.testing import ChatServer, reply_for  # noqa: E402
 from captioning.backends import create_backend  # noqa: E402
 

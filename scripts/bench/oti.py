@@ -1,6 +1,6 @@
 """Benchmark: OTI throughput (images/s) batched vs one image at a time.
 
-SEARLE's OTI optimises one pseudo-token per image for 350 steps; :func:`capret.inference.oti.run_oti` optimises
+SEARLE's OTI optimises one pseudo-token per image for 350 steps; :func:`capret.inference.cir.oti.run_oti` optimises
 a whole batch of images at once (the sum of per-image losses keeps every image's trajectory its own, so
 batching changes speed, not results). This script builds an open_clip model with random weights (no download;
 speed does not depend on the weights; default ViT-B-32, SEARLE's smaller backbone), writes placeholder
@@ -44,8 +44,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from capret.inference.concepts import PhraseBank
-    from capret.inference.oti import OTIConfig, TokenStore, run_oti
+    from capret.inference.cir.concepts import PhraseBank
+    from capret.inference.cir.oti import OTIConfig, TokenStore, run_oti
     from capret.models.clip import load_clip
 
     scratch = tempfile.TemporaryDirectory()

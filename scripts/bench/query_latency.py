@@ -36,8 +36,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from capret.inference.captioner import Captioner  # noqa: E402
-from capret.inference.pipeline import STAGES, RetrievalPipeline  # noqa: E402
+from capret.inference.query.captioner import Captioner  # noqa: E402
+from capret.inference.query.pipeline import STAGES, RetrievalPipeline  # noqa: E402
 from capret.retrieval.rerank import create_reranker  # noqa: E402
 from captioning.backends import create_backend  # noqa: E402
 from captioning.loop import LoopConfig  # noqa: E402

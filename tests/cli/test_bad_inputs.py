@@ -359,7 +359,7 @@ def test_skip_policy_in_training_batches_and_evaluation(tmp_path: Path, model_di
     from capret.data.deepfashion2 import load_items
     from capret.data.items import ItemCollator, ItemDataset, identity_labels
     from capret.errors import BadImageError
-    from capret.inference.dualstream import evaluate_items, item_transform
+    from capret.inference.dualstream.encoding import evaluate_items, item_transform
 
     root = tmp_path / "df2"
     write_synthetic_df2(root, identities={"validation": 3}, size=48)
@@ -419,7 +419,7 @@ def test_train_on_bad_annotations_and_wrong_split_captions(
 
 def test_eval_checkpoint_flags_reach_the_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """``capret-eval map --checkpoint`` passes --on-bad-image and --min-caption-coverage to evaluate_items."""
-    import capret.inference.dualstream as dualstream
+    import capret.inference.dualstream.encoding as dualstream
     from capret.cli.eval import main as eval_main
 
     seen: dict[str, object] = {}

@@ -46,7 +46,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, shop: Path) -> Path:
-    from capret.inference.pipeline import PipelineConfig
+    from capret.inference.query.pipeline import PipelineConfig
 
     root = tmp_path_factory.mktemp("pipe")
     argv = [
@@ -161,7 +161,7 @@ def test_index_build_refuses_a_folder_of_another_model(
 ) -> None:
     import shutil
 
-    from capret.inference.gallery import Gallery
+    from capret.inference.query.gallery import Gallery
 
     other = tmp_path / "other_model"
     shutil.copytree(model_dir, other)  # same architecture and width: only the recorded model differs

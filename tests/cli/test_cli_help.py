@@ -74,7 +74,7 @@ def test_protocol_mode_rejects_rerank(tmp_path, capsys: pytest.CaptureFixture[st
 def test_choice_lists_follow_the_registries(monkeypatch: pytest.MonkeyPatch) -> None:
     """A newly registered task / caption backend / caption source / precision shows up in the CLIs."""
     from capret.cli import extract, train
-    from capret.inference import dualstream
+    from capret.inference.dualstream import encoding as dualstream
     from capret.tasks.registry import _TASKS
     from captioning import cli as caption_cli
     from captioning.backends import base as backends

@@ -9,7 +9,7 @@ from PIL import Image
 from tiny_text import save_tiny_dual_stream
 
 from capret.cli.main import main
-from capret.inference.pipeline import PipelineConfig
+from capret.inference.query.pipeline import PipelineConfig
 
 
 def write_shop_photos(folder: Path, *, count: int = 9, seed: int = 0) -> Path:

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tiny_cir import make_tiny_clip, write_image  # noqa: E402
 
-from capret.inference import feature_cache  # noqa: E402
+from capret.inference.cir import features as feature_cache  # noqa: E402
 from capret.models.clip import load_clip, weights_fingerprint  # noqa: E402
 from capret.models.combiner import (  # noqa: E402
     Combiner,
@@ -163,7 +163,7 @@ def test_cirr_rankings_match_the_full_ranking(tiny_clip_dir, tmp_path):
 
     from capret.data.cirr import CIRR
     from capret.evaluation.cir import cirr_subset_ranking
-    from capret.inference.cir import FeatureOptions, cirr_rankings, rank_cir_queries
+    from capret.inference.cir.search import FeatureOptions, cirr_rankings, rank_cir_queries
 
     torch.manual_seed(0)
     ds = CIRR(write_cirr(tmp_path / "cirr", n=6, extra=10), "val")

@@ -72,7 +72,7 @@ def test_detector_stage_trains_and_saves_a_loadable_detector(
 
     from tiny_text import write_synthetic_df2
 
-    from capret.inference.detector import load_detector
+    from capret.inference.detectors import load_detector
     from capret.quickstart import QuickstartContext
     from capret.quickstart import detector as stage
 

@@ -212,7 +212,7 @@ def test_combiner_method_matches_a_direct_computation(backend: ServeBackend, tmp
     from tiny_cir import make_tiny_clip, write_cirr
 
     from capret.cli import train as train_cli
-    from capret.inference.loading import load_cir_model
+    from capret.inference.cir.combiner import load_cir_model
     from capret.serve.backends import CombinerMethod, crop_box
 
     clip_dir = make_tiny_clip(tmp_path / "clip")

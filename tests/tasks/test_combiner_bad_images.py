@@ -31,7 +31,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_image_features_name_the_unreadable_file(world: dict[str, Path]) -> None:
-    from capret.inference.feature_cache import image_features
+    from capret.inference.cir.features import image_features
     from capret.models.clip import load_clip
 
     clip = load_clip(str(world["clip"]))

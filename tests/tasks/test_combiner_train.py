@@ -111,7 +111,7 @@ def test_both_stages_lower_the_loss(cirr_runs):
 
 def test_stage2_starts_from_stage1_weights(cirr_runs):
     from capret.engine.checkpoint import load_model_weights
-    from capret.inference.loading import load_cir_model
+    from capret.inference.cir.combiner import load_cir_model
     from capret.models.clip import load_clip
 
     out = cirr_runs["out"]
@@ -126,7 +126,7 @@ def test_stage2_starts_from_stage1_weights(cirr_runs):
 
 def test_sidecar_of_the_flat_pre_sections_config_still_loads(cirr_runs, tmp_path):
     """Checkpoints written when the combiner config was flat (``root``, ``clip``, ...) load to the same model."""
-    from capret.inference.loading import load_cir_model
+    from capret.inference.cir.combiner import load_cir_model
 
     best = cirr_runs["out"] / "stage2" / "best"
     old = tmp_path / "old_best"

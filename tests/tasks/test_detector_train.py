@@ -16,8 +16,7 @@ from tiny_text import write_synthetic_df2
 from capret.cli.train import main
 from capret.config import from_dict, load_config, to_dict
 from capret.evaluation.detection import coco_detection_ap
-from capret.inference.detection import Detection, create_detector
-from capret.inference.detector import load_detector
+from capret.inference.detectors import Detection, create_detector, load_detector
 from capret.tasks.detector import CocoDetectionDataset, DetectorConfig, FlipBatchSampler, load_coco_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,13 +23,13 @@ from capret.cli import main as capret_cli
 from capret.cli import train as train_cli
 from capret.config import from_dict
 from capret.data.image_sources import open_image_source
-from capret.inference.feature_cache import encode_images
-from capret.inference.oti import TokenStore
-from capret.inference.zeroshot import (
+from capret.inference.cir.features import encode_images
+from capret.inference.cir.inversion import (
     fashioniq_caption_variants,
     load_zeroshot_model,
     searle_oti_query_features,
 )
+from capret.inference.cir.oti import TokenStore
 from capret.io import resolve_model_folder
 from capret.tasks.lincir import LinCIRTaskConfig
 from capret.tasks.pic2word import Pic2WordTaskConfig

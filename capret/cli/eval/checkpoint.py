@@ -8,7 +8,7 @@ the ranking in the official DeepFashion2 submission format (``results.json``), s
 evaluator (``official_top{k}``; with ground-truth boxes it must equal R@k). ``caption_source`` counts the
 store's records by how they were made (``pixels`` or ``oracle-attributes``). ``--corrupt-captions shuffle drop
 replace --corrupt-rates 0 0.25 0.5 1`` adds ``caption_corruption``: the metrics per corruption mode and rate
-(:func:`capret.inference.robustness.caption_corruption_sweep`).
+(:func:`capret.inference.dualstream.robustness.caption_corruption_sweep`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _box_metrics(
 ) -> dict[str, float]:
     """Grounding quality of the text-conditioned box head on the captioned query and gallery items."""
     from capret.data.captions import join_captions
-    from capret.inference.dualstream import box_quality, predict_item_boxes
+    from capret.inference.dualstream.encoding import box_quality, predict_item_boxes
 
     items = [*result.query_items, *result.gallery_items]
     pred, target = predict_item_boxes(
@@ -78,8 +78,8 @@ def _box_metrics(
 
 def run(args: MapEvalConfig) -> dict[str, Any]:
     from capret.data.caption_records import caption_sources
-    from capret.inference.dualstream import evaluate_items, load_model
-    from capret.inference.robustness import caption_corruption_sweep
+    from capret.inference.dualstream.encoding import evaluate_items, load_model
+    from capret.inference.dualstream.robustness import caption_corruption_sweep
 
     if args.dataset is None:
         raise ConfigError("--checkpoint evaluation needs --dataset deepfashion2|demo (DeepFashion2 layout)")

@@ -1,7 +1,7 @@
 """``capret-eval cir --dataset fashioniq|cirr|circo --method METHOD --root DIR --split val|test``.
 
 Evaluates one composed-retrieval method (``--method``, default ``combiner``; the names come from
-:mod:`capret.inference.cir_registry`) with each benchmark's official protocol. ``combiner`` reads a trained
+:mod:`capret.inference.cir.registry`) with each benchmark's official protocol. ``combiner`` reads a trained
 ``--checkpoint`` (stage 1: fine-tuned CLIP + element-wise sum; stage 2: Combiner on the CLIP its sidecar
 names); every other method runs on ``--clip NAME`` (``--clip-backend hf|open_clip``, ``--clip-pretrained TAG``),
 with ``--mapper CKPT`` for the textual-inversion methods and ``--captioner ...`` for ``cirevl``.
@@ -43,16 +43,7 @@ from capret.cli.eval.cir_config import CirEvalConfig
 from capret.cli.eval.common import require
 from capret.config import ConfigError
 from capret.errors import DataError
-from capret.inference.cir import (
-    TOP_K,
-    CIRRanking,
-    FeatureOptions,
-    circo_ids,
-    cirr_with_members,
-    image_refs,
-    rerank_cir,
-)
-from capret.inference.cir_methods import (
+from capret.inference.cir.methods import (
     BASELINES,
     CaptionerSpec,
     CirMethod,
@@ -65,6 +56,15 @@ from capret.inference.cir_methods import (
     create_cir_method,
     fashioniq_query_set,
     search_methods,
+)
+from capret.inference.cir.search import (
+    TOP_K,
+    CIRRanking,
+    FeatureOptions,
+    circo_ids,
+    cirr_with_members,
+    image_refs,
+    rerank_cir,
 )
 from capret.io import atomic_write_json, default_device
 

@@ -1,5 +1,5 @@
 """Flags and typed config of ``capret-eval cir`` (light to import: ``--help`` loads no model code; the runner is
-:mod:`.cir`, the methods live in :mod:`capret.inference.cir_methods`)."""
+:mod:`.cir`, the methods live in :mod:`capret.inference.cir.methods`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class CirEvalConfig:
     batch_size: int  # feature-extraction batch size
     device: str | None  # torch device
     out: Path | None  # output folder (default beside the checkpoint)
-    method: str = "combiner"  # CIR method (capret.inference.cir_registry)
+    method: str = "combiner"  # CIR method (capret.inference.cir.registry)
     clip: str | None = None  # CLIP of methods without a combiner checkpoint
     clip_backend: str = "hf"  # hf | open_clip
     clip_pretrained: str | None = None  # open_clip pretrained tag or weights file
@@ -52,7 +52,7 @@ class CirEvalConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from capret.data import list_datasets
-    from capret.inference.cir_registry import list_cir_methods
+    from capret.inference.cir.registry import list_cir_methods
     from captioning.backends import list_backends
 
     p.add_argument("--dataset", required=True, choices=list_datasets(kind="cir"), help="CIR benchmark")

@@ -4,7 +4,7 @@ Two sources, exactly one of them:
 
 * ``--results R.json --query-gt Q.json --gallery-gt G.json`` scores an official-format result file;
 * ``--checkpoint MODEL --root DF2 --split validation (--detector DET | --detections dets.json) --out DIR`` runs
-  the protocol from raw images (:func:`capret.inference.detected_protocol.evaluate_detected`): detect (a trained
+  the protocol from raw images (:func:`capret.inference.dualstream.detected.evaluate_detected`): detect (a trained
   detector folder, or the COCO results file of an external detector), caption each detection (``--captions``
   backend, cached), embed, search, optionally ``--rerank``, and write ``results.json`` and its top-k.
 """
@@ -121,8 +121,8 @@ def _options(pairs: list[str]) -> dict[str, Any]:
 
 def _run_detected(args: OfficialEvalConfig, ks: list[int]) -> dict[str, Any]:
     """The protocol from raw images (see the module docstring)."""
-    from capret.inference.detected_protocol import evaluate_detected
-    from capret.inference.dualstream import load_model
+    from capret.inference.dualstream.detected import evaluate_detected
+    from capret.inference.dualstream.encoding import load_model
     from capret.io import atomic_write_json
 
     root = require(args.root, "--root", "the dataset folder in DeepFashion2 layout (<root>/<split>/annos)")
@@ -130,13 +130,13 @@ def _run_detected(args: OfficialEvalConfig, ks: list[int]) -> dict[str, Any]:
     if args.detector is None and args.detections is None:
         raise ConfigError("--checkpoint needs a detector: --detector DIR (trained) or --detections dets.json")
     if args.detector is not None:
-        from capret.inference.detector import load_detector
+        from capret.inference.detectors import load_detector
 
         detector: Any = load_detector(
             args.detector, device=args.device, score_threshold=args.score_threshold, max_items=args.max_items
         )
     else:
-        from capret.inference.detection import CocoResultsDetector
+        from capret.inference.detectors import CocoResultsDetector
 
         detector = CocoResultsDetector(
             path=require(args.detections, "--detections"),

@@ -10,10 +10,10 @@ from capret.registry import Registry
 
 __all__ = ["METHODS", "list_cir_methods", "register_cir_method"]
 
-_BUILTIN = "capret.inference.cir_methods"
-_ZEROSHOT = "capret.inference.zeroshot_methods"
+_BUILTIN = "capret.inference.cir.methods"
+_ZEROSHOT = "capret.inference.cir.inversion_methods"
 
-#: name -> factory ``(*, inputs: MethodInputs) -> CirMethod`` (typed in :mod:`capret.inference.cir_methods`,
+#: name -> factory ``(*, inputs: MethodInputs) -> CirMethod`` (typed in :mod:`capret.inference.cir.methods`,
 #: which this light module must not import)
 METHODS: Registry[Any] = Registry(
     "CIR method",

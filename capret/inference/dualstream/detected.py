@@ -5,14 +5,14 @@ every shop (gallery) image goes through a detector, each detected item is embedd
 retrieves shop detections, and the official evaluator matches query detections to annotated items and
 retrieved boxes to the right shop items by IoU. :func:`evaluate_detected` runs that path:
 
-1. **detect** — a :class:`~capret.inference.detection.Detector` on the decoded images, or a file-keyed detector
-   (:class:`~capret.inference.detection.CocoResultsDetector`: the COCO results of detectron2 / mmdetection);
+1. **detect** — a :class:`~capret.inference.detectors.Detector` on the decoded images, or a file-keyed detector
+   (:class:`~capret.inference.detectors.CocoResultsDetector`: the COCO results of detectron2 / mmdetection);
 2. **caption** — each detection is captioned by a captioning backend through the captioning loop
    (:func:`captioning.runner.caption_targets`), into a caption store keyed by split, image and box
    (:func:`detection_key`), so a rerun or another model reuses them; the backend sees pixels and the detector's
    predicted category, never an annotation;
 3. **embed** — the dual-stream model embeds each detection's crop with its caption, through the same item path
-   (:func:`~capret.inference.dualstream.encode_items`) as the ground-truth-box protocol;
+   (:func:`~capret.inference.dualstream.encoding.encode_items`) as the ground-truth-box protocol;
 4. **search** — a :mod:`capret.retrieval.index` backend over all gallery detections, then optionally a
    reranker on the top ``rerank_topk``;
 5. **score** — the official results file (:func:`~capret.evaluation.deepfashion2.write_retrieval_results`) and
@@ -21,7 +21,7 @@ retrieved boxes to the right shop items by IoU. :func:`evaluate_detected` runs t
 Which images are queries and which gallery comes from the ``source`` field of the split's annotation files (the
 split's definition); boxes, classes, captions and features come only from the detector and the pixels. With the
 ground-truth boxes of the ground-truth-box protocol as detections (:func:`ground_truth_detections`: score 1,
-their class) the result equals that protocol's official top-k exactly (``tests/inference/test_detected_protocol.py``).
+their class) the result equals that protocol's official top-k exactly (``tests/inference/dualstream/test_detected_protocol.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from capret.data.deepfashion2 import (
 )
 from capret.errors import DataError
 from capret.evaluation.deepfashion2 import evaluate_retrieval_results, write_retrieval_results
-from capret.inference.detection import Detection, FileDetector
+from capret.inference.detectors import Detection, FileDetector
 from capret.io import atomic_write_json
 
 __all__ = [
@@ -257,7 +257,7 @@ def evaluate_detected(
     """Detect, caption, embed, search and score a split; writes ``results.json``, ``metrics.json``, ``detections.json``.
 
     Args:
-        model: a :class:`~capret.inference.dualstream.RetrievalModel` (``load_model``).
+        model: a :class:`~capret.inference.dualstream.encoding.RetrievalModel` (``load_model``).
         detector: a ``Detector`` (``detect(images)``) or ``FileDetector`` (``detect_files(paths)``).
         root: dataset root in the DeepFashion2 layout; ``split``: its split.
         out_dir: where ``results.json`` (official format), ``metrics.json`` and the caption store go.
@@ -274,7 +274,7 @@ def evaluate_detected(
         max_items: most detections kept per image (best first); ``None`` keeps the detector's list.
         batch_size: embedding batch size; ``detect_batch_size``: images per detector call.
     """
-    from capret.inference.dualstream import encode_items
+    from capret.inference.dualstream.encoding import encode_items
     from capret.retrieval.index import create_index
 
     out_dir = Path(out_dir)

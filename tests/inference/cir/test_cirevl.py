@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tiny_cir import make_tiny_clip, write_cirr, write_fashioniq  # noqa: E402
 
 from capret.cli import eval as eval_cli  # noqa: E402
-from capret.inference.cirevl import (  # noqa: E402
+from capret.inference.cir.cirevl import (  # noqa: E402
     CirevlOptions,
     edited_descriptions,
     parse_edited_description,

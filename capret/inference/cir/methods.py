@@ -11,11 +11,11 @@ Built-in methods (``list_cir_methods()``):
   relative caption's feature, and ``normalize(normalize(img) + normalize(txt))`` (the "Image + Text" baseline
   of the zero-shot papers). Recent studies show many benchmark queries are solvable from one modality alone,
   so :func:`search_methods` reports these beside any method, computed with the method's own CLIP;
-* ``cirevl`` — training-free caption-then-rewrite (:mod:`capret.inference.cirevl`);
+* ``cirevl`` — training-free caption-then-rewrite (:mod:`capret.inference.cir.cirevl`);
 * the textual-inversion methods (``searle``, ``searle-oti``, ``pic2word``, ``lincir``) register from
-  :mod:`capret.inference.zeroshot_methods`.
+  :mod:`capret.inference.cir.inversion_methods`.
 
-The registry itself is :mod:`capret.inference.cir_registry` (light, for ``--help``).
+The registry itself is :mod:`capret.inference.cir.registry` (light, for ``--help``).
 
 New methods register with :func:`register_cir_method`; a factory takes one :class:`MethodInputs` and reads the
 fields it needs (a combiner checkpoint, a CLIP, a mapper, a captioner).
@@ -35,10 +35,10 @@ from torch import nn
 
 from capret.config import ConfigError, to_dict
 from capret.evaluation.cir import rank_gallery
-from capret.inference.cir import TOP_K, CIRRanking, FeatureOptions, compose_queries
-from capret.inference.cir_registry import METHODS, list_cir_methods, register_cir_method
-from capret.inference.cirevl import CirevlOptions, CirevlReport, edited_descriptions
-from capret.inference.feature_cache import CachedFeatures, image_features, text_features
+from capret.inference.cir.cirevl import CirevlOptions, CirevlReport, edited_descriptions
+from capret.inference.cir.features import CachedFeatures, image_features, text_features
+from capret.inference.cir.registry import METHODS, list_cir_methods, register_cir_method
+from capret.inference.cir.search import TOP_K, CIRRanking, FeatureOptions, compose_queries
 from capret.models.clip import ClipBundle, load_clip
 
 __all__ = [
@@ -294,7 +294,7 @@ def create_cir_method(name: str, inputs: MethodInputs) -> CirMethod:
 
 @register_cir_method("combiner")
 def _combiner(*, inputs: MethodInputs) -> CirMethod:
-    from capret.inference.loading import load_cir_model
+    from capret.inference.cir.combiner import load_cir_model
     from capret.io import resolve_model_folder
 
     if inputs.checkpoint is None:
@@ -356,7 +356,7 @@ class CirevlMethod(CirMethod):
         return F.normalize(_texts(self.clip, edited, options).float(), dim=-1)
 
     def describe(self) -> dict[str, Any]:
-        from capret.inference.cirevl import DESCRIBE_VERSION, EDIT_VERSION
+        from capret.inference.cir.cirevl import DESCRIBE_VERSION, EDIT_VERSION
 
         return {
             **super().describe(),

@@ -3,7 +3,7 @@
 Shared by the ``combiner`` training task (validation for model selection) and ``capret-eval --dataset
 fashioniq|cirr|circo``. A *fuser* is any module ``fuse(image_features, text_features) -> normalised query``
 (the CLIP4Cir Combiner, or the element-wise sum used after stage 1). Image and text features come from
-:mod:`capret.inference.feature_cache`, so a gallery is encoded once per model (and preprocessing) even across
+:mod:`capret.inference.cir.features`, so a gallery is encoded once per model (and preprocessing) even across
 runs, and :func:`capret.evaluation.cir.rank_gallery` turns queries into rankings chunk by chunk. The results are
 exactly what the metric functions and submission writers of :mod:`capret.evaluation.cir` take.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capret.evaluation.cir import rank_gallery
-from capret.inference.feature_cache import CachedFeatures, image_features, text_features
+from capret.inference.cir.features import CachedFeatures, image_features, text_features
 from capret.models.clip import ClipBundle
 
 __all__ = [

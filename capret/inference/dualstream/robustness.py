@@ -2,7 +2,7 @@
 of corrupted captions (:mod:`capret.evaluation.caption_corruption`), per corruption mode.
 
 Every (mode, rate) re-embeds the split's ground-truth-box protocol items with the corrupted captions and scores
-them with :func:`capret.inference.dualstream.evaluate_items`; rate 0 is computed once and shared by all modes.
+them with :func:`capret.inference.dualstream.encoding.evaluate_items`; rate 0 is computed once and shared by all modes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from capret.data.captions import load_caption_map
 from capret.data.deepfashion2 import gt_box_protocol, load_items
 from capret.evaluation.caption_corruption import CORRUPTIONS, corrupt_caption_map
-from capret.inference.dualstream import evaluate_items
+from capret.inference.dualstream.encoding import evaluate_items
 from capret.models.dual_stream import DualStreamModel
 
 __all__ = ["caption_corruption_sweep"]

@@ -17,10 +17,10 @@ from tiny_text import save_tiny_dual_stream  # noqa: E402
 
 import capret  # noqa: E402
 from capret.cli.main import main  # noqa: E402
-from capret.inference.captioner import Captioner  # noqa: E402
-from capret.inference.detection import CocoResultsDetector, Detection  # noqa: E402
-from capret.inference.gallery import Gallery, build_gallery, finish_gallery  # noqa: E402
-from capret.inference.pipeline import PipelineConfig, RetrievalPipeline  # noqa: E402
+from capret.inference.detectors import CocoResultsDetector, Detection  # noqa: E402
+from capret.inference.query.captioner import Captioner  # noqa: E402
+from capret.inference.query.gallery import Gallery, build_gallery, finish_gallery  # noqa: E402
+from capret.inference.query.pipeline import PipelineConfig, RetrievalPipeline  # noqa: E402
 from captioning.backends import create_backend  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -66,8 +66,8 @@ def _full_reranked(
     ckpt: Path, ds, *, exclude_reference: bool, reranker: str, topk: int, must_change: bool = True
 ) -> list[list[str]]:
     """Whole-gallery ranking per query, its top ``topk`` reordered by ``reranker``."""
-    from capret.inference.cir import rank_cir_queries
-    from capret.inference.loading import load_cir_model
+    from capret.inference.cir.combiner import load_cir_model
+    from capret.inference.cir.search import rank_cir_queries
     from capret.retrieval.rerank import create_reranker
 
     clip, fuser, _ = load_cir_model(ckpt)

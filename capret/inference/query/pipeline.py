@@ -23,7 +23,7 @@ which the detector finds nothing is searched as a whole image (``SearchResult.fa
 
 **Pipeline folder**: ``pipeline.json`` (:class:`PipelineConfig`) names the model folder and the gallery folder
 (``capret index build``; relative paths are relative to the pipeline folder), the detector (registry name +
-options; ``null`` = whole image), the captioner (:class:`~capret.inference.captioner.CaptionerSettings`; ``null``
+options; ``null`` = whole image), the captioner (:class:`~capret.inference.query.captioner.CaptionerSettings`; ``null``
 = image-only) and the reranker (registry name + options + how many head results it reorders; ``null`` = none).
 The reranker sees the shortlist only (its candidates' features and images), so its memory does not grow with the
 gallery.
@@ -44,9 +44,9 @@ from PIL import Image
 
 from capret.data.imagefile import decode_image
 from capret.errors import DataError
-from capret.inference.captioner import Captioner, CaptionerSettings, image_digest
-from capret.inference.detection import Detection, WholeImageDetector, create_detector, run_detector
-from capret.inference.gallery import Gallery
+from capret.inference.detectors import Detection, WholeImageDetector, create_detector, run_detector
+from capret.inference.query.captioner import Captioner, CaptionerSettings, image_digest
+from capret.inference.query.gallery import Gallery
 from capret.io import atomic_write_json
 
 __all__ = [
@@ -208,7 +208,7 @@ class RetrievalPipeline:
     def from_config(
         cls, config: PipelineConfig, *, base_dir: Path | None = None, device: str | None = None
     ) -> RetrievalPipeline:
-        from capret.inference.dualstream import load_model
+        from capret.inference.dualstream.encoding import load_model
         from capret.retrieval.rerank import create_reranker
 
         model = load_model(_resolve(base_dir, config.model), device=device)

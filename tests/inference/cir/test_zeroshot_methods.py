@@ -115,10 +115,10 @@ def test_each_zero_shot_method_through_capret_eval(world, method, dataset, capsy
 
 def test_fashioniq_queries_average_both_caption_orders(world) -> None:
     from capret.data.fashioniq import FashionIQ
-    from capret.inference.cir import FeatureOptions
-    from capret.inference.cir_methods import MethodInputs, create_cir_method, fashioniq_query_set
-    from capret.inference.feature_cache import image_features
-    from capret.inference.zeroshot import fashioniq_caption_variants
+    from capret.inference.cir.features import image_features
+    from capret.inference.cir.inversion import fashioniq_caption_variants
+    from capret.inference.cir.methods import MethodInputs, create_cir_method, fashioniq_query_set
+    from capret.inference.cir.search import FeatureOptions
 
     method: Any = create_cir_method("searle", MethodInputs(mapper=world["mappers"]["searle"]))
     ds = FashionIQ(world["fashioniq"], "dress", "val")

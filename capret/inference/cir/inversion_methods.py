@@ -1,6 +1,6 @@
 """The textual-inversion CIR methods behind ``capret-eval --method searle|searle-oti|pic2word|lincir``.
 
-Each wraps the query functions of :mod:`capret.inference.zeroshot` in the :class:`~capret.inference.cir_methods.
+Each wraps the query functions of :mod:`capret.inference.cir.inversion` in the :class:`~capret.inference.cir.methods.
 CirMethod` interface, so they are ranked, reranked, scored and compared with the shortcut baselines by the same
 code as every other method:
 
@@ -9,7 +9,7 @@ code as every other method:
   ``--clip`` may override (the same weights stored elsewhere). The checkpoint's method must be the one asked
   for: a LinCIR phi evaluated as ``searle`` would silently report the wrong method.
 * ``searle-oti`` needs no trained weights: every reference image's token is optimised at evaluation time (OTI,
-  :func:`capret.inference.oti.run_oti`, paper settings unless ``--oti-steps`` says otherwise) into a resumable
+  :func:`capret.inference.cir.oti.run_oti`, paper settings unless ``--oti-steps`` says otherwise) into a resumable
   token store keyed ``<dataset>/<reference>``, so a rerun optimises nothing.
 
 On FashionIQ every method here reads *both* orders of the two relative captions and averages the normalised
@@ -25,16 +25,16 @@ from typing import Any
 import torch
 
 from capret.config import ConfigError
-from capret.inference.cir import FeatureOptions
-from capret.inference.cir_methods import CirMethod, CirQuerySet, MethodInputs
-from capret.inference.cir_registry import register_cir_method
-from capret.inference.feature_cache import CachedFeatures
-from capret.inference.zeroshot import (
+from capret.inference.cir.features import CachedFeatures
+from capret.inference.cir.inversion import (
     SEARLE_PROMPT,
     ZeroShotModel,
     load_zeroshot_model,
     searle_oti_query_features,
 )
+from capret.inference.cir.methods import CirMethod, CirQuerySet, MethodInputs
+from capret.inference.cir.registry import register_cir_method
+from capret.inference.cir.search import FeatureOptions
 from capret.models.clip import ClipBundle
 
 __all__ = ["MapperMethod", "OTIMethod"]
@@ -94,7 +94,7 @@ class OTIMethod(CirMethod):
     ) -> torch.Tensor:
         from dataclasses import asdict
 
-        from capret.inference.oti import TokenStore, run_oti
+        from capret.inference.cir.oti import TokenStore, run_oti
 
         keys = [f"{queries.dataset}/{ref}" for ref in queries.references]
         prefix = len(queries.dataset) + 1
@@ -151,8 +151,8 @@ for _name in _MAPPER_METHODS:
 
 @register_cir_method("searle-oti")
 def _searle_oti(*, inputs: MethodInputs) -> CirMethod:
-    from capret.inference.concepts import PhraseBank
-    from capret.inference.oti import OTIConfig
+    from capret.inference.cir.concepts import PhraseBank
+    from capret.inference.cir.oti import OTIConfig
 
     spec = inputs.require_clip("searle-oti")
     clip = spec.load(device=inputs.device)

@@ -110,15 +110,15 @@ def build_gallery(
     """Embed this rank's share of ``images`` into shards under ``out/features`` (see the module docstring).
 
     Args:
-        model: a :class:`~capret.inference.dualstream.RetrievalModel`.
+        model: a :class:`~capret.inference.dualstream.encoding.RetrievalModel`.
         images, ids: gallery photos and their unique ids (item ids are ``"<image id>/<n>"``).
-        detector: a detector (:mod:`capret.inference.detection`); ``None`` = whole image.
-        captioner: a :class:`~capret.inference.captioner.Captioner`; ``None`` = image-only features.
+        detector: a detector (:mod:`capret.inference.detectors`); ``None`` = whole image.
+        captioner: a :class:`~capret.inference.query.captioner.Captioner`; ``None`` = image-only features.
         model_ref: how the model was named (recorded; a resumed run must name the same).
     Returns:
         Counts of this rank: images, items, shards written / skipped, items without caption.
     """
-    from capret.inference.detection import WholeImageDetector, run_detector
+    from capret.inference.detectors import WholeImageDetector, run_detector
 
     if len(images) != len(ids) or len(set(ids)) != len(ids):
         raise ValueError(

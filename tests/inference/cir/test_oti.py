@@ -12,8 +12,8 @@ from tiny_zeroshot import tiny_hf_clip, tiny_open_clip, write_image_folder, writ
 
 from capret.data.image_sources import open_image_source
 from capret.errors import CheckpointError
-from capret.inference.concepts import PhraseBank, generate_phrases, parse_phrases
-from capret.inference.oti import OTIConfig, TokenStore, oti_tokens, run_oti
+from capret.inference.cir.concepts import PhraseBank, generate_phrases, parse_phrases
+from capret.inference.cir.oti import OTIConfig, TokenStore, oti_tokens, run_oti
 from capret.models.clip import ClipBundle, load_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,8 +22,8 @@ from tiny_text import save_tiny_dual_stream, write_synthetic_df2  # noqa: E402
 
 from capret.cli.eval import main  # noqa: E402
 from capret.errors import DataError  # noqa: E402
-from capret.inference.detected_protocol import detection_key, ground_truth_detections  # noqa: E402
-from capret.inference.detection import CocoResultsDetector  # noqa: E402
+from capret.inference.detectors import CocoResultsDetector  # noqa: E402
+from capret.inference.dualstream.detected import detection_key, ground_truth_detections  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KS = ["1", "5", "10"]

@@ -10,7 +10,7 @@ Each method turns the reference image into a pseudo-word token and reads the rel
 The query is the normalised text feature of the prompt; with several caption *variants* per query (FashionIQ:
 both orders of its two captions, as SEARLE evaluates) the normalised variant features are averaged and
 renormalised. Features in, features out: reference features are the raw CLIP image features that
-:mod:`capret.inference.feature_cache` already stores for the gallery, so the same cache serves both.
+:mod:`capret.inference.cir.features` already stores for the gallery, so the same cache serves both.
 
 :func:`load_zeroshot_model` rebuilds a trained mapper (``capret-train`` tasks ``phi``, ``pic2word``,
 ``lincir``) and its frozen CLIP from a checkpoint folder; sidecars of the first, flat-keyed configs of these

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from capret.config import cfg, to_dict
 from capret.errors import CheckpointError
-from capret.inference.concepts import PhraseBank, concept_features, top_concepts
+from capret.inference.cir.concepts import PhraseBank, concept_features, top_concepts
 from capret.io import atomic_write
 from capret.models.clip_base import ClipBundle
 

@@ -108,7 +108,7 @@ def test_extract_cli_writes_shards_ids_and_rank_splits(
     feats = np.concatenate([np.load(out / s["features"]) for s in manifest["shards"]])
     ids = [i for s in manifest["shards"] for i in np.load(out / s["ids"]).tolist()]
     assert ids == [f"sub/im{i}" for i in range(7)]
-    from capret.inference.extract import read_extraction
+    from capret.inference.dualstream.extract import read_extraction
 
     read_feats, read_ids = read_extraction(out)
     assert read_ids == ids and np.array_equal(read_feats, feats)

@@ -21,7 +21,7 @@ from tiny_text import build_tiny_bert, save_tiny_dual_stream  # noqa: E402
 
 from capret.cli.extract import main  # noqa: E402
 from capret.errors import DataError  # noqa: E402
-from capret.inference.extract import read_extraction  # noqa: E402
+from capret.inference.dualstream.extract import read_extraction  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,5 +1,5 @@
 """Loading trained models of the CIR tasks for inference (the dual-stream loader is
-:func:`capret.inference.dualstream.load_model`)."""
+:func:`capret.inference.dualstream.encoding.load_model`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Composed image retrieval: queries, methods, inversion, caption-then-rewrite, feature caches."""
