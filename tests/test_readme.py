@@ -1,6 +1,7 @@
-"""Every command in README.md's ```bash blocks parses, so the README and the code cannot drift apart.
+"""Every command in the ```bash blocks of README.md and docs/*.md parses, so the documents and the code cannot
+drift apart.
 
-Commands are read from the README itself (line continuations joined, comments dropped): ``capret-train`` runs
+Commands are read from the documents themselves (line continuations joined, comments dropped): ``capret-train`` runs
 with ``--print-config`` appended (the config file resolves and every ``key=value`` override names a real
 field with a valid value); ``capret-eval``, ``capret-extract``, ``capret-caption`` and ``capret <subcommand>``
 are parsed by their own parsers (``capret-caption`` also builds its typed config). ``torchrun ... -m
@@ -21,6 +22,7 @@ import pytest
 from repo_paths import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
+DOCUMENTS = [README, *sorted((REPO_ROOT / "docs").glob("*.md"))]
 
 #: module run with ``-m`` -> the console script it backs
 MODULES = {
@@ -65,12 +67,14 @@ def capret_argv(command: str) -> tuple[str, list[str]] | None:
     return None
 
 
-def readme_commands() -> list[tuple[str, list[str], str]]:
+def readme_commands() -> list[tuple[str, list[str], str, str]]:
+    """``(program, argv, command, document)`` for every capret command of README.md and the docs pages."""
     found = []
-    for command in shell_commands(README.read_text()):
-        parsed = capret_argv(command)
-        if parsed is not None:
-            found.append((*parsed, command))
+    for document in DOCUMENTS:
+        for command in shell_commands(document.read_text(encoding="utf-8")):
+            parsed = capret_argv(command)
+            if parsed is not None:
+                found.append((*parsed, command, document.relative_to(REPO_ROOT).as_posix()))
     return found
 
 
@@ -147,19 +151,20 @@ def _in_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("program", "argv", "command"),
+    ("program", "argv", "command", "document"),
     COMMANDS,
-    ids=[shlex.join(shlex.split(c, comments=True)) for _, _, c in COMMANDS],
+    ids=[f"{d}: {shlex.join(shlex.split(c, comments=True))}" for _, _, c, d in COMMANDS],
 )
-def test_readme_command_parses(program: str, argv: list[str], command: str) -> None:
+def test_readme_command_parses(program: str, argv: list[str], command: str, document: str) -> None:
     failure = parse_failure(program, argv)
-    assert failure is None, f"README command does not parse:\n  {command}\n{failure}"
+    assert failure is None, f"{document}: command does not parse:\n  {command}\n{failure}"
 
 
 def test_every_console_script_is_documented_and_extracted() -> None:
     """Guards the extractor: if it silently found nothing, the test above would pass vacuously."""
-    assert PROGRAMS <= {program for program, _, _ in COMMANDS}
+    assert PROGRAMS <= {program for program, _, _, document in COMMANDS if document == "README.md"}
     assert len(COMMANDS) >= 15
+    assert {document for *_, document in COMMANDS} > {"README.md"}
 
 
 def test_extractor_joins_continuations_and_drops_comments() -> None:
@@ -195,7 +200,34 @@ def test_a_broken_command_is_reported(program: str, argv: list[str]) -> None:
 
 
 def _python_blocks() -> list[str]:
-    return re.findall(r"^```python[ \t]*\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    return [
+        block
+        for document in DOCUMENTS
+        for block in re.findall(r"^```python[ \t]*\n(.*?)^```", document.read_text(encoding="utf-8"), flags=re.S | re.M)
+    ]
+
+
+def test_readme_stays_short() -> None:
+    """The README is read in ten minutes; measured narratives and references live in docs/."""
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= 300, f"README.md has {lines} lines; move detail to a docs/ page"
+
+
+def test_docs_pages_are_in_the_site() -> None:
+    """Every docs page is in mkdocs.yml's nav (a page outside it is unreachable from the site)."""
+    import yaml
+
+    nav = yaml.safe_load((REPO_ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
+
+    def pages(entries: list) -> set[str]:
+        found: set[str] = set()
+        for entry in entries:
+            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+            found |= pages(value) if isinstance(value, list) else {value}
+        return found
+
+    on_disk = {p.relative_to(REPO_ROOT / "docs").as_posix() for p in (REPO_ROOT / "docs").glob("*.md")}
+    assert on_disk <= pages(nav), f"docs pages missing from mkdocs.yml nav: {sorted(on_disk - pages(nav))}"
 
 
 def test_python_examples_import_paths_resolve() -> None:
@@ -216,3 +248,15 @@ def test_python_examples_import_paths_resolve() -> None:
                 assert hasattr(loaded, attr), f"README: {module}.{attr} does not exist"
                 checked += 1
     assert checked > 0
+
+
+def test_relative_links_point_at_files() -> None:
+    """A relative link or picture in README.md or docs/ names a file that exists (mkdocs checks docs/ too)."""
+    missing = []
+    for document in DOCUMENTS:
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", document.read_text(encoding="utf-8")):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (document.parent / target).exists():
+                missing.append(f"{document.relative_to(REPO_ROOT)} -> {target}")
+    assert not missing, "broken links: " + ", ".join(missing)
