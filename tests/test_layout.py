@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: lowest first; a module may import its own layer or any layer below it
 LAYERS: list[tuple[str, ...]] = [
-    ("capret.config", "capret.registry", "capret.io", "capret.errors", "capret.console"),
+    ("capret.config", "capret.registry", "capret.io", "capret.errors", "capret.console", "capret.locks"),
     ("capret.data",),
     ("captioning",),
     ("capret.models", "capret.losses", "capret.retrieval", "capret.evaluation"),

@@ -1,0 +1,252 @@
+"""One writer per output: an exclusive lock on every folder or store a command writes.
+
+Two runs into one output folder used to both exit 0 and mix it (run B moved run A's checkpoint aside while A ran
+on). Every command that writes a folder or store therefore wraps its whole write in :func:`exclusive_output`
+*before it touches anything*; a second writer is refused at once with :class:`OutputLockedError`, whose one line
+names the output and the holder's PID and command.
+
+How it works, and why:
+
+- The lock is an ``fcntl.flock`` on a small file *beside* the output (``<parent>/.<name>.lock``), not inside it:
+  a writer that replaces or deletes the output folder (``--overwrite``) must not delete the lock with it, and a
+  store file must not be created just to be refused (a refused run leaves nothing behind).
+- The kernel releases a ``flock`` when its holder dies, even on ``kill -9``, so a dead holder can never block a
+  rerun. The lock file records the holder (PID, host, command, start time); it is removed on a clean release, so
+  a lock file that is still there with a record but whose lock is free was left by a holder that died: the new
+  writer takes it over and says so in a warning naming the dead PID.
+- Removing the file on release races with a writer that opened it just before: after locking, the writer checks
+  that the path still names the inode it locked and retries if not (the standard unlink-safe flock dance).
+- Locks nest within one thread (a CLI may lock a folder that the library function it calls locks again); any
+  other thread or process is refused, including other threads of the same process.
+- Where ``flock`` is unsupported (``ENOLCK`` on some network file systems) the record alone decides: a live
+  holder PID on this host refuses, a dead one is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capret.errors import CapretError
+
+__all__ = [
+    "LockHolder",
+    "OutputLockedError",
+    "StaleLockWarning",
+    "exclusive_output",
+    "holder_of",
+    "lock_path_for",
+    "read_holder",
+]
+
+LOCK_SUFFIX = ".lock"
+
+
+class OutputLockedError(CapretError):
+    """Another live process (or thread) is writing the same output folder or store."""
+
+
+class StaleLockWarning(UserWarning):
+    """A lock left by a writer that died was taken over (its record names the dead PID)."""
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds (or last held) a lock, as recorded in the lock file."""
+
+    pid: int
+    host: str
+    command: str
+    what: str
+    started: str
+
+    def describe(self) -> str:
+        where = "" if self.host == socket.gethostname() else f" on {self.host}"
+        return f"PID {self.pid}{where} ({self.command}, since {self.started})"
+
+
+def lock_path_for(path: str | os.PathLike[str]) -> Path:
+    """The lock file of an output: ``runs/a`` -> ``runs/.a.lock``; ``c/captions.jsonl`` -> ``c/.captions.jsonl.lock``.
+
+    Beside the output, never inside it, so replacing the output (``--overwrite``) keeps the lock. The path is
+    made absolute (not symlink-resolved: two spellings of one folder through a symlink share the parent's inode
+    anyway only when the link is the parent; callers that accept symlinked outputs resolve them first).
+    """
+    path = Path(os.path.abspath(path))
+    if path.name in ("", ".", ".."):
+        raise CapretError(f"cannot lock output {str(path)!r}: it names no folder or file", path=path)
+    return path.with_name(f".{path.name}{LOCK_SUFFIX}")
+
+
+def read_holder(lock_file: str | os.PathLike[str]) -> LockHolder | None:
+    """The holder recorded in ``lock_file``, or None when it is missing, empty or unreadable (being written)."""
+    try:
+        text = Path(lock_file).read_text(encoding="utf-8")
+        data = json.loads(text)
+        return LockHolder(
+            pid=int(data["pid"]),
+            host=str(data.get("host", "")),
+            command=str(data.get("command", "")),
+            what=str(data.get("what", "")),
+            started=str(data.get("started", "")),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _command_line() -> str:
+    argv = [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    text = " ".join(argv)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# Locks this process holds: lock file -> [owning thread id, depth, fd]. Guarded by _HELD_GUARD.
+_HELD: dict[Path, list[int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _refuse(output: Path, what: str, holder: LockHolder | None) -> OutputLockedError:
+    who = holder.describe() if holder is not None else "another process (its PID is not recorded yet)"
+    return OutputLockedError(
+        f"{what} {output} is being written by {who}; wait for it to finish, stop it, or choose another output",
+        path=output,
+    )
+
+
+def _write_record(fd: int, *, what: str) -> None:
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": _command_line(),
+        "what": what,
+        "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    payload = (json.dumps(record) + "\n").encode("utf-8")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, payload, 0)
+
+
+def _acquire(output: Path, lock_file: Path, *, what: str) -> int:
+    """Lock ``lock_file`` (creating it), record this process in it and return its fd; refuse a live holder."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):  # retries only when the file was removed between open and lock
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _refuse(output, what, read_holder(lock_file)) from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                holder = read_holder(lock_file)  # no flock here: the record alone decides
+                if holder is not None and holder.host == socket.gethostname() and _pid_alive(holder.pid):
+                    if holder.pid != os.getpid():
+                        raise _refuse(output, what, holder) from None
+            try:
+                same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # released and removed by its holder between our open and lock: try the new file
+                os.close(fd)
+                continue
+            previous = read_holder(lock_file)
+            if previous is not None:
+                alive = previous.host == socket.gethostname() and _pid_alive(previous.pid)
+                state = "is no longer running" if not alive else "no longer holds the lock"
+                warnings.warn(
+                    f"taking over the lock on {what} {output}: its holder {previous.describe()} {state} "
+                    "(killed or crashed); its partial output is resumed or replaced as the command decides",
+                    StaleLockWarning,
+                    stacklevel=4,
+                )
+            _write_record(fd, what=what)
+            return fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+    raise OutputLockedError(f"cannot lock {what} {output}: its lock file {lock_file} keeps being replaced")
+
+
+def _release(lock_file: Path, fd: int) -> None:
+    # Unlink while still holding the lock, so a waiting opener sees the inode change and retries.
+    with contextlib.suppress(OSError):
+        if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
+            lock_file.unlink()
+    os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def exclusive_output(path: str | os.PathLike[str], *, what: str) -> Iterator[Path]:
+    """Hold the one-writer lock on output ``path`` (a folder or a store file) for the ``with`` block.
+
+    Take it before anything in the output is read for resuming, moved or written. ``what`` names the output in
+    messages ("training output folder", "caption store"). Yields the lock file's path.
+
+    Raises:
+        OutputLockedError: another live process or thread holds it; the one-line message names the output and
+            the holder's PID and command.
+
+    Warns:
+        StaleLockWarning: a lock left by a dead holder was taken over.
+    """
+    output = Path(os.path.abspath(path))
+    lock_file = lock_path_for(output)
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        entry = _HELD.get(lock_file)
+        if entry is not None:
+            if entry[0] != me:
+                holder = read_holder(lock_file)
+                raise _refuse(output, what, holder)
+            entry[1] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield lock_file
+        finally:
+            with _HELD_GUARD:
+                _HELD[lock_file][1] -= 1
+        return
+    fd = _acquire(output, lock_file, what=what)
+    with _HELD_GUARD:
+        _HELD[lock_file] = [me, 1, fd]
+    try:
+        yield lock_file
+    finally:
+        with _HELD_GUARD:
+            _HELD.pop(lock_file, None)
+        _release(lock_file, fd)
+
+
+def holder_of(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The recorded holder of output ``path`` as a dict (for status reports), or None when unlocked."""
+    holder = read_holder(lock_path_for(path))
+    return None if holder is None else holder.__dict__.copy()
