@@ -1,6 +1,8 @@
 """capret: caption-augmented image retrieval.
 
-``capret.load_model(path)`` returns a trained model with ``encode_images`` / ``encode_captions``;
+``capret.load(path)`` opens any exported model folder (each says its ``kind``: dualstream, detector, combiner,
+phi, pic2word, lincir, ...) as its typed model (see :mod:`capret.api` and docs/api.md);
+``capret.load_model(path)`` returns a trained dual-stream model with ``encode_images`` / ``encode_captions``;
 ``capret.RetrievalPipeline.load(folder).search(photo)`` ranks a gallery for a photo (see the README);
 :mod:`capret.api` re-exports the rest of the public surface.
 
@@ -20,7 +22,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Match", "RetrievalPipeline", "__version__", "load_model"]
+__all__ = ["Match", "RetrievalPipeline", "__version__", "load", "load_model"]
 
 _LAZY = {"RetrievalPipeline": "capret.inference.query.pipeline", "Match": "capret.inference.query.pipeline"}
 
@@ -32,6 +34,13 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'capret' has no attribute {name!r}")
+
+
+def load(path: Any, *, kind: str | None = None, device: Any = None) -> Any:
+    """Open any exported capret model folder as its typed model (see :func:`capret.inference.model_kinds.load`)."""
+    from capret.inference.model_kinds import load as _load
+
+    return _load(path, kind=kind, device=device)
 
 
 def load_model(path: Any, *, device: Any = None) -> Any:
