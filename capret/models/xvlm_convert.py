@@ -52,6 +52,7 @@ __all__ = [
     "convert_xvlm_state_dict",
     "load_xvlm_checkpoint",
     "read_checkpoint_tensors",
+    "resize_relative_table",
     "to_xvlm_state_dict",
     "write_xvlm_assets",
 ]
@@ -211,18 +212,105 @@ def convert_xvlm_state_dict(
     return out, sorted(dropped)
 
 
+def _geometric_ratio(src_half: int, dst_half: int) -> float:
+    """The ratio ``q`` whose geometric series ``1 + q + ... + q^(src_half-1)`` just reaches ``dst_half``.
+
+    BEiT (microsoft/unilm ``beit/run_class_finetuning.py``) and X-VLM (``models/swin_transformer.py``) find it
+    by bisection on ``[1.01, 1.5]`` to a width of 1e-6; the same bisection is done here so the grid is theirs to
+    the last digit.
+    """
+    left, right = 1.01, 1.5
+    q = (left + right) / 2.0
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        series = (1.0 - q**src_half) / (1.0 - q)
+        if series > dst_half:
+            right = q
+        else:
+            left = q
+    return q
+
+
+def relative_table_grid(src_size: int, dst_size: int) -> tuple[Any, Any]:
+    """Source and destination coordinates of BEiT's / X-VLM's relative-table resampling.
+
+    The source offsets ``-(S//2) .. S//2`` are placed on a geometric-progression grid (spacing 1, q, q², ...
+    outward from 0) that spans the destination's integer offsets ``-(D//2) .. D//2``: small offsets, which
+    matter most, stay nearly unstretched while the far ones absorb the growth.
+    """
+    import numpy as np
+
+    q = _geometric_ratio(src_size // 2, dst_size // 2)
+    distances, current = [], 1.0
+    for i in range(src_size // 2):
+        distances.append(current)
+        current += q ** (i + 1)
+    source = np.array([-d for d in reversed(distances)] + [0.0] + distances)
+    half = dst_size // 2.0
+    target = np.arange(-half, half + 0.1, 1.0)
+    return source, target
+
+
+def resize_relative_table(table: Tensor, window: tuple[int, int] | int) -> Tensor:
+    """Resample a relative position bias table ``[(2W-1)² + extra, heads]`` to window ``W'`` as X-VLM and BEiT do.
+
+    Each head's ``(2W-1) x (2W-1)`` table is fitted with the interpolating bicubic spline (not-a-knot ends, the
+    spline scipy's removed ``interp2d(kind="cubic")`` fitted on a regular grid) on the geometric-progression grid
+    of :func:`relative_table_grid`, and evaluated at the new integer offsets (clamped to the grid's edge when the
+    grid cannot reach them, as FITPACK does). BEiT's ``extra`` rows (the three
+    CLS entries: ``rows - floor(sqrt(rows))²``) are kept unchanged at the end. All heads are fitted at once with
+    :func:`scipy.interpolate.make_interp_spline` along each axis (a tensor-product interpolating spline is
+    separable); ``tests/models/test_xvlm_resize.py`` checks it against a per-head
+    :class:`scipy.interpolate.RectBivariateSpline` loop.
+
+    Args:
+        table: ``[rows, heads]`` as X-VLM's Swin and X²-VLM's BEiT (and timm's) store it.
+        window: the new window ``W'`` (an int, or ``(W', W')``; only square windows exist in these models).
+
+    Raises:
+        CheckpointError: a non-square window or a table whose rows are not a square plus a few extra rows.
+    """
+    import numpy as np
+    from scipy.interpolate import make_interp_spline
+
+    wh, ww = (window, window) if isinstance(window, int) else (int(window[0]), int(window[1]))
+    if wh != ww:
+        raise CheckpointError(f"relative table resampling needs a square window; got {(wh, ww)}")
+    rows, heads = table.shape
+    src_size = int(rows**0.5)
+    extra = rows - src_size * src_size
+    if src_size < 1 or src_size % 2 == 0 or extra > 2 * src_size:
+        raise CheckpointError(
+            f"relative position table of {rows} rows is not (2W-1)² plus a few extra rows (BEiT has 3)"
+        )
+    dst_size = 2 * wh - 1
+    if dst_size == src_size:
+        return table.clone()
+    grid = table[: src_size * src_size].detach().double().cpu().numpy().reshape(src_size, src_size, heads)
+    source, target = relative_table_grid(src_size, dst_size)
+    # beyond the source grid (a ratio capped at 1.5 cannot reach far enough) FITPACK, and so interp2d, clamps the
+    # coordinate to the grid's edge: nearest-edge extrapolation, not the spline's polynomial continuation
+    target = np.clip(target, source[0], source[-1])
+    along_rows = make_interp_spline(source, grid, k=3, axis=0)(target)  # [D, S, heads]
+    both = make_interp_spline(source, along_rows, k=3, axis=1)(target)  # [D, D, heads]
+    out = torch.from_numpy(np.ascontiguousarray(both.reshape(dst_size * dst_size, heads)))
+    out = out.to(dtype=table.dtype, device=table.device)
+    if extra:
+        out = torch.cat([out, table[src_size * src_size :]], dim=0)
+    return out
+
+
 def _resize_relative_tables(out: dict[str, Tensor], target: dict[str, Tensor], model: nn.Module) -> list[str]:
     """Resample relative position bias tables to the model's window (in place); returns the keys resized.
 
     A checkpoint used at another resolution or window (X-VLM fine-tunes its 224 px Swin at 384 px with window 12;
-    a BEiT at a new resolution has a new patch grid) has tables of another size. They are resampled as timm and
-    the BEiT/Swin repositories do when fine-tuning at a new size (:func:`timm.layers.resize_rel_pos_bias_table`;
-    BEiT's three CLS entries are kept as they are). Only timm towers are resized; other mismatches stay errors.
+    a BEiT at a new resolution has a new patch grid) has tables of another size. They are resampled exactly as
+    X-VLM and BEiT do when fine-tuning at a new size (:func:`resize_relative_table`: bicubic spline on a
+    geometric-progression grid; BEiT's three CLS entries are kept as they are). Only timm towers are resized;
+    other mismatches stay errors.
     """
     if _tower_kind(model) is None:
         return []
-    from timm.layers import resize_rel_pos_bias_table
-
     suffix = ".relative_position_bias_table"
     resized = []
     for key, value in list(out.items()):
@@ -230,9 +318,12 @@ def _resize_relative_tables(out: dict[str, Tensor], target: dict[str, Tensor], m
             continue
         attention: Any = model.get_submodule(key[: -len(suffix)])
         window = (int(attention.window_size[0]), int(attention.window_size[1]))
-        out[key] = resize_rel_pos_bias_table(
-            value, new_window_size=window, new_bias_shape=tuple(target[key].shape)
-        ).to(value.dtype)
+        new = resize_relative_table(value, window)
+        if new.shape != target[key].shape:
+            raise CheckpointError(
+                f"{key}: resampled table {tuple(new.shape)} does not fit the model's {tuple(target[key].shape)}"
+            )
+        out[key] = new
         resized.append(key)
     return resized
 

@@ -25,6 +25,7 @@ from capret.models.xvlm_convert import (
     XvlmPreset,
     convert_xvlm_state_dict,
     load_xvlm_checkpoint,
+    resize_relative_table,
     to_xvlm_state_dict,
     write_xvlm_assets,
 )
@@ -410,6 +411,9 @@ def test_relative_tables_are_resampled_for_a_new_resolution_or_window(
     assert tables and all(converted[k].shape == target.state_dict()[k].shape for k in tables)
     source_key = "vision_encoder." + tables[0].removeprefix("vision_model.body.")
     assert converted[tables[0]].shape[0] > state[source_key].shape[0]
+    window = target.get_submodule(tables[0].removesuffix(".relative_position_bias_table")).window_size
+    # X-VLM's / BEiT's spline resampling (tests/models/test_xvlm_resize.py), not timm's linear resize
+    torch.testing.assert_close(converted[tables[0]], resize_relative_table(state[source_key], tuple(window)))
     if tower is BEIT:  # the three CLS entries (cls->token, token->cls, cls->cls) are kept as they are
         torch.testing.assert_close(converted[tables[0]][-3:], state[source_key][-3:])
     with torch.no_grad():
