@@ -19,6 +19,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from capret.errors import ConfigError
+
 T = TypeVar("T")
 
 __all__ = [
@@ -34,10 +36,6 @@ __all__ = [
     "set_nested",
     "to_dict",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration file or override does not match the config's declared fields."""
 
 
 class _ConfigLoader(yaml.SafeLoader):

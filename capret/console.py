@@ -17,6 +17,7 @@ import traceback
 from typing import Any
 
 from capret.config import ConfigError
+from capret.errors import NotAvailableError
 
 __all__ = [
     "DEBUG_HELP",
@@ -30,10 +31,6 @@ __all__ = [
 ]
 
 DEBUG_HELP = "print the full traceback of an error (also: CAPRET_DEBUG=1)"
-
-
-class NotAvailableError(RuntimeError):
-    """A command or mode whose implementation has not landed."""
 
 
 def print_json(obj: Any) -> None:

@@ -1,8 +1,16 @@
-"""Typed errors raised by the library; the console scripts turn each into one line and a non-zero exit.
+"""Typed errors raised by the library; the console scripts turn each into one line and exit code 2.
 
-Every error that concerns a file carries its path, so the message a user reads always names what to fix.
-``CapretError`` subclasses ``ValueError`` because most of them are bad values; code that already catches
-``ValueError`` keeps working.
+One family: every error the library raises on purpose derives from :class:`CapretError`, so the console
+boundary (:func:`capret.console.run_guarded`) can tell a user's mistake (a ``CapretError``, or an OS/parse error
+of a user's file) from a bug (anything else, shown with its traceback and exit code 3). See ``docs/errors.md``.
+
+Every error that concerns a file carries its path, so the message a user reads always names what to fix; the
+others name the field or option and the offending value. ``CapretError`` subclasses ``ValueError`` because most
+of them are bad values; code that already catches ``ValueError`` keeps working. Subclasses that stand in for a
+built-in error callers already expect (``FileNotFoundError``, ``KeyError``, ``RuntimeError``) derive from it too.
+
+Bare ``ValueError``/``TypeError`` stay for violations of a programming contract (a caller passing a tensor of
+the wrong rank): those are bugs, and the boundary shows them as such.
 """
 
 from __future__ import annotations
@@ -17,13 +25,18 @@ __all__ = [
     "CapretError",
     "CaptionStoreMismatchError",
     "CheckpointError",
+    "ConfigError",
     "DataError",
     "IncompleteCheckpointError",
     "MissingDependencyError",
     "MissingFileError",
     "MissingImageError",
     "NonFiniteError",
+    "NonFiniteLossError",
+    "NotAvailableError",
     "OutputFolderError",
+    "UnknownNameError",
+    "UsageError",
     "require_finite",
 ]
 
@@ -37,6 +50,29 @@ class CapretError(ValueError):
             f"{self.path}: {message}" if self.path is not None and str(self.path) not in message else message
         )
         super().__init__(text)
+
+    def __str__(self) -> str:
+        # The plain message, also for subclasses that mix in KeyError (whose own __str__ would quote it).
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class ConfigError(CapretError):
+    """A configuration file, override or config field does not match the declared fields or holds an invalid
+    value (the message names the key and the value, and the valid ones). Importable from ``capret.config`` too."""
+
+
+class UsageError(CapretError):
+    """A command-line option, argument or combination of them is invalid (the message names the option)."""
+
+
+class UnknownNameError(CapretError, KeyError):
+    """A name looked up in a registry (encoder, loss, dataset, task, backend...) is not registered; the message
+    lists the valid names. Also a ``KeyError`` for callers that expect one."""
+
+
+class NotAvailableError(CapretError, RuntimeError):
+    """A command, mode or combination whose implementation is not available in this build or environment.
+    Importable from ``capret.console`` too."""
 
 
 class DataError(CapretError):
@@ -70,6 +106,17 @@ class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
 
 class NonFiniteError(CapretError):
     """An array that must be finite holds NaN or Inf (the message names the array and the first bad index)."""
+
+
+class NonFiniteLossError(NonFiniteError, RuntimeError):
+    """Training stopped because a loss term or the gradient norm became NaN/inf; carries the step, the
+    non-finite terms and the last good checkpoint (if any). Importable from ``capret.engine.trainer`` too."""
+
+    def __init__(self, message: str, *, step: int, terms: list[str], checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.terms = terms
+        self.checkpoint = checkpoint
 
 
 class OutputFolderError(CapretError):

@@ -11,6 +11,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from capret.errors import UnknownNameError
+
 T = TypeVar("T")
 
 __all__ = ["Registry"]
@@ -43,7 +45,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown {self.family} {name!r}; valid names: {', '.join(self.names()) or '(none)'}"
             ) from None
 

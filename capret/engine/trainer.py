@@ -71,6 +71,7 @@ from capret.engine.checkpoint import (
 from capret.engine.distributed import batch_size_of, move_to_device, resolve_amp_dtype, unwrap_model
 from capret.engine.run_log import RunLog, supersede_previous_run
 from capret.engine.schedule import build_optimizer, build_scheduler, resolve_param_groups
+from capret.errors import NonFiniteLossError
 
 __all__ = [
     "NonFiniteLossError",
@@ -141,16 +142,6 @@ class TrainTask(Protocol):
     def training_step(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]: ...
 
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because a loss term or the gradient norm became NaN/inf."""
-
-    def __init__(self, message: str, *, step: int, terms: list[str], checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.step = step
-        self.terms = terms
-        self.checkpoint = checkpoint
 
 
 def _validate(config: TrainerConfig) -> None:
