@@ -33,6 +33,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ __all__ = [
     "StaleLockWarning",
     "exclusive_output",
     "holder_of",
+    "job_output",
+    "job_token_from_env",
     "lock_path_for",
     "read_holder",
 ]
@@ -71,6 +74,7 @@ class LockHolder:
     command: str
     what: str
     started: str
+    job: str = ""
 
     def describe(self) -> str:
         where = "" if self.host == socket.gethostname() else f" on {self.host}"
@@ -101,6 +105,7 @@ def read_holder(lock_file: str | os.PathLike[str]) -> LockHolder | None:
             command=str(data.get("command", "")),
             what=str(data.get("what", "")),
             started=str(data.get("started", "")),
+            job=str(data.get("job", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -137,8 +142,9 @@ def _refuse(output: Path, what: str, holder: LockHolder | None) -> OutputLockedE
     )
 
 
-def _write_record(fd: int, *, what: str) -> None:
+def _write_record(fd: int, *, what: str, job: str = "") -> None:
     record = {
+        "job": job,
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "command": _command_line(),
@@ -250,3 +256,126 @@ def holder_of(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The recorded holder of output ``path`` as a dict (for status reports), or None when unlocked."""
     holder = read_holder(lock_path_for(path))
     return None if holder is None else holder.__dict__.copy()
+
+
+def job_token_from_env() -> str:
+    """A token shared by every process of one ``torchrun`` job and by no other live job on the host.
+
+    torchrun gives all ranks of a job the same rendezvous address and port (two live jobs on one host cannot
+    share a port) and run id; a single process is its own job.
+    """
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world not in ("", "1") and os.environ.get("MASTER_PORT"):
+        return ":".join(
+            [
+                "torchrun",
+                os.environ.get("MASTER_ADDR", ""),
+                os.environ.get("MASTER_PORT", ""),
+                os.environ.get("TORCHELASTIC_RUN_ID", ""),
+                world,
+            ]
+        )
+    return f"process:{socket.gethostname()}:{os.getpid()}"
+
+
+def _lock_nb(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def job_output(path: str | os.PathLike[str], *, what: str, job: str, member: int) -> Iterator[Path]:
+    """One *job* per output, many member processes: the lock for outputs that every rank of a job writes.
+
+    Each member (a rank) holds an exclusive lock on its own part (``.<name>.r<member>.lock``), so two processes
+    of one rank never write together; every member also holds a *shared* lock on the output's lock file, which
+    records the ``job`` token (see :func:`job_token_from_env`) of the job that holds it. A member of another job
+    -- whatever its rank or world size -- finds a different token there and is refused, so two jobs never mix
+    one folder, while the ranks of one job never refuse each other.
+
+    Raises:
+        OutputLockedError: another job (or another process of this rank) is writing ``path``.
+    """
+    output = Path(os.path.abspath(path))
+    lock_file = lock_path_for(output)
+    fd = _join(output, lock_file, what=what, job=job)  # another job is refused first, naming its holder
+    try:
+        part = output.with_name(f"{output.name}.r{member}")
+        with exclusive_output(part, what=f"{what} (rank {member})"):
+            yield lock_file
+    finally:
+        _leave(lock_file, fd)
+
+
+def _same_file(lock_file: Path, fd: int) -> bool:
+    try:
+        return os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _join(output: Path, lock_file: Path, *, what: str, job: str) -> int:
+    """Hold a shared lock on ``lock_file`` as a member of ``job``; refuse when another job holds it."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(400):
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if _lock_nb(fd, fcntl.LOCK_EX):  # nobody holds it: this job claims the output
+                if not _same_file(lock_file, fd):
+                    os.close(fd)
+                    continue
+                previous = read_holder(lock_file)
+                if previous is not None and previous.job != job:
+                    alive = previous.host == socket.gethostname() and _pid_alive(previous.pid)
+                    if alive and attempt < 200:
+                        # A claimer of another job between writing its record and taking its shared lock
+                        # (flock downgrades are not atomic): look again shortly before calling it stale.
+                        os.close(fd)
+                        time.sleep(0.01)
+                        continue
+                    warnings.warn(
+                        f"taking over the lock on {what} {output}: its holder {previous.describe()} is no "
+                        "longer running (killed or crashed)",
+                        StaleLockWarning,
+                        stacklevel=4,
+                    )
+                if previous is None or previous.job != job:
+                    _write_record(fd, what=what, job=job)
+                fcntl.flock(fd, fcntl.LOCK_SH)  # let the other ranks of this job join
+            elif not _lock_nb(fd, fcntl.LOCK_SH):  # a claimer holds it exclusively for a moment: retry
+                os.close(fd)
+                time.sleep(0.01)
+                continue
+            if not _same_file(lock_file, fd):  # removed by the last member of a finished job
+                os.close(fd)
+                continue
+            holder = read_holder(lock_file)
+            if holder is None:  # the claimer has not written its record yet
+                os.close(fd)
+                time.sleep(0.01)
+                continue
+            if holder.job != job:
+                raise _refuse(output, what, holder)
+            return fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+    raise OutputLockedError(
+        f"cannot lock {what} {output}: its lock file {lock_file} keeps changing", path=output
+    )
+
+
+def _leave(lock_file: Path, fd: int) -> None:
+    """Drop this member's shared lock; the last member out removes the lock file (a clean release)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        if _lock_nb(fd, fcntl.LOCK_EX):
+            with contextlib.suppress(OSError):
+                if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
+                    lock_file.unlink()
+    finally:
+        os.close(fd)

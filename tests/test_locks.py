@@ -133,3 +133,62 @@ def test_two_racing_processes_one_writes_one_is_refused(tmp_path: Path) -> None:
             results = pool.starmap(_race, [(str(output), "a", barrier), (str(output), "b", barrier)])
     assert sorted(r.split(":")[0] for r in results) == ["refused", "wrote"]
     assert len(list(output.iterdir())) == 1  # nothing mixed
+
+
+JOB = """
+import sys, time
+from pathlib import Path
+from capret.locks import job_output
+with job_output(sys.argv[1], what="test folder", job=sys.argv[2], member=int(sys.argv[3])):
+    Path(sys.argv[4]).write_text("locked")
+    time.sleep(float(sys.argv[5]))
+"""
+
+
+def _start_member(
+    tmp_path: Path, output: Path, *, job: str, member: int, seconds: float = 30.0
+) -> subprocess.Popen[bytes]:
+    flag = tmp_path / f"{job}-{member}.flag"
+    args = [sys.executable, "-c", JOB, str(output), job, str(member), str(flag), str(seconds)]
+    proc = subprocess.Popen(args)
+    deadline = time.monotonic() + 30
+    while not flag.exists():
+        assert proc.poll() is None, "member exited early"
+        assert time.monotonic() < deadline, "member never took the lock"
+        time.sleep(0.02)
+    return proc
+
+
+def test_ranks_of_one_job_share_the_output_another_job_is_refused(tmp_path: Path) -> None:
+    from capret.locks import job_output
+
+    output = tmp_path / "out"
+    ranks = [_start_member(tmp_path, output, job="job-a", member=m) for m in (0, 1)]
+    try:
+        for member in (0, 1, 5):  # any rank of another job, whatever its world size
+            with pytest.raises(OutputLockedError, match=f"PID {ranks[0].pid}"):
+                with job_output(output, what="test folder", job="job-b", member=member):
+                    pytest.fail("a second job got into the folder")
+        with pytest.raises(OutputLockedError, match=r"rank 1"):  # a second process of one rank
+            with job_output(output, what="test folder", job="job-a", member=1):
+                pytest.fail("two processes of one rank")
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    with pytest.warns(StaleLockWarning), job_output(output, what="test folder", job="job-b", member=0):
+        pass
+    assert not lock_path_for(output).exists()  # the last member out removed it
+
+
+def test_job_lock_released_cleanly_by_last_member(tmp_path: Path) -> None:
+    from capret.locks import job_output
+
+    output = tmp_path / "out"
+    member = _start_member(tmp_path, output, job="job-a", member=0, seconds=0.3)
+    with job_output(output, what="test folder", job="job-a", member=1):
+        pass
+    assert member.wait(timeout=30) == 0
+    assert not lock_path_for(output).exists()
+    with job_output(output, what="test folder", job="job-b", member=0):  # no warning: nothing stale
+        pass
