@@ -17,10 +17,13 @@ the row counts are gathered first and blocks are padded to the longest for ``all
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from capret.io import default_device
+from capret.locks import OutputLockedError, exclusive_output
 from capret.losses.gather import all_gather_sizes, all_gather_with_grad  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "batch_size_of",
     "broadcast_flag",
     "cleanup_distributed",
+    "exclusive_output_on_main",
     "init_distributed",
     "move_to_device",
     "resolve_amp_dtype",
@@ -232,3 +237,34 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16":
         return torch.float16
     raise ValueError(f"trainer.amp={amp!r} is not one of ['auto', 'bf16', 'fp16', 'off']")
+
+
+@contextlib.contextmanager
+def exclusive_output_on_main(
+    path: str | os.PathLike[str], *, what: str, ctx: DistContext
+) -> Iterator[Path | None]:
+    """Rank 0 holds the one-writer lock on ``path`` (see :mod:`capret.locks`); every rank learns the outcome.
+
+    Only rank 0 writes a run folder, so it alone takes the lock; the decision is broadcast before anyone goes
+    on, so a refused job stops on every rank at once instead of leaving ranks waiting in a collective. Yields
+    the lock file on rank 0, None elsewhere.
+
+    Raises:
+        OutputLockedError: on every rank when rank 0 was refused (rank 0's message names the holder's PID).
+    """
+    with contextlib.ExitStack() as stack:
+        refused: OutputLockedError | None = None
+        lock_file: Path | None = None
+        if ctx.is_main:
+            try:
+                lock_file = stack.enter_context(exclusive_output(path, what=what))
+            except OutputLockedError as exc:
+                refused = exc
+        if broadcast_flag(refused is not None, device=ctx.device, world_size=ctx.world_size):
+            if refused is not None:
+                raise refused
+            raise OutputLockedError(
+                f"{what} {path} is being written by another job (rank 0 of this job was refused)",
+                path=Path(path),
+            )
+        yield lock_file

@@ -601,6 +601,7 @@ def train(
 
     Raises:
         NonFiniteLossError: a loss term or the gradient norm became NaN/inf (see the module docstring).
+        OutputLockedError: another live run is writing ``config.output_dir`` (its PID is named).
     """
     _validate(config)
     for method in ("build_model", "train_dataloader", "training_step", "evaluate"):
@@ -608,6 +609,9 @@ def train(
             raise TypeError(f"task {type(task).__name__} has no {method}() method (see TrainTask)")
     ctx = du.init_distributed(config.device)
     try:
-        return _Trainer(task, config, ctx=ctx, resume=resume, task_config=task_config).run()
+        # One writer per run folder, taken before anything in it is read, moved aside or written: two runs
+        # into one folder used to both finish, each moving the other's checkpoints to superseded/.
+        with du.exclusive_output_on_main(config.output_dir, what="training output folder", ctx=ctx):
+            return _Trainer(task, config, ctx=ctx, resume=resume, task_config=task_config).run()
     finally:
         du.cleanup_distributed(ctx)
