@@ -26,6 +26,7 @@ __all__ = [
     "default_device",
     "file_sha256",
     "load_safetensors",
+    "load_state_into",
     "read_json",
     "resolve_model_folder",
     "step_checkpoints",
@@ -145,6 +146,53 @@ def load_safetensors(path: str | os.PathLike[str], *, device: str = "cpu") -> di
         raise CheckpointError(
             f"cannot read safetensors weights ({exc}); the file is truncated or corrupt", path=path
         ) from None
+
+
+def load_state_into(
+    module: torch.nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    built_from: str = "its config",
+) -> None:
+    """Load a safetensors file into ``module`` after checking its checksum, names and shapes, so every mismatch
+    is a :class:`~capret.errors.CheckpointError` naming the file and the tensor (torch's own strict-load error is
+    a multi-line traceback that names neither the file nor which side is wrong).
+
+    Args:
+        sha256: the hex digest recorded when the file was written (None: nothing recorded, not checked).
+        built_from: what the module was built from, for the message (e.g. the config file's name).
+    """
+    from capret.errors import CheckpointError
+
+    path = Path(path)
+    if sha256 is not None and path.is_file() and file_sha256(path) != sha256:
+        raise CheckpointError(
+            "fails its SHA-256 checksum (truncated or modified after saving); save the model again", path=path
+        )
+    state = load_safetensors(path)
+    own = module.state_dict()
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise CheckpointError(
+            f"holds tensor {extra[0]!r} ({len(extra)} unexpected in all) that the model built from {built_from} "
+            "does not have; the file belongs to another architecture",
+            path=path,
+        )
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CheckpointError(
+            f"lacks tensor {missing[0]!r} ({len(missing)} missing in all) of the model built from {built_from}",
+            path=path,
+        )
+    for key, value in state.items():
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"tensor {key!r} has shape {list(value.shape)} but {list(own[key].shape)} in the model built "
+                f"from {built_from}",
+                path=path,
+            )
+    module.load_state_dict(state, strict=True)
 
 
 def default_device(

@@ -115,6 +115,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from capret.inference.dualstream.encoding import load_model
     from capret.inference.dualstream.extract import (
         ExtractionWriter,
+        check_finite_rows,
         check_output_folder,
         folder_fingerprint,
         ids_fingerprint,
@@ -174,7 +175,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 skipped.append(
                     {"id": ids[start + index], "file": str(paths[start + index]), "reason": reason}
                 )
-            writer.write_shard(feats[keep], [i for i, k in zip(ids[start:stop], keep) if k])
+            kept_ids = [i for i, k in zip(ids[start:stop], keep) if k]
+            check_finite_rows(feats[keep], model=str(args.checkpoint), ids=kept_ids)
+            writer.write_shard(feats[keep], kept_ids)
         manifest = writer.publish(
             {
                 "checkpoint": str(args.checkpoint),

@@ -10,6 +10,7 @@ and its top results. ``--gallery-id ID`` searches with a gallery item instead of
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--out", type=Path, default=None, help="PNG of the query item and its top results")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the SHA-256 check of the gallery's shards and index (default: verified once per search)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -81,7 +87,9 @@ def _search(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
-    pipeline = RetrievalPipeline.load(args.pipeline, device=args.device)
+    if args.no_verify:
+        print("warning: --no-verify: the gallery's checksums are not checked", file=sys.stderr)
+    pipeline = RetrievalPipeline.load(args.pipeline, device=args.device, verify=not args.no_verify)
     try:
         rerank = False if args.no_rerank else None
         if args.gallery_id is not None:

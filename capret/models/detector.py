@@ -21,7 +21,6 @@ every weight is in the safetensors file, so no pretrained source is needed at lo
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from capret.config import cfg, from_dict, to_dict
 from capret.errors import CheckpointError
-from capret.io import atomic_write, atomic_write_json
+from capret.io import atomic_write, atomic_write_json, file_sha256, load_state_into, read_json
 
 __all__ = [
     "DETECTOR_CONFIG_FILE",
@@ -303,29 +302,41 @@ class ClothingDetector(nn.Module):
             frozen_bn=_frozen_bn(self.config),
             mobilenet_dilated=self.config.mobilenet_dilated or self.config.weights is not None,
         )
-        meta = {"format": DETECTOR_FORMAT, "config": to_dict(portable), "trained_from": to_dict(self.config)}
+        meta = {
+            "format": DETECTOR_FORMAT,
+            "config": to_dict(portable),
+            "trained_from": to_dict(self.config),
+            "sha256": {
+                DETECTOR_WEIGHTS_FILE: file_sha256(directory / DETECTOR_WEIGHTS_FILE)
+            },  # checked on load
+        }
         atomic_write_json(directory / DETECTOR_CONFIG_FILE, meta, indent=2)
         return directory
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, *, device: str | torch.device | None = None
+        cls, directory: str | Path, *, device: str | torch.device | None = None, verify: bool = True
     ) -> ClothingDetector:
-        """Load a folder written by :meth:`save_pretrained` (weights via safetensors only)."""
-        from safetensors.torch import load_file
-
+        """Load a folder written by :meth:`save_pretrained` (weights via safetensors only; their SHA-256, when
+        recorded, is verified unless ``verify=False``)."""
         directory = Path(directory)
         meta_path = directory / DETECTOR_CONFIG_FILE
         if not meta_path.is_file():
             raise CheckpointError(f"no {DETECTOR_CONFIG_FILE}: not a capret detector folder", path=directory)
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, what="detector config")
         if meta.get("format") != DETECTOR_FORMAT:
             raise CheckpointError(f"format {meta.get('format')!r} is not {DETECTOR_FORMAT!r}", path=meta_path)
         model = cls(from_dict(DetectorModelConfig, meta["config"]))
         weights = directory / DETECTOR_WEIGHTS_FILE
         if not weights.is_file():
             raise CheckpointError("detector weights are missing", path=weights)
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        recorded = meta.get("sha256") or {}
+        load_state_into(
+            model,
+            weights,
+            sha256=recorded.get(DETECTOR_WEIGHTS_FILE) if verify else None,
+            built_from=str(meta_path),
+        )
         if device is not None:
             model.to(device)
         return model.eval()

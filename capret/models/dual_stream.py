@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capret.config import cfg, from_dict, to_dict
-from capret.errors import CheckpointError
-from capret.io import atomic_write, atomic_write_json
+from capret.io import atomic_write, atomic_write_json, file_sha256
 from capret.models.encoders import EncoderOutput, TextEncoder, VisualEncoder, create_encoder, minilm_dir
 from capret.registry import Registry
 
@@ -370,7 +369,11 @@ class DualStreamModel(nn.Module):
             directory / MODEL_WEIGHTS_FILE,
             lambda tmp: save_file(state, str(tmp), metadata={"format": MODEL_FORMAT}),
         )
-        meta = {"format": MODEL_FORMAT, "config": to_dict(config)}
+        meta = {
+            "format": MODEL_FORMAT,
+            "config": to_dict(config),
+            "sha256": {MODEL_WEIGHTS_FILE: file_sha256(directory / MODEL_WEIGHTS_FILE)},  # checked on load
+        }
         atomic_write_json(directory / MODEL_CONFIG_FILE, meta, indent=2)
         return directory
 
@@ -403,10 +406,11 @@ class DualStreamModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, *, device: str | torch.device | None = None
+        cls, directory: str | Path, *, device: str | torch.device | None = None, verify: bool = True
     ) -> DualStreamModel:
-        """Load a folder written by :meth:`save_pretrained`."""
-        from capret.io import load_safetensors, read_json
+        """Load a folder written by :meth:`save_pretrained`; the weights' SHA-256 (recorded since it was added)
+        is verified unless ``verify=False``."""
+        from capret.io import load_state_into, read_json
 
         directory = Path(directory)
         meta_path = directory / MODEL_CONFIG_FILE
@@ -419,16 +423,13 @@ class DualStreamModel(nn.Module):
         weights = directory / MODEL_WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} does not exist")
-        state = load_safetensors(weights)
-        own = model.state_dict()
-        wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-        if wrong:
-            raise CheckpointError(
-                f"tensor {wrong[0]} has shape {list(state[wrong[0]].shape)} in {weights.name} but "
-                f"{list(own[wrong[0]].shape)} in the model built from {MODEL_CONFIG_FILE}",
-                path=weights,
-            )
-        model.load_state_dict(state, strict=True)
+        recorded = meta.get("sha256") or {}
+        load_state_into(
+            model,
+            weights,
+            sha256=recorded.get(MODEL_WEIGHTS_FILE) if verify else None,
+            built_from=str(meta_path),
+        )
         if device is not None:
             model.to(device)
         return model.eval()

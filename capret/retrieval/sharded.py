@@ -14,7 +14,11 @@ A manifest (per rank or merged) is one JSON object::
      "rows": N, "meta": {...},            # meta: the writer's own description (model, captions, ...)
      "shards": [{"name": "r0_00000", "rank": 0, "index": 0, "rows": n, "span": [start, stop],
                  "features": "features_r0_00000.npy", "items": "items_r0_00000.jsonl",
-                 "sha256": "<hex digest of the .npy file>"}, ...]}
+                 "sha256": "<hex digest of the .npy file>", "items_sha256": "<... of the .jsonl>"}, ...]}
+
+Readers verify: :class:`ShardedFeatures` checks every listed file against its SHA-256 once, when it is opened
+(``verify=False`` skips the check and says so in :attr:`ShardedFeatures.verified`), so a flipped byte in a shard
+is refused with the shard's name instead of turning into scores above 1 for unit vectors.
 
 ``span`` is the range of the rank's *inputs* (e.g. images) the shard covers, which is what lets an interrupted
 writer resume: shards already in the rank manifest are skipped. Global row numbers follow the merged order
@@ -32,8 +36,8 @@ same computation as faiss' ``IndexRefineFlat``, which keeps all float vectors in
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -46,7 +50,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from capret.errors import CapretError, DataError
-from capret.io import atomic_write_json, atomic_write_text
+from capret.io import atomic_write_json, atomic_write_text, file_sha256, read_json
 from capret.retrieval.index import IVFPQ_DEFAULTS, as_float32, ivfpq_factory, training_rows
 
 __all__ = [
@@ -58,6 +62,7 @@ __all__ = [
     "build_ivf_from_shards",
     "merge_manifests",
     "open_features",
+    "verify_files",
 ]
 
 FORMAT = "capret-sharded-features"
@@ -66,12 +71,27 @@ MANIFEST = "manifest.json"
 _RANK_MANIFEST = re.compile(r"^manifest_r(\d+)\.json$")
 
 
-def _sha256(path: Path, *, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _sha256(path: Path) -> str:
+    return file_sha256(path, chunk=1 << 22)
+
+
+def verify_files(directory: Path, checksums: dict[str, str], *, what: str, listed_in: str) -> None:
+    """Check files of ``directory`` against their SHA-256 hex digests (streamed, memory bounded).
+
+    Raises:
+        DataError: naming the first file that is missing or whose bytes differ from the digest recorded in
+            ``listed_in`` (so the user knows which file to rebuild).
+    """
+    for name, expected in checksums.items():
+        path = directory / name
+        if not path.is_file():
+            raise DataError(f"{what} {name} listed in {listed_in} is missing", path=path)
+        if _sha256(path) != expected:
+            raise DataError(
+                f"{what} {name} fails its SHA-256 checksum in {listed_in} (corrupt or modified after it was "
+                "written); rebuild it, or skip the check with --no-verify / verify=False",
+                path=path,
+            )
 
 
 @dataclass(frozen=True)
@@ -86,7 +106,8 @@ class ShardInfo:
     items: str | None = None  # items_*.jsonl (ids and per-row metadata)
     ids: str | None = None  # capret-extract layout: ids_*.npy (numpy unicode array) or legacy ids_*.txt
     span: tuple[int, int] | None = None
-    sha256: str | None = None
+    sha256: str | None = None  # of the features file
+    items_sha256: str | None = None  # of the items file
 
     @classmethod
     def from_dict(cls, entry: dict[str, Any], *, manifest: Path) -> ShardInfo:
@@ -107,6 +128,7 @@ class ShardInfo:
                 ids=entry.get("ids"),
                 span=(int(span[0]), int(span[1])) if span is not None else None,
                 sha256=entry.get("sha256"),
+                items_sha256=entry.get("items_sha256"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"shard entry {entry!r} is invalid ({exc})", path=manifest) from None
@@ -119,7 +141,7 @@ class ShardInfo:
             "rows": self.rows,
             "features": self.features,
         }
-        for key in ("items", "ids", "sha256"):
+        for key in ("items", "ids", "sha256", "items_sha256"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.span is not None:
@@ -196,6 +218,7 @@ class ShardWriter:
             items=items_path.name,
             span=span,
             sha256=_sha256(features_path),
+            items_sha256=_sha256(items_path),
         )
         self.shards[info.index] = info
         self._write_manifest()
@@ -227,10 +250,7 @@ def _manifest(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"not valid JSON ({exc})", path=path) from None
+    data = read_json(path, what="manifest")  # a DataError naming the file, line and column
     if not isinstance(data, dict):
         raise DataError("a manifest must be a JSON object", path=path)
     return data
@@ -303,10 +323,20 @@ def merge_manifests(directory: str | Path) -> Path:
 class ShardedFeatures:
     """Read access to a features folder: memory-mapped shards, global row numbers, per-row item records."""
 
-    def __init__(self, directory: str | Path, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self, directory: str | Path, manifest: dict[str, Any], *, manifest_name: str = MANIFEST
+    ) -> None:
         self.directory = Path(directory)
+        self.manifest_name = manifest_name
         if manifest.get("format", FORMAT) != FORMAT:
             raise DataError(f"format {manifest.get('format')!r} is not {FORMAT!r}", path=self.directory)
+        if int(manifest.get("version", VERSION)) > VERSION:
+            raise DataError(
+                f"manifest version {manifest.get('version')} is newer than this capret reads ({VERSION})",
+                path=self.directory / manifest_name,
+            )
+        #: whether :meth:`verify` passed for this opening (False: opened with ``verify=False``)
+        self.verified = False
         self.dim = int(manifest["dim"])
         self.meta: dict[str, Any] = dict(manifest.get("meta", {}))
         self.shards = [ShardInfo.from_dict(e, manifest=self.directory) for e in manifest["shards"]]
@@ -398,20 +428,39 @@ class ShardedFeatures:
         return out
 
     def verify(self) -> None:
-        """Check every shard's SHA-256 against the manifest (shards without a checksum are skipped)."""
+        """Check every shard's features and items files against the SHA-256 of the manifest, streaming each file
+        once (files of folders written before the items checksum existed are checked as far as recorded).
+
+        Raises:
+            DataError: naming the first shard file that is missing or differs.
+        """
+        checksums: dict[str, str] = {}
         for info in self.shards:
-            if info.sha256 is not None and _sha256(self.directory / info.features) != info.sha256:
-                raise DataError("checksum differs from the manifest", path=self.directory / info.features)
+            if info.sha256 is not None:
+                checksums[info.features] = info.sha256
+            if info.items is not None and info.items_sha256 is not None:
+                checksums[info.items] = info.items_sha256
+        verify_files(self.directory, checksums, what="feature shard", listed_in=self.manifest_name)
+        self.verified = True
 
 
-def open_features(directory: str | Path) -> ShardedFeatures:
-    """Open a features folder: its merged ``manifest.json``, else the rank manifests merged in memory."""
+def open_features(directory: str | Path, *, verify: bool = True) -> ShardedFeatures:
+    """Open a features folder: its merged ``manifest.json``, else the rank manifests merged in memory.
+
+    ``verify`` checks every shard against its SHA-256 before anything is read (once per opening; the result is
+    :attr:`ShardedFeatures.verified`); ``verify=False`` is the explicit way to skip it (``--no-verify``).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError("sharded features folder does not exist", path=directory)
     path = directory / MANIFEST
-    manifest = _read_json(path) if path.is_file() else _merged(directory)
-    return ShardedFeatures(directory, manifest)
+    if path.is_file():
+        features = ShardedFeatures(directory, _read_json(path))
+    else:
+        features = ShardedFeatures(directory, _merged(directory), manifest_name="manifest_r*.json")
+    if verify:
+        features.verify()
+    return features
 
 
 # ------------------------------------------------------------------------------------------------ indexes
@@ -483,10 +532,11 @@ def build_ivf_from_shards(
         merge_ondisk(index, part_files, str(lists))
         shutil.rmtree(parts_dir)
     faiss.write_index(index, str(out_dir / "ivf.index"))
+    files = ["ivf.index", "lists.ivfdata"] if on_disk else ["ivf.index"]
     settings = {
         "format": "capret-sharded-ivf",
         "version": 1,
-        "features": str(features.directory.resolve()),
+        "features": _portable(features.directory, out_dir),
         "rows": features.rows,
         "dim": features.dim,
         "nlist": int(nlist),
@@ -496,9 +546,19 @@ def build_ivf_from_shards(
         "refine_factor": int(refine_factor),
         "max_train": int(max_train),
         "on_disk": bool(on_disk),
+        "sha256": {name: _sha256(out_dir / name) for name in files},
     }
     atomic_write_json(out_dir / "index.json", settings, indent=1)
     return out_dir
+
+
+def _portable(target: Path, base: Path) -> str:
+    """``target`` relative to ``base`` when both lie under ``base``'s parent (a gallery folder moved or copied as
+    a whole keeps working), else absolute."""
+    target, base = target.resolve(), base.resolve()
+    if target.is_relative_to(base.parent):
+        return os.path.relpath(target, base)
+    return str(target)
 
 
 def _write_part(index: Any, parts_dir: Path, shard: int) -> str:
@@ -525,13 +585,22 @@ class ShardedIVFIndex:
         features: ShardedFeatures | None = None,
         nprobe: int | None = None,
         refine_factor: int | None = None,
+        verify: bool = True,
     ) -> None:
         self.directory = Path(directory)
         settings_path = self.directory / "index.json"
         if not settings_path.is_file():
             raise DataError("not a sharded IVF index folder (no index.json)", path=self.directory)
         self.settings = _read_json(settings_path)
-        self.features = features if features is not None else open_features(self.settings["features"])
+        if int(self.settings.get("version", 1)) > 1:
+            raise DataError(f"index version {self.settings['version']} is newer than this capret reads (1)",
+                            path=settings_path)  # fmt: skip
+        if verify:  # once per opening, before faiss maps anything
+            verify_files(self.directory, dict(self.settings.get("sha256") or {}), what="index file",
+                         listed_in="index.json")  # fmt: skip
+        if features is None:
+            features = open_features(self.directory / self.settings["features"], verify=verify)
+        self.features = features
         if self.features.rows != int(self.settings["rows"]):
             raise DataError(
                 f"index holds {self.settings['rows']} rows, features folder {self.features.directory} has "

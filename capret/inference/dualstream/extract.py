@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from capret.errors import DataError, OutputFolderError
+from capret.errors import DataError, NonFiniteError, OutputFolderError
 from capret.io import atomic_write, atomic_write_json, file_sha256, read_json
 
 __all__ = [
     "MANIFEST_VERSION",
     "ExtractionWriter",
+    "check_finite_rows",
     "check_output_folder",
     "folder_fingerprint",
     "ids_fingerprint",
@@ -67,6 +68,26 @@ def ids_fingerprint(ids: Sequence[str]) -> str:
     for ident in ids:
         digest.update(ident.encode("utf-8") + b"\0")
     return digest.hexdigest()[:32]
+
+
+def check_finite_rows(features: np.ndarray, *, model: str, ids: Sequence[str]) -> None:
+    """Refuse features holding NaN or Inf before anything is written, naming the model and the first bad row.
+
+    A model with NaN weights embeds every image as NaN; published with checksums, those rows look valid to every
+    reader and score NaN against everything (which sorts anywhere), so a broken model must stop the run here.
+
+    Raises:
+        NonFiniteError: naming ``model``, the row's id and its position.
+    """
+    finite = np.isfinite(features).all(axis=tuple(range(1, features.ndim))) if features.size else None
+    if finite is None or bool(finite.all()):
+        return
+    row = int(np.argmin(finite))
+    count = int((~finite).sum())
+    raise NonFiniteError(
+        f"model {model} produced non-finite features (NaN/Inf) for {count} of {len(finite)} rows, first row "
+        f"{row} (id {ids[row]!r}); nothing was written (are the model's weights NaN?)"
+    )
 
 
 def _existing_manifests(out: Path) -> dict[int, Path]:
@@ -123,12 +144,15 @@ class ExtractionWriter:
     identity: dict[str, Any]
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     shards: list[dict[str, Any]] = field(default_factory=list)
+    #: whether __enter__ made ``out`` (a refused first run removes it again)
+    _created: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.incoming = self.out / f".incoming-r{self.rank}-{self.run}"
 
     def __enter__(self) -> ExtractionWriter:
+        self._created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in self.out.glob(f".incoming-r{self.rank}-*"):  # leftovers of killed runs of this rank
             shutil.rmtree(stale, ignore_errors=True)
@@ -137,6 +161,8 @@ class ExtractionWriter:
 
     def __exit__(self, *exc: object) -> None:
         shutil.rmtree(self.incoming, ignore_errors=True)
+        if self._created and exc[0] is not None and not any(self.out.iterdir()):
+            self.out.rmdir()  # a refused first run leaves no empty folder behind
 
     def write_shard(self, features: np.ndarray, ids: Sequence[str]) -> dict[str, Any]:
         """Write one shard (features and ids) into the incoming folder; returns its manifest entry."""
@@ -204,11 +230,14 @@ def _fsync_dir(folder: Path) -> None:
 def read_extraction(out: str | Path, *, verify: bool = True) -> tuple[np.ndarray, list[str]]:
     """Features ``[N, D]`` and ids of an extraction folder, rank by rank, shard by shard.
 
-    Only files listed by the manifests are read; ``verify`` checks every file's SHA-256 first. Every rank
-    ``0 .. world_size - 1`` must be present with the same identity.
+    Only files listed by the manifests are read; ``verify`` checks every file's SHA-256 first (``verify=False``
+    is the explicit way to skip it). Every rank ``0 .. world_size - 1`` must be present with the same identity.
+    Features holding NaN or Inf are refused whatever ``verify`` says (a checksum only proves the bytes are the
+    ones written, not that they are numbers).
 
     Raises:
         DataError: naming the folder and what is missing, mismatched or corrupt.
+        NonFiniteError: naming the shard that holds NaN or Inf.
     """
     out = Path(out)
     manifests = {
@@ -233,7 +262,15 @@ def read_extraction(out: str | Path, *, verify: bool = True) -> tuple[np.ndarray
                     )
                 if verify and file_sha256(path) != entry[f"{kind}_sha256"]:
                     raise DataError(f"shard {entry[kind]} fails its checksum (corrupt or replaced)", path=out)
-            features.append(np.load(out / entry["features"], allow_pickle=False))
+            shard = np.load(out / entry["features"], allow_pickle=False)
+            bad = np.argwhere(~np.isfinite(shard)) if shard.dtype.kind == "f" else np.zeros((0, 2))
+            if len(bad):
+                raise NonFiniteError(
+                    f"shard {entry['features']} listed by manifest_r{rank}.json holds a non-finite value "
+                    f"(row {int(bad[0][0])}); features must be finite, extract again with a sound model",
+                    path=out,
+                )
+            features.append(shard)
             ids.extend(np.load(out / entry["ids"], allow_pickle=False).tolist())
     stacked = np.concatenate(features) if features else np.zeros((0, int(first.get("dim", 0))), np.float32)
     return stacked, ids

@@ -31,8 +31,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from capret.data.imagefile import decode_image
-from capret.errors import DataError, OutputFolderError
-from capret.io import atomic_write_json
+from capret.errors import DataError, OutputFolderError, UnknownNameError
+from capret.inference.dualstream.extract import check_finite_rows
+from capret.io import atomic_write_json, file_sha256, read_json
 from capret.retrieval.index import create_index, load_index
 from capret.retrieval.sharded import (
     ShardedFeatures,
@@ -41,11 +42,13 @@ from capret.retrieval.sharded import (
     build_ivf_from_shards,
     merge_manifests,
     open_features,
+    verify_files,
 )
 
 __all__ = ["GALLERY_FILE", "Gallery", "build_gallery", "clear_gallery", "finish_gallery"]
 
 GALLERY_FILE = "gallery.json"
+GALLERY_VERSION = 1
 INDEX_KINDS = ("flat", "exact", "ivfpq")
 
 
@@ -176,6 +179,7 @@ def build_gallery(
             if records
             else np.zeros((0, model.embed_dim), np.float32)
         )
+        check_finite_rows(np.asarray(feats), model=model_ref or "model", ids=[r["id"] for r in records])
         writer.write(shard, feats, records, span=(start, start + len(chunk)))
         summary["items"] += len(records)
         summary["shards_written"] += 1
@@ -208,12 +212,14 @@ def finish_gallery(
         for start, chunk in features.iter_chunks():
             flat.add(chunk, np.arange(start, start + chunk.shape[0], dtype=np.int64))
         flat.save(out / "index.faiss")
+    checksums = {} if index == "ivfpq" else {"index.faiss": file_sha256(out / "index.faiss")}
     gallery = {
         "format": "capret-gallery",
-        "version": 1,
+        "version": GALLERY_VERSION,
         "rows": features.rows,
         "dim": features.dim,
         "index": {"kind": index, "options": options},
+        "sha256": checksums,  # the ivfpq index folder records its own (index/index.json)
         "build": features.meta,
         **(settings or {}),
     }
@@ -222,23 +228,32 @@ def finish_gallery(
 
 
 class Gallery:
-    """A built gallery folder opened for search: index, memory-mapped features, and one record per row."""
+    """A built gallery folder opened for search: index, memory-mapped features, and one record per row.
 
-    def __init__(self, directory: str | Path, *, device: str | None = None) -> None:
+    Opening verifies every checksummed file (feature shards, item records, the index) once, streaming each file:
+    a flipped byte is refused with the file's name before any score is computed. ``verify=False`` skips the
+    check explicitly (``capret search --no-verify``); :attr:`verified` says which happened.
+    """
+
+    def __init__(self, directory: str | Path, *, device: str | None = None, verify: bool = True) -> None:
         self.directory = Path(directory)
         path = self.directory / GALLERY_FILE
         if not path.is_file():
             raise DataError(
                 f"not a gallery folder (no {GALLERY_FILE}); build one with `capret index build`", path=path
             )
-        self.settings = json.loads(path.read_text())
-        self.features: ShardedFeatures = open_features(self.directory / "features")
+        self.settings = _read_settings(path)
+        self.verified = bool(verify)
+        if verify:
+            verify_files(self.directory, self.settings.get("sha256") or {}, what="gallery file",
+                         listed_in=GALLERY_FILE)  # fmt: skip
+        self.features: ShardedFeatures = open_features(self.directory / "features", verify=verify)
         self.items = self.features.items()
         self._rows = {str(item["id"]): row for row, item in enumerate(self.items)}
         kind = self.settings["index"]["kind"]
         self.index: Any
         if kind == "ivfpq":
-            self.index = ShardedIVFIndex(self.directory / "index", features=self.features)
+            self.index = ShardedIVFIndex(self.directory / "index", features=self.features, verify=verify)
         else:
             self.index = load_index(self.directory / "index.faiss", device=device)
         if self.index.ntotal != self.features.rows:
@@ -258,9 +273,32 @@ class Gallery:
         """Global row of a gallery item id (``"<image id>/<n>"``); unknown ids are an error naming one valid id."""
         if item_id not in self._rows:
             example = next(iter(self._rows), "")
-            raise KeyError(f"gallery item {item_id!r} not found (ids look like {example!r})")
+            raise UnknownNameError(
+                f"gallery item {item_id!r} not found (ids look like {example!r})", path=self.directory
+            )
         return self._rows[item_id]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, rows)`` of the top-``k`` gallery rows per query (``-1`` rows pad small galleries)."""
         return self.index.search(queries, min(int(k), len(self)))
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """``gallery.json``, checked: a JSON object of a known format and version with an index kind we build."""
+    settings = read_json(path, what="gallery settings")
+    if not isinstance(settings, dict):
+        raise DataError("a gallery settings file is a JSON object", path=path)
+    if settings.get("format", "capret-gallery") != "capret-gallery":
+        raise DataError(f"format {settings.get('format')!r} is not 'capret-gallery'", path=path)
+    version = settings.get("version", GALLERY_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= GALLERY_VERSION:
+        raise DataError(
+            f"unknown version {version!r}; this capret reads version 1 to {GALLERY_VERSION}", path=path
+        )
+    index = settings.get("index")
+    if not isinstance(index, dict) or index.get("kind") not in INDEX_KINDS:
+        kind = index.get("kind") if isinstance(index, dict) else index
+        raise DataError(f"index kind {kind!r} is not one of {', '.join(INDEX_KINDS)}", path=path)
+    if not isinstance(settings.get("sha256", {}), dict):
+        raise DataError("sha256 must map file names to hex digests", path=path)
+    return settings

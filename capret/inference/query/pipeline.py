@@ -188,8 +188,11 @@ class RetrievalPipeline:
     # ----------------------------------------------------------------------------------------- folders
 
     @classmethod
-    def load(cls, directory: str | Path, *, device: str | None = None) -> RetrievalPipeline:
-        """Open a pipeline folder (``pipeline.json`` and what it names)."""
+    def load(
+        cls, directory: str | Path, *, device: str | None = None, verify: bool = True
+    ) -> RetrievalPipeline:
+        """Open a pipeline folder (``pipeline.json`` and what it names); ``verify=False`` skips the gallery's
+        checksum verification (see :class:`~capret.inference.query.gallery.Gallery`)."""
         directory = Path(directory)
         path = directory / PIPELINE_FILE
         if not path.is_file():
@@ -199,20 +202,25 @@ class RetrievalPipeline:
         except json.JSONDecodeError as exc:
             raise DataError(f"not valid JSON ({exc})", path=path) from None
         pipeline = cls.from_config(
-            PipelineConfig.from_dict(data, path=path), base_dir=directory, device=device
+            PipelineConfig.from_dict(data, path=path), base_dir=directory, device=device, verify=verify
         )
         pipeline.directory = directory
         return pipeline
 
     @classmethod
     def from_config(
-        cls, config: PipelineConfig, *, base_dir: Path | None = None, device: str | None = None
+        cls,
+        config: PipelineConfig,
+        *,
+        base_dir: Path | None = None,
+        device: str | None = None,
+        verify: bool = True,
     ) -> RetrievalPipeline:
         from capret.inference.dualstream.encoding import load_model
         from capret.retrieval.rerank import create_reranker
 
         model = load_model(_resolve(base_dir, config.model), device=device)
-        gallery = Gallery(_resolve(base_dir, config.gallery), device=device)
+        gallery = Gallery(_resolve(base_dir, config.gallery), device=device, verify=verify)
         detector = None
         if config.detector:
             options = dict(config.detector.get("options", {}))
