@@ -304,7 +304,10 @@ def job_output(path: str | os.PathLike[str], *, what: str, job: str, member: int
     fd = _join(output, lock_file, what=what, job=job)  # another job is refused first, naming its holder
     try:
         part = output.with_name(f"{output.name}.r{member}")
-        with exclusive_output(part, what=f"{what} (rank {member})"):
+        with contextlib.ExitStack() as stack:
+            with warnings.catch_warnings():  # a dead job was reported once, by _join, not again per rank
+                warnings.simplefilter("ignore", StaleLockWarning)
+                stack.enter_context(exclusive_output(part, what=f"{what} (rank {member})"))
             yield lock_file
     finally:
         _leave(lock_file, fd)

@@ -11,7 +11,9 @@ complete run readable; stale shards are removed; a folder holding another model'
 ``--overwrite``. Read it with ``capret.inference.dualstream.extract.read_extraction``.
 
 ``--images`` is a folder (every .jpg/.jpeg/.png/.webp/.bmp below it, sorted; the id is the path relative to the
-folder without extension) or a text file with one image path per line, optionally followed by a tab and an id.
+folder without extension) or a text file with one image path per line, optionally followed by a tab and an id
+(default: the path relative to ``--root``, itself the list file's folder by default; ids are never absolute paths,
+and images outside the root, symbolic links included, are refused unless ``--follow-symlinks``).
 With ``--captions`` a caption store JSONL is joined by id (images without a caption use the no-caption path;
 the count is reported). Under ``torchrun`` every rank embeds images ``rank, rank + world_size, ...`` (read from the
 RANK / WORLD_SIZE environment variables) and writes its own shards, so ranks never share a file.
@@ -31,7 +33,6 @@ from capret.cli.common import add_debug_flag, print_json, run_guarded
 from capret.config import ConfigError
 from capret.io import default_device
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _MODEL_MARKERS = ("capret_model.json", "checkpoint.json")
 
 
@@ -45,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="model folder, checkpoint or run folder")
     p.add_argument("--images", type=Path, required=True, help="image folder or text file of image paths")
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="folder every image lies under; ids are paths relative to it (default: the --images folder, or the "
+        "list file's folder)",
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read images whose symbolic links point outside the root (refused by default)",
+    )
     p.add_argument("--captions", type=Path, default=None, help="caption store JSONL joined by image id")
     p.add_argument("--out", type=Path, required=True, help="output folder for the feature shards")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
@@ -80,32 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def list_images(source: Path) -> tuple[list[Path], list[str]]:
-    """Image paths and ids from a folder or a list file (see the module docstring)."""
-    if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not paths:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
-        return paths, [str(p.relative_to(source).with_suffix("")) for p in paths]
-    if not source.is_file():
-        raise FileNotFoundError(f"--images {source} is neither a folder nor a list file")
-    paths, ids = [], []
-    for number, line in enumerate(source.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        path_text, _, ident = line.partition("\t")
-        path = Path(path_text.strip())
-        if not path.is_absolute():
-            path = source.parent / path
-        if not path.is_file():
-            raise FileNotFoundError(f"{source}:{number}: image {path} does not exist")
-        paths.append(path)
-        ids.append(ident.strip() or path_text.strip())
-    if not paths:
-        raise ValueError(f"--images {source} lists no image")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"--images {source}: image ids are not unique")
-    return paths, ids
+def list_images(
+    source: Path, *, root: Path | None = None, follow_symlinks: bool = False
+) -> tuple[list[Path], list[str]]:
+    """Image paths and ids from a folder or a list file (:func:`capret.data.image_list.list_images`)."""
+    from capret.data.image_list import list_images as list_image_files
+
+    listed = list_image_files(source, root=root, follow_symlinks=follow_symlinks)
+    return listed.paths, listed.ids
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,6 +116,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         ids_fingerprint,
     )
     from capret.io import file_sha256, resolve_model_folder
+    from capret.locks import job_output, job_token_from_env
 
     if args.batch_size < 1 or args.shard_size < 1:
         raise ConfigError(
@@ -132,7 +128,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = default_device(args.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    all_paths, all_ids = list_images(args.images)
+    all_paths, all_ids = list_images(args.images, root=args.root, follow_symlinks=args.follow_symlinks)
     paths, ids = all_paths[rank::world_size], all_ids[rank::world_size]
     identity = {
         "model": folder_fingerprint(resolve_model_folder(args.checkpoint, markers=_MODEL_MARKERS)),
@@ -141,52 +137,57 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "world_size": world_size,
     }
-    check_output_folder(args.out, identity=identity, overwrite=args.overwrite)
-    captions = None
-    missing = 0
-    if args.captions is not None:
-        table = read_captions(args.captions)
-        captions = [table.get(i) for i in ids]
-        missing = sum(c is None for c in captions)
-        if ids and (len(ids) - missing) / len(ids) < args.min_caption_coverage:
-            raise CaptionStoreMismatchError(
-                f"only {len(ids) - missing} of {len(ids)} images have a caption (keys are the image ids, e.g. "
-                f"{ids[0]!r}); below --min-caption-coverage {args.min_caption_coverage}",
-                path=args.captions,
-            )
-    model = load_model(args.checkpoint, device=device)
-    skipped: list[dict[str, str]] = []
-    with ExtractionWriter(args.out, rank=rank, world_size=world_size, identity=identity) as writer:
-        for start in range(0, len(paths), args.shard_size):
-            stop = start + args.shard_size
-            bad: list[tuple[int, str]] | None = [] if args.on_bad_image == "skip" else None
-            feats = model.encode_images(
-                paths[start:stop],
-                None if captions is None else captions[start:stop],
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-                precision=args.precision,
-                progress=rank == 0,
-                bad_images=bad,
-            )
-            keep = np.ones(len(feats), dtype=bool)
-            for index, reason in bad or []:
-                keep[index] = False
-                skipped.append(
-                    {"id": ids[start + index], "file": str(paths[start + index]), "reason": reason}
+    # One job per folder, taken before the folder is inspected: every rank of this torchrun job writes it,
+    # any other job is refused at once naming the holder (two jobs used to race on .incoming-r0-*).
+    with job_output(args.out, what="extraction folder", job=job_token_from_env(), member=rank):
+        check_output_folder(args.out, identity=identity, overwrite=args.overwrite)
+        captions = None
+        missing = 0
+        if args.captions is not None:
+            table = read_captions(args.captions)
+            captions = [table.get(i) for i in ids]
+            missing = sum(c is None for c in captions)
+            if ids and (len(ids) - missing) / len(ids) < args.min_caption_coverage:
+                raise CaptionStoreMismatchError(
+                    f"only {len(ids) - missing} of {len(ids)} images have a caption (keys are the image ids, e.g. "
+                    f"{ids[0]!r}); below --min-caption-coverage {args.min_caption_coverage}",
+                    path=args.captions,
                 )
-            kept_ids = [i for i, k in zip(ids[start:stop], keep) if k]
-            check_finite_rows(feats[keep], model=str(args.checkpoint), ids=kept_ids)
-            writer.write_shard(feats[keep], kept_ids)
-        manifest = writer.publish(
-            {
-                "checkpoint": str(args.checkpoint),
-                "images": len(paths),
-                "dim": model.embed_dim,
-                "captions": None if captions is None else {"found": len(ids) - missing, "missing": missing},
-                "skipped_images": {"count": len(skipped), "files": skipped},
-            }
-        )
+        model = load_model(args.checkpoint, device=device)
+        skipped: list[dict[str, str]] = []
+        with ExtractionWriter(args.out, rank=rank, world_size=world_size, identity=identity) as writer:
+            for start in range(0, len(paths), args.shard_size):
+                stop = start + args.shard_size
+                bad: list[tuple[int, str]] | None = [] if args.on_bad_image == "skip" else None
+                feats = model.encode_images(
+                    paths[start:stop],
+                    None if captions is None else captions[start:stop],
+                    batch_size=args.batch_size,
+                    num_workers=args.num_workers,
+                    precision=args.precision,
+                    progress=rank == 0,
+                    bad_images=bad,
+                )
+                keep = np.ones(len(feats), dtype=bool)
+                for index, reason in bad or []:
+                    keep[index] = False
+                    skipped.append(
+                        {"id": ids[start + index], "file": str(paths[start + index]), "reason": reason}
+                    )
+                kept_ids = [i for i, k in zip(ids[start:stop], keep) if k]
+                check_finite_rows(feats[keep], model=str(args.checkpoint), ids=kept_ids)
+                writer.write_shard(feats[keep], kept_ids)
+            manifest = writer.publish(
+                {
+                    "checkpoint": str(args.checkpoint),
+                    "images": len(paths),
+                    "dim": model.embed_dim,
+                    "captions": None
+                    if captions is None
+                    else {"found": len(ids) - missing, "missing": missing},
+                    "skipped_images": {"count": len(skipped), "files": skipped},
+                }
+            )
     return manifest
 
 

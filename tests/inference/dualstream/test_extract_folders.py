@@ -82,8 +82,12 @@ def test_rerun_refuses_other_model_removes_stale_shards_and_checks_sums(
         read_extraction(out)
 
 
-def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
+        **(env or {}),
+    }
     env["OMP_NUM_THREADS"] = "1"
     code = "import sys; from capret.cli.extract import main; raise SystemExit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=subprocess.DEVNULL,
@@ -146,3 +150,36 @@ def test_kill_9_at_random_moments_never_mixes_runs(
         assert len(matches) == 1, "the folder mixes runs"
         seen.add(matches[0])
     assert seen
+
+
+def test_second_extraction_into_one_folder_is_refused_naming_the_holder(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "feats"
+    assert main(_argv(assets, "a", tmp_path / "ref_a")) == 0
+    capsys.readouterr()
+    reference = read_extraction(tmp_path / "ref_a")
+    proc = _spawn(_argv(assets, "a", out, "--shard-size", "2", "--batch-size", "1"))
+    deadline = time.monotonic() + 120
+    while _incoming_files(out) < 1 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "extraction A exited"
+        time.sleep(0.01)
+    assert main(_argv(assets, "b", out, "--overwrite")) == 2  # even --overwrite waits for no one
+    err = capsys.readouterr().err
+    assert f"PID {proc.pid}" in err and str(out) in err and err.count("\n") == 1 and "Errno" not in err
+    assert proc.wait(timeout=120) == 0
+    feats, ids = read_extraction(out)  # A's complete run, nothing of B
+    assert ids == reference[1] and np.allclose(feats, reference[0], atol=1e-6)
+    assert not list(tmp_path.glob(".*.lock"))  # clean releases leave no lock file
+
+
+def test_ranks_of_one_torchrun_job_write_one_folder_together(assets: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "feats"
+    procs = []
+    for rank in (0, 1):  # two processes at once, with the environment torchrun gives one job
+        env = {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+        procs.append(_spawn(_argv(assets, "a", out, "--shard-size", "3", "--batch-size", "1"), env=env))
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    feats, ids = read_extraction(out)
+    assert sorted(ids) == [f"im{i:02d}" for i in range(24)] and feats.shape == (24, 24)
