@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 
-from capret.retrieval.index import exact_topk
+from capret.retrieval.knn import self_knn
 from capret.retrieval.rerank.base import (
     FeatureReranker,
     Reranker,
@@ -36,7 +36,8 @@ class AlphaQueryExpansion(FeatureReranker):
     nearest descriptors in that set (itself included), each weighted by ``sim ** alpha``, then re-normalised
     (Radenović et al., TPAMI 2018, αQE; Arandjelović and Zisserman, CVPR 2012, DBA). The top-K candidates are
     then rescored with the expanded descriptors. Expanding both sides together is what makes it DBA + QE in one
-    pass; the ``k``-NN graph over ``Q + G`` items is computed chunked (``exact_topk``), never as a dense matrix.
+    pass; the ``k``-NN graph over ``Q + G`` items is computed tile by tile on its symmetric half (``self_knn``), never
+    as a dense matrix.
     """
 
     def __init__(
@@ -56,7 +57,8 @@ class AlphaQueryExpansion(FeatureReranker):
         k = min(self.k, feats.shape[0])
         for _ in range(self.iterations):
             normed = torch.nn.functional.normalize(feats, dim=1)
-            sims, idx = exact_topk(normed, normed, k)
+            graph = self_knn(normed, k)
+            sims, idx = graph.sims, graph.positions
             weights = _signed_pow(sims, self.alpha)
             new = torch.empty_like(feats)
             for s in range(0, feats.shape[0], 2048):
@@ -142,23 +144,6 @@ def _make_superglobal(
     return SuperGlobalRerank(m=m, k=k, beta=beta, chunk=chunk, device=device)
 
 
-def _knn_and_min(
-    feats: torch.Tensor, k: int, *, max_block: int = 1 << 24
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` neighbour positions ``[N, k]`` of every row of ``feats`` among all rows, and each row's minimum
-    similarity ``[N]`` (its farthest item), in one chunked pass."""
-    n = feats.shape[0]
-    chunk = max(1, max_block // max(n, 1))
-    idx = torch.empty((n, k), dtype=torch.int64, device=feats.device)
-    mins = torch.empty((n,), dtype=torch.float32, device=feats.device)
-    for s in range(0, n, chunk):
-        block = feats[s : s + chunk] @ feats.T
-        # ties broken towards the lower position, like a stable argsort of the distances
-        idx[s : s + chunk] = torch.sort(block, dim=1, descending=True, stable=True).indices[:, :k]
-        mins[s : s + chunk] = block.min(dim=1).values
-    return idx, mins
-
-
 def _rows_contain(table: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``out[i, a] = targets[i] in table[rows[i, a]]`` for a ``[N, A]`` index ``rows``."""
     return (table[rows] == targets[:, None, None]).any(-1)
@@ -204,7 +189,8 @@ class KReciprocalRerank(FeatureReranker):
         n = feats.shape[0]
         kk = min(self.k1 + 1, n)
         half = min(int(round(self.k1 / 2)) + 1, n)
-        ranks, min_sim = _knn_and_min(feats, kk)
+        graph = self_knn(feats, kk, with_row_min=True)
+        ranks, min_sim = graph.positions, graph.row_min
         dmax = (2.0 - 2.0 * min_sim).clamp(min=1e-12)
         arange = torch.arange(n, device=feats.device)
         cols_list, vals_list = [], []

@@ -1,0 +1,61 @@
+"""``self_knn`` (symmetric tiles, threshold-gathered candidates, int64 keys) against the obvious reference: the
+full similarity matrix and a stable descending sort of each row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capret.retrieval.knn import self_knn
+
+
+def _reference(feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rerankers' first implementation: every row sorted in full, ties towards the lower position."""
+    full = feats @ feats.T
+    order = torch.sort(full, dim=1, descending=True, stable=True).indices[:, :k]
+    return full.gather(1, order), order, full.min(dim=1).values
+
+
+def _features(n: int, *, dim: int = 16, duplicates: bool = False, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
+    if duplicates:
+        # identical rows and coarsely rounded values: many exact ties, also at the k-th place
+        feats[10:40] = feats[3]
+        feats[50:90] = feats[60]
+        feats = torch.nn.functional.normalize(feats.round(decimals=1), dim=1)
+    return feats
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "block", "duplicates"),
+    [
+        (257, 7, 64, False),
+        (257, 7, 64, True),
+        (300, 21, 50, True),
+        (40, 21, 16, False),
+        (5, 9, 2, False),
+        (1, 3, 4, False),
+    ],
+)
+def test_self_knn_equals_the_stable_full_sort(n: int, k: int, block: int, duplicates: bool) -> None:
+    feats = _features(n, duplicates=duplicates)
+    graph = self_knn(feats, k, block=block, with_row_min=True)
+    sims, positions, row_min = _reference(feats, min(k, n))
+    assert torch.equal(graph.positions, positions)
+    torch.testing.assert_close(graph.sims, sims, atol=1e-6, rtol=0)
+    torch.testing.assert_close(graph.row_min, row_min, atol=1e-6, rtol=0)
+
+
+def test_negative_zero_and_negative_similarities_keep_their_order() -> None:
+    feats = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [-0.6, -0.8]])
+    graph = self_knn(feats, 5, block=2)
+    assert torch.equal(graph.positions, _reference(feats, 5)[1])
+
+
+def test_row_min_only_when_asked_and_bad_arguments_refused() -> None:
+    assert self_knn(_features(20), 3).row_min.numel() == 0
+    with pytest.raises(ValueError, match="k >= 1"):
+        self_knn(_features(20), 0)
+    with pytest.raises(ValueError, match="at least one row"):
+        self_knn(torch.empty(0, 4), 3)
