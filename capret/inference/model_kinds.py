@@ -17,6 +17,7 @@ combiner   task ``combiner`` (stage 1 or 2)                           :class:`~c
 phi        task ``phi`` (SEARLE)                                      :class:`~capret.inference.cir.inversion.ZeroShotModel`
 pic2word   task ``pic2word``                                          :class:`~capret.inference.cir.inversion.ZeroShotModel`
 lincir     task ``lincir``                                            :class:`~capret.inference.cir.inversion.ZeroShotModel`
+clip       task ``clip``                                              :class:`~capret.models.openclip.OpenClipBundle`
 ========== ========================================================== ===========================================
 
 A new kind (a new task's export, a checkpoint converter's output) registers its loader with
@@ -48,6 +49,7 @@ _LAZY = {
     "phi": "capret.inference.cir.inversion",
     "pic2word": "capret.inference.cir.inversion",
     "lincir": "capret.inference.cir.inversion",
+    "clip": "capret.inference.clip_model",
 }
 
 _KINDS: Registry[ModelLoader] = Registry("model kind", lazy_modules=_LAZY)

@@ -15,6 +15,7 @@ pseudo-word methods with a clear error.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,10 @@ from torchvision import transforms as T
 
 from capret.models.clip_base import ClipBundle
 
-__all__ = ["OpenClipBundle", "load_open_clip"]
+__all__ = ["OPEN_CLIP_CONFIG_FILE", "OpenClipBundle", "load_open_clip", "wrap_open_clip"]
+
+#: the architecture file of open_clip's ``local-dir:`` layout
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
 
 #: state-dict entries of an open_clip model that belong to neither tower (the contrastive temperature/bias)
 _SHARED = ("logit_scale", "logit_bias")
@@ -102,6 +106,8 @@ def load_open_clip(
     Args:
         name: open_clip architecture, e.g. ``RN50x4``, ``ViT-L-14``, ``ViT-bigG-14`` (``open_clip.list_models()``),
             or a schema name: ``local-dir:/path`` (``open_clip_config.json`` + weights) or ``hf-hub:org/repo``.
+            A plain path to a folder holding ``open_clip_config.json`` (what ``capret-train`` task ``clip``
+            exports) is read as ``local-dir:``.
         pretrained: a pretrained tag (``openai``, ``laion2b_s39b_b160k``; ``open_clip.list_pretrained()``) or a
             local weights file; None builds random weights (tests, or weights loaded afterwards).
         preprocess: ``targetpad``, ``squarepad`` or ``none``, placed before the model's own transform.
@@ -110,18 +116,41 @@ def load_open_clip(
     """
     import open_clip
 
-    from capret.data.transforms import SquarePad, TargetPad
-
+    if ":" not in name and (Path(name) / OPEN_CLIP_CONFIG_FILE).is_file():
+        name = f"local-dir:{name}"
     if ":" not in name and name not in open_clip.list_models():
         raise ValueError(
             f"open_clip architecture {name!r} is unknown; e.g. RN50x4, ViT-L-14, ViT-bigG-14 "
-            f"({len(open_clip.list_models())} known: open_clip.list_models())"
+            f"({len(open_clip.list_models())} known: open_clip.list_models()), or a folder with "
+            f"{OPEN_CLIP_CONFIG_FILE}"
         )
     model, _, own_transform = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, device=device
     )
-    model = model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
+    return wrap_open_clip(
+        model.eval(),
+        tokenizer=open_clip.get_tokenizer(name),
+        own_transform=own_transform,
+        name=f"{name}:{pretrained}" if pretrained else name,
+        preprocess=preprocess,
+        target_ratio=target_ratio,
+    )
+
+
+def wrap_open_clip(
+    model: nn.Module,
+    *,
+    tokenizer: Any,
+    own_transform: Any,
+    name: str,
+    preprocess: str = "targetpad",
+    target_ratio: float = 1.25,
+) -> OpenClipBundle:
+    """An open_clip model already in memory (one being trained) behind :class:`OpenClipBundle`, with the same
+    padding + own-transform preprocessing :func:`load_open_clip` gives a loaded one, so training and every later
+    use of the exported folder see identically preprocessed pixels."""
+    from capret.data.transforms import SquarePad, TargetPad
+
     steps: list[Any] = [_RGB()]
     if preprocess == "targetpad":
         steps.append(TargetPad(target_ratio))
@@ -132,11 +161,7 @@ def load_open_clip(
     transform = T.Compose([*steps, own_transform])
     preprocess_id = f"open_clip:{preprocess}:{target_ratio}:{' '.join(repr(own_transform).split())}"
     return OpenClipBundle(
-        model,
-        tokenizer=tokenizer,
-        transform=transform,
-        name=f"{name}:{pretrained}" if pretrained else name,
-        preprocess_id=preprocess_id,
+        model, tokenizer=tokenizer, transform=transform, name=name, preprocess_id=preprocess_id
     )
 
 

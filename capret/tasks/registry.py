@@ -32,6 +32,7 @@ _TASKS: Registry[TaskSpec] = Registry(
         "phi": "capret.tasks.searle_phi",
         "pic2word": "capret.tasks.pic2word",
         "lincir": "capret.tasks.lincir",
+        "clip": "capret.tasks.clip",
     },
 )
 
