@@ -38,6 +38,18 @@ def add_parser(subparsers: Any) -> None:
         "--checkpoint", type=Path, required=True, help="model folder, checkpoint or run folder"
     )
     build.add_argument("--images", type=Path, required=True, help="image folder or text file of image paths")
+    build.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="folder every image lies under; ids and stored image paths are relative to it (default: the --images "
+        "folder, or the list file's folder)",
+    )
+    build.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read images whose symbolic links point outside the root (refused by default)",
+    )
     build.add_argument("--out", type=Path, required=True, help="gallery folder to write (resumable)")
     build.add_argument("--detector", default=None, help="registered detector name (default: whole image)")
     build.add_argument(
@@ -85,8 +97,13 @@ def make_detector(name: str | None, detections: Path | None, options: dict[str, 
 
 
 def _build(args: argparse.Namespace) -> dict[str, Any]:
-    from capret.cli.extract import list_images
-    from capret.engine.distributed import barrier, cleanup_distributed, init_distributed
+    from capret.data.image_list import list_images
+    from capret.engine.distributed import (
+        barrier,
+        cleanup_distributed,
+        exclusive_output_on_main,
+        init_distributed,
+    )
     from capret.inference.dualstream.encoding import load_model
     from capret.inference.query.captioner import Captioner, CaptionerSettings
     from capret.inference.query.gallery import build_gallery, clear_gallery, finish_gallery
@@ -97,53 +114,58 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
         )
     ctx = init_distributed(args.device)
     try:
-        if args.overwrite and ctx.rank == 0:
-            clear_gallery(args.out)
-        barrier(world_size=ctx.world_size)
-        paths, ids = list_images(args.images)
-        detector = make_detector(args.detector, args.detections, _options(args.detector_option, "detector"))
-        captioner = None
-        settings: dict[str, Any] = {"captioner": None}
-        if args.captions != "none":
-            caption_settings = CaptionerSettings(
-                backend=args.captions,
-                options=_options(args.caption_option, "caption"),
-                cache=str((args.out / "captions.jsonl").resolve()),
+        # One writer per gallery folder, taken before --overwrite clears anything (rank 0 holds it for the job).
+        with exclusive_output_on_main(args.out, what="gallery folder", ctx=ctx):
+            if args.overwrite and ctx.rank == 0:
+                clear_gallery(args.out)
+            barrier(world_size=ctx.world_size)
+            listed = list_images(args.images, root=args.root, follow_symlinks=args.follow_symlinks)
+            detector = make_detector(
+                args.detector, args.detections, _options(args.detector_option, "detector")
             )
-            captioner = Captioner.from_settings(caption_settings)
-            settings["captioner"] = caption_settings.to_dict() | {"cache": None}
-            if ctx.world_size > 1:  # one caption store per rank: a store has one writer
-                captioner.cache_path = args.out / f"captions_r{ctx.rank}.jsonl"
-        model = load_model(args.checkpoint, device=str(ctx.device))
-        summary = build_gallery(
-            model,
-            images=paths,
-            ids=ids,
-            out=args.out,
-            detector=detector,
-            captioner=captioner,
-            model_ref=str(args.checkpoint.resolve()),
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            shard_images=args.shard_images,
-            batch_size=args.batch_size,
-            progress=not args.no_progress and ctx.rank == 0,
-        )
-        if captioner is not None:
-            captioner.close()
-        barrier(world_size=ctx.world_size)
-        if ctx.rank == 0:
-            settings["model"] = str(args.checkpoint.resolve())
-            gallery = finish_gallery(
-                args.out,
-                index=args.index,
-                index_options=_options(args.index_option, "index"),
-                settings=settings,
-                progress=not args.no_progress,
+            captioner = None
+            settings: dict[str, Any] = {"captioner": None}
+            if args.captions != "none":
+                caption_settings = CaptionerSettings(
+                    backend=args.captions,
+                    options=_options(args.caption_option, "caption"),
+                    cache=str((args.out / "captions.jsonl").resolve()),
+                )
+                captioner = Captioner.from_settings(caption_settings)
+                settings["captioner"] = caption_settings.to_dict() | {"cache": None}
+                if ctx.world_size > 1:  # one caption store per rank: a store has one writer
+                    captioner.cache_path = args.out / f"captions_r{ctx.rank}.jsonl"
+            model = load_model(args.checkpoint, device=str(ctx.device))
+            summary = build_gallery(
+                model,
+                images=listed.paths,
+                ids=listed.ids,
+                image_root=listed.root,
+                out=args.out,
+                detector=detector,
+                captioner=captioner,
+                model_ref=str(args.checkpoint.resolve()),
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                shard_images=args.shard_images,
+                batch_size=args.batch_size,
+                progress=not args.no_progress and ctx.rank == 0,
             )
-            summary.update(rows=gallery["rows"], index=gallery["index"], out=str(args.out))
-        barrier(world_size=ctx.world_size)
-        return summary
+            if captioner is not None:
+                captioner.close()
+            barrier(world_size=ctx.world_size)
+            if ctx.rank == 0:
+                settings["model"] = str(args.checkpoint.resolve())
+                gallery = finish_gallery(
+                    args.out,
+                    index=args.index,
+                    index_options=_options(args.index_option, "index"),
+                    settings=settings,
+                    progress=not args.no_progress,
+                )
+                summary.update(rows=gallery["rows"], index=gallery["index"], out=str(args.out))
+            barrier(world_size=ctx.world_size)
+            return summary
     finally:
         cleanup_distributed(ctx)
 

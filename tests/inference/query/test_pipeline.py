@@ -236,3 +236,34 @@ def test_capret_extract_output_opens_as_sharded_features(assets: dict[str, Path]
         sorted(assets["shop"].glob("*.png"))
     )
     np.testing.assert_allclose(features.read_all(), expected, atol=1e-5)
+
+
+def test_second_index_build_into_one_gallery_is_refused(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from capret.locks import lock_path_for
+
+    out = tmp_path / "gallery"
+    argv = ["index", "build", "--checkpoint", str(assets["model"]), "--images", str(assets["shop"])]
+    argv += ["--out", str(out), "--shard-images", "1", "--batch-size", "1", "--no-progress"]
+    code = "import sys; from capret.cli.main import main; raise SystemExit(main(sys.argv[1:]))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not lock_path_for(out).exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first build never took the lock"
+            time.sleep(0.01)
+        assert main([*argv, "--overwrite"]) == 2  # refused before --overwrite clears anything
+        err = capsys.readouterr().err
+        assert f"PID {first.pid}" in err and str(out) in err and err.count("\n") == 1
+        assert first.wait(timeout=120) == 0
+    finally:
+        first.kill()
+        first.wait()
+    gallery = Gallery(out)
+    assert len(gallery) == 9 and len(gallery.features.shards) == 9  # the first build, complete and alone
