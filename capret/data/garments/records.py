@@ -1,0 +1,63 @@
+"""Shared records of the garment world's writers: identities, family splits and generator stream numbers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from capret.data.garments.patterns import sample_look
+from capret.data.garments.sampling import categories_cycle, family
+
+__all__ = ["STREAM_DF2", "STREAM_FIQ", "STREAM_PRETRAIN", "Identity", "draw_identities", "split_families"]
+
+#: generator stream numbers (the first key after the seed), one per part of the world
+STREAM_DF2, STREAM_FIQ, STREAM_PRETRAIN = 1, 2, 3
+
+
+@dataclass
+class Identity:
+    """One garment of the world: its id, attributes, family, where it lives and which images show it."""
+
+    id: str
+    attributes: dict[str, Any]
+    family: str
+    dataset: str
+    split: str
+    role: str = (
+        "identity"  # "identity" (pairable, style 1) or "companion" (an outfit's other garment, style 0)
+    )
+    pair_id: int | None = None
+    images: list[str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("id")
+        out["images"] = list(self.images or [])
+        return out
+
+
+def split_families(names: list[str], *, fraction: float, rng: np.random.Generator) -> dict[str, str]:
+    """Family name -> ``train`` | ``validation``: ``fraction`` of the families (at least one) go to validation."""
+    order = [names[i] for i in rng.permutation(len(names))]
+    count = min(len(names) - 1, max(1, round(len(names) * fraction)))
+    held = set(order[:count])
+    return {name: "validation" if name in held else "train" for name in names}
+
+
+def draw_identities(
+    count: int, *, prefix: str, rng: np.random.Generator, max_family: int = 3
+) -> list[tuple[str, dict[str, Any], Any]]:
+    """``count`` identities ``(family, attributes, look)`` in families of 1..max_family, categories balanced."""
+    out: list[tuple[str, dict[str, Any], Any]] = []
+    categories = categories_cycle(count, rng)
+    index = 0
+    while len(out) < count:
+        members = min(int(rng.integers(1, max_family + 1)), count - len(out))
+        name = f"{prefix}f{index:04d}"
+        look = sample_look(rng)
+        for attributes in family(categories[index % len(categories)], rng, members=members):
+            out.append((name, attributes, look))
+        index += 1
+    return out
