@@ -17,6 +17,7 @@ from capret.cli.common import add_debug_flag, run_guarded
 #: default) and ``run(args) -> int``
 SUBCOMMANDS: list[str] = [
     "capret.cli.ablate",
+    "capret.cli.catalogue",
     "capret.cli.check_data",
     "capret.cli.convert_xvlm",
     "capret.cli.index",
