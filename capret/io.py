@@ -168,7 +168,9 @@ def load_state_into(
     path = Path(path)
     if sha256 is not None and path.is_file() and file_sha256(path) != sha256:
         raise CheckpointError(
-            "fails its SHA-256 checksum (truncated or modified after saving); save the model again", path=path
+            "fails its SHA-256 checksum: the file is truncated or corrupt (changed after saving); save the "
+            "model again",
+            path=path,
         )
     state = load_safetensors(path)
     own = module.state_dict()

@@ -54,6 +54,11 @@ def _detector_dir(ctx: QuickstartContext) -> Path | None:
     return folder if folder.is_dir() and any(folder.iterdir()) else None
 
 
+def _where(path: str | Path) -> str:
+    """One spelling of a file's location (the gallery answers paths under its recorded root)."""
+    return str(Path(path).resolve())
+
+
 def run(ctx: QuickstartContext) -> dict[str, Any]:
     """Build ``OUT/pipeline`` (gallery + pipeline.json) and search demo queries with it."""
     from capret.quickstart.dual_stream import fastest_thread_count
@@ -109,6 +114,7 @@ def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
         captioner=captioner,
         model_ref=str(model_dir),
         progress=False,
+        image_root=image_path(ctx.data_root, split, 0).parent,  # stored relative: a copied OUT still works
     )
     captioner.close()
     finish_gallery(pipe_dir / "gallery", index="flat", settings={"model": str(model_dir)}, progress=False)
@@ -129,7 +135,7 @@ def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
 
     pipeline = RetrievalPipeline.load(pipe_dir)
     label_of = {
-        (str(image_path(ctx.data_root, split, it.image_id)), tuple(float(v) for v in it.bbox)): int(label)
+        (_where(image_path(ctx.data_root, split, it.image_id)), tuple(float(v) for v in it.bbox)): int(label)
         for it, label in zip(gallery.items, gallery.labels)
     }
     step = max(1, len(queries.items) // QUERIES)
@@ -140,13 +146,13 @@ def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
         item = queries.items[q]
         photo = image_path(ctx.data_root, split, item.image_id)
         matches = pipeline.search(photo, k=20, boxes=[item.bbox])
-        labels = [label_of.get((m.image, tuple(m.box or ())), -1) for m in matches]
+        labels = [label_of.get((_where(m.image), tuple(m.box or ())), -1) for m in matches]
         first += bool(labels) and labels[0] == int(queries.labels[q])
         top20 += int(queries.labels[q]) in labels
         if detector is not None:
             found = pipeline.search(photo, k=20)
             detected_top20 += int(queries.labels[q]) in [
-                label_of.get((m.image, tuple(m.box or ())), -1) for m in found
+                label_of.get((_where(m.image), tuple(m.box or ())), -1) for m in found
             ]
         for stage, ms in pipeline.last_timings.items():
             timings.setdefault(stage, []).append(ms)

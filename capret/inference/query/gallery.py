@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,12 +110,17 @@ def build_gallery(
     shard_images: int = 512,
     batch_size: int = 32,
     progress: bool = True,
+    image_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Embed this rank's share of ``images`` into shards under ``out/features`` (see the module docstring).
 
     Args:
         model: a :class:`~capret.inference.dualstream.encoding.RetrievalModel`.
-        images, ids: gallery photos and their unique ids (item ids are ``"<image id>/<n>"``).
+        images, ids: gallery photos and their unique ids (item ids are ``"<image id>/<n>"``); ids are names, so
+            an absolute path is refused.
+        image_root: the folder every image lies under; item records store image paths relative to it and
+            :func:`finish_gallery` records it relative to the gallery folder, so a copied folder tree keeps
+            working. ``None``: paths are stored as given (absolute after resolution), for in-memory images.
         detector: a detector (:mod:`capret.inference.detectors`); ``None`` = whole image.
         captioner: a :class:`~capret.inference.query.captioner.Captioner`; ``None`` = image-only features.
         model_ref: how the model was named (recorded; a resumed run must name the same).
@@ -129,7 +135,23 @@ def build_gallery(
         )
     if shard_images < 1:
         raise ValueError(f"shard_images must be >= 1, got {shard_images}")
+    absolute = [i for i in ids if Path(i).is_absolute() or Path(i).drive]
+    if absolute:
+        raise DataError(
+            f"gallery ids are names, not paths: {absolute[0]!r} is absolute; give ids relative to the image root"
+        )
     out = Path(out)
+    root = Path(os.path.abspath(image_root)) if image_root is not None else None
+
+    def stored(path: Path) -> str:
+        if root is None:
+            return str(Path(os.path.abspath(path)))
+        relative = Path(os.path.relpath(os.path.abspath(path), root))
+        if relative.parts[:1] == ("..",):
+            raise DataError(f"image {path} lies outside the gallery's image root {root}")
+        return relative.as_posix()
+
+    stored_images = [stored(p) for p in images]
     detector = detector or WholeImageDetector()
     describe = getattr(detector, "describe", None)
     meta = {
@@ -139,6 +161,8 @@ def build_gallery(
         "images": _list_digest(list(ids)),
         "shard_images": int(shard_images),
     }
+    if root is not None:  # finish_gallery records where the relative image paths start
+        meta["image_root"] = str(root)
     _refuse_another_build(out, meta)
     writer = ShardWriter(out / "features", rank=rank, world_size=world_size, dim=model.embed_dim, meta=meta)
     mine = list(range(rank, len(images), world_size))
@@ -162,7 +186,7 @@ def build_gallery(
                 owners.append(local)
                 boxes.append(tuple(float(v) for v in det.box))
                 records.append(
-                    {"id": f"{ids[i]}/{n}", "image": str(images[i]), **det.to_dict(), "caption": None}
+                    {"id": f"{ids[i]}/{n}", "image": stored_images[i], **det.to_dict(), "caption": None}
                 )
         captions: list[str | None] | None = None
         if captioner is not None and records:
@@ -223,6 +247,12 @@ def finish_gallery(
         "build": features.meta,
         **(settings or {}),
     }
+    if features.meta.get("image_root"):
+        # relative first (a folder tree copied elsewhere finds its own photos), absolute as the fallback (a gallery
+        # folder copied alone still finds the original photos)
+        absolute_root = str(features.meta["image_root"])
+        gallery["image_root"] = Path(os.path.relpath(absolute_root, out.resolve())).as_posix()
+        gallery["image_root_absolute"] = absolute_root
     atomic_write_json(out / GALLERY_FILE, gallery, indent=1)
     return gallery
 
@@ -249,6 +279,11 @@ class Gallery:
                          listed_in=GALLERY_FILE)  # fmt: skip
         self.features: ShardedFeatures = open_features(self.directory / "features", verify=verify)
         self.items = self.features.items()
+        #: the folder the items' relative image paths start from (None: galleries that store absolute paths)
+        self.image_root = _image_root(self.directory, self.settings)
+        if self.image_root is not None:
+            for item in self.items:
+                item["image"] = os.path.normpath(self.image_root / str(item["image"]))
         self._rows = {str(item["id"]): row for row, item in enumerate(self.items)}
         kind = self.settings["index"]["kind"]
         self.index: Any
@@ -302,3 +337,16 @@ def _read_settings(path: Path) -> dict[str, Any]:
     if not isinstance(settings.get("sha256", {}), dict):
         raise DataError("sha256 must map file names to hex digests", path=path)
     return settings
+
+
+def _image_root(directory: Path, settings: dict[str, Any]) -> Path | None:
+    """Where the relative image paths of a gallery start: ``image_root`` relative to the gallery folder when that
+    folder exists (the data was copied along), else ``image_root_absolute`` (the gallery alone was copied)."""
+    relative = settings.get("image_root")
+    if relative is None:
+        return None
+    candidate = Path(os.path.normpath(directory / str(relative)))
+    absolute = settings.get("image_root_absolute")
+    if candidate.is_dir() or absolute is None or not Path(str(absolute)).is_dir():
+        return candidate
+    return Path(str(absolute))
