@@ -10,26 +10,39 @@ Two fusers share one signature ``fuse(image_features, text_features) -> normalis
   CLIP text encoder in stage 1 and as the zero-training baseline.
 
 Both are registered in the ``combiner`` family (``create_combiner("combiner", feature_dim=640)``).
+
+The model's config lives here too (:class:`CombinerModelConfig`, with :class:`CombinerRecord` = stage + model,
+what a ``combiner`` model folder records), with :func:`build_fuser` and :func:`upgrade_config_dict`: the training
+task (:mod:`capret.tasks.combiner`) and inference (:mod:`capret.inference.cir.combiner`) both read them, so a
+model is rebuilt from its folder without the training code.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capret.config import cfg, set_nested
+from capret.models.clip import TaskClipConfig
 from capret.registry import Registry
 
 __all__ = [
     "LOGIT_SCALE",
     "Combiner",
+    "CombinerModelConfig",
+    "CombinerNetConfig",
+    "CombinerRecord",
     "ElementWiseSum",
     "batch_classification_loss",
+    "build_fuser",
     "create_combiner",
     "list_combiners",
     "register_combiner",
+    "upgrade_config_dict",
 ]
 
 #: CLIP4Cir uses a fixed temperature: logits = 100 · query @ target.T
@@ -133,3 +146,98 @@ def batch_classification_loss(
     logits = scale * query @ F.normalize(targets, dim=-1).T
     labels = torch.arange(query.shape[0], device=query.device)
     return F.cross_entropy(logits.float(), labels)
+
+
+# ------------------------------------------------------------------------------------------------ the config
+
+
+@dataclass
+class CombinerNetConfig:
+    """Sizes of the Combiner (``d`` comes from the CLIP checkpoint)."""
+
+    projection_dim: int = cfg(0, "projection width p; 0 = 4·d (RN50x4: 2560)")
+    hidden_dim: int = cfg(0, "fusion MLP width h; 0 = 8·d (RN50x4: 5120)")
+    dropout: float = cfg(0.5, "dropout after every hidden layer (paper: 0.5)")
+
+
+@dataclass
+class CombinerModelConfig:
+    """CLIP, the Combiner, which CLIP towers stage 1 tunes and which weights stage 2 starts from."""
+
+    clip: TaskClipConfig = cfg(factory=TaskClipConfig, help="the CLIP model and its preprocessing")
+    combiner: CombinerNetConfig = cfg(factory=CombinerNetConfig, help="Combiner sizes (stage 2)")
+    encoder: Literal["text", "image", "both"] = cfg("text", "stage 1: which CLIP tower(s) to fine-tune")
+    stage1_checkpoint: str | None = cfg(
+        None,
+        "stage 2: stage-1 checkpoint folder; 'auto' = <trainer.output_dir>/stage1/best; null = pretrained",
+    )
+
+
+@dataclass
+class CombinerRecord:
+    """What a ``combiner`` model folder records as its ``config``: the stage and the model section.
+
+    The training config (:class:`capret.tasks.combiner.CombinerTaskConfig`) has the same two fields, so
+    :func:`build_fuser` serves both.
+    """
+
+    stage: int = cfg(1, "1: CLIP fine-tuned, element-wise sum; 2: the Combiner on frozen CLIP")
+    model: CombinerModelConfig = cfg(factory=CombinerModelConfig, help="CLIP and Combiner")
+
+
+class _StagedModel(Protocol):
+    @property
+    def stage(self) -> int: ...
+
+    @property
+    def model(self) -> CombinerModelConfig: ...
+
+
+def build_fuser(config: _StagedModel, feature_dim: int) -> nn.Module:
+    """The fusion module of a stage, from the combiner registry: element-wise sum in stage 1, the Combiner in
+    stage 2."""
+    if config.stage == 1:
+        return create_combiner("sum", feature_dim=feature_dim)
+    net = config.model.combiner
+    return create_combiner(
+        "combiner",
+        feature_dim=feature_dim,
+        projection_dim=net.projection_dim or None,
+        hidden_dim=net.hidden_dim or None,
+        dropout=net.dropout,
+    )
+
+
+#: where each key of the flat pre-sections config (checkpoints written before the reorganisation) now lives
+_FLAT_KEYS: dict[str, tuple[str, ...]] = {
+    "dataset": ("data", "dataset"),
+    "root": ("data", "root"),
+    "categories": ("data", "categories"),
+    "train_split": ("data", "train_split"),
+    "val_split": ("data", "val_split"),
+    "feature_cache": ("data", "feature_cache"),
+    "eval_batch_size": ("data", "encode_batch_size"),
+    "clip": ("model", "clip", "name"),
+    "preprocess": ("model", "clip", "preprocess"),
+    "target_ratio": ("model", "clip", "target_ratio"),
+    "combiner": ("model", "combiner"),
+    "encoder": ("model", "encoder"),
+    "stage1_checkpoint": ("model", "stage1_checkpoint"),
+}
+
+
+def upgrade_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """A combiner config dict in today's sectioned shape; flat dicts of older sidecars are moved into sections.
+
+    Checkpoints written before every task shared the ``data/model/loss/trainer`` shape keep loading: their
+    top-level keys are moved to the place :data:`_FLAT_KEYS` names. A dict already in today's shape is returned
+    unchanged, so this is safe to call on any sidecar.
+    """
+    if not any(key in raw for key in _FLAT_KEYS):
+        return raw
+    out: dict[str, Any] = {k: v for k, v in raw.items() if k not in _FLAT_KEYS}
+    for key, where in _FLAT_KEYS.items():
+        if key not in raw:
+            continue
+        set_nested(out, where, raw[key], what=f"flat config key {key!r}")
+    return out

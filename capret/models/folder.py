@@ -24,8 +24,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from capret.errors import CheckpointError
-from capret.io import atomic_write_json
+from capret.io import atomic_write, atomic_write_json, load_safetensors
 
 __all__ = [
     "CHECKPOINT_SIDECAR",
@@ -35,7 +38,9 @@ __all__ = [
     "ModelFolderError",
     "folder_kind",
     "read_model_config",
+    "read_weights",
     "write_model_config",
+    "write_weights",
 ]
 
 #: the file that makes a folder a capret model folder
@@ -73,6 +78,47 @@ def write_model_config(
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "format": format, "config": config, **extra}
     return atomic_write_json(directory / MODEL_CONFIG_FILE, meta, indent=2)
+
+
+def write_weights(path: str | Path, module: nn.Module, *, format: str) -> Path:
+    """Write ``module``'s state as safetensors (atomically); every tensor is copied to CPU on its own storage,
+    because safetensors rejects tensors that share memory (tied or sliced weights)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": format}))
+    return path
+
+
+def read_weights(module: nn.Module, path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a safetensors file written by :func:`write_weights` into ``module`` (strict: same names, shapes).
+
+    Raises:
+        CheckpointError: the file is missing, or a tensor is missing, unexpected or of another shape (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("model weights are missing", path=path)
+    state = load_safetensors(path, device=str(device))
+    own = module.state_dict()
+    for problem, names in (("unexpected", set(state) - set(own)), ("missing", set(own) - set(state))):
+        if names:
+            raise CheckpointError(
+                f"{len(names)} {problem} tensor(s), e.g. {sorted(names)[0]!r}: the weights belong to another "
+                "architecture than the folder's config builds",
+                path=path,
+            )
+    for key, value in state.items():
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"tensor {key!r} has shape {list(value.shape)} but the model built from the folder's config "
+                f"has {list(own[key].shape)}",
+                path=path,
+            )
+    module.load_state_dict(state, strict=True)
+    return module
 
 
 def read_model_config(folder: str | Path) -> dict[str, Any]:

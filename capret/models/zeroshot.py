@@ -10,16 +10,38 @@ placeholder word (:meth:`capret.models.clip_base.ClipBundle.pseudo_token_feature
   Dropout 0.1, ReLU, then Linear(512 -> token width).
 
 Each module records its sizes in ``hparams`` so a checkpoint can be rebuilt from its sidecar alone.
+
+The configs of the three mapper tasks' models live here too (:class:`MapperModelConfig`, and
+:class:`MapperRecord`: what a ``phi`` / ``pic2word`` / ``lincir`` model folder records), with
+:func:`upgrade_config_dict` for the first, flat-keyed sidecars: the tasks (:mod:`capret.tasks.zeroshot_common`)
+and inference (:mod:`capret.inference.cir.inversion`) both read them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["MAPPERS", "Phi", "Pic2WordMapper", "build_mapper"]
+from capret.config import cfg, set_nested
+from capret.errors import CheckpointError
+from capret.models.clip import TaskClipConfig
+
+__all__ = [
+    "MAPPERS",
+    "ZEROSHOT_TASKS",
+    "MapperModelConfig",
+    "MapperRecord",
+    "Phi",
+    "Pic2WordMapper",
+    "build_mapper",
+    "upgrade_config_dict",
+]
+
+#: the ``capret-train`` tasks that train a mapper (each is also the ``kind`` of its exported model folder)
+ZEROSHOT_TASKS = ("phi", "pic2word", "lincir")
 
 
 class Phi(nn.Module):
@@ -82,6 +104,90 @@ MAPPERS: dict[str, type[nn.Module]] = {"phi": Phi, "pic2word": Pic2WordMapper}
 def build_mapper(kind: str, hparams: dict[str, Any]) -> nn.Module:
     """Rebuild a mapper from its family name and ``hparams`` (as stored in a checkpoint sidecar)."""
     if kind not in MAPPERS:
-        raise ValueError(f"mapper kind {kind!r} is unknown; valid: {', '.join(sorted(MAPPERS))}")
+        raise CheckpointError(f"mapper family {kind!r} is unknown; valid: {', '.join(sorted(MAPPERS))}")
     args = dict(hparams)
     return MAPPERS[kind](args.pop("input_dim"), **args)
+
+
+# ------------------------------------------------------------------------------------------------ the configs
+
+
+@dataclass
+class MapperModelConfig:
+    """The frozen CLIP and the trainable mapper on top of it."""
+
+    clip: TaskClipConfig = cfg(
+        factory=TaskClipConfig, help="frozen CLIP backbone and its image preprocessing"
+    )
+    hidden_dim: int = cfg(0, "mapper hidden width; 0 = 4 x CLIP feature size")
+    dropout: float = cfg(0.5, "mapper dropout")
+    placeholder: str = cfg("$", "pseudo-word placeholder (one token of the CLIP tokenizer)")
+
+
+@dataclass
+class MapperRecord:
+    """What a mapper model folder records as its ``config``: the frozen CLIP, the mapper family and its sizes,
+    and how inference uses it (method and placeholder)."""
+
+    clip: TaskClipConfig = cfg(factory=TaskClipConfig, help="the frozen CLIP the mapper was trained on")
+    method: str = cfg("searle", "zero-shot method the mapper serves: searle | pic2word | lincir")
+    mapper: str = cfg("phi", "mapper family (a key of MAPPERS)")
+    hparams: dict[str, Any] = cfg(
+        factory=dict, help="the mapper's sizes (input_dim, hidden_dim, output_dim, ...)"
+    )
+    placeholder: str = cfg("$", "pseudo-word placeholder of the prompt")
+
+
+#: where each key of the flat config of the first zero-shot checkpoints now lives
+_FLAT_KEYS: dict[str, tuple[str, ...]] = {
+    "images": ("data", "images"),
+    "captions": ("data", "captions"),
+    "tokens": ("data", "tokens"),
+    "phrases": ("data", "phrases"),
+    "limit": ("data", "limit"),
+    "batch_size": ("data", "batch_size"),
+    "feature_cache": ("data", "feature_cache"),
+    "eval_batch_size": ("data", "encode_batch_size"),
+    "preprocess": ("model", "clip", "preprocess"),
+    "target_ratio": ("model", "clip", "target_ratio"),
+    "hidden_dim": ("model", "hidden_dim"),
+    "dropout": ("model", "dropout"),
+    "placeholder": ("model", "placeholder"),
+    "prompt": ("loss", "prompt"),
+    "temperature": ("loss", "temperature"),
+    "lambda_distil": ("loss", "lambda_distil"),
+    "lambda_gpt": ("loss", "lambda_gpt"),
+    "top_k_concepts": ("loss", "top_k_concepts"),
+    "noise": ("loss", "noise"),
+    "lr": ("trainer", "lr"),
+    "weight_decay": ("trainer", "weight_decay"),
+}
+
+#: flat keys a task carried without using them (dropped on upgrade)
+_UNUSED: dict[str, frozenset[str]] = {"lincir": frozenset({"feature_cache"})}
+
+
+def upgrade_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """A ``phi``/``pic2word``/``lincir`` config dict in today's sectioned shape.
+
+    The first checkpoints of these tasks recorded a flat config (``clip``, ``images``, ``lr``, ``hidden_dim``,
+    ...); each key is moved to where :data:`_FLAT_KEYS` says it lives now (a flat ``clip`` section becomes
+    ``model.clip``; flat ``lr``/``weight_decay`` win over the trainer's, which those tasks did not read). A dict
+    already in today's shape, or of another task, is returned unchanged, so this is safe on any sidecar.
+    """
+    if raw.get("task") not in ZEROSHOT_TASKS or "model" in raw or "data" in raw:
+        return raw
+    unused = _UNUSED.get(str(raw["task"]), frozenset())
+    out: dict[str, Any] = {
+        k: v for k, v in raw.items() if k not in _FLAT_KEYS and k != "clip" and k not in unused
+    }
+    out["trainer"] = dict(out.get("trainer") or {})
+    clip = raw.get("clip")
+    if clip is not None:
+        section = {"backend": "hf", "name": clip} if isinstance(clip, str) else dict(clip)
+        out.setdefault("model", {})["clip"] = section
+    for key, where in _FLAT_KEYS.items():
+        if key not in raw or key in unused:
+            continue
+        set_nested(out, where, raw[key], what=f"flat config key {key!r}")
+    return out

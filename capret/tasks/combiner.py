@@ -29,16 +29,28 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from capret.config import ConfigError, cfg, set_nested, to_dict
+from capret.config import ConfigError, cfg, to_dict
 from capret.data import create_dataset
 from capret.data.imagefile import check_bad_image_policy, find_bad_images
-from capret.engine.trainer import TrainerConfig, train, unwrap_model
+from capret.engine.checkpoint import load_model_weights
+from capret.engine.distributed import DistContext
+from capret.engine.trainer import TrainerConfig, unwrap_model
+from capret.inference.cir.combiner import load_combiner_clip, save_combiner_folder
 from capret.inference.cir.features import CachedFeatures, image_features, text_features
 from capret.inference.cir.search import FeatureOptions, cirr_rankings, fashioniq_rankings
 from capret.io import atomic_write_json
-from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
-from capret.models.combiner import LOGIT_SCALE, batch_classification_loss, create_combiner
+from capret.models.clip import ClipBundle, TaskClipConfig
+from capret.models.combiner import (
+    LOGIT_SCALE,
+    CombinerModelConfig,
+    CombinerNetConfig,
+    CombinerRecord,
+    batch_classification_loss,
+    build_fuser,
+    upgrade_config_dict,
+)
 from capret.tasks.registry import register_task
+from capret.tasks.train_export import check_task_name, train_and_export
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +64,7 @@ __all__ = [
     "ModelConfig",
     "StageConfig",
     "build_fuser",
+    "load_task_clip",
     "run",
     "upgrade_config_dict",
 ]
@@ -96,26 +109,8 @@ class DataConfig:
 ClipConfig = TaskClipConfig
 
 
-@dataclass
-class CombinerNetConfig:
-    """Sizes of the Combiner (``d`` comes from the CLIP checkpoint)."""
-
-    projection_dim: int = cfg(0, "projection width p; 0 = 4·d (RN50x4: 2560)")
-    hidden_dim: int = cfg(0, "fusion MLP width h; 0 = 8·d (RN50x4: 5120)")
-    dropout: float = cfg(0.5, "dropout after every hidden layer (paper: 0.5)")
-
-
-@dataclass
-class ModelConfig:
-    """CLIP, the Combiner, which CLIP towers stage 1 tunes and which weights stage 2 starts from."""
-
-    clip: ClipConfig = cfg(factory=ClipConfig, help="the CLIP model and its preprocessing")
-    combiner: CombinerNetConfig = cfg(factory=CombinerNetConfig, help="Combiner sizes (stage 2)")
-    encoder: Literal["text", "image", "both"] = cfg("text", "stage 1: which CLIP tower(s) to fine-tune")
-    stage1_checkpoint: str | None = cfg(
-        None,
-        "stage 2: stage-1 checkpoint folder; 'auto' = <trainer.output_dir>/stage1/best; null = pretrained",
-    )
+#: the ``model`` section: CLIP, Combiner sizes, tuned towers, stage-1 start (:mod:`capret.models.combiner`)
+ModelConfig = CombinerModelConfig
 
 
 @dataclass
@@ -129,7 +124,8 @@ class LossConfig:
 class CombinerTaskConfig:
     """Config of ``capret-train`` task ``combiner`` (see configs/fashioniq_combiner.yaml).
 
-    Same shape as every task (``data``, ``model``, ``loss``, ``trainer``); ``stage`` and the per-stage
+    ``stage`` and ``model`` are what the exported model folder records (:class:`capret.models.combiner.
+    CombinerRecord`). Same shape as every task (``data``, ``model``, ``loss``, ``trainer``); ``stage`` and the per-stage
     optimisation sections ``stage1`` / ``stage2`` are this task's own.
     """
 
@@ -146,41 +142,6 @@ class CombinerTaskConfig:
     trainer: TrainerConfig = cfg(factory=TrainerConfig, help="shared training loop settings")
 
 
-#: where each key of the flat pre-sections config (checkpoints written before the reorganisation) now lives
-_FLAT_KEYS: dict[str, tuple[str, ...]] = {
-    "dataset": ("data", "dataset"),
-    "root": ("data", "root"),
-    "categories": ("data", "categories"),
-    "train_split": ("data", "train_split"),
-    "val_split": ("data", "val_split"),
-    "feature_cache": ("data", "feature_cache"),
-    "eval_batch_size": ("data", "encode_batch_size"),
-    "clip": ("model", "clip", "name"),
-    "preprocess": ("model", "clip", "preprocess"),
-    "target_ratio": ("model", "clip", "target_ratio"),
-    "combiner": ("model", "combiner"),
-    "encoder": ("model", "encoder"),
-    "stage1_checkpoint": ("model", "stage1_checkpoint"),
-}
-
-
-def upgrade_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
-    """A combiner config dict in today's sectioned shape; flat dicts of older sidecars are moved into sections.
-
-    Checkpoints written before every task shared the ``data/model/loss/trainer`` shape keep loading: their
-    top-level keys are moved to the place :data:`_FLAT_KEYS` names. A dict already in today's shape is returned
-    unchanged, so this is safe to call on any sidecar.
-    """
-    if not any(key in raw for key in _FLAT_KEYS):
-        return raw
-    out: dict[str, Any] = {k: v for k, v in raw.items() if k not in _FLAT_KEYS}
-    for key, where in _FLAT_KEYS.items():
-        if key not in raw:
-            continue
-        set_nested(out, where, raw[key], what=f"flat config key {key!r}")
-    return out
-
-
 @dataclass(frozen=True)
 class _Triplet:
     reference: str
@@ -188,44 +149,9 @@ class _Triplet:
     texts: tuple[str, ...]  # caption variants; one is drawn per sample and epoch
 
 
-def build_fuser(config: CombinerTaskConfig, feature_dim: int) -> nn.Module:
-    """The fusion module of a stage, from the combiner registry: element-wise sum in stage 1, the Combiner in
-    stage 2."""
-    if config.stage == 1:
-        return create_combiner("sum", feature_dim=feature_dim)
-    net = config.model.combiner
-    return create_combiner(
-        "combiner",
-        feature_dim=feature_dim,
-        projection_dim=net.projection_dim or None,
-        hidden_dim=net.hidden_dim or None,
-        dropout=net.dropout,
-    )
-
-
-def resolve_stage1_checkpoint(config: CombinerTaskConfig) -> Path | None:
-    """The stage-1 checkpoint folder a stage-2 run starts from (None = pretrained CLIP)."""
-    value = config.model.stage1_checkpoint
-    if value is None:
-        return None
-    path = Path(config.trainer.output_dir) / "stage1" / "best" if value == "auto" else Path(value)
-    if not (path / "checkpoint.json").is_file():
-        raise FileNotFoundError(
-            f"model.stage1_checkpoint={value!r}: {path} is not a checkpoint folder "
-            "(train stage 1 first, or set model.stage1_checkpoint=null to start from the pretrained CLIP)"
-        )
-    return path
-
-
 def load_task_clip(config: CombinerTaskConfig, *, device: str | torch.device = "cpu") -> ClipBundle:
     """CLIP with this config's preprocessing; in stage 2, with the stage-1 fine-tuned weights loaded."""
-    from capret.engine.checkpoint import load_model_weights
-
-    clip = load_task_clip_config(config.model.clip, device=device)
-    stage1 = resolve_stage1_checkpoint(config) if config.stage == 2 else None
-    if stage1 is not None:
-        load_model_weights(clip, stage1, device=device)
-    return clip
+    return load_combiner_clip(config, output_dir=config.trainer.output_dir, device=device)
 
 
 class _TripletImages(Dataset):
@@ -273,6 +199,11 @@ class CombinerTask:
         self._text_cache: CachedFeatures | None = None
         self._image_fp: str | None = None
         self._text_fp: str | None = None
+        self.dist = DistContext()  # replaced by the trainer's ``setup`` call
+
+    def setup(self, dist: DistContext) -> None:
+        """The trainer tells the task where it sits in the job (only the main process exports)."""
+        self.dist = dist
 
     # ----------------------------------------------------------------------------------------- data
     def _datasets(self, split: str) -> list[Any]:
@@ -509,6 +440,22 @@ class CombinerTask:
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.config)
 
+    def export(self, result: dict[str, Any], folder: Path) -> None:
+        """The selected (else last) weights of the stage as a ``combiner`` model folder; the CLIP's weights go
+        in too whenever they are not the named pretrained ones (stage 1, or stage 2 started from stage 1)."""
+        clip = self.clip if self.clip is not None else load_task_clip(self.config)
+        fuser = self.fuser if self.fuser is not None else build_fuser(self.config, clip.feature_dim)
+        if result.get("best_checkpoint"):
+            load_model_weights(clip if self.config.stage == 1 else fuser, result["best_checkpoint"])
+        save_combiner_folder(
+            folder,
+            clip=clip,
+            fuser=fuser,
+            config=CombinerRecord(stage=self.config.stage, model=self.config.model),
+            clip_trained=self.config.stage == 1 or self.config.model.stage1_checkpoint is not None,
+            trained_from=self.config_dict(),
+        )
+
 
 #: names of the validation metrics of each dataset, for checking ``trainer.monitor`` before training starts
 def _metric_names(config: CombinerTaskConfig) -> list[str]:
@@ -523,12 +470,12 @@ def _metric_names(config: CombinerTaskConfig) -> list[str]:
 
 
 def run(config: CombinerTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
-    """Train the configured stage; its run folder is ``<trainer.output_dir>/stage<N>``.
+    """Train the configured stage, then export its ``combiner`` model folder; the run folder is
+    ``<trainer.output_dir>/stage<N>`` and the model folder its ``model/``.
 
-    Returns the trainer's summary (final/best metrics and checkpoint paths).
+    Returns the trainer's summary (final/best metrics, checkpoint paths, ``model_dir``).
     """
-    if config.task != "combiner":
-        raise ConfigError(f"task={config.task!r}: this runner trains task 'combiner'")
+    check_task_name(config, "combiner")
     names = _metric_names(config)
     if config.trainer.monitor not in names:
         raise ConfigError(
@@ -544,7 +491,7 @@ def run(config: CombinerTaskConfig, *, resume: str | None = None) -> dict[str, A
     if stage.eval_every is not None:
         trainer_config = replace(trainer_config, eval_every=stage.eval_every)
     task = CombinerTask(config)
-    result = train(task, trainer_config, resume=resume)
+    result = train_and_export(task, trainer_config, resume=resume, export=task.export)
     if config.data.on_bad_image == "skip":
         result["bad_images"] = len(task.bad_images)
     return result

@@ -31,13 +31,15 @@ from PIL import Image
 from torch import Tensor, nn
 
 from capret.config import cfg, to_dict
+from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
-from capret.engine.trainer import TrainerConfig, train
+from capret.engine.trainer import TrainerConfig
 from capret.errors import BadImageError, DataError
 from capret.inference.detectors import pil_to_tensor, predict_coco
 from capret.io import atomic_write_json
 from capret.models.detector import ClothingDetector, DetectorModelConfig
 from capret.tasks.registry import register_task
+from capret.tasks.train_export import train_and_export
 
 __all__ = ["CocoDetectionDataset", "DetectorConfig", "DetectorTask", "load_coco_split", "run"]
 
@@ -303,19 +305,18 @@ class DetectorTask:
 
 
 def run(config: DetectorConfig, *, resume: str | None = None) -> dict[str, Any]:
-    """Train, then export the best (or last) weights as a detector folder."""
-    from capret.engine.checkpoint import load_model_weights
-
+    """Train, then export the best (or last) weights as a ``detector`` model folder."""
     task = DetectorTask(config)
-    result = train(task, config.trainer, resume=resume, task_config=task.config_dict())
-    export = Path(config.eval.export_dir or Path(config.trainer.output_dir) / "model")
-    if task.dist.is_main:
+
+    def export(result: dict[str, Any], folder: Path) -> None:
         model = task._model if task._model is not None else ClothingDetector(config.model)
         if result.get("best_checkpoint"):  # the trainer's selected weights, when validation ran
             load_model_weights(model, result["best_checkpoint"])
-        model.cpu().save_pretrained(export)
-        result = {**result, "model_dir": str(export)}
-    return result
+        model.cpu().save_pretrained(folder)
+
+    return train_and_export(
+        task, config.trainer, resume=resume, export=export, export_dir=config.eval.export_dir
+    )
 
 
 register_task("detector", DetectorConfig, run)

@@ -49,7 +49,7 @@ from capret.data.items import (
     split_holdout_identities,
 )
 from capret.engine.distributed import DistContext
-from capret.engine.trainer import TrainerConfig, train
+from capret.engine.trainer import TrainerConfig
 from capret.inference.dualstream.encoding import (
     box_quality,
     evaluate_items,
@@ -61,6 +61,7 @@ from capret.io import atomic_write_json
 from capret.losses.gather import all_gather_sizes
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, create_dual_stream_model
 from capret.tasks.registry import register_task
+from capret.tasks.train_export import train_and_export
 
 __all__ = [
     "DataConfig",
@@ -398,14 +399,21 @@ class DualStreamTask:
 def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train, then export the best (or last) weights as a self-contained model folder."""
     task = DualStreamTask(config)
-    result = train(task, config.trainer, resume=resume, task_config=task.config_dict())
-    export = Path(config.eval.export_dir or Path(config.trainer.output_dir) / "model")
-    if task.dist.is_main:
+    exported: list[DualStreamModel] = []
+
+    def export(result: dict[str, Any], folder: Path) -> None:
         model = task._model if task._model is not None else create_dual_stream_model(config.model)
         if result.get("best_checkpoint"):  # the trainer's selected weights, when validation ran
             load_dual_stream_weights(model, result["best_checkpoint"])
-        model.save_pretrained(export)
-        result = {**result, "model_dir": str(export), **task.caption_join.summary(),
+        model.save_pretrained(folder)
+        exported.append(model)
+
+    result = train_and_export(
+        task, config.trainer, resume=resume, export=export, export_dir=config.eval.export_dir
+    )
+    if exported:
+        model = exported[0]
+        result = {**result, **task.caption_join.summary(),
                   "holdout_items": len(task.holdout_items), "selection": "holdout train identities"}  # fmt: skip
         if config.data.captions is not None:  # pixels or oracle: every report says which captions it rests on
             result["caption_source"] = caption_sources(config.data.captions)

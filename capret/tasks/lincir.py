@@ -19,11 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capret.config import ConfigError, cfg
+from capret.config import cfg
 from capret.data.keywords import read_caption_corpus, replace_keywords
-from capret.engine.trainer import TrainerConfig, train
+from capret.engine.trainer import TrainerConfig
 from capret.tasks.registry import register_task
-from capret.tasks.zeroshot_common import MapperModelConfig, MapperTaskBase, SizedBatches, index_batches
+from capret.tasks.zeroshot_common import (
+    MapperModelConfig,
+    MapperTaskBase,
+    SizedBatches,
+    index_batches,
+    mapper_trainer,
+    run_mapper_task,
+)
 
 __all__ = ["LinCIRDataConfig", "LinCIRLossConfig", "LinCIRTask", "LinCIRTaskConfig", "run"]
 
@@ -58,9 +65,7 @@ class LinCIRTaskConfig:
         help="frozen CLIP (LinCIR: ViT-L/14, ViT-bigG/14; preprocessing applies at inference) and phi's sizes",
     )
     loss: LinCIRLossConfig = cfg(factory=LinCIRLossConfig, help="text-feature reconstruction loss")
-    trainer: TrainerConfig = cfg(
-        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.01), help="shared training loop (AdamW lr, wd)"
-    )
+    trainer: TrainerConfig = mapper_trainer(weight_decay=0.01)
 
 
 class LinCIRTask(MapperTaskBase):
@@ -68,6 +73,7 @@ class LinCIRTask(MapperTaskBase):
 
     mapper_kind = "phi"
     method = "lincir"
+    kind = "lincir"
 
     def __init__(self, config: LinCIRTaskConfig) -> None:
         super().__init__(config)
@@ -78,17 +84,6 @@ class LinCIRTask(MapperTaskBase):
             for i, c in enumerate(self.captions)
         ]
         self._keep_placeholders(self.load_frozen_clip())
-
-    def mapper_hparams(self) -> dict[str, Any]:
-        assert self.clip is not None
-        d = self.clip.feature_dim
-        hidden = self.config.model.hidden_dim or 4 * d
-        return {
-            "input_dim": d,
-            "hidden_dim": hidden,
-            "output_dim": self.clip.token_width,
-            "dropout": self.config.model.dropout,
-        }
 
     def _keep_placeholders(self, clip: Any) -> None:
         """Edits whose placeholder falls beyond the context length become ``"a photo of $"`` (LinCIR's fallback)."""
@@ -132,10 +127,8 @@ class LinCIRTask(MapperTaskBase):
 
 
 def run(config: LinCIRTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
-    """Train LinCIR's phi; returns the trainer's summary (checkpoints under ``trainer.output_dir``)."""
-    if config.task != "lincir":
-        raise ConfigError(f"task={config.task!r}: this runner trains task 'lincir'")
-    return train(LinCIRTask(config), config.trainer, resume=resume)
+    """Train LinCIR's phi, then export the ``lincir`` model folder (``<trainer.output_dir>/model``)."""
+    return run_mapper_task(LinCIRTask, config, resume=resume)
 
 
 register_task("lincir", LinCIRTaskConfig, run)

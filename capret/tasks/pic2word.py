@@ -18,7 +18,7 @@ from torch import nn
 
 from capret.config import ConfigError, cfg
 from capret.data.image_sources import open_image_source
-from capret.engine.trainer import TrainerConfig, train
+from capret.engine.trainer import TrainerConfig
 from capret.models.clip import TaskClipConfig
 from capret.tasks.registry import register_task
 from capret.tasks.zeroshot_common import (
@@ -27,6 +27,8 @@ from capret.tasks.zeroshot_common import (
     MapperTaskBase,
     SizedBatches,
     index_batches,
+    mapper_trainer,
+    run_mapper_task,
 )
 
 __all__ = ["Pic2WordLossConfig", "Pic2WordTask", "Pic2WordTaskConfig", "run"]
@@ -55,9 +57,7 @@ class Pic2WordTaskConfig:
         help="frozen CLIP (Pic2Word: ViT-L/14, CLIP's own preprocessing) and IM2TEXT's sizes",
     )
     loss: Pic2WordLossConfig = cfg(factory=Pic2WordLossConfig, help="contrastive loss")
-    trainer: TrainerConfig = cfg(
-        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.1), help="shared training loop (AdamW lr, wd)"
-    )
+    trainer: TrainerConfig = mapper_trainer(weight_decay=0.1)
 
 
 class Pic2WordTask(MapperTaskBase):
@@ -65,6 +65,7 @@ class Pic2WordTask(MapperTaskBase):
 
     mapper_kind = "pic2word"
     method = "pic2word"
+    kind = "pic2word"
 
     def __init__(self, config: Pic2WordTaskConfig) -> None:
         super().__init__(config)
@@ -77,15 +78,6 @@ class Pic2WordTask(MapperTaskBase):
         clip = self.load_frozen_clip()
         clip.placeholder_id(placeholder)  # fail before training if it is not one token
         self.features: torch.Tensor | None = None
-
-    def mapper_hparams(self) -> dict[str, Any]:
-        assert self.clip is not None
-        return {
-            "input_dim": self.clip.feature_dim,
-            "hidden_dim": self.config.model.hidden_dim,
-            "output_dim": self.clip.token_width,
-            "dropout": self.config.model.dropout,
-        }
 
     def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
         if self.features is None:
@@ -118,10 +110,8 @@ class Pic2WordTask(MapperTaskBase):
 
 
 def run(config: Pic2WordTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
-    """Train IM2TEXT; returns the trainer's summary (checkpoints under ``trainer.output_dir``)."""
-    if config.task != "pic2word":
-        raise ConfigError(f"task={config.task!r}: this runner trains task 'pic2word'")
-    return train(Pic2WordTask(config), config.trainer, resume=resume)
+    """Train IM2TEXT, then export the ``pic2word`` model folder (``<trainer.output_dir>/model``)."""
+    return run_mapper_task(Pic2WordTask, config, resume=resume)
 
 
 register_task("pic2word", Pic2WordTaskConfig, run)

@@ -22,7 +22,7 @@ from torch import nn
 
 from capret.config import ConfigError, cfg
 from capret.data.image_sources import open_image_source
-from capret.engine.trainer import TrainerConfig, train
+from capret.engine.trainer import TrainerConfig
 from capret.inference.cir.concepts import PhraseBank, concept_features, top_concepts
 from capret.inference.cir.oti import TokenStore
 from capret.losses.distillation import nt_xent_loss
@@ -33,6 +33,8 @@ from capret.tasks.zeroshot_common import (
     MapperTaskBase,
     SizedBatches,
     index_batches,
+    mapper_trainer,
+    run_mapper_task,
 )
 
 __all__ = ["PhiDataConfig", "PhiLossConfig", "PhiTask", "PhiTaskConfig", "run"]
@@ -68,9 +70,7 @@ class PhiTaskConfig:
         factory=MapperModelConfig, help="frozen CLIP (SEARLE: ViT-B/32 or ViT-L/14) and phi's sizes"
     )
     loss: PhiLossConfig = cfg(factory=PhiLossConfig, help="distillation and phrase regulariser")
-    trainer: TrainerConfig = cfg(
-        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.01), help="shared training loop (AdamW lr, wd)"
-    )
+    trainer: TrainerConfig = mapper_trainer(weight_decay=0.01)
 
 
 class PhiTask(MapperTaskBase):
@@ -78,6 +78,7 @@ class PhiTask(MapperTaskBase):
 
     mapper_kind = "phi"
     method = "searle"
+    kind = "phi"
 
     def __init__(self, config: PhiTaskConfig) -> None:
         super().__init__(config)
@@ -101,17 +102,6 @@ class PhiTask(MapperTaskBase):
             )
         self.features: torch.Tensor | None = None
         self.candidates: list[list[tuple[str, str]]] = []
-
-    def mapper_hparams(self) -> dict[str, Any]:
-        assert self.clip is not None
-        d = self.clip.feature_dim
-        hidden = self.config.model.hidden_dim or 4 * d
-        return {
-            "input_dim": d,
-            "hidden_dim": hidden,
-            "output_dim": self.clip.token_width,
-            "dropout": self.config.model.dropout,
-        }
 
     def _prepare(self) -> None:
         if self.features is not None:
@@ -173,10 +163,8 @@ class PhiTask(MapperTaskBase):
 
 
 def run(config: PhiTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
-    """Train phi; returns the trainer's summary (checkpoints under ``trainer.output_dir``)."""
-    if config.task != "phi":
-        raise ConfigError(f"task={config.task!r}: this runner trains task 'phi'")
-    return train(PhiTask(config), config.trainer, resume=resume)
+    """Train phi, then export the ``phi`` model folder (``<trainer.output_dir>/model``)."""
+    return run_mapper_task(PhiTask, config, resume=resume)
 
 
 register_task("phi", PhiTaskConfig, run)

@@ -3,14 +3,15 @@
 Each trains only a small mapping network on top of a *frozen* CLIP, so: the CLIP is loaded once and follows the
 mapper to the trainer's device; image features of an unlabeled image collection are computed once through the
 feature cache (:mod:`capret.inference.cir.features`); batches are index lists that depend only on
-``(rank, world_size, epoch, seed)`` (the trainer's resume contract); and the checkpoint sidecar records the
-mapper's family and sizes so :func:`capret.inference.cir.inversion.load_zeroshot_model` rebuilds it from the
-folder alone.
+``(rank, world_size, epoch, seed)`` (the trainer's resume contract); and after training the mapper is exported
+as a model folder of the task's kind (``<output_dir>/model``) that :func:`capret.load` rebuilds with its CLIP.
 
 Their configs have the shape of every task: ``data`` (what is trained on, batch size, feature cache), ``model``
 (the frozen CLIP with its preprocessing, the mapper's sizes, the placeholder), ``loss`` (the method's objective)
 and ``trainer`` (the shared loop, including ``lr`` and ``weight_decay`` as in the dual-stream and detector tasks).
-Sidecars written with the earlier flat keys go through :func:`upgrade_config_dict`.
+The model's configs (:class:`~capret.models.zeroshot.MapperModelConfig`) live in :mod:`capret.models.zeroshot`,
+so inference reads them without this module; sidecars written with the earlier flat keys go through
+:func:`capret.models.zeroshot.upgrade_config_dict`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from capret.config import cfg, set_nested, to_dict
+from capret.config import cfg, to_dict
 from capret.data.image_sources import ImageSource
+from capret.engine.checkpoint import load_model_weights
+from capret.engine.distributed import DistContext
+from capret.engine.trainer import TrainerConfig
 from capret.inference.cir.features import CachedFeatures, image_features
-from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
+from capret.inference.cir.inversion import save_mapper_folder
+from capret.models.clip import ClipBundle, load_task_clip_config
+from capret.models.zeroshot import (
+    ZEROSHOT_TASKS,
+    MapperModelConfig,
+    MapperRecord,
+    build_mapper,
+    upgrade_config_dict,
+)
+from capret.tasks.train_export import check_task_name, train_and_export
 
 __all__ = [
     "ImageDataConfig",
@@ -35,11 +48,10 @@ __all__ = [
     "SizedBatches",
     "ZEROSHOT_TASKS",
     "index_batches",
+    "mapper_trainer",
+    "run_mapper_task",
     "upgrade_config_dict",
 ]
-
-#: the ``capret-train`` tasks whose checkpoints :func:`capret.inference.cir.inversion.load_zeroshot_model` reads
-ZEROSHOT_TASKS = ("phi", "pic2word", "lincir")
 
 
 @dataclass
@@ -53,71 +65,12 @@ class ImageDataConfig:
     encode_batch_size: int = cfg(64, "images per batch when computing features")
 
 
-@dataclass
-class MapperModelConfig:
-    """The frozen CLIP and the trainable mapper on top of it."""
-
-    clip: TaskClipConfig = cfg(
-        factory=TaskClipConfig, help="frozen CLIP backbone and its image preprocessing"
+def mapper_trainer(*, weight_decay: float) -> Any:
+    """A ``trainer`` section factory with the mapper papers' AdamW (lr 1e-4) and the given weight decay."""
+    return cfg(
+        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=weight_decay),
+        help="shared training loop (AdamW lr, wd)",
     )
-    hidden_dim: int = cfg(0, "mapper hidden width; 0 = 4 x CLIP feature size")
-    dropout: float = cfg(0.5, "mapper dropout")
-    placeholder: str = cfg("$", "pseudo-word placeholder (one token of the CLIP tokenizer)")
-
-
-#: where each key of the flat config of the first zero-shot checkpoints now lives
-_FLAT_KEYS: dict[str, tuple[str, ...]] = {
-    "images": ("data", "images"),
-    "captions": ("data", "captions"),
-    "tokens": ("data", "tokens"),
-    "phrases": ("data", "phrases"),
-    "limit": ("data", "limit"),
-    "batch_size": ("data", "batch_size"),
-    "feature_cache": ("data", "feature_cache"),
-    "eval_batch_size": ("data", "encode_batch_size"),
-    "preprocess": ("model", "clip", "preprocess"),
-    "target_ratio": ("model", "clip", "target_ratio"),
-    "hidden_dim": ("model", "hidden_dim"),
-    "dropout": ("model", "dropout"),
-    "placeholder": ("model", "placeholder"),
-    "prompt": ("loss", "prompt"),
-    "temperature": ("loss", "temperature"),
-    "lambda_distil": ("loss", "lambda_distil"),
-    "lambda_gpt": ("loss", "lambda_gpt"),
-    "top_k_concepts": ("loss", "top_k_concepts"),
-    "noise": ("loss", "noise"),
-    "lr": ("trainer", "lr"),
-    "weight_decay": ("trainer", "weight_decay"),
-}
-
-#: flat keys a task carried without using them (dropped on upgrade)
-_UNUSED: dict[str, frozenset[str]] = {"lincir": frozenset({"feature_cache"})}
-
-
-def upgrade_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
-    """A ``phi``/``pic2word``/``lincir`` config dict in today's sectioned shape.
-
-    The first checkpoints of these tasks recorded a flat config (``clip``, ``images``, ``lr``, ``hidden_dim``,
-    ...); each key is moved to where :data:`_FLAT_KEYS` says it lives now (a flat ``clip`` section becomes
-    ``model.clip``; flat ``lr``/``weight_decay`` win over the trainer's, which those tasks did not read). A dict
-    already in today's shape, or of another task, is returned unchanged, so this is safe on any sidecar.
-    """
-    if raw.get("task") not in ZEROSHOT_TASKS or "model" in raw or "data" in raw:
-        return raw
-    unused = _UNUSED.get(str(raw["task"]), frozenset())
-    out: dict[str, Any] = {
-        k: v for k, v in raw.items() if k not in _FLAT_KEYS and k != "clip" and k not in unused
-    }
-    out["trainer"] = dict(out.get("trainer") or {})
-    clip = raw.get("clip")
-    if clip is not None:
-        section = {"backend": "hf", "name": clip} if isinstance(clip, str) else dict(clip)
-        out.setdefault("model", {})["clip"] = section
-    for key, where in _FLAT_KEYS.items():
-        if key not in raw or key in unused:
-            continue
-        set_nested(out, where, raw[key], what=f"flat config key {key!r}")
-    return out
 
 
 def index_batches(
@@ -156,11 +109,18 @@ class MapperTaskBase:
     mapper_kind = ""
     #: zero-shot method the checkpoint serves at inference (searle, pic2word, lincir)
     method = ""
+    #: the task's name, which is also the kind of its exported model folder (phi, pic2word, lincir)
+    kind = ""
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self.clip: ClipBundle | None = None
         self.mapper: nn.Module | None = None
+        self.dist = DistContext()  # replaced by the trainer's ``setup`` call
+
+    def setup(self, dist: DistContext) -> None:
+        """The trainer tells the task where it sits in the job (only the main process exports)."""
+        self.dist = dist
 
     def load_frozen_clip(self) -> ClipBundle:
         clip = load_task_clip_config(self.config.model.clip)
@@ -169,12 +129,18 @@ class MapperTaskBase:
         return clip
 
     def mapper_hparams(self) -> dict[str, Any]:
-        """Sizes of the mapper (from the loaded CLIP's dimensions and the config)."""
-        raise NotImplementedError
+        """Sizes of the mapper: the CLIP's feature size in, its token width out, ``model.hidden_dim`` wide
+        (0 = 4 x the feature size)."""
+        assert self.clip is not None
+        d = self.clip.feature_dim
+        return {
+            "input_dim": d,
+            "hidden_dim": self.config.model.hidden_dim or 4 * d,
+            "output_dim": self.clip.token_width,
+            "dropout": self.config.model.dropout,
+        }
 
     def build_model(self) -> nn.Module:
-        from capret.models.zeroshot import build_mapper
-
         self.mapper = build_mapper(self.mapper_kind, self.mapper_hparams())
         return self.mapper
 
@@ -224,3 +190,35 @@ class MapperTaskBase:
                 "placeholder": self.config.model.placeholder,
             },
         }
+
+    def record(self) -> MapperRecord:
+        """What the exported model folder records: the frozen CLIP, the mapper family and sizes, the method."""
+        return MapperRecord(
+            clip=self.config.model.clip,
+            method=self.method,
+            mapper=self.mapper_kind,
+            hparams=self.mapper_hparams(),
+            placeholder=self.config.model.placeholder,
+        )
+
+    def export(self, result: dict[str, Any], folder: Path) -> None:
+        """The last mapper (these tasks have no validation to select by) as a model folder of the task's kind."""
+        mapper = (
+            self.mapper if self.mapper is not None else build_mapper(self.mapper_kind, self.mapper_hparams())
+        )
+        if result.get("best_checkpoint"):
+            load_model_weights(mapper, result["best_checkpoint"])
+        save_mapper_folder(
+            folder,
+            kind=self.config.task,
+            mapper=mapper.cpu(),
+            record=self.record(),
+            trained_from=self.config_dict(),
+        )
+
+
+def run_mapper_task(task_cls: type[MapperTaskBase], config: Any, *, resume: str | None) -> dict[str, Any]:
+    """Train a mapper task and export its model folder (``<trainer.output_dir>/model``)."""
+    check_task_name(config, task_cls.kind)
+    task = task_cls(config)
+    return train_and_export(task, config.trainer, resume=resume, export=task.export)

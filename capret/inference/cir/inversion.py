@@ -12,9 +12,11 @@ both orders of its two captions, as SEARLE evaluates) the normalised variant fea
 renormalised. Features in, features out: reference features are the raw CLIP image features that
 :mod:`capret.inference.cir.features` already stores for the gallery, so the same cache serves both.
 
-:func:`load_zeroshot_model` rebuilds a trained mapper (``capret-train`` tasks ``phi``, ``pic2word``,
-``lincir``) and its frozen CLIP from a checkpoint folder; sidecars of the first, flat-keyed configs of these
-tasks are read through :func:`capret.tasks.zeroshot_common.upgrade_config_dict`.
+A trained mapper (``capret-train`` tasks ``phi``, ``pic2word``, ``lincir``) is exported as a model folder of that
+kind (:func:`save_mapper_folder`: ``mapper.safetensors`` + ``capret_model.json`` naming the frozen CLIP, the
+mapper family and sizes); :func:`capret.load` (or :func:`load_zeroshot_model`) rebuilds it with its CLIP. Training
+checkpoints still load, flat-keyed sidecars of the first configs included
+(:func:`capret.models.zeroshot.upgrade_config_dict`).
 """
 
 from __future__ import annotations
@@ -32,10 +34,20 @@ from torch import nn
 from capret.config import from_dict, to_dict
 from capret.engine.checkpoint import load_model_weights
 from capret.errors import CheckpointError
-from capret.io import resolve_model_folder
+from capret.inference.model_kinds import load, register_model_kind
+from capret.io import default_device, resolve_model_folder
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
-from capret.models.zeroshot import build_mapper
-from capret.tasks.zeroshot_common import ZEROSHOT_TASKS, upgrade_config_dict
+from capret.models.folder import (
+    MODEL_CONFIG_FILE,
+    MODEL_MARKERS,
+    ModelFolderError,
+    folder_kind,
+    read_model_config,
+    read_weights,
+    write_model_config,
+    write_weights,
+)
+from capret.models.zeroshot import ZEROSHOT_TASKS, MapperRecord, build_mapper, upgrade_config_dict
 
 __all__ = [
     "PIC2WORD_PROMPT",
@@ -44,7 +56,9 @@ __all__ = [
     "fashioniq_caption_variants",
     "lincir_query_features",
     "load_zeroshot_model",
+    "MAPPER_FORMAT",
     "pic2word_query_features",
+    "save_mapper_folder",
     "pseudo_word_query_features",
     "searle_oti_query_features",
     "searle_query_features",
@@ -167,14 +181,14 @@ class ZeroShotModel:
     clip: ClipBundle
     mapper: nn.Module
     placeholder: str
-    #: the task config recorded in the checkpoint sidecar, in the sectioned shape (data/model/loss/trainer)
-    config: dict[str, Any]
+    #: what the model folder records (frozen CLIP, mapper family and sizes, method, placeholder)
+    record: MapperRecord
 
     @property
     def clip_config(self) -> dict[str, Any]:
-        """The recorded ``model.clip`` section (backend, name, pretrained, preprocess, target_ratio), with the
-        defaults filled in for sidecars that left some out."""
-        return to_dict(from_dict(TaskClipConfig, (self.config.get("model") or {}).get("clip") or {}))
+        """The recorded CLIP section (backend, name, pretrained, preprocess, target_ratio), with the defaults
+        filled in for sidecars that left some out."""
+        return to_dict(self.record.clip)
 
     @property
     def template(self) -> str:
@@ -200,12 +214,33 @@ class ZeroShotModel:
         )
 
 
-def load_zeroshot_model(
-    checkpoint: str | Path, *, device: str | torch.device = "cpu", clip: ClipBundle | None = None
-) -> ZeroShotModel:
-    """Mapper + frozen CLIP of a ``phi``/``pic2word``/``lincir`` checkpoint (or run folder: ``best/``, else
-    the newest checkpoint). ``clip`` reuses an already loaded backbone instead of loading the recorded one."""
-    folder = resolve_model_folder(checkpoint)
+MAPPER_FORMAT = "capret.mapper/1"
+_MAPPER_FILE = "mapper.safetensors"
+
+
+def save_mapper_folder(
+    folder: str | Path,
+    *,
+    kind: str,
+    mapper: nn.Module,
+    record: MapperRecord,
+    trained_from: dict[str, Any] | None = None,
+) -> Path:
+    """Write a mapper model folder (kind ``phi``, ``pic2word`` or ``lincir``): ``mapper.safetensors`` and a
+    ``capret_model.json`` whose config names the frozen CLIP, the mapper family and sizes, method and placeholder."""
+    if kind not in ZEROSHOT_TASKS:
+        raise CheckpointError(
+            f"kind {kind!r} is not a mapper kind ({', '.join(ZEROSHOT_TASKS)})", path=folder
+        )
+    folder = Path(folder)
+    write_weights(folder / _MAPPER_FILE, mapper, format=MAPPER_FORMAT)
+    extra = {"trained_from": trained_from} if trained_from is not None else {}
+    write_model_config(folder, kind=kind, format=MAPPER_FORMAT, config=to_dict(record), **extra)
+    return folder
+
+
+def _record_from_checkpoint(folder: Path) -> MapperRecord:
+    """The :class:`MapperRecord` of a training checkpoint, from the task config its sidecar recorded."""
     sidecar = json.loads((folder / "checkpoint.json").read_text())
     task = upgrade_config_dict((sidecar.get("config") or {}).get("task") or {})
     info = task.get("zeroshot")
@@ -215,21 +250,70 @@ def load_zeroshot_model(
             "phi, pic2word or lincir",
             path=folder,
         )
-    mapper = build_mapper(info["mapper"], info["hparams"])
-    load_model_weights(mapper, folder, device=device)
+    clip = from_dict(TaskClipConfig, (task.get("model") or {}).get("clip") or {})
+    return MapperRecord(
+        clip=clip,
+        method=info["method"],
+        mapper=info["mapper"],
+        hparams=dict(info["hparams"]),
+        placeholder=info["placeholder"],
+    )
+
+
+def _load_mapper_folder(
+    folder: Path, *, device: str | torch.device | None = None, clip: ClipBundle | None = None
+) -> ZeroShotModel:
+    target = default_device(device)
+    if (folder / MODEL_CONFIG_FILE).is_file():
+        meta = read_model_config(folder)
+        if meta.get("format") != MAPPER_FORMAT:
+            raise CheckpointError(
+                f"format {meta.get('format')!r} is not {MAPPER_FORMAT!r}", path=folder / MODEL_CONFIG_FILE
+            )
+        record = from_dict(MapperRecord, meta["config"])
+        mapper = read_weights(
+            build_mapper(record.mapper, record.hparams), folder / _MAPPER_FILE, device=target
+        )
+    else:
+        record = _record_from_checkpoint(folder)
+        mapper = load_model_weights(build_mapper(record.mapper, record.hparams), folder, device=target)
     if clip is None:
-        section = (task.get("model") or {}).get("clip") or {}
-        clip = load_task_clip_config(from_dict(TaskClipConfig, section), device=device)
-    if clip.token_width != info["hparams"]["output_dim"]:
+        clip = load_task_clip_config(record.clip, device=target)
+    if clip.token_width != record.hparams["output_dim"]:
         raise CheckpointError(
-            f"mapper outputs {info['hparams']['output_dim']}-wide tokens but {clip.name} tokens are "
+            f"mapper outputs {record.hparams['output_dim']}-wide tokens but {clip.name} tokens are "
             f"{clip.token_width} wide",
             path=folder,
         )
     return ZeroShotModel(
-        method=info["method"],
+        method=record.method,
         clip=clip.requires_grad_(False).eval(),
-        mapper=mapper.to(device).eval(),
-        placeholder=info["placeholder"],
-        config=task,
+        mapper=mapper.to(target).eval(),
+        placeholder=record.placeholder,
+        record=record,
     )
+
+
+for _kind in ZEROSHOT_TASKS:
+    register_model_kind(_kind)(_load_mapper_folder)
+
+
+def load_zeroshot_model(
+    checkpoint: str | Path, *, device: str | torch.device = "cpu", clip: ClipBundle | None = None
+) -> ZeroShotModel:
+    """Mapper + frozen CLIP of a ``phi``/``pic2word``/``lincir`` model folder, checkpoint or run folder
+    (:func:`capret.load`). ``clip`` reuses an already loaded backbone instead of loading the recorded one."""
+    if clip is None:
+        model = load(checkpoint, device=device)
+    else:  # the caller's CLIP: open the folder with the same loader, bypassing only the CLIP
+        folder = resolve_model_folder(checkpoint, markers=MODEL_MARKERS)
+        kind = folder_kind(folder)
+        if kind not in ZEROSHOT_TASKS:
+            raise ModelFolderError(f"holds a {kind!r} model, not a zero-shot mapper", path=folder)
+        model = _load_mapper_folder(folder, device=device, clip=clip)
+    if not isinstance(model, ZeroShotModel):
+        raise ModelFolderError(
+            f"holds a {type(model).__name__}, not a zero-shot mapper (kinds {', '.join(ZEROSHOT_TASKS)})",
+            path=checkpoint,
+        )
+    return model

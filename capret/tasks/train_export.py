@@ -1,0 +1,56 @@
+"""Train, then export: the ``run()`` every task shares.
+
+Each task's ``run(config, *, resume)`` checks the config is its own, trains with the shared loop
+(:func:`capret.engine.trainer.train`), and on the main process writes a self-describing model folder
+(``capret_model.json`` with the task's ``kind``: :mod:`capret.models.folder`) that :func:`capret.load` opens.
+Only the export itself differs between tasks, so it is the one argument a task passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from capret.config import ConfigError
+from capret.engine.distributed import DistContext
+from capret.engine.trainer import TrainerConfig, train
+
+__all__ = ["ExportingTask", "check_task_name", "train_and_export"]
+
+#: ``export(result, folder)``: write the model folder from the trainer's summary (``best_checkpoint`` is the
+#: selected checkpoint when validation ran, else None and the task's in-memory model is the last one)
+Export = Callable[[dict[str, Any], Path], None]
+
+
+class ExportingTask(Protocol):
+    """What :func:`train_and_export` needs of a task besides the trainer's own protocol."""
+
+    #: set by the trainer's ``setup`` call; only the main process writes the model folder
+    dist: DistContext
+
+    def config_dict(self) -> dict[str, Any]: ...
+
+
+def check_task_name(config: Any, name: str) -> None:
+    """A runner refuses a config of another task (``task: ...`` names which runner it is for)."""
+    if config.task != name:
+        raise ConfigError(f"task={config.task!r}: this runner trains task {name!r}")
+
+
+def train_and_export(
+    task: ExportingTask,
+    trainer: TrainerConfig,
+    *,
+    resume: str | None,
+    export: Export,
+    export_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train ``task``, then (main process only) export its model to ``export_dir`` (default
+    ``<trainer.output_dir>/model``); the summary gains ``model_dir``."""
+    result = train(task, trainer, resume=resume, task_config=task.config_dict())
+    folder = Path(export_dir) if export_dir else Path(trainer.output_dir) / "model"
+    if task.dist.is_main:
+        export(result, folder)
+        result = {**result, "model_dir": str(folder)}
+    return result
