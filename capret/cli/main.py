@@ -19,6 +19,7 @@ SUBCOMMANDS: list[str] = [
     "capret.cli.ablate",
     "capret.cli.catalogue",
     "capret.cli.check_data",
+    "capret.cli.convert_checkpoint",
     "capret.cli.convert_xvlm",
     "capret.cli.index",
     "capret.cli.oti",

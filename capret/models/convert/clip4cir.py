@@ -1,0 +1,134 @@
+"""CLIP4Cir's released checkpoints (ABaldrati/CLIP4Cir): the Combiner and the fine-tuned CLIP, two files.
+
+``src/utils.py``'s ``save_model`` writes ``{"epoch", <class name>: state_dict}``: ``"Combiner"`` for stage 2
+(``src/combiner.py``) and ``"CLIP"`` for the stage-1 fine-tuned OpenAI CLIP (``clip.load(..., jit=False)``, so
+OpenAI's names: ``visual.*``, ``transformer.resblocks.*``, ``token_embedding``, ``text_projection``, ...).
+CLIP4Cir's Combiner keeps one ``nn.Linear`` per role; :class:`capret.models.combiner.Combiner` groups them in
+Sequentials:
+
+=================================  ==============================
+CLIP4Cir                           capret
+=================================  ==============================
+``text_projection_layer.{w,b}``    ``text_projection.0.{w,b}``
+``image_projection_layer.{w,b}``   ``image_projection.0.{w,b}``
+``combiner_layer.{w,b}``           ``fusion.0.{w,b}``
+``output_layer.{w,b}``             ``fusion.3.{w,b}``
+``dynamic_scalar.{0,3}.{w,b}``     ``dynamic_scalar.{0,3}.{w,b}``
+=================================  ==============================
+
+``logit_scale`` is the constant 100 in both (not a tensor); dropout 0.5 everywhere. RN50x4: d = 640,
+p = 2560, h = 5120.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import Tensor
+
+from capret.errors import CheckpointError
+from capret.models.convert.common import (
+    MappedCheckpoint,
+    check_complete,
+    read_tensor_file,
+    strip_prefix,
+    tensor_entry,
+)
+
+__all__ = ["convert_clip4cir", "map_combiner"]
+
+_RULES = (
+    (re.compile(r"text_projection_layer\.(weight|bias)"), r"text_projection.0.\1"),
+    (re.compile(r"image_projection_layer\.(weight|bias)"), r"image_projection.0.\1"),
+    (re.compile(r"combiner_layer\.(weight|bias)"), r"fusion.0.\1"),
+    (re.compile(r"output_layer\.(weight|bias)"), r"fusion.3.\1"),
+    (re.compile(r"dynamic_scalar\.([03])\.(weight|bias)"), r"dynamic_scalar.\1.\2"),
+)
+
+
+def map_combiner(
+    state: dict[str, Tensor], *, path: Path
+) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int]]:
+    """CLIP4Cir's Combiner state dict in :class:`capret.models.combiner.Combiner`'s names, with its sizes."""
+    out: dict[str, Tensor] = {}
+    mapping: dict[str, str] = {}
+    unmatched = []
+    for key, value in state.items():
+        for pattern, template in _RULES:
+            match = pattern.fullmatch(key)
+            if match:
+                out[match.expand(template)] = value
+                mapping[key] = match.expand(template)
+                break
+        else:
+            unmatched.append(key)
+    needed = [
+        f"{m}.{p}"
+        for m in (
+            "text_projection.0",
+            "image_projection.0",
+            "fusion.0",
+            "fusion.3",
+            "dynamic_scalar.0",
+            "dynamic_scalar.3",
+        )
+        for p in ("weight", "bias")
+    ]
+    missing = [k for k in needed if k not in out]
+    shapes: list[str] = []
+    sizes: dict[str, int] = {}
+    if not missing:
+        p, d = out["text_projection.0.weight"].shape
+        h = out["fusion.0.weight"].shape[0]
+        sizes = {"feature_dim": int(d), "projection_dim": int(p), "hidden_dim": int(h)}
+        expected = {
+            "text_projection.0.bias": (p,),
+            "image_projection.0.weight": (p, d),
+            "image_projection.0.bias": (p,),
+            "fusion.0.weight": (h, 2 * p),
+            "fusion.0.bias": (h,),
+            "fusion.3.weight": (d, h),
+            "fusion.3.bias": (d,),
+            "dynamic_scalar.0.weight": (h, 2 * p),
+            "dynamic_scalar.0.bias": (h,),
+            "dynamic_scalar.3.weight": (1, h),
+            "dynamic_scalar.3.bias": (1,),
+        }
+        shapes = [
+            f"{k}: {tuple(out[k].shape)} but the Combiner needs {v}"
+            for k, v in expected.items()
+            if tuple(out[k].shape) != v
+        ]
+    check_complete(path=path, unmatched=unmatched, missing=missing, shapes=shapes, what="the Combiner")
+    return out, mapping, sizes
+
+
+def convert_clip4cir(path: Path, *, extra: Path | None = None) -> MappedCheckpoint:
+    """CLIP4Cir's Combiner file (``path``) and, if given, its fine-tuned CLIP file (``extra``)."""
+    payload = read_tensor_file(path)
+    if isinstance(payload, dict) and "CLIP" in payload and "Combiner" not in payload:
+        raise CheckpointError(
+            f"{path} holds CLIP4Cir's fine-tuned CLIP ('CLIP'); pass the Combiner file as --checkpoint and this one "
+            "as --clip-checkpoint",
+            path=path,
+        )
+    combiner = strip_prefix(tensor_entry(payload, "Combiner", path=path, what="Combiner"))
+    state, mapping, sizes = map_combiner(combiner, path=path)
+    dropped = {str(k): "training bookkeeping, not a weight" for k in payload if k != "Combiner"}
+    metadata = {str(k): v for k, v in payload.items() if isinstance(v, int | float | str)}
+    clip_state = None
+    if extra is not None:
+        clip_payload = read_tensor_file(extra)
+        clip_state = strip_prefix(tensor_entry(clip_payload, "CLIP", path=extra, what="fine-tuned CLIP"))
+        dropped.update(
+            {f"{extra.name}:{k}": "training bookkeeping, not a weight" for k in clip_payload if k != "CLIP"}
+        )
+    return MappedCheckpoint(
+        state=state,
+        hparams={**sizes, "dropout": 0.5},
+        mapped={f"Combiner.{k}": v for k, v in mapping.items()},
+        dropped=dropped,
+        clip_state=clip_state,
+        metadata=metadata,
+    )

@@ -1,0 +1,148 @@
+"""What every released-checkpoint converter shares: a pickle-free reader and the record of what was mapped."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from capret.errors import CheckpointError
+
+__all__ = [
+    "MappedCheckpoint",
+    "check_complete",
+    "map_openai_clip",
+    "read_tensor_file",
+    "strip_prefix",
+    "tensor_entry",
+]
+
+
+@dataclass
+class MappedCheckpoint:
+    """A released checkpoint renamed onto capret's module.
+
+    Attributes:
+        state: the module's state dict (capret names).
+        hparams: the module sizes the tensors imply (``input_dim``, ``hidden_dim``, ...).
+        mapped: ``source key -> capret key`` for every tensor that went into ``state``.
+        dropped: ``source key -> reason`` for every entry deliberately not loaded (an optimizer state, a
+            training epoch, a frozen CLIP that is compared separately).
+        clip_state: an OpenAI-layout CLIP state dict carried by the checkpoint (Pic2Word's frozen CLIP,
+            CLIP4Cir's fine-tuned one), or None.
+        metadata: small non-tensor facts worth recording (epoch, run name).
+    """
+
+    state: dict[str, Tensor]
+    hparams: dict[str, Any]
+    mapped: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    clip_state: dict[str, Tensor] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def read_tensor_file(path: str | Path) -> Any:
+    """The content of a released checkpoint: a safetensors file, or a torch file read with ``weights_only=True``.
+
+    ``weights_only`` lets through dicts, lists, numbers, strings and tensors only, so a file whose pickle would
+    build any other object (and could run code while doing so) is refused *before* anything in it runs.
+
+    Raises:
+        CheckpointError: the file is missing, or is not loadable without executing code (naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist", path=path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        Exception
+    ) as exc:  # an UnpicklingError for code-carrying pickles; anything else for non-torch files
+        raise CheckpointError(
+            f"{path}: refused — not loadable with torch.load(weights_only=True), so it was not executed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}); a file that "
+            "carries Python objects beyond tensors cannot be converted",
+            path=path,
+        ) from exc
+
+
+def strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
+    """``state`` with ``prefix`` removed from every key that has it (DDP-wrapped saves)."""
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def tensor_entry(payload: Any, key: str, *, path: str | Path, what: str) -> dict[str, Tensor]:
+    """``payload[key]`` as a ``{name: tensor}`` dict, or an error naming the file and the entries it has."""
+    if not isinstance(payload, dict):
+        raise CheckpointError(
+            f"{path}: expected a dict with {key!r}, found a {type(payload).__name__}", path=path
+        )
+    entry = payload.get(key)
+    if not isinstance(entry, dict) or not all(isinstance(v, Tensor) for v in entry.values()):
+        raise CheckpointError(
+            f"{path}: no {what} state dict under {key!r} (entries: {sorted(map(str, payload))})", path=path
+        )
+    return dict(entry)
+
+
+def check_complete(
+    *, path: str | Path, unmatched: list[str], missing: list[str], shapes: list[str], what: str
+) -> None:
+    """Raise one :class:`CheckpointError` listing every unmatched key, missing key and shape mismatch."""
+    problems = []
+    if unmatched:
+        problems.append(f"{len(unmatched)} checkpoint keys match nothing: {sorted(unmatched)}")
+    if missing:
+        problems.append(f"{len(missing)} {what} keys are not in the checkpoint: {sorted(missing)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {shapes}")
+    if problems:
+        raise CheckpointError(f"{path}: cannot convert to {what}; " + "; ".join(problems), path=path)
+
+
+#: entries of an OpenAI ``clip.load(jit=True)`` state dict that are architecture facts, not weights
+_OPENAI_META = re.compile(r"(input_resolution|context_length|vocab_size)")
+
+
+def map_openai_clip(
+    state: Mapping[str, Tensor], target: Mapping[str, Tensor], *, path: str | Path, prefix: str = "model."
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """An OpenAI-layout CLIP state dict (``visual.*``, ``transformer.resblocks.*``, ``token_embedding``, ...) on an
+    open_clip model wrapped in a :class:`~capret.models.clip_base.ClipBundle` (whose keys are ``prefix`` + the
+    open_clip names, which open_clip keeps identical to OpenAI's for both the ViT and the ModifiedResNet towers).
+
+    Returns ``(state dict in the bundle's names, dropped entries with reasons)``.
+
+    Raises:
+        CheckpointError: listing every key with no counterpart, every bundle weight the checkpoint lacks and
+            every shape mismatch (a checkpoint of another architecture than ``--clip``).
+    """
+    out: dict[str, Tensor] = {}
+    dropped: dict[str, str] = {}
+    unmatched: list[str] = []
+    for key, value in state.items():
+        if _OPENAI_META.fullmatch(key):
+            dropped[key] = "architecture fact of a JIT export, not a weight"
+            continue
+        name = prefix + key
+        if name in target:
+            out[name] = value
+        else:
+            unmatched.append(key)
+    missing = [k[len(prefix) :] for k in target if k not in out and not k.endswith("attn_mask")]
+    shapes = [
+        f"{k[len(prefix) :]}: checkpoint {tuple(v.shape)} vs backbone {tuple(target[k].shape)}"
+        for k, v in out.items()
+        if v.shape != target[k].shape
+    ]
+    check_complete(path=path, unmatched=unmatched, missing=missing, shapes=shapes, what="the --clip backbone")
+    return out, dropped

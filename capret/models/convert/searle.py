@@ -1,0 +1,91 @@
+"""SEARLE's released phi (miccunifi/SEARLE): ``SEARLE_ViT-B32.pt`` / ``SEARLE_ViT-L14.pt``.
+
+``hubconf.py`` loads ``torch.load(file)["Phi"]`` into ``src/phi.py``'s ``Phi``: ``layers`` = ``Linear(in, h)``,
+GELU, Dropout(0.5), ``Linear(h, h)``, GELU, Dropout, ``Linear(h, out)``; ViT-B/32 512 -> 2048 -> 512, ViT-L/14
+768 -> 3072 -> 768. ``train_phi.py``'s ``save_phi`` writes the same ``{"epoch", "Phi": state_dict}``.
+:class:`capret.models.zeroshot.Phi` has the same ``layers`` indices, so names carry over unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from capret.errors import CheckpointError
+from capret.models.convert.common import MappedCheckpoint, check_complete, read_tensor_file, strip_prefix
+
+__all__ = ["PHI_KEYS", "convert_searle", "map_phi_state", "phi_payload"]
+
+#: the tensors of SEARLE's / LinCIR's Phi, in their names (and ours)
+PHI_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias"))
+
+
+def phi_payload(payload: Any, *, path: Path) -> tuple[dict[str, Tensor], dict[str, str], dict[str, Any]]:
+    """The Phi state dict of a ``{"Phi": sd, ...}`` file (or a bare state dict), the other entries with why they
+    are not loaded, and the small metadata worth recording."""
+    dropped: dict[str, str] = {}
+    metadata: dict[str, Any] = {}
+    if isinstance(payload, dict) and isinstance(payload.get("Phi"), dict):
+        for key, value in payload.items():
+            if key == "Phi":
+                continue
+            if isinstance(value, int | float | str):
+                metadata[str(key)] = value
+            dropped[str(key)] = "training bookkeeping, not a weight of phi"
+        return strip_prefix(payload["Phi"]), dropped, metadata
+    if isinstance(payload, dict) and all(isinstance(v, Tensor) for v in payload.values()):
+        return strip_prefix(payload), dropped, metadata
+    entries = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
+    raise CheckpointError(f"{path}: no 'Phi' state dict (entries: {entries})", path=path)
+
+
+def map_phi_state(
+    state: dict[str, Tensor], *, path: Path, dropout: float
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Check a Phi state dict and derive its sizes; every key outside :data:`PHI_KEYS` is an error."""
+    unmatched = [k for k in state if k not in PHI_KEYS]
+    missing = [k for k in PHI_KEYS if k not in state]
+    shapes: list[str] = []
+    if not missing:
+        hidden, input_dim = state["layers.0.weight"].shape
+        output_dim = state["layers.6.weight"].shape[0]
+        expected = {
+            "layers.0.weight": (hidden, input_dim),
+            "layers.0.bias": (hidden,),
+            "layers.3.weight": (hidden, hidden),
+            "layers.3.bias": (hidden,),
+            "layers.6.weight": (output_dim, hidden),
+            "layers.6.bias": (output_dim,),
+        }
+        shapes = [
+            f"{k}: {tuple(state[k].shape)} but phi needs {v}"
+            for k, v in expected.items()
+            if tuple(state[k].shape) != v
+        ]
+    check_complete(path=path, unmatched=unmatched, missing=missing, shapes=shapes, what="phi")
+    hparams = {
+        "input_dim": int(input_dim),
+        "hidden_dim": int(hidden),
+        "output_dim": int(output_dim),
+        "dropout": dropout,
+    }
+    return {k: state[k] for k in PHI_KEYS}, hparams
+
+
+def convert_searle(path: Path, *, extra: Path | None = None) -> MappedCheckpoint:
+    """SEARLE's phi file -> :class:`capret.models.zeroshot.Phi` (dropout 0.5, as ``hubconf.py`` builds it)."""
+    if extra is not None:
+        raise CheckpointError(
+            f"{extra}: SEARLE's phi is one file; --clip-checkpoint is for clip4cir", path=extra
+        )
+    raw, dropped, metadata = phi_payload(read_tensor_file(path), path=path)
+    state, hparams = map_phi_state(raw, path=path, dropout=0.5)
+    return MappedCheckpoint(
+        state=state,
+        hparams=hparams,
+        mapped={f"Phi.{k}": k for k in state},
+        dropped=dropped,
+        metadata=metadata,
+    )
