@@ -1,11 +1,20 @@
-"""What every console script shares: JSON printing and the error boundary (user errors become one line and a
-non-zero exit). It sits at the bottom of the package so that ``capret.cli`` and ``captioning.cli`` both use it.
+"""What every console script shares: JSON printing and the error boundary (a user's mistake becomes one line and
+exit code 2; a bug keeps its traceback and exits 3). It sits at the bottom of the package so that ``capret.cli``
+and ``captioning.cli`` both use it.
 
-The boundary (:func:`run_guarded`) maps every *expected* failure -- a typed :mod:`capret.errors` error, a bad
-config, a missing or unreadable file, text that is not UTF-8, JSON or YAML that does not parse, a corrupt
-safetensors file, a missing optional package -- to one line on stderr naming the file, field or value, and
-exit code 2. Anything else is a bug and keeps its traceback. ``--debug`` (or ``CAPRET_DEBUG=1``) prints the
-traceback of expected failures too, for reports.
+The boundary (:func:`run_guarded`) prints one line on stderr naming the file, field or value, and returns exit
+code 2, for exactly these failures:
+
+- a :class:`capret.errors.CapretError` (config, usage, data, checkpoint, availability, non-finite loss ...): the
+  library raises those on purpose, with a message written for the user;
+- the OS and parse errors of the user's files: a missing, unreadable or misplaced file (``FileNotFoundError``,
+  ``PermissionError``, ``IsADirectoryError``, ``NotADirectoryError``, any ``OSError`` that names its file), text
+  that is not UTF-8, JSON or YAML that does not parse, a corrupt safetensors file, an image PIL cannot identify.
+
+Anything else (a ``TypeError``, a bare ``ValueError``/``KeyError``, an ``IndexError``...) is a bug in capret:
+the boundary prints its traceback and a line saying it is a bug and how to report it, and returns
+:data:`BUG_EXIT_CODE` (3), so a bug never looks like the user's mistake. ``--debug`` (or ``CAPRET_DEBUG=1``)
+prints the traceback of user errors too, for reports. ``docs/errors.md`` documents the family.
 """
 
 from __future__ import annotations
@@ -16,21 +25,29 @@ import sys
 import traceback
 from typing import Any
 
-from capret.config import ConfigError
-from capret.errors import NotAvailableError
+from capret.errors import CapretError, NotAvailableError
 
 __all__ = [
+    "BUG_EXIT_CODE",
     "DEBUG_HELP",
+    "USER_ERROR_EXIT_CODE",
     "NotAvailableError",
     "add_debug_flag",
     "debug_enabled",
     "describe_error",
     "fail",
+    "is_user_error",
     "print_json",
     "run_guarded",
 ]
 
 DEBUG_HELP = "print the full traceback of an error (also: CAPRET_DEBUG=1)"
+USER_ERROR_EXIT_CODE = 2  # a CapretError or an OS/parse error of a user's file (argparse also exits 2)
+BUG_EXIT_CODE = 3  # anything else: a bug in capret, shown with its traceback
+REPORT_HINT = (
+    "this is a bug in capret, not a problem with your input; please report it with the traceback above, "
+    "the command you ran and the output of `pip show capret`"
+)
 
 
 def print_json(obj: Any) -> None:
@@ -64,16 +81,18 @@ def debug_enabled(*args: Any) -> bool:
     return any(getattr(a, "debug", False) is True for a in args)
 
 
-def _expected_types() -> tuple[type[BaseException], ...]:
-    """Exception types that are user-facing failures (optional libraries only when importable)."""
-    types: list[type[BaseException]] = [
-        NotAvailableError,
-        ConfigError,
-        ValueError,  # includes CapretError, UnicodeDecodeError and json.JSONDecodeError
-        KeyError,
-        OSError,  # includes FileNotFoundError, PermissionError, PIL.UnidentifiedImageError
-        ImportError,  # a missing optional dependency
-    ]
+_FILE_ERRORS: tuple[type[OSError], ...] = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
+
+
+def _parse_error_types() -> tuple[type[BaseException], ...]:
+    """Parse errors of a user's file raised by the libraries we read them with (only when importable)."""
+    types: list[type[BaseException]] = [UnicodeDecodeError, json.JSONDecodeError]
     try:
         import yaml
 
@@ -86,20 +105,34 @@ def _expected_types() -> tuple[type[BaseException], ...]:
         types.append(SafetensorError)
     except ImportError:  # pragma: no cover - safetensors is a dependency
         pass
+    try:
+        from PIL import UnidentifiedImageError
+
+        types.append(UnidentifiedImageError)
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        pass
     return tuple(types)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the user's mistake (one line, exit 2) rather than a bug (traceback, exit 3).
+
+    A :class:`~capret.errors.CapretError`, an OS error of a named or missing file, or a parse error of a file's
+    contents. A bare ``ValueError``/``KeyError``/``TypeError`` is not: library code that rejects a user's value
+    raises a typed error naming it, so what is left is a broken contract inside capret.
+    """
+    if isinstance(exc, (CapretError, *_FILE_ERRORS, *_parse_error_types())):
+        return True
+    return isinstance(exc, OSError) and exc.filename is not None
 
 
 def describe_error(exc: BaseException) -> str:
     """The one line a user reads for an expected failure: what went wrong, and where, as precisely as the
     exception allows."""
-    if isinstance(exc, KeyError):
-        return str(exc.args[0]) if exc.args else "missing key"
     if isinstance(exc, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}); rerun with --debug to see which file"
     if isinstance(exc, json.JSONDecodeError):
         return f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} (rerun with --debug to see where)"
-    if isinstance(exc, ModuleNotFoundError) and exc.name:
-        return f"optional package {exc.name!r} is not installed (pip install {exc.name.split('.')[0]})"
     if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in str(exc):
         return f"{exc.filename}: {exc.strerror or exc}"
     if type(exc).__name__ == "SafetensorError":
@@ -108,18 +141,23 @@ def describe_error(exc: BaseException) -> str:
 
 
 def run_guarded(fn: Any, *args: Any, debug: bool | None = None) -> int:
-    """Run a command body, turning expected failures into one line on stderr and exit code 2.
+    """Run a command body: a user's mistake becomes one line and exit code 2, a bug its traceback and exit 3.
 
     Args:
         fn: the command body; its return value (an int or None) is the exit code.
         args: passed to ``fn``; a parsed ``argparse.Namespace`` among them may carry ``debug``.
-        debug: force the traceback on or off (default: ``--debug`` in ``args`` or ``CAPRET_DEBUG``).
+        debug: force the traceback of user errors on or off (default: ``--debug`` in ``args`` or
+            ``CAPRET_DEBUG``). Bugs always show theirs.
     """
     show = debug_enabled(*args) if debug is None else debug
     try:
         result = fn(*args)
-    except _expected_types() as exc:
+    except Exception as exc:
+        if not is_user_error(exc):
+            traceback.print_exc(file=sys.stderr)
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return fail(REPORT_HINT, BUG_EXIT_CODE)
         if show:
             traceback.print_exc(file=sys.stderr)
-        return fail(describe_error(exc))
+        return fail(describe_error(exc), USER_ERROR_EXIT_CODE)
     return int(result or 0)

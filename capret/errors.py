@@ -31,6 +31,7 @@ __all__ = [
     "MissingDependencyError",
     "MissingFileError",
     "MissingImageError",
+    "MissingKeyError",
     "NonFiniteError",
     "NonFiniteLossError",
     "NotAvailableError",
@@ -90,6 +91,11 @@ class MissingFileError(DataError, FileNotFoundError):
 class MissingImageError(BadImageError, FileNotFoundError):
     """An image file listed by a dataset does not exist (also a ``FileNotFoundError`` for callers that expect
     one)."""
+
+
+class MissingKeyError(DataError, KeyError):
+    """A key (image name, item or query id, token) is not in the file or store that should hold it; the
+    message names both. Also a ``KeyError`` for callers that expect one."""
 
 
 class CaptionStoreMismatchError(DataError):

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from capret.errors import UnknownNameError
 from capret.models.clip import CLIP_MEAN, CLIP_STD
 
 __all__ = ["ChatServer", "reply_for", "save_tiny_open_clip", "tiny_open_clip_config"]
@@ -300,7 +301,9 @@ CLIP_PRESETS: dict[str, ClipPreset] = {
 
 def _preset(name: str) -> ClipPreset:
     if name not in CLIP_PRESETS:
-        raise KeyError(f"unknown CLIP preset {name!r}; valid presets: {', '.join(sorted(CLIP_PRESETS))}")
+        raise UnknownNameError(
+            f"unknown CLIP preset {name!r}; valid presets: {', '.join(sorted(CLIP_PRESETS))}"
+        )
     return CLIP_PRESETS[name]
 
 

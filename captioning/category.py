@@ -28,6 +28,7 @@ from PIL import Image
 from torch import nn
 
 from capret.data.pixel_stats import hsv_histogram, orientation_histogram
+from capret.errors import CheckpointError, ConfigError, DataError, IncompleteCheckpointError
 from capret.io import atomic_write_json
 from capret.registry import Registry
 from captioning.store import beside_store
@@ -133,9 +134,9 @@ class CategoryModel(nn.Module):
     def __init__(self, *, classes: Sequence[str], hidden: int = 0, feature_dim: int = FEATURE_DIM) -> None:
         super().__init__()
         if len(classes) < 2:
-            raise ValueError(f"a category model needs at least 2 classes, got {list(classes)}")
+            raise ConfigError(f"a category model needs at least 2 classes, got {list(classes)}")
         if hidden < 0:
-            raise ValueError(f"hidden must be >= 0, got {hidden}")
+            raise ConfigError(f"hidden must be >= 0, got {hidden}")
         self.classes = list(classes)
         self.hidden = hidden
         self.feature_dim = feature_dim
@@ -224,10 +225,10 @@ def load_category_model(directory: str | Path) -> CategoryModel:
     directory = Path(directory)
     sidecar = directory / CATEGORY_MODEL_FILE
     if not sidecar.is_file():
-        raise FileNotFoundError(f"{sidecar} does not exist (not a category-model folder)")
+        raise IncompleteCheckpointError(f"{sidecar} does not exist (not a category-model folder)")
     meta = json.loads(sidecar.read_text())
     if meta.get("feature_version") != FEATURE_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{sidecar}: feature_version {meta.get('feature_version')!r} is not {FEATURE_VERSION!r}; retrain it"
         )
     model = create_category_model(
@@ -348,7 +349,7 @@ def fit_category_model(
             f"{len(features)} feature rows, {len(labels)} labels and {len(groups)} groups differ"
         )
     if not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+        raise ConfigError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     start = time.perf_counter()
     classes = sorted(set(labels))
     inputs = torch.as_tensor(np.asarray(features, dtype=np.float32))
@@ -359,7 +360,7 @@ def fit_category_model(
     held_groups = {unique_groups[i] for i in order[:n_held]}
     held = torch.tensor([g in held_groups for g in groups], dtype=torch.bool)
     if bool(held.all()):
-        raise ValueError("every item is held out; lower heldout_fraction")
+        raise ConfigError("every item is held out; lower heldout_fraction")
     torch.manual_seed(seed)
     model = create_category_model("pixel-mlp", classes=classes, hidden=hidden)
     epochs_run = _train(
@@ -417,7 +418,7 @@ def cross_fitted_predictions(
     error rate of unseen items.
     """
     if folds < 2:
-        raise ValueError(f"folds must be >= 2, got {folds}")
+        raise ConfigError(f"folds must be >= 2, got {folds}")
     unique_groups = sorted(set(groups), key=repr)
     order = np.random.default_rng([seed, 2]).permutation(len(unique_groups))
     fold_of_group = {unique_groups[g]: i % folds for i, g in enumerate(order)}
@@ -450,7 +451,7 @@ def cross_fitted_predictions(
         ):
             out[int(i)] = prediction
     if any(p is None for p in out):
-        raise ValueError(f"cross-fitting needs at least 2 groups with items, got {len(unique_groups)}")
+        raise DataError(f"cross-fitting needs at least 2 groups with items, got {len(unique_groups)}")
     return [p for p in out if p is not None]
 
 
@@ -473,7 +474,7 @@ def fit_category_model_on_targets(
     """
     usable = [t for t in targets if t.annotation.get("category_name")]
     if len(usable) < 2:
-        raise ValueError(
+        raise DataError(
             f"training a category model needs annotated categories; {len(usable)} of {len(targets)} targets have one"
         )
     start = time.perf_counter()

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from PIL import Image, ImageDraw
 
 from capret.config import cfg
+from capret.errors import ConfigError
 from captioning.backends.base import CaptionBackend
 from captioning.prompts import PromptSet
 from captioning.text import is_uninformative
@@ -56,14 +57,14 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
-            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+            raise ConfigError(f"rounds must be >= 0, got {self.rounds}")
         if self.context_margin < 0:
-            raise ValueError(f"context_margin must be >= 0, got {self.context_margin}")
+            raise ConfigError(f"context_margin must be >= 0, got {self.context_margin}")
         for name in ("max_question_tokens", "max_answer_tokens", "max_summary_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_reasks < 0:
-            raise ValueError(f"max_reasks must be >= 0, got {self.max_reasks}")
+            raise ConfigError(f"max_reasks must be >= 0, got {self.max_reasks}")
 
 
 @dataclass
@@ -191,7 +192,7 @@ def prepare_view(
         line = max(2, min(width, height) // 150)
         ImageDraw.Draw(drawn).rectangle((x1, y1, x2, y2), outline=(255, 0, 0), width=line)
         return drawn, (x1, y1, x2, y2)
-    raise ValueError(f"unknown view {view!r}; valid views: crop, box")
+    raise ConfigError(f"unknown view {view!r}; valid views: crop, box")
 
 
 # --- the loop -------------------------------------------------------------------------------------------

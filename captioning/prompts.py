@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from capret.errors import ConfigError, MissingFileError, UnknownNameError
 from captioning.types import QA
 
 __all__ = ["PROMPT_SETS", "PromptSet", "get_prompt_set", "load_prompt_set"]
@@ -113,7 +114,7 @@ def get_prompt_set(version: str) -> PromptSet:
     try:
         return PROMPT_SETS[version]
     except KeyError:
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown prompt version {version!r}; valid versions: {', '.join(sorted(PROMPT_SETS))} "
             "(or pass a YAML file with --prompt-file)"
         ) from None
@@ -127,24 +128,24 @@ def load_prompt_set(path: str | Path) -> PromptSet:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise MissingFileError(f"prompt file {path} does not exist")
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"prompt file {path}: top level must be a mapping of PromptSet fields")
+        raise ConfigError(f"prompt file {path}: top level must be a mapping of PromptSet fields")
     fields = {f.name: f for f in dataclasses.fields(PromptSet)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"prompt file {path}: unknown field {unknown[0]!r}; valid fields: {', '.join(fields)}"
         )
     missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in data]
     if missing:
-        raise ValueError(f"prompt file {path}: missing field(s) {missing}")
+        raise ConfigError(f"prompt file {path}: missing field(s) {missing}")
     bad = [k for k, v in data.items() if not isinstance(v, str) or not v.strip()]
     if bad:
-        raise ValueError(f"prompt file {path}: field {bad[0]!r} must be a non-empty string")
+        raise ConfigError(f"prompt file {path}: field {bad[0]!r} must be a non-empty string")
     if data["version"] in PROMPT_SETS and PromptSet(**data) != PROMPT_SETS[data["version"]]:
-        raise ValueError(
+        raise ConfigError(
             f"prompt file {path}: version {data['version']!r} is a built-in version with different texts; "
             "give your prompt set its own version name"
         )

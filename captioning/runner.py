@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from capret.data.imagefile import check_bad_image_policy
-from capret.errors import BadImageError
+from capret.errors import BadImageError, ConfigError
 from captioning.backends.base import CaptionBackend
 from captioning.category import CategoryModel, CategoryPrediction
 from captioning.loop import CaptionResult, CaptionTask, LoopConfig, caption_batch
@@ -140,7 +140,7 @@ def caption_targets(
     """
     check_bad_image_policy(on_bad_image)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     start = time.perf_counter()
     summary = RunSummary(
         total=len(targets),

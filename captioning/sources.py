@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image
 
 from capret.data.imagefile import decode_image
+from capret.errors import DataError, MissingFileError, UsageError
 from capret.registry import Registry
 
 __all__ = [
@@ -76,12 +77,12 @@ def create_source(
     """The targets of dataset ``name`` (sorted by key); unknown names list the valid ones."""
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"dataset root {root} does not exist")
+        raise MissingFileError(f"dataset root {root} does not exist")
     targets = _SOURCES.get(name)(root, split, category=category)
     keys = [t.key for t in targets]
     if len(set(keys)) != len(keys):
         duplicate = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"dataset {name!r} at {root} yields key {duplicate!r} more than once")
+        raise DataError(f"dataset {name!r} at {root} yields key {duplicate!r} more than once")
     return sorted(targets, key=lambda t: t.key)
 
 
@@ -114,9 +115,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise UsageError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+        raise UsageError(f"--shard {text!r}: need 0 <= i < n")
     return index, count
 
 
@@ -137,7 +138,7 @@ def _deepfashion2(root: Path, split: str | None, *, category: str | None) -> lis
     from capret.data.deepfashion2 import load_items, open_image
 
     if category is not None:
-        raise ValueError("--category applies to fashioniq only")
+        raise UsageError("--category applies to fashioniq only")
     split = split or "validation"
     targets = []
     for item in load_items(root, split):
@@ -209,7 +210,7 @@ def _images(root: Path, split: str | None, *, category: str | None) -> list[Capt
     ``images/<relative path without suffix>/0``."""
     base = root / split if split else root
     if not base.is_dir():
-        raise FileNotFoundError(f"image folder {base} does not exist")
+        raise MissingFileError(f"image folder {base} does not exist")
     paths = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     return [
         CaptionTarget(

@@ -16,14 +16,16 @@ Keys are unique: a second line for a key is only written under ``overwrite=True`
 that flag is an error, never a silent replacement. Failed items go to a separate failures log
 (``<stem>.failures.jsonl``) with their reason and are retried by the next run, since they are not done.
 
-One writer per file: the store takes an exclusive ``flock`` (released by the kernel even on ``kill -9``), so
-two processes can never interleave lines; shards of one job write separate files.
+One writer per file: the store holds the one-writer lock of :mod:`capret.locks` (an ``flock`` beside the file,
+released by the kernel even on ``kill -9``), taken before the file is created, so two processes can never
+interleave lines, the second is refused naming the first's PID, and a refused run leaves no empty store behind;
+shards of one job write separate files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import fcntl
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,8 +42,9 @@ from capret.data.caption_records import (
     read_captions,
     read_records,
 )
-from capret.errors import CaptionStoreMismatchError
+from capret.errors import CaptionStoreMismatchError, ConfigError, DataError, MissingFileError
 from capret.io import atomic_write_text
+from capret.locks import exclusive_output
 
 __all__ = [
     "CaptionStore",
@@ -87,7 +90,7 @@ class CaptionStore:
         self.binding = dict(binding or {})
         unknown = set(self.binding) - set(BINDING_FIELDS)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown caption store binding field(s) {sorted(unknown)}; valid: {BINDING_FIELDS}"
             )
         self.failures_path = failures_path(self.path)
@@ -95,6 +98,7 @@ class CaptionStore:
         self.truncated_tail: bytes = b""  # what was cut from a torn last line on open (for the report)
         self._done: set[str] = set()
         self._fd: int | None = None
+        self._lock = contextlib.ExitStack()
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -102,14 +106,14 @@ class CaptionStore:
         if self._fd is not None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = contextlib.ExitStack()
+        lock.enter_context(exclusive_output(self.path, what="caption store"))  # refuses a live writer
+        created = not self.path.exists()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(
-                f"{self.path} is being written by another process; give each shard its own --out"
-            ) from None
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except BaseException:
+            lock.close()
+            raise
         try:
             with open(os.dup(fd), "rb") as handle:
                 scanner = _Scanner(self.path, handle)
@@ -124,8 +128,12 @@ class CaptionStore:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
+            if created:  # a refused first run leaves no empty store behind
+                self.path.unlink(missing_ok=True)
+            lock.close()
             raise
         self._fd = fd
+        self._lock = lock
         return self
 
     def _checked(self, records: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -143,8 +151,9 @@ class CaptionStore:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # also releases the flock
+            os.close(self._fd)
             self._fd = None
+            self._lock.close()  # releases the one-writer lock
 
     def __enter__(self) -> CaptionStore:
         return self.open()
@@ -180,10 +189,10 @@ class CaptionStore:
         for record in records:
             missing = [f for f in REQUIRED_FIELDS if f not in record]
             if missing:
-                raise ValueError(f"caption record for {record.get('key')!r} lacks field(s) {missing}")
+                raise DataError(f"caption record for {record.get('key')!r} lacks field(s) {missing}")
             key = record["key"]
             if key in seen:
-                raise ValueError(f"caption batch holds key {key!r} twice")
+                raise DataError(f"caption batch holds key {key!r} twice")
             seen.add(key)
             if key in self._done:
                 if not self.overwrite:
@@ -225,18 +234,21 @@ def repair_store(path: str | Path) -> dict[str, int]:
     atomically; returns ``{"kept": n, "dropped": m}``. The fix that the duplicate-key error names."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"caption store {path} does not exist")
+        raise MissingFileError(f"caption store {path} does not exist")
     kept: dict[str, dict[str, Any]] = {}
     dropped = 0
-    with open(path, "rb") as handle:
-        for _, record in _Scanner(path, handle):
-            key = record["key"]
-            if key in kept and not record.get("overwrite", False):
-                dropped += 1
-                continue
-            if key in kept:
-                dropped += 1
-            kept[key] = record
-    text = "".join(json.dumps(r, ensure_ascii=False, separators=(", ", ": ")) + "\n" for r in kept.values())
-    atomic_write_text(path, text, fsync=True)
+    with exclusive_output(path, what="caption store"):  # no writer appends while the file is rewritten
+        with open(path, "rb") as handle:
+            for _, record in _Scanner(path, handle):
+                key = record["key"]
+                if key in kept and not record.get("overwrite", False):
+                    dropped += 1
+                    continue
+                if key in kept:
+                    dropped += 1
+                kept[key] = record
+        text = "".join(
+            json.dumps(r, ensure_ascii=False, separators=(", ", ": ")) + "\n" for r in kept.values()
+        )
+        atomic_write_text(path, text, fsync=True)
     return {"kept": len(kept), "dropped": dropped}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from capret.errors import ConfigError
 from capret.registry import Registry
 
 __all__ = ["create_dataset", "list_datasets", "register_dataset"]
@@ -28,7 +29,7 @@ def register_dataset(name: str, *, kind: str) -> Any:
     """Decorator registering a dataset factory ``factory(*, root, split, **options)`` of a kind (``items`` or
     ``cir``), so that CLIs offer the right datasets for each mode."""
     if kind not in ("items", "cir"):
-        raise ValueError(f"dataset kind must be 'items' or 'cir', got {kind!r}")
+        raise ConfigError(f"dataset kind must be 'items' or 'cir', got {kind!r}")
     _KINDS[name] = kind
     return _DATASETS.register(name)
 

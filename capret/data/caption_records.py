@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from capret.errors import CapretError
+from capret.errors import CapretError, MissingFileError
 
 __all__ = [
     "BINDING_FIELDS",
@@ -156,7 +156,7 @@ def _fold(path: Path, records: Iterable[tuple[int, dict[str, Any]]], field: str 
 def _read(path: str | Path, field: str | None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"caption store {path} does not exist")
+        raise MissingFileError(f"caption store {path} does not exist")
     with open(path, "rb") as handle:
         return _fold(path, _Scanner(path, handle), field)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from capret.data.caption_records import items_fingerprint, read_captions, read_records
 from capret.data.deepfashion2 import Item
-from capret.errors import CaptionStoreMismatchError, MissingFileError
+from capret.errors import CaptionStoreMismatchError, ConfigError, MissingFileError
 
 __all__ = [
     "DEFAULT_MIN_COVERAGE",
@@ -54,7 +54,7 @@ def load_caption_map(source: str | Path | Mapping[str, str]) -> dict[str, str]:
         return dict(source)
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"caption store {path} does not exist")
+        raise MissingFileError(f"caption store {path} does not exist")
 
     return read_captions(path)
 
@@ -105,7 +105,7 @@ def join_captions(
             whole evaluation on the no-caption path.
     """
     if not 0.0 <= min_coverage <= 1.0:
-        raise ValueError(f"min_coverage must be in [0, 1], got {min_coverage}")
+        raise ConfigError(f"min_coverage must be in [0, 1], got {min_coverage}")
     if source is None:
         return CaptionJoin(captions=[None] * len(items), found=0, missing=len(items), missing_keys=())
     if isinstance(source, Mapping):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from capret.data.imagefile import decode_image, find_bad_images
-from capret.errors import BadImageError, CapretError
+from capret.errors import BadImageError, CapretError, ConfigError, MissingFileError
 
 __all__ = ["DataProblem", "DataReport", "check_dataset", "CHECKABLE_DATASETS"]
 
@@ -70,9 +70,9 @@ def check_dataset(
     """
     root = Path(root)
     if dataset not in CHECKABLE_DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; check-data knows {', '.join(CHECKABLE_DATASETS)}")
+        raise ConfigError(f"unknown dataset {dataset!r}; check-data knows {', '.join(CHECKABLE_DATASETS)}")
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset root {root} does not exist")
+        raise MissingFileError(f"dataset root {root} does not exist")
     report = DataReport(dataset=dataset, root=str(root), split=split)
     if dataset in ("deepfashion2", "demo"):
         _check_deepfashion2(report, root, split, images=images, progress=progress)

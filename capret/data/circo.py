@@ -28,6 +28,7 @@ from PIL import Image
 
 from capret.data.fashioniq import load_json
 from capret.data.transforms import open_image
+from capret.errors import ConfigError, DataError, MissingFileError
 
 __all__ = ["SPLITS", "CIRCO", "CIRCOQuery", "read_gallery_ids"]
 
@@ -53,20 +54,20 @@ def read_gallery_ids(path: Path | str) -> list[int]:
     """Read gallery image ids from a COCO image-info JSON, a JSON list of ids, or a text file (one per line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"CIRCO gallery file not found: {path}")
+        raise MissingFileError(f"CIRCO gallery file not found: {path}")
     if path.suffix.lower() == ".json":
         data = load_json(path)
         if isinstance(data, dict) and isinstance(data.get("images"), list):
             try:
                 return [int(image["id"]) for image in data["images"]]
             except (KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}: every entry of 'images' needs an integer 'id' ({err})") from err
+                raise DataError(f"{path}: every entry of 'images' needs an integer 'id' ({err})") from err
         if isinstance(data, list):
             try:
                 return [int(x) for x in data]
             except (TypeError, ValueError) as err:
-                raise ValueError(f"{path}: expected a JSON list of integer image ids ({err})") from err
-        raise ValueError(f"{path}: expected a COCO image-info object with 'images' or a JSON list of ids")
+                raise DataError(f"{path}: expected a JSON list of integer image ids ({err})") from err
+        raise DataError(f"{path}: expected a COCO image-info object with 'images' or a JSON list of ids")
     ids = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.strip()
@@ -75,7 +76,7 @@ def read_gallery_ids(path: Path | str) -> list[int]:
         try:
             ids.append(int(Path(line).stem))
         except ValueError:
-            raise ValueError(f"{path}:{number}: expected an integer image id, got {line!r}") from None
+            raise DataError(f"{path}:{number}: expected an integer image id, got {line!r}") from None
     return ids
 
 
@@ -101,14 +102,14 @@ class CIRCO:
         image_dir: Path | str | None = None,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"unknown CIRCO split {split!r}; valid: {', '.join(SPLITS)}")
+            raise ConfigError(f"unknown CIRCO split {split!r}; valid: {', '.join(SPLITS)}")
         self.root = Path(root)
         self.split = split
         self.image_dir = Path(image_dir) if image_dir is not None else self.root / IMAGE_FOLDER
         official = self.root / "annotations" / f"{split}.json"
         flat = self.root / f"{split}.json"
         if not official.is_file() and not flat.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"CIRCO {split}: {official.name} not found in {official.parent} or {self.root}"
             )
         self.annotations_file = official if official.is_file() else flat
@@ -127,31 +128,31 @@ class CIRCO:
     def gallery(self) -> list[int]:
         """Gallery image ids (COCO ids); an error if none were given and no image-info file exists."""
         if self._gallery is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"CIRCO gallery unknown: pass gallery_ids= (ids or a file) or place {self.root / IMAGE_INFO}"
             )
         return self._gallery
 
     def _parse(self, records: Any) -> list[CIRCOQuery]:
         if not isinstance(records, list):
-            raise ValueError(f"{self.annotations_file}: expected a JSON list of queries")
+            raise DataError(f"{self.annotations_file}: expected a JSON list of queries")
         queries = []
         for index, record in enumerate(records):
             where = f"{self.annotations_file}: entry {index}"
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+                raise DataError(f"{where}: expected an object, got {type(record).__name__}")
             for field in ("id", "reference_img_id", "relative_caption"):
                 if field not in record:
-                    raise ValueError(f"{where}: missing field {field!r}")
+                    raise DataError(f"{where}: missing field {field!r}")
             target = record.get("target_img_id")
             gt_ids = tuple(int(i) for i in record.get("gt_img_ids") or ())
             if self.split == "val":
                 if target is None or not gt_ids:
-                    raise ValueError(
+                    raise DataError(
                         f"{where} (id {record['id']}): val queries need 'target_img_id' and 'gt_img_ids'"
                     )
                 if gt_ids[0] != int(target):
-                    raise ValueError(
+                    raise DataError(
                         f"{where} (id {record['id']}): 'gt_img_ids'[0]={gt_ids[0]} differs from "
                         f"'target_img_id'={target}"
                     )
@@ -179,7 +180,7 @@ class CIRCO:
         try:
             image_id = int(name)
         except (TypeError, ValueError):
-            raise ValueError(f"CIRCO image names are integer COCO ids, got {name!r}") from None
+            raise DataError(f"CIRCO image names are integer COCO ids, got {name!r}") from None
         return self.image_dir / f"{image_id:012d}.jpg"
 
     def load_image(self, name: int | str) -> Image.Image:

@@ -26,6 +26,7 @@ from PIL import Image
 from capret.data.fashioniq import load_json
 from capret.data.imagefile import path_inside
 from capret.data.transforms import open_image
+from capret.errors import ConfigError, DataError, MissingFileError, MissingKeyError
 
 __all__ = ["SPLITS", "CIRR", "CIRRTriplet"]
 
@@ -64,7 +65,7 @@ class CIRR:
     def __init__(self, root: Path | str, split: str, *, image_dir: Path | str | None = None) -> None:
         split = _ALIASES.get(split, split)
         if split not in SPLITS:
-            raise ValueError(f"unknown CIRR split {split!r}; valid: {', '.join(SPLITS)} (or 'test')")
+            raise ConfigError(f"unknown CIRR split {split!r}; valid: {', '.join(SPLITS)} (or 'test')")
         self.root = Path(root)
         self.split = split
         self.image_dir = Path(image_dir) if image_dir is not None else self.root
@@ -74,7 +75,7 @@ class CIRR:
         self.triplets = self._parse(self.annotations)
         paths = load_json(self.split_file)
         if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
-            raise ValueError(f"{self.split_file}: expected a JSON object mapping image name -> relative path")
+            raise DataError(f"{self.split_file}: expected a JSON object mapping image name -> relative path")
         for name, relative in paths.items():  # reject "../" escapes before any image is opened
             path_inside(self.image_dir, relative, where=f"{self.split_file}: entry {name!r}")
         self._relative_paths: dict[str, str] = paths
@@ -91,27 +92,27 @@ class CIRR:
             if path.is_file():
                 return path
         tried = ", ".join(str(p.parent) for p in candidates)
-        raise FileNotFoundError(f"CIRR {self.split}: {filename} not found in any of {tried}")
+        raise MissingFileError(f"CIRR {self.split}: {filename} not found in any of {tried}")
 
     def _parse(self, records: Any) -> list[CIRRTriplet]:
         if not isinstance(records, list):
-            raise ValueError(f"{self.captions_file}: expected a JSON list of triplets")
+            raise DataError(f"{self.captions_file}: expected a JSON list of triplets")
         triplets = []
         for index, record in enumerate(records):
             where = f"{self.captions_file}: entry {index}"
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+                raise DataError(f"{where}: expected an object, got {type(record).__name__}")
             for field in ("pairid", "reference", "caption", "img_set"):
                 if field not in record:
-                    raise ValueError(f"{where}: missing field {field!r}")
+                    raise DataError(f"{where}: missing field {field!r}")
             img_set = record["img_set"]
             if not isinstance(img_set, dict) or not isinstance(img_set.get("members"), list):
-                raise ValueError(
+                raise DataError(
                     f"{where} (pairid {record['pairid']}): field 'img_set.members' must be a list"
                 )
             target = record.get("target_hard")
             if self.split != "test1" and target is None:
-                raise ValueError(f"{where} (pairid {record['pairid']}): missing field 'target_hard'")
+                raise DataError(f"{where} (pairid {record['pairid']}): missing field 'target_hard'")
             soft = record.get("target_soft")
             triplets.append(
                 CIRRTriplet(
@@ -137,7 +138,7 @@ class CIRR:
         try:
             relative = self._relative_paths[name]
         except KeyError:
-            raise KeyError(f"CIRR image {name!r} is not listed in {self.split_file}") from None
+            raise MissingKeyError(f"CIRR image {name!r} is not listed in {self.split_file}") from None
         return path_inside(self.image_dir, relative, where=f"{self.split_file}: entry {name!r}")
 
     def load_image(self, name: str) -> Image.Image:

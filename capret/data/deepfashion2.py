@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from capret.data.imagefile import decode_image
+from capret.errors import ConfigError, DataError, MissingFileError, MissingImageError
 from capret.io import atomic_write, cache_dir, read_json
 
 __all__ = [
@@ -124,16 +125,16 @@ def _int_field(obj: dict[str, Any], name: str, where: str, path: Path, *, defaul
     if name not in obj:
         if default is not None:
             return default
-        raise ValueError(f"{path}: missing field '{where}{name}'")
+        raise DataError(f"{path}: missing field '{where}{name}'")
     value = obj[name]
     if not _is_int(value):
-        raise ValueError(f"{path}: field '{where}{name}' must be an integer, got {value!r}")
+        raise DataError(f"{path}: field '{where}{name}' must be an integer, got {value!r}")
     return int(value)
 
 
 def _numbers(value: Any, *, name: str, path: Path) -> tuple[float, ...]:
     if not isinstance(value, list) or not all(_is_number(v) for v in value):
-        raise ValueError(f"{path}: field {name!r} must be a list of numbers, got {str(value)[:80]}")
+        raise DataError(f"{path}: field {name!r} must be a list of numbers, got {str(value)[:80]}")
     return tuple(value)
 
 
@@ -142,12 +143,12 @@ def _parse_geometry(
 ) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
     landmarks = _numbers(raw.get("landmarks", []), name=f"{name}.landmarks", path=path)
     if len(landmarks) % 3:
-        raise ValueError(
+        raise DataError(
             f"{path}: field '{name}.landmarks' must hold [x, y, v] triples, got {len(landmarks)} numbers"
         )
     polygons = raw.get("segmentation", [])
     if not isinstance(polygons, list):
-        raise ValueError(f"{path}: field '{name}.segmentation' must be a list of polygons, got {polygons!r}")
+        raise DataError(f"{path}: field '{name}.segmentation' must be a list of polygons, got {polygons!r}")
     segmentation = tuple(
         _numbers(poly, name=f"{name}.segmentation[{i}]", path=path) for i, poly in enumerate(polygons)
     )
@@ -158,33 +159,33 @@ def _parse_annotation(path: Path, image_id: int, *, with_geometry: bool) -> list
     """Parse one per-image JSON; every malformed field raises ``ValueError`` naming the file and the field."""
     data = read_json(path, what="DeepFashion2 annotation")
     if not isinstance(data, dict):
-        raise ValueError(
+        raise DataError(
             f"{path}: expected a JSON object with 'source', 'pair_id', 'item1'..., got {data!r:.80}"
         )
     source = data.get("source")
     if source not in SOURCES:
-        raise ValueError(f"{path}: field 'source' must be one of {SOURCES}, got {source!r}")
+        raise DataError(f"{path}: field 'source' must be one of {SOURCES}, got {source!r}")
     pair_id = _int_field(data, "pair_id", "", path)
     numbered = sorted((int(m.group(1)), key) for key in data if (m := _ITEM_KEY.match(key)))
     items = []
     for index, key in numbered:
         raw = data[key]
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: field {key!r} must be an object, got {raw!r:.80}")
+            raise DataError(f"{path}: field {key!r} must be an object, got {raw!r:.80}")
         where = f"{key}."
         category_id = _int_field(raw, "category_id", where, path)
         if category_id not in CATEGORIES:
-            raise ValueError(
+            raise DataError(
                 f"{path}: field '{key}.category_id' is {category_id}; valid ids are 1..{len(CATEGORIES)}"
             )
         style = _int_field(raw, "style", where, path)
         if style < 0:
-            raise ValueError(f"{path}: field '{key}.style' must be >= 0 (0 = not pairable), got {style}")
+            raise DataError(f"{path}: field '{key}.style' must be >= 0 (0 = not pairable), got {style}")
         box = raw.get("bounding_box")
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
-            raise ValueError(f"{path}: field '{key}.bounding_box' must be [x1, y1, x2, y2], got {box!r}")
+            raise DataError(f"{path}: field '{key}.bounding_box' must be [x1, y1, x2, y2], got {box!r}")
         if box[2] < box[0] or box[3] < box[1]:
-            raise ValueError(f"{path}: field '{key}.bounding_box' has x2 < x1 or y2 < y1: {box!r}")
+            raise DataError(f"{path}: field '{key}.bounding_box' has x2 < x1 or y2 < y1: {box!r}")
         attrs = {name: _int_field(raw, name, where, path, default=0) for name in _ATTRS}
         landmarks: tuple[float, ...] = ()
         segmentation: tuple[tuple[float, ...], ...] = ()
@@ -211,7 +212,7 @@ def _parse_annotation(path: Path, image_id: int, *, with_geometry: bool) -> list
 def _annos_dir(root: str | Path, split: str) -> Path:
     annos = Path(root) / split / "annos"
     if not annos.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"DeepFashion2 annotation folder not found: {annos} (expected <root>/<split>/annos/NNNNNN.json)"
         )
     return annos
@@ -233,7 +234,7 @@ def _scan(annos: Path) -> tuple[list[tuple[int, Path]], str]:
                 continue
             stem = entry.name[: -len(".json")]
             if not stem.isdigit():
-                raise ValueError(f"{entry.path}: annotation file names must be NNNNNN.json (the image id)")
+                raise DataError(f"{entry.path}: annotation file names must be NNNNNN.json (the image id)")
             info = entry.stat()
             files.append((int(stem), Path(entry.path)))
             stats.append(
@@ -354,11 +355,11 @@ def load_item_geometry(root: str | Path, split: str, item: Item) -> Item:
     """Return ``item`` with its landmarks and polygons re-read from its annotation file."""
     path = Path(root) / split / "annos" / f"{item.image_id:06d}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"DeepFashion2 annotation not found: {path} (item {item.key})")
+        raise MissingFileError(f"DeepFashion2 annotation not found: {path} (item {item.key})")
     for candidate in _parse_annotation(path, item.image_id, with_geometry=True):
         if candidate.item_index == item.item_index:
             return replace(item, landmarks=candidate.landmarks, segmentation=candidate.segmentation)
-    raise ValueError(f"{path}: no field 'item{item.item_index}' (item {item.key})")
+    raise DataError(f"{path}: no field 'item{item.item_index}' (item {item.key})")
 
 
 def image_path(root: str | Path, split: str, image_id: int) -> Path:
@@ -378,7 +379,7 @@ def crop_item(image: Image.Image, bbox: Sequence[float], *, margin: float = 0.0)
     the crop is never empty, so degenerate boxes still give a 1x1 image.
     """
     if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+        raise ConfigError(f"margin must be >= 0, got {margin}")
     x1, y1, x2, y2 = (float(v) for v in bbox)
     dx, dy = (x2 - x1) * margin, (y2 - y1) * margin
     width, height = image.size
@@ -444,14 +445,14 @@ def load_ground_truth(source: str | Path | list[dict[str, Any]]) -> list[dict[st
     else:
         records = source
     if not isinstance(records, list):
-        raise ValueError(f"{name}: expected a list of records, got {type(records).__name__}")
+        raise DataError(f"{name}: expected a list of records, got {type(records).__name__}")
     if not records:
         return []
     kind = "query" if isinstance(records[0], dict) and "query_image_id" in records[0] else "gallery"
     fields = _GT_FIELDS[kind]
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise ValueError(f"{name}: record {i} must be an object with fields {fields}, got {rec!r:.80}")
+            raise DataError(f"{name}: record {i} must be an object with fields {fields}, got {rec!r:.80}")
         for fld in fields:
             value = rec.get(fld)
             ok = (
@@ -460,7 +461,7 @@ def load_ground_truth(source: str | Path | list[dict[str, Any]]) -> list[dict[st
                 else _is_int(value)
             )
             if not ok:
-                raise ValueError(
+                raise DataError(
                     f"{name}: record {i} ({kind}) has a missing or malformed field {fld!r}: {value!r}"
                 )
     return records
@@ -536,7 +537,7 @@ def _coco_keypoints(item: Item) -> tuple[list[float], int]:
     count = KEYPOINT_COUNTS[item.category_id]
     given = len(item.landmarks) // 3
     if given not in (0, count):
-        raise ValueError(
+        raise DataError(
             f"item {item.key}: category {item.category_id} ({item.category_name}) has {count} landmarks, "
             f"the annotation gives {given}"
         )
@@ -569,11 +570,11 @@ def to_coco(items: Iterable[Item], *, root: str | Path, split: str) -> dict[str,
     annotations: list[dict[str, Any]] = []
     for item in ordered:
         if item.category_id not in CATEGORIES:
-            raise ValueError(f"item {item.key}: category_id {item.category_id} is not one of 1..13")
+            raise DataError(f"item {item.key}: category_id {item.category_id} is not one of 1..13")
         if not images or images[-1]["id"] != item.image_id:
             path = image_path(root, split, item.image_id)
             if not path.is_file():
-                raise FileNotFoundError(f"DeepFashion2 image not found: {path} (needed for its size)")
+                raise MissingImageError(f"DeepFashion2 image not found: {path} (needed for its size)")
             with Image.open(path) as image:
                 width, height = image.size
             images.append(

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from capret.data.deepfashion2 import CATEGORIES, KEYPOINT_COUNTS, build_retrieval_ground_truth, load_items
+from capret.errors import ConfigError, MissingDependencyError
 from capret.io import atomic_write_json, read_json
 
 __all__ = [
@@ -116,7 +117,7 @@ def _select_patches(photos: dict[str, np.ndarray], *, count: int, rng: np.random
             if per_photo[name] and len(chosen) < count:
                 chosen.append(per_photo[name].pop())
     if len(chosen) < count:
-        raise ValueError(
+        raise ConfigError(
             f"the available skimage photographs ({', '.join(photos)}) yield only {len(chosen)} distinct "
             f"textured patches; num_identities must be <= {len(chosen)}, got {count}"
         )
@@ -428,9 +429,9 @@ def build_demo_dataset(
     Returns the summary counts (also stored in ``root/.capret_demo.json``, written last).
     """
     if num_identities < 2:
-        raise ValueError(f"num_identities must be >= 2 (one per split at least), got {num_identities}")
+        raise ConfigError(f"num_identities must be >= 2 (one per split at least), got {num_identities}")
     if not 0 < validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+        raise ConfigError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _prepare(root)
@@ -438,7 +439,7 @@ def build_demo_dataset(
     photos = {name: img for name in PHOTOS if (img := _load_photo(name)) is not None}
     backgrounds = {name: img for name in CLUTTER_PHOTOS if (img := _load_photo(name)) is not None}
     if len(photos) < 3:
-        raise RuntimeError(
+        raise MissingDependencyError(
             f"only {len(photos)} skimage.data photographs load offline ({list(photos)}); need >= 3"
         )
     patches = _select_patches(photos, count=num_identities, rng=np.random.default_rng([seed, 0]))

@@ -26,7 +26,7 @@ from PIL import Image
 
 from capret.data.imagefile import path_inside
 from capret.data.transforms import open_image
-from capret.errors import DataError, MissingImageError
+from capret.errors import ConfigError, DataError, MissingFileError, MissingImageError
 from capret.io import read_json
 
 __all__ = [
@@ -73,7 +73,7 @@ def pair_captions(captions: Sequence[str], pairing: Pairing = "c1_and_c2") -> st
     ``str.capitalize`` output exactly.
     """
     if len(captions) != 2:
-        raise ValueError(
+        raise DataError(
             f"FashionIQ triplets have exactly 2 captions, got {len(captions)}: {list(captions)!r}"
         )
     c1, c2 = _clean(captions[0]), _clean(captions[1])
@@ -85,7 +85,7 @@ def pair_captions(captions: Sequence[str], pairing: Pairing = "c1_and_c2") -> st
         return _upper_first(c1)
     if pairing == "c2":
         return _upper_first(c2)
-    raise ValueError(f"unknown caption pairing {pairing!r}; valid pairings: {', '.join(PAIRINGS)}")
+    raise ConfigError(f"unknown caption pairing {pairing!r}; valid pairings: {', '.join(PAIRINGS)}")
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,12 @@ class FashionIQ:
         image_dir: Path | str | None = None,
     ) -> None:
         if category not in CATEGORIES:
-            raise ValueError(f"unknown FashionIQ category {category!r}; valid: {', '.join(CATEGORIES)}")
+            raise ConfigError(f"unknown FashionIQ category {category!r}; valid: {', '.join(CATEGORIES)}")
         if split not in SPLITS:
-            raise ValueError(f"unknown FashionIQ split {split!r}; valid: {', '.join(SPLITS)}")
+            raise ConfigError(f"unknown FashionIQ split {split!r}; valid: {', '.join(SPLITS)}")
         mode = caption_mode or ("train" if split == "train" else "eval")
         if mode not in ("train", "eval"):
-            raise ValueError(f"FashionIQ caption_mode must be 'train' or 'eval', got {caption_mode!r}")
+            raise ConfigError(f"FashionIQ caption_mode must be 'train' or 'eval', got {caption_mode!r}")
         self.root = Path(root)
         self.category = category
         self.split = split
@@ -149,7 +149,7 @@ class FashionIQ:
         self.triplets = self._parse(self.annotations)
         gallery = load_json(self.split_file)
         if not isinstance(gallery, list) or not all(isinstance(n, str) for n in gallery):
-            raise ValueError(f"{self.split_file}: expected a JSON list of image names (asin strings)")
+            raise DataError(f"{self.split_file}: expected a JSON list of image names (asin strings)")
         names = [
             *gallery,
             *(t.reference for t in self.triplets),
@@ -171,27 +171,27 @@ class FashionIQ:
             return official
         if flat.is_file():
             return flat
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"FashionIQ {self.category}/{self.split}: {filename} not found in {official.parent} or {self.root}"
         )
 
     def _parse(self, records: Any) -> list[FashionIQTriplet]:
         if not isinstance(records, list):
-            raise ValueError(f"{self.captions_file}: expected a JSON list of triplets")
+            raise DataError(f"{self.captions_file}: expected a JSON list of triplets")
         triplets = []
         for index, record in enumerate(records):
             where = f"{self.captions_file}: entry {index}"
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+                raise DataError(f"{where}: expected an object, got {type(record).__name__}")
             for field in ("candidate", "captions"):
                 if field not in record:
-                    raise ValueError(f"{where}: missing field {field!r}")
+                    raise DataError(f"{where}: missing field {field!r}")
             captions = record["captions"]
             if not isinstance(captions, list) or len(captions) != 2:
-                raise ValueError(f"{where}: field 'captions' must be a list of 2 strings, got {captions!r}")
+                raise DataError(f"{where}: field 'captions' must be a list of 2 strings, got {captions!r}")
             target = record.get("target")
             if self.split != "test" and target is None:
-                raise ValueError(f"{where}: missing field 'target' (required on split {self.split!r})")
+                raise DataError(f"{where}: missing field 'target' (required on split {self.split!r})")
             triplets.append(
                 FashionIQTriplet(
                     query_id=index,

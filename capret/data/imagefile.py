@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from capret.errors import BadImageError, DataError, MissingImageError
+from capret.errors import BadImageError, ConfigError, DataError, MissingImageError
 
 __all__ = ["BAD_IMAGE_POLICIES", "check_bad_image_policy", "decode_image", "find_bad_images", "path_inside"]
 
@@ -26,7 +26,7 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 def check_bad_image_policy(policy: str) -> str:
     """``policy`` when it is a valid ``on_bad_image`` value, else a ``ValueError`` listing the valid ones."""
     if policy not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {policy!r}")
+        raise ConfigError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {policy!r}")
     return policy
 
 

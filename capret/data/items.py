@@ -29,7 +29,7 @@ from torch import Tensor
 
 from capret.data.deepfashion2 import Item, open_image
 from capret.data.imagefile import check_bad_image_policy
-from capret.errors import BadImageError
+from capret.errors import BadImageError, ConfigError, DataError
 
 __all__ = [
     "ItemCollator",
@@ -68,9 +68,9 @@ class ItemTransform:
 
     def __post_init__(self) -> None:
         if self.mode not in ("crop", "full"):
-            raise ValueError(f"ItemTransform mode {self.mode!r} is not one of ['crop', 'full']")
+            raise ConfigError(f"ItemTransform mode {self.mode!r} is not one of ['crop', 'full']")
         if self.pad not in ("none", "targetpad", "squarepad"):
-            raise ValueError(
+            raise ConfigError(
                 f"ItemTransform pad {self.pad!r} is not one of ['none', 'targetpad', 'squarepad']"
             )
 
@@ -188,7 +188,7 @@ class ItemDataset(torch.utils.data.Dataset):
         if captions is not None and len(captions) != len(items):
             raise ValueError(f"{len(captions)} captions for {len(items)} items")
         if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+            raise ConfigError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         self.root, self.split = Path(root), split
         self.items = list(items)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -286,7 +286,7 @@ class PKBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
     ) -> None:
         super().__init__()
         if p < 1 or k < 1:
-            raise ValueError(f"P x K sampler needs p >= 1 and k >= 1, got p={p}, k={k}")
+            raise ConfigError(f"P x K sampler needs p >= 1 and k >= 1, got p={p}, k={k}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         labels = np.asarray(labels)
@@ -299,11 +299,11 @@ class PKBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
             shop, user = self.pools.setdefault(int(label), ([], []))
             (shop if source == "shop" else user).append(index)
         if len(self.pools) < p:
-            raise ValueError(f"P x K sampler: only {len(self.pools)} identities for p={p} per batch")
+            raise ConfigError(f"P x K sampler: only {len(self.pools)} identities for p={p} per batch")
         total = len(self.pools) // p
         self.num_batches = (total // world_size) * world_size
         if self.num_batches == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.pools)} identities give no batch of p={p} for each of {world_size} ranks"
             )
 
@@ -349,7 +349,7 @@ def split_holdout_identities(
     of the sorted identities, so a config and seed always hold out the same garments.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"data.holdout_identities must be in [0, 1), got {fraction}")
+        raise ConfigError(f"data.holdout_identities must be in [0, 1), got {fraction}")
     if fraction == 0.0:
         return list(items), []
     sources: dict[tuple[int, int], set[str]] = {}
@@ -357,7 +357,7 @@ def split_holdout_identities(
         sources.setdefault(item.identity, set()).add(item.source)
     eligible = sorted(identity for identity, seen in sources.items() if {"user", "shop"} <= seen)
     if len(eligible) < 2:
-        raise ValueError(
+        raise DataError(
             f"data.holdout_identities={fraction}: only {len(eligible)} train identities have both user and shop "
             "items; at least 2 are needed (set data.holdout_identities=0 to train without selection)"
         )

@@ -23,6 +23,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from capret.data.imagefile import decode_image
+from capret.errors import ConfigError
 
 __all__ = [
     "CLIP_MEAN",
@@ -86,7 +87,7 @@ class TargetPad:
 
     def __init__(self, target_ratio: float = 1.25) -> None:
         if not target_ratio >= 1.0:
-            raise ValueError(f"TargetPad target_ratio must be >= 1.0, got {target_ratio!r}")
+            raise ConfigError(f"TargetPad target_ratio must be >= 1.0, got {target_ratio!r}")
         self.target_ratio = float(target_ratio)
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -124,14 +125,14 @@ def clip_transform(
     preprocessing. The result maps a PIL image to a float tensor ``[3, size, size]``.
     """
     if size <= 0:
-        raise ValueError(f"clip_transform size must be a positive integer, got {size!r}")
+        raise ConfigError(f"clip_transform size must be a positive integer, got {size!r}")
     steps: list[Callable[..., object]] = [_to_rgb]
     if pad == "targetpad":
         steps.append(TargetPad(target_ratio))
     elif pad == "squarepad":
         steps.append(SquarePad())
     elif pad is not None:
-        raise ValueError(f"clip_transform pad={pad!r} is not valid; choose one of {PAD_CHOICES} or None")
+        raise ConfigError(f"clip_transform pad={pad!r} is not valid; choose one of {PAD_CHOICES} or None")
     steps += [
         T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(size),

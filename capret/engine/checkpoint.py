@@ -410,11 +410,11 @@ def load_model_weights(
         saved_config = dict(_check_folder(path, files=(MODEL_FILE,)).get("config") or {})
         path = path / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise IncompleteCheckpointError(
             f"model weights {path} do not exist (give a checkpoint folder or a .safetensors)"
         )
     if path.suffix != ".safetensors":
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: only .safetensors weights are loaded (no pickle files); got {path.suffix!r}"
         )
     state = load_safetensors(path, device=str(device))
@@ -457,7 +457,7 @@ def load_checkpoint(
         if target is None:
             continue
         if state.get(name) is None:
-            raise ValueError(f"{directory}: checkpoint holds no {name} state, cannot restore it")
+            raise CheckpointError(f"{directory}: checkpoint holds no {name} state, cannot restore it")
         target.load_state_dict(state[name])
     return LoadedCheckpoint(
         path=directory,
@@ -562,7 +562,7 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
         return path
     latest = find_latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(
+        raise IncompleteCheckpointError(
             f"--resume {resume}: no checkpoint there (expected a checkpoint folder with checkpoint.json, a run "
             "folder with checkpoints/step_*, or 'auto')"
         )

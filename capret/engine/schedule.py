@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from capret.errors import ConfigError
+
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
@@ -44,7 +46,7 @@ def lr_factor(
     first update is not wasted); cosine then decays from 1 to ``min_lr_ratio`` at ``total_steps``.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        raise ConfigError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -64,9 +66,9 @@ def build_scheduler(
 ) -> LambdaLR:
     """A ``LambdaLR`` applying :func:`lr_factor` to every parameter group's own base rate."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+        raise ConfigError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
     if warmup_steps < 0 or total_steps < 1:
-        raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
+        raise ConfigError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
 
     def factor(step: int) -> float:
         return lr_factor(
@@ -127,4 +129,4 @@ def build_optimizer(
         return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")

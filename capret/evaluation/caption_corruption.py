@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from capret.data.deepfashion2 import CATEGORIES
+from capret.errors import ConfigError
 from captioning.colors import PALETTE
 
 __all__ = ["ATTRIBUTE_WORDS", "CORRUPTIONS", "corrupt_caption_map", "corrupt_captions", "replace_attributes"]
@@ -68,9 +69,9 @@ def corrupt_captions(
     chosen set grows with ``rate`` (the entries chosen at 0.25 are among those chosen at 0.5).
     """
     if mode not in CORRUPTIONS:
-        raise ValueError(f"unknown caption corruption {mode!r}; valid: {', '.join(CORRUPTIONS)}")
+        raise ConfigError(f"unknown caption corruption {mode!r}; valid: {', '.join(CORRUPTIONS)}")
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"corruption rate must be in [0, 1], got {rate}")
+        raise ConfigError(f"corruption rate must be in [0, 1], got {rate}")
     out = list(captions)
     present = np.array([i for i, c in enumerate(captions) if c is not None], dtype=np.int64)
     rng = np.random.default_rng(seed)

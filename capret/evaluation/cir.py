@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from capret.errors import require_finite
+from capret.errors import ConfigError, DataError, require_finite
 from capret.io import atomic_write_json, read_json
 
 __all__ = [
@@ -59,7 +59,7 @@ def _load(annotations: Annotations, *, what: str) -> list[Mapping[str, Any]]:
         path = Path(annotations)
         data = read_json(path, what=f"{what} annotation file")
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of {what} queries")
+            raise DataError(f"{path}: expected a JSON list of {what} queries")
         return data
     return list(annotations)
 
@@ -67,7 +67,7 @@ def _load(annotations: Annotations, *, what: str) -> list[Mapping[str, Any]]:
 def _check_ks(ks: Iterable[int], *, name: str) -> list[int]:
     out = [int(k) for k in ks]
     if not out or any(k <= 0 for k in out):
-        raise ValueError(f"{name} must be positive integers, got {list(ks)!r}")
+        raise ConfigError(f"{name} must be positive integers, got {list(ks)!r}")
     return out
 
 
@@ -75,7 +75,7 @@ def _int_id(value: Any, *, what: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an integer id (or its digits), got {value!r}") from None
+        raise DataError(f"{what} must be an integer id (or its digits), got {value!r}") from None
 
 
 def _by_int_key(rankings: Mapping[Any, Sequence[Any]], *, what: str) -> dict[int, Sequence[Any]]:
@@ -83,7 +83,7 @@ def _by_int_key(rankings: Mapping[Any, Sequence[Any]], *, what: str) -> dict[int
     for key, ranking in rankings.items():
         qid = _int_id(key, what=f"{what} query id")
         if qid in out:
-            raise ValueError(f"{what}: query id {key!r} is given twice (as int and str)")
+            raise DataError(f"{what}: query id {key!r} is given twice (as int and str)")
         out[qid] = ranking
     return out
 
@@ -93,11 +93,9 @@ def _check_coverage(given: Iterable[int], expected: Sequence[int], *, what: str)
     missing = [q for q in expected if q not in given_set]
     extra = sorted(given_set - expected_set)
     if missing:
-        raise ValueError(f"{what}: no ranking for {len(missing)} annotated queries, e.g. {missing[:5]}")
+        raise DataError(f"{what}: no ranking for {len(missing)} annotated queries, e.g. {missing[:5]}")
     if extra:
-        raise ValueError(
-            f"{what}: rankings for {len(extra)} queries not in the annotations, e.g. {extra[:5]}"
-        )
+        raise DataError(f"{what}: rankings for {len(extra)} queries not in the annotations, e.g. {extra[:5]}")
 
 
 def _check_unique(ranking: Sequence[Any], *, what: str) -> None:
@@ -106,13 +104,13 @@ def _check_unique(ranking: Sequence[Any], *, what: str) -> None:
     seen: set[Any] = set()
     for x in ranking:
         if x in seen:
-            raise ValueError(f"{what}: image {x!r} appears more than once in the ranking")
+            raise DataError(f"{what}: image {x!r} appears more than once in the ranking")
         seen.add(x)
 
 
 def _check_length(ranking: Sequence[Any], need: int, *, what: str, note: str = "") -> None:
     if len(ranking) < need:
-        raise ValueError(f"{what}: ranking has {len(ranking)} entries{note}, need at least {need}")
+        raise DataError(f"{what}: ranking has {len(ranking)} entries{note}, need at least {need}")
 
 
 def _recall_at_ks(target_positions: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
@@ -158,9 +156,7 @@ def circo_metrics(
     num_gt = np.zeros(len(records), dtype=np.float64)
     for row, (qid, record) in enumerate(zip(query_ids, records)):
         if record.get("gt_img_ids") is None or record.get("target_img_id") is None:
-            raise ValueError(
-                f"CIRCO query {qid}: annotations lack 'gt_img_ids'/'target_img_id' (test split?)"
-            )
+            raise DataError(f"CIRCO query {qid}: annotations lack 'gt_img_ids'/'target_img_id' (test split?)")
         gt = {int(g) for g in record["gt_img_ids"] if int(g) != 0}  # 0 pads gt lists in collated batches
         ranking = [_int_id(x, what=f"CIRCO query {qid} prediction") for x in by_id[qid]]
         _check_unique(ranking, what=f"CIRCO query {qid}")
@@ -219,7 +215,7 @@ def _cirr_records(annotations: Annotations) -> list[tuple[int, Mapping[str, Any]
     for record in _load(annotations, what="CIRR"):
         for field in ("pairid", "reference", "img_set"):
             if field not in record:
-                raise ValueError(f"CIRR annotation {dict(record)!r:.120}: missing field {field!r}")
+                raise DataError(f"CIRR annotation {dict(record)!r:.120}: missing field {field!r}")
         out.append((_int_id(record["pairid"], what="CIRR 'pairid'"), record))
     return out
 
@@ -240,7 +236,7 @@ def cirr_subset_ranking(
     ordered = [x for x in ranking if x in subset]
     if len(ordered) != len(subset):
         missing = sorted(str(m) for m in subset.difference(ordered))
-        raise ValueError(
+        raise DataError(
             f"CIRR pairid {pairid}: ranking lacks img_set members {missing}; rank the whole gallery "
             "(or at least every member) for Recall_subset"
         )
@@ -269,7 +265,7 @@ def cirr_metrics(
     ks = _check_ks(ks, name="cirr_metrics ks")
     subset_ks = [int(k) for k in subset_ks]
     if any(k <= 0 for k in subset_ks):
-        raise ValueError(f"cirr_metrics subset_ks must be positive integers, got {subset_ks!r}")
+        raise ConfigError(f"cirr_metrics subset_ks must be positive integers, got {subset_ks!r}")
     records = _cirr_records(annotations)
     by_id = _by_int_key(rankings, what="CIRR rankings")
     _check_coverage(by_id, [pid for pid, _ in records], what="CIRR rankings")
@@ -279,7 +275,7 @@ def cirr_metrics(
     for row, (pairid, record) in enumerate(records):
         target = record.get("target_hard")
         if target is None:
-            raise ValueError(f"CIRR pairid {pairid}: annotations lack 'target_hard' (test split?)")
+            raise DataError(f"CIRR pairid {pairid}: annotations lack 'target_hard' (test split?)")
         ranking = _without_reference(by_id[pairid], record["reference"], pairid=pairid)
         _check_length(ranking, kmax, what=f"CIRR pairid {pairid}", note=" after removing the reference")
         positions[row] = _position(ranking, target, kmax)
@@ -307,7 +303,7 @@ def write_cirr_submission(
     the top 3 of the subset ranking (see ``cirr_subset_ranking``). Every annotated pairid must be ranked.
     """
     if kind not in ("recall", "recall_subset"):
-        raise ValueError(f"CIRR submission kind {kind!r} is not valid; choose 'recall' or 'recall_subset'")
+        raise ConfigError(f"CIRR submission kind {kind!r} is not valid; choose 'recall' or 'recall_subset'")
     records = _cirr_records(annotations)
     by_id = _by_int_key(rankings, what="CIRR rankings")
     _check_coverage(by_id, [pid for pid, _ in records], what="CIRR rankings")
@@ -337,7 +333,7 @@ def _fiq_rankings(
         _check_coverage(by_id, list(range(n)), what=f"FashionIQ {category} rankings")
         return [by_id[i] for i in range(n)]
     if len(rankings) != n:
-        raise ValueError(f"FashionIQ {category}: {len(rankings)} rankings for {n} annotated triplets")
+        raise DataError(f"FashionIQ {category}: {len(rankings)} rankings for {n} annotated triplets")
     return list(rankings)
 
 
@@ -361,7 +357,7 @@ def fashioniq_recall(
     """
     ks = _check_ks(ks, name="fashioniq_recall ks")
     if set(rankings_by_category) != set(annotations_by_category) or not rankings_by_category:
-        raise ValueError(
+        raise DataError(
             f"FashionIQ: rankings cover categories {sorted(rankings_by_category)} but annotations cover "
             f"{sorted(annotations_by_category)}; they must match and be non-empty"
         )
@@ -374,7 +370,7 @@ def fashioniq_recall(
         for i, (record, ranking) in enumerate(zip(records, rankings)):
             target = record.get("target")
             if target is None:
-                raise ValueError(f"FashionIQ {category} triplet {i}: annotation lacks 'target' (test split?)")
+                raise DataError(f"FashionIQ {category} triplet {i}: annotation lacks 'target' (test split?)")
             _check_unique(ranking, what=f"FashionIQ {category} triplet {i}")
             _check_length(ranking, kmax, what=f"FashionIQ {category} triplet {i}")
             positions[i] = _position(ranking, target, kmax)
@@ -422,7 +418,7 @@ def rank_gallery(
     if exclude is not None and len(exclude) != q.shape[0]:
         raise ValueError(f"rank_gallery: {len(exclude)} names to exclude for {q.shape[0]} queries")
     if chunk_size <= 0:
-        raise ValueError(f"rank_gallery chunk_size must be positive, got {chunk_size}")
+        raise ConfigError(f"rank_gallery chunk_size must be positive, got {chunk_size}")
     n_gallery = len(names)
     wanted = n_gallery if top_n is None else min(int(top_n), n_gallery)
     take = min(wanted + (1 if exclude is not None else 0), n_gallery)

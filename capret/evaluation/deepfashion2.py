@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from capret.errors import NonFiniteError, require_finite
+from capret.errors import ConfigError, DataError, NonFiniteError, require_finite
 from capret.io import atomic_write_json, read_json
 
 __all__ = [
@@ -98,23 +98,23 @@ def load_json_records(source: str | os.PathLike[str] | Sequence[Mapping[str, Any
         path = Path(source)
         data = read_json(path, what=f"{what} file")
         if not isinstance(data, list):
-            raise ValueError(f"{what} file {path} must hold a JSON list, got {type(data).__name__}")
+            raise DataError(f"{what} file {path} must hold a JSON list, got {type(data).__name__}")
         return data
     if not isinstance(source, Sequence):
         raise ValueError(f"{what} must be a path or a list of records, got {type(source).__name__}")
     return list(source)
 
 
-def _bad(what: str, index: int, record: Any, problem: str) -> ValueError:
+def _bad(what: str, index: int, record: Any, problem: str) -> DataError:
     head = json.dumps(record, default=str)[:160] if isinstance(record, dict) else repr(record)[:160]
-    return ValueError(f"{what} record {index}: {problem} (record starts {head})")
+    return DataError(f"{what} record {index}: {problem} (record starts {head})")
 
 
 def _boxes(boxes: list, *, n: int) -> np.ndarray:
     """``[n, 4]`` float64 from a list of 4-number lists; ValueError/TypeError when any is malformed."""
     lengths = np.fromiter(map(len, boxes), dtype=np.int64, count=n)
     if n and (lengths != 4).any():
-        raise ValueError("box length")
+        raise DataError("box length")
     return np.fromiter(itertools.chain.from_iterable(boxes), dtype=np.float64, count=4 * n).reshape(n, 4)
 
 
@@ -407,7 +407,7 @@ def evaluate_retrieval_results(
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {list(ks)}")
+        raise ConfigError(f"ks must be positive integers, got {list(ks)}")
     max_k = ks[-1]
     records = load_json_records(results, what="results")
     query = _gt_arrays(
@@ -424,7 +424,7 @@ def evaluate_retrieval_results(
     )
     num_queries = int((query["style"] > 0).sum())
     if num_queries == 0:
-        raise ValueError("query_gt has no item with style > 0, so the official top-k is undefined")
+        raise DataError("query_gt has no item with style > 0, so the official top-k is undefined")
     det = _result_arrays(records, max_k=max_k)
     gt_index, rows = _select_detections(det, query)
     hits = _hits(
@@ -464,13 +464,13 @@ def write_retrieval_results(
     n = len(qb)
     lengths = {len(query_image_ids), len(query_scores), len(query_cls), ids.shape[0], boxes.shape[0]}
     if lengths != {n}:
-        raise ValueError(f"all inputs need one row per detection ({n}); got lengths {sorted(lengths)}")
+        raise DataError(f"all inputs need one row per detection ({n}); got lengths {sorted(lengths)}")
     if ids.ndim != 2 or boxes.shape != (*ids.shape, 4):
-        raise ValueError(
+        raise DataError(
             f"gallery_image_ids must be [N, K] and gallery_bboxes [N, K, 4]; got {ids.shape}, {boxes.shape}"
         )
     if ids.shape[1] < top:
-        raise ValueError(f"top={top} retrieved entries requested but only {ids.shape[1]} given per detection")
+        raise DataError(f"top={top} retrieved entries requested but only {ids.shape[1]} given per detection")
     records = [
         {
             "query_image_id": int(query_image_ids[i]),
@@ -548,12 +548,12 @@ def evaluate_gt_boxes(
 
     ks = sorted({int(k) for k in ks})
     if len(query_items) != len(query_features) or len(gallery_items) != len(gallery_features):
-        raise ValueError(
+        raise DataError(
             f"{len(query_features)} query / {len(gallery_features)} gallery feature rows for "
             f"{len(query_items)} / {len(gallery_items)} items"
         )
     if ks[-1] > len(gallery_items):
-        raise ValueError(f"max(ks) = {ks[-1]} exceeds the gallery size {len(gallery_items)}; lower --ks")
+        raise ConfigError(f"max(ks) = {ks[-1]} exceeds the gallery size {len(gallery_items)}; lower --ks")
     identities = sorted({it.identity for it in query_items} | {it.identity for it in gallery_items})
     label_of = {ident: i for i, ident in enumerate(identities)}
     ql = np.array([label_of[it.identity] for it in query_items], dtype=np.int64)

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from capret.errors import require_finite
+from capret.errors import ConfigError, require_finite
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -84,7 +84,7 @@ def _check_matrix_pair(scores: torch.Tensor, relevance: torch.Tensor, *, first: 
 def _check_ks(ks: Iterable[int]) -> list[int]:
     out = [int(k) for k in ks]
     if not out or any(k < 1 for k in out):
-        raise ValueError(f"ks must be positive integers, got {list(ks)}")
+        raise ConfigError(f"ks must be positive integers, got {list(ks)}")
     return out
 
 

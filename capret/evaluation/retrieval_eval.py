@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from capret.errors import require_finite
+from capret.errors import ConfigError, require_finite
 from capret.evaluation.metrics import (
     ap_from_hits,
     hit_at_k_from_hits,
@@ -215,7 +215,7 @@ def retrieve_and_evaluate(
     gl = _labels(gallery_labels, name="gallery_labels", n=g.shape[0])
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {list(ks)}")
+        raise ConfigError(f"ks must be positive integers, got {list(ks)}")
     num_g = g.shape[0]
     head_k = min(num_g, max(ks[-1], rerank_topk if rerank else 0))
     uniq, counts = np.unique(gl, return_counts=True)

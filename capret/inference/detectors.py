@@ -41,7 +41,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capret.errors import BadImageError, DataError
+from capret.errors import BadImageError, ConfigError, DataError
 from capret.evaluation.detection import xyxy_to_xywh
 from capret.io import default_device, resolve_model_folder
 from capret.models.detector import DETECTOR_CONFIG_FILE, ClothingDetector
@@ -122,7 +122,7 @@ def run_detector(
     """Detect with pixels, or with files for a :class:`FileDetector` (which then needs every path)."""
     if isinstance(detector, FileDetector):
         if any(p is None for p in paths):
-            raise ValueError(
+            raise ConfigError(
                 f"detector {type(detector).__name__} reads precomputed detections per file, so every query needs "
                 "its file path (search by path, or pass boxes=...)"
             )
@@ -240,7 +240,7 @@ class CocoResultsDetector:
         return [list(self._by_image.get(self.image_id(p), []))[: self.max_items] for p in paths]
 
     def detect(self, images: Sequence[Image.Image]) -> list[list[Detection]]:
-        raise ValueError(
+        raise ConfigError(
             "coco_results detections are keyed by file: give the query as a file path (or pass boxes=...)"
         )
 

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
+from capret.errors import ConfigError
+
 __all__ = ["BoxLoss", "box_loss"]
 
 
@@ -60,7 +62,7 @@ class BoxLoss(nn.Module):
     def __init__(self, *, l1_weight: float = 1.0, giou_weight: float = 1.0) -> None:
         super().__init__()
         if l1_weight < 0 or giou_weight < 0:
-            raise ValueError(f"BoxLoss weights must be >= 0, got l1={l1_weight}, giou={giou_weight}")
+            raise ConfigError(f"BoxLoss weights must be >= 0, got l1={l1_weight}, giou={giou_weight}")
         self.l1_weight, self.giou_weight = l1_weight, giou_weight
 
     def forward(

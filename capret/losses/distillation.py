@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from capret.errors import ConfigError
+
 __all__ = ["nt_xent_loss"]
 
 
@@ -26,7 +28,7 @@ def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 0.25)
             f"nt_xent_loss needs two [B, D] tensors of one shape, got {tuple(a.shape)}, {tuple(b.shape)}"
         )
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     n = a.shape[0]
     z = F.normalize(torch.cat([a, b]).float(), dim=-1)
     sim = z @ z.T / temperature

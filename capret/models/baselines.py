@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capret.errors import ConfigError
 from capret.models.encoders import ImageDataConfig
 from capret.registry import Registry
 
@@ -101,7 +102,7 @@ class RegionalGeM(nn.Module):
     def __init__(self, *, p: float = 3.0, kernel: int = 3) -> None:
         super().__init__()
         if kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"regional GeM needs an odd kernel >= 1, got {kernel}")
+            raise ConfigError(f"regional GeM needs an odd kernel >= 1, got {kernel}")
         self.kernel, self.region_p = kernel, float(p)
         self.pool = GeM(p=p)
 
@@ -161,9 +162,9 @@ class GlobalDescriptor(Baseline):
         from timm.data import resolve_data_config
 
         if not timm.is_model(source):
-            raise ValueError(f"unknown timm model {source!r}; see timm.list_models() for valid names")
+            raise ConfigError(f"unknown timm model {source!r}; see timm.list_models() for valid names")
         if pooling not in ("gem", "gem_plus", "scale_gem", "regional_gem"):
-            raise ValueError(
+            raise ConfigError(
                 f"pooling {pooling!r} is not one of ['gem', 'gem_plus', 'regional_gem', 'scale_gem']"
             )
         backbone: Any = timm.create_model(source, pretrained=pretrained, num_classes=0, global_pool="")
@@ -222,7 +223,9 @@ class GlobalDescriptor(Baseline):
         eigval, eigvec = torch.linalg.eigh(cov)
         order = eigval.argsort(descending=True)[: self.whiten.out_features]
         if order.numel() < self.whiten.out_features:
-            raise ValueError(f"whitening to {self.whiten.out_features} dims needs more descriptor dimensions")
+            raise ConfigError(
+                f"whitening to {self.whiten.out_features} dims needs more descriptor dimensions"
+            )
         weight = eigvec[:, order].T / eigval[order].clamp_min(1e-6).sqrt()[:, None]
         self.whiten.weight.copy_(weight.float())
         self.whiten.bias.copy_((-weight @ mean).float())

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capret.errors import ConfigError
 from capret.models.dual_stream import (
     DualStreamFeatures,
     DualStreamModel,
@@ -61,12 +62,12 @@ class BlipDualStreamModel(DualStreamModel):
         from transformers import AutoTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
 
         if not config.pretrained:
-            raise ValueError("model.family blip needs model.pretrained: a BLIP hub id or local folder")
+            raise ConfigError("model.family blip needs model.pretrained: a BLIP hub id or local folder")
         source = str(config.pretrained)
         tower = None
         if config.pretrained_weights:
             if config.vision_tower:
-                raise ValueError(
+                raise ConfigError(
                     "model.vision_tower replaces BLIP's ViT, so BLIP's weights do not fit: set "
                     "model.pretrained_weights: false and load weights with model.xvlm_checkpoint"
                 )
@@ -100,7 +101,7 @@ class BlipDualStreamModel(DualStreamModel):
         k = config.fusion_layer
         if k is not None:
             if not 0 <= k < len(layers):
-                raise ValueError(f"model.fusion_layer {k} is outside [0, {len(layers)}) text layers")
+                raise ConfigError(f"model.fusion_layer {k} is outside [0, {len(layers)}) text layers")
             for layer in list(layers)[:k]:  # X-VLM: text-only layers have no cross-attention
                 if hasattr(layer, "crossattention"):
                     del layer.crossattention

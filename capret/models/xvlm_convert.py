@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from capret.errors import CheckpointError
+from capret.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -425,14 +425,14 @@ def write_xvlm_assets(
 
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise ValueError(f"unknown X-VLM preset {preset!r}; choose one of {sorted(PRESETS)}")
+            raise ConfigError(f"unknown X-VLM preset {preset!r}; choose one of {sorted(PRESETS)}")
         preset = PRESETS[preset]
     out = Path(out)
     source = tokenizer or preset.tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
-        raise ValueError(
+        raise CheckpointError(
             f"tokenizer {source!r} could not be loaded (a local folder or a hub id): {exc}"
         ) from exc
     config = BlipConfig(

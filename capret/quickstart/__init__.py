@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capret.errors import ConfigError
 from capret.io import atomic_write_json
 
 __all__ = ["STAGES", "QuickstartContext", "run_quickstart"]
@@ -69,7 +70,7 @@ def run_quickstart(
     if stages:
         unknown = [s for s in stages if s not in valid]
         if unknown:
-            raise ValueError(f"unknown quickstart stage {unknown[0]!r}; valid stages: {', '.join(valid)}")
+            raise ConfigError(f"unknown quickstart stage {unknown[0]!r}; valid stages: {', '.join(valid)}")
     ctx = QuickstartContext(
         out_dir=out_dir, data_root=out_dir / "data", seed=seed, train_seconds=train_seconds
     )

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from capret.data.pixel_stats import hsv_histogram, orientation_histogram
+from capret.errors import DataError
 from capret.quickstart import QuickstartContext
 
 __all__ = ["baseline_descriptor", "run", "HSV_BINS", "ORIENTATION_BINS", "TILE"]
@@ -74,7 +75,7 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
     items = load_items(ctx.data_root, split, progress=False)
     queries, gallery = gt_box_protocol(items)
     if not queries.items or not gallery.items:
-        raise ValueError(f"{ctx.data_root / split}: the GT-box protocol found no query or no gallery item")
+        raise DataError(f"{ctx.data_root / split}: the GT-box protocol found no query or no gallery item")
     query_features = baseline_descriptor(_crops(ctx.data_root, split, queries.items))
     gallery_features = baseline_descriptor(_crops(ctx.data_root, split, gallery.items))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from capret.errors import MissingFileError
 from captioning.backends import create_backend
 from captioning.category import category_model_dir, fit_category_model_on_targets, load_category_model
 from captioning.loop import LoopConfig
@@ -48,9 +49,7 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
         if (ctx.data_root / split).is_dir()
     }
     if "train" not in targets:
-        raise FileNotFoundError(
-            f"no demo train split under {ctx.data_root} (the category model trains on it)"
-        )
+        raise MissingFileError(f"no demo train split under {ctx.data_root} (the category model trains on it)")
     folder = category_model_dir(ctx.out_dir / "captions.train.jsonl")
     cross_fitted = None  # a reused model: the train captions that need them are already stored
     if (folder / "model.safetensors").is_file():

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from capret.errors import DataError, require_finite
+from capret.errors import ConfigError, DataError, MissingFileError, require_finite
 from capret.io import atomic_write, default_device
 from capret.registry import Registry
 
@@ -82,7 +82,7 @@ def register_index(name: str) -> Any:
 def create_index(name: str, dim: int, **options: Any) -> Index:
     """Build an empty index ``name`` (exact | flat | ivfpq | hnsw) for ``dim``-dimensional vectors."""
     if int(dim) <= 0:
-        raise ValueError(f"index dim must be positive, got {dim}")
+        raise ConfigError(f"index dim must be positive, got {dim}")
     return _INDEXES.create(name, dim=int(dim), **options)
 
 
@@ -123,7 +123,7 @@ def training_rows(n: int, max_train: int, *, seed: int = 0) -> np.ndarray:
 
 def _check_k(k: int) -> int:
     if int(k) <= 0:
-        raise ValueError(f"k must be a positive integer, got {k}")
+        raise ConfigError(f"k must be a positive integer, got {k}")
     return int(k)
 
 
@@ -260,7 +260,7 @@ class FaissIndex:
         if not self._index.is_trained:
             nlist = faiss.extract_index_ivf(self._cpu_index).nlist
             if array.shape[0] < nlist:
-                raise ValueError(
+                raise DataError(
                     f"ivfpq needs at least nlist={nlist} vectors in its first add() to train, got {array.shape[0]}"
                 )
             rows = training_rows(array.shape[0], self.max_train)
@@ -330,9 +330,9 @@ def ivfpq_factory(dim: int, *, nlist: int, m: int | None = None, nbits: int = 8)
     """An empty, untrained faiss ``IVF{nlist},PQ{m}x{nbits}`` inner-product index (ids stored in its lists)."""
     m = m or _default_pq_m(dim)
     if dim % m:
-        raise ValueError(f"ivfpq m={m} must divide dim={dim}")
+        raise ConfigError(f"ivfpq m={m} must divide dim={dim}")
     if int(nlist) < 1 or int(nbits) < 1:
-        raise ValueError(f"ivfpq needs nlist >= 1 and nbits >= 1, got nlist={nlist}, nbits={nbits}")
+        raise ConfigError(f"ivfpq needs nlist >= 1 and nbits >= 1, got nlist={nlist}, nbits={nbits}")
     index = faiss.index_factory(dim, f"IVF{int(nlist)},PQ{int(m)}x{int(nbits)}", faiss.METRIC_INNER_PRODUCT)
     # Polysemous training (Hamming-compatible code ordering) is only useful for polysemous search, which we do
     # not use, and it dominates training time (seconds even for 1,000 vectors).
@@ -351,7 +351,7 @@ def _make_ivfpq(
     refine_factor: int = IVFPQ_DEFAULTS["refine_factor"],
 ) -> FaissIndex:
     if int(refine_factor) < 0:
-        raise ValueError(f"ivfpq refine_factor must be >= 0 (0 = no exact re-scoring), got {refine_factor}")
+        raise ConfigError(f"ivfpq refine_factor must be >= 0 (0 = no exact re-scoring), got {refine_factor}")
     index = ivfpq_factory(dim, nlist=nlist, m=m, nbits=nbits)
     if refine_factor:
         # The refine stage keeps the float vectors (flat) and re-scores the PQ shortlist exactly; IndexRefine
@@ -391,21 +391,21 @@ def _faiss_kind(index: Any) -> str:
         return "hnsw"
     if isinstance(inner, faiss.IndexFlat):
         return "flat"
-    raise ValueError(f"unsupported faiss index type {type(inner).__name__}; valid: flat, ivfpq, hnsw")
+    raise DataError(f"unsupported faiss index type {type(inner).__name__}; valid: flat, ivfpq, hnsw")
 
 
 def load_index(path: str | Path, *, device: str | None = None) -> Index:
     """Read an index written by ``save`` (safetensors for ``exact``, a faiss file otherwise)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"index file not found: {path}")
+        raise MissingFileError(f"index file not found: {path}")
     if _is_safetensors(path):
         try:
             tensors = load_file(str(path))
         except SafetensorError as exc:
             raise DataError(f"index file is truncated or corrupt ({exc})", path=path) from None
         if "vectors" not in tensors or "ids" not in tensors:
-            raise ValueError(f"{path}: not a capret exact index (needs tensors 'vectors' and 'ids')")
+            raise DataError(f"{path}: not a capret exact index (needs tensors 'vectors' and 'ids')")
         exact = ExactIndex(int(tensors["vectors"].shape[1]), device=device)
         exact.add(tensors["vectors"], tensors["ids"])
         return exact

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
+from capret.errors import ConfigError
 from captioning.backends.base import CaptionBackend, register_backend
 from captioning.types import ChatRequest, Generation, VisualQuery
 
@@ -69,7 +70,7 @@ def resolve_api_key(
     if api_key is None and api_key_env:
         api_key = os.environ.get(api_key_env)
         if not api_key:
-            raise ValueError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
+            raise ConfigError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
     if api_key is None:
         api_key = os.environ.get("CAPRET_API_KEY") or None
     hosted = all(p.scheme == "https" and (p.hostname or "") in HOSTED_API_HOSTS for p in parsed)
@@ -78,7 +79,7 @@ def resolve_api_key(
     if api_key:
         for url, p in zip(base_urls, parsed):
             if p.scheme != "https" and not _is_loopback(p.hostname or ""):
-                raise ValueError(
+                raise ConfigError(
                     f"--base-url {url}: refusing to send an API key over plain http to a non-loopback host "
                     "(anyone on the network could read it); use https, or unset the key for this server"
                 )
@@ -142,16 +143,16 @@ class OpenAIBackend(CaptionBackend):
         seed: int | None = None,
     ) -> None:
         if not base_urls:
-            raise ValueError(
+            raise ConfigError(
                 "the openai backend needs at least one --base-url (e.g. http://localhost:8000/v1)"
             )
         bad = [u for u in base_urls if not u.startswith(("http://", "https://"))]
         if bad:
-            raise ValueError(f"--base-url {bad[0]!r} must start with http:// or https://")
+            raise ConfigError(f"--base-url {bad[0]!r} must start with http:// or https://")
         if not vlm:
-            raise ValueError("the openai backend needs --vlm (the model name the server serves)")
+            raise ConfigError("the openai backend needs --vlm (the model name the server serves)")
         if concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"need concurrency >= 1, max_retries >= 0, timeout > 0; got {concurrency}, {max_retries}, {timeout}"
             )
         self.base_urls = [u.rstrip("/") for u in base_urls]

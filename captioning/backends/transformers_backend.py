@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from capret.errors import ConfigError
 from captioning.backends.base import CaptionBackend, register_backend
 from captioning.types import ChatRequest, Generation, VisualQuery
 
@@ -62,9 +63,9 @@ class TransformersBackend(CaptionBackend):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if not vlm:
-            raise ValueError("the transformers backend needs --vlm (a hub id or a local model directory)")
+            raise ConfigError("the transformers backend needs --vlm (a hub id or a local model directory)")
         if dtype not in _DTYPES:
-            raise ValueError(f"unknown --dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+            raise ConfigError(f"unknown --dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
         self.vlm_name = vlm
         self.llm_name = llm
         self.device = torch.device(device)
@@ -94,7 +95,7 @@ class TransformersBackend(CaptionBackend):
             self.llm: Any = llm_model.to(self.device).eval()
         else:
             if not self._vlm_chat:
-                raise ValueError(
+                raise ConfigError(
                     f"VLM {vlm!r} has no chat template, so it cannot also ask the questions; pass --llm"
                 )
             self.tokenizer = self._vlm_tokenizer

@@ -421,12 +421,13 @@ def test_eval_checkpoint_flags_reach_the_library(monkeypatch: pytest.MonkeyPatch
     """``capret-eval map --checkpoint`` passes --on-bad-image and --min-caption-coverage to evaluate_items."""
     import capret.inference.dualstream.encoding as dualstream
     from capret.cli.eval import main as eval_main
+    from capret.errors import DataError
 
     seen: dict[str, object] = {}
 
     def stop(*args: object, **kwargs: object) -> None:
         seen.update(kwargs)
-        raise ValueError("stopped after the call")
+        raise DataError("stopped after the call")
 
     monkeypatch.setattr(
         dualstream, "load_model", lambda *a, **k: type("M", (), {"model": None, "device": "cpu"})()
@@ -435,3 +436,26 @@ def test_eval_checkpoint_flags_reach_the_library(monkeypatch: pytest.MonkeyPatch
     argv = ["--metric", "map", "--checkpoint", str(tmp_path), "--dataset", "demo", "--root", str(tmp_path)]
     assert eval_main([*argv, "--on-bad-image", "skip", "--min-caption-coverage", "0.9"]) == 2
     assert seen["on_bad_image"] == "skip" and seen["min_caption_coverage"] == 0.9
+
+
+def test_a_bug_below_a_console_script_is_shown_as_a_bug(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bare ValueError from library code is a broken contract, not the user's mistake: traceback, exit 3."""
+    import capret.inference.dualstream.encoding as dualstream
+    from capret.cli.eval import main as eval_main
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("vectors must be 2-D")
+
+    monkeypatch.delenv("CAPRET_DEBUG", raising=False)
+    monkeypatch.setattr(
+        dualstream, "load_model", lambda *a, **k: type("M", (), {"model": None, "device": "cpu"})()
+    )
+    monkeypatch.setattr(dualstream, "evaluate_items", broken)
+    capsys.readouterr()
+    argv = ["--metric", "map", "--checkpoint", str(tmp_path), "--dataset", "demo", "--root", str(tmp_path)]
+    assert eval_main(argv) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in broken" in err
+    assert "error: ValueError: vectors must be 2-D" in err and "this is a bug in capret" in err

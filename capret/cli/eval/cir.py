@@ -42,7 +42,7 @@ from typing import Any
 from capret.cli.eval.cir_config import CirEvalConfig
 from capret.cli.eval.common import require
 from capret.config import ConfigError
-from capret.errors import DataError
+from capret.errors import DataError, MissingFileError
 from capret.inference.cir.methods import (
     BASELINES,
     CaptionerSpec,
@@ -83,7 +83,7 @@ def _circo_gallery(args: CirEvalConfig, root: Path) -> list[int] | str | Path | 
     folder = root / IMAGE_FOLDER
     ids = sorted(int(p.stem) for p in folder.glob("*.jpg") if p.stem.isdigit())
     if not ids:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"CIRCO gallery: no --gallery-ids, no {root / IMAGE_INFO} and no <id>.jpg images in {folder}"
         )
     return ids

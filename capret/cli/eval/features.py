@@ -10,6 +10,7 @@ import numpy as np
 
 from capret.cli.eval.map_config import MapEvalConfig
 from capret.config import ConfigError
+from capret.errors import DataError, MissingFileError
 
 FEATURE_FLAGS = (
     ("--query-features", "query_features"),
@@ -21,11 +22,11 @@ FEATURE_FLAGS = (
 
 def _load_npy(path: Path, *, flag: str) -> np.ndarray:
     if not path.is_file():
-        raise FileNotFoundError(f"{flag}: file not found: {path}")
+        raise MissingFileError(f"{flag}: file not found: {path}")
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
-        raise ValueError(f"{flag}: {path} is not a plain .npy array ({exc})") from None
+        raise DataError(f"{flag}: {path} is not a plain .npy array ({exc})") from None
 
 
 def read_image_list(path: Path, *, flag: str) -> list[tuple[str, tuple[float, ...] | None]]:
@@ -34,7 +35,7 @@ def read_image_list(path: Path, *, flag: str) -> list[tuple[str, tuple[float, ..
     Relative paths are taken relative to the list file's folder.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"{flag}: file not found: {path}")
+        raise MissingFileError(f"{flag}: file not found: {path}")
     refs: list[tuple[str, tuple[float, ...] | None]] = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         line = line.strip()
@@ -52,7 +53,7 @@ def read_image_list(path: Path, *, flag: str) -> list[tuple[str, tuple[float, ..
         if not image.is_absolute():
             image = path.parent / image
         if bbox is not None and (bbox[2] <= bbox[0] or bbox[3] <= bbox[1]):
-            raise ValueError(
+            raise DataError(
                 f"{flag}: {path} line {number}: box {bbox} must be x1 y1 x2 y2 with x2 > x1, y2 > y1"
             )
         refs.append((str(image), bbox))
@@ -76,7 +77,7 @@ def run(args: MapEvalConfig) -> dict[str, Any]:
         (gallery_images, "gallery_features", "--gallery-images"),
     ):
         if refs is not None and len(refs) != len(arrays[key]):
-            raise ValueError(f"{flag} lists {len(refs)} images but there are {len(arrays[key])} feature rows")
+            raise DataError(f"{flag} lists {len(refs)} images but there are {len(arrays[key])} feature rows")
     if args.rerank == "geometric" and (query_images is None or gallery_images is None):
         raise ConfigError("--rerank geometric needs --query-images and --gallery-images")
     evaluation = retrieve_and_evaluate(

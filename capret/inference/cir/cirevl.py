@@ -34,7 +34,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from capret.errors import CaptionStoreMismatchError
+from capret.errors import CaptionStoreMismatchError, ConfigError
 from captioning.backends.base import CaptionBackend
 from captioning.loop import trim_answer
 from captioning.store import CaptionStore, read_records, utc_now
@@ -335,7 +335,7 @@ def edited_descriptions(
     if len(references) != len(modifications):
         raise ValueError(f"{len(references)} references but {len(modifications)} relative captions")
     if options.batch_size < 1:
-        raise ValueError(f"CIReVL batch size must be >= 1, got {options.batch_size}")
+        raise ConfigError(f"CIReVL batch size must be >= 1, got {options.batch_size}")
     report = CirevlReport(
         references=len(set(references)),
         queries=len(references),

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from capret.errors import DataError, MissingKeyError
 from capret.io import atomic_write
 from capret.models.clip import ClipBundle
 
@@ -40,7 +41,7 @@ class CachedFeatures:
 
     def __post_init__(self) -> None:
         if len(self.names) != self.features.shape[0]:
-            raise ValueError(f"{len(self.names)} names but {self.features.shape[0]} feature rows")
+            raise DataError(f"{len(self.names)} names but {self.features.shape[0]} feature rows")
         self.index = {name: i for i, name in enumerate(self.names)}
 
     def lookup(self, names: Sequence[str]) -> torch.Tensor:
@@ -48,7 +49,7 @@ class CachedFeatures:
         try:
             rows = [self.index[n] for n in names]
         except KeyError as exc:
-            raise KeyError(
+            raise MissingKeyError(
                 f"{exc.args[0]!r} is not in the feature cache ({len(self.names)} entries)"
             ) from None
         return self.features[rows]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capret.config import ConfigError, to_dict
+from capret.errors import DataError
 from capret.evaluation.cir import rank_gallery
 from capret.inference.cir.cirevl import CirevlOptions, CirevlReport, edited_descriptions
 from capret.inference.cir.features import CachedFeatures, image_features, text_features
@@ -75,7 +76,7 @@ class CirQuerySet:
     def __post_init__(self) -> None:
         n = len(self.references)
         if len(self.captions) != n or len(self.caption_orders) != n:
-            raise ValueError(
+            raise DataError(
                 f"{self.dataset}: {n} references, {len(self.captions)} captions and "
                 f"{len(self.caption_orders)} caption-order tuples; they must match"
             )

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from capret.config import cfg, to_dict
-from capret.errors import CheckpointError
+from capret.errors import CheckpointError, DataError, MissingKeyError
 from capret.inference.cir.concepts import PhraseBank, concept_features, top_concepts
 from capret.io import atomic_write
 from capret.models.clip_base import ClipBundle
@@ -128,7 +128,7 @@ class TokenStore:
     def add(self, keys: Sequence[str], tokens: torch.Tensor, ema: torch.Tensor) -> None:
         for key, t, e in zip(keys, tokens.detach().float().cpu(), ema.detach().float().cpu()):
             if key in self._index:
-                raise ValueError(f"image {key!r} already has a token in {self.path}")
+                raise DataError(f"image {key!r} already has a token in {self.path}")
             self._index[key] = len(self.keys)
             self.keys.append(key)
             self._tokens.append(t)
@@ -149,7 +149,9 @@ class TokenStore:
         """Tokens ``[len(keys), W]`` (EMA tokens by default, as SEARLE uses them)."""
         missing = [k for k in keys if k not in self._index]
         if missing:
-            raise KeyError(f"{len(missing)} image(s) have no OTI token in {self.path}, e.g. {missing[0]!r}")
+            raise MissingKeyError(
+                f"{len(missing)} image(s) have no OTI token in {self.path}, e.g. {missing[0]!r}"
+            )
         rows = self._ema if ema else self._tokens
         return torch.stack([rows[self._index[k]] for k in keys])
 

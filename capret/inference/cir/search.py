@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capret.errors import ConfigError
 from capret.evaluation.cir import rank_gallery
 from capret.inference.cir.features import CachedFeatures, image_features, text_features
 from capret.models.clip import ClipBundle
@@ -161,7 +162,7 @@ def rerank_cir(
     from capret.retrieval.rerank import create_reranker
 
     if topk < 1:
-        raise ValueError(f"--rerank-topk must be >= 1, got {topk}")
+        raise ConfigError(f"--rerank-topk must be >= 1, got {topk}")
     num_q = len(result.names)
     k_r = min([int(topk), *(len(row) for row in result.names)])
     if num_q == 0 or k_r == 0:

@@ -22,6 +22,7 @@ import torch
 from capret.data.captions import join_captions
 from capret.data.deepfashion2 import Item, gt_box_protocol, load_items
 from capret.data.items import ItemDataset, ItemTransform
+from capret.errors import ConfigError
 from capret.evaluation.deepfashion2 import evaluate_gt_boxes
 from capret.io import default_device
 from capret.models.baselines import Baseline, create_baseline
@@ -177,7 +178,7 @@ def evaluate_baseline(
         return {**result, **score_items(q_img, g_img, queries.items, gallery.items, ks=ks,
                                         category_filter=category_filter)}  # fmt: skip
     if category_filter:
-        raise ValueError("late_fusion does not combine with category_filter")
+        raise ConfigError("late_fusion does not combine with category_filter")
     text = _sentence_encoder(str(fusion.get("text", "minilm")))
     alphas = [float(a) for a in fusion.get("alphas", np.linspace(0.0, 1.0, 11))]
     _, held = _holdout(train, fraction=float(fusion.get("holdout", 0.2)), seed=seed)

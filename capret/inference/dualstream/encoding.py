@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 from capret.data.deepfashion2 import Item
 from capret.data.imagefile import check_bad_image_policy, decode_image, find_bad_images
 from capret.data.items import ItemCollator, ItemDataset, ItemTransform
-from capret.errors import BadImageError
-from capret.io import default_device, load_safetensors, read_json, resolve_model_folder
-from capret.models.dual_stream import MODEL_CONFIG_FILE, DualStreamModel
+from capret.errors import BadImageError, CheckpointError, ConfigError, DataError
+from capret.inference.model_kinds import load, register_model_kind
+from capret.io import default_device, load_safetensors, read_json
+from capret.models.dual_stream import DualStreamModel
+from capret.models.folder import MODEL_CONFIG_FILE
 
 __all__ = [
     "PRECISIONS",
@@ -97,19 +99,27 @@ def load_dual_stream_weights(model: DualStreamModel, checkpoint: str | Path) -> 
     return model
 
 
-def load_model(path: str | Path, *, device: str | torch.device | None = None) -> RetrievalModel:
-    """Load a trained dual-stream model for feature extraction (see the module docstring for ``path``)."""
-    folder = resolve_model_folder(path, markers=(MODEL_CONFIG_FILE, "checkpoint.json"))
+@register_model_kind("dualstream")
+def _load_dual_stream(folder: Path, *, device: str | torch.device | None = None) -> RetrievalModel:
+    """A ``dualstream`` model folder, or a dual-stream training checkpoint rebuilt from its sidecar's config."""
     if (folder / MODEL_CONFIG_FILE).is_file():
         model = DualStreamModel.from_pretrained(folder)
     else:
         sidecar = read_json(folder / "checkpoint.json", what="checkpoint sidecar", allow_nonfinite=True)
         model_config = _find_model_config(sidecar.get("config", {}))
         if model_config is None:
-            raise ValueError(f"{folder / 'checkpoint.json'}: config has no dual-stream `model` section")
+            raise CheckpointError(f"{folder / 'checkpoint.json'}: config has no dual-stream `model` section")
         model = DualStreamModel.from_config_dict(model_config)
         load_dual_stream_weights(model, folder)
     return RetrievalModel(model.eval(), device=default_device(device))
+
+
+def load_model(path: str | Path, *, device: str | torch.device | None = None) -> RetrievalModel:
+    """Load a trained dual-stream model for feature extraction (see the module docstring for ``path``):
+    :func:`capret.load` with ``kind="dualstream"``."""
+    model = load(path, kind="dualstream", device=device)
+    assert isinstance(model, RetrievalModel)  # the registered loader above returns one
+    return model
 
 
 # -------------------------------------------------------------------------------------------- the wrapper
@@ -218,7 +228,7 @@ class RetrievalModel:
                 f"pass [{str(images)!r}]"
             )
         if precision not in _AUTOCAST:
-            raise ValueError(f"precision {precision!r} is not one of {sorted(_AUTOCAST)}")
+            raise ConfigError(f"precision {precision!r} is not one of {sorted(_AUTOCAST)}")
         if isinstance(images, Tensor):
             if images.ndim != 4:
                 raise ValueError(f"a batch tensor must be [N, 3, H, W], got {tuple(images.shape)}")
@@ -465,7 +475,7 @@ def evaluate_items(
         items = [it for it in items if str(image_path(root, split, it.image_id)) not in broken]
     queries, gallery = gt_box_protocol(items)
     if not queries.items or not gallery.items:
-        raise ValueError(f"{root}/{split}: the protocol needs user and shop items with style > 0")
+        raise DataError(f"{root}/{split}: the protocol needs user and shop items with style > 0")
     q_join, g_join = (
         join_captions(
             side.items, captions, split=split, fingerprint=fingerprint, min_coverage=min_caption_coverage

@@ -16,6 +16,7 @@ import torch
 
 from capret.data.captions import load_caption_map
 from capret.data.deepfashion2 import gt_box_protocol, load_items
+from capret.errors import ConfigError
 from capret.evaluation.caption_corruption import CORRUPTIONS, corrupt_caption_map
 from capret.inference.dualstream.encoding import evaluate_items
 from capret.models.dual_stream import DualStreamModel
@@ -49,10 +50,10 @@ def caption_corruption_sweep(
     """
     unknown = [m for m in modes if m not in CORRUPTIONS]
     if unknown:
-        raise ValueError(f"unknown caption corruption {unknown[0]!r}; valid: {', '.join(CORRUPTIONS)}")
+        raise ConfigError(f"unknown caption corruption {unknown[0]!r}; valid: {', '.join(CORRUPTIONS)}")
     bad_rates = [r for r in rates if not 0.0 <= float(r) <= 1.0]
     if bad_rates:
-        raise ValueError(f"corruption rates must be in [0, 1], got {bad_rates[0]}")
+        raise ConfigError(f"corruption rates must be in [0, 1], got {bad_rates[0]}")
     table = load_caption_map(captions)
     queries, gallery = gt_box_protocol(load_items(root, split, progress=False))
     keys = sorted({it.key for it in [*queries.items, *gallery.items]})

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from capret.errors import require_finite
+from capret.errors import ConfigError, require_finite
 from capret.io import default_device
 from capret.registry import Registry
 
@@ -159,9 +159,9 @@ def require_image_refs(
 ) -> tuple[list[ImageRef], list[ImageRef]]:
     """The image references of a reranker that looks at pixels: present, one per query row and per gallery item."""
     if query_images is None or gallery_images is None:
-        raise ValueError(f"{method} reranking needs query_images and gallery_images: (path, bbox) per item")
+        raise ConfigError(f"{method} reranking needs query_images and gallery_images: (path, bbox) per item")
     if len(query_images) != inp.num_queries or len(gallery_images) != inp.gallery_features.shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"got {len(query_images)} query / {len(gallery_images)} gallery image refs for "
             f"{inp.num_queries} queries / {inp.gallery_features.shape[0]} gallery items"
         )

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from capret.data.imagefile import decode_image
+from capret.errors import ConfigError, DataError
 from capret.io import atomic_write, default_device
 from capret.retrieval.rerank.base import (
     ImageRef,
@@ -98,7 +99,7 @@ def load_crop(ref: ImageRef, *, margin: float, max_side: int) -> torch.Tensor:
     if bbox is not None:
         x1, y1, x2, y2 = (float(v) for v in bbox)
         if not (x2 > x1 and y2 > y1):
-            raise ValueError(f"{path}: box {list(bbox)} is not [x1, y1, x2, y2] with x2 > x1 and y2 > y1")
+            raise DataError(f"{path}: box {list(bbox)} is not [x1, y1, x2, y2] with x2 > x1 and y2 > y1")
         dx, dy = margin * (x2 - x1), margin * (y2 - y1)
         box = (
             max(0, int(np.floor(x1 - dx))),
@@ -107,7 +108,7 @@ def load_crop(ref: ImageRef, *, margin: float, max_side: int) -> torch.Tensor:
             min(image.height, int(np.ceil(y2 + dy))),
         )
         if box[2] <= box[0] or box[3] <= box[1]:
-            raise ValueError(f"{path}: box {list(bbox)} lies outside the {image.width}x{image.height} image")
+            raise DataError(f"{path}: box {list(bbox)} lies outside the {image.width}x{image.height} image")
         image = image.crop(box)
     scale = max_side / max(image.width, image.height)
     if scale < 1.0:
@@ -137,9 +138,9 @@ class LocalFeatureExtractor:
         settings = settings or LocalFeatureSettings()
         self.device = default_device(device)
         if settings.extractor not in _EXTRACTORS:
-            raise ValueError(f"unknown extractor {settings.extractor!r}; valid: {', '.join(_EXTRACTORS)}")
+            raise ConfigError(f"unknown extractor {settings.extractor!r}; valid: {', '.join(_EXTRACTORS)}")
         if settings.descriptor not in _DESCRIPTORS:
-            raise ValueError(f"unknown descriptor {settings.descriptor!r}; valid: {', '.join(_DESCRIPTORS)}")
+            raise ConfigError(f"unknown descriptor {settings.descriptor!r}; valid: {', '.join(_DESCRIPTORS)}")
         if settings.extractor == "auto":
             chosen = "sift_scalespace" if self.device.type == "cuda" else "sift"
             settings = LocalFeatureSettings(**{**asdict(settings), "extractor": chosen})
@@ -269,7 +270,7 @@ def match_descriptors(
     elif matcher == "mnn":
         _, idx = KF.match_mnn(desc1, desc2)
     else:
-        raise ValueError(f"unknown matcher {matcher!r}; valid: {', '.join(_MATCHERS)}")
+        raise ConfigError(f"unknown matcher {matcher!r}; valid: {', '.join(_MATCHERS)}")
     return idx.long()
 
 
@@ -295,7 +296,7 @@ def match_many(
     one call per pair. Returns ``[M, 2]`` (query index, candidate index) per candidate.
     """
     if matcher not in _MATCHERS:
-        raise ValueError(f"unknown matcher {matcher!r}; valid: {', '.join(_MATCHERS)}")
+        raise ConfigError(f"unknown matcher {matcher!r}; valid: {', '.join(_MATCHERS)}")
     out: list[torch.Tensor] = []
     nq = query.descriptors.shape[0]
     for start in range(0, len(candidates), chunk):
@@ -346,9 +347,9 @@ def count_inliers(
     ``model``) is ``kornia.geometry.RANSAC`` with its default sampling budget of ``max_iter`` batches.
     """
     if model not in _MODELS:
-        raise ValueError(f"unknown geometric model {model!r}; valid: {', '.join(_MODELS)}")
+        raise ConfigError(f"unknown geometric model {model!r}; valid: {', '.join(_MODELS)}")
     if ransac not in _RANSACS:
-        raise ValueError(f"unknown ransac {ransac!r}; valid: {', '.join(_RANSACS)}")
+        raise ConfigError(f"unknown ransac {ransac!r}; valid: {', '.join(_RANSACS)}")
     idx = match_descriptors(a.descriptors, b.descriptors, matcher=matcher, ratio=ratio)
     if idx.shape[0] < max(_MODELS[model] + 1, 5):
         return 0
@@ -392,13 +393,13 @@ class GeometricVerification:
         progress: bool = True,
     ) -> None:
         if mode not in _MODES:
-            raise ValueError(f"unknown geometric mode {mode!r}; valid: {', '.join(_MODES)}")
+            raise ConfigError(f"unknown geometric mode {mode!r}; valid: {', '.join(_MODES)}")
         if matcher not in _MATCHERS:
-            raise ValueError(f"unknown matcher {matcher!r}; valid: {', '.join(_MATCHERS)}")
+            raise ConfigError(f"unknown matcher {matcher!r}; valid: {', '.join(_MATCHERS)}")
         if model not in _MODELS:
-            raise ValueError(f"unknown geometric model {model!r}; valid: {', '.join(_MODELS)}")
+            raise ConfigError(f"unknown geometric model {model!r}; valid: {', '.join(_MODELS)}")
         if ransac not in _RANSACS:
-            raise ValueError(f"unknown ransac {ransac!r}; valid: {', '.join(_RANSACS)}")
+            raise ConfigError(f"unknown ransac {ransac!r}; valid: {', '.join(_RANSACS)}")
         self.topk = topk
         self.min_inliers = min_inliers
         self.mode = mode

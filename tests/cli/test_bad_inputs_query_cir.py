@@ -1,4 +1,5 @@
-"""Bad input to the newer console paths (search, index build, serve, ablate, oti, CIR and detected-protocol eval).
+"""Bad input to the query and CIR console paths (search, index build, serve, ablate, oti, CIR and detected-protocol
+eval).
 
 Same contract as ``test_bad_inputs.py``: ``main(argv)`` exits 2 with one ``error:`` line naming the file, field or
 value, and prints no traceback.
