@@ -16,8 +16,9 @@ How it works, and why:
   writer takes it over and says so in a warning naming the dead PID.
 - Removing the file on release races with a writer that opened it just before: after locking, the writer checks
   that the path still names the inode it locked and retries if not (the standard unlink-safe flock dance).
-- Locks nest within one thread (a CLI may lock a folder that the library function it calls locks again); any
-  other thread or process is refused, including other threads of the same process.
+- A second hold is refused even within one process (two open writers of one store would interleave lines);
+  ``reentrant=True`` lets the holding thread nest a hold (a CLI that locks a folder around a library call that
+  locks it again).
 - Where ``flock`` is unsupported (``ENOLCK`` on some network file systems) the record alone decides: a live
   holder PID on this host refuses, a dead one is taken over.
 """
@@ -208,11 +209,13 @@ def _release(lock_file: Path, fd: int) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_output(path: str | os.PathLike[str], *, what: str) -> Iterator[Path]:
+def exclusive_output(path: str | os.PathLike[str], *, what: str, reentrant: bool = False) -> Iterator[Path]:
     """Hold the one-writer lock on output ``path`` (a folder or a store file) for the ``with`` block.
 
     Take it before anything in the output is read for resuming, moved or written. ``what`` names the output in
-    messages ("training output folder", "caption store"). Yields the lock file's path.
+    messages ("training output folder", "caption store"). Yields the lock file's path. ``reentrant`` lets the
+    thread that already holds the lock take it again (a command that locks a folder around a library call that
+    locks it too); without it a second hold is refused even in the same thread, as two open writers would be.
 
     Raises:
         OutputLockedError: another live process or thread holds it; the one-line message names the output and
@@ -227,7 +230,7 @@ def exclusive_output(path: str | os.PathLike[str], *, what: str) -> Iterator[Pat
     with _HELD_GUARD:
         entry = _HELD.get(lock_file)
         if entry is not None:
-            if entry[0] != me:
+            if entry[0] != me or not reentrant:
                 holder = read_holder(lock_file)
                 raise _refuse(output, what, holder)
             entry[1] += 1

@@ -293,18 +293,7 @@ def run(config: CaptionConfig) -> dict[str, Any]:
         )
     if config.category_model and config.train_category_model:
         raise ConfigError("--category-model and --train-category-model exclude each other")
-    category_model = None
-    cross_fitted = None
-    category_report: dict[str, Any] = {}
-    if config.train_category_model:
-        folder = category_model_dir(config.out)
-        category_model, cross_fitted = fit_category_model_on_targets(
-            targets, out_dir=folder, max_seconds=config.category_seconds, progress=config.progress
-        )
-        category_report = {"category_model": str(folder), "category_model_metrics": category_model.metrics}
-    elif config.category_model:
-        category_model = load_category_model(config.category_model)
-        category_report = {"category_model": str(config.category_model)}
+    # The store holds the one-writer lock: open it before anything beside --out (the category model) is written.
     with CaptionStore(config.out, overwrite=config.overwrite, binding=binding) as store:
         if store.truncated_tail:
             print(
@@ -312,6 +301,21 @@ def run(config: CaptionConfig) -> dict[str, Any]:
                 "run); it was removed and its item will be captioned again",
                 file=sys.stderr,
             )
+        category_model = None
+        cross_fitted = None
+        category_report: dict[str, Any] = {}
+        if config.train_category_model:
+            folder = category_model_dir(config.out)
+            category_model, cross_fitted = fit_category_model_on_targets(
+                targets, out_dir=folder, max_seconds=config.category_seconds, progress=config.progress
+            )
+            category_report = {
+                "category_model": str(folder),
+                "category_model_metrics": category_model.metrics,
+            }
+        elif config.category_model:
+            category_model = load_category_model(config.category_model)
+            category_report = {"category_model": str(config.category_model)}
         with create_backend(config.backend, **options) as backend:
             summary = caption_targets(
                 targets,

@@ -90,7 +90,7 @@ def test_dead_holder_is_taken_over_with_a_warning(tmp_path: Path) -> None:
         assert holder_of(output)["pid"] == os.getpid()  # type: ignore[index]
 
 
-def test_nested_in_one_thread_but_refused_from_another_thread(tmp_path: Path) -> None:
+def test_reentrant_in_one_thread_but_refused_from_another_thread(tmp_path: Path) -> None:
     output = tmp_path / "out"
     errors: list[BaseException] = []
 
@@ -102,8 +102,10 @@ def test_nested_in_one_thread_but_refused_from_another_thread(tmp_path: Path) ->
             errors.append(exc)
 
     with exclusive_output(output, what="test folder"):
-        with exclusive_output(output, what="test folder"):
+        with exclusive_output(output, what="test folder", reentrant=True):
             pass
+        with pytest.raises(OutputLockedError), exclusive_output(output, what="test folder"):
+            pytest.fail("a second writer in the same thread got the lock")
         thread = threading.Thread(target=other)
         thread.start()
         thread.join()

@@ -250,3 +250,24 @@ def test_config_file_then_set_then_flags(tmp_path) -> None:
     assert config.dataset == "demo" and str(config.root) == "/data/demo" and config.loop.view == "box"
     assert config.loop.rounds == 5 and config.batch_size == 7  # flags beat --set, --set beats the file
     assert config.openai.base_url == ["http://a/v1", "http://b/v1"] and config.loop.max_reasks == 2
+
+
+def test_second_captioning_run_into_one_store_is_refused(df2, tmp_path, capsys) -> None:
+    from lock_holder import held_by_other_process
+
+    root, keys = df2
+    out = tmp_path / "c.jsonl"
+    code, _ = _run(["--root", str(root), "--out", str(out), "--limit", "4"], capsys)
+    assert code == 0
+    before = out.read_bytes()
+    with held_by_other_process(out, what="caption store") as pid:
+        code = main(["--root", str(root), "--out", str(out), "--no-progress", "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"PID {pid}" in err and str(out) in err and err.count("\n") == 1
+        assert main(["--repair", "--out", str(out)]) == 2  # the repair rewrite waits for the writer too
+        assert f"PID {pid}" in capsys.readouterr().err
+    assert out.read_bytes() == before  # nothing of the refused runs mixed in
+    fresh = tmp_path / "new.jsonl"
+    with held_by_other_process(fresh, what="caption store"):
+        assert main(["--root", str(root), "--out", str(fresh), "--no-progress"]) == 2
+    assert not fresh.exists() and not failures_path(fresh).exists()  # no 0-byte store left behind

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+from lock_holder import held_by_other_process
 
+from capret.errors import CaptionStoreMismatchError
+from capret.locks import OutputLockedError
 from captioning.store import CaptionStore, StoreError, failures_path, read_captions, read_records
 
 
@@ -85,10 +89,31 @@ def test_duplicate_keys_need_an_explicit_overwrite(tmp_path) -> None:
 def test_only_one_writer_at_a_time(tmp_path) -> None:
     path = tmp_path / "c.jsonl"
     with CaptionStore(path):
-        with pytest.raises(StoreError, match="another process"):
+        with pytest.raises(
+            OutputLockedError, match=f"caption store {path} is being written by PID {os.getpid()}"
+        ):
             CaptionStore(path).open()
     with CaptionStore(path):  # released on close
         pass
+
+
+def test_a_store_held_by_another_process_is_refused_and_not_created(tmp_path) -> None:
+    path = tmp_path / "c.jsonl"
+    with held_by_other_process(path, what="caption store") as pid:
+        with pytest.raises(OutputLockedError, match=f"PID {pid}"):
+            CaptionStore(path).open()
+    assert not path.exists() and not failures_path(path).exists()  # a refused run leaves nothing behind
+
+
+def test_a_store_that_fails_to_open_leaves_no_empty_file(tmp_path) -> None:
+    path = tmp_path / "c.jsonl"
+    with CaptionStore(path, binding={"dataset": "df2"}) as store:
+        store.append([record("a", "x")])
+    other = tmp_path / "d.jsonl"
+    other.write_bytes(path.read_bytes())
+    with pytest.raises(CaptionStoreMismatchError):
+        CaptionStore(other, binding={"dataset": "fiq"}).open()
+    assert other.read_bytes() == path.read_bytes()  # an existing store is never removed
 
 
 def test_failures_log_survives_a_torn_line(tmp_path) -> None:
