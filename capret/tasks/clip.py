@@ -366,6 +366,9 @@ class ClipTask:
             from capret.models.clip_arch import CLIP_WEIGHTS_FILE
 
             model.load_state_dict(load_safetensors(Path(self.config.model.init_from) / CLIP_WEIGHTS_FILE))
+        else:
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(1.0 / self.config.loss.init_temperature))
         if not self.config.model.train_token_embedding:
             clip.token_embedding.weight.requires_grad_(False)
         self.clip = clip
