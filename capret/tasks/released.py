@@ -2,46 +2,40 @@
 
 :mod:`capret.models.convert` renames a released file onto capret's modules; this module loads the ``--clip``
 backbone the checkpoint belongs to, checks that the two fit (token width, feature size, the CLIP weights the
-file carries), and writes the folder exactly as the matching ``capret-train`` task exports it (a checkpoint
-folder whose sidecar records the task config), so ``capret-eval cir --method ...`` (``--mapper`` or
-``--checkpoint``) and :func:`capret.load` open it like one trained here:
+file carries), and writes the self-describing model folder the matching ``capret-train`` task exports
+(:mod:`capret.models.folder`: ``capret_model.json`` naming its ``kind``), so ``capret-eval cir --method ...``
+(``--mapper`` or ``--checkpoint``) and :func:`capret.load` open it like one trained here:
 
-* ``searle`` / ``lincir`` -> a ``phi`` / ``lincir`` task folder (:class:`~capret.models.zeroshot.Phi`);
-* ``pic2word`` -> a ``pic2word`` task folder (:class:`~capret.models.zeroshot.Pic2WordMapper`);
-* ``clip4cir`` -> a stage-2 ``combiner`` folder, plus ``OUT/stage1`` holding the fine-tuned CLIP when
-  ``--clip-checkpoint`` is given (stage 2 reads it through ``model.stage1_checkpoint``, an absolute path).
+* ``searle`` / ``lincir`` -> a ``phi`` / ``lincir`` folder (:class:`~capret.models.zeroshot.Phi`);
+* ``pic2word`` -> a ``pic2word`` folder (:class:`~capret.models.zeroshot.Pic2WordMapper`);
+* ``clip4cir`` -> a stage-2 ``combiner`` folder holding the Combiner and, with ``--clip-checkpoint``, the
+  fine-tuned CLIP beside it.
 
 A CLIP carried by the checkpoint is mapped onto the backbone and compared with it. Pic2Word saves its *frozen*
 CLIP: it must equal ``--clip`` up to the rounding of a half-precision save (nothing more is stored), and a
 mismatch is an error naming the largest difference, because a mapper is only valid on the backbone it was
-trained on. CLIP4Cir's fine-tuned CLIP differs by design and becomes the stage-1 folder.
-Each method's preprocessing is the paper's: SEARLE and CLIP4Cir target-pad (1.25), Pic2Word and LinCIR use CLIP's
-own resize + centre crop.
+trained on. CLIP4Cir's fine-tuned CLIP differs by design and is written into the folder. Each method's
+preprocessing is the paper's: SEARLE and CLIP4Cir target-pad (1.25), Pic2Word and LinCIR use CLIP's own
+resize + centre crop. The folder records where it came from (``trained_from.converted_from``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from capret.config import to_dict
-from capret.engine.checkpoint import save_checkpoint
 from capret.errors import CheckpointError
+from capret.inference.cir.combiner import save_combiner_folder
+from capret.inference.cir.inversion import save_mapper_folder
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
-from capret.models.combiner import Combiner
+from capret.models.combiner import Combiner, CombinerModelConfig, CombinerNetConfig, CombinerRecord
 from capret.models.convert import MappedCheckpoint, get_converter, map_openai_clip
-from capret.models.zeroshot import build_mapper
-from capret.tasks.combiner import CombinerNetConfig, CombinerTaskConfig
-from capret.tasks.combiner import ModelConfig as CombinerModelConfig
-from capret.tasks.lincir import LinCIRTaskConfig
-from capret.tasks.pic2word import Pic2WordTaskConfig
-from capret.tasks.searle_phi import PhiTaskConfig
-from capret.tasks.zeroshot_common import MapperModelConfig
+from capret.models.zeroshot import MapperRecord, build_mapper
 
 __all__ = ["ConversionReport", "convert_released_checkpoint", "paper_preprocess"]
 
@@ -102,34 +96,6 @@ def _compare_clip(mapped: dict[str, Tensor], clip: ClipBundle) -> float:
 
 def _clip_section(backend: str, name: str, pretrained: str | None, preprocess: str) -> TaskClipConfig:
     return TaskClipConfig(backend=backend, name=name, pretrained=pretrained, preprocess=preprocess)  # type: ignore[arg-type]
-
-
-def _mapper_task_dict(
-    source: str, spec: Any, mapped: MappedCheckpoint, section: TaskClipConfig
-) -> dict[str, Any]:
-    """The task config the matching ``capret-train`` task records, with the ``zeroshot`` section its
-    ``config_dict()`` adds (what :func:`load_zeroshot_model` reads)."""
-    hp = mapped.hparams
-    model = MapperModelConfig(
-        clip=section, hidden_dim=hp["hidden_dim"], dropout=hp["dropout"], placeholder=spec.placeholder
-    )
-    config: Any
-    if source == "pic2word":
-        config = Pic2WordTaskConfig(model=model)
-    elif source == "lincir":
-        config = LinCIRTaskConfig(model=model)
-    else:
-        config = PhiTaskConfig(model=model)
-    mapper = "pic2word" if source == "pic2word" else "phi"
-    return {
-        **to_dict(config),
-        "zeroshot": {
-            "method": spec.method,
-            "mapper": mapper,
-            "hparams": dict(hp),
-            "placeholder": spec.placeholder,
-        },
-    }
 
 
 def convert_released_checkpoint(
@@ -240,16 +206,19 @@ def _write_mapper(
     hp = mapped.hparams
     _check_sizes(bundle, input_dim=hp["input_dim"], output_dim=hp["output_dim"], path=Path(report.checkpoint))
     bundle.placeholder_id(spec.placeholder)  # one token of this tokenizer, or a clear error now
-    mapper = build_mapper("pic2word" if source == "pic2word" else "phi", dict(hp))
+    family = "pic2word" if source == "pic2word" else "phi"
+    mapper = build_mapper(family, dict(hp))
     mapper.load_state_dict(mapped.state, strict=True)
-    task = _mapper_task_dict(source, spec, mapped, section)
     if clip_state is not None:
         raise CheckpointError(
             f"{report.checkpoint}: its CLIP is not the backbone {bundle.name} ({report.clip_weights}); the mapper was "
             "trained on the CLIP saved with it — pass that backbone as --clip / --clip-pretrained",
             path=Path(report.checkpoint),
         )
-    _save(out, mapper, task=task, report=report)
+    record = MapperRecord(
+        clip=section, method=spec.method, mapper=family, hparams=dict(hp), placeholder=spec.placeholder
+    )
+    save_mapper_folder(out, kind=spec.kind, mapper=mapper, record=record, trained_from=_provenance(report))
     report.folders = [str(out)]
 
 
@@ -271,37 +240,25 @@ def _write_combiner(
         dropout=hp["dropout"],
     )
     combiner.load_state_dict(mapped.state, strict=True)
-    stage1 = (out / "stage1").resolve() if clip_state is not None else None
     net = CombinerNetConfig(
         projection_dim=hp["projection_dim"], hidden_dim=hp["hidden_dim"], dropout=hp["dropout"]
     )
-    config2 = CombinerTaskConfig(
-        stage=2,
-        model=CombinerModelConfig(
-            clip=section, combiner=net, stage1_checkpoint=str(stage1) if stage1 is not None else None
-        ),
-    )
-    _save(out, combiner, task=to_dict(config2), report=report)  # first: saving replaces the whole folder
-    report.folders = [str(out)]
-    if stage1 is not None and clip_state is not None:
+    record = CombinerRecord(stage=2, model=CombinerModelConfig(clip=section, combiner=net))
+    if clip_state is not None:
         bundle.load_state_dict({**bundle.state_dict(), **clip_state}, strict=True)
-        config1 = CombinerTaskConfig(stage=1, model=CombinerModelConfig(clip=section, encoder="both"))
-        _save(stage1, bundle, task=to_dict(config1), report=report)
-        report.folders.append(str(stage1))
-
-
-def _save(folder: Path, module: nn.Module, *, task: dict[str, Any], report: ConversionReport) -> None:
-    provenance = {k: v for k, v in report.to_json().items() if k not in ("mapped", "dropped")}
-    provenance["dropped"] = sorted(report.dropped)
-    save_checkpoint(
-        folder,
-        model=module,
-        step=0,
-        epoch=0,
-        config={
-            "trainer": {},
-            "task": task,
-            "converted_from": json.loads(json.dumps(provenance, default=str)),
-        },
-        metrics={},
+    save_combiner_folder(
+        out,
+        clip=bundle,
+        fuser=combiner,
+        config=record,
+        clip_trained=clip_state is not None,
+        trained_from=_provenance(report),
     )
+    report.folders = [str(out)]
+
+
+def _provenance(report: ConversionReport) -> dict[str, Any]:
+    """What the folder records about its origin (the report without the long key lists)."""
+    data = {k: v for k, v in report.to_json().items() if k not in ("mapped", "dropped", "folders")}
+    data["dropped"] = sorted(report.dropped)
+    return {"converted_from": data}

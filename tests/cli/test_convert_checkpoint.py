@@ -19,6 +19,7 @@ import pytest
 import torch
 from tiny_zeroshot import tiny_hf_clip, tiny_open_clip
 
+import capret
 from capret.cli.convert_checkpoint import SOURCES
 from capret.cli.main import main
 from capret.errors import CheckpointError
@@ -92,6 +93,9 @@ def test_searle_phi_round_trip(backbones: dict[str, Any], capsys: pytest.Capture
     assert "--method searle --mapper" in report["evaluate"]
     model = load_zeroshot_model(base / "searle")
     assert model.method == "searle" and model.placeholder == "$"
+    meta = json.loads((base / "searle" / "capret_model.json").read_text())
+    assert meta["kind"] == "phi" and meta["trained_from"]["converted_from"]["source"] == "searle"
+    assert capret.load(base / "searle").method == "searle"  # the Python API opens it too
     x = torch.randn(5, 24)
     with torch.no_grad():
         torch.testing.assert_close(model.mapper(x), phi(x), rtol=0, atol=0)
@@ -216,8 +220,9 @@ def test_clip4cir_combiner_and_fine_tuned_clip(
         capsys,
     )  # fmt: skip
     assert report["kind"] == "combiner" and report["clip_weights"].startswith("differ")
-    assert len(report["folders"]) == 2
+    assert report["folders"] == [str(base / "clip4cir")]
     assert report["hparams"] == {"feature_dim": 24, "projection_dim": 40, "hidden_dim": 48, "dropout": 0.5}
+    assert type(capret.load(base / "clip4cir")).__name__ == "CombinerModel"
     clip, fuser, _ = load_cir_model(base / "clip4cir")
     torch.testing.assert_close(
         clip.state_dict()["model.token_embedding.weight"], tuned["token_embedding.weight"]
