@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import print_json, run_guarded
+from capret.cli.common import positive_int, print_json, run_guarded
 
 
 def add_parser(subparsers: Any) -> None:
@@ -19,7 +19,9 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--config", type=Path, required=True, help="base dual-stream YAML config")
     parser.add_argument("--variants", type=Path, required=True, help="variants YAML (name + overrides)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds 0..n-1 (default: %(default)s)")
+    parser.add_argument(
+        "--seeds", type=positive_int, default=3, help="number of seeds 0..n-1 (default: %(default)s)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variant names")
     parser.add_argument(
@@ -30,16 +32,19 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def go() -> int:
+        from capret.locks import exclusive_output
         from capret.tasks.ablation import run_ablation
 
-        summary = run_ablation(
-            config=args.config,
-            variants=args.variants,
-            seeds=args.seeds,
-            out_dir=args.out,
-            overrides=args.overrides,
-            only=args.only,
-        )
+        # One writer per ablation folder: two ablations into one --out would interleave their runs and tables.
+        with exclusive_output(args.out, what="ablation folder"):
+            summary = run_ablation(
+                config=args.config,
+                variants=args.variants,
+                seeds=args.seeds,
+                out_dir=args.out,
+                overrides=args.overrides,
+                only=args.only,
+            )
         print_json({k: summary[k] for k in ("json", "markdown", "chart", "skipped_finished_runs", "table")})
         return 0
 

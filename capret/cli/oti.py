@@ -17,6 +17,15 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from capret.cli.common import (
+    finite_float,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
 __all__ = ["add_parser", "run"]
 
 
@@ -36,7 +45,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag or weights file")
     parser.add_argument("--preprocess", default="targetpad", choices=["targetpad", "squarepad", "none"])
     parser.add_argument("--images", type=Path, required=True, help="image folder (recursive) or .tar shards")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images (sorted keys)")
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="only the first N images (sorted keys)"
+    )
     parser.add_argument(
         "--out", type=Path, required=True, help="token store (.safetensors), resumed if present"
     )
@@ -53,7 +64,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--phrases-out", type=Path, default=None, help="phrase cache (default: OUT.phrases.json)"
     )
-    parser.add_argument("--per-concept", type=int, default=8, help="phrases requested per concept")
+    parser.add_argument("--per-concept", type=positive_int, default=8, help="phrases requested per concept")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     for f in fields(OTIConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -63,10 +74,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                 flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default, help=help_text
             )
         else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            kind = _OTI_RANGES.get(f.name) or {"int": int, "float": finite_float, "str": str}.get(
+                str(f.type), str
+            )
             parser.add_argument(flag, type=kind, default=f.default, help=help_text)
     parser.set_defaults(run=run)
     return parser
+
+
+#: the range of each numeric OTI setting (argparse refuses others naming the option, e.g. ``--steps 0``)
+_OTI_RANGES: dict[str, Any] = {
+    "steps": positive_int,
+    "lr": positive_float,
+    "weight_decay": non_negative_float,
+    "ema_decay": fraction,
+    "lambda_cos": non_negative_float,
+    "lambda_gpt": non_negative_float,
+    "init_std": positive_float,
+    "top_k": positive_int,
+    "batch_size": positive_int,
+    "save_every": positive_int,
+    "seed": non_negative_int,
+}
 
 
 def _phrases(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -104,26 +133,29 @@ def run(args: argparse.Namespace) -> int:
     from capret.data.image_sources import open_image_source
     from capret.inference.cir.oti import OTIConfig, run_oti
     from capret.io import default_device
+    from capret.locks import exclusive_output
     from capret.models.clip import load_clip
 
     config = OTIConfig(**{f.name: getattr(args, f.name) for f in fields(OTIConfig)})
     source = open_image_source(args.images, limit=args.limit)
-    bank, phrase_info = _phrases(args)
-    clip = load_clip(
-        args.clip,
-        backend=args.clip_backend,
-        pretrained=args.clip_pretrained,
-        preprocess=args.preprocess,
-        device=default_device(args.device),
-    )
-    report = run_oti(
-        clip,
-        source.keys,
-        load_image=source.load,
-        store=args.out,
-        config=config,
-        phrases=bank,
-        progress=not args.no_progress,
-    )
+    # One writer per token store, taken before the phrase cache beside it is written.
+    with exclusive_output(args.out, what="OTI token store"):
+        bank, phrase_info = _phrases(args)
+        clip = load_clip(
+            args.clip,
+            backend=args.clip_backend,
+            pretrained=args.clip_pretrained,
+            preprocess=args.preprocess,
+            device=default_device(args.device),
+        )
+        report = run_oti(
+            clip,
+            source.keys,
+            load_image=source.load,
+            store=args.out,
+            config=config,
+            phrases=bank,
+            progress=not args.no_progress,
+        )
     print_json({**asdict(report), **phrase_info, "images": len(source), "clip": clip.name})
     return 0

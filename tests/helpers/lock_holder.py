@@ -20,16 +20,17 @@ from pathlib import Path
 from capret.locks import exclusive_output
 with exclusive_output(sys.argv[1], what=sys.argv[2]):
     Path(sys.argv[3]).write_text("held")
-    time.sleep(600)
+    sys.stdin.read()  # hold until the test closes our stdin, then release cleanly
 """
 
 
 @contextlib.contextmanager
 def held_by_other_process(path: Path, *, what: str = "output") -> Iterator[int]:
-    """Yield the PID of a live process that holds the one-writer lock on ``path``; kill it on exit."""
+    """Yield the PID of a live process that holds the one-writer lock on ``path``; it releases the lock cleanly
+    (removing its lock file) when the block ends, and is killed if the block fails."""
     flag = path.parent / f".{path.name}.held-flag"
     path.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path), what, str(flag)])
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path), what, str(flag)], stdin=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not flag.exists():
@@ -40,6 +41,10 @@ def held_by_other_process(path: Path, *, what: str = "output") -> Iterator[int]:
             time.sleep(0.02)
         flag.unlink()
         yield proc.pid
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
     finally:
-        proc.kill()
-        proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
