@@ -7,7 +7,8 @@ when the user asks for it. Without ``llm`` the VLM's own language model asks and
 prompts), which saves memory for chat VLMs such as LLaVA.
 
 Batches are left-padded (decoder-only generation continues from the right end of every row) and decoded
-greedily by default. Prompts are rendered with the model's chat template; a processor without one (BLIP-2)
+greedily by default. A decoder-only model's output repeats the prompt, which is cut off; an encoder-decoder's
+(BLIP-2 / InstructBLIP Flan-T5) holds only generated tokens, all of which are kept. Prompts are rendered with the model's chat template; a processor without one (BLIP-2)
 gets the plain "Question: ... Answer:" format that BLIP-2 was tuned with.
 """
 
@@ -36,6 +37,28 @@ def _plain_prompt(messages: Sequence[dict[str, Any]]) -> str:
     system = [_flatten_text(m["content"]) for m in messages if m["role"] == "system"]
     rest = [_flatten_text(m["content"]) for m in messages if m["role"] != "system"]
     return "\n".join(system + rest).strip()
+
+
+def _is_encoder_decoder(model: Any) -> bool:
+    """Whether ``generate`` returns decoder tokens only (T5 / Flan-T5, also inside BLIP-2 and InstructBLIP,
+    whose own config may say False while its ``text_config`` says True) rather than prompt + continuation."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return True
+    return bool(getattr(getattr(config, "text_config", None), "is_encoder_decoder", False))
+
+
+def _decoder_start(model: Any) -> int | None:
+    """The token an encoder-decoder's output rows begin with (the composite's or its language model's)."""
+    for config in (
+        getattr(model, "generation_config", None),
+        getattr(model, "config", None),
+        getattr(getattr(model, "config", None), "text_config", None),
+    ):
+        value = getattr(config, "decoder_start_token_id", None)
+        if value is not None:
+            return int(value)
+    return None
 
 
 def _text_only(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -126,12 +149,18 @@ class TransformersBackend(CaptionBackend):
             options["temperature"] = self.temperature
         with torch.inference_mode():
             output = model.generate(**inputs, **options, pad_token_id=tokenizer.pad_token_id)
-        prompt_length = inputs["input_ids"].shape[1]
-        new_tokens = output[:, prompt_length:]
         prompt_counts = inputs["attention_mask"].sum(dim=1).tolist()
+        if _is_encoder_decoder(model):
+            # an encoder-decoder returns only decoder tokens, led by its decoder start token: nothing of the
+            # prompt is in them, so nothing may be cut (cutting the prompt length lost most of a BLIP-2
+            # Flan-T5 description, often all of it)
+            start = _decoder_start(model)
+            rows = [r[1:] if r and start is not None and r[0] == start else r for r in output.tolist()]
+        else:
+            rows = output[:, inputs["input_ids"].shape[1] :].tolist()
         eos = tokenizer.eos_token_id
         results = []
-        for row, prompt_count in zip(new_tokens.tolist(), prompt_counts):
+        for row, prompt_count in zip(rows, prompt_counts):
             if eos is not None and eos in row:
                 row = row[: row.index(eos) + 1]  # tokens after EOS are padding
             text = tokenizer.decode(row, skip_special_tokens=True)

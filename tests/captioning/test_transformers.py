@@ -10,7 +10,13 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_vlm import build_tiny_blip2, build_tiny_llama, build_tiny_llava  # noqa: E402
+from tiny_vlm import (  # noqa: E402
+    build_tiny_blip2,
+    build_tiny_blip2_t5,
+    build_tiny_instructblip_t5,
+    build_tiny_llama,
+    build_tiny_llava,
+)
 
 from captioning.backends import create_backend  # noqa: E402
 from captioning.loop import CaptionTask, LoopConfig, caption_batch  # noqa: E402
@@ -153,3 +159,39 @@ def test_blip2_without_chat_template_uses_plain_prompts(models, tmp_path) -> Non
         )
         (result,) = caption_batch([task], backend=backend, prompts=PROMPTS, config=config)
         assert result.dialogue and result.completion_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "builder",
+    [build_tiny_blip2_t5, build_tiny_instructblip_t5],
+    ids=["blip2-flan-t5", "instructblip-flan-t5"],
+)
+def test_encoder_decoder_vlms_keep_every_generated_token(models, tmp_path, builder) -> None:
+    """BLIP-2 / InstructBLIP with a Flan-T5 language model: ``generate`` returns decoder tokens only, so none
+    may be cut as if the prompt came first (the prompt is longer than the whole answer here)."""
+    import torch
+
+    from captioning.backends.transformers_backend import _plain_prompt
+
+    _, llama = models
+    vlm = builder(tmp_path / "vlm")
+    with create_backend("transformers", vlm=str(vlm), llm=str(llama)) as backend:
+        queries = _queries()
+        answers = backend.answer(queries, max_tokens=7)
+        inputs = backend.processor(
+            images=[q.image for q in queries],
+            text=[_plain_prompt(q.messages) for q in queries],
+            padding=True,
+            return_tensors="pt",
+        )
+        assert inputs["input_ids"].shape[1] > 8  # cutting the prompt length would have left nothing
+        with torch.inference_mode():
+            output = backend.vlm.generate(**inputs, max_new_tokens=7, do_sample=False)
+        expected = [
+            backend.processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output
+        ]
+    assert [a.text for a in answers] == expected
+    assert all(a.ok and a.text for a in answers)
+    assert [a.completion_tokens for a in answers] == [7] * len(
+        queries
+    )  # the decoder start token is not counted

@@ -196,3 +196,118 @@ def build_tiny_blip2(directory: Path) -> Path:
     )
     Blip2ForConditionalGeneration(config).save_pretrained(directory)
     return directory
+
+
+def tiny_t5_config(tokenizer):
+    """A 1-layer T5 (Flan-T5's family: the encoder-decoder language model of BLIP-2 / InstructBLIP Flan-T5)."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _never_stop_early(model, tokenizer) -> None:
+    """Zero the output rows of padding and end-of-text: a random model then always writes real tokens (every
+    other logit is the maximum of ~400 random values), so a test sees exactly ``max_new_tokens`` of them."""
+    import torch
+
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[tokenizer.pad_token_id] = 0
+        head[tokenizer.eos_token_id] = 0
+
+
+def _tiny_qformer(**extra):
+    from transformers import Blip2QFormerConfig, InstructBlipQFormerConfig
+
+    cls = InstructBlipQFormerConfig if extra else Blip2QFormerConfig
+    return cls(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        encoder_hidden_size=16,
+        **extra,
+    )
+
+
+def build_tiny_blip2_t5(directory: Path, *, seed: int = 0) -> Path:
+    """A randomly initialised BLIP-2 whose language model is a T5 (like ``Salesforce/blip2-flan-t5-xl``): its
+    ``generate`` returns decoder tokens only, not the prompt."""
+    import torch
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory, image_token_attribute=False)
+    tokenizer.chat_template = None
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        num_query_tokens=4,
+    )
+    processor.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(**TINY_VISION),
+        qformer_config=_tiny_qformer(),
+        text_config=tiny_t5_config(tokenizer),
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = Blip2ForConditionalGeneration(config)
+    _never_stop_early(model, tokenizer)
+    model.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_instructblip_t5(directory: Path, *, seed: int = 0) -> Path:
+    """A randomly initialised InstructBLIP with a T5 language model (``Salesforce/instructblip-flan-t5-xl``'s
+    shape); the Q-Former reads the instruction with the same tiny tokenizer."""
+    import torch
+    from transformers import (
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipVisionConfig,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory, image_token_attribute=False)
+    tokenizer.chat_template = None
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        qformer_tokenizer=tokenizer,
+        num_query_tokens=4,
+    )
+    processor.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(**TINY_VISION),
+        qformer_config=_tiny_qformer(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+        text_config=tiny_t5_config(tokenizer),
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = InstructBlipForConditionalGeneration(config)
+    _never_stop_early(model, tokenizer)
+    model.save_pretrained(directory)
+    return directory
