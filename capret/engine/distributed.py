@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from capret.errors import ConfigError
 from capret.io import default_device
 from capret.locks import OutputLockedError, exclusive_output
 from capret.losses.gather import all_gather_sizes, all_gather_with_grad  # noqa: F401  (re-exported)
@@ -84,7 +85,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) -> DistContext:
@@ -99,7 +100,7 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"invalid torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
+        raise ConfigError(f"invalid torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
 
     if device is None:
         resolved = default_device(local_rank=local_rank)
@@ -109,7 +110,7 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
             resolved = torch.device(f"cuda:{local_rank if world_size > 1 else 0}")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use device=cpu")
+            raise ConfigError(f"device {device!r} requested but CUDA is not available; use device=cpu")
         torch.cuda.set_device(resolved)
 
     if world_size == 1:
@@ -236,7 +237,7 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if amp == "fp16":
         return torch.float16
-    raise ValueError(f"trainer.amp={amp!r} is not one of ['auto', 'bf16', 'fp16', 'off']")
+    raise ConfigError(f"trainer.amp={amp!r} is not one of ['auto', 'bf16', 'fp16', 'off']")
 
 
 @contextlib.contextmanager

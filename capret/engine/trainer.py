@@ -54,7 +54,6 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from capret.config import cfg, to_dict
 from capret.engine import distributed as du
@@ -71,7 +70,8 @@ from capret.engine.checkpoint import (
 from capret.engine.distributed import batch_size_of, move_to_device, resolve_amp_dtype, unwrap_model
 from capret.engine.run_log import RunLog, supersede_previous_run
 from capret.engine.schedule import build_optimizer, build_scheduler, resolve_param_groups
-from capret.errors import NonFiniteLossError
+from capret.errors import ConfigError, DataError, NonFiniteLossError
+from capret.progress import TrainingProgress
 
 __all__ = [
     "NonFiniteLossError",
@@ -128,7 +128,11 @@ class TrainerConfig:
     )
     find_unused_parameters: bool = cfg(False, "DDP: allow parameters that get no gradient in a step")
     tensorboard: bool = cfg(True, "write TensorBoard event files under output_dir/tensorboard")
-    progress: bool = cfg(True, "show a tqdm progress bar (rank 0)")
+    progress: bool = cfg(
+        True,
+        "show a progress bar on rank 0: steps, or elapsed/remaining time when max_seconds is set "
+        "(CAPRET_NO_PROGRESS=1 hides it too)",
+    )
 
 
 @runtime_checkable
@@ -146,19 +150,19 @@ class TrainTask(Protocol):
 
 def _validate(config: TrainerConfig) -> None:
     if config.max_steps is None and config.epochs is None:
-        raise ValueError("trainer: set max_steps or epochs (both are null)")
+        raise ConfigError("trainer: set max_steps or epochs (both are null)")
     for name in ("max_steps", "epochs"):
         value = getattr(config, name)
         if value is not None and value < 1:
-            raise ValueError(f"trainer.{name} must be >= 1 or null, got {value}")
+            raise ConfigError(f"trainer.{name} must be >= 1 or null, got {value}")
     for name in ("grad_accum", "log_every"):
         if getattr(config, name) < 1:
-            raise ValueError(f"trainer.{name} must be >= 1, got {getattr(config, name)}")
+            raise ConfigError(f"trainer.{name} must be >= 1, got {getattr(config, name)}")
     for name in ("eval_every", "save_every", "keep_last", "warmup_steps"):
         if getattr(config, name) < 0:
-            raise ValueError(f"trainer.{name} must be >= 0, got {getattr(config, name)}")
+            raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(config, name)}")
     if len(config.betas) != 2:
-        raise ValueError(f"trainer.betas must have two values, got {config.betas}")
+        raise ConfigError(f"trainer.betas must have two values, got {config.betas}")
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -256,7 +260,7 @@ class _Trainer:
         try:
             per_epoch = len(loader)  # type: ignore[arg-type]
         except TypeError:
-            raise ValueError(
+            raise ConfigError(
                 "trainer.epochs needs a train_dataloader with len(); set trainer.max_steps instead"
             ) from None
         return max(1, (per_epoch * int(self.config.epochs or 1)) // self.config.grad_accum)
@@ -316,7 +320,7 @@ class _Trainer:
                 yield epoch, consumed, batch
                 consumed += 1
             if consumed == 0:
-                raise ValueError(f"train_dataloader(epoch={epoch}) yielded no batches")
+                raise DataError(f"train_dataloader(epoch={epoch}) yielded no batches")
             epoch += 1
 
     # ---------------------------------------------------------------- checkpoints
@@ -464,12 +468,11 @@ class _Trainer:
         config, ctx = self.config, self.ctx
         self.model.train()
         stream = self._stream()
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc="train",
-            dynamic_ncols=True,
-            disable=not (ctx.is_main and config.progress),
+        bar = TrainingProgress(
+            total_steps=self.total_steps,
+            initial_step=self.step,
+            max_seconds=config.max_seconds,
+            enabled=ctx.is_main and config.progress,
         )
         start = window_start = time.perf_counter()
         window: dict[str, list[Any]] = {}  # term -> [sum, count] over the micro-batches since the last row
@@ -501,7 +504,7 @@ class _Trainer:
                 except _NonFiniteSignal as signal:
                     self._non_finite(terms=signal.terms, boundary=boundary)
                 self.step += 1
-                bar.update(1)
+                bar.update(self.step, elapsed=time.perf_counter() - start)
                 for terms in [*step_terms, {"grad_norm": norm}]:
                     for name, value in terms.items():
                         entry = window.setdefault(name, [0.0, 0])
@@ -509,7 +512,7 @@ class _Trainer:
                 window_steps += 1
                 if self.step % config.log_every == 0 or self.step == self.total_steps:
                     last_terms = self._log(window, window_steps, window_samples, window_start, epoch)
-                    bar.set_postfix(loss=f"{last_terms.get('loss', float('nan')):.4g}")
+                    bar.set_loss(last_terms.get("loss", float("nan")))
                     window, window_steps, window_samples = {}, 0, 0
                     window_start = time.perf_counter()
                 if config.eval_every and self.step % config.eval_every == 0:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capret.config import cfg, set_nested
+from capret.errors import ConfigError
 from capret.models.clip import TaskClipConfig
 from capret.registry import Registry
 
@@ -100,7 +101,7 @@ class Combiner(nn.Module):
     ) -> None:
         super().__init__()
         if feature_dim <= 0:
-            raise ValueError(f"feature_dim must be positive, got {feature_dim}")
+            raise ConfigError(f"feature_dim must be positive, got {feature_dim}")
         p = projection_dim or 4 * feature_dim
         h = hidden_dim or 8 * feature_dim
         self.feature_dim, self.projection_dim, self.hidden_dim = feature_dim, p, h

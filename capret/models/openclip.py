@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
+from capret.errors import ConfigError
 from capret.models.clip_base import ClipBundle
 
 __all__ = ["OPEN_CLIP_CONFIG_FILE", "OpenClipBundle", "load_open_clip", "wrap_open_clip"]
@@ -119,7 +120,7 @@ def load_open_clip(
     if ":" not in name and (Path(name) / OPEN_CLIP_CONFIG_FILE).is_file():
         name = f"local-dir:{name}"
     if ":" not in name and name not in open_clip.list_models():
-        raise ValueError(
+        raise ConfigError(
             f"open_clip architecture {name!r} is unknown; e.g. RN50x4, ViT-L-14, ViT-bigG-14 "
             f"({len(open_clip.list_models())} known: open_clip.list_models()), or a folder with "
             f"{OPEN_CLIP_CONFIG_FILE}"
@@ -157,7 +158,7 @@ def wrap_open_clip(
     elif preprocess == "squarepad":
         steps.append(SquarePad())
     elif preprocess != "none":
-        raise ValueError(f"preprocess={preprocess!r}; valid: targetpad, squarepad, none")
+        raise ConfigError(f"preprocess={preprocess!r}; valid: targetpad, squarepad, none")
     transform = T.Compose([*steps, own_transform])
     preprocess_id = f"open_clip:{preprocess}:{target_ratio}:{' '.join(repr(own_transform).split())}"
     return OpenClipBundle(

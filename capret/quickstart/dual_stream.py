@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from capret.config import from_dict, to_dict
+from capret.errors import UsageError
 from capret.io import default_device
 from capret.quickstart import QuickstartContext
 
@@ -134,7 +135,7 @@ def fastest_thread_count(candidates: tuple[int, ...] | None = None, *, repeats: 
 def _caption_stores(ctx: QuickstartContext) -> dict[str, Path]:
     stores = ctx.state.get("captions")
     if not isinstance(stores, dict) or not {"train", "validation"} <= set(stores):
-        raise ValueError(
+        raise UsageError(
             "quickstart stage dual_stream needs ctx.state['captions'] = {'train': path, 'validation': path} from "
             f"the captions stage (one store per split: image ids restart per split); got {stores!r}"
         )

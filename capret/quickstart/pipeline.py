@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from capret.errors import UsageError
 from capret.quickstart import QuickstartContext
 
 __all__ = ["QUERIES", "run"]
@@ -41,7 +42,7 @@ def _model_dir(ctx: QuickstartContext) -> Path:
         else ctx.out_dir / "model"
     )
     if not (model_dir / "capret_model.json").is_file():
-        raise RuntimeError(
+        raise UsageError(
             f"the pipeline stage needs the trained model of the dual_stream stage in {model_dir}; run that stage first"
         )
     return model_dir

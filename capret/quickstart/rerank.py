@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from capret.errors import UsageError
 from capret.quickstart import QuickstartContext
 
 __all__ = ["RERANKERS", "run"]
@@ -40,7 +41,7 @@ def _global_features(ctx: QuickstartContext) -> tuple[str, dict[str, Any]]:
         state = ctx.state.get(source)
         if isinstance(state, dict) and all(key in state for key in needed):
             return source, state
-    raise RuntimeError(
+    raise UsageError(
         "the rerank stage needs global features from the 'baseline' or 'dual_stream' stage in ctx.state "
         f"(keys {', '.join(needed)}); run those stages first"
     )

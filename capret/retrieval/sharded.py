@@ -49,7 +49,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from capret.errors import CapretError, DataError
+from capret.errors import CapretError, ConfigError, DataError
 from capret.io import atomic_write_json, atomic_write_text, file_sha256, read_json
 from capret.retrieval.index import IVFPQ_DEFAULTS, as_float32, ivfpq_factory, training_rows
 
@@ -201,7 +201,7 @@ class ShardWriter:
         """Write shard ``index`` (rows ``features`` with one item record each) and list it in the rank manifest."""
         array = as_float32(features, dim=self.dim, what=f"features of shard {index}")
         if len(items) != array.shape[0]:
-            raise ValueError(f"shard {index}: {len(items)} item records for {array.shape[0]} feature rows")
+            raise DataError(f"shard {index}: {len(items)} item records for {array.shape[0]} feature rows")
         name = f"r{self.rank}_{int(index):05d}"
         features_path = self.directory / f"features_{name}.npy"
         items_path = self.directory / f"items_{name}.jsonl"
@@ -624,7 +624,7 @@ class ShardedIVFIndex:
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = as_float32(queries, dim=self.dim, what="queries")
         if int(k) <= 0:
-            raise ValueError(f"k must be a positive integer, got {k}")
+            raise ConfigError(f"k must be a positive integer, got {k}")
         shortlist = int(k) * max(1, self.refine_factor)
         pq_scores, ids = self._index.search(q, shortlist)
         if self.refine_factor:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from capret.errors import DataError
+from capret.errors import ConfigError, DataError
 
 __all__ = [
     "CombinerMethod",
@@ -245,7 +245,7 @@ class ServeBackend:
         self, reference: Image.Image, box: Box | None, text: str, *, k: int, method: str
     ) -> dict[str, Any]:
         if method not in self.composed:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown composed method {method!r}; loaded: {', '.join(sorted(self.composed))}"
             )
         start = time.perf_counter()

@@ -396,3 +396,14 @@ def test_shape_mismatch_names_tensor_and_config_keys(tmp_path: Path) -> None:
         CheckpointError, match=r"shape mismatch: 0\.bias \[16\].*\[32\].*task\.hidden: None -> 32"
     ):
         load_model_weights(wider, result["last_checkpoint"], config=changed)
+
+
+def test_time_budgeted_training_shows_its_budget_not_the_step_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CAPRET_NO_PROGRESS", raising=False)
+    config = _config(tmp_path / "run", max_steps=100_000, max_seconds=0.0, save_every=0, progress=True)
+    assert train(RegressionTask(), config)["stop_reason"] == "max_seconds"
+    err = capsys.readouterr().err
+    assert "of the 00:00 budget" in err and "step 1 of at most 100000" in err
+    assert "/100000" not in err  # no step total the run never reaches, no ETA computed from it

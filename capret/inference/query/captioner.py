@@ -23,6 +23,7 @@ from PIL import Image
 
 from capret.config import from_dict
 from capret.data.deepfashion2 import CATEGORIES
+from capret.errors import ConfigError
 from captioning.backends import create_backend
 from captioning.backends.base import CaptionBackend
 from captioning.loop import CaptionTask, LoopConfig, caption_batch
@@ -60,7 +61,7 @@ class CaptionerSettings:
         valid = {"backend", "options", "prompt_set", "loop", "cache"}
         unknown = sorted(set(data) - valid)
         if unknown:
-            raise ValueError(f"unknown captioner setting(s) {unknown}; valid: {sorted(valid)}")
+            raise ConfigError(f"unknown captioner setting(s) {unknown}; valid: {sorted(valid)}")
         return cls(**data)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from capret.data.imagefile import decode_image
-from capret.errors import DataError, OutputFolderError, UnknownNameError
+from capret.errors import ConfigError, DataError, OutputFolderError, UnknownNameError
 from capret.inference.dualstream.extract import check_finite_rows
 from capret.io import atomic_write_json, file_sha256, read_json
 from capret.retrieval.index import create_index, load_index
@@ -130,11 +130,11 @@ def build_gallery(
     from capret.inference.detectors import WholeImageDetector, run_detector
 
     if len(images) != len(ids) or len(set(ids)) != len(ids):
-        raise ValueError(
+        raise DataError(
             f"need one unique id per image, got {len(images)} images and {len(set(ids))} unique ids"
         )
     if shard_images < 1:
-        raise ValueError(f"shard_images must be >= 1, got {shard_images}")
+        raise ConfigError(f"shard_images must be >= 1, got {shard_images}")
     absolute = [i for i in ids if Path(i).is_absolute() or Path(i).drive]
     if absolute:
         raise DataError(
@@ -222,7 +222,7 @@ def finish_gallery(
 ) -> dict[str, Any]:
     """Merge the rank manifests and index every row (run once, after all ranks finished); writes gallery.json."""
     if index not in INDEX_KINDS:
-        raise ValueError(f"unknown gallery index {index!r}; valid: {', '.join(INDEX_KINDS)}")
+        raise ConfigError(f"unknown gallery index {index!r}; valid: {', '.join(INDEX_KINDS)}")
     out = Path(out)
     merge_manifests(out / "features")
     features = open_features(out / "features")

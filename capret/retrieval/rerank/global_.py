@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import torch
 
+from capret.errors import ConfigError
 from capret.retrieval.knn import self_knn
 from capret.retrieval.rerank.base import (
     FeatureReranker,
@@ -44,7 +45,7 @@ class AlphaQueryExpansion(FeatureReranker):
         self, *, k: int = 10, alpha: float = 3.0, iterations: int = 1, device: str | None = None
     ) -> None:
         if k < 1 or iterations < 1:
-            raise ValueError(f"aqe needs k >= 1 and iterations >= 1, got k={k}, iterations={iterations}")
+            raise ConfigError(f"aqe needs k >= 1 and iterations >= 1, got k={k}, iterations={iterations}")
         self.k = k
         self.alpha = alpha
         self.iterations = iterations
@@ -99,7 +100,7 @@ class SuperGlobalRerank(FeatureReranker):
         self, *, m: int = 400, k: int = 9, beta: float = 0.15, chunk: int = 32, device: str | None = None
     ) -> None:
         if m < 1 or k < 0:
-            raise ValueError(f"superglobal needs m >= 1 and k >= 0, got m={m}, k={k}")
+            raise ConfigError(f"superglobal needs m >= 1 and k >= 0, got m={m}, k={k}")
         self.m = m
         self.k = k
         self.beta = beta
@@ -173,7 +174,7 @@ class KReciprocalRerank(FeatureReranker):
         device: str | None = None,
     ) -> None:
         if k1 < 1 or not 1 <= k2 <= k1 + 1 or not 0.0 <= lambda_value <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"kreciprocal needs k1 >= 1, 1 <= k2 <= k1 + 1 and 0 <= lambda_value <= 1; got k1={k1}, "
                 f"k2={k2}, lambda_value={lambda_value}"
             )
