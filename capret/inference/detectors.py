@@ -28,7 +28,6 @@ input of :func:`capret.evaluation.detection.coco_detection_ap` (validation AP du
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,8 +42,9 @@ from tqdm.auto import tqdm
 
 from capret.errors import BadImageError, ConfigError, DataError
 from capret.evaluation.detection import xyxy_to_xywh
-from capret.io import default_device, resolve_model_folder
-from capret.models.detector import DETECTOR_CONFIG_FILE, ClothingDetector
+from capret.inference.model_kinds import load, register_model_kind
+from capret.io import default_device, read_json
+from capret.models.detector import ClothingDetector
 from capret.registry import Registry
 
 __all__ = [
@@ -149,7 +149,7 @@ def _coco_image_ids(images_file: Path | None) -> dict[str, int]:
         return {}
     if not images_file.is_file():
         raise DataError("COCO images file does not exist", path=images_file)
-    data = json.loads(images_file.read_text())
+    data = read_json(images_file, what="COCO images file")
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise DataError("expected a COCO JSON object with an 'images' list", path=images_file)
@@ -184,12 +184,13 @@ class CocoResultsDetector:
         self.images_file = Path(images_file) if images_file is not None else None
         self.score_threshold = float(score_threshold)
         self.max_items = int(max_items)
+        if not math.isfinite(self.score_threshold) or self.score_threshold < 0:
+            raise ConfigError(f"score_threshold must be a finite number >= 0, got {score_threshold!r}")
+        if self.max_items < 1:
+            raise ConfigError(f"max_items must be >= 1, got {max_items!r}")
         if not self.path.is_file():
             raise DataError("COCO results file does not exist", path=self.path)
-        try:
-            results = json.loads(self.path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON ({exc})", path=self.path) from None
+        results = read_json(self.path, what="COCO results file")  # syntax, duplicate keys, NaN: named
         if not isinstance(results, list):
             raise DataError("a COCO results file is a JSON list of detections", path=self.path)
         self._by_image: dict[int, list[Detection]] = {}
@@ -199,7 +200,7 @@ class CocoResultsDetector:
                 image_id = int(entry["image_id"])
                 det = Detection(
                     box=(x, y, x + w, y + h),
-                    score=float(entry.get("score", 1.0)),
+                    score=float(entry["score"]),  # no default: a missing score is not a confident one
                     category_id=int(entry["category_id"]) if entry.get("category_id") is not None else None,
                 )
             except (KeyError, TypeError, ValueError) as exc:
@@ -329,17 +330,20 @@ def load_detector(
     max_items: int = 10,
     batch_size: int = 8,
 ) -> TrainedDetector:
-    """Load a detector model folder (or a run folder holding ``model/`` or ``detector/``) for inference."""
-    folder = resolve_model_folder(path, markers=(DETECTOR_CONFIG_FILE,))
-    model = ClothingDetector.from_pretrained(folder)
-    return TrainedDetector(
-        model,
-        device=device,
-        score_threshold=score_threshold,
-        max_items=max_items,
-        batch_size=batch_size,
-        path=folder,
-    )
+    """Load a detector model folder (or a run folder holding ``model/``) for inference: :func:`capret.load`
+    with ``kind="detector"``, then this call's thresholds."""
+    detector = load(path, kind="detector", device=device)
+    assert isinstance(detector, TrainedDetector)  # the registered loader below returns one
+    detector.score_threshold = float(score_threshold)
+    detector.max_items = int(max_items)
+    detector.batch_size = int(batch_size)
+    return detector
+
+
+@register_model_kind("detector")
+def _load_trained_detector(folder: Path, *, device: str | torch.device | None = None) -> TrainedDetector:
+    """A ``detector`` model folder (``capret_model.json``, or the legacy ``capret_detector.json``)."""
+    return TrainedDetector(ClothingDetector.from_pretrained(folder), device=device, path=folder)
 
 
 @register_detector("deepfashion2_detector")

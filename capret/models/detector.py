@@ -15,7 +15,8 @@ Faster R-CNN MobileNetV3-Large FPN, Mask R-CNN ResNet-50 FPN) and replaces its c
 which is how detectors are usually fine-tuned on DeepFashion2.
 
 The model folder (:meth:`ClothingDetector.save_pretrained`) holds ``detector.safetensors`` and
-``capret_detector.json`` (format + config), and loads offline (:meth:`ClothingDetector.from_pretrained`):
+``capret_model.json`` (kind ``detector``, format + config; folders written before ``kind`` hold
+``capret_detector.json`` and still load), and loads offline (:meth:`ClothingDetector.from_pretrained`):
 every weight is in the safetensors file, so no pretrained source is needed at load time.
 """
 
@@ -30,8 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from capret.config import cfg, from_dict, to_dict
-from capret.errors import CheckpointError
-from capret.io import atomic_write, atomic_write_json, file_sha256, load_state_into, read_json
+from capret.errors import CheckpointError, ConfigError
+from capret.io import atomic_write, file_sha256, load_state_into
+from capret.models.folder import (
+    LEGACY_DETECTOR_CONFIG_FILE,
+    MODEL_CONFIG_FILE,
+    read_model_config,
+    write_model_config,
+)
 
 __all__ = [
     "DETECTOR_CONFIG_FILE",
@@ -43,7 +50,8 @@ __all__ = [
     "list_backbones",
 ]
 
-DETECTOR_CONFIG_FILE = "capret_detector.json"
+#: the config file of detector folders written before every kind shared ``capret_model.json`` (still read)
+DETECTOR_CONFIG_FILE = LEGACY_DETECTOR_CONFIG_FILE
 DETECTOR_WEIGHTS_FILE = "detector.safetensors"
 DETECTOR_FORMAT = "capret.detector/1"
 #: 13 DeepFashion2 categories (ids 1..13) + background (0), the label space of torchvision's heads.
@@ -140,7 +148,7 @@ def _weights_enum(builder: str, name: str) -> Any:
         return enum[name]
     except KeyError:
         valid = ", ".join(["DEFAULT", *enum.__members__])
-        raise ValueError(f"unknown weights {name!r} for {builder}; valid: {valid}") from None
+        raise ConfigError(f"unknown weights {name!r} for {builder}; valid: {valid}") from None
 
 
 def _frozen_bn(config: DetectorModelConfig) -> bool:
@@ -173,12 +181,12 @@ def _backbone(config: DetectorModelConfig) -> tuple[nn.Module, int]:
         return _mobilenet_extractor(trunk, True, min(trainable, 6)), 3  # two stages + pool
     if name.startswith("timm:"):
         if config.backbone_weights not in (None, "DEFAULT"):
-            raise ValueError(
+            raise ConfigError(
                 f"timm backbones take backbone_weights DEFAULT or null, got {config.backbone_weights}"
             )
         timm_body = _TimmFPN(name[len("timm:") :], pretrained=pretrained, out_channels=config.fpn_channels)
         return timm_body, timm_body.levels + 1
-    raise ValueError(f"unknown detector backbone {name!r}; valid: {', '.join(list_backbones())}")
+    raise ConfigError(f"unknown detector backbone {name!r}; valid: {', '.join(list_backbones())}")
 
 
 def _anchor_generator(levels: int) -> Any:
@@ -216,7 +224,7 @@ def _build_full(config: DetectorModelConfig) -> nn.Module:
     builder = _FULL_DETECTORS.get((config.arch, config.backbone))
     if builder is None:
         combos = ", ".join(f"{a}+{b}" for a, b in _FULL_DETECTORS)
-        raise ValueError(
+        raise ConfigError(
             f"weights={config.weights!r} needs a torchvision detector for {config.arch}+{config.backbone}; "
             f"available: {combos} (or set backbone_weights for an ImageNet backbone instead)"
         )
@@ -236,7 +244,7 @@ def build_torchvision_detector(config: DetectorModelConfig) -> nn.Module:
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
     if config.arch not in ("faster_rcnn", "mask_rcnn"):
-        raise ValueError(f"unknown detector arch {config.arch!r}; valid: faster_rcnn, mask_rcnn")
+        raise ConfigError(f"unknown detector arch {config.arch!r}; valid: faster_rcnn, mask_rcnn")
     if config.weights is not None:
         return _build_full(config)
     backbone, levels = _backbone(config)
@@ -282,7 +290,8 @@ class ClothingDetector(nn.Module):
 
     # ---------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``detector.safetensors`` + ``capret_detector.json``; the folder loads without any download."""
+        """Write ``detector.safetensors`` + ``capret_model.json`` (kind ``detector``); the folder loads without any
+        download."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -302,15 +311,14 @@ class ClothingDetector(nn.Module):
             frozen_bn=_frozen_bn(self.config),
             mobilenet_dilated=self.config.mobilenet_dilated or self.config.weights is not None,
         )
-        meta = {
-            "format": DETECTOR_FORMAT,
-            "config": to_dict(portable),
-            "trained_from": to_dict(self.config),
-            "sha256": {
-                DETECTOR_WEIGHTS_FILE: file_sha256(directory / DETECTOR_WEIGHTS_FILE)
-            },  # checked on load
-        }
-        atomic_write_json(directory / DETECTOR_CONFIG_FILE, meta, indent=2)
+        write_model_config(
+            directory,
+            kind="detector",
+            format=DETECTOR_FORMAT,
+            config=to_dict(portable),
+            trained_from=to_dict(self.config),
+            sha256={DETECTOR_WEIGHTS_FILE: file_sha256(directory / DETECTOR_WEIGHTS_FILE)},  # checked on load
+        )
         return directory
 
     @classmethod
@@ -320,10 +328,10 @@ class ClothingDetector(nn.Module):
         """Load a folder written by :meth:`save_pretrained` (weights via safetensors only; their SHA-256, when
         recorded, is verified unless ``verify=False``)."""
         directory = Path(directory)
-        meta_path = directory / DETECTOR_CONFIG_FILE
-        if not meta_path.is_file():
-            raise CheckpointError(f"no {DETECTOR_CONFIG_FILE}: not a capret detector folder", path=directory)
-        meta = read_json(meta_path, what="detector config")
+        meta = read_model_config(directory)  # capret_model.json, or a legacy folder's capret_detector.json
+        meta_path = directory / (
+            MODEL_CONFIG_FILE if (directory / MODEL_CONFIG_FILE).is_file() else DETECTOR_CONFIG_FILE
+        )
         if meta.get("format") != DETECTOR_FORMAT:
             raise CheckpointError(f"format {meta.get('format')!r} is not {DETECTOR_FORMAT!r}", path=meta_path)
         model = cls(from_dict(DetectorModelConfig, meta["config"]))

@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capret.config import cfg, from_dict, to_dict
-from capret.io import atomic_write, atomic_write_json, file_sha256
+from capret.errors import CheckpointError, ConfigError, IncompleteCheckpointError
+from capret.io import atomic_write, file_sha256
 from capret.models.encoders import EncoderOutput, TextEncoder, VisualEncoder, create_encoder, minilm_dir
+from capret.models.folder import MODEL_CONFIG_FILE, write_model_config
 from capret.registry import Registry
 
 __all__ = [
@@ -49,7 +51,6 @@ __all__ = [
     "register_family",
 ]
 
-MODEL_CONFIG_FILE = "capret_model.json"
 MODEL_WEIGHTS_FILE = "model.safetensors"
 MODEL_FORMAT = "capret.dual_stream/1"
 
@@ -157,7 +158,7 @@ class FusionLayer(nn.Module):
     def __init__(self, *, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
         if width % heads:
-            raise ValueError(f"fusion width {width} is not divisible by heads {heads}")
+            raise ConfigError(f"fusion width {width} is not divisible by heads {heads}")
         self.norm_self = nn.LayerNorm(width)
         self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.norm_cross = nn.LayerNorm(width)
@@ -180,7 +181,7 @@ def sincos_2d(height: int, width: int, dim: int, *, device: torch.device, dtype:
     """Fixed 2-D sine-cosine position codes ``[height*width, dim]`` (MAE / MoCo v3) for CNN feature maps,
     which carry no position information of their own but the box head needs to know where tokens are."""
     if dim % 4:
-        raise ValueError(f"fusion width {dim} must be divisible by 4 for 2-D position codes")
+        raise ConfigError(f"fusion width {dim} must be divisible by 4 for 2-D position codes")
     ys, xs = torch.meshgrid(
         torch.arange(height, device=device, dtype=torch.float32),
         torch.arange(width, device=device, dtype=torch.float32),
@@ -369,12 +370,13 @@ class DualStreamModel(nn.Module):
             directory / MODEL_WEIGHTS_FILE,
             lambda tmp: save_file(state, str(tmp), metadata={"format": MODEL_FORMAT}),
         )
-        meta = {
-            "format": MODEL_FORMAT,
-            "config": to_dict(config),
-            "sha256": {MODEL_WEIGHTS_FILE: file_sha256(directory / MODEL_WEIGHTS_FILE)},  # checked on load
-        }
-        atomic_write_json(directory / MODEL_CONFIG_FILE, meta, indent=2)
+        write_model_config(
+            directory,
+            kind="dualstream",
+            format=MODEL_FORMAT,
+            config=to_dict(config),
+            sha256={MODEL_WEIGHTS_FILE: file_sha256(directory / MODEL_WEIGHTS_FILE)},  # checked on load
+        )
         return directory
 
     def portable_config(self, directory: Path) -> DualStreamModelConfig:
@@ -415,14 +417,14 @@ class DualStreamModel(nn.Module):
         directory = Path(directory)
         meta_path = directory / MODEL_CONFIG_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} does not exist (not a capret model folder)")
+            raise IncompleteCheckpointError(f"{meta_path} does not exist (not a capret model folder)")
         meta = read_json(meta_path, what="model config")
         if meta.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {MODEL_FORMAT!r}")
+            raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} is not {MODEL_FORMAT!r}")
         model = cls.from_config_dict(meta["config"], base_dir=directory)
         weights = directory / MODEL_WEIGHTS_FILE
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights} does not exist")
+            raise IncompleteCheckpointError(f"{weights} does not exist")
         recorded = meta.get("sha256") or {}
         load_state_into(
             model,

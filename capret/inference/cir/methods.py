@@ -40,7 +40,9 @@ from capret.inference.cir.cirevl import CirevlOptions, CirevlReport, edited_desc
 from capret.inference.cir.features import CachedFeatures, image_features, text_features
 from capret.inference.cir.registry import METHODS, list_cir_methods, register_cir_method
 from capret.inference.cir.search import TOP_K, CIRRanking, FeatureOptions, compose_queries
+from capret.inference.model_kinds import load
 from capret.models.clip import ClipBundle, load_clip
+from capret.models.folder import MODEL_CONFIG_FILE, ModelFolderError
 
 __all__ = [
     "BASELINES",
@@ -235,6 +237,13 @@ class ClipSpec:
         return {"backend": self.backend, "name": self.name, "pretrained": self.pretrained}
 
     def load(self, *, device: str | torch.device) -> ClipBundle:
+        """The CLIP: an exported ``clip`` model folder through :func:`capret.load` (its own weights and
+        preprocessing), else a hub id / local Hugging Face folder / open_clip architecture."""
+        if (Path(self.name) / MODEL_CONFIG_FILE).is_file():
+            bundle = load(self.name, kind="clip", device=device)
+            if not isinstance(bundle, ClipBundle):
+                raise ModelFolderError(f"kind 'clip' loaded a {type(bundle).__name__}", path=self.name)
+            return bundle.eval()
         if self.backend not in CLIP_BACKENDS:
             raise ConfigError(
                 f"--clip-backend {self.backend!r} is not valid; choose one of {', '.join(CLIP_BACKENDS)}"
@@ -295,15 +304,15 @@ def create_cir_method(name: str, inputs: MethodInputs) -> CirMethod:
 
 @register_cir_method("combiner")
 def _combiner(*, inputs: MethodInputs) -> CirMethod:
-    from capret.inference.cir.combiner import load_cir_model
-    from capret.io import resolve_model_folder
-
     if inputs.checkpoint is None:
-        raise ConfigError("--method combiner needs --checkpoint (a combiner checkpoint or run folder)")
-    checkpoint = resolve_model_folder(inputs.checkpoint)
-    clip, fuser, config = load_cir_model(checkpoint, device=inputs.device)
-    record = to_dict(config.model.clip)
-    return FuserMethod(clip, fuser=fuser, checkpoint=checkpoint, stage=config.stage, clip_record=record)
+        raise ConfigError(
+            "--method combiner needs --checkpoint (a combiner model folder, checkpoint or run folder)"
+        )
+    model = load(inputs.checkpoint, kind="combiner", device=inputs.device)
+    record = to_dict(model.config.model.clip)
+    return FuserMethod(
+        model.clip, fuser=model.fuser, checkpoint=model.folder, stage=model.stage, clip_record=record
+    )
 
 
 def _baseline_factory(cls: type[CirMethod]) -> Callable[..., CirMethod]:
