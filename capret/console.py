@@ -33,11 +33,13 @@ __all__ = [
     "USER_ERROR_EXIT_CODE",
     "NotAvailableError",
     "add_debug_flag",
+    "add_progress_flag",
     "debug_enabled",
     "describe_error",
     "fail",
     "is_user_error",
     "print_json",
+    "progress_wanted",
     "run_guarded",
 ]
 
@@ -72,6 +74,21 @@ def fail(message: str, code: int = 2) -> int:
 def add_debug_flag(parser: Any) -> None:
     """Add ``--debug`` to a console script's parser (read by :func:`run_guarded` from the parsed namespace)."""
     parser.add_argument("--debug", action="store_true", default=False, help=DEBUG_HELP)
+
+
+def add_progress_flag(parser: Any) -> None:
+    """Add ``--no-progress`` to a long command's parser (read by :func:`progress_wanted`)."""
+    from capret.progress import NO_PROGRESS_HELP
+
+    parser.add_argument("--no-progress", action="store_true", default=False, help=NO_PROGRESS_HELP)
+
+
+def progress_wanted(args: Any) -> bool:
+    """Whether a command draws its progress bars: not after ``--no-progress``, nor with ``CAPRET_NO_PROGRESS``
+    set (see :mod:`capret.progress`)."""
+    from capret.progress import progress_enabled
+
+    return progress_enabled(not getattr(args, "no_progress", False))
 
 
 def debug_enabled(*args: Any) -> bool:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from capret.errors import DataError, MissingFileError
+
 __all__ = [
     "atomic_write",
     "atomic_write_bytes",
@@ -87,7 +89,7 @@ def cache_dir(*parts: str) -> Path:
 
 
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
+    raise DataError(f"non-finite number {name}")
 
 
 def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", allow_nonfinite: bool = False) -> Any:
@@ -237,7 +239,7 @@ def resolve_model_folder(path: str | Path, *, markers: tuple[str, ...] = ("check
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
 
     def holds(folder: Path) -> bool:
         return any((folder / m).is_file() for m in markers)
@@ -250,7 +252,7 @@ def resolve_model_folder(path: str | Path, *, markers: tuple[str, ...] = ("check
     steps = step_checkpoints(path)
     if steps:
         return steps[-1]
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{path} is not a capret model folder or checkpoint (none of {', '.join(markers)}) nor a run folder with "
         "model/, best/ or checkpoints/step_*"
     )

@@ -24,6 +24,7 @@ from typing import Any
 
 from capret.config import ConfigError, cfg, from_dict, load_config, to_dict
 from capret.console import add_debug_flag, print_json, run_guarded
+from capret.progress import NO_PROGRESS_HELP, progress_enabled
 from captioning.loop import LoopConfig
 
 __all__ = ["CaptionConfig", "OpenAIOptions", "TransformersOptions", "build_parser", "main", "run"]
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="let model repositories run their own code (transformers)",
     )
     parser.add_argument(
-        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"
+        "--no-progress", dest="progress", action="store_false", default=None, help=NO_PROGRESS_HELP
     )
     parser.add_argument(
         "--on-bad-image",
@@ -307,7 +308,10 @@ def run(config: CaptionConfig) -> dict[str, Any]:
         if config.train_category_model:
             folder = category_model_dir(config.out)
             category_model, cross_fitted = fit_category_model_on_targets(
-                targets, out_dir=folder, max_seconds=config.category_seconds, progress=config.progress
+                targets,
+                out_dir=folder,
+                max_seconds=config.category_seconds,
+                progress=progress_enabled(config.progress),
             )
             category_report = {
                 "category_model": str(folder),
@@ -324,7 +328,7 @@ def run(config: CaptionConfig) -> dict[str, Any]:
                 prompts=prompts,
                 config=config.loop,
                 batch_size=config.batch_size,
-                progress=config.progress,
+                progress=progress_enabled(config.progress),
                 on_bad_image=config.on_bad_image,
                 category_model=category_model,
                 cross_fitted=cross_fitted,

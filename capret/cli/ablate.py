@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from capret.cli.common import positive_int, print_json, run_guarded
+from capret.console import add_progress_flag, progress_wanted
 
 
 def add_parser(subparsers: Any) -> None:
@@ -24,6 +25,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variant names")
+    add_progress_flag(parser)
     parser.add_argument(
         "overrides", nargs="*", help="key=value overrides of the base config for every variant"
     )
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
                 out_dir=args.out,
                 overrides=args.overrides,
                 only=args.only,
+                progress=progress_wanted(args),
             )
         print_json({k: summary[k] for k in ("json", "markdown", "chart", "skipped_finished_runs", "table")})
         return 0

@@ -34,6 +34,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from capret.data.check import check_dataset
+    from capret.progress import progress_enabled
 
     report = check_dataset(
         args.dataset,
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         category=args.category,
         images=not args.no_images,
-        progress=True,
+        progress=progress_enabled(),
     )
     out = report.to_dict()
     out["problems"] = out["problems"][: max(0, args.max_problems)]

@@ -31,6 +31,7 @@ import numpy as np
 
 from capret.cli.common import add_debug_flag, print_json, run_guarded
 from capret.config import ConfigError
+from capret.console import add_progress_flag, progress_wanted
 from capret.io import default_device
 
 _MODEL_MARKERS = ("capret_model.json", "checkpoint.json")
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="with --captions: the smallest fraction of images that must find a caption (default 0.5)",
     )
+    add_progress_flag(p)
     add_debug_flag(p)
     return p
 
@@ -165,7 +167,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     batch_size=args.batch_size,
                     num_workers=args.num_workers,
                     precision=args.precision,
-                    progress=rank == 0,
+                    progress=rank == 0 and progress_wanted(args),
                     bad_images=bad,
                 )
                 keep = np.ones(len(feats), dtype=bool)

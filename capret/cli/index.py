@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from capret.config import ConfigError, parse_overrides
-from capret.console import print_json, run_guarded
+from capret.console import add_progress_flag, print_json, progress_wanted, run_guarded
 
 __all__ = ["add_parser", "run"]
 
@@ -67,7 +67,7 @@ def add_parser(subparsers: Any) -> None:
     build.add_argument("--shard-images", type=int, default=512, help="images per feature shard (resume unit)")
     build.add_argument("--batch-size", type=int, default=32, help="items per forward pass")
     build.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available)")
-    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_flag(build)
     build.add_argument(
         "--overwrite",
         action="store_true",
@@ -149,7 +149,7 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
                 world_size=ctx.world_size,
                 shard_images=args.shard_images,
                 batch_size=args.batch_size,
-                progress=not args.no_progress and ctx.rank == 0,
+                progress=progress_wanted(args) and ctx.rank == 0,
             )
             if captioner is not None:
                 captioner.close()
@@ -161,7 +161,7 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
                     index=args.index,
                     index_options=_options(args.index_option, "index"),
                     settings=settings,
-                    progress=not args.no_progress,
+                    progress=progress_wanted(args),
                 )
                 summary.update(rows=gallery["rows"], index=gallery["index"], out=str(args.out))
             barrier(world_size=ctx.world_size)

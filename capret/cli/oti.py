@@ -25,6 +25,7 @@ from capret.cli.common import (
     positive_float,
     positive_int,
 )
+from capret.console import add_progress_flag, progress_wanted
 
 __all__ = ["add_parser", "run"]
 
@@ -65,7 +66,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--phrases-out", type=Path, default=None, help="phrase cache (default: OUT.phrases.json)"
     )
     parser.add_argument("--per-concept", type=positive_int, default=8, help="phrases requested per concept")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_flag(parser)
     for f in fields(OTIConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: %(default)s)"
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             store=args.out,
             config=config,
             phrases=bank,
-            progress=not args.no_progress,
+            progress=progress_wanted(args),
         )
     print_json({**asdict(report), **phrase_info, "images": len(source), "clip": clip.name})
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 
 from capret.config import ConfigError
 from capret.console import print_json, run_guarded
+from capret.errors import DataError
 
 __all__ = ["add_parser", "run"]
 
@@ -67,7 +68,7 @@ def _picture(out: Path, *, query: tuple[str, Any], matches: list[Any], title: st
     from capret.evaluation.visualize import plot_retrieval_grid
 
     if not matches:
-        raise ValueError("no match to draw")
+        raise DataError("no match to draw")
     gallery = [(m.image, m.box) for m in matches]
     ranking = np.arange(len(matches))[None]
     # no ground truth at query time: outline every result as a "hit" (green); the title says so

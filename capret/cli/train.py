@@ -8,6 +8,7 @@ from pathlib import Path
 
 from capret.cli.common import add_debug_flag, fail, print_json, run_guarded
 from capret.config import ConfigError, load_config, load_yaml_file
+from capret.console import add_progress_flag, progress_wanted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
+    add_progress_flag(parser)
     add_debug_flag(parser)
     return parser
 
@@ -42,7 +44,10 @@ def _run(args: argparse.Namespace) -> int:
     if not task_name:
         raise ConfigError(f"config file {args.config} has no `task` key")
     spec = get_task(str(task_name))
-    config: object = load_config(spec.config_cls, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if not progress_wanted(args):  # --no-progress or CAPRET_NO_PROGRESS: the trainer's bar stays hidden
+        overrides.append("trainer.progress=false")
+    config: object = load_config(spec.config_cls, args.config, overrides)
     if args.print_config:
         print_json(to_dict(config))
         return 0

@@ -284,6 +284,7 @@ def run_ablation(
     out_dir: str | Path,
     overrides: Sequence[str] = (),
     only: Sequence[str] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run every ``(variant, seed)`` not finished yet, then write the tables and the chart.
 
@@ -294,6 +295,7 @@ def run_ablation(
         out_dir: output folder; finished runs found there are skipped.
         overrides: ``key=value`` applied to the base config before every variant (e.g. ``trainer.max_seconds=40``).
         only: run only these variant names.
+        progress: show the bar over the runs and each run's training bar (False hides both).
     """
     from tqdm.auto import tqdm
 
@@ -304,6 +306,8 @@ def run_ablation(
     if base.get("task", "dualstream") != "dualstream":
         raise ConfigError(f"{config}: ablations run task dualstream, not {base.get('task')!r}")
     base = merge_trees(base, parse_overrides(overrides))
+    if not progress:  # no training bar inside each run either
+        base = merge_trees(base, {"trainer": {"progress": False}})
     chosen = load_variants(variants)
     if only:
         unknown = sorted(set(only) - {v.name for v in chosen})
@@ -317,7 +321,7 @@ def run_ablation(
     results: dict[str, list[dict[str, Any]]] = {v.name: [] for v in chosen}
     skipped = 0
     jobs = [(v, s) for v in chosen for s in seed_list]
-    for variant, seed in tqdm(jobs, desc="ablation", unit="run"):
+    for variant, seed in tqdm(jobs, desc="ablation", unit="run", disable=not progress):
         run_dir = out_dir / "runs" / variant.name / f"seed{seed}"
         done = run_dir / _RESULT
         if done.is_file():

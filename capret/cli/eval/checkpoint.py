@@ -21,6 +21,7 @@ import numpy as np
 from capret.cli.eval.common import require
 from capret.cli.eval.map_config import MapEvalConfig
 from capret.config import ConfigError
+from capret.progress import progress_enabled
 
 
 def _pictures(args: MapEvalConfig, result: Any, *, ks: list[int]) -> dict[str, str]:
@@ -102,7 +103,7 @@ def run(args: MapEvalConfig) -> dict[str, Any]:
         rerank=args.rerank,
         rerank_topk=args.rerank_topk,
         index=args.index,
-        progress=True,
+        progress=progress_enabled(),
         min_caption_coverage=args.min_caption_coverage,
         on_bad_image=args.on_bad_image,
     )

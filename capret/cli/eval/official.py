@@ -19,6 +19,7 @@ from typing import Any
 
 from capret.cli.eval.common import add_device, add_ks, add_out, add_rerank, config_from, indexes, require
 from capret.config import ConfigError
+from capret.progress import progress_enabled
 
 #: ``--ks`` when the user leaves it at the parser default: the cut-offs the official script prints.
 PARSER_DEFAULT_KS = [1, 5, 10, 20]
@@ -164,7 +165,7 @@ def _run_detected(args: OfficialEvalConfig, ks: list[int]) -> dict[str, Any]:
         rerank_topk=args.rerank_topk,
         max_items=args.max_items,
         batch_size=args.batch_size,
-        progress=True,
+        progress=progress_enabled(),
     )
     metrics = {
         **result.metrics,

@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from capret.data.imagefile import decode_image
-from capret.errors import DataError
+from capret.errors import ConfigError, DataError
 from capret.inference.detectors import Detection, WholeImageDetector, create_detector, run_detector
 from capret.inference.query.captioner import Captioner, CaptionerSettings, image_digest
 from capret.inference.query.gallery import Gallery
@@ -282,9 +282,9 @@ class RetrievalPipeline:
     ) -> SearchResult:
         """Run every stage for one photo; see the module docstring for the options."""
         if self.model is None:
-            raise ValueError("this pipeline has no model: it can only search by gallery id")
+            raise ConfigError("this pipeline has no model: it can only search by gallery id")
         if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ConfigError(f"k must be >= 1, got {k}")
         timings = dict.fromkeys(STAGES, 0.0)
         start = time.perf_counter()
         path = Path(image) if isinstance(image, str | Path) else None
@@ -453,12 +453,12 @@ def _open(image: str | Path | Image.Image) -> Image.Image:
 
 def _box(values: Sequence[float], picture: Image.Image) -> tuple[float, float, float, float]:
     if len(values) != 4:
-        raise ValueError(f"a box is [x1, y1, x2, y2], got {list(values)}")
+        raise ConfigError(f"a box is [x1, y1, x2, y2], got {list(values)}")
     x1, y1, x2, y2 = (float(v) for v in values)
     if not (x2 > x1 and y2 > y1):
-        raise ValueError(f"box {list(values)} is empty (need x2 > x1 and y2 > y1)")
+        raise ConfigError(f"box {list(values)} is empty (need x2 > x1 and y2 > y1)")
     if x1 >= picture.width or y1 >= picture.height or x2 <= 0 or y2 <= 0:
-        raise ValueError(f"box {list(values)} lies outside the {picture.width}x{picture.height} image")
+        raise ConfigError(f"box {list(values)} lies outside the {picture.width}x{picture.height} image")
     return (x1, y1, x2, y2)
 
 
