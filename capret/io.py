@@ -92,12 +92,26 @@ def _reject_constant(name: str) -> Any:
     raise DataError(f"non-finite number {name}")
 
 
+class _DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (json keeps the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
 def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", allow_nonfinite: bool = False) -> Any:
     """Parse a JSON file; every failure is a :class:`~capret.errors.DataError` naming the file.
 
-    Missing or unreadable files, bytes that are not UTF-8, syntax errors (with line and column) and -- unless
-    ``allow_nonfinite`` -- the non-standard constants ``NaN``/``Infinity`` that Python's json module accepts
-    silently (an ``Infinity`` box would otherwise reach the metrics as a valid number).
+    Missing or unreadable files, bytes that are not UTF-8, syntax errors (with line and column), an object that
+    names one key twice (json keeps the last one silently: a query item would quietly become a gallery item) and
+    -- unless ``allow_nonfinite`` -- the non-standard constants ``NaN``/``Infinity`` that Python's json module
+    accepts silently (an ``Infinity`` box would otherwise reach the metrics as a valid number).
     """
     from capret.errors import DataError, MissingFileError
 
@@ -112,11 +126,16 @@ def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", allow_no
         raise DataError(f"{what} is not UTF-8 text (byte {exc.start}: {exc.reason})", path=path) from None
     try:
         if allow_nonfinite:
-            return json.loads(text)
-        return json.loads(text, parse_constant=_reject_constant)
+            return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{what} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path=path
+        ) from None
+    except _DuplicateKeyError as exc:
+        raise DataError(
+            f"{what} names the key {exc.args[0]!r} twice in one object (JSON keeps only the last one)",
+            path=path,
         ) from None
     except ValueError as exc:  # a NaN/Infinity constant
         raise DataError(f"{what} holds a {exc}; only finite numbers are valid", path=path) from None

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import print_json
+from capret.cli.common import non_negative_int, print_json
 
 
 def add_parser(subparsers: Any) -> None:
@@ -28,7 +28,12 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--category", default=None, help="FashionIQ category (default: all three)")
     p.add_argument("--no-images", action="store_true", help="check annotations only (no image decoding)")
-    p.add_argument("--max-problems", type=int, default=200, help="problems printed in full (all are counted)")
+    p.add_argument(
+        "--max-problems",
+        type=non_negative_int,
+        default=200,
+        help="problems printed in full (all are counted)",
+    )
     p.set_defaults(run=run)
 
 

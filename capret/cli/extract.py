@@ -29,7 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from capret.cli.common import add_debug_flag, print_json, run_guarded
+from capret.cli.common import (
+    add_debug_flag,
+    fraction,
+    non_negative_int,
+    positive_int,
+    print_json,
+    run_guarded,
+)
 from capret.config import ConfigError
 from capret.console import add_progress_flag, progress_wanted
 from capret.io import default_device
@@ -61,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--captions", type=Path, default=None, help="caption store JSONL joined by image id")
     p.add_argument("--out", type=Path, required=True, help="output folder for the feature shards")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--shard-size", type=int, default=50_000, help="rows per .npy shard")
-    p.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default: auto)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    p.add_argument("--shard-size", type=positive_int, default=50_000, help="rows per .npy shard")
+    p.add_argument(
+        "--num-workers", type=non_negative_int, default=None, help="image decoding workers (default: auto)"
+    )
     p.add_argument(
         "--precision",
         default="fp32",
@@ -86,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--min-caption-coverage",
-        type=float,
+        type=fraction,
         default=0.5,
         help="with --captions: the smallest fraction of images that must find a caption (default 0.5)",
     )

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from capret.cli.common import positive_int
 from capret.config import ConfigError, parse_overrides
 from capret.console import add_progress_flag, print_json, progress_wanted, run_guarded
 
@@ -64,8 +65,10 @@ def add_parser(subparsers: Any) -> None:
     build.add_argument("--caption-option", action="append", default=[], metavar="KEY=VALUE")
     build.add_argument("--index", default="flat", choices=["flat", "exact", "ivfpq"], help="index kind")
     build.add_argument("--index-option", action="append", default=[], metavar="KEY=VALUE")
-    build.add_argument("--shard-images", type=int, default=512, help="images per feature shard (resume unit)")
-    build.add_argument("--batch-size", type=int, default=32, help="items per forward pass")
+    build.add_argument(
+        "--shard-images", type=positive_int, default=512, help="images per feature shard (resume unit)"
+    )
+    build.add_argument("--batch-size", type=positive_int, default=32, help="items per forward pass")
     build.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available)")
     add_progress_flag(build)
     build.add_argument(

@@ -10,13 +10,15 @@ and its top results. ``--gallery-id ID`` searches with a gallery item instead of
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from capret.cli.common import positive_int
 from capret.config import ConfigError
 from capret.console import print_json, run_guarded
-from capret.errors import DataError
+from capret.errors import DataError, UsageError
 
 __all__ = ["add_parser", "run"]
 
@@ -32,12 +34,18 @@ def add_parser(subparsers: Any) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", type=Path, help="query photo")
     what.add_argument("--gallery-id", default=None, help="search with a gallery item (more like this)")
-    parser.add_argument("--k", type=int, default=20, help="length of the ranked list (default 20)")
+    parser.add_argument("--k", type=positive_int, default=20, help="length of the ranked list (default 20)")
     parser.add_argument("--box", action="append", default=None, metavar="X1,Y1,X2,Y2", help="query item box")
     parser.add_argument("--no-captions", action="store_true", help="image-only search (skip the captioner)")
     parser.add_argument("--no-rerank", action="store_true", help="skip the reranker")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--out", type=Path, default=None, help="PNG of the query item and its top results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to draw the query item and its top results: a .png file, or a folder (a name without suffix) "
+        "that gets search_<query>.png",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--no-verify",
@@ -60,6 +68,17 @@ def _boxes(values: list[str] | None) -> list[list[float]] | None:
             raise ConfigError(f"--box {value!r} is not four numbers x1,y1,x2,y2")
         boxes.append(box)
     return boxes
+
+
+def picture_path(out: Path, query: str) -> Path:
+    """The PNG ``--out`` names: ``out`` itself when it ends in ``.png``, else a file inside the folder ``out``
+    (an existing folder, or a name without suffix), so ``--out DIR`` never writes ``DIR.png`` beside it."""
+    if out.suffix.lower() == ".png" and not out.is_dir():
+        return out
+    if out.suffix and not out.is_dir():
+        raise UsageError(f"--out {out}: give a .png file or a folder, not a {out.suffix} file")
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(query).stem if Path(query).suffix else query).strip("._")
+    return out / f"search_{stem or 'query'}.png"
 
 
 def _picture(out: Path, *, query: tuple[str, Any], matches: list[Any], title: str) -> Path:
@@ -116,7 +135,7 @@ def _search(args: argparse.Namespace) -> int:
     if args.out is not None and matches:
         payload["picture"] = str(
             _picture(
-                args.out,
+                picture_path(args.out, str(payload["query"])),
                 query=query,
                 matches=matches,
                 title=f"{payload['query']}: top {min(len(matches), 10)}",

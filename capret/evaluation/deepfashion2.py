@@ -225,6 +225,44 @@ def _result_arrays(records: list, *, max_k: int) -> dict[str, Any]:
     return arrays
 
 
+def _refuse_repeats(det: dict[str, np.ndarray], *, path: Path | None) -> None:
+    """A detection listed twice (same query image, class and box) would be counted twice by nothing, but says
+    the file was concatenated or written twice: refuse it, naming both records."""
+    if len(det["image"]) < 2:
+        return
+    keys = np.column_stack([det["image"].astype(np.float64), det["cls"].astype(np.float64), det["box"]])
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    repeated = np.nonzero(first[inverse.reshape(-1)] != np.arange(len(keys)))[0]
+    if len(repeated):
+        j = int(repeated[0])
+        i = int(first[inverse.reshape(-1)[j]])
+        raise DataError(
+            f"results record {j} repeats record {i} (query_image_id {int(det['image'][j])}, query_cls "
+            f"{int(det['cls'][j])}, query_bbox {det['box'][j].tolist()}); list each detection once",
+            path=path,
+        )
+
+
+def _refuse_unknown_gallery_ids(
+    records: list, gallery_images: np.ndarray, *, max_k: int, path: Path | None
+) -> None:
+    """Every retrieved ``gallery_image_id`` in the scored top-``max_k`` must be an image of ``gallery_gt``: an
+    unknown id can never be a hit, so results of another split or gallery would score a silent, plausible 0."""
+    known = np.unique(gallery_images)
+    try:  # every record holds at least max_k entries (checked when the records were read)
+        ids = np.array([record["gallery_image_id"][:max_k] for record in records], dtype=np.int64)
+    except (TypeError, ValueError):
+        return  # a malformed id is reported with its record and position where it is read
+    unknown = ~np.isin(ids, known)
+    if unknown.any():
+        r, t = (int(v) for v in np.argwhere(unknown)[0])
+        raise DataError(
+            f"results record {r}: gallery_image_id[{t}] = {int(ids[r, t])} is not an image of gallery_gt (results "
+            "of another split or gallery?)",
+            path=path,
+        )
+
+
 def _retrieved_ids(records: list, rows: np.ndarray, *, max_k: int) -> np.ndarray:
     """Top-``max_k`` gallery image ids ``[S, K]`` of the selected records."""
     lists = [records[r]["gallery_image_id"] for r in rows.tolist()]
@@ -426,6 +464,9 @@ def evaluate_retrieval_results(
     if num_queries == 0:
         raise DataError("query_gt has no item with style > 0, so the official top-k is undefined")
     det = _result_arrays(records, max_k=max_k)
+    where = Path(results) if isinstance(results, str | os.PathLike) else None
+    _refuse_repeats(det, path=where)
+    _refuse_unknown_gallery_ids(records, gallery["image"], max_k=max_k, path=where)
     gt_index, rows = _select_detections(det, query)
     hits = _hits(
         records,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from capret.errors import ConfigError, require_finite
+from capret.errors import ConfigError, DataError, require_finite
 from capret.evaluation.metrics import (
     ap_from_hits,
     hit_at_k_from_hits,
@@ -40,9 +40,11 @@ ImageRef = tuple[str, Sequence[float] | None]
 def _features(x: Any, *, name: str) -> torch.Tensor:
     t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     if t.ndim != 2:
-        raise ValueError(f"{name} must be a [N, D] matrix, got shape {tuple(t.shape)}")
+        raise DataError(f"{name} must be a [N, D] matrix, got shape {tuple(t.shape)}")
     if not torch.is_floating_point(t):
-        raise ValueError(f"{name} must hold floats, got {t.dtype}")
+        raise DataError(f"{name} must hold floats, got {t.dtype}")
+    if t.shape[0] == 0:
+        raise DataError(f"{name} holds no row (shape {tuple(t.shape)}): there is nothing to rank or score")
     require_finite(t, what=name)
     return t.to(torch.float32)
 
@@ -50,9 +52,9 @@ def _features(x: Any, *, name: str) -> torch.Tensor:
 def _labels(x: Any, *, name: str, n: int) -> np.ndarray:
     a = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x).reshape(-1)
     if a.shape[0] != n:
-        raise ValueError(f"{name} has {a.shape[0]} entries but there are {n} feature rows")
+        raise DataError(f"{name} has {a.shape[0]} entries but there are {n} feature rows")
     if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{name} must be integer identity labels, got dtype {a.dtype}")
+        raise DataError(f"{name} must be integer identity labels, got dtype {a.dtype}")
     return a.astype(np.int64)
 
 
@@ -210,7 +212,7 @@ def retrieve_and_evaluate(
     q = _features(query_features, name="query_features")
     g = _features(gallery_features, name="gallery_features")
     if q.shape[1] != g.shape[1]:
-        raise ValueError(f"query_features dim {q.shape[1]} != gallery_features dim {g.shape[1]}")
+        raise DataError(f"query_features dim {q.shape[1]} != gallery_features dim {g.shape[1]}")
     ql = _labels(query_labels, name="query_labels", n=q.shape[0])
     gl = _labels(gallery_labels, name="gallery_labels", n=g.shape[0])
     ks = sorted({int(k) for k in ks})
@@ -221,6 +223,14 @@ def retrieve_and_evaluate(
     uniq, counts = np.unique(gl, return_counts=True)
     pos = np.clip(np.searchsorted(uniq, ql), 0, max(len(uniq) - 1, 0))
     n_rel = torch.from_numpy(np.where(uniq[pos] == ql, counts[pos], 0).astype(np.float64))
+    if not bool((n_rel > 0).any()):
+        # every AP would be undefined: a NaN mAP is not a result (usually query and gallery labels come from
+        # different identity numberings)
+        raise DataError(
+            f"no query has a relevant gallery item: none of the {len(np.unique(ql))} query labels (e.g. {int(ql[0])}) "
+            f"appears among the {len(uniq)} gallery labels (e.g. {int(gl[0])}); mAP is undefined -- check that both "
+            "label arrays number the same identities"
+        )
     gl_t, ql_t = torch.from_numpy(gl), torch.from_numpy(ql)
 
     heads, head_scores = [], []

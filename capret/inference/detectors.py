@@ -190,7 +190,8 @@ class CocoResultsDetector:
             raise ConfigError(f"max_items must be >= 1, got {max_items!r}")
         if not self.path.is_file():
             raise DataError("COCO results file does not exist", path=self.path)
-        results = read_json(self.path, what="COCO results file")  # syntax, duplicate keys, NaN: named
+        # syntax errors and duplicate keys are named here; NaN/Infinity below, with the entry that holds it
+        results = read_json(self.path, what="COCO results file", allow_nonfinite=True)
         if not isinstance(results, list):
             raise DataError("a COCO results file is a JSON list of detections", path=self.path)
         self._by_image: dict[int, list[Detection]] = {}

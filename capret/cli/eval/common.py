@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
 
+from capret.cli.common import positive_int
+
 T = TypeVar("T")
 
 
@@ -29,7 +31,9 @@ def indexes() -> list[str]:
 
 def add_rerank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank", choices=rerankers(), help="rerank the global ranking")
-    p.add_argument("--rerank-topk", type=int, default=100, help="how many top results the reranker reorders")
+    p.add_argument(
+        "--rerank-topk", type=positive_int, default=100, help="how many top results the reranker reorders"
+    )
 
 
 def add_out(p: argparse.ArgumentParser, what: str = "metrics.json and pictures") -> None:
@@ -38,12 +42,16 @@ def add_out(p: argparse.ArgumentParser, what: str = "metrics.json and pictures")
 
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size for feature extraction")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size for feature extraction")
 
 
 def add_ks(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--ks", type=int, nargs="+", default=[1, 5, 10, 20], help="cut-offs for R@k (default 1 5 10 20)"
+        "--ks",
+        type=positive_int,
+        nargs="+",
+        default=[1, 5, 10, 20],
+        help="cut-offs for R@k (default 1 5 10 20)",
     )
 
 

@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from capret.cli.common import fraction
 from capret.cli.eval.common import add_device, add_ks, add_out, add_rerank, config_from, indexes
 
 
@@ -69,14 +70,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--corrupt-rates",
-        type=float,
+        type=fraction,
         nargs="+",
         default=[0.0, 0.25, 0.5, 1.0],
         help="shares of corrupted captions for --corrupt-captions (default 0 0.25 0.5 1)",
     )
     p.add_argument(
         "--min-caption-coverage",
-        type=float,
+        type=fraction,
         default=0.5,
         help="refuse a caption store that joins fewer than this fraction of the items (default 0.5)",
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capret.cli.common import non_negative_float, non_negative_int, positive_int
 from capret.cli.eval.common import add_device, add_ks, add_out, add_rerank, config_from, indexes, require
 from capret.config import ConfigError
 from capret.progress import progress_enabled
@@ -76,8 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         help='COCO results JSON of an external detector: [{"image_id", "category_id", "bbox": xywh, "score"}]',
     )
-    p.add_argument("--score-threshold", type=float, default=0.05, help="drop detections below this score")
-    p.add_argument("--max-items", type=int, default=10, help="most detections kept per image (best first)")
+    p.add_argument(
+        "--score-threshold", type=non_negative_float, default=0.05, help="drop detections below this score"
+    )
+    p.add_argument(
+        "--max-items", type=positive_int, default=10, help="most detections kept per image (best first)"
+    )
     p.add_argument(
         "--captions",
         choices=["template", "transformers", "openai", "none"],
@@ -92,9 +97,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="keyword option of the caption backend (repeatable), e.g. base_url=http://127.0.0.1:8000/v1",
     )
     p.add_argument("--caption-store", type=Path, help="caption cache JSONL (default: <out>/captions.jsonl)")
-    p.add_argument("--caption-rounds", type=int, default=None, help="dialogue rounds per detection")
+    p.add_argument(
+        "--caption-rounds", type=non_negative_int, default=None, help="dialogue rounds per detection"
+    )
     p.add_argument("--index", default="exact", choices=indexes(), help="search backend (default: exact)")
-    p.add_argument("--top", type=int, default=20, help="retrieved entries written per query (official: 20)")
+    p.add_argument(
+        "--top", type=positive_int, default=20, help="retrieved entries written per query (official: 20)"
+    )
     p.add_argument("--query-gt", type=Path, help="query_gt.json (official format)")
     p.add_argument("--gallery-gt", type=Path, help="gallery_gt.json (official format)")
     p.add_argument(

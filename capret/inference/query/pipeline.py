@@ -31,7 +31,6 @@ gallery.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from capret.errors import ConfigError, DataError
 from capret.inference.detectors import Detection, WholeImageDetector, create_detector, run_detector
 from capret.inference.query.captioner import Captioner, CaptionerSettings, image_digest
 from capret.inference.query.gallery import Gallery
-from capret.io import atomic_write_json
+from capret.io import atomic_write_json, read_json
 
 __all__ = [
     "PIPELINE_FILE",
@@ -60,6 +59,7 @@ __all__ = [
 ]
 
 PIPELINE_FILE = "pipeline.json"
+PIPELINE_VERSION = 1
 #: timed stages, in order ("total" is end to end)
 STAGES = ("detect", "caption", "embed", "search", "rerank")
 #: detector options holding paths, resolved against the pipeline folder when relative
@@ -82,18 +82,63 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, path: Path | None = None) -> PipelineConfig:
+        """Check and build: a known format and version, known keys, and each value of its type and range (a
+        ``max_items`` of -1 or ``"two"`` is refused naming the key, never turned into a silent empty search)."""
+        if not isinstance(data, dict):
+            raise DataError(f"a pipeline file holds a JSON object, not {type(data).__name__}", path=path)
+        if data.get("format", "capret-pipeline") != "capret-pipeline":
+            raise DataError(f"format {data.get('format')!r} is not 'capret-pipeline'", path=path)
+        version = data.get("version", PIPELINE_VERSION)
+        if type(version) is not int or not 1 <= version <= PIPELINE_VERSION:
+            raise DataError(
+                f"unknown version {version!r}; this capret reads pipeline version 1 to {PIPELINE_VERSION}",
+                path=path,
+            )
         data = {k: v for k, v in data.items() if k not in ("format", "version")}
         valid = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - valid)
         if unknown:
             raise DataError(f"unknown pipeline key(s) {unknown}; valid: {sorted(valid)}", path=path)
-        return cls(**data)
+        config = cls(**data)
+        config.check(path=path)
+        return config
+
+    def check(self, *, path: Path | None = None) -> None:
+        """Raise :class:`~capret.errors.DataError` naming the first key whose value has the wrong type or range."""
+
+        def bad(key: str, value: Any, valid: str) -> DataError:
+            return DataError(f"{key}: {value!r} is not valid; expected {valid}", path=path)
+
+        for key in ("model", "gallery"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value:
+                raise bad(key, value, "a folder path (text)")
+        if type(self.max_items) is not int or self.max_items < 1:
+            raise bad("max_items", self.max_items, "a whole number >= 1")
+        if type(self.use_captions) is not bool:
+            raise bad("use_captions", self.use_captions, "true or false")
+        for key in ("detector", "captioner", "reranker"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, dict):
+                raise bad(key, value, "an object or null")
+        for key in ("detector", "reranker"):
+            value = getattr(self, key)
+            if value is not None:
+                if not isinstance(value.get("name"), str):
+                    raise bad(f"{key}.name", value.get("name"), "a registered name (text)")
+                if not isinstance(value.get("options", {}), dict):
+                    raise bad(f"{key}.options", value.get("options"), "an object")
+        if self.reranker is not None:
+            topk = self.reranker.get("topk", 100)
+            if type(topk) is not int or topk < 1:
+                raise bad("reranker.topk", topk, "a whole number >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": "capret-pipeline", "version": 1, **asdict(self)}
+        return {"format": "capret-pipeline", "version": PIPELINE_VERSION, **asdict(self)}
 
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/pipeline.json`` (how a pipeline folder is made without loading anything)."""
+        self.check()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         return atomic_write_json(directory / PIPELINE_FILE, self.to_dict(), indent=2)
@@ -197,10 +242,7 @@ class RetrievalPipeline:
         path = directory / PIPELINE_FILE
         if not path.is_file():
             raise DataError(f"not a pipeline folder (no {PIPELINE_FILE})", path=directory)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON ({exc})", path=path) from None
+        data = read_json(path, what="pipeline file")  # names the file: syntax, duplicate keys, NaN
         pipeline = cls.from_config(
             PipelineConfig.from_dict(data, path=path), base_dir=directory, device=device, verify=verify
         )
