@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from capret.cli.common import add_debug_flag, run_guarded
+from capret.cli.common import add_debug_flag, non_negative_int, positive_float, run_guarded
 
 #: modules of the subcommands (one line each); each has ``add_parser(subparsers)`` (setting ``run`` as the parser's
 #: default) and ``run(args) -> int``
@@ -43,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument(
         "--out", type=Path, default=Path("capret_quickstart"), help="output folder (default: %(default)s)"
     )
-    qs.add_argument("--seed", type=int, default=0, help="random seed of the demo dataset and training")
+    qs.add_argument(
+        "--seed", type=non_negative_int, default=0, help="random seed of the demo dataset and training"
+    )
     qs.add_argument(
         "--train-seconds",
-        type=float,
+        type=positive_float,
         default=None,
         help="time budget of the quickstart training (default: stage's own)",
     )

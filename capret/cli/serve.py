@@ -11,6 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from capret.cli.common import host, port, positive_float, positive_int
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -28,12 +30,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--combiner", type=Path, help="optional Combiner checkpoint for composed queries")
     p.add_argument(
-        "--host", default="127.0.0.1", help="interface to bind (default: %(default)s, this machine)"
+        "--host",
+        type=host,
+        default="127.0.0.1",
+        help="interface to bind (default: %(default)s, this machine)",
     )
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--port", type=port, default=8000, help="port (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
-    p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted upload (default: 8 MB)")
-    p.add_argument("--max-concurrency", type=int, default=2, help="searches run at once (default: 2)")
+    p.add_argument(
+        "--max-upload-mb", type=positive_float, default=8.0, help="largest accepted upload (default: 8 MB)"
+    )
+    p.add_argument(
+        "--max-concurrency", type=positive_int, default=2, help="searches run at once (default: 2)"
+    )
     p.set_defaults(run=run)
     return p
 

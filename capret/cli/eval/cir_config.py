@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capret.cli.common import positive_int
 from capret.cli.eval.common import add_device, add_out, add_rerank, config_from
 
 CLIP_BACKENDS = ("hf", "open_clip")
@@ -104,7 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="OpenAI-compatible server base URL (repeat for several)",
     )
     cap.add_argument("--api-key-env", help="environment variable holding the API key")
-    cap.add_argument("--concurrency", type=int, default=8, help="server requests in flight (default 8)")
+    cap.add_argument(
+        "--concurrency", type=positive_int, default=8, help="server requests in flight (default 8)"
+    )
     cap.add_argument("--captioner-device", default="cpu", help="transformers backend device (default cpu)")
     cap.add_argument(
         "--captioner-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="dtype"
@@ -115,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="JSONL store of descriptions and rewrites (default: <out>/cirevl_<captioner>.jsonl); a rerun "
         "reads it and makes no model call",
     )
-    cap.add_argument("--caption-batch-size", type=int, default=16, help="requests per backend call")
+    cap.add_argument("--caption-batch-size", type=positive_int, default=16, help="requests per backend call")
     oti = p.add_argument_group("SEARLE-OTI (--method searle-oti)")
     oti.add_argument(
         "--oti-tokens",
@@ -128,8 +131,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="phrase file of the regulariser (capret oti writes one); default: off",
     )
-    oti.add_argument("--oti-steps", type=int, default=350, help="optimisation steps per image (paper: 350)")
-    oti.add_argument("--oti-batch-size", type=int, default=32, help="images optimised together")
+    oti.add_argument(
+        "--oti-steps", type=positive_int, default=350, help="optimisation steps per image (paper: 350)"
+    )
+    oti.add_argument("--oti-batch-size", type=positive_int, default=32, help="images optimised together")
     add_rerank(p)
     add_device(p)
     add_out(p, "metrics.json, rankings and server files (default: beside the checkpoint or mapper)")
