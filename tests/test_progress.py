@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +50,47 @@ def test_the_environment_silences_every_bar(monkeypatch: pytest.MonkeyPatch) -> 
     assert out.getvalue() == ""
     monkeypatch.setenv(NO_PROGRESS_ENV, "0")
     assert progress_enabled() and not progress_enabled(False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ablate", "--config", "c.yaml", "--variants", "v.yaml", "--out", "o", "--no-progress"],
+        ["index", "build", "--checkpoint", "m", "--images", "i", "--out", "o", "--no-progress"],
+        ["oti", "--help"],
+    ],
+)
+def test_long_capret_subcommands_take_no_progress(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from capret.cli.main import build_parser
+
+    if argv[-1] == "--help":
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        out = capsys.readouterr().out
+        assert "--no-progress" in out and NO_PROGRESS_ENV in out
+        return
+    assert build_parser().parse_args(argv).no_progress is True
+
+
+def test_train_and_extract_take_no_progress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capret.cli import extract, train
+
+    monkeypatch.delenv(NO_PROGRESS_ENV, raising=False)
+    assert (
+        extract.build_parser()
+        .parse_args(["--checkpoint", "m", "--images", "i", "--out", "o", "--no-progress"])
+        .no_progress
+    )
+    config = Path(__file__).parents[1] / "configs" / "deepfashion2_dualstream.yaml"
+    base = ["--config", str(config), "--print-config"]
+    assert train.main(base) == 0
+    assert json.loads(capsys.readouterr().out)["trainer"]["progress"] is True
+    assert train.main([*base, "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainer"]["progress"] is False
+    monkeypatch.setenv(NO_PROGRESS_ENV, "1")
+    assert train.main(base) == 0
+    assert json.loads(capsys.readouterr().out)["trainer"]["progress"] is False
