@@ -43,6 +43,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-concurrency", type=positive_int, default=2, help="searches run at once (default: 2)"
     )
+    p.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=40_000_000,
+        help="largest decoded image, width x height, read from its header (default: %(default)s)",
+    )
+    p.add_argument(
+        "--pixel-budget",
+        type=positive_int,
+        default=None,
+        help="decoded pixels of all running searches together; beyond it a request gets 503 at once "
+        "(default: --max-pixels, one maximal image at a time)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (a reverse proxy's public name; repeatable; '*' "
+        "turns the check off). Default: the bound address, and every loopback alias when bound to loopback",
+    )
     p.set_defaults(run=run)
     return p
 
@@ -55,12 +76,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     if args.max_concurrency < 1:
         raise ConfigError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if args.pixel_budget is not None and args.pixel_budget < args.max_pixels:
+        raise ConfigError(
+            f"--pixel-budget ({args.pixel_budget}) must be >= --max-pixels ({args.max_pixels}): a maximal image "
+            "must fit alone"
+        )
     pipeline = args.pipeline if args.pipeline is not None else _pipeline_from_gallery(args)
     backend = ServeBackend.from_pipeline_dir(pipeline, combiner=args.combiner, device=args.device)
     app = create_app(
         backend,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_concurrency=args.max_concurrency,
+        max_pixels=args.max_pixels,
+        pixel_budget=args.pixel_budget,
+        host=args.host,
+        allowed_hosts=args.allowed_host,
     )
     print(f"capret serve: http://{args.host}:{args.port}/ (API: /docs); Ctrl+C stops")
     serve(app, host=args.host, port=args.port)

@@ -11,22 +11,25 @@ Routes (OpenAPI schema at ``/openapi.json``, a readable offline rendering of it 
 - ``POST /api/search/composed`` (multipart: ``image`` upload *or* ``reference_id``; ``text``, ``k``,
   ``method``) the ranked list for reference + modification text.
 
-Safe by default: uploads over ``max_upload_bytes`` get 413 (checked from ``Content-Length`` before reading and
-again while reading); an upload that PIL cannot decode, or that exceeds ``max_pixels``, gets 415; gallery items
-are addressed by id only (a file path never comes from a client); at most ``max_concurrency`` searches run at a
-time and a request that cannot start within ``queue_seconds`` gets 503; errors answer with a short JSON message and
-never a traceback (it goes to the server log).
+Safe by default: uploads over ``max_upload_bytes`` get 413 (checked from ``Content-Length`` and from the
+received size); an upload that PIL cannot read gets 415; an image larger than ``max_pixels`` (from its header)
+gets 413. Memory is bounded before decoding (:mod:`capret.serve.admission`): every search is admitted from the
+image header against ``max_concurrency`` running searches and a ``pixel_budget`` of decoded pixels in total, or
+answered 503 at once with ``Retry-After``; it keeps its admission until its answer is computed. With ``host``
+given, a request whose ``Host`` header names another host gets 421 (DNS rebinding). Gallery items are
+addressed by id only (a file path never comes from a client); errors answer with a short JSON message and never
+a traceback (it goes to the server log).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import contextlib
 import io
 import logging
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -35,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
+from capret.serve.admission import Admission, AdmissionRefused, HostCheck, allowed_hosts_for
 from capret.serve.backends import Box, ServeBackend, crop_box
 
 __all__ = ["create_app"]
@@ -70,11 +74,20 @@ def create_app(
     *,
     max_upload_bytes: int = 8 * 1024 * 1024,
     max_pixels: int = 40_000_000,
+    pixel_budget: int | None = None,
     max_concurrency: int = 2,
-    queue_seconds: float = 10.0,
     max_k: int = 100,
+    host: str | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
-    """The ASGI app over ``backend`` (see the module docstring for the routes and the limits)."""
+    """The ASGI app over ``backend`` (see the module docstring for the routes and the limits).
+
+    ``pixel_budget`` (default ``max_pixels``: one maximal image decoded at a time) bounds the decoded pixels of
+    all running searches together. ``host`` is the address the server is bound to: requests must name it (or,
+    on loopback, any loopback alias) or one of ``allowed_hosts`` in their ``Host`` header; None skips the check
+    (an app embedded behind another server that checks hosts itself).
+    """
+    admission = Admission(max_concurrency=max_concurrency, max_pixels=max_pixels, pixel_budget=pixel_budget)
     app = FastAPI(
         title="capret serve",
         description="Caption-augmented image retrieval and composed queries over a shop gallery.",
@@ -82,39 +95,66 @@ def create_app(
         docs_url=None,  # FastAPI's own docs page loads its scripts from a CDN; /docs below works offline
         redoc_url=None,
     )
-    gate = asyncio.Semaphore(max_concurrency)
+    if host is not None:
+        allowed = allowed_hosts_for(host, allowed_hosts)
+        if allowed is not None:
+            app.add_middleware(HostCheck, allowed=allowed)
+    app.state.admission = admission
 
-    async def limited(fn: Callable[[], Any]) -> Any:
+    @contextlib.asynccontextmanager
+    async def admitted(pixels: int) -> AsyncIterator[None]:
+        """Hold a concurrency slot and ``pixels`` of the budget, or answer 503/413 at once."""
         try:
-            await asyncio.wait_for(gate.acquire(), timeout=queue_seconds)
-        except TimeoutError:
-            raise HTTPException(503, "the server is busy; try again in a moment") from None
+            ticket = admission.admit(pixels)
+        except AdmissionRefused as exc:
+            headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+            raise HTTPException(exc.status, str(exc), headers=headers) from None
         try:
-            return await run_in_threadpool(fn)
+            yield
         finally:
-            gate.release()
+            admission.release(ticket)
 
-    async def read_upload(request: Request, upload: UploadFile) -> Image.Image:
+    def probe_upload(request: Request, upload: UploadFile) -> tuple[Image.Image, int]:
+        """The upload opened lazily (header only: no pixel decoded yet) and its decoded size in pixels."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + 64 * 1024:
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
-        data = await upload.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
+        handle = upload.file
+        handle.seek(0, io.SEEK_END)
+        size = handle.tell()
+        handle.seek(0)
+        if size > max_upload_bytes:
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
-        if not data:
+        if size == 0:
             raise HTTPException(415, "the upload is empty, not an image")
         try:
             with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+                picture = Image.open(handle)
+        except Image.DecompressionBombError:
+            raise HTTPException(413, f"image larger than {max_pixels} pixels") from None
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise HTTPException(415, "the upload is not a decodable image (JPEG, PNG, WebP, ...)") from None
+        return picture, picture.width * picture.height
+
+    def decode(picture: Image.Image) -> Image.Image:
+        """Decode an admitted upload (its size was checked from the header)."""
+        try:
+            with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                picture = Image.open(io.BytesIO(data))
-                if picture.width * picture.height > max_pixels:
-                    raise HTTPException(415, f"image larger than {max_pixels} pixels")
                 picture.load()
-        except HTTPException:
-            raise
+                return picture.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Warning):
             raise HTTPException(415, "the upload is not a decodable image (JPEG, PNG, WebP, ...)") from None
-        return picture.convert("RGB")
+
+    def gallery_pixels(entry: Any) -> int:
+        """The decoded size of a gallery photo from its header (the operator's file: never refused as too large,
+        it counts at most the whole budget)."""
+        try:
+            with Image.open(entry.image) as opened:
+                return min(opened.width * opened.height, admission.pixel_budget)
+        except (OSError, ValueError):
+            return 0  # the backend reports the unreadable file itself
 
     def entry_or_404(gallery_id: str) -> Any:
         try:
@@ -170,19 +210,29 @@ def create_app(
             picture.save(buffer, format="JPEG", quality=88)
             return buffer.getvalue()
 
-        return Response(await limited(render), media_type="image/jpeg")
+        async with admitted(gallery_pixels(entry)):
+            return Response(await run_in_threadpool(render), media_type="image/jpeg")
 
-    async def reference(
+    @contextlib.asynccontextmanager
+    async def query_picture(
         request: Request, image: UploadFile | None, gallery_id: str | None
-    ) -> tuple[Image.Image, Box | None, str]:
-        """The query picture: an upload, or a gallery item (its photo and box) by id; exactly one."""
+    ) -> AsyncIterator[tuple[Image.Image, Box | None, str]]:
+        """The admitted, decoded query picture: an upload, or a gallery item (its photo and box) by id.
+
+        Admission comes first, from the header; the pixels are decoded only once admitted, and the admission
+        is held until the caller's block (the search) ends.
+        """
         if (image is None) == (gallery_id is None or gallery_id == ""):
             raise HTTPException(422, "give exactly one of an uploaded image or a gallery item id")
         if image is not None:
-            return await read_upload(request, image), None, "upload"
+            header, pixels = probe_upload(request, image)
+            async with admitted(pixels):
+                yield await run_in_threadpool(decode, header), None, "upload"
+            return
         entry = entry_or_404(str(gallery_id))
-        picture = await limited(lambda: backend.gallery_image(entry.id, crop=False))
-        return picture, entry.box, entry.id
+        async with admitted(gallery_pixels(entry)):
+            picture = await run_in_threadpool(lambda: backend.gallery_image(entry.id, crop=False))
+            yield picture, entry.box, entry.id
 
     @app.post("/api/search/image", summary="Image to image: items, captions, timings, ranked shop items")
     async def search_image(
@@ -194,13 +244,18 @@ def create_app(
         rerank: bool = Form(False),
     ) -> dict[str, Any]:
         k = check_k(k)
-        picture, box, source = await reference(request, image, gallery_id)
-        boxes = None if box is None else [box]
-        result: dict[str, Any] = await limited(
-            lambda: backend.image_search(picture, k=k, use_captions=use_captions, rerank=rerank, boxes=boxes)
-        )
-        first = result["items"][0]["box"] if result["items"] else None
-        return {"source": source, "query_crop": _thumbnail(picture, first), **result}
+        async with query_picture(request, image, gallery_id) as (picture, box, source):
+            boxes = None if box is None else [box]
+
+            def run() -> dict[str, Any]:
+                found = backend.image_search(
+                    picture, k=k, use_captions=use_captions, rerank=rerank, boxes=boxes
+                )
+                first = found["items"][0]["box"] if found["items"] else None
+                return {"source": source, "query_crop": _thumbnail(picture, first), **found}
+
+            result: dict[str, Any] = await run_in_threadpool(run)
+        return result
 
     @app.post("/api/search/composed", summary="Composed query: reference image + modification text")
     async def search_composed(
@@ -216,11 +271,14 @@ def create_app(
             raise HTTPException(
                 422, f"unknown method {method!r}; loaded: {', '.join(sorted(backend.composed))}"
             )
-        picture, box, source = await reference(request, image, reference_id)
-        result: dict[str, Any] = await limited(
-            lambda: backend.composed_search(picture, box, text, k=k, method=method)
-        )
-        return {"source": source, "reference_crop": _thumbnail(picture, box), **result}
+        async with query_picture(request, image, reference_id) as (picture, box, source):
+
+            def run() -> dict[str, Any]:
+                found = backend.composed_search(picture, box, text, k=k, method=method)
+                return {"source": source, "reference_crop": _thumbnail(picture, box), **found}
+
+            result: dict[str, Any] = await run_in_threadpool(run)
+        return result
 
     return app
 

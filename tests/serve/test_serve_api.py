@@ -155,9 +155,7 @@ def test_internal_errors_hide_the_traceback(backend: ServeBackend, monkeypatch: 
 
 
 def test_concurrency_limit_answers_503(backend: ServeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = TestClient(
-        create_app(backend, max_concurrency=1, queue_seconds=0.2), raise_server_exceptions=False
-    )
+    client = TestClient(create_app(backend, max_concurrency=1), raise_server_exceptions=False)
     release = threading.Event()
     original = backend.image_search
 
@@ -174,10 +172,13 @@ def test_concurrency_limit_answers_503(backend: ServeBackend, monkeypatch: pytes
     )
     worker.start()
     time.sleep(0.3)  # the first search holds the only slot
+    start = time.monotonic()
     second = client.post("/api/search/image", data={"gallery_id": "000002/0"})
+    waited = time.monotonic() - start
     release.set()
     worker.join(10)
     assert second.status_code == 503 and statuses == [200]
+    assert waited < 1.0 and int(second.headers["retry-after"]) >= 1  # at once, saying when to come back
 
 
 def test_serve_cli_builds_a_pipeline_from_checkpoint_and_gallery(
@@ -192,7 +193,7 @@ def test_serve_cli_builds_a_pipeline_from_checkpoint_and_gallery(
     served: list[object] = []
 
     def probe(app: object, *, host: str, port: int) -> None:
-        client = TestClient(app)  # type: ignore[arg-type]
+        client = TestClient(app, base_url=f"http://{host}:{port}")  # type: ignore[arg-type]
         served.append((host, port, client.get("/api/info").json()["gallery_size"]))
 
     monkeypatch.setattr(serve_pkg, "serve", probe)
