@@ -38,7 +38,13 @@ import torch
 from capret.errors import UnknownNameError
 from capret.models.clip import CLIP_MEAN, CLIP_STD
 
-__all__ = ["ChatServer", "reply_for", "save_tiny_open_clip", "tiny_open_clip_config"]
+__all__ = [
+    "ChatServer",
+    "reply_for",
+    "save_tiny_open_clip",
+    "synthetic_catalogue_rows",
+    "tiny_open_clip_config",
+]
 
 _WORDS = ["red", "blue", "white", "black", "green", "striped", "cotton", "denim", "floral", "plain"]
 _TOPICS = ["colour", "material", "pattern", "sleeve length", "neckline", "length", "fit", "closure", "logo",
@@ -468,3 +474,58 @@ def save_tiny_open_clip(out_dir: str | Path, *, image_tower: str = "vit", seed: 
 
 if __name__ == "__main__":
     main()
+
+
+def synthetic_catalogue_rows(
+    dim: int,
+    rows: int,
+    *,
+    seed: int,
+    fingerprint: str,
+    start: int = 0,
+    clusters: int = 16,
+    spread: float = 0.3,
+    categories: Sequence[str] = ("dress", "top", "top", "top"),
+) -> Any:
+    """``rows`` catalogue rows (an Arrow table of :func:`capret.catalogue.schema.row_schema`) without a model.
+
+    Vectors are clustered (``clusters`` random unit centres plus Gaussian noise of ``spread``, re-normalised),
+    so an IVF index has structure to find, as real embeddings do; the cluster centres depend on ``seed`` only
+    through ``seed // 1000`` so later batches (other seeds in the same thousand) fall into the same clusters.
+    Row ``start + i`` gets id ``syn/<start + i>/0`` and category ``categories[(start + i) % len(categories)]``.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from capret.catalogue.schema import row_schema
+
+    centres = np.random.default_rng(seed // 1000).standard_normal((clusters, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    vectors = centres[rng.integers(0, clusters, rows)]
+    vectors = vectors + spread * rng.standard_normal((rows, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    numbers = np.arange(start, start + rows)
+    stamps = pa.array(np.full(rows, np.datetime64("2026-01-01T00:00:00", "us")), pa.timestamp("us")).cast(
+        pa.timestamp("us", tz="UTC")
+    )
+    return pa.table(
+        {
+            "id": [f"syn/{n:07d}/0" for n in numbers],
+            "image": [f"syn/{n:07d}.jpg" for n in numbers],
+            "image_sha256": [f"{n:064x}" for n in numbers],
+            "phash": numbers.astype(np.int64),
+            "item": np.zeros(rows, np.int32),
+            "box": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.tile([0.0, 0.0, 1.0, 1.0], rows), pa.float32()), 4
+            ),
+            "score": np.ones(rows, np.float32),
+            "category": [categories[int(n) % len(categories)] for n in numbers],
+            "caption": pa.nulls(rows, pa.string()),
+            "caption_source": ["none"] * rows,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+            "model_fingerprint": [fingerprint] * rows,
+            "created": stamps,
+            "updated": stamps,
+        },
+        schema=row_schema(dim),
+    )

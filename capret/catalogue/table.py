@@ -409,6 +409,8 @@ class Catalogue:
             with _quiet():
                 self.items.optimize(cleanup_older_than=keep)
                 self.settings_table.optimize(cleanup_older_than=keep)
+                if len(self.items.list_versions()) > 1:  # an index retrain commits after the first cleanup
+                    self.items.optimize(cleanup_older_than=keep)
             done.append("folded new rows into the indexes, compacted files, cleaned old versions")
         return {"actions": done, "index": self.index_state(), "versions": self.versions()}
 
