@@ -36,6 +36,7 @@ __all__ = [
     "NonFiniteLossError",
     "NotAvailableError",
     "OutputFolderError",
+    "DiskFullError",
     "UnknownNameError",
     "UsageError",
     "require_finite",
@@ -127,6 +128,11 @@ class NonFiniteLossError(NonFiniteError, RuntimeError):
 
 class OutputFolderError(CapretError):
     """An output folder holds the results of a different run and ``--overwrite`` was not given."""
+
+
+class DiskFullError(CapretError, OSError):
+    """The disk (or quota) holding an output is full: the message says "disk full" and names the file being
+    written (the OS error alone names neither). Also an ``OSError`` for callers that expect one."""
 
 
 class MissingDependencyError(CapretError):
