@@ -238,6 +238,12 @@ def _method_inputs(args: CirEvalConfig, *, device: str, out: Path) -> MethodInpu
         captioner=CaptionerSpec(backend=args.captioner, options=options),
         caption_store=args.caption_store,
         caption_batch_size=args.caption_batch_size,
+        cirevl_settings={
+            "prompt_file": args.prompt_file,
+            "on_missing": args.on_missing,
+            "max_caption_tokens": args.caption_max_tokens,
+            "max_edit_tokens": args.rewrite_max_tokens,
+        },
         oti_tokens=args.oti_tokens,
         oti_phrases=args.oti_phrases,
         oti_settings={"steps": args.oti_steps, "batch_size": args.oti_batch_size},

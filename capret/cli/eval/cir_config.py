@@ -45,6 +45,10 @@ class CirEvalConfig:
     captioner_dtype: str = "auto"  # transformers backend dtype
     caption_store: Path | None = None  # CIReVL caption store
     caption_batch_size: int = 16  # CIReVL requests per backend call
+    prompt_file: Path | None = None  # CIReVL per-dataset rewrite prompts (the paper's, supplied by the user)
+    on_missing: str = "error"  # CIReVL query without a description: error | text-only
+    caption_max_tokens: int = 77  # CIReVL description token limit
+    rewrite_max_tokens: int = 96  # CIReVL rewrite token limit (paper: 700)
     oti_tokens: Path | None = None  # SEARLE-OTI token store
     oti_phrases: Path | None = None  # SEARLE-OTI regulariser phrase file
     oti_steps: int = 350  # OTI steps per image
@@ -119,6 +123,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "reads it and makes no model call",
     )
     cap.add_argument("--caption-batch-size", type=positive_int, default=16, help="requests per backend call")
+    cap.add_argument(
+        "--prompt-file",
+        type=Path,
+        help="rewrite prompts: a text file (one prompt) or a JSON object {dataset: prompt} (the paper's per-dataset "
+        "prompts); sent with 'Image Content:' / 'Instruction:' lines as CIReVL does (default: our own prompt)",
+    )
+    cap.add_argument(
+        "--on-missing",
+        default="error",
+        choices=["error", "text-only"],
+        help="a reference without a description (empty or failed): error (default; rerun retries) or text-only "
+        "(score it with its relative caption, counted as a fallback)",
+    )
+    cap.add_argument(
+        "--caption-max-tokens", type=int, default=77, help="description token limit (default 77)"
+    )
+    cap.add_argument(
+        "--rewrite-max-tokens", type=int, default=96, help="rewrite token limit (default 96; CIReVL: 700)"
+    )
     oti = p.add_argument_group("SEARLE-OTI (--method searle-oti)")
     oti.add_argument(
         "--oti-tokens",

@@ -16,10 +16,18 @@ rerun (another CLIP, a reranker, a metric) makes no model call at all:
   description and the relative caption (a re-captioned reference gets new rewrites, never stale ones).
 
 Our rewrite prompt asks for one line starting with ``Edited Description:`` (the marker CIReVL's prompt also
-ends on). A reply without that marker, or with nothing after it, is *not* retried: the query falls back to its
-relative caption (a text-only query), the record keeps ``"parsed": false`` with the raw reply, and the count is
-reported — so the fallback rate of an LLM is visible and reproducible. A request that fails (server error) is
-logged to the store's failures file and retried by the next run; until then its query falls back too.
+ends on). ``prompt_file`` replaces it with the paper's per-dataset prompts (supplied by the user): the prompt text
+is sent as one user message followed by ``Image Content: <description>`` and ``Instruction: <relative caption>``
+lines, as CIReVL's ``src/utils.py`` builds it. A reply without the marker, or with nothing after it, is *not*
+retried: the query uses its relative caption (CIReVL does the same), the record keeps ``"parsed": false`` with the
+raw reply, and the count is reported — so the unparsed rate of an LLM is visible and reproducible.
+
+A reference image without a description (an empty reply, or a failed request) is an *error*, not a silent
+text-only query: the run stops after storing everything it finished, with a :class:`CirevlIncompleteError` that
+counts the missing descriptions and failed rewrites and names the failures file (a rerun retries exactly those).
+``on_missing="text-only"`` opts into scoring such queries with their relative caption alone; they are then
+counted as ``fallbacks`` in the report. The paper's generation settings are options: greedy decoding
+(temperature 0, the backends' default) and ``max_edit_tokens`` (CIReVL: 700).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from capret.errors import CaptionStoreMismatchError, ConfigError
+from capret.errors import CapretError, CaptionStoreMismatchError, ConfigError
 from captioning.backends.base import CaptionBackend
 from captioning.loop import trim_answer
 from captioning.store import CaptionStore, read_records, utc_now
@@ -42,8 +50,10 @@ from captioning.types import QA, ChatRequest, ItemContext, VisualQuery
 
 __all__ = [
     "DESCRIBE_QUESTION",
+    "CirevlIncompleteError",
     "CirevlOptions",
     "CirevlReport",
+    "RewritePrompts",
     "caption_key",
     "edit_messages",
     "edited_descriptions",
@@ -77,8 +87,12 @@ class CirevlOptions:
     store: Path  # the caption store (JSONL) holding descriptions and rewrites; resumed if it exists
     batch_size: int = 16  # requests per backend call (one batched generate / concurrent server requests)
     max_caption_tokens: int = 77  # token limit of a description
-    max_edit_tokens: int = 96  # token limit of a rewrite
+    max_edit_tokens: int = 96  # token limit of a rewrite (CIReVL: 700)
     progress: bool = True
+    prompt_file: Path | None = (
+        None  # per-dataset rewrite prompts (the paper's; see RewritePrompts); None = ours
+    )
+    on_missing: str = "error"  # a reference without a description: error | text-only (its relative caption)
 
 
 @dataclass
@@ -93,14 +107,76 @@ class CirevlReport:
     rewrites_cached: int = 0
     rewrites_new: int = 0
     rewrite_failures: int = 0  # failed rewrite requests (logged; retried by the next run)
-    unparsed: int = 0  # replies without an "Edited Description:" line (stored; the query falls back)
-    fallbacks: int = 0  # queries answered with their relative caption (unparsed + failed + uncaptioned)
+    empty_descriptions: int = 0  # description replies with no text (stored as failures; retried next run)
+    unparsed: int = 0  # replies without an "Edited Description:" line (stored; the query uses its caption)
+    missing: int = 0  # queries without a description or rewrite (an error unless on_missing=text-only)
+    fallbacks: int = 0  # queries answered with their relative caption (unparsed + missing under text-only)
     model_calls: int = 0  # requests sent to the backend in this run (0 on a fully cached rerun)
     backend: str = ""
     store: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class CirevlIncompleteError(CapretError):
+    """Some queries have no description or rewrite; carries the run's :class:`CirevlReport`."""
+
+    def __init__(self, message: str, *, report: CirevlReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class RewritePrompts:
+    """Rewrite prompts read from a file: one prompt for every dataset (a text file) or one per dataset (a JSON
+    object ``{"cirr": "...", "circo": "...", "fashioniq": "...", "default": "..."}``).
+
+    A dataset name such as ``fashioniq/dress`` is looked up whole, then by its part before ``/``, then as
+    ``default``. Each prompt's version string hashes its text, so rewrites made with another prompt are never
+    read back from the store as if they were this one's.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import json
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"rewrite prompt file {self.path} does not exist")
+        text = self.path.read_text(encoding="utf-8")
+        prompts: dict[str, str]
+        if self.path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{self.path}: not valid JSON ({exc})") from None
+            if not isinstance(data, dict) or not all(isinstance(v, str) and v.strip() for v in data.values()):
+                raise ConfigError(
+                    f"{self.path}: expected a JSON object of dataset name -> non-empty prompt text"
+                )
+            prompts = {str(k): v for k, v in data.items()}
+        else:
+            if not text.strip():
+                raise ConfigError(f"{self.path}: the rewrite prompt is empty")
+            prompts = {"default": text}
+        self.prompts = prompts
+
+    def prompt(self, dataset: str) -> str:
+        for name in (dataset, dataset.split("/", 1)[0], "default"):
+            if name in self.prompts:
+                return self.prompts[name].rstrip()
+        raise ConfigError(
+            f"{self.path} has no rewrite prompt for dataset {dataset!r} (keys: {', '.join(sorted(self.prompts))}; "
+            "add the dataset or a 'default')"
+        )
+
+    def version(self, dataset: str) -> str:
+        digest = hashlib.sha1(self.prompt(dataset).encode()).hexdigest()[:12]
+        return f"cirevl-edit-file-{digest}"
+
+    def messages(self, dataset: str, description: str, modification: str) -> list[dict[str, Any]]:
+        """CIReVL's request: the prompt, then ``Image Content:`` and ``Instruction:`` lines, as one user message."""
+        text = f"{self.prompt(dataset)}\nImage Content: {description}\nInstruction: {modification}"
+        return [{"role": "user", "content": text}]
 
 
 def caption_key(dataset: str, reference: str) -> str:
@@ -166,6 +242,7 @@ class _Session:
         self.options = options
         self.report = report
         self.records = read_records(store.path) if store.path.is_file() else {}
+        self.prompts = RewritePrompts(options.prompt_file) if options.prompt_file is not None else None
         self._backend: CaptionBackend | None = None
         self._model: dict[str, Any] = {}
 
@@ -233,6 +310,8 @@ def _describe(
             key = caption_key(dataset, ref)
             text = trim_answer(reply.text) if reply.ok else ""
             if not text:
+                if reply.ok:
+                    session.report.empty_descriptions += 1
                 failures.append({"key": key, "reason": f"description: {reply.error or 'empty reply'}"})
                 continue
             qa = QA(q=DESCRIBE_QUESTION, a=text)
@@ -255,13 +334,15 @@ def _rewrite(
     pairs: list[tuple[str, str, str]],
 ) -> dict[str, tuple[str, bool]]:
     """rewrite key -> (edited description or the relative caption, parsed) for ``(ref, description, mod)``."""
+    prompts = session.prompts
+    version = prompts.version(dataset) if prompts is not None else EDIT_VERSION
     out: dict[str, tuple[str, bool]] = {}
     todo: dict[str, tuple[str, str, str, str]] = {}
     for ref, description, modification in pairs:
         key = rewrite_key(dataset, reference=ref, description=description, modification=modification)
         if key in out or key in todo:
             continue
-        record = session.cached(key, EDIT_VERSION)
+        record = session.cached(key, version)
         if record is not None:
             out[key] = (str(record["caption"]), bool(record.get("parsed", True)))
         else:
@@ -272,7 +353,9 @@ def _rewrite(
         backend = session.backend()
         requests = [
             ChatRequest(
-                messages=edit_messages(description, modification),
+                messages=prompts.messages(dataset, description, modification)
+                if prompts is not None
+                else edit_messages(description, modification),
                 kind="edit",
                 context=ItemContext(key=key),
                 dialogue=(QA(q=DESCRIBE_QUESTION, a=description), QA(q="Requested change", a=modification)),
@@ -296,7 +379,7 @@ def _rewrite(
                     "key": key,
                     "caption": text,
                     "dialogue": [{"q": request.messages[-1]["content"], "a": reply.text}],
-                    "prompt_version": EDIT_VERSION,
+                    "prompt_version": version,
                     "parsed": parsed,
                     "reference": ref,
                     "description": description,
@@ -336,6 +419,8 @@ def edited_descriptions(
         raise ValueError(f"{len(references)} references but {len(modifications)} relative captions")
     if options.batch_size < 1:
         raise ConfigError(f"CIReVL batch size must be >= 1, got {options.batch_size}")
+    if options.on_missing not in ("error", "text-only"):
+        raise ConfigError(f"on_missing={options.on_missing!r}; valid: error, text-only")
     report = CirevlReport(
         references=len(set(references)),
         queries=len(references),
@@ -356,15 +441,29 @@ def edited_descriptions(
             session.close()
     out: list[str] = []
     for ref, modification in zip(references, modifications):
-        if ref not in descriptions:
-            out.append(modification)
+        key = (
+            rewrite_key(dataset, reference=ref, description=descriptions[ref], modification=modification)
+            if ref in descriptions
+            else None
+        )
+        if key is None or key not in rewrites:
+            report.missing += 1
             report.fallbacks += 1
+            out.append(modification)
             continue
-        key = rewrite_key(dataset, reference=ref, description=descriptions[ref], modification=modification)
-        text, parsed = rewrites.get(key, (modification, False))
-        if key in rewrites and not parsed:
-            report.unparsed += 1
+        text, parsed = rewrites[key]
         if not parsed:
+            report.unparsed += 1
             report.fallbacks += 1
         out.append(text)
+    if report.missing and options.on_missing == "error":
+        raise CirevlIncompleteError(
+            f"CIReVL on {dataset}: {report.missing} of {report.queries} queries have no edited description — "
+            f"{len(set(references)) - len(descriptions)} of {report.references} reference images got no "
+            f"description ({report.empty_descriptions} empty replies, {report.caption_failures} failed or empty "
+            f"requests this run) and {report.rewrite_failures} rewrite requests failed; they are listed in "
+            f"{store.failures_path} and a rerun retries only them. To score them with their relative caption "
+            "alone instead, pass --on-missing text-only (counted as fallbacks).",
+            report=report,
+        )
     return out, report

@@ -280,6 +280,7 @@ class MethodInputs:
     captioner: CaptionerSpec = field(default_factory=CaptionerSpec)
     caption_store: Path | None = None  # CIReVL store (default: <work_dir>/cirevl_<backend>.jsonl)
     caption_batch_size: int = 16
+    cirevl_settings: dict[str, Any] = field(default_factory=dict)  # CirevlOptions fields (prompts, limits, ...)
     oti_tokens: Path | None = None  # SEARLE-OTI token store (default: <work_dir>/oti_tokens.safetensors)
     oti_phrases: Path | None = None  # SEARLE-OTI regulariser phrases (capret oti's phrase file); None = off
     oti_settings: dict[str, Any] = field(default_factory=dict)  # OTIConfig fields to change (steps, ...)
@@ -374,6 +375,9 @@ class CirevlMethod(CirMethod):
             "captioner_options": {k: v for k, v in self.captioner.options.items() if "key" not in k},
             "store": str(self.options.store),
             "prompts": [DESCRIBE_VERSION, EDIT_VERSION],
+            "prompt_file": str(self.options.prompt_file) if self.options.prompt_file else None,
+            "on_missing": self.options.on_missing,
+            "max_tokens": {"caption": self.options.max_caption_tokens, "rewrite": self.options.max_edit_tokens},
         }
 
     def report(self) -> dict[str, Any]:
@@ -381,7 +385,16 @@ class CirevlMethod(CirMethod):
         units = {name: r.to_dict() for name, r in self.reports.items()}
         total = {
             key: sum(int(u[key]) for u in units.values())
-            for key in ("queries", "fallbacks", "unparsed", "model_calls", "captions_new", "rewrites_new")
+            for key in (
+                "queries",
+                "fallbacks",
+                "unparsed",
+                "missing",
+                "empty_descriptions",
+                "model_calls",
+                "captions_new",
+                "rewrites_new",
+            )
         }
         return {"total": total, "units": units}
 
@@ -390,7 +403,12 @@ class CirevlMethod(CirMethod):
 def _cirevl(*, inputs: MethodInputs) -> CirMethod:
     backend = inputs.captioner.backend
     store = inputs.caption_store or inputs.work_dir / f"cirevl_{backend}.jsonl"
-    options = CirevlOptions(store=Path(store), batch_size=inputs.caption_batch_size, progress=inputs.progress)
+    options = CirevlOptions(
+        store=Path(store),
+        batch_size=inputs.caption_batch_size,
+        progress=inputs.progress,
+        **inputs.cirevl_settings,
+    )
     spec = inputs.require_clip("cirevl")
     return CirevlMethod(
         spec.load(device=inputs.device),

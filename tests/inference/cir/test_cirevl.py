@@ -21,8 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tiny_cir import make_tiny_clip, write_cirr, write_fashioniq  # noqa: E402
 
 from capret.cli import eval as eval_cli  # noqa: E402
+from capret.errors import ConfigError  # noqa: E402
 from capret.inference.cir.cirevl import (  # noqa: E402
+    CirevlIncompleteError,
     CirevlOptions,
+    RewritePrompts,
     edited_descriptions,
     parse_edited_description,
     rewrite_key,
@@ -153,7 +156,11 @@ def test_openai_server_counts_requests_fallbacks_and_rerun(world, tmp_path, caps
     assert all(r["caption"] == r["relative_caption"] for r in unparsed)
 
 
-def test_failed_requests_fall_back_and_are_retried(world, tmp_path) -> None:
+def test_failed_requests_are_an_error_then_retried(world, tmp_path) -> None:
+    """A query left without an edited description stops the run (nothing silently becomes text-only); the
+    finished records are kept, ``on_missing="text-only"`` opts into the fallback, and a rerun retries only it."""
+    from dataclasses import replace
+
     from capret.data.cirr import CIRR
     from captioning.backends import create_backend
 
@@ -174,27 +181,90 @@ def test_failed_requests_fall_back_and_are_retried(world, tmp_path) -> None:
             return "400" if edit and f"Requested change: {mods[1]}\n" in user else None
 
         server.fault_fn = fault
-        texts, report = edited_descriptions(
-            dataset="cirr", references=refs, modifications=mods, load_image=ds.load_image,
-            backend_name="openai", make_backend=make, options=options,
-        )  # fmt: skip
-        assert report.rewrite_failures == 1 and report.fallbacks == 1 and report.unparsed == 0
-        assert texts[1] == mods[1] and all(texts[i] != mods[i] for i in (0, 2, 3))
+        args = dict(dataset="cirr", references=refs, modifications=mods, load_image=ds.load_image,
+                    backend_name="openai", make_backend=make)  # fmt: skip
+        with pytest.raises(CirevlIncompleteError, match="1 of 4 queries have no edited description") as err:
+            edited_descriptions(**args, options=options)
+        assert "1 rewrite requests failed" in str(err.value) and "store.failures.jsonl" in str(err.value)
+        assert err.value.report.rewrite_failures == 1 and err.value.report.missing == 1
         failures = (tmp_path / "store.failures.jsonl").read_text().splitlines()
         assert len(failures) == 1 and failing in failures[0]
 
+        before = server.requests
+        texts, report = edited_descriptions(**args, options=replace(options, on_missing="text-only"))
+        assert server.requests - before == report.model_calls == 1  # only the failed rewrite, failing again
+        assert report.missing == report.fallbacks == 1 and report.unparsed == 0
+        assert texts[1] == mods[1] and all(texts[i] != mods[i] for i in (0, 2, 3))
+
         server.fault_fn = None
         before = server.requests
-        texts2, report2 = edited_descriptions(
-            dataset="cirr", references=refs, modifications=mods, load_image=ds.load_image,
-            backend_name="openai", make_backend=make, options=options,
-        )  # fmt: skip
+        texts2, report2 = edited_descriptions(**args, options=options)
         assert server.requests - before == report2.model_calls == 1  # only the failed rewrite
         assert report2.fallbacks == 0 and texts2[0] == texts[0] and texts2[1] != mods[1]
     records = read_records(tmp_path / "store.jsonl")
     description = records[f"cirevl/cirr/{refs[1]}"]["caption"]
     key = rewrite_key("cirr", reference=refs[1], description=description, modification=mods[1])
     assert records[key]["caption"] == texts2[1]
+
+
+def test_an_empty_description_is_an_error_counted_and_shown(world, tmp_path, capsys) -> None:
+    """An empty caption (what a BLIP-2 Flan-T5 gave when its tokens were cut) is never a silent text-only query."""
+
+    def blank_descriptions(payload: dict[str, Any]) -> str:
+        has_image = any(
+            isinstance(m["content"], list) and any(p.get("type") == "image_url" for p in m["content"])
+            for m in payload["messages"]
+        )
+        return "" if has_image else _editor(payload)
+
+    argv = [*_cirr_argv(world), "--captioner", "openai", "--vlm", "m", "--out", str(tmp_path / "o")]
+    with ChatServer(responder=blank_descriptions) as server:
+        capsys.readouterr()
+        code = eval_cli.main([*argv, "--base-url", server.base_url, "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert "10 of 10 queries have no edited description" in err and "empty replies" in err
+        assert "--on-missing text-only" in err
+        out = _eval([*argv, "--base-url", server.base_url, "--on-missing", "text-only"], capsys)
+    total = out["report"]["total"]
+    assert total["fallbacks"] == total["queries"] == 10
+    assert out["report"]["units"]["cirr"]["empty_descriptions"] > 0
+
+
+def test_per_dataset_prompt_file_and_generation_settings(world, tmp_path, capsys) -> None:
+    """The paper's form: prompt, then "Image Content:" and "Instruction:" lines in one user message."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"cirr": "You rewrite CIRR captions.", "default": "Generic prompt."}))
+    seen: list[dict[str, Any]] = []
+
+    def paper_editor(payload: dict[str, Any]) -> str:
+        seen.append(payload)
+        user = payload["messages"][-1]["content"]
+        if isinstance(user, str) and "Image Content:" in user:
+            content = re.search(r"Image Content: (.*)", user).group(1)  # type: ignore[union-attr]
+            return f"Edited Description: {content} but changed"
+        return reply_for(payload)
+
+    argv = [*_cirr_argv(world), "--captioner", "openai", "--vlm", "m", "--out", str(tmp_path / "o"),
+            "--prompt-file", str(prompts), "--rewrite-max-tokens", "700", "--caption-max-tokens", "40"]  # fmt: skip
+    with ChatServer(responder=paper_editor) as server:
+        out = _eval([*argv, "--base-url", server.base_url], capsys)
+    rewrites = [p for p in seen if "Instruction:" in str(p["messages"][-1]["content"])]
+    assert rewrites and all(len(p["messages"]) == 1 and p["messages"][0]["role"] == "user" for p in rewrites)
+    assert all(
+        str(p["messages"][0]["content"]).startswith("You rewrite CIRR captions.\nImage Content: ")
+        for p in rewrites
+    )
+    assert {p["max_tokens"] for p in rewrites} == {700}
+    assert {p["max_tokens"] for p in seen if p not in rewrites} == {40}
+    assert out["report"]["total"]["fallbacks"] == 0
+    records = read_records(tmp_path / "o" / "cirevl_openai.jsonl")
+    versions = {r["prompt_version"] for k, r in records.items() if k.startswith("cirevl-rewrite/")}
+    assert len(versions) == 1 and versions.pop().startswith("cirevl-edit-file-")
+    assert RewritePrompts(prompts).prompt("fashioniq/dress") == "Generic prompt."
+    prompts.write_text(json.dumps({"circo": "x"}))
+    with pytest.raises(ConfigError, match="no rewrite prompt for dataset 'cirr'"):
+        RewritePrompts(prompts).prompt("cirr")
 
 
 def test_store_of_another_backend_is_refused(world, tmp_path, capsys) -> None:
