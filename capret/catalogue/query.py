@@ -29,7 +29,8 @@ class CatalogueSearcher:
 
     def __init__(self, catalogue: Catalogue, *, device: str | None = None, captions: bool = True) -> None:
         self.catalogue = catalogue
-        self.stages = ItemStages(catalogue.settings, caption_cache=catalogue.caption_cache, device=device)
+        # query captions stay in memory: the catalogue's caption store belongs to its writer
+        self.stages = ItemStages(catalogue.settings, caption_cache=None, device=device)
         if not captions:
             self.stages.captioner = None
 

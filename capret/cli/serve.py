@@ -24,6 +24,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--pipeline", type=Path, help="pipeline folder (pipeline.json)")
     source.add_argument("--checkpoint", type=Path, help="trained dual-stream model (with --gallery)")
+    source.add_argument("--catalogue", help="a catalogue folder or URI (capret catalogue create) to search")
+    p.add_argument(
+        "--allow-writes",
+        action="store_true",
+        help="with --catalogue: add the write endpoints (add, remove), which need --token",
+    )
+    p.add_argument(
+        "--token", default=None, help="bearer token of the write endpoints (default: $CAPRET_SERVE_TOKEN)"
+    )
     p.add_argument("--gallery", type=Path, help="folder (or text file) of shop photos, with --checkpoint")
     p.add_argument(
         "--workdir", type=Path, help="where --checkpoint/--gallery builds its index (default: cache)"
@@ -81,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
             f"--pixel-budget ({args.pixel_budget}) must be >= --max-pixels ({args.max_pixels}): a maximal image "
             "must fit alone"
         )
+    if args.catalogue is not None:
+        return _serve_catalogue(args)
+    if args.allow_writes:
+        raise ConfigError("--allow-writes is for --catalogue (a pipeline's gallery is read-only)")
     pipeline = args.pipeline if args.pipeline is not None else _pipeline_from_gallery(args)
     backend = ServeBackend.from_pipeline_dir(pipeline, combiner=args.combiner, device=args.device)
     app = create_app(
@@ -125,3 +138,34 @@ def _pipeline_from_gallery(args: argparse.Namespace) -> Path:
         workdir / "pipeline"
     )
     return workdir / "pipeline"
+
+
+def _serve_catalogue(args: argparse.Namespace) -> int:
+    """``--catalogue``: the catalogue page and API (:mod:`capret.serve.catalogue`); writes only when asked."""
+    import os
+
+    from capret.config import ConfigError
+    from capret.serve import serve
+    from capret.serve.catalogue import CatalogueBackend, create_catalogue_app
+
+    token = args.token or os.environ.get("CAPRET_SERVE_TOKEN") or None
+    if args.allow_writes and not token:
+        raise ConfigError("--allow-writes needs a token: --token T or CAPRET_SERVE_TOKEN")
+    backend = CatalogueBackend.open(args.catalogue, device=args.device)
+    app = create_catalogue_app(
+        backend,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_concurrency=args.max_concurrency,
+        max_pixels=args.max_pixels,
+        pixel_budget=args.pixel_budget,
+        host=args.host,
+        allowed_hosts=args.allowed_host,
+        allow_writes=args.allow_writes,
+        token=token,
+    )
+    writes = "writes enabled (bearer token)" if args.allow_writes else "read-only"
+    print(
+        f"capret serve: catalogue {args.catalogue} at http://{args.host}:{args.port}/ ({writes}); Ctrl+C stops"
+    )
+    serve(app, host=args.host, port=args.port)
+    return 0
