@@ -35,9 +35,11 @@ from capret.data.imagefile import check_bad_image_policy, find_bad_images
 from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, unwrap_model
+from capret.inference.cir.benchmarks import evaluate_cir, open_benchmark
 from capret.inference.cir.combiner import load_combiner_clip, save_combiner_folder
 from capret.inference.cir.features import CachedFeatures, image_features, text_features
-from capret.inference.cir.search import FeatureOptions, cirr_rankings, fashioniq_rankings
+from capret.inference.cir.methods import FuserMethod
+from capret.inference.cir.search import FeatureOptions
 from capret.io import atomic_write_json
 from capret.models.clip import ClipBundle, TaskClipConfig
 from capret.models.combiner import (
@@ -410,9 +412,9 @@ class CombinerTask:
 
     # ----------------------------------------------------------------------------------------- eval
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Validation recall on ``val_split`` with the stage's fuser; adds the model-selection number."""
-        from capret.evaluation.cir import cirr_metrics, fashioniq_recall
-
+        """Validation metrics on ``val_split`` with the stage's fuser, by the benchmark's own protocol
+        (:func:`capret.inference.cir.benchmarks.evaluate_cir`, as ``capret-eval cir``); CIRR adds the
+        model-selection number ``r5_rs1_mean``."""
         model = unwrap_model(model)
         clip = model if self.config.stage == 1 else self.clip
         fuser = self.fuser if self.config.stage == 1 else model
@@ -426,16 +428,21 @@ class CombinerTask:
             batch_size=self.config.data.encode_batch_size,
             num_workers=self.config.trainer.num_workers,
         )
-        datasets = self._datasets(self.config.data.val_split)
-        if self.config.data.dataset == "fashioniq":
-            rankings = {
-                ds.category: fashioniq_rankings(clip, fuser, dataset=ds, options=options) for ds in datasets
-            }
-            return fashioniq_recall(rankings, {ds.category: ds.annotations for ds in datasets})
-        ds = datasets[0]
-        metrics = cirr_metrics(cirr_rankings(clip, fuser, dataset=ds, options=options), ds.annotations)
-        metrics["r5_rs1_mean"] = (metrics["recall@5"] + metrics["recall_subset@1"]) / 2
-        return metrics
+        data = self.config.data
+        benchmark = open_benchmark(
+            data.dataset,
+            root=data.root,
+            split=data.val_split,
+            categories=data.categories if data.dataset == "fashioniq" else None,
+        )
+        method = FuserMethod(
+            clip,
+            fuser=fuser,
+            checkpoint=None,
+            stage=self.config.stage,
+            clip_record=to_dict(self.config.model.clip),
+        )
+        return dict(evaluate_cir(method, benchmark, baselines=False, options=options).metrics)
 
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.config)

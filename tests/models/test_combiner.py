@@ -163,24 +163,28 @@ def test_cirr_rankings_match_the_full_ranking(tiny_clip_dir, tmp_path):
 
     from capret.data.cirr import CIRR
     from capret.evaluation.cir import cirr_subset_ranking
-    from capret.inference.cir.search import FeatureOptions, cirr_rankings, rank_cir_queries
+    from capret.inference.cir.search import FeatureOptions, cirr_with_members, rank_cir_queries
 
     torch.manual_seed(0)
     ds = CIRR(write_cirr(tmp_path / "cirr", n=6, extra=10), "val")
     clip, fuser = load_clip(tiny_clip_dir), Combiner(24).eval()
     options = FeatureOptions(cache_dir=tmp_path / "cache")
-    fast = cirr_rankings(clip, fuser, dataset=ds, k=5, options=options)
-    full = rank_cir_queries(
-        clip,
-        fuser,
-        references=[t.reference for t in ds.triplets],
-        captions=[t.caption for t in ds.triplets],
-        gallery=ds.gallery,
-        load_image=ds.load_image,
-        k=len(ds.gallery),
-        exclude_reference=True,
-        options=options,
-    ).names
+
+    def ranked(k: int):
+        return rank_cir_queries(
+            clip,
+            fuser,
+            references=[t.reference for t in ds.triplets],
+            captions=[t.caption for t in ds.triplets],
+            gallery=ds.gallery,
+            load_image=ds.load_image,
+            k=k,
+            exclude_reference=True,
+            options=options,
+        )
+
+    fast = cirr_with_members(ranked(5), dataset=ds)
+    full = ranked(len(ds.gallery)).names
     for t, reference in zip(ds.triplets, full):
         ranking = fast[t.query_id]
         assert t.reference not in ranking and ranking[:5] == reference[:5]

@@ -2,7 +2,8 @@
 
 A *method* turns a benchmark's queries (reference image + relative caption) into L2-normalised query features
 in the space of one CLIP's image features; the gallery is always that CLIP's image features, so every method
-is ranked, reranked and scored by the same code (:func:`search_methods`, :mod:`capret.evaluation.cir`).
+is ranked, reranked and scored by the same code (:func:`search_methods`, and the benchmarks' protocols in
+:mod:`capret.inference.cir.benchmarks`, whose adapters build the :class:`CirQuerySet` of each benchmark).
 
 Built-in methods (``list_cir_methods()``):
 
@@ -50,10 +51,7 @@ __all__ = [
     "CirQuerySet",
     "ClipSpec",
     "MethodInputs",
-    "circo_query_set",
-    "cirr_query_set",
     "create_cir_method",
-    "fashioniq_query_set",
     "list_cir_methods",
     "register_cir_method",
     "search_methods",
@@ -82,45 +80,6 @@ class CirQuerySet:
                 f"{self.dataset}: {n} references, {len(self.captions)} captions and "
                 f"{len(self.caption_orders)} caption-order tuples; they must match"
             )
-
-
-def fashioniq_query_set(dataset: Any) -> CirQuerySet:
-    """Queries of one FashionIQ category: captions paired "C1 and c2" plus both lower-case orders."""
-    triplets = dataset.triplets
-    orders: list[tuple[str, ...]] = []
-    for t in triplets:
-        c1, c2 = (c.strip(".?, ") for c in t.captions)
-        orders.append((f"{c1} and {c2}", f"{c2} and {c1}"))
-    return CirQuerySet(
-        dataset=f"fashioniq/{dataset.category}",
-        references=[t.reference for t in triplets],
-        captions=[t.caption for t in triplets],
-        caption_orders=orders,
-        load_image=dataset.load_image,
-    )
-
-
-def cirr_query_set(dataset: Any) -> CirQuerySet:
-    triplets = dataset.triplets
-    return CirQuerySet(
-        dataset="cirr",
-        references=[t.reference for t in triplets],
-        captions=[t.caption for t in triplets],
-        caption_orders=[(t.caption,) for t in triplets],
-        load_image=dataset.load_image,
-    )
-
-
-def circo_query_set(dataset: Any) -> CirQuerySet:
-    """CIRCO queries; image names are COCO ids as strings (the gallery's names)."""
-    queries = dataset.queries
-    return CirQuerySet(
-        dataset="circo",
-        references=[str(q.reference) for q in queries],
-        captions=[q.caption for q in queries],
-        caption_orders=[(q.caption,) for q in queries],
-        load_image=lambda name: dataset.load_image(int(name)),
-    )
 
 
 class CirMethod(abc.ABC):
@@ -194,12 +153,19 @@ class Sum(CirMethod):
 
 
 class FuserMethod(CirMethod):
-    """A trained CLIP4Cir checkpoint: ``fuser(raw image feature, raw text feature)``."""
+    """A trained CLIP4Cir model: ``fuser(raw image feature, raw text feature)`` (``checkpoint`` None while it is
+    still being trained: the ``combiner`` task's validation)."""
 
     name = "combiner"
 
     def __init__(
-        self, clip: ClipBundle, *, fuser: nn.Module, checkpoint: Path, stage: int, clip_record: dict[str, Any]
+        self,
+        clip: ClipBundle,
+        *,
+        fuser: nn.Module,
+        checkpoint: Path | None,
+        stage: int,
+        clip_record: dict[str, Any],
     ) -> None:
         super().__init__(clip, clip_record=clip_record)
         self.fuser = fuser
@@ -217,7 +183,8 @@ class FuserMethod(CirMethod):
         )
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "checkpoint": str(self.checkpoint), "stage": self.stage}
+        checkpoint = str(self.checkpoint) if self.checkpoint is not None else None
+        return {**super().describe(), "checkpoint": checkpoint, "stage": self.stage}
 
 
 CLIP_BACKENDS: tuple[str, ...] = ("hf", "open_clip")

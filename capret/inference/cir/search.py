@@ -1,16 +1,16 @@
-"""Composed-image-retrieval inference: compose queries with CLIP + a fuser and rank a benchmark's gallery.
+"""Composed-image-retrieval search primitives: compose queries with CLIP + a fuser, rank, rerank, convert.
 
-Shared by the ``combiner`` training task (validation for model selection) and ``capret-eval --dataset
-fashioniq|cirr|circo``. A *fuser* is any module ``fuse(image_features, text_features) -> normalised query``
-(the CLIP4Cir Combiner, or the element-wise sum used after stage 1). Image and text features come from
-:mod:`capret.inference.cir.features`, so a gallery is encoded once per model (and preprocessing) even across
-runs, and :func:`capret.evaluation.cir.rank_gallery` turns queries into rankings chunk by chunk. The results are
-exactly what the metric functions and submission writers of :mod:`capret.evaluation.cir` take.
+A *fuser* is any module ``fuse(image_features, text_features) -> normalised query`` (the CLIP4Cir Combiner, or
+the element-wise sum used after stage 1). Image and text features come from :mod:`capret.inference.cir.features`,
+so a gallery is encoded once per model (and preprocessing) even across runs, and
+:func:`capret.evaluation.cir.rank_gallery` turns queries into rankings chunk by chunk.
 
-Each benchmark has a ``*_search`` step (the global ranking, a :class:`CIRRanking`) and a conversion to the
-metric's input (``cirr_with_members``, ``circo_ids``, ``.names`` for FashionIQ); :func:`rerank_cir` sits between
-the two, so a reranker (:mod:`capret.retrieval.rerank`) reorders the head of the global ranking and the
-protocol-specific bookkeeping (CIRR's remaining ``img_set`` members) is applied to the reranked list.
+A global ranking (:class:`CIRRanking`) becomes a metric's input through a benchmark's conversion
+(:func:`cirr_with_members`, :func:`circo_ids`, ``.names`` for FashionIQ); :func:`rerank_cir` sits between the
+two, so a reranker (:mod:`capret.retrieval.rerank`) reorders the head of the global ranking and the
+protocol-specific bookkeeping (CIRR's remaining ``img_set`` members) is applied to the reranked list. The
+benchmarks' protocols themselves live in :mod:`capret.inference.cir.benchmarks` (:func:`~capret.inference.cir.
+benchmarks.evaluate_cir`).
 """
 
 from __future__ import annotations
@@ -35,14 +35,8 @@ __all__ = [
     "CIRRanking",
     "FeatureOptions",
     "circo_ids",
-    "circo_rankings",
-    "circo_search",
-    "cirr_rankings",
-    "cirr_search",
     "cirr_with_members",
     "compose_queries",
-    "fashioniq_rankings",
-    "fashioniq_search",
     "image_refs",
     "rank_cir_queries",
     "rerank_cir",
@@ -198,52 +192,6 @@ def image_refs(dataset: Any, names: Sequence[str]) -> list[tuple[str, None]]:
     return [(str(dataset.image_path(name)), None) for name in names]
 
 
-def fashioniq_search(
-    clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
-) -> CIRRanking:
-    """Global top-``k`` ranking of the category gallery per triplet, in caption-file order (reference kept, as in
-    CLIP4Cir's FashionIQ protocol); captions are paired ``"C1 and c2"``."""
-    return _search_triplets(clip, fuser, dataset=dataset, k=k, options=options, exclude_reference=False)
-
-
-def _search_triplets(
-    clip: ClipBundle,
-    fuser: nn.Module,
-    *,
-    dataset: Any,
-    k: int,
-    options: FeatureOptions | None,
-    exclude_reference: bool,
-) -> CIRRanking:
-    """Rank ``dataset.gallery`` for every triplet's (reference, caption) pair."""
-    triplets = dataset.triplets
-    return rank_cir_queries(
-        clip,
-        fuser,
-        references=[t.reference for t in triplets],
-        captions=[t.caption for t in triplets],
-        gallery=dataset.gallery,
-        load_image=dataset.load_image,
-        k=k,
-        exclude_reference=exclude_reference,
-        options=options,
-    )
-
-
-def fashioniq_rankings(
-    clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
-) -> list[list[str]]:
-    """Top-``k`` asins of the category gallery per triplet (see :func:`fashioniq_search`)."""
-    return fashioniq_search(clip, fuser, dataset=dataset, k=k, options=options).names
-
-
-def cirr_search(
-    clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
-) -> CIRRanking:
-    """Global top-``k`` ranking over the whole split per triplet, the reference removed (CIRR protocol)."""
-    return _search_triplets(clip, fuser, dataset=dataset, k=k, options=options, exclude_reference=True)
-
-
 def cirr_with_members(result: CIRRanking, *, dataset: Any) -> dict[int, list[str]]:
     """pairid -> the ranking of ``result`` followed by the query's remaining ``img_set`` members.
 
@@ -264,59 +212,6 @@ def cirr_with_members(result: CIRRanking, *, dataset: Any) -> dict[int, list[str
     return out
 
 
-def cirr_rankings(
-    clip: ClipBundle, fuser: nn.Module, *, dataset: Any, k: int = TOP_K, options: FeatureOptions | None = None
-) -> dict[int, list[str]]:
-    """pairid -> ranking over the whole split with the reference removed (CIRR protocol): the top ``k`` then
-    the remaining ``img_set`` members (see :func:`cirr_with_members`)."""
-    result = cirr_search(clip, fuser, dataset=dataset, k=k, options=options)
-    return cirr_with_members(result, dataset=dataset)
-
-
-def circo_search(
-    clip: ClipBundle,
-    fuser: nn.Module,
-    *,
-    dataset: Any,
-    k: int = TOP_K,
-    exclude_reference: bool = False,
-    options: FeatureOptions | None = None,
-) -> CIRRanking:
-    """Global top-``k`` ranking of the gallery (names are COCO ids as strings) per query.
-
-    The official CIRCO evaluation (SEARLE's ``circo_compute_val_metrics``) ranks the whole gallery without
-    removing the reference, hence ``exclude_reference=False`` by default.
-    """
-    queries = dataset.queries
-    return rank_cir_queries(
-        clip,
-        fuser,
-        references=[str(q.reference) for q in queries],
-        captions=[q.caption for q in queries],
-        gallery=[str(g) for g in dataset.gallery],
-        load_image=lambda name: dataset.load_image(int(name)),
-        k=k,
-        exclude_reference=exclude_reference,
-        options=options,
-    )
-
-
 def circo_ids(result: CIRRanking, *, dataset: Any) -> dict[int, list[int]]:
     """query id -> ranked COCO ids, what ``circo_metrics`` and the submission writer take."""
     return {q.query_id: [int(n) for n in ranking] for q, ranking in zip(dataset.queries, result.names)}
-
-
-def circo_rankings(
-    clip: ClipBundle,
-    fuser: nn.Module,
-    *,
-    dataset: Any,
-    k: int = TOP_K,
-    exclude_reference: bool = False,
-    options: FeatureOptions | None = None,
-) -> dict[int, list[int]]:
-    """query id -> top-``k`` COCO ids of the gallery (see :func:`circo_search`)."""
-    result = circo_search(
-        clip, fuser, dataset=dataset, k=k, exclude_reference=exclude_reference, options=options
-    )
-    return circo_ids(result, dataset=dataset)

@@ -117,7 +117,8 @@ def test_fashioniq_queries_average_both_caption_orders(world) -> None:
     from capret.data.fashioniq import FashionIQ
     from capret.inference.cir.features import image_features
     from capret.inference.cir.inversion import fashioniq_caption_variants
-    from capret.inference.cir.methods import MethodInputs, create_cir_method, fashioniq_query_set
+    from capret.inference.cir.benchmarks import fashioniq_query_set
+    from capret.inference.cir.methods import MethodInputs, create_cir_method
     from capret.inference.cir.search import FeatureOptions
 
     method: Any = create_cir_method("searle", MethodInputs(mapper=world["mappers"]["searle"]))
