@@ -40,6 +40,7 @@ __all__ = [
     "CATEGORY_MODEL_FILE",
     "FEATURE_VERSION",
     "CategoryModel",
+    "MlpTraining",
     "CategoryPrediction",
     "category_model_dir",
     "create_category_model",
@@ -242,27 +243,48 @@ def load_category_model(directory: str | Path) -> CategoryModel:
     return model.eval()
 
 
-def _train(
-    model: CategoryModel,
+@dataclass(frozen=True)
+class MlpTraining:
+    """How a ``pixel-mlp`` category model is trained; one value serves the reported model and every
+    cross-fitted fold, so their hyperparameters cannot drift apart."""
+
+    hidden: int = 64  # hidden units (0 = a linear classifier)
+    epochs: int = 300  # full-batch AdamW epochs (a time budget may stop it earlier)
+    lr: float = 1e-2  # AdamW learning rate
+    weight_decay: float = 1e-3  # AdamW decoupled weight decay
+
+
+def _label_tensors(
+    features: np.ndarray, labels: Sequence[str]
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The sorted class names, the float32 feature matrix and the class index of every row."""
+    classes = sorted(set(labels))
+    inputs = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    target = torch.tensor([classes.index(label) for label in labels], dtype=torch.long)
+    return classes, inputs, target
+
+
+def _fit_mlp(
     features: torch.Tensor,
     labels: torch.Tensor,
     *,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
+    classes: Sequence[str],
+    training: MlpTraining,
+    seed: int,
     max_seconds: float | None,
-) -> int:
-    """Full-batch AdamW; returns the epochs run (a time budget may stop it early).
+) -> tuple[CategoryModel, int]:
+    """A fresh ``pixel-mlp`` (seeded) trained by full-batch AdamW; returns it and the epochs run (a time budget
+    may stop it early).
 
     Runs on one intra-op thread: the matrices are tiny, and on a busy shared CPU extra OpenMP threads only wait
     for each other (measured 4x slower with 2 threads than with 1 on a loaded 2-core machine).
     """
+    torch.manual_seed(seed)
+    model = create_category_model("pixel-mlp", classes=classes, hidden=training.hidden)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_loop(
-            model, features, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, max_seconds=max_seconds
-        )
+        return model, _train_loop(model, features, labels, training=training, max_seconds=max_seconds)
     finally:
         torch.set_num_threads(threads)
 
@@ -272,18 +294,16 @@ def _train_loop(
     features: torch.Tensor,
     labels: torch.Tensor,
     *,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
+    training: MlpTraining,
     max_seconds: float | None,
 ) -> int:
     model.mean.copy_(features.mean(0))
     model.std.copy_(features.std(0).clamp_min(1e-4))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     start = time.perf_counter()
     model.train()
     done = 0
-    while done < epochs:
+    while done < training.epochs:
         optimiser.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(features), labels)
         loss.backward()
@@ -323,10 +343,7 @@ def fit_category_model(
     labels: Sequence[str],
     groups: Sequence[Any],
     heldout_fraction: float = 0.2,
-    hidden: int = 64,
-    epochs: int = 300,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-3,
+    training: MlpTraining | None = None,
     seed: int = 0,
     max_seconds: float | None = 30.0,
 ) -> CategoryModel:
@@ -338,6 +355,7 @@ def fit_category_model(
         groups: a group per item (DeepFashion2: the identity ``(pair_id, style)``); held-out items come from
             whole groups, so the accuracy is measured on garments the model never saw.
         heldout_fraction: share of groups held out for the reported accuracy (0 = none, no accuracy).
+        training: the model size and optimisation (default :class:`MlpTraining`).
         max_seconds: time budget of the optimisation.
 
     Returns:
@@ -351,9 +369,7 @@ def fit_category_model(
     if not 0.0 <= heldout_fraction < 1.0:
         raise ConfigError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     start = time.perf_counter()
-    classes = sorted(set(labels))
-    inputs = torch.as_tensor(np.asarray(features, dtype=np.float32))
-    target = torch.tensor([classes.index(label) for label in labels], dtype=torch.long)
+    classes, inputs, target = _label_tensors(features, labels)
     unique_groups = sorted(set(groups), key=repr)
     order = np.random.default_rng(seed).permutation(len(unique_groups))
     n_held = int(round(heldout_fraction * len(unique_groups)))
@@ -361,15 +377,12 @@ def fit_category_model(
     held = torch.tensor([g in held_groups for g in groups], dtype=torch.bool)
     if bool(held.all()):
         raise ConfigError("every item is held out; lower heldout_fraction")
-    torch.manual_seed(seed)
-    model = create_category_model("pixel-mlp", classes=classes, hidden=hidden)
-    epochs_run = _train(
-        model,
+    model, epochs_run = _fit_mlp(
         inputs[~held],
         target[~held],
-        epochs=epochs,
-        lr=lr,
-        weight_decay=weight_decay,
+        classes=classes,
+        training=training or MlpTraining(),
+        seed=seed,
         max_seconds=max_seconds,
     )
     with torch.no_grad():
@@ -403,10 +416,7 @@ def cross_fitted_predictions(
     labels: Sequence[str],
     groups: Sequence[Any],
     folds: int = 5,
-    hidden: int = 64,
-    epochs: int = 300,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-3,
+    training: MlpTraining | None = None,
     seed: int = 0,
     max_seconds: float | None = None,
 ) -> list[CategoryPrediction]:
@@ -423,27 +433,22 @@ def cross_fitted_predictions(
     order = np.random.default_rng([seed, 2]).permutation(len(unique_groups))
     fold_of_group = {unique_groups[g]: i % folds for i, g in enumerate(order)}
     fold = np.array([fold_of_group[g] for g in groups])
-    classes = sorted(set(labels))
-    inputs = torch.as_tensor(np.asarray(features, dtype=np.float32))
-    target = torch.tensor([classes.index(label) for label in labels], dtype=torch.long)
+    classes, inputs, target = _label_tensors(features, labels)
     out: list[CategoryPrediction | None] = [None] * len(labels)
     start = time.perf_counter()
     for index in range(folds):
         test = torch.as_tensor(fold == index)
         if not bool(test.any()) or bool(test.all()):
             continue
-        torch.manual_seed(seed + index)
-        model = create_category_model("pixel-mlp", classes=classes, hidden=hidden)
         left = None
         if max_seconds is not None:
             left = max(0.5, (max_seconds - (time.perf_counter() - start)) / (folds - index))
-        _train(
-            model,
+        model, _ = _fit_mlp(
             inputs[~test],
             target[~test],
-            epochs=epochs,
-            lr=lr,
-            weight_decay=weight_decay,
+            classes=classes,
+            training=training or MlpTraining(),
+            seed=seed + index,
             max_seconds=left,
         )
         for i, prediction in zip(

@@ -36,7 +36,6 @@ from capret.errors import ConfigError, DataError
 from capret.io import atomic_write, default_device
 from capret.retrieval.rerank.base import (
     ImageRef,
-    Reranker,
     append_tail,
     prepare_inputs,
     register_reranker,
@@ -369,7 +368,10 @@ class GeometricVerification:
     ``global + 3 * (1 + inliers)`` for verified items (``global`` in [-1, 1], so the order above holds).
     ``mode="blend"``: ``global + blend_weight * min(inliers, inlier_cap) / inlier_cap`` for verified items, a
     softer mix for weak global features. ``topk`` (default 100) caps how many of the supplied columns are
-    verified; the rest keep their order after them.
+    verified; the rest keep their order after them. ``num_features`` .. ``extractor`` are the fields of the
+    :class:`LocalFeatureSettings` it builds (``extractor="auto"``: batched scale-space SIFT on CUDA, per-image SIFT
+    on CPU) unless ``settings`` is given. The class itself is the registered ``geometric`` factory, so its
+    defaults are stated once.
     """
 
     def __init__(
@@ -387,11 +389,26 @@ class GeometricVerification:
         ransac: str = "batched",
         ransac_hypotheses: int = 512,
         ransac_iters: int = 5,
+        num_features: int = 256,
+        max_side: int = 256,
+        margin: float = 0.05,
+        upsample: bool = False,
+        descriptor: str = "patch",
+        extractor: str = "auto",
         settings: LocalFeatureSettings | None = None,
         cache_dir: str | Path | None = None,
         device: str | None = None,
         progress: bool = True,
     ) -> None:
+        if settings is None:  # the local-feature fields, flat so that `--rerank geometric` options reach them
+            settings = LocalFeatureSettings(
+                extractor=extractor,
+                num_features=num_features,
+                max_side=max_side,
+                margin=margin,
+                upsample=upsample,
+                descriptor=descriptor,
+            )
         if mode not in _MODES:
             raise ConfigError(f"unknown geometric mode {mode!r}; valid: {', '.join(_MODES)}")
         if matcher not in _MATCHERS:
@@ -523,53 +540,4 @@ class GeometricVerification:
         return full_rank.numpy(), full_scores.numpy()
 
 
-@register_reranker("geometric")
-def _make_geometric(
-    topk: int = 100,
-    min_inliers: int = 12,
-    mode: str = "inliers",
-    blend_weight: float = 0.5,
-    inlier_cap: int = 50,
-    matcher: str = "snn",
-    ratio: float = 0.8,
-    model: str = "homography",
-    ransac_threshold: float = 3.0,
-    ransac: str = "batched",
-    ransac_hypotheses: int = 512,
-    ransac_iters: int = 5,
-    num_features: int = 256,
-    max_side: int = 256,
-    margin: float = 0.05,
-    upsample: bool = False,
-    descriptor: str = "patch",
-    extractor: str = "auto",
-    cache_dir: str | None = None,
-    device: str | None = None,
-    progress: bool = True,
-) -> Reranker:
-    settings = LocalFeatureSettings(
-        extractor=extractor,
-        num_features=num_features,
-        max_side=max_side,
-        margin=margin,
-        upsample=upsample,
-        descriptor=descriptor,
-    )
-    return GeometricVerification(
-        topk=topk,
-        min_inliers=min_inliers,
-        mode=mode,
-        blend_weight=blend_weight,
-        inlier_cap=inlier_cap,
-        matcher=matcher,
-        ratio=ratio,
-        model=model,
-        ransac_threshold=ransac_threshold,
-        ransac=ransac,
-        ransac_hypotheses=ransac_hypotheses,
-        ransac_iters=ransac_iters,
-        settings=settings,
-        cache_dir=cache_dir,
-        device=device,
-        progress=progress,
-    )
+register_reranker("geometric")(GeometricVerification)
