@@ -28,7 +28,7 @@ from capret.errors import CheckpointError
 from capret.io import atomic_write, atomic_write_json, read_json
 from capret.models.clip import CLIP_MEAN, CLIP_STD
 from capret.models.folder import MODEL_CONFIG_FILE, write_model_config
-from capret.models.openclip import OPEN_CLIP_CONFIG_FILE, OpenClipBundle, load_open_clip
+from capret.models.openclip import OPEN_CLIP_CONFIG_FILE, OpenClipBundle, load_open_clip, wrap_open_clip
 
 __all__ = [
     "CLIP_FORMAT",
@@ -145,8 +145,6 @@ def wrap_in_memory(
     """``model`` (built by :func:`build_open_clip`) as an :class:`OpenClipBundle` with the preprocessing and
     tokenizer its exported folder will have (the same ``preprocess_id`` too)."""
     import open_clip
-
-    from capret.models.openclip import wrap_open_clip
 
     pre = preprocess_cfg(open_clip_model_cfg(arch))
     own = open_clip.image_transform(

@@ -36,6 +36,8 @@ from capret.errors import CheckpointError, ConfigError, IncompleteCheckpointErro
 from capret.io import atomic_write, file_sha256
 from capret.models.encoders import EncoderOutput, TextEncoder, VisualEncoder, create_encoder, minilm_dir
 from capret.models.folder import MODEL_CONFIG_FILE, write_model_config
+from capret.models.openclip import OPEN_CLIP_CONFIG_FILE
+from capret.models.openclip_streams import OPEN_CLIP_STREAMS
 from capret.registry import Registry
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "create_dual_stream_model",
     "list_families",
     "register_family",
+    "with_clip_streams",
 ]
 
 MODEL_WEIGHTS_FILE = "model.safetensors"
@@ -97,6 +100,12 @@ class DualStreamModelConfig:
     crop_margin: float = cfg(0.1, "crop mode: context margin around the item box, as a fraction of its size")
     pad: Literal["none", "targetpad", "squarepad"] = cfg(
         "none", "pad the input before resizing (targetpad: CLIP4Cir TargetPad 1.25; squarepad)"
+    )
+    init_from_clip: str | None = cfg(
+        None,
+        "family capret: an exported CLIP folder (capret-train task clip) whose towers, weights included, become both "
+        "streams (visual.kind=open_clip_vision, text.kind=open_clip_text; their freeze/max_length still apply); "
+        "null = the streams as configured",
     )
     family: str = cfg(
         "capret",
@@ -209,7 +218,33 @@ def create_dual_stream_model(config: DualStreamModelConfig) -> DualStreamModel:
     """Build the model of ``config.family``; an unknown family raises ``KeyError`` listing the valid ones."""
     if config.family == "capret":
         return DualStreamModel(config)
+    if config.init_from_clip is not None:
+        raise ConfigError(
+            f"model.init_from_clip is for family 'capret' (its two streams); family {config.family!r} brings its own"
+        )
     return _FAMILIES.create(config.family, config=config)  # type: ignore[no-any-return]
+
+
+def with_clip_streams(config: DualStreamModelConfig) -> DualStreamModelConfig:
+    """``config`` with both streams set to the towers of ``init_from_clip`` (unchanged when it is null).
+
+    The exported CLIP is the package's stand-in for a pretrained vision-language model: its image tower
+    (``open_clip_vision``) and text tower (``open_clip_text``) start the two streams with their pretrained
+    weights; the fusion layers and heads start fresh. ``init_from_clip`` is cleared in the result, so a saved
+    model never needs the CLIP folder again (its streams' weights are in its own safetensors).
+    """
+    folder = config.init_from_clip
+    if folder is None:
+        return config
+    vision_kind, text_kind = OPEN_CLIP_STREAMS
+    if not (Path(folder) / OPEN_CLIP_CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"model.init_from_clip={folder!r}: no {OPEN_CLIP_CONFIG_FILE} there (give the model folder that "
+            "capret-train task clip exported)"
+        )
+    visual = replace(config.visual, kind=vision_kind, source=str(folder), pretrained=True, image_size=None)
+    text = replace(config.text, kind=text_kind, source=str(folder), pretrained=True)
+    return replace(config, visual=visual, text=text, init_from_clip=None)
 
 
 def _resolve_source(source: str) -> str:
@@ -221,6 +256,7 @@ class DualStreamModel(nn.Module):
 
     def __init__(self, config: DualStreamModelConfig) -> None:
         super().__init__()
+        config = with_clip_streams(config)
         self.config = config
         v, t = config.visual, config.text
         self.visual: VisualEncoder = create_encoder(  # type: ignore[assignment]
@@ -400,7 +436,9 @@ class DualStreamModel(nn.Module):
             for stream in ("visual", "text"):
                 sub = getattr(config, stream)
                 candidate = base_dir / sub.source
-                if sub.source and (candidate / "config.json").is_file():
+                if sub.source and any(
+                    (candidate / f).is_file() for f in ("config.json", OPEN_CLIP_CONFIG_FILE)
+                ):
                     config = replace(config, **{stream: replace(sub, source=str(candidate))})
             if config.pretrained and (base_dir / config.pretrained / "config.json").is_file():
                 config = replace(config, pretrained=str(base_dir / config.pretrained))

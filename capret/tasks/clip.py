@@ -35,17 +35,21 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from capret.config import ConfigError, cfg, to_dict
+from capret.config import ConfigError, cfg, from_dict, to_dict
+from capret.data.garments.vocab import CATEGORIES as GARMENT_CATEGORIES
 from capret.data.image_text import ImageTextPair, read_image_text_pairs
 from capret.data.imagefile import decode_image
 from capret.engine.checkpoint import git_revision, load_model_weights, package_versions
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
 from capret.evaluation.metrics import recall_at_k
+from capret.io import load_safetensors
 from capret.models.clip_arch import (
+    CLIP_WEIGHTS_FILE,
     ClipArchConfig,
     build_open_clip,
     load_clip_folder,
+    read_clip_sidecar,
     wrap_in_memory,
     write_clip_folder,
 )
@@ -253,11 +257,7 @@ def zero_shot_category_accuracy(
     """
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images for {len(labels)} labels")
-    if categories is None:
-        from capret.data.garments.vocab import CATEGORIES
-
-        categories = CATEGORIES
-    names = list(categories)
+    names = list(GARMENT_CATEGORIES if categories is None else categories)
     unknown = sorted({label for label in labels if label not in names})
     if unknown:
         raise ValueError(f"labels {unknown} are not among the candidate categories {names}")
@@ -348,9 +348,6 @@ class ClipTask:
         init = self.config.model.init_from
         if init is None:
             return self.config.model.arch
-        from capret.config import from_dict
-        from capret.models.clip_arch import read_clip_sidecar
-
         meta = read_clip_sidecar(init)
         return from_dict(ClipArchConfig, meta["config"]["arch"])
 
@@ -362,13 +359,11 @@ class ClipTask:
         model = build_open_clip(self.arch, seed=self.config.trainer.seed)
         clip = wrap_in_memory(model, self.arch, preprocess=self.config.model.preprocess)
         if self.config.model.init_from is not None:
-            from capret.io import load_safetensors
-            from capret.models.clip_arch import CLIP_WEIGHTS_FILE
-
             model.load_state_dict(load_safetensors(Path(self.config.model.init_from) / CLIP_WEIGHTS_FILE))
         else:
+            scale: Any = model.logit_scale
             with torch.no_grad():
-                model.logit_scale.fill_(math.log(1.0 / self.config.loss.init_temperature))
+                scale.fill_(math.log(1.0 / self.config.loss.init_temperature))
         if not self.config.model.train_token_embedding:
             clip.token_embedding.weight.requires_grad_(False)
         self.clip = clip

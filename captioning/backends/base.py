@@ -41,7 +41,11 @@ class CaptionBackend(abc.ABC):
         self.close()
 
 
-_BACKENDS: Registry[CaptionBackend] = Registry("caption backend")
+#: backends that need a model from ``capret`` live above this package (the import layers of DESIGN.md); the
+#: registry names the module that registers each, and imports it only when the backend is asked for
+_BACKENDS: Registry[CaptionBackend] = Registry(
+    "caption backend", lazy_modules={"clip": "capret.inference.query.clip_captioner"}
+)
 
 
 def register_backend(name: str) -> Callable[[Callable[..., CaptionBackend]], Callable[..., CaptionBackend]]:
