@@ -10,6 +10,11 @@ last attempt the item gets a failure record naming the URL and the last error, i
 
 The async client lives on a private event loop in a daemon thread, so the synchronous captioning loop can
 call it and connections are kept alive across rounds.
+
+The API key follows the real route (:mod:`captioning.backends.routes`): each base URL's route -- direct or
+through a proxy from the environment -- is decided once, checked (no plain-http hop to another machine carries
+the key), and used as the client's transport, so httpx never picks another proxy behind the check's back. Error
+texts that reach failure records have the key redacted, even when a server echoes it back.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import ipaddress
 import itertools
 import json
 import os
@@ -32,6 +36,7 @@ from PIL import Image
 
 from capret.errors import ConfigError
 from captioning.backends.base import CaptionBackend, register_backend
+from captioning.backends.routes import Route, check_key_route, redact, route_for
 from captioning.types import ChatRequest, Generation, VisualQuery
 
 __all__ = ["API_KEY_ENV_VARS", "OpenAIBackend", "image_data_url", "resolve_api_key"]
@@ -42,17 +47,12 @@ API_KEY_ENV_VARS = ("CAPRET_API_KEY", "OPENAI_API_KEY")
 HOSTED_API_HOSTS = ("api.openai.com",)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def resolve_api_key(
-    base_urls: Sequence[str], *, api_key: str | None = None, api_key_env: str | None = None
+    base_urls: Sequence[str],
+    *,
+    api_key: str | None = None,
+    api_key_env: str | None = None,
+    routes: Sequence[Route] | None = None,
 ) -> str | None:
     """The API key to send to ``base_urls``, or None; keys only go where they were meant to.
 
@@ -60,11 +60,12 @@ def resolve_api_key(
     try, so: ``$OPENAI_API_KEY`` is used only when every URL is the hosted API over https; any other server takes
     a key only from ``api_key_env`` (``--api-key-env NAME``) or ``$CAPRET_API_KEY`` (or an explicit
     ``api_key``); and no key is ever sent over plain http to a host other than loopback, where anyone on the
-    path could read it.
+    path could read it -- judged on the real route, proxies from the environment included (``routes``: the
+    route of each URL, default :func:`~captioning.backends.routes.route_for` of each).
 
     Raises:
         ValueError: ``api_key_env`` names an unset variable, or a key would travel over plain http to a
-            non-loopback host.
+            non-loopback host or proxy.
     """
     parsed = [urlsplit(u) for u in base_urls]
     if api_key is None and api_key_env:
@@ -77,12 +78,7 @@ def resolve_api_key(
     if api_key is None and hosted:
         api_key = os.environ.get("OPENAI_API_KEY") or None
     if api_key:
-        for url, p in zip(base_urls, parsed):
-            if p.scheme != "https" and not _is_loopback(p.hostname or ""):
-                raise ConfigError(
-                    f"--base-url {url}: refusing to send an API key over plain http to a non-loopback host "
-                    "(anyone on the network could read it); use https, or unset the key for this server"
-                )
+        check_key_route(routes if routes is not None else [route_for(u) for u in base_urls])
     return api_key
 
 
@@ -165,14 +161,19 @@ class OpenAIBackend(CaptionBackend):
         self.backoff_max = backoff_max
         self.temperature = temperature
         self.seed = seed
-        api_key = resolve_api_key(self.base_urls, api_key=api_key, api_key_env=api_key_env)
+        # One route per base URL, decided once: the key rule checks it and the client uses it.
+        self.routes = {url: route_for(url) for url in self.base_urls}
+        api_key = resolve_api_key(
+            self.base_urls, api_key=api_key, api_key_env=api_key_env, routes=list(self.routes.values())
+        )
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._secrets = [api_key] if api_key else []
         self._urls = itertools.cycle(self.base_urls)
         self._rng = random.Random(seed)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="capret-openai", daemon=True)
         self._thread.start()
-        self._client: httpx.AsyncClient | None = None
+        self._clients: dict[str, httpx.AsyncClient] = {}
         self._semaphore: asyncio.Semaphore | None = None
         self._image_urls: dict[
             tuple[str, int, int], str
@@ -192,22 +193,28 @@ class OpenAIBackend(CaptionBackend):
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _ensure_client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    async def _client_for(self, url: str) -> httpx.AsyncClient:
+        """The client for base URL ``url``, on the route that was checked (an explicit transport: httpx applies
+        no environment proxy of its own to a client given one)."""
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.concurrency)
+        client = self._clients.get(url)
+        if client is None:
             limits = httpx.Limits(
                 max_connections=self.concurrency, max_keepalive_connections=self.concurrency
             )
-            self._client = httpx.AsyncClient(limits=limits, headers=self._headers)
-            self._semaphore = asyncio.Semaphore(self.concurrency)
-        return self._client
+            transport = httpx.AsyncHTTPTransport(limits=limits, proxy=self.routes[url].proxy)
+            client = httpx.AsyncClient(transport=transport, headers=self._headers)
+            self._clients[url] = client
+        return client
 
     def close(self) -> None:
         if self._loop.is_closed():
             return
 
         async def shutdown() -> None:
-            if self._client is not None:
-                await self._client.aclose()
+            for client in self._clients.values():
+                await client.aclose()
 
         self._run(shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -255,22 +262,20 @@ class OpenAIBackend(CaptionBackend):
         )
 
     async def _request(self, payload: dict[str, Any]) -> Generation:
-        client = await self._ensure_client()
         reason = ""
         url = ""
         for attempt in range(self.max_retries + 1):
             url = next(self._urls)
             try:
-                return await self._attempt(client, url, payload)
+                return await self._attempt(await self._client_for(url), url, payload)
             except _Fatal as exc:
-                return Generation(text="", error=f"{url}: {exc}")
+                return Generation(text="", error=redact(f"{url}: {exc}", self._secrets))
             except _Retryable as exc:
                 reason = exc.reason
                 if attempt < self.max_retries:
                     await asyncio.sleep(self._backoff(attempt, exc.retry_after))
-        return Generation(
-            text="", error=f"{url}: failed after {self.max_retries + 1} attempts; last error: {reason}"
-        )
+        error = f"{url}: failed after {self.max_retries + 1} attempts; last error: {reason}"
+        return Generation(text="", error=redact(error, self._secrets))  # a server may echo the key back
 
     async def _gather(self, payloads: list[dict[str, Any]]) -> list[Generation]:
         return list(await asyncio.gather(*(self._request(p) for p in payloads)))
