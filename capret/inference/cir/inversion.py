@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ __all__ = [
     "ZeroShotModel",
     "fashioniq_caption_variants",
     "lincir_query_features",
+    "mapper_query_features",
     "load_zeroshot_model",
     "MAPPER_FORMAT",
     "pic2word_query_features",
@@ -119,58 +121,32 @@ def _mapped_tokens(mapper: nn.Module, features: torch.Tensor, device: torch.devi
     return tokens
 
 
-def searle_query_features(
-    clip: ClipBundle,
-    phi: nn.Module,
-    *,
-    reference_features: torch.Tensor,
-    captions: Captions,
-    placeholder: str = "$",
-    template: str = SEARLE_PROMPT,
-) -> torch.Tensor:
-    """SEARLE queries: token = phi(raw reference image feature), prompt ``"a photo of $ that {caption}"``."""
-    tokens = _mapped_tokens(phi, reference_features, clip.device)
-    return pseudo_word_query_features(clip, tokens, captions, template=template, placeholder=placeholder)
-
-
-def searle_oti_query_features(
-    clip: ClipBundle,
-    *,
-    tokens: torch.Tensor,
-    captions: Captions,
-    placeholder: str = "$",
-    template: str = SEARLE_PROMPT,
-) -> torch.Tensor:
-    """SEARLE-OTI queries: the reference images' OTI tokens (``TokenStore.lookup(keys)``) in SEARLE's prompt."""
-    return pseudo_word_query_features(clip, tokens, captions, template=template, placeholder=placeholder)
-
-
-def pic2word_query_features(
+def mapper_query_features(
     clip: ClipBundle,
     mapper: nn.Module,
     *,
     reference_features: torch.Tensor,
     captions: Captions,
-    placeholder: str = "*",
-    template: str = PIC2WORD_PROMPT,
+    placeholder: str,
+    template: str,
 ) -> torch.Tensor:
-    """Pic2Word queries: token = IM2TEXT(raw reference image feature), prompt ``"a photo of * , {caption}"``."""
+    """Composed queries of a mapper method: token = mapper(raw reference image feature), in the method's prompt.
+
+    SEARLE's phi, Pic2Word's IM2TEXT and LinCIR's language-trained phi (applied to the *image* feature at
+    inference) all build queries this way; only the prompt and its placeholder differ (the aliases below).
+    """
     tokens = _mapped_tokens(mapper, reference_features, clip.device)
     return pseudo_word_query_features(clip, tokens, captions, template=template, placeholder=placeholder)
 
 
-def lincir_query_features(
-    clip: ClipBundle,
-    phi: nn.Module,
-    *,
-    reference_features: torch.Tensor,
-    captions: Captions,
-    placeholder: str = "$",
-    template: str = SEARLE_PROMPT,
-) -> torch.Tensor:
-    """LinCIR queries: the language-trained phi applied to the raw reference *image* feature, SEARLE's prompt."""
-    tokens = _mapped_tokens(phi, reference_features, clip.device)
-    return pseudo_word_query_features(clip, tokens, captions, template=template, placeholder=placeholder)
+#: SEARLE queries: ``"a photo of $ that {caption}"`` with phi's token.
+searle_query_features = partial(mapper_query_features, placeholder="$", template=SEARLE_PROMPT)
+#: LinCIR queries: SEARLE's prompt with the language-trained phi's token.
+lincir_query_features = partial(mapper_query_features, placeholder="$", template=SEARLE_PROMPT)
+#: Pic2Word queries: ``"a photo of * , {caption}"`` with IM2TEXT's token.
+pic2word_query_features = partial(mapper_query_features, placeholder="*", template=PIC2WORD_PROMPT)
+#: SEARLE-OTI queries: the reference images' OTI tokens (``TokenStore.lookup(keys)``) in SEARLE's prompt.
+searle_oti_query_features = partial(pseudo_word_query_features, placeholder="$", template=SEARLE_PROMPT)
 
 
 @dataclass
@@ -199,12 +175,7 @@ class ZeroShotModel:
 
     def query_features(self, *, reference_features: torch.Tensor, captions: Captions) -> torch.Tensor:
         """Normalised composed queries with the method's own prompt."""
-        fn = {
-            "searle": searle_query_features,
-            "pic2word": pic2word_query_features,
-            "lincir": lincir_query_features,
-        }[self.method]
-        return fn(
+        return mapper_query_features(
             self.clip,
             self.mapper,
             reference_features=reference_features,
