@@ -118,7 +118,7 @@ def self_knn(feats: torch.Tensor, k: int, *, block: int = 4096, with_row_min: bo
         tile = (rows @ rows.T).float()
         best.append(_tile_keys(tile, k, i0))
         if with_row_min:
-            row_min[i0 : i0 + tile.shape[0]] = tile.min(1).values
+            row_min[i0 : i0 + tile.shape[0]] = torch.amin(tile, 1)
     for a, (i0, i1) in enumerate(zip(starts, ends, strict=True)):
         rows = feats[i0:i1]
         for b in range(a + 1, len(starts)):
@@ -126,8 +126,8 @@ def self_knn(feats: torch.Tensor, k: int, *, block: int = 4096, with_row_min: bo
             tile = (rows @ feats[j0 : ends[b]].T).float()
             if with_row_min:
                 span_a, span_b = slice(i0, i0 + tile.shape[0]), slice(j0, j0 + tile.shape[1])
-                row_min[span_a] = torch.minimum(row_min[span_a], tile.min(1).values)
-                row_min[span_b] = torch.minimum(row_min[span_b], tile.min(0).values)
+                row_min[span_a] = torch.minimum(row_min[span_a], torch.amin(tile, 1))
+                row_min[span_b] = torch.minimum(row_min[span_b], torch.amin(tile, 0))
             # entries that reach the k-th value of their row (block a) or of their column (block b); ties are
             # kept, since a lower position wins them
             row_need, col_need = _threshold(best[a])[:, None], _threshold(best[b])[None, :]
