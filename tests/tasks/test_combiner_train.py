@@ -20,9 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tiny_cir import make_tiny_clip, write_circo, write_cirr, write_fashioniq  # noqa: E402
 
+import capret  # noqa: E402
 from capret.cli import eval as eval_cli  # noqa: E402
 from capret.cli import train as train_cli  # noqa: E402
 from capret.config import load_config  # noqa: E402
+from capret.models.folder import folder_kind  # noqa: E402
 from capret.tasks.combiner import CombinerTask, CombinerTaskConfig  # noqa: E402
 
 CONFIGS = REPO_CONFIGS
@@ -122,6 +124,15 @@ def test_stage2_starts_from_stage1_weights(cirr_runs):
     key = "model.text_projection.weight"
     torch.testing.assert_close(clip.state_dict()[key], stage1.state_dict()[key])
     assert not torch.equal(clip.state_dict()[key], pretrained.state_dict()[key])
+    # the exported folder (<run>/stage2/model, kind combiner) holds the same model, stage-1 CLIP included
+    assert folder_kind(out / "stage2" / "model") == "combiner"
+    assert (out / "stage2" / "model" / "clip.safetensors").is_file()
+    exported = capret.load(out / "stage2", device="cpu")
+    assert exported.stage == 2 and exported.config.model.clip == config.model.clip
+    assert exported.config.model.stage1_checkpoint is None  # the folder carries the CLIP, not a path to it
+    for a, b in ((exported.clip, clip), (exported.fuser, fuser)):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(x, y, msg=name)
 
 
 def test_sidecar_of_the_flat_pre_sections_config_still_loads(cirr_runs, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import yaml
 from tiny_text import write_synthetic_df2
 
+import capret
 from capret.cli.train import main
 from capret.config import from_dict, load_config, to_dict
 from capret.evaluation.detection import coco_detection_ap
@@ -81,6 +83,17 @@ def test_capret_train_detector_end_to_end(
         "deepfashion2_detector", path=str(run / "model"), max_items=3, score_threshold=0.0
     )
     assert registered.detect([image]) == [found[0]]
+    # the folder says its kind; a folder written before kind existed (capret_detector.json) still loads
+    meta = json.loads((run / "model" / "capret_model.json").read_text())
+    assert meta["kind"] == "detector" and meta["format"] == "capret.detector/1"
+    legacy = tmp_path / "legacy"
+    shutil.copytree(run / "model", legacy)
+    del meta["kind"]
+    (legacy / "capret_detector.json").write_text(json.dumps(meta))
+    (legacy / "capret_model.json").unlink()
+    old = capret.load(legacy, kind="detector")
+    old.score_threshold, old.max_items = 0.0, 3
+    assert old.detect([image]) == [found[0]]
     # resume: two more steps from the finished run's last checkpoint
     assert main(["--config", str(_config(data, run)), "--resume", "auto", "trainer.max_steps=3"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 3

@@ -19,6 +19,7 @@ from tiny_zeroshot import (
     write_shards,
 )
 
+import capret
 from capret.cli import main as capret_cli
 from capret.cli import train as train_cli
 from capret.config import from_dict
@@ -31,10 +32,11 @@ from capret.inference.cir.inversion import (
 )
 from capret.inference.cir.oti import TokenStore
 from capret.io import resolve_model_folder
+from capret.models.folder import folder_kind
+from capret.models.zeroshot import upgrade_config_dict
 from capret.tasks.lincir import LinCIRTaskConfig
 from capret.tasks.pic2word import Pic2WordTaskConfig
 from capret.tasks.searle_phi import PhiTaskConfig
-from capret.tasks.zeroshot_common import upgrade_config_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.amp=off", "trainer.num_workers=0",
@@ -115,6 +117,14 @@ def _assert_flat_sidecar_loads(run: Path, config_cls: type, tmp: Path) -> None:
     captions = ["is red", "has stripes"]
     torch.testing.assert_close(
         old.query_features(reference_features=features, captions=captions),
+        new.query_features(reference_features=features, captions=captions),
+    )
+    # the exported model folder (<run>/model, kind = the task) is the last checkpoint's model
+    assert folder_kind(run / "model") == task["task"]
+    exported = capret.load(run, device="cpu")
+    assert exported.method == new.method and exported.clip_config == new.clip_config
+    torch.testing.assert_close(
+        exported.query_features(reference_features=features, captions=captions),
         new.query_features(reference_features=features, captions=captions),
     )
 

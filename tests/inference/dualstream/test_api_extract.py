@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tiny_text import save_tiny_dual_stream  # noqa: E402
 
 import capret  # noqa: E402
+import capret.api  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,17 +120,13 @@ def test_extract_cli_writes_shards_ids_and_rank_splits(
 
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"images/sub/im{i}.png\tid{i}\n" for i in range(7)))
-    (tmp_path / "images").symlink_to(assets["images"])
+    (tmp_path / "images").symlink_to(assets["images"])  # a link out of the list's folder: allowed explicitly
     parts = []
     for rank in (0, 1):  # what torchrun sets for each process
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        assert (
-            main(
-                ["--checkpoint", str(assets["model"]), "--images", str(listing), "--out", str(tmp_path / "r")]
-            )
-            == 0
-        )
+        argv = ["--checkpoint", str(assets["model"]), "--images", str(listing), "--out", str(tmp_path / "r")]
+        assert main([*argv, "--follow-symlinks"]) == 0
         capsys.readouterr()
         shard = json.loads((tmp_path / "r" / f"manifest_r{rank}.json").read_text())["shards"][0]
         parts.append(np.load(tmp_path / "r" / shard["ids"]).tolist())
@@ -138,4 +136,23 @@ def test_extract_cli_writes_shards_ids_and_rank_splits(
     assert (
         main(["--checkpoint", str(assets["model"]), "--images", str(tmp_path / "none"), "--out", str(out)])
         == 2
+    )
+
+
+def test_the_folder_says_its_kind_and_one_written_before_kind_still_loads(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    legacy = tmp_path / "legacy"
+    shutil.copytree(assets["model"], legacy)
+    meta = json.loads((legacy / "capret_model.json").read_text())
+    assert meta["kind"] == "dualstream"
+    del meta["kind"]
+    (legacy / "capret_model.json").write_text(json.dumps(meta))
+    paths = _paths(assets)[:2]
+    old = capret.load(legacy, device="cpu")
+    assert isinstance(old, capret.api.RetrievalModel)
+    np.testing.assert_allclose(
+        old.encode_images(paths),
+        capret.load_model(assets["model"], device="cpu").encode_images(paths),
+        atol=1e-6,
     )
