@@ -14,12 +14,12 @@ per line, or a JSON list of strings.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 from capret.errors import DataError
+from capret.io import read_json
 
 __all__ = ["keyword_spans", "read_caption_corpus", "replace_keywords"]
 
@@ -102,7 +102,7 @@ def read_caption_corpus(path: str | Path, *, limit: int | None = None) -> list[s
 
         captions = [str(c) for c in read_captions(path).values()]
     elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, what="caption corpus")
         if not isinstance(data, list) or not all(isinstance(c, str) for c in data):
             raise DataError("a .json caption corpus must be a list of strings", path=path)
         captions = data

@@ -14,7 +14,6 @@ with the concept fall back to ``"a photo of {concept}"``; the number of fallback
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from capret.errors import DataError
-from capret.io import atomic_write_json
+from capret.io import atomic_write_json, read_json, read_text
 from capret.models.clip_base import ClipBundle
 
 __all__ = [
@@ -59,12 +58,12 @@ def load_concepts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError("concept vocabulary file not found", path=path)
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        items = json.loads(text)
+        items = read_json(path, what="concept vocabulary")  # names the file: encoding, syntax, duplicates
         if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
             raise DataError("a JSON concept file must hold a list of strings", path=path)
     else:
+        text = read_text(path, what="concept vocabulary")
         items = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     concepts = list(dict.fromkeys(c.strip() for c in items if c.strip()))
     if not concepts:
@@ -109,7 +108,7 @@ class PhraseBank:
         path = Path(path)
         if not path.is_file():
             raise DataError("phrase file not found", path=path)
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, what="phrase file")  # names the file: encoding, syntax, duplicate keys
         phrases = data.get("phrases", data) if isinstance(data, dict) else None
         if not isinstance(phrases, dict) or not all(
             isinstance(v, list) and all(isinstance(p, str) for p in v) for v in phrases.values()
