@@ -7,11 +7,13 @@ one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,36 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "cache_dir",
+    "check_weights_folder",
     "default_device",
+    "disk_full_named",
     "file_sha256",
     "load_safetensors",
     "load_state_into",
     "read_json",
+    "read_text",
     "resolve_model_folder",
     "step_checkpoints",
 ]
+
+
+@contextlib.contextmanager
+def disk_full_named(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a full disk or quota (``ENOSPC``/``EDQUOT``) inside the block into a
+    :class:`~capret.errors.DiskFullError` that says "disk full" and names ``path``: the OS error raised by a
+    write on an open file names no file, and a user cannot act on "[Errno 28]" alone."""
+    from capret.errors import CapretError, DiskFullError
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, CapretError):
+            raise
+        raise DiskFullError(
+            f"disk full: no space left on the device while writing {path}; free space (or choose an output on "
+            "another disk) and rerun",
+            path=path,
+        ) from None
 
 
 def atomic_write(
@@ -47,11 +71,12 @@ def atomic_write(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(tmp)
-        if fsync:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with disk_full_named(path):
+            write(tmp)
+            if fsync:
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -105,6 +130,22 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def read_text(path: str | os.PathLike[str], *, what: str = "text file") -> str:
+    """A UTF-8 text file's content; a missing, unreadable or non-UTF-8 file is a
+    :class:`~capret.errors.DataError` naming it (Python's own decode error names no file)."""
+    from capret.errors import DataError, MissingFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}", path=path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise DataError(f"{what} cannot be read ({exc.strerror or exc})", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} is not UTF-8 text (byte {exc.start}: {exc.reason})", path=path) from None
+
+
 def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", allow_nonfinite: bool = False) -> Any:
     """Parse a JSON file; every failure is a :class:`~capret.errors.DataError` naming the file.
 
@@ -113,17 +154,10 @@ def read_json(path: str | os.PathLike[str], *, what: str = "JSON file", allow_no
     -- unless ``allow_nonfinite`` -- the non-standard constants ``NaN``/``Infinity`` that Python's json module
     accepts silently (an ``Infinity`` box would otherwise reach the metrics as a valid number).
     """
-    from capret.errors import DataError, MissingFileError
+    from capret.errors import DataError
 
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{what} not found: {path}", path=path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise DataError(f"{what} cannot be read ({exc.strerror or exc})", path=path) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{what} is not UTF-8 text (byte {exc.start}: {exc.reason})", path=path) from None
+    text = read_text(path, what=what)
     try:
         if allow_nonfinite:
             return json.loads(text, object_pairs_hook=_unique_keys)
@@ -167,6 +201,47 @@ def load_safetensors(path: str | os.PathLike[str], *, device: str = "cpu") -> di
         raise CheckpointError(
             f"cannot read safetensors weights ({exc}); the file is truncated or corrupt", path=path
         ) from None
+
+
+#: weight files written with pickle (``torch.save``): never loaded from a user's folder, unpickling can run code
+PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_folder(source: str | os.PathLike[str]) -> None:
+    """Refuse a local model folder that ``from_pretrained`` would unpickle or choke on, naming the file.
+
+    A folder whose weights are only pickles (``pytorch_model.bin``...) is refused: transformers would hand it to
+    ``torch.load``, which either runs the pickle's code or fails with a long unpickling traceback that names no
+    file. Every ``*.safetensors`` file is opened (header only, no tensor read), so a truncated or non-safetensors
+    file is refused here with its path instead of deep inside transformers. Hub ids (not local folders) pass.
+
+    Raises:
+        CheckpointError: naming the pickled or corrupt file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from capret.errors import CheckpointError
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    tensors = [p for p in files if p.suffix == ".safetensors"]
+    pickled = [p for p in files if p.suffix in PICKLED_WEIGHT_SUFFIXES]
+    if pickled and not tensors:
+        raise CheckpointError(
+            "holds pickled PyTorch weights, which capret never loads (unpickling a file can run code); convert them "
+            "to model.safetensors (safetensors.torch.save_file) and remove the pickle",
+            path=pickled[0],
+        )
+    for path in tensors:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"cannot read safetensors weights ({exc}); the file is truncated or corrupt", path=path
+            ) from None
 
 
 def load_state_into(

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from capret.config import load_yaml_file
 from capret.errors import ConfigError, MissingFileError, UnknownNameError
 from captioning.types import QA
 
@@ -129,7 +128,7 @@ def load_prompt_set(path: str | Path) -> PromptSet:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"prompt file {path} does not exist")
-    data = yaml.safe_load(path.read_text())
+    data = load_yaml_file(path)  # syntax, duplicate keys, python tags: named with the file
     if not isinstance(data, dict):
         raise ConfigError(f"prompt file {path}: top level must be a mapping of PromptSet fields")
     fields = {f.name: f for f in dataclasses.fields(PromptSet)}

@@ -43,7 +43,7 @@ from capret.data.caption_records import (
     read_records,
 )
 from capret.errors import CaptionStoreMismatchError, ConfigError, DataError, MissingFileError
-from capret.io import atomic_write_text
+from capret.io import atomic_write_text, disk_full_named
 from capret.locks import exclusive_output
 
 __all__ = [
@@ -98,6 +98,7 @@ class CaptionStore:
         self.truncated_tail: bytes = b""  # what was cut from a torn last line on open (for the report)
         self._done: set[str] = set()
         self._fd: int | None = None
+        self._created = False  # whether open() created the file (an empty one is removed again on close)
         self._lock = contextlib.ExitStack()
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -134,6 +135,7 @@ class CaptionStore:
             raise
         self._fd = fd
         self._lock = lock
+        self._created = created
         return self
 
     def _checked(self, records: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -151,9 +153,12 @@ class CaptionStore:
 
     def close(self) -> None:
         if self._fd is not None:
+            empty = os.fstat(self._fd).st_size == 0
             os.close(self._fd)
             self._fd = None
-            self._lock.close()  # releases the one-writer lock
+            if self._created and empty:  # a run that wrote nothing leaves no 0-byte store behind
+                self.path.unlink(missing_ok=True)
+            self._lock.close()  # releases the one-writer lock (after the unlink: no writer sees it half-gone)
 
     def __enter__(self) -> CaptionStore:
         return self.open()
@@ -204,13 +209,19 @@ class CaptionStore:
         if not lines:
             return
         payload = "".join(lines).encode("utf-8")
-        end = os.lseek(self._fd, 0, os.SEEK_END)
+        start = end = os.lseek(self._fd, 0, os.SEEK_END)
         view = memoryview(payload)
-        while view:
-            written = os.pwrite(self._fd, view, end)
-            end += written
-            view = view[written:]
-        os.fsync(self._fd)
+        try:
+            with disk_full_named(self.path):
+                while view:
+                    written = os.pwrite(self._fd, view, end)
+                    end += written
+                    view = view[written:]
+                os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # no torn line: the store ends where this batch began
+                os.ftruncate(self._fd, start)
+            raise
         self._done.update(seen)
 
     def append_failures(self, failures: Sequence[dict[str, Any]]) -> None:
@@ -218,7 +229,7 @@ class CaptionStore:
         if not failures:
             return
         payload = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
-        with open(self.failures_path, "a+b") as fh:
+        with disk_full_named(self.failures_path), open(self.failures_path, "a+b") as fh:
             if fh.tell() > 0:
                 fh.seek(-1, os.SEEK_END)
                 if fh.read(1) != b"\n":  # a torn line from a killed run: start a fresh line

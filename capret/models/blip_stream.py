@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capret.errors import ConfigError
+from capret.io import check_weights_folder
 from capret.models.dual_stream import (
     DualStreamFeatures,
     DualStreamModel,
@@ -71,6 +72,7 @@ class BlipDualStreamModel(DualStreamModel):
                     "model.vision_tower replaces BLIP's ViT, so BLIP's weights do not fit: set "
                     "model.pretrained_weights: false and load weights with model.xvlm_checkpoint"
                 )
+            check_weights_folder(source)  # a local folder of pickles or a truncated file: refused, named
             blip: Any = BlipForImageTextRetrieval.from_pretrained(source)
         else:
             blip_config: Any = BlipConfig.from_pretrained(source)

@@ -29,6 +29,7 @@ from torch import nn
 
 from capret.config import cfg
 from capret.errors import ConfigError
+from capret.io import check_weights_folder
 from capret.models.clip_base import ClipBundle, PseudoTokenError, weights_fingerprint
 
 __all__ = [
@@ -210,6 +211,7 @@ def _load_hf_clip(
 
     from capret.data.transforms import clip_transform
 
+    check_weights_folder(name_or_path)  # a local folder of pickles or a truncated file: refused, named
     model: Any = CLIPModel.from_pretrained(str(name_or_path))
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))

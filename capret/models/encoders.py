@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from capret.errors import ConfigError, MissingDependencyError, MissingFileError
+from capret.io import check_weights_folder
 from capret.registry import Registry
 
 __all__ = [
@@ -199,6 +200,7 @@ def _create_timm(source: str, *, pretrained: bool, image_size: int | None) -> nn
 def _hf_load(model_cls: Any, config_cls: Any, source: str, pretrained: bool) -> Any:
     """``from_pretrained`` for real weights, else the same architecture randomly initialised from its config."""
     if pretrained:
+        check_weights_folder(source)  # a local folder of pickles or a truncated file: refused, named
         return model_cls.from_pretrained(source)
     config = config_cls.from_pretrained(source)
     return model_cls(config)
@@ -279,6 +281,7 @@ class HFTextEncoder(TextEncoder):
             raise ConfigError(f"hf_text pooling {pooling!r} is not one of ['mean', 'cls']")
         self.source = source
         if pretrained:
+            check_weights_folder(source)  # a local folder of pickles or a truncated file: refused, named
             self.model = AutoModel.from_pretrained(source)
         else:
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(source))

@@ -50,7 +50,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from capret.errors import CapretError, ConfigError, DataError
-from capret.io import atomic_write_json, atomic_write_text, file_sha256, read_json
+from capret.io import atomic_write_json, atomic_write_text, disk_full_named, file_sha256, read_json
 from capret.retrieval.index import IVFPQ_DEFAULTS, as_float32, ivfpq_factory, training_rows
 
 __all__ = [
@@ -206,7 +206,12 @@ class ShardWriter:
         features_path = self.directory / f"features_{name}.npy"
         items_path = self.directory / f"items_{name}.jsonl"
         tmp = self.directory / f"features_{name}.tmp.npy"
-        np.save(tmp, array)
+        try:
+            with disk_full_named(features_path):
+                np.save(tmp, array)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(features_path)
         atomic_write_text(items_path, "".join(json.dumps(item) + "\n" for item in items))
         info = ShardInfo(

@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from capret.config import ConfigError, from_dict, merge_trees, parse_overrides, set_nested
+from capret.config import ConfigError, from_dict, load_yaml_file, merge_trees, parse_overrides, set_nested
 from capret.data.captions import join_captions
 from capret.data.deepfashion2 import gt_box_protocol, load_items
 from capret.inference.dualstream.baselines import evaluate_baseline, score_items
@@ -66,7 +65,7 @@ def load_variants(path: str | Path) -> list[Variant]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"variants file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml_file(path) or {}  # syntax, duplicate keys, python tags: named with the file
     entries = raw.get("variants") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{path}: expected a non-empty list under `variants:`")
@@ -302,7 +301,7 @@ def run_ablation(
     config, out_dir = Path(config), Path(out_dir)
     if not config.is_file():
         raise ConfigError(f"config file {config} does not exist")
-    base = yaml.safe_load(config.read_text()) or {}
+    base = load_yaml_file(config) or {}
     if base.get("task", "dualstream") != "dualstream":
         raise ConfigError(f"{config}: ablations run task dualstream, not {base.get('task')!r}")
     base = merge_trees(base, parse_overrides(overrides))

@@ -36,7 +36,7 @@ from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig
 from capret.errors import BadImageError, DataError
 from capret.inference.detectors import pil_to_tensor, predict_coco
-from capret.io import atomic_write_json
+from capret.io import atomic_write_json, read_json
 from capret.models.detector import ClothingDetector, DetectorModelConfig
 from capret.tasks.registry import register_task
 from capret.tasks.train_export import train_and_export
@@ -92,7 +92,7 @@ def load_coco_split(
         path = Path(coco_file)
         if not path.is_file():
             raise DataError("COCO annotation file does not exist", path=path)
-        data = json.loads(path.read_text())
+        data = read_json(path, what="COCO annotation file")
         if not isinstance(data, dict) or not {"images", "annotations"} <= set(data):
             raise DataError("expected a COCO instances object with 'images' and 'annotations'", path=path)
         return data

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from capret.errors import ConfigError
+from capret.io import check_weights_folder
 from captioning.backends.base import CaptionBackend, register_backend
 from captioning.types import ChatRequest, Generation, VisualQuery
 
@@ -97,6 +98,9 @@ class TransformersBackend(CaptionBackend):
         self.temperature = temperature
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
 
+        for source in (vlm, llm):  # local folders of pickles or truncated files: refused, named
+            if source:
+                check_weights_folder(source)
         self.processor = AutoProcessor.from_pretrained(vlm, trust_remote_code=trust_remote_code)
         vlm_model: Any = AutoModelForImageTextToText.from_pretrained(
             vlm, dtype=torch_dtype, trust_remote_code=trust_remote_code

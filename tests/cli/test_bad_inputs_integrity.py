@@ -181,3 +181,52 @@ def test_model_folder_weights_are_checked(
     expect_error(capsys, extract_cli.main, argv, "model.safetensors", "'head.extra_weight'")
     weights.write_bytes((model_dir / "model.safetensors").read_bytes()[:1000])  # truncated
     expect_error(capsys, extract_cli.main, argv, "model.safetensors", "truncated or corrupt")
+
+
+class _Alarm:
+    """A pickle whose loading creates a file: proof that it was (or was not) unpickled."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (os.makedirs, (str(self.flag), "0o755"))
+
+
+def _pickle_weights(folder: Path, flag: Path) -> Path:
+    import pickle
+
+    for path in folder.glob("*.safetensors"):
+        path.unlink()
+    target = folder / "pytorch_model.bin"
+    target.write_bytes(pickle.dumps({"weight": _Alarm(flag)}))
+    return target
+
+
+def test_pickled_or_truncated_hf_weights_are_refused_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tiny_cir import make_tiny_clip
+    from tiny_text import build_tiny_bert
+
+    from capret.errors import CheckpointError
+    from capret.models.encoders import HFTextEncoder
+
+    flag = tmp_path / "unpickled"
+    bert = build_tiny_bert(tmp_path / "bert")
+    weights = bert / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*truncated or corrupt"):
+        HFTextEncoder(source=str(bert), pretrained=True)
+    pickled = _pickle_weights(bert, flag)
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin.*pickled"):
+        HFTextEncoder(source=str(bert), pretrained=True)
+    assert not flag.exists() and pickled.is_file()
+    clip = make_tiny_clip(tmp_path / "clip")
+    _pickle_weights(clip, flag)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (20, 20)).save(images / "a.png")
+    argv = ["oti", "--clip", str(clip), "--images", str(images), "--out", str(tmp_path / "t.safetensors")]
+    expect_error(capsys, capret_cli.main, argv, "pytorch_model.bin", "pickled", "safetensors")
+    assert not flag.exists() and not (tmp_path / "t.safetensors").exists()

@@ -15,7 +15,6 @@ upgrade_config_dict`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from capret.config import from_dict, to_dict
 from capret.engine.checkpoint import load_model_weights
 from capret.errors import CheckpointError, MissingFileError
 from capret.inference.model_kinds import load, register_model_kind
-from capret.io import default_device
+from capret.io import default_device, read_json
 from capret.models.clip import ClipBundle, load_task_clip_config
 from capret.models.combiner import CombinerModelConfig, CombinerRecord, build_fuser, upgrade_config_dict
 from capret.models.folder import (
@@ -151,7 +150,7 @@ def _load_combiner(folder: Path, *, device: str | torch.device | None = None) ->
 
 def _from_checkpoint(folder: Path, *, device: torch.device) -> tuple[CombinerRecord, ClipBundle, nn.Module]:
     """A training checkpoint, rebuilt from the task config its sidecar recorded."""
-    sidecar = json.loads((folder / "checkpoint.json").read_text())
+    sidecar = read_json(folder / "checkpoint.json", what="checkpoint sidecar", allow_nonfinite=True)
     task = upgrade_config_dict((sidecar.get("config") or {}).get("task") or {})
     config = CombinerRecord(
         stage=int(task.get("stage", 1)), model=from_dict(CombinerModelConfig, task.get("model") or {})

@@ -21,7 +21,6 @@ checkpoints still load, flat-keyed sidecars of the first configs included
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,7 +35,7 @@ from capret.config import from_dict, to_dict
 from capret.engine.checkpoint import load_model_weights
 from capret.errors import CheckpointError
 from capret.inference.model_kinds import load, register_model_kind
-from capret.io import default_device, resolve_model_folder
+from capret.io import default_device, read_json, resolve_model_folder
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
 from capret.models.folder import (
     MODEL_CONFIG_FILE,
@@ -212,7 +211,7 @@ def save_mapper_folder(
 
 def _record_from_checkpoint(folder: Path) -> MapperRecord:
     """The :class:`MapperRecord` of a training checkpoint, from the task config its sidecar recorded."""
-    sidecar = json.loads((folder / "checkpoint.json").read_text())
+    sidecar = read_json(folder / "checkpoint.json", what="checkpoint sidecar", allow_nonfinite=True)
     task = upgrade_config_dict((sidecar.get("config") or {}).get("task") or {})
     info = task.get("zeroshot")
     if not isinstance(info, dict) or task.get("task") not in ZEROSHOT_TASKS:
