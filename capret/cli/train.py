@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,12 +56,30 @@ def _run(args: argparse.Namespace) -> int:
     from capret.engine.trainer import NonFiniteLossError
 
     try:
-        metrics = spec.run(config, resume=args.resume)
+        with _output_lock(config):
+            metrics = spec.run(config, resume=args.resume)
     except NonFiniteLossError as exc:
         # The trainer already wrote the last good checkpoint; say where, in one line, and fail.
         return fail(str(exc), code=1)
     print_json(metrics)
     return 0
+
+
+def _output_lock(config: object) -> contextlib.AbstractContextManager[object]:
+    """The one-writer lock on ``trainer.output_dir`` for the whole run, held by the main process.
+
+    The trainer locks the folder it trains into, but a task also writes around training -- the exported model,
+    final metrics, a stage-2 feature cache -- so the command holds the lock from before the task starts until
+    it returns (the trainer's own lock nests inside it). Under torchrun only rank 0 takes it; the trainer's lock
+    stops every rank together when rank 0 is refused.
+    """
+    from capret.locks import exclusive_output
+
+    trainer = getattr(config, "trainer", None)
+    output_dir = getattr(trainer, "output_dir", None)
+    if not output_dir or int(os.environ.get("RANK", "0") or 0) != 0:
+        return contextlib.nullcontext()
+    return exclusive_output(output_dir, what="training output folder", reentrant=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -248,7 +248,8 @@ def exclusive_output_on_main(
 
     Only rank 0 writes a run folder, so it alone takes the lock; the decision is broadcast before anyone goes
     on, so a refused job stops on every rank at once instead of leaving ranks waiting in a collective. Yields
-    the lock file on rank 0, None elsewhere.
+    the lock file on rank 0, None elsewhere. Reentrant: a command that already holds the folder (capret-train
+    around the whole task) nests this hold in the same thread.
 
     Raises:
         OutputLockedError: on every rank when rank 0 was refused (rank 0's message names the holder's PID).
@@ -258,7 +259,7 @@ def exclusive_output_on_main(
         lock_file: Path | None = None
         if ctx.is_main:
             try:
-                lock_file = stack.enter_context(exclusive_output(path, what=what))
+                lock_file = stack.enter_context(exclusive_output(path, what=what, reentrant=True))
             except OutputLockedError as exc:
                 refused = exc
         if broadcast_flag(refused is not None, device=ctx.device, world_size=ctx.world_size):

@@ -89,3 +89,23 @@ def test_second_run_into_one_folder_is_refused_and_nothing_mixes(tmp_path: Path)
     assert not (run / "superseded").exists()
     steps = sorted(int(p.name.removeprefix("step_")) for p in (run / "checkpoints").iterdir())
     assert steps == [10, 20, 30, 40], steps
+
+
+def test_capret_train_holds_the_folder_for_the_whole_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command locks trainer.output_dir before the task builds anything (exports and final metrics are
+    written under the same hold), so a second command is refused without touching the folder."""
+    from lock_holder import held_by_other_process
+    from repo_paths import CONFIGS
+
+    from capret.cli.train import main
+
+    run = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "demo_dualstream.yaml"), f"trainer.output_dir={run}"]
+    argv += [f"data.root={tmp_path / 'no-data'}"]  # never read: the refusal comes first
+    with held_by_other_process(run, what="training output folder") as pid:
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"PID {pid}" in err and str(run) in err and err.count("\n") == 1
+    assert not run.exists()
