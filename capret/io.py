@@ -55,7 +55,7 @@ def disk_full_named(path: str | os.PathLike[str]) -> Iterator[None]:
         raise DiskFullError(
             f"disk full: no space left on the device while writing {path}; free space (or choose an output on "
             "another disk) and rerun",
-            path=path,
+            path=Path(path),
         ) from None
 
 
