@@ -21,6 +21,7 @@ SUBCOMMANDS: list[str] = [
     "capret.cli.check_data",
     "capret.cli.convert_checkpoint",
     "capret.cli.convert_xvlm",
+    "capret.cli.data",
     "capret.cli.index",
     "capret.cli.oti",
     "capret.cli.search",

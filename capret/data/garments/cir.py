@@ -201,7 +201,7 @@ def write_fashioniq(
             drawn.append((f"fiq-f{index:04d}", attributes, look))
         index += 1
     drawn = drawn[:identities]
-    splits = split_families(sorted({f for f, _, _ in drawn}), fraction=validation_fraction, rng=rng)
+    splits = split_families(drawn, fraction=validation_fraction, rng=rng)
     (root / "images").mkdir(parents=True)
     (root / "captions").mkdir()
     (root / "image_splits").mkdir()

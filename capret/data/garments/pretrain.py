@@ -23,7 +23,7 @@ from tqdm import tqdm
 from capret.data.garments.paint import Garment
 from capret.data.garments.patterns import sample_look
 from capret.data.garments.records import STREAM_PRETRAIN, Identity, draw_identities, split_families
-from capret.data.garments.sampling import attributes_for, companions_for
+from capret.data.garments.sampling import companion_attributes, companions_for
 from capret.data.garments.scenes import consumer_photo, shop_photo
 from capret.data.garments.vocab import describe
 
@@ -63,13 +63,14 @@ def write_pretrain(
     identities: int,
     size: int,
     shop_size: int,
+    family_size: int,
     validation_fraction: float,
     progress: bool,
 ) -> tuple[list[Identity], dict[str, int]]:
     """Write two images per identity (a product photo and a street-photo crop) and the jsonl files."""
     rng = np.random.default_rng([seed, STREAM_PRETRAIN, 0])
-    drawn = draw_identities(identities, prefix="pre-", rng=rng)
-    splits = split_families(sorted({f for f, _, _ in drawn}), fraction=validation_fraction, rng=rng)
+    drawn = draw_identities(identities, prefix="pre-", rng=rng, max_family=family_size)
+    splits = split_families(drawn, fraction=validation_fraction, rng=rng)
     (root / "images").mkdir(parents=True)
     people: list[Identity] = []
     lines: dict[str, list[str]] = {"train": [], "validation": []}
@@ -85,7 +86,7 @@ def write_pretrain(
         worn = bool(irng.random() < 0.75)
         garments = [garment]
         for category in companions_for(str(attributes["category"]), irng) if worn else []:
-            garments.append(Garment(attributes_for(category, irng), sample_look(irng)))
+            garments.append(Garment(companion_attributes(category, irng), sample_look(irng)))
         street = consumer_photo(garments, size=size, worn=worn, rng=irng)
         main = [item for item in street.items if item.garment == 0]
         crop = street.image

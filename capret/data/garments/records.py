@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,12 +39,31 @@ class Identity:
         return out
 
 
-def split_families(names: list[str], *, fraction: float, rng: np.random.Generator) -> dict[str, str]:
-    """Family name -> ``train`` | ``validation``: ``fraction`` of the families (at least one) go to validation."""
-    order = [names[i] for i in rng.permutation(len(names))]
-    count = min(len(names) - 1, max(1, round(len(names) * fraction)))
-    held = set(order[:count])
-    return {name: "validation" if name in held else "train" for name in names}
+def split_families(
+    drawn: Sequence[tuple[str, Mapping[str, Any], Any]], *, fraction: float, rng: np.random.Generator
+) -> dict[str, str]:
+    """Family name -> ``train`` | ``validation``, stratified by category.
+
+    Within each category ``fraction`` of its families (stochastically rounded) go to validation, keeping at
+    least one family in train, so every category the validation split holds was seen in training; at least
+    one family overall goes to validation.
+    """
+    by_category: dict[str, list[str]] = {}
+    for name, attributes, _ in drawn:
+        members = by_category.setdefault(str(attributes["category"]), [])
+        if name not in members:
+            members.append(name)
+    out: dict[str, str] = {}
+    for category in sorted(by_category):
+        names = by_category[category]
+        order = [names[i] for i in rng.permutation(len(names))]
+        count = min(len(names) - 1, int(np.floor(len(names) * fraction + rng.random())))
+        for i, name in enumerate(order):
+            out[name] = "validation" if i < count else "train"
+    if "validation" not in out.values():
+        names = sorted(out)
+        out[names[int(rng.integers(len(names)))]] = "validation"
+    return out
 
 
 def draw_identities(

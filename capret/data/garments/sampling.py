@@ -29,7 +29,15 @@ from capret.data.garments.vocab import (
     sleeve_of,
 )
 
-__all__ = ["VARIABLE", "attributes_for", "companions_for", "family", "variant"]
+__all__ = [
+    "VARIABLE",
+    "attributes_for",
+    "categories_cycle",
+    "companion_attributes",
+    "companions_for",
+    "family",
+    "variant",
+]
 
 #: Attributes a family member may change relative to its base.
 VARIABLE: tuple[str, ...] = ("pattern", "secondary_colour", "details", "neckline", "material", "length")
@@ -191,6 +199,15 @@ def companions_for(category: str, rng: np.random.Generator) -> list[str]:
     if category in DRESSES:
         return [pick(OUTWEAR)] if rng.random() < 0.3 else []
     return [pick(bottoms)] + ([pick(OUTWEAR)] if rng.random() < 0.2 else [])
+
+
+def companion_attributes(category: str, rng: np.random.Generator) -> dict[str, Any]:
+    """Attributes of an outfit's other garment; outwear is worn open (never zipped) so the garment beneath,
+    the photo's subject, still shows through the front."""
+    attributes = attributes_for(category, rng)
+    if category in OUTWEAR:
+        attributes["details"] = [d for d in attributes["details"] if d != "zip"]
+    return attributes
 
 
 def categories_cycle(count: int, rng: np.random.Generator) -> list[str]:

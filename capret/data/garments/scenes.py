@@ -276,7 +276,20 @@ def random_body(rng: np.random.Generator) -> Body:
     )
 
 
-def consumer_photo(garments: Sequence[Garment], *, size: int, worn: bool, rng: np.random.Generator) -> Photo:
+def consumer_photo(
+    garments: Sequence[Garment], *, size: int, worn: bool, rng: np.random.Generator, attempts: int = 6
+) -> Photo:
+    """A street photo centred on ``garments[0]``; redrawn (up to ``attempts`` times, from the same generator)
+    while that garment shows fewer than the pixels an annotation needs, so every photo shows its subject."""
+    photo = _consumer_once(garments, size=size, worn=worn, rng=rng)
+    for _ in range(attempts - 1):
+        if any(item.garment == 0 for item in photo.items):
+            break
+        photo = _consumer_once(garments, size=size, worn=worn, rng=rng)
+    return photo
+
+
+def _consumer_once(garments: Sequence[Garment], *, size: int, worn: bool, rng: np.random.Generator) -> Photo:
     """A street photo centred on ``garments[0]`` (worn with the others on a figure, or lying alone).
 
     Framing is drawn per photo: the whole figure (30 %), the garment filling half the frame or more (55 %), or
@@ -310,7 +323,7 @@ def consumer_photo(garments: Sequence[Garment], *, size: int, worn: bool, rng: n
     h = homography(src, target @ rot.T + where + jitter)
     canvas = _background((width, height), rng).convert("RGBA")
     canvas.alpha_composite(_warp(dressed.image, h, (width, height), Image.Resampling.BILINEAR))
-    turned = abs(np.rad2deg(angle)) > 12 or float(np.abs(jitter).max()) > 0.065 * min(width, height)
+    turned = abs(np.rad2deg(angle)) > 12 or float(np.abs(jitter).mean()) > 0.05 * min(width, height)
     viewpoint = 1 if not worn else 3 if turned else 2
     items = _annotate(dressed, garments, h=h, render_scale=render_scale, size=(width, height),
                       viewpoint=viewpoint)  # fmt: skip

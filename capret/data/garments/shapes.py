@@ -29,8 +29,9 @@ _CX = 100.0
 #: hem heights (frame y) per length, per garment family
 _HEMS = {
     "top": {"cropped": 148.0, "regular": 192.0, "long": 222.0},
-    "outwear": {"cropped": 178.0, "regular": 210.0, "long": 262.0},
-    "shorts": {"cropped": 228.0, "regular": 250.0, "long": 282.0},
+    "sling": {"cropped": 166.0, "regular": 200.0, "long": 228.0},
+    "outwear": {"cropped": 172.0, "regular": 198.0, "long": 232.0},
+    "shorts": {"cropped": 240.0, "regular": 258.0, "long": 285.0},
     "trousers": {"cropped": 318.0, "regular": 352.0, "long": 372.0},
     "skirt": {"cropped": 232.0, "regular": 280.0, "long": 345.0},
     "dress": {"cropped": 236.0, "regular": 282.0, "long": 350.0},
@@ -84,7 +85,7 @@ def _mirror(points: np.ndarray) -> np.ndarray:
     return out[::-1]
 
 
-def _sleeve(kind: str, *, width: float) -> list[np.ndarray]:
+def _sleeve(kind: str, *, width: float, reach: float | None = None) -> list[np.ndarray]:
     """Left and right sleeves along the arm from the shoulder: short ends above the elbow, long at the wrist."""
     if kind not in ("short", "long"):
         return []
@@ -94,7 +95,8 @@ def _sleeve(kind: str, *, width: float) -> list[np.ndarray]:
     normal = np.array([-direction[1], direction[0]])  # points outwards (to the left) for the left arm
     if normal[0] > 0:
         normal = -normal
-    reach = 0.34 if kind == "short" else 0.97
+    if reach is None:
+        reach = 0.34 if kind == "short" else 0.97
     end = _SHOULDER + axis * reach
     half_end = width * (0.62 if kind == "short" else 0.42)
     left = np.array(
@@ -155,17 +157,20 @@ def _lapels(neck_half: float, *, deep: bool) -> list[np.ndarray]:
 
 
 def _legs(*, hem: float, flare: float) -> np.ndarray:
-    """Shorts or trousers: waist, hips, the outer seam down to the hem, the inner seam up to the crotch."""
-    leg_half = 11.0 + 5.0 * flare + (3.0 if hem < 300 else 0.0)
-    outer_x = 62.0 - 2.0 * flare - (6.0 if hem < 300 else 0.0) * 0.5
-    inner_x = 84.0 + (0.0 if hem < 300 else 4.0)
-    centre = (outer_x + inner_x) / 2
-    left = np.array([
-        (_CX - 31.0, _WAIST_Y), (62.0, _HIP_Y), (centre - leg_half - 6.0 * flare, hem),
-        (centre + leg_half - 2.0 * flare, hem),
-    ])  # fmt: skip
-    right = _mirror(left)
-    return np.concatenate([left, [(_CX, _CROTCH_Y)], right])
+    """Shorts or trousers: waist, hips, the outer seam down to the hem, the inner seam up to the crotch.
+
+    Shorts' legs open outwards from a high crotch (a clear notch between them); trouser legs run down
+    separately with a wide gap between them.
+    """
+    if hem < 300:  # shorts
+        crotch = 206.0
+        outer, inner = 57.0 - 5.0 * flare, 91.0 - 2.0 * flare
+    else:
+        crotch = _CROTCH_Y
+        centre, half = 75.0, 11.0 + 5.0 * flare
+        outer, inner = centre - half - 6.0 * flare, centre + half - 2.0 * flare
+    left = np.array([(_CX - 31.0, _WAIST_Y), (62.0, _HIP_Y), (outer, hem), (inner, hem)])
+    return np.concatenate([left, [(_CX, crotch)], _mirror(left)])
 
 
 def _skirt(*, top: float, top_half: float, hem: float, flare: float) -> np.ndarray:
@@ -177,13 +182,13 @@ def _skirt(*, top: float, top_half: float, hem: float, flare: float) -> np.ndarr
 
 def _sling_bodice(hem: float, flare: float) -> tuple[np.ndarray, list[np.ndarray]]:
     top = 96.0
-    half = [(72.0, top - 4.0), (66.0, 106.0), (_CX - 31.0 - 3.0 * flare, min(_WAIST_Y, hem))]
+    half = [(76.0, top - 6.0), (70.0, 108.0), (_CX - 30.0 - 3.0 * flare, min(_WAIST_Y, hem))]
     if hem > _WAIST_Y:
         half.append((_CX - 38.0 - 6.0 * flare, hem))
     left = np.array(half)
     body = np.concatenate([left, _mirror(left)])
     strap = np.array(
-        [(74.0, top - 2.0), (78.0, _SHOULDER_Y - 2.0), (81.0, _SHOULDER_Y - 2.0), (78.0, top - 2.0)]
+        [(77.0, top - 5.0), (80.0, _SHOULDER_Y - 2.0), (83.0, _SHOULDER_Y - 2.0), (80.0, top - 5.0)]
     )
     return body, [strap, _mirror(strap)]
 
@@ -221,7 +226,7 @@ def silhouette(attributes: Mapping[str, Any], *, flare: float = 0.5) -> Silhouet
         )
     is_outwear = category in OUTWEAR
     is_dress = category in DRESSES
-    family = "outwear" if is_outwear else "dress" if is_dress else "top"
+    family = "outwear" if is_outwear else "dress" if is_dress else "sling" if sleeve == "straps" else "top"
     hem = _HEMS[family][length]
     torso_hem = _WAIST_Y if is_dress else hem
     parts: list[np.ndarray] = []
@@ -233,10 +238,13 @@ def silhouette(attributes: Mapping[str, Any], *, flare: float = 0.5) -> Silhouet
         neckline = None
     else:
         inset = 9.0 if sleeve == "none" else 0.0
-        width = 26.0 if is_outwear else 22.0
-        body = _torso(hem=torso_hem, flare=0.2 if is_dress or is_outwear else flare, shoulder_inset=inset,
-                      neck_half=neck_half)  # fmt: skip
-        parts = [body, *_sleeve(sleeve or "none", width=width)]
+        width = 28.0 if is_outwear else 22.0
+        if is_outwear:  # boxy, with dropped shoulders and elbow-length short sleeves
+            inset, body_flare, reach = -4.0, 0.7, (0.5 if sleeve == "short" else 1.0)
+        else:
+            body_flare, reach = (0.2 if is_dress else flare), None
+        body = _torso(hem=torso_hem, flare=body_flare, shoulder_inset=inset, neck_half=neck_half)
+        parts = [body, *_sleeve(sleeve or "none", width=width, reach=reach)]
         if is_outwear:
             collar = _lapels(neck_half, deep=neckline == "v-neck")
         elif neckline == "collar":
@@ -246,13 +254,13 @@ def silhouette(attributes: Mapping[str, Any], *, flare: float = 0.5) -> Silhouet
         top_half = 31.0 + 0.6
         parts.insert(1, _skirt(top=_WAIST_Y - 1.0, top_half=top_half, hem=hem, flare=flare))
     closed = bool(details & {"buttons", "zip"})
-    open_front = is_outwear and not closed
+    open_front = is_outwear and "zip" not in details  # outwear is worn open unless zipped
     if open_front:
         inner.append(
-            np.array([(_CX - 5, _NECK_Y + 6), (_CX + 5, _NECK_Y + 6), (_CX + 7, hem), (_CX - 7, hem)])
+            np.array([(_CX - 6, _NECK_Y + 6), (_CX + 6, _NECK_Y + 6), (_CX + 11, hem), (_CX - 11, hem)])
         )
     if is_outwear:
-        fastener = (_CX, _NECK_Y + 12, hem - 4)
+        fastener = (_CX - (16.0 if open_front else 0.0), _NECK_Y + 40, hem - 4)
         pockets = [(70.0, hem - 42, 88.0, hem - 22), (112.0, hem - 42, 130.0, hem - 22)]
     else:
         top_y = 100.0 if sleeve == "straps" else _NECK_Y + 14

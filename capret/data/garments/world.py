@@ -36,7 +36,7 @@ from capret.data.garments.paint import Garment
 from capret.data.garments.patterns import sample_look
 from capret.data.garments.pretrain import write_pretrain
 from capret.data.garments.records import STREAM_DF2, Identity, draw_identities, split_families
-from capret.data.garments.sampling import attributes_for, companions_for
+from capret.data.garments.sampling import companion_attributes, companions_for
 from capret.data.garments.scenes import consumer_photo, shop_photo
 from capret.errors import DataError, OutputFolderError
 from capret.io import atomic_write_json, read_json
@@ -95,12 +95,13 @@ def _write_deepfashion2(
     size: int,
     shop_size: int,
     user_views: int,
+    family_size: int,
     validation_fraction: float,
     progress: bool,
 ) -> tuple[list[Identity], dict[str, int]]:
     rng = np.random.default_rng([seed, STREAM_DF2, 0])
-    drawn = draw_identities(identities, prefix="df2-", rng=rng)
-    splits = split_families(sorted({f for f, _, _ in drawn}), fraction=validation_fraction, rng=rng)
+    drawn = draw_identities(identities, prefix="df2-", rng=rng, max_family=family_size)
+    splits = split_families(drawn, fraction=validation_fraction, rng=rng)
     people: list[Identity] = []
     counts: dict[str, int] = {}
     pair_id = 0
@@ -128,7 +129,7 @@ def _write_deepfashion2(
                 garments = [garment]
                 for category in companions_for(str(attributes["category"]), irng) if worn else []:
                     companion += 1
-                    extra = Identity(id=f"df2c-{companion:05d}", attributes=attributes_for(category, irng),
+                    extra = Identity(id=f"df2c-{companion:05d}", attributes=companion_attributes(category, irng),
                                      family=f"df2c-{companion:05d}", dataset="deepfashion2", split=split,
                                      role="companion", images=[])  # fmt: skip
                     people.append(extra)
@@ -170,6 +171,7 @@ def build_world(
     size: int = 256,
     shop_size: int | None = None,
     user_views: int = 3,
+    family_size: int = 3,
     validation_fraction: float = 0.35,
     progress: bool = False,
 ) -> WorldSummary:
@@ -184,6 +186,8 @@ def build_world(
         size: longest side of consumer photos in pixels; shop, FashionIQ and pretraining images use
             ``shop_size`` (default ``size``).
         user_views: consumer photos per DeepFashion2 identity.
+        family_size: largest DeepFashion2 and pretraining family (identities sharing category, colour and
+            look); 1 makes every identity its own family.
         validation_fraction: share of families held out in every part's validation split.
         progress: show progress bars.
     """
@@ -191,6 +195,8 @@ def build_world(
         raise DataError(f"identities must be >= 2 (one per split at least), got {identities}")
     if not 0 < validation_fraction < 1:
         raise DataError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    if family_size < 1 or user_views < 1:
+        raise DataError(f"family_size and user_views must be >= 1, got {family_size} and {user_views}")
     if size < 64:
         raise DataError(f"size must be >= 64 pixels, got {size}")
     cir_count = identities if cir_identities is None else cir_identities
@@ -203,7 +209,8 @@ def build_world(
     start = time.perf_counter()
     people, counts = _write_deepfashion2(
         root / "deepfashion2", seed=seed, identities=identities, size=size, shop_size=shop,
-        user_views=user_views, validation_fraction=validation_fraction, progress=progress,
+        user_views=user_views, family_size=family_size, validation_fraction=validation_fraction,
+        progress=progress,
     )  # fmt: skip
     if cir_count > 0:
         fiq_people, fiq_counts = write_fashioniq(
@@ -214,7 +221,7 @@ def build_world(
         counts.update(fiq_counts)
     if pretrain_count > 0:
         pre_people, pre_counts = write_pretrain(
-            root / "pretrain", seed=seed, identities=pretrain_count, size=size, shop_size=shop,
+            root / "pretrain", seed=seed, identities=pretrain_count, size=size, shop_size=shop, family_size=family_size,
             validation_fraction=min(validation_fraction, 0.15), progress=progress,
         )  # fmt: skip
         people += pre_people
@@ -232,7 +239,7 @@ def build_world(
     (root / TRUTH_FILE).write_text(json.dumps(truth, indent=0, sort_keys=True))
     options = {
         "identities": identities, "cir_identities": cir_count, "pretrain_identities": pretrain_count,
-        "size": size, "shop_size": shop, "user_views": user_views, "validation_fraction": validation_fraction,
+        "size": size, "shop_size": shop, "user_views": user_views, "family_size": family_size, "validation_fraction": validation_fraction,
     }  # fmt: skip
     summary = WorldSummary(
         version=WORLD_VERSION,
