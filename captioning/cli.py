@@ -27,7 +27,15 @@ from capret.console import add_debug_flag, print_json, run_guarded
 from capret.progress import NO_PROGRESS_HELP, progress_enabled
 from captioning.loop import LoopConfig
 
-__all__ = ["CaptionConfig", "OpenAIOptions", "TransformersOptions", "build_parser", "main", "run"]
+__all__ = [
+    "CaptionConfig",
+    "ClipOptions",
+    "OpenAIOptions",
+    "TransformersOptions",
+    "build_parser",
+    "main",
+    "run",
+]
 
 
 @dataclass
@@ -59,6 +67,14 @@ class TransformersOptions:
 
 
 @dataclass
+class ClipOptions:
+    """Options of the ``clip`` backend (its model, an exported CLIP folder, is ``vlm``)."""
+
+    device: str = cfg("cpu", "torch device of the CLIP, e.g. cuda")
+    batch_size: int = cfg(64, "crops per CLIP forward pass")
+
+
+@dataclass
 class CaptionConfig:
     """Everything ``capret-caption`` needs."""
 
@@ -69,8 +85,11 @@ class CaptionConfig:
         None, "fashioniq category subset (default: all); images: a category name, read only by the oracle"
     )
     out: Path | None = cfg(None, "the JSONL caption store to write (resumed if it exists)")
-    backend: str = cfg("template", "caption backend: template, transformers or openai")
-    vlm: str = cfg("", "VLM: hub id or local folder (transformers) / served model name (openai)")
+    backend: str = cfg("template", "caption backend: template, transformers, openai or clip")
+    vlm: str = cfg(
+        "",
+        "VLM: hub id or local folder (transformers) / served model name (openai) / exported CLIP folder (clip)",
+    )
     llm: str = cfg("", "question/summary LLM (default: the VLM itself)")
     batch_size: int = cfg(8, "items per batch: one backend call per round serves the whole batch")
     overwrite: bool = cfg(False, "re-caption keys already in the store (later line wins, explicitly marked)")
@@ -79,6 +98,10 @@ class CaptionConfig:
     prompt_version: str = cfg("capret-chat-v1", "built-in prompt set")
     prompt_file: Path | None = cfg(None, "YAML prompt set (overrides prompt_version)")
     progress: bool = cfg(True, "show a progress bar")
+    engine: str = cfg("local", "local: this process; ray: Ray Data actors (the store is still written here)")
+    ray_address: str | None = cfg(None, "Ray cluster address for --engine ray (default: a local Ray)")
+    ray_actors: int = cfg(2, "caption actors (each builds the backend once) for --engine ray")
+    ray_num_cpus: int | None = cfg(None, "CPUs of the local Ray (default: all)")
     on_bad_image: str = cfg(
         "error",
         "error: an unreadable image stops the run naming the file; skip: it is logged to the failures file and "
@@ -95,6 +118,7 @@ class CaptionConfig:
     loop: LoopConfig = cfg(factory=LoopConfig, help="dialogue options")
     openai: OpenAIOptions = cfg(factory=OpenAIOptions, help="openai backend options")
     transformers: TransformersOptions = cfg(factory=TransformersOptions, help="transformers backend options")
+    clip: ClipOptions = cfg(factory=ClipOptions, help="clip backend options")
 
 
 # (flag, config key, argparse options)
@@ -132,6 +156,9 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "transformers.dtype",
         {"choices": ["auto", "float32", "float16", "bfloat16"], "help": "dtype"},
     ),
+    ("--engine", "engine", {"choices": ["local", "ray"], "help": "local (default) or ray (Ray Data actors)"}),
+    ("--ray-address", "ray_address", {"help": "Ray cluster address (default: start a local Ray)"}),
+    ("--ray-actors", "ray_actors", {"type": int, "help": "caption actors with --engine ray (default 2)"}),
 ]
 
 
@@ -257,6 +284,10 @@ def _backend_options(config: CaptionConfig) -> dict[str, Any]:
         return {"base_urls": o.base_url, "vlm": config.vlm, "llm": config.llm or None,
                 "api_key_env": o.api_key_env or None, "concurrency": o.concurrency, "timeout": o.timeout,
                 "max_retries": o.max_retries, "temperature": o.temperature, "seed": o.seed}  # fmt: skip
+    if config.backend == "clip":
+        if not config.vlm:
+            raise ConfigError("--backend clip needs --vlm FOLDER: a CLIP exported by capret-train task clip")
+        return {"model": config.vlm, "device": config.clip.device, "batch_size": config.clip.batch_size}
     from captioning.backends import list_backends
 
     raise ConfigError(f"unknown backend {config.backend!r}; valid backends: {', '.join(list_backends())}")
@@ -320,20 +351,33 @@ def run(config: CaptionConfig) -> dict[str, Any]:
         elif config.category_model:
             category_model = load_category_model(config.category_model)
             category_report = {"category_model": str(config.category_model)}
-        with create_backend(config.backend, **options) as backend:
-            summary = caption_targets(
+        if config.engine == "ray":
+            from captioning.ray_engine import caption_targets_ray
+
+            if config.ray_actors < 1:
+                raise ConfigError(f"--ray-actors must be >= 1, got {config.ray_actors}")
+            summary = caption_targets_ray(
                 targets,
                 store=store,
-                backend=backend,
+                backend=config.backend,
+                options=options,
                 prompts=prompts,
                 config=config.loop,
                 batch_size=config.batch_size,
-                progress=progress_enabled(config.progress),
+                actors=config.ray_actors,
+                address=config.ray_address,
+                num_cpus=config.ray_num_cpus,
                 on_bad_image=config.on_bad_image,
                 category_model=category_model,
                 cross_fitted=cross_fitted,
                 oracle=config.oracle_attributes,
             )
+        elif config.engine != "local":
+            raise ConfigError(f"unknown engine {config.engine!r}; valid: local, ray")
+        elif config.ray_address:
+            raise ConfigError("--ray-address needs --engine ray")
+        else:
+            summary = _caption_local(config, targets, store, options, prompts, category_model, cross_fitted)
     result = {
         "out": str(config.out),
         "failures_file": str(store.failures_path),
@@ -342,6 +386,36 @@ def run(config: CaptionConfig) -> dict[str, Any]:
         **category_report,
     }
     return result
+
+
+def _caption_local(
+    config: CaptionConfig,
+    targets: Any,
+    store: Any,
+    options: dict[str, Any],
+    prompts: Any,
+    category_model: Any,
+    cross_fitted: Any,
+) -> Any:
+    """The local engine: the backend and the runner in this process."""
+    from captioning.backends import create_backend
+    from captioning.runner import caption_targets
+
+    with create_backend(config.backend, **options) as backend:
+        summary = caption_targets(
+            targets,
+            store=store,
+            backend=backend,
+            prompts=prompts,
+            config=config.loop,
+            batch_size=config.batch_size,
+            progress=progress_enabled(config.progress),
+            on_bad_image=config.on_bad_image,
+            category_model=category_model,
+            cross_fitted=cross_fitted,
+            oracle=config.oracle_attributes,
+        )
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

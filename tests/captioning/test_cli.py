@@ -152,7 +152,7 @@ def test_usage_errors_are_one_line_messages(df2, tmp_path, capsys) -> None:
         (["--root", str(root)], "--out is required"),
         (
             ["--root", str(root), "--out", str(tmp_path / "x.jsonl"), "--backend", "gpt"],
-            "valid backends: openai,",
+            "valid backends: clip, openai,",
         ),
         (
             ["--root", str(root), "--out", str(tmp_path / "x.jsonl"), "--dataset", "coco"],

@@ -187,3 +187,31 @@ def test_query_captioner_runs_the_backend_from_settings(clip_folder: Path) -> No
     out = captioner.caption(photos, BOXES[:2])
     assert all(isinstance(c, str) and c for c in out)
     assert captioner.caption(photos, BOXES[:2]) == out  # served from the cache the second time
+
+
+def test_caption_cli_runs_the_clip_backend(
+    clip_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from captioning.cli import main
+
+    for i, photo in enumerate(_photos(3)):
+        photo.save(tmp_path / f"{i}.png")
+    store = tmp_path / "captions.jsonl"
+    argv = [
+        "--dataset",
+        "images",
+        "--root",
+        str(tmp_path),
+        "--out",
+        str(store),
+        "--backend",
+        "clip",
+        "--no-progress",
+    ]
+    assert main([*argv, "--vlm", str(clip_folder)]) == 0
+    records = [json.loads(line) for line in store.read_text().splitlines() if line.strip()]
+    assert len(records) == 3 and {r["backend"] for r in records} == {"clip"}
+    assert all(r["caption"] for r in records) and records[0]["model"]["model"] == str(clip_folder)
+    capsys.readouterr()
+    assert main([*argv[:5], str(tmp_path / "other.jsonl"), *argv[6:]]) == 2
+    assert "--vlm" in capsys.readouterr().err
