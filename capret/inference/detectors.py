@@ -97,17 +97,17 @@ class FileDetector(Protocol):
 
 
 #: detectors with a model register themselves when their module is imported (on first use)
-_DETECTORS: Registry[Any] = Registry(
+_DETECTORS: Registry[Detector] = Registry(
     "detector", lazy_modules={"deepfashion2_detector": "capret.inference.detectors"}
 )
 
 
-def register_detector(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_detector(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
     """Decorator registering a detector factory ``factory(**options) -> Detector`` under ``name``."""
     return _DETECTORS.register(name)
 
 
-def create_detector(name: str, **options: Any) -> Any:
+def create_detector(name: str, **options: Any) -> Detector:
     """Build detector ``name`` with its keyword options; unknown names list the valid ones."""
     return _DETECTORS.create(name, **options)
 
@@ -117,7 +117,7 @@ def list_detectors() -> list[str]:
 
 
 def run_detector(
-    detector: Any, images: Sequence[Image.Image], paths: Sequence[str | Path | None]
+    detector: Detector, images: Sequence[Image.Image], paths: Sequence[str | Path | None]
 ) -> list[list[Detection]]:
     """Detect with pixels, or with files for a :class:`FileDetector` (which then needs every path)."""
     if isinstance(detector, FileDetector):

@@ -202,10 +202,12 @@ def sincos_2d(height: int, width: int, dim: int, *, device: torch.device, dtype:
     return torch.cat(out, dim=1).to(dtype)
 
 
-_FAMILIES: Registry[Any] = Registry("dual-stream family", lazy_modules={"blip": "capret.models.blip_stream"})
+_FAMILIES: Registry[DualStreamModel] = Registry(
+    "dual-stream family", lazy_modules={"blip": "capret.models.blip_stream"}
+)
 
 
-def register_family(name: str, cls: Any) -> None:
+def register_family(name: str, cls: type[DualStreamModel]) -> None:
     """Register a dual-stream model family (a :class:`DualStreamModel` subclass built from the same config)."""
     _FAMILIES.register(name)(cls)
 
@@ -222,7 +224,7 @@ def create_dual_stream_model(config: DualStreamModelConfig) -> DualStreamModel:
         raise ConfigError(
             f"model.init_from_clip is for family 'capret' (its two streams); family {config.family!r} brings its own"
         )
-    return _FAMILIES.create(config.family, config=config)  # type: ignore[no-any-return]
+    return _FAMILIES.create(config.family, config=config)
 
 
 def with_clip_streams(config: DualStreamModelConfig) -> DualStreamModelConfig:

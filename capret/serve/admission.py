@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from capret.errors import ConfigError
+
 __all__ = ["Admission", "AdmissionRefused", "HostCheck", "Ticket", "allowed_hosts_for"]
 
 Scope = MutableMapping[str, Any]
@@ -64,12 +66,12 @@ class Admission:
 
     def __init__(self, *, max_concurrency: int, max_pixels: int, pixel_budget: int | None = None) -> None:
         if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+            raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+            raise ConfigError(f"max_pixels must be >= 1, got {max_pixels}")
         budget = max_pixels if pixel_budget is None else pixel_budget
         if budget < max_pixels:
-            raise ValueError(
+            raise ConfigError(
                 f"pixel_budget ({budget}) must be >= max_pixels ({max_pixels}): a maximal image must fit alone"
             )
         self.max_concurrency = max_concurrency

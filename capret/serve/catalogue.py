@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
+from capret.errors import UsageError
 from capret.serve.admission import Admission, AdmissionRefused, HostCheck, allowed_hosts_for
 from capret.serve.backends import crop_box
 
@@ -151,7 +152,7 @@ def create_catalogue_app(
 ) -> FastAPI:
     """The ASGI app over a catalogue (see the module docstring); writes need ``allow_writes`` and a token."""
     if allow_writes and not token:
-        raise ValueError("write endpoints need a token: pass --token (or set CAPRET_SERVE_TOKEN)")
+        raise UsageError("write endpoints need a token: pass --token (or set CAPRET_SERVE_TOKEN)")
     admission = Admission(max_concurrency=max_concurrency, max_pixels=max_pixels, pixel_budget=pixel_budget)
     app = FastAPI(title="capret serve (catalogue)", version="1", docs_url=None, redoc_url=None)
     if host is not None:

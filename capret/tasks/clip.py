@@ -42,6 +42,7 @@ from capret.data.imagefile import decode_image
 from capret.engine.checkpoint import git_revision, load_model_weights, package_versions
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train, unwrap_model
+from capret.errors import DataError
 from capret.evaluation.metrics import recall_at_k
 from capret.io import load_safetensors
 from capret.models.clip_arch import (
@@ -260,7 +261,7 @@ def zero_shot_category_accuracy(
     names = list(GARMENT_CATEGORIES if categories is None else categories)
     unknown = sorted({label for label in labels if label not in names})
     if unknown:
-        raise ValueError(f"labels {unknown} are not among the candidate categories {names}")
+        raise DataError(f"labels {unknown} are not among the candidate categories {names}")
     bundle = load_clip_folder(clip) if isinstance(clip, str | Path) else clip
     with torch.no_grad():
         weights = class_embeddings(bundle, names, templates=templates)

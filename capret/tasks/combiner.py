@@ -283,7 +283,7 @@ class CombinerTask:
         bs = self.stage_config.batch_size
         per_rank = len(order) // world_size // bs * bs
         if per_rank == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(order)} training triplets cannot fill one batch of {bs} on each of {world_size} "
                 f"process(es); lower stage{self.config.stage}.batch_size"
             )

@@ -34,7 +34,7 @@ from capret.config import cfg, to_dict
 from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig
-from capret.errors import BadImageError, DataError
+from capret.errors import BadImageError, ConfigError, DataError
 from capret.inference.detectors import pil_to_tensor, predict_coco
 from capret.io import atomic_write_json, read_json
 from capret.models.detector import ClothingDetector, DetectorModelConfig
@@ -186,7 +186,7 @@ class FlipBatchSampler(torch.utils.data.Sampler[list[tuple[int, bool]]]):
         per_step = batch_size * world_size
         usable = (size // per_step) * per_step
         if usable == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{size} training images cannot fill one step of {batch_size} x {world_size} ranks"
             )
         self.batches = [

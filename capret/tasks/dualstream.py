@@ -50,6 +50,7 @@ from capret.data.items import (
 )
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig
+from capret.errors import DataError
 from capret.inference.dualstream.encoding import (
     box_quality,
     evaluate_items,
@@ -264,7 +265,7 @@ class DualStreamTask:
         if data.max_items is not None:
             items = items[: data.max_items]
         if not items:
-            raise ValueError(f"{data.root}/{data.train_split}: no items with style > 0 to train on")
+            raise DataError(f"{data.root}/{data.train_split}: no items with style > 0 to train on")
         items, self.holdout_items = split_holdout_identities(
             items, fraction=data.holdout_identities, seed=config.trainer.seed
         )

@@ -4,9 +4,12 @@ without loading torch or any model code; each name's module registers it when fi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from capret.registry import Registry
+
+if TYPE_CHECKING:  # the methods module is heavy; this one stays light for --help
+    from capret.inference.cir.methods import CirMethod
 
 __all__ = ["METHODS", "list_cir_methods", "register_cir_method"]
 
@@ -15,7 +18,7 @@ _ZEROSHOT = "capret.inference.cir.inversion_methods"
 
 #: name -> factory ``(*, inputs: MethodInputs) -> CirMethod`` (typed in :mod:`capret.inference.cir.methods`,
 #: which this light module must not import)
-METHODS: Registry[Any] = Registry(
+METHODS: Registry[CirMethod] = Registry(
     "CIR method",
     lazy_modules={
         "combiner": _BUILTIN,
@@ -31,7 +34,7 @@ METHODS: Registry[Any] = Registry(
 )
 
 
-def register_cir_method(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_cir_method(name: str) -> Callable[[Callable[..., CirMethod]], Callable[..., CirMethod]]:
     """Decorator registering a factory ``(*, inputs: MethodInputs) -> CirMethod`` under ``name``."""
     return METHODS.register(name)
 

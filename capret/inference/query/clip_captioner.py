@@ -45,6 +45,7 @@ from capret.data.garments.vocab import (
     PATTERNS,
     describe,
 )
+from capret.errors import ConfigError
 from capret.models.clip_arch import load_clip_folder
 from capret.models.clip_base import ClipBundle
 from capret.models.clip_zeroshot import Box, class_embeddings, encode_pil_images, zero_shot_scores
@@ -84,7 +85,7 @@ def attribute_candidates(attribute: str, category: str) -> list[Candidate]:
         return [{**base, "details": s} for s in subsets]
     if attribute == "material":
         return [{**base, "material": m} for m in MATERIALS]
-    raise ValueError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTE_ORDER)}")
+    raise ConfigError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTE_ORDER)}")
 
 
 class ClipAttributeDescriber:
@@ -107,7 +108,7 @@ class ClipAttributeDescriber:
     ) -> None:
         unknown = [a for a in attributes if a not in ATTRIBUTE_ORDER]
         if unknown:
-            raise ValueError(f"unknown attributes {unknown}; valid: {', '.join(ATTRIBUTE_ORDER)}")
+            raise ConfigError(f"unknown attributes {unknown}; valid: {', '.join(ATTRIBUTE_ORDER)}")
         self.clip = clip.eval()
         self.templates = tuple(templates)
         self.attributes = tuple(attributes)
