@@ -29,6 +29,7 @@ from capret.data.image_sources import ImageSource
 from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig
+from capret.errors import ConfigError
 from capret.inference.cir.features import CachedFeatures, image_features
 from capret.inference.cir.inversion import save_mapper_folder
 from capret.models.clip import ClipBundle, load_task_clip_config
@@ -81,7 +82,7 @@ def index_batches(
     order = torch.randperm(count, generator=g).tolist()
     per_rank = count // world_size // batch_size * batch_size
     if per_rank == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{count} training examples cannot fill one batch of {batch_size} on each of {world_size} "
             "process(es); lower batch_size"
         )

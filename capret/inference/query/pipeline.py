@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 from PIL import Image
@@ -169,6 +169,14 @@ class Match:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class SearchOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Pipeline.search` (those of :meth:`Pipeline.search_detailed`)."""
+
+    boxes: Sequence[Sequence[float]] | None  # item boxes [x1, y1, x2, y2] instead of the detector's
+    use_captions: bool | None  # caption the query (None = the pipeline's setting)
+    rerank: bool | None  # rerank the head (None = whenever a reranker is configured)
 
 
 @dataclass
@@ -308,7 +316,9 @@ class RetrievalPipeline:
 
     # ----------------------------------------------------------------------------------------- search
 
-    def search(self, image: str | Path | Image.Image, k: int = 20, **options: Any) -> list[Match]:
+    def search(
+        self, image: str | Path | Image.Image, k: int = 20, **options: Unpack[SearchOptions]
+    ) -> list[Match]:
         """The ranked list for a photo (options as :meth:`search_detailed`); timings in :attr:`last_timings`."""
         result = self.search_detailed(image, k, **options)
         return result.matches
