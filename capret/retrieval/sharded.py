@@ -50,7 +50,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from capret.errors import CapretError, ConfigError, DataError
-from capret.io import atomic_write_json, atomic_write_text, disk_full_named, file_sha256, read_json
+from capret.io import atomic_write_json, atomic_write_text, disk_full_named, file_sha256, read_json, read_text
 from capret.retrieval.index import IVFPQ_DEFAULTS, as_float32, ivfpq_factory, training_rows
 
 __all__ = [
@@ -416,7 +416,7 @@ class ShardedFeatures:
         for info in self.shards:
             if info.items is not None:
                 path = self.directory / info.items
-                records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                records = _read_items(path)
             elif info.ids is not None and info.ids.endswith(".npy"):  # capret-extract: a numpy unicode array
                 path = self.directory / info.ids
                 records = [{"id": str(v)} for v in np.load(path, allow_pickle=False).tolist()]
@@ -447,6 +447,24 @@ class ShardedFeatures:
                 checksums[info.items] = info.items_sha256
         verify_files(self.directory, checksums, what="feature shard", listed_in=self.manifest_name)
         self.verified = True
+
+
+def _read_items(path: Path) -> list[dict[str, Any]]:
+    """The item records of a shard (one JSON object per line); a bad line is a DataError naming file and line."""
+    records = []
+    for number, line in enumerate(read_text(path, what="item records").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})", path=path
+            ) from None
+        if not isinstance(record, dict) or "id" not in record:
+            raise DataError(f"line {number} is not an item record (an object with an id)", path=path)
+        records.append(record)
+    return records
 
 
 def open_features(directory: str | Path, *, verify: bool = True) -> ShardedFeatures:
