@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from capret.errors import CheckpointError
-from capret.io import atomic_write, atomic_write_json, load_safetensors
+from capret.io import atomic_write, atomic_write_json, load_state_into
 
 __all__ = [
     "CHECKPOINT_SIDECAR",
@@ -92,46 +92,41 @@ def write_weights(path: str | Path, module: nn.Module, *, format: str) -> Path:
     return path
 
 
-def read_weights(module: nn.Module, path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a safetensors file written by :func:`write_weights` into ``module`` (strict: same names, shapes).
+def read_weights(
+    module: nn.Module, path: str | Path, *, sha256: str | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load a safetensors file written by :func:`write_weights` into ``module`` (strict: same names, shapes),
+    after checking its SHA-256 when the folder recorded one (``capret_model.json``'s ``sha256``).
 
     Raises:
-        CheckpointError: the file is missing, or a tensor is missing, unexpected or of another shape (named).
+        CheckpointError: the file is missing, fails its checksum, or a tensor is missing, unexpected or of
+            another shape (named).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("model weights are missing", path=path)
-    state = load_safetensors(path, device=str(device))
-    own = module.state_dict()
-    for problem, names in (("unexpected", set(state) - set(own)), ("missing", set(own) - set(state))):
-        if names:
-            raise CheckpointError(
-                f"{len(names)} {problem} tensor(s), e.g. {sorted(names)[0]!r}: the weights belong to another "
-                "architecture than the folder's config builds",
-                path=path,
-            )
-    for key, value in state.items():
-        if tuple(own[key].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"tensor {key!r} has shape {list(value.shape)} but the model built from the folder's config "
-                f"has {list(own[key].shape)}",
-                path=path,
-            )
-    module.load_state_dict(state, strict=True)
-    return module
+    load_state_into(
+        module, path, sha256=sha256, built_from=f"the config in {path.parent / MODEL_CONFIG_FILE}"
+    )
+    return module.to(device)
 
 
-def read_model_config(folder: str | Path) -> dict[str, Any]:
+def read_model_config(folder: str | Path, *, format: str | None = None) -> dict[str, Any]:
     """The parsed ``capret_model.json`` (or legacy ``capret_detector.json``) of ``folder``, ``kind`` filled in.
 
+    Args:
+        format: if given, the folder's ``format`` must be this one (a loader reads only the layout it knows).
+
     Raises:
-        ModelFolderError: neither file exists, or it is not a JSON object.
+        ModelFolderError: neither file exists, it is not a JSON object, or its format is not ``format``.
     """
     folder = Path(folder)
     for name in (MODEL_CONFIG_FILE, LEGACY_DETECTOR_CONFIG_FILE):
         path = folder / name
         if path.is_file():
             meta = _read_object(path)
+            if format is not None and meta.get("format") != format:
+                raise ModelFolderError(f"format {meta.get('format')!r} is not {format!r}", path=path)
             if "kind" not in meta:
                 meta["kind"] = _LEGACY_FORMATS.get(str(meta.get("format")), "")
                 if not meta["kind"]:

@@ -24,9 +24,9 @@ from torch import nn
 
 from capret.config import from_dict, to_dict
 from capret.engine.checkpoint import load_model_weights
-from capret.errors import CheckpointError, MissingFileError
+from capret.errors import MissingFileError
 from capret.inference.model_kinds import load, register_model_kind
-from capret.io import default_device, read_json
+from capret.io import default_device, file_sha256, read_json
 from capret.models.clip import ClipBundle, load_task_clip_config
 from capret.models.combiner import CombinerModelConfig, CombinerRecord, build_fuser, upgrade_config_dict
 from capret.models.folder import (
@@ -118,12 +118,17 @@ def save_combiner_folder(
     folder = Path(folder)
     # the folder holds every weight it needs: it never points back at a run folder
     record = CombinerRecord(stage=config.stage, model=replace(config.model, stage1_checkpoint=None))
-    if clip_trained:
-        write_weights(folder / _CLIP_FILE, clip, format=COMBINER_FORMAT)
+    written: list[tuple[str, nn.Module]] = [(_CLIP_FILE, clip)] if clip_trained else []
     if config.stage == 2:
-        write_weights(folder / _FUSER_FILE, fuser, format=COMBINER_FORMAT)
+        written.append((_FUSER_FILE, fuser))
+    sha256 = {
+        name: file_sha256(write_weights(folder / name, module, format=COMBINER_FORMAT))
+        for name, module in written
+    }
     extra = {"trained_from": trained_from} if trained_from is not None else {}
-    write_model_config(folder, kind="combiner", format=COMBINER_FORMAT, config=to_dict(record), **extra)
+    write_model_config(
+        folder, kind="combiner", format=COMBINER_FORMAT, config=to_dict(record), sha256=sha256, **extra
+    )
     return folder
 
 
@@ -131,18 +136,15 @@ def save_combiner_folder(
 def _load_combiner(folder: Path, *, device: str | torch.device | None = None) -> CombinerModel:
     target = default_device(device)
     if (folder / MODEL_CONFIG_FILE).is_file():
-        meta = read_model_config(folder)
-        if meta.get("format") != COMBINER_FORMAT:
-            raise CheckpointError(
-                f"format {meta.get('format')!r} is not {COMBINER_FORMAT!r}", path=folder / MODEL_CONFIG_FILE
-            )
+        meta = read_model_config(folder, format=COMBINER_FORMAT)
+        sha256 = meta.get("sha256") or {}
         config = from_dict(CombinerRecord, meta["config"])
         clip = load_task_clip_config(config.model.clip, device=target)
         if (folder / _CLIP_FILE).is_file():
-            read_weights(clip, folder / _CLIP_FILE, device=target)
+            read_weights(clip, folder / _CLIP_FILE, sha256=sha256.get(_CLIP_FILE), device=target)
         fuser = build_fuser(config, clip.feature_dim)
         if config.stage == 2:
-            read_weights(fuser, folder / _FUSER_FILE, device=target)
+            read_weights(fuser, folder / _FUSER_FILE, sha256=sha256.get(_FUSER_FILE), device=target)
     else:
         config, clip, fuser = _from_checkpoint(folder, device=target)
     return CombinerModel(clip=clip.eval(), fuser=fuser.to(target).eval(), config=config, folder=folder)

@@ -35,7 +35,7 @@ from capret.config import from_dict, to_dict
 from capret.engine.checkpoint import load_model_weights
 from capret.errors import CheckpointError
 from capret.inference.model_kinds import load, register_model_kind
-from capret.io import default_device, read_json, resolve_model_folder
+from capret.io import default_device, file_sha256, read_json, resolve_model_folder
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
 from capret.models.folder import (
     MODEL_CONFIG_FILE,
@@ -203,9 +203,16 @@ def save_mapper_folder(
             f"kind {kind!r} is not a mapper kind ({', '.join(ZEROSHOT_TASKS)})", path=folder
         )
     folder = Path(folder)
-    write_weights(folder / _MAPPER_FILE, mapper, format=MAPPER_FORMAT)
+    weights = write_weights(folder / _MAPPER_FILE, mapper, format=MAPPER_FORMAT)
     extra = {"trained_from": trained_from} if trained_from is not None else {}
-    write_model_config(folder, kind=kind, format=MAPPER_FORMAT, config=to_dict(record), **extra)
+    write_model_config(
+        folder,
+        kind=kind,
+        format=MAPPER_FORMAT,
+        config=to_dict(record),
+        sha256={_MAPPER_FILE: file_sha256(weights)},
+        **extra,
+    )
     return folder
 
 
@@ -235,14 +242,13 @@ def _load_mapper_folder(
 ) -> ZeroShotModel:
     target = default_device(device)
     if (folder / MODEL_CONFIG_FILE).is_file():
-        meta = read_model_config(folder)
-        if meta.get("format") != MAPPER_FORMAT:
-            raise CheckpointError(
-                f"format {meta.get('format')!r} is not {MAPPER_FORMAT!r}", path=folder / MODEL_CONFIG_FILE
-            )
+        meta = read_model_config(folder, format=MAPPER_FORMAT)
         record = from_dict(MapperRecord, meta["config"])
         mapper = read_weights(
-            build_mapper(record.mapper, record.hparams), folder / _MAPPER_FILE, device=target
+            build_mapper(record.mapper, record.hparams),
+            folder / _MAPPER_FILE,
+            sha256=(meta.get("sha256") or {}).get(_MAPPER_FILE),
+            device=target,
         )
     else:
         record = _record_from_checkpoint(folder)
