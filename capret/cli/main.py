@@ -37,15 +37,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     qs = sub.add_parser(
         "quickstart",
-        help="build the embedded demo dataset (real photographs) and run every stage offline on CPU",
-        description="Builds the demo dataset under OUT/data and runs captioning, the training-free baseline, "
-        "dual-stream training and reranking, writing OUT/report.json.",
+        help="render the garment world and run every stage offline on CPU",
+        description="Renders the garment world under OUT/world and runs one half of the package on it: "
+        "--task retrieval (tiny CLIP, captions, baseline, dual stream, detector, rerank, pipeline; "
+        "OUT/report.json) or --task cir (tiny CLIP, Combiner and the zero-shot methods; OUT/report_cir.json); "
+        "--task all runs both into OUT/report.json.",
+    )
+    qs.add_argument(
+        "--task",
+        choices=("retrieval", "cir", "all"),
+        default="retrieval",
+        help="which half of the package to run (default: %(default)s)",
+    )
+    qs.add_argument(
+        "--world",
+        choices=("garments", "demo"),
+        default="garments",
+        help="garments: the rendered garment world; demo: the earlier photograph demo (no clip/cir stages)",
     )
     qs.add_argument(
         "--out", type=Path, default=Path("capret_quickstart"), help="output folder (default: %(default)s)"
     )
     qs.add_argument(
-        "--seed", type=non_negative_int, default=0, help="random seed of the demo dataset and training"
+        "--seed", type=non_negative_int, default=0, help="random seed of the world and of training"
     )
     qs.add_argument(
         "--train-seconds",
@@ -69,7 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_guarded(
             lambda: (
-                run_quickstart(args.out, seed=args.seed, stages=args.stages, train_seconds=args.train_seconds)
+                run_quickstart(
+                    args.out,
+                    seed=args.seed,
+                    stages=args.stages,
+                    train_seconds=args.train_seconds,
+                    task=args.task,
+                    world=args.world,
+                )
                 and 0
             ),
             debug=args.debug or None,

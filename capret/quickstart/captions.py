@@ -33,6 +33,8 @@ from captioning.store import CaptionStore, read_records
 from . import QuickstartContext
 
 SPLITS = ("train", "validation")
+#: Attributes of the clip captioner scored against the world's truth file.
+SCORED_ATTRIBUTES = ("category", "colour", "pattern", "neckline", "length", "sleeve", "material")
 #: Time budget of the category model (feature extraction + fitting) on 2 CPU cores.
 CATEGORY_SECONDS = 30.0
 
@@ -88,7 +90,10 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
     ctx.state["predicted_categories"] = predicted
     ctx.state["category_model"] = folder
     metrics = category_model.metrics
+    clip_captioner = _score_clip_captioner(ctx) if "clip" in ctx.state else None
     return {
+        "category_accuracy": accuracy.get("validation"),
+        "clip_captioner": clip_captioner,
         "captioned": captioned,
         "skipped": skipped,
         "failed": failed,
@@ -106,4 +111,42 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
             "validation_accuracy": accuracy.get("validation"),
             "seconds": metrics.get("seconds_with_features", metrics.get("seconds")),
         },
+    }
+
+
+def _score_clip_captioner(ctx: QuickstartContext) -> dict[str, Any]:
+    """The ``clip`` caption backend on the validation items, scored attribute by attribute against the world's
+    truth file (read here, after the predictions, and nowhere else in the quickstart's retrieval half)."""
+    from capret.data.deepfashion2 import image_path, load_items
+    from capret.data.garments import load_truth
+    from capret.data.garments.vocab import describe
+    from capret.data.imagefile import decode_image
+    from capret.inference.query.clip_captioner import ClipAttributeDescriber
+
+    items = load_items(ctx.data_root, "validation", progress=False)
+    describer = ClipAttributeDescriber.from_folder(ctx.state["clip"])
+    images = [decode_image(image_path(ctx.data_root, "validation", item.image_id)) for item in items]
+    predicted = describer.predict(images, [item.bbox for item in items])
+    # scoring only: the truth of each item, by the image file and item index the world wrote it under
+    truth_by_item: dict[str, dict[str, Any]] = {}
+    for identity in load_truth(ctx.world_root)["identities"].values():
+        for ref in identity.get("images", []):
+            truth_by_item[ref] = identity["attributes"]
+    scored = {name: [0, 0] for name in SCORED_ATTRIBUTES}
+    for item, guess in zip(items, predicted):
+        ref = f"deepfashion2/validation/image/{image_path(ctx.data_root, 'validation', item.image_id).name}"
+        truth = truth_by_item.get(f"{ref}#item{item.item_index}")
+        if truth is None:
+            continue
+        for name in SCORED_ATTRIBUTES:
+            if name in guess and name in truth:
+                scored[name][0] += int(guess[name] == truth[name])
+                scored[name][1] += 1
+    accuracy = {name: right / total for name, (right, total) in scored.items() if total}
+    return {
+        "model_dir": str(ctx.state["clip"]),
+        "items": len(items),
+        "category_accuracy": accuracy.get("category"),
+        "attribute_accuracy": accuracy,
+        "example": describe(predicted[0]) if predicted else "",
     }

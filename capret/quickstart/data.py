@@ -1,14 +1,21 @@
-"""Quickstart stage ``data``: build the embedded demo dataset (DeepFashion2 layout) under ``ctx.data_root``."""
+"""Quickstart stage ``data``: the data set every later stage runs on.
+
+The default world is the rendered garment world (:mod:`capret.data.garments`): DeepFashion2, FashionIQ and
+image-text splits whose signal lives in the pixels, under ``ctx.world_root``. ``--world demo`` builds the earlier
+photograph demo instead (crops of scikit-image's photographs with categories assigned in turn), kept for
+comparison with the figures in docs/quickstart-demo.md.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from capret.data.demo import DEMO_VERSION, build_demo_dataset, read_demo_marker
+from capret.data.garments import WORLD_VERSION, build_world, read_world
 from capret.quickstart import QuickstartContext
 
-#: Keys of the stage's report entry, all taken from the build summary.
-REPORT_KEYS = (
+#: Keys of the demo's report entry, all taken from its build summary.
+DEMO_REPORT_KEYS = (
     "train_images",
     "validation_images",
     "identities_train",
@@ -16,20 +23,50 @@ REPORT_KEYS = (
     "query_items",
     "gallery_items",
 )
+#: DeepFashion2 identities of the quickstart's garment world (FashionIQ: as many; image-text: twice as many).
+GARMENT_IDENTITIES = 120
+
+
+def _garments(ctx: QuickstartContext) -> dict[str, Any]:
+    summary = read_world(ctx.world_root)
+    options = summary.get("options", {}) if summary else {}
+    if (
+        summary is None
+        or summary.get("seed") != ctx.seed
+        or summary.get("version") != WORLD_VERSION
+        or options.get("identities") != GARMENT_IDENTITIES
+    ):
+        summary = build_world(ctx.world_root, seed=ctx.seed, identities=GARMENT_IDENTITIES).to_dict()
+    counts = summary["counts"]
+    return {
+        "world": "garments",
+        "root": str(ctx.world_root),
+        "version": summary["version"],
+        "render_seconds": summary.get("seconds"),
+        "images_per_second": summary.get("images_per_second"),
+        **{key: int(value) for key, value in counts.items()},
+    }
 
 
 def run(ctx: QuickstartContext) -> dict[str, Any]:
-    """Build (or reuse) the demo dataset and hand the split folders and GT files to later stages.
+    """Build (or reuse) the world and hand the split folders and ground-truth files to later stages.
 
-    A completed build with the same seed and generator version is reused, so re-running the quickstart
-    does not redo the data; anything else (no marker, other seed, older generator) is rebuilt from scratch.
-    Sets ``ctx.state["splits"]`` (split name -> folder), ``ctx.state["query_gt"]`` and
-    ``ctx.state["gallery_gt"]`` (paths of the validation ground-truth files).
+    A completed build with the same seed, version and size is reused, so re-running the quickstart does not
+    redo the data; anything else is rebuilt from scratch. Sets ``ctx.state["splits"]`` (split name -> folder),
+    ``ctx.state["query_gt"]`` and ``ctx.state["gallery_gt"]`` (the validation ground-truth files).
     """
-    marker = read_demo_marker(ctx.data_root)
-    if marker is None or marker.get("seed") != ctx.seed or marker.get("version") != DEMO_VERSION:
-        marker = build_demo_dataset(ctx.data_root, ctx.seed)
+    if ctx.world == "garments":
+        report = _garments(ctx)
+    else:
+        marker = read_demo_marker(ctx.data_root)
+        if marker is None or marker.get("seed") != ctx.seed or marker.get("version") != DEMO_VERSION:
+            marker = build_demo_dataset(ctx.data_root, ctx.seed)
+        report = {
+            "world": "demo",
+            "root": str(ctx.data_root),
+            **{k: int(marker[k]) for k in DEMO_REPORT_KEYS},
+        }
     ctx.state["splits"] = {split: ctx.data_root / split for split in ("train", "validation")}
     ctx.state["query_gt"] = ctx.data_root / "validation" / "query_gt.json"
     ctx.state["gallery_gt"] = ctx.data_root / "validation" / "gallery_gt.json"
-    return {key: int(marker[key]) for key in REPORT_KEYS}
+    return report
