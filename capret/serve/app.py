@@ -143,7 +143,7 @@ def create_app(
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 picture.load()
-                return picture.convert("RGB")
+                return picture if picture.mode == "RGB" else picture.convert("RGB")  # no second copy
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Warning):
             raise HTTPException(415, "the upload is not a decodable image (JPEG, PNG, WebP, ...)") from None
 

@@ -46,8 +46,18 @@ def _tiny_pipeline(directory: Path) -> Path:
     sys.path.insert(0, str(helpers))
     from tiny_pipeline import build_tiny_pipeline
 
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the report
-        return build_tiny_pipeline(directory)
+    # stdout carries only the report: the build's prints (and the tokenizer trainer's, written straight to file
+    # descriptor 1 from Rust) go to stderr
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return build_tiny_pipeline(directory)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def maximal_png(max_pixels: int) -> tuple[bytes, int, int]:
