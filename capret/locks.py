@@ -85,11 +85,10 @@ class LockHolder:
 def lock_path_for(path: str | os.PathLike[str]) -> Path:
     """The lock file of an output: ``runs/a`` -> ``runs/.a.lock``; ``c/captions.jsonl`` -> ``c/.captions.jsonl.lock``.
 
-    Beside the output, never inside it, so replacing the output (``--overwrite``) keeps the lock. The path is
-    made absolute (not symlink-resolved: two spellings of one folder through a symlink share the parent's inode
-    anyway only when the link is the parent; callers that accept symlinked outputs resolve them first).
+    Beside the output, never inside it, so replacing the output (``--overwrite``) keeps the lock. Symlinks are
+    resolved first, so two spellings of one output (a linked folder, a linked parent) share one lock.
     """
-    path = Path(os.path.abspath(path))
+    path = Path(os.path.realpath(path))
     if path.name in ("", ".", ".."):
         raise CapretError(f"cannot lock output {str(path)!r}: it names no folder or file", path=path)
     return path.with_name(f".{path.name}{LOCK_SUFFIX}")

@@ -194,3 +194,15 @@ def test_job_lock_released_cleanly_by_last_member(tmp_path: Path) -> None:
     assert not lock_path_for(output).exists()
     with job_output(output, what="test folder", job="job-b", member=0):  # no warning: nothing stale
         pass
+
+
+def test_two_spellings_of_one_output_share_the_lock(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with exclusive_output(real / "out", what="test folder"):
+        with (
+            pytest.raises(OutputLockedError),
+            exclusive_output(tmp_path / "link" / "out", what="test folder"),
+        ):
+            pytest.fail("a symlinked spelling of the same folder got the lock")
