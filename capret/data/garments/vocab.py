@@ -108,6 +108,8 @@ _SLEEVE_PHRASE = {
     "none": "no sleeves",
     "straps": "thin straps",
 }
+#: Category names that take no article ("black trousers", not "a black trousers").
+_PLURAL = ("shorts", "trousers")
 #: The template families of :func:`describe` when it is given a generator.
 _STYLES = ("sentence", "list", "noun-first")
 
@@ -173,7 +175,8 @@ def _phrases(attributes: Mapping[str, Any]) -> dict[str, str]:
     if length:
         family = _length_family(category) if category else "top"
         adjective = _LENGTH_ADJ[family][length]
-        out["length"] = adjective or "regular length"
+        if adjective:  # a regular top, shorts or trousers is the default and goes unsaid
+            out["length"] = adjective
     sleeve = attributes.get("sleeve")
     if sleeve and (category is None or sleeve_of(category) != sleeve):
         out["sleeve"] = _SLEEVE_PHRASE[sleeve]
@@ -198,10 +201,7 @@ def _sentence(attributes: Mapping[str, Any], phrases: dict[str, str], keys: Sequ
         if key == "colour" or key == "material":
             before.append(text)
         elif key == "length":
-            if text != "regular length":
-                before.append(text)
-            else:
-                after.append(text)
+            before.append(text)
         elif key == "pattern":
             if text != "plain":
                 after.append(text)
@@ -210,11 +210,12 @@ def _sentence(attributes: Mapping[str, Any], phrases: dict[str, str], keys: Sequ
         else:
             after.append(text)
     head = " ".join([*before, category])
-    article = "an" if head[:1] in "aeiou" else "a"
+    if category not in _PLURAL:
+        head = f"{'an' if head[:1] in 'aeiou' else 'a'} {head}"
     if not after:
-        return f"{article} {head}"
+        return head
     tail = after[0] if len(after) == 1 else ", ".join(after[:-1]) + " and " + after[-1]
-    return f"{article} {head} with {tail}"
+    return f"{head} with {tail}"
 
 
 def describe(
@@ -249,11 +250,11 @@ def describe(
     category = attributes.get("category") or "garment"
     if style == "sentence":
         return _sentence(attributes, phrases, keys)
-    parts = [phrases[k] for k in keys if k in phrases and phrases[k] != "regular length"]
+    parts = [phrases[k] for k in keys if k in phrases]
     if style == "list":
         return ", ".join([category, *parts])
     # noun-first: "short sleeve top in navy, with a v-neck"
     colour = phrases.get("colour")
-    rest = [phrases[k] for k in keys if k in phrases and k != "colour" and phrases[k] != "regular length"]
+    rest = [phrases[k] for k in keys if k in phrases and k != "colour"]
     head = f"{category} in {colour}" if colour else category
     return f"{head}, {', '.join(rest)}" if rest else head
