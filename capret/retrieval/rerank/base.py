@@ -97,11 +97,15 @@ class RerankInputs:
         scores: torch.Tensor,
         query_features: torch.Tensor,
         gallery_features: torch.Tensor,
+        query_images: list[ImageRef] | None = None,
+        gallery_images: list[ImageRef] | None = None,
     ) -> None:
         self.ranking = ranking
         self.scores = scores
         self.query_features = query_features
         self.gallery_features = gallery_features
+        self.query_images = query_images  # (path, box) per query row, for rerankers that look at pixels
+        self.gallery_images = gallery_images  # (path, box) per gallery item
 
     @property
     def num_queries(self) -> int:
@@ -150,14 +154,9 @@ def prepare_inputs(
     return RerankInputs(ranking=rank_t, scores=score_t, query_features=q, gallery_features=g)
 
 
-def require_image_refs(
-    inp: RerankInputs,
-    *,
-    query_images: list[ImageRef] | None,
-    gallery_images: list[ImageRef] | None,
-    method: str,
-) -> tuple[list[ImageRef], list[ImageRef]]:
+def require_image_refs(inp: RerankInputs, *, method: str) -> tuple[list[ImageRef], list[ImageRef]]:
     """The image references of a reranker that looks at pixels: present, one per query row and per gallery item."""
+    query_images, gallery_images = inp.query_images, inp.gallery_images
     if query_images is None or gallery_images is None:
         raise ConfigError(f"{method} reranking needs query_images and gallery_images: (path, bbox) per item")
     if len(query_images) != inp.num_queries or len(gallery_images) != inp.gallery_features.shape[0]:
@@ -202,9 +201,10 @@ def candidate_scores(
 
 
 class FeatureReranker:
-    """Shared entry point of the rerankers that use global features only (``aqe``, ``superglobal``,
-    ``kreciprocal``): :meth:`rerank` validates and converts the inputs once, then :meth:`reorder` does the
-    method's own work on the checked tensors. Image references are accepted for the common protocol and ignored.
+    """Shared entry point of every built-in reranker (``aqe``, ``superglobal``, ``kreciprocal``, ``geometric``):
+    :meth:`rerank` validates and converts the inputs once (on :attr:`device`), then :meth:`reorder` does the
+    method's own work on the checked tensors. Image references ride on the inputs; the global-feature rerankers
+    ignore them, a reranker that looks at pixels checks them with :func:`require_image_refs`.
     """
 
     device: str | None = None
@@ -226,6 +226,7 @@ class FeatureReranker:
             gallery_features=gallery_features,
             device=self.device,
         )
+        inp.query_images, inp.gallery_images = query_images, gallery_images
         return self.reorder(inp)
 
     def reorder(self, inp: RerankInputs) -> tuple[np.ndarray, np.ndarray]:

@@ -35,9 +35,10 @@ from capret.data.imagefile import decode_image
 from capret.errors import ConfigError, DataError
 from capret.io import atomic_write, default_device
 from capret.retrieval.rerank.base import (
+    FeatureReranker,
     ImageRef,
+    RerankInputs,
     append_tail,
-    prepare_inputs,
     register_reranker,
     require_image_refs,
     sort_rows,
@@ -360,7 +361,7 @@ def count_inliers(
     return int(inliers.sum())
 
 
-class GeometricVerification:
+class GeometricVerification(FeatureReranker):
     """Reorder the top-K of a global ranking by RANSAC inliers of SIFT matches (``geometric``).
 
     ``mode="inliers"`` (default, DELG GV): candidates with at least ``min_inliers`` inliers come first, by
@@ -373,6 +374,9 @@ class GeometricVerification:
     on CPU) unless ``settings`` is given. The class itself is the registered ``geometric`` factory, so its
     defaults are stated once.
     """
+
+    #: the inputs are prepared on the CPU: the inliers come from the images, not from the features
+    device: str | None = "cpu"
 
     def __init__(
         self,
@@ -507,26 +511,9 @@ class GeometricVerification:
             bonus = self.blend_weight * inliers.clamp(max=self.inlier_cap).float() / self.inlier_cap
         return scores + torch.where(verified, bonus, torch.zeros_like(bonus))
 
-    def rerank(
-        self,
-        *,
-        ranking: Any,
-        scores: Any,
-        query_features: Any,
-        gallery_features: Any,
-        query_images: list[ImageRef] | None = None,
-        gallery_images: list[ImageRef] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        inp = prepare_inputs(
-            ranking=ranking,
-            scores=scores,
-            query_features=query_features,
-            gallery_features=gallery_features,
-            device="cpu",
-        )
-        query_images, gallery_images = require_image_refs(
-            inp, query_images=query_images, gallery_images=gallery_images, method="geometric"
-        )
+    def reorder(self, inp: RerankInputs) -> tuple[np.ndarray, np.ndarray]:
+        """Verify the head of every row against its query's image and reorder it (see the class docstring)."""
+        query_images, gallery_images = require_image_refs(inp, method="geometric")
         k = min(self.topk, inp.topk)
         head, head_scores = inp.ranking[:, :k], inp.scores[:, :k]
         inliers = torch.from_numpy(self.inlier_matrix(head.numpy(), query_images, gallery_images))
