@@ -1,12 +1,22 @@
 """Caption corpora and their keyword spans, for LinCIR's language-only training (Gu et al., CVPR 2024).
 
-LinCIR replaces the keyword spans of a caption — runs of determiners, adjectives and nouns found by a
-part-of-speech tagger — by the pseudo-word, and trains phi so that the edited caption keeps the caption's text
-feature. No tagger is installed here, so :func:`keyword_spans` finds the same kind of spans with a closed-class
-word list: a span is a maximal run of words that are not prepositions, conjunctions, pronouns, auxiliaries,
-common verbs or ``-ing`` forms, and that holds at least one word that is not a determiner. It needs no model
-and is deterministic; captions without any span fall back to replacing one word, then to ``"a photo of $"``,
-as in LinCIR.
+LinCIR replaces the keyword spans of a caption — runs of determiners, adjectives, nouns and proper nouns found by
+spaCy's part-of-speech tagger (``loader.py``'s ``extract_keywords_spacy``) — by the pseudo-word, and trains phi
+so that the edited caption keeps the caption's text feature. Captions are first lower-cased with every literal
+``$`` removed (LinCIR's ``clean_caption``), so a dollar sign in a caption never becomes an injection point.
+
+Two span finders:
+
+* ``tagger=spacy_tagger()`` — LinCIR's: spaCy (``pip install 'capret[nlp]'`` and ``python -m spacy download
+  en_core_web_sm``; the model is not on PyPI), spans replaced by plain string replacement, every occurrence, as
+  LinCIR does; a span that is not found verbatim sends the caption to the random-word fallback.
+* no tagger (the default when spaCy or its model is missing) — a closed-class word list: a span is a maximal run
+  of words that are not prepositions, conjunctions, pronouns, auxiliaries, common verbs or ``-ing`` forms, and
+  that holds at least one word that is not a determiner. It needs no model and is deterministic, but it also
+  masks verbs and adverbs outside its list, which a tagger would keep.
+
+Captions without any span get one random word replaced (``rng``: the LinCIR task draws it again every epoch, as
+LinCIR's dataset does in ``__getitem__``); an empty caption becomes ``"a photo of $"``.
 
 Caption corpora: our caption stores (JSONL, :mod:`capret.data.caption_records`), a text file with one caption
 per line, or a JSON list of strings.
@@ -16,12 +26,28 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
-from capret.errors import DataError
+from capret.errors import DataError, MissingDependencyError
 from capret.io import read_json
 
-__all__ = ["keyword_spans", "read_caption_corpus", "replace_keywords"]
+__all__ = [
+    "LINCIR_POS",
+    "Tagger",
+    "clean_caption",
+    "keyword_spans",
+    "pos_spans",
+    "read_caption_corpus",
+    "replace_keywords",
+    "replace_spans",
+    "spacy_tagger",
+]
+
+#: a part-of-speech tagger: text -> ``[(token text, universal POS tag)]`` (spaCy's ``token.pos_``)
+Tagger = Callable[[str], list[tuple[str, str]]]
+#: the tags of LinCIR's keyword spans
+LINCIR_POS = frozenset({"NOUN", "PROPN", "ADJ", "DET"})
 
 _DETERMINERS = frozenset("a an the this that these those some any each every two three four five".split())
 _BREAK = frozenset(
@@ -38,9 +64,55 @@ _BREAK = frozenset(
 _WORD = re.compile(r"[a-z0-9'-]+|[^\sa-z0-9]")
 
 
-def keyword_spans(caption: str) -> list[str]:
-    """The keyword spans of ``caption`` (lower-cased words joined by single spaces), in order of appearance."""
-    words = _WORD.findall(caption.lower())
+def clean_caption(caption: str) -> str:
+    """LinCIR's cleaning: lower-cased, every ``$`` removed (it is the placeholder), whitespace collapsed."""
+    return " ".join(caption.lower().replace("$", " ").split())
+
+
+def pos_spans(tagged: list[tuple[str, str]]) -> list[str]:
+    """Maximal runs of tokens tagged :data:`LINCIR_POS`, each joined by single spaces, in order."""
+    spans: list[str] = []
+    run: list[str] = []
+    for text, pos in tagged:
+        if pos in LINCIR_POS:
+            run.append(text)
+        elif run:
+            spans.append(" ".join(run))
+            run = []
+    if run:
+        spans.append(" ".join(run))
+    return spans
+
+
+def spacy_tagger(model: str = "en_core_web_sm") -> Tagger:
+    """spaCy's tagger as a :data:`Tagger` (LinCIR's choice of model).
+
+    Raises:
+        MissingDependencyError: spaCy or the model is not installed (with the commands that install them).
+    """
+    try:
+        import spacy
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "LinCIR's keyword spans need spaCy: pip install 'capret[nlp]' (or set the word-list spans: "
+            "data.keywords=wordlist)"
+        ) from exc
+    try:
+        nlp = spacy.load(model)
+    except OSError as exc:
+        raise MissingDependencyError(
+            f"spaCy model {model!r} is not installed (it is not on PyPI): python -m spacy download {model}"
+        ) from exc
+    return lambda text: [(token.text, token.pos_) for token in nlp(text)]
+
+
+def keyword_spans(caption: str, *, tagger: Tagger | None = None) -> list[str]:
+    """The keyword spans of the cleaned ``caption`` in order of appearance: the tagger's runs of
+    :data:`LINCIR_POS` tokens, or without a tagger the word-list runs (lower-cased words joined by spaces)."""
+    caption = clean_caption(caption)
+    if tagger is not None:
+        return pos_spans(tagger(caption))
+    words = _WORD.findall(caption)
     spans: list[str] = []
     run: list[str] = []
 
@@ -59,15 +131,54 @@ def keyword_spans(caption: str) -> list[str]:
     return spans
 
 
-def replace_keywords(caption: str, *, placeholder: str = "$", rng: random.Random | None = None) -> str:
-    """``caption`` (lower-cased, words re-spaced) with every keyword span replaced by `` placeholder ``.
+def _replace_tagged(caption: str, spans: list[str], *, placeholder: str, rng: random.Random) -> str:
+    """LinCIR's replacement: each span replaced everywhere by plain string replacement; a span not found
+    verbatim (or no span at all) replaces one random word instead."""
+    out = caption
+    for span in spans or [""]:
+        if span and span in caption:
+            out = out.replace(span, placeholder)
+            continue
+        words = caption.split(" ")
+        out = out.replace(rng.choice(words), placeholder) if words and words != [""] else out
+        break
+    return out
+
+
+def replace_keywords(
+    caption: str, *, placeholder: str = "$", rng: random.Random | None = None, tagger: Tagger | None = None
+) -> str:
+    """The cleaned ``caption`` (:func:`clean_caption`) with every keyword span replaced by ``placeholder``.
 
     Without spans one random word is replaced (``rng``); an empty caption becomes ``"a photo of $"``.
     """
-    words = _WORD.findall(caption.lower())
-    if not words:
+    caption = clean_caption(caption)
+    spans = keyword_spans(caption, tagger=tagger)
+    return replace_spans(caption, spans, placeholder=placeholder, rng=rng, tagged=tagger is not None)
+
+
+def replace_spans(
+    caption: str,
+    spans: list[str],
+    *,
+    placeholder: str = "$",
+    rng: random.Random | None = None,
+    tagged: bool = False,
+) -> str:
+    """:func:`replace_keywords` with the spans already found (``keyword_spans`` of the same cleaned caption):
+    the LinCIR task tags every caption once and draws the fallback word again each epoch.
+
+    ``tagged``: the spans come from a tagger, so they are replaced as LinCIR does (plain string replacement);
+    word-list spans are matched word by word.
+    """
+    caption = clean_caption(caption)
+    rng = rng or random.Random(0)
+    if not caption:
         return f"a photo of {placeholder}"
-    spans = set(keyword_spans(caption))
+    if tagged:
+        return _replace_tagged(caption, spans, placeholder=placeholder, rng=rng)
+    words = _WORD.findall(caption)
+    span_set = set(spans)
     out: list[str] = []
     i = 0
     replaced = False
@@ -75,7 +186,7 @@ def replace_keywords(caption: str, *, placeholder: str = "$", rng: random.Random
         # the longest span starting here (spans are maximal runs, so a greedy match is the run itself)
         match = 0
         for j in range(len(words), i, -1):
-            if " ".join(words[i:j]) in spans:
+            if " ".join(words[i:j]) in span_set:
                 match = j - i
                 break
         if match:
@@ -87,7 +198,7 @@ def replace_keywords(caption: str, *, placeholder: str = "$", rng: random.Random
             out.append(words[i])
             i += 1
     if not replaced:
-        pick = (rng or random.Random(0)).randrange(len(words))
+        pick = rng.randrange(len(words))
         out = [placeholder if k == pick else w for k, w in enumerate(words)]
     return " ".join(out)
 

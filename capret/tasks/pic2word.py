@@ -3,7 +3,9 @@
 IM2TEXT maps a frozen CLIP image feature to a pseudo-word token ``*``. Trained on unlabeled images only: the text
 feature of ``"a photo of *"`` with ``*`` = IM2TEXT(image feature) must retrieve its own image among the batch and
 vice versa — the symmetric image-text contrastive loss of CLIP with CLIP's own (frozen) logit scale. The paper
-trains on Conceptual Captions images with AdamW lr 1e-4, weight decay 0.1, batch 128. Inference prompt:
+trains on Conceptual Captions images with AdamW lr 1e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.1 on the
+weights only (``src/main.py``: no decay on biases, norms and the logit scale; :meth:`Pic2WordTask.param_groups`),
+batch 128. Inference prompt:
 ``"a photo of * , {caption}"`` (:func:`capret.inference.cir.inversion.pic2word_query_features`).
 """
 
@@ -26,7 +28,9 @@ from capret.tasks.zeroshot_common import (
     MapperModelConfig,
     MapperTaskBase,
     SizedBatches,
+    index_batches,
     mapper_trainer,
+    no_decay_parameter,
     run_mapper_task,
 )
 
@@ -56,7 +60,7 @@ class Pic2WordTaskConfig:
         help="frozen CLIP (Pic2Word: ViT-L/14, CLIP's own preprocessing) and IM2TEXT's sizes",
     )
     loss: Pic2WordLossConfig = cfg(factory=Pic2WordLossConfig, help="contrastive loss")
-    trainer: TrainerConfig = mapper_trainer(weight_decay=0.1)
+    trainer: TrainerConfig = mapper_trainer(weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
 
 
 class Pic2WordTask(MapperTaskBase):
@@ -64,6 +68,7 @@ class Pic2WordTask(MapperTaskBase):
 
     mapper_kind = "pic2word"
     method = "pic2word"
+    kind = "pic2word"
 
     def __init__(self, config: Pic2WordTaskConfig) -> None:
         super().__init__(config)
@@ -77,14 +82,33 @@ class Pic2WordTask(MapperTaskBase):
         clip.placeholder_id(placeholder)  # fail before training if it is not one token
         self.features: torch.Tensor | None = None
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Pic2Word's two AdamW groups: weights at ``trainer.weight_decay``, biases and norms without decay."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [
+            {
+                "params": [p for n, p in named if no_decay_parameter(n)],
+                "weight_decay": 0.0,
+                "name": "no_decay",
+            },
+            {"params": [p for n, p in named if not no_decay_parameter(n)], "name": "pic2word"},
+        ]
+        return [g for g in groups if g["params"]]
+
     def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
         if self.features is None:
             self.features = self.image_table(self.source).lookup(self.source.keys)
+        batches = index_batches(
+            len(self.source),
+            batch_size=self.config.data.batch_size,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            seed=seed,
+        )
+        assert self.features is not None
         features = self.features
-        return self.batches(
-            len(self.source), lambda idx: {"features": features[idx]}, rank=rank, world_size=world_size,
-            epoch=epoch, seed=seed,
-        )  # fmt: skip
+        return SizedBatches(batches, lambda idx: {"features": features[idx]})
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         clip = self.follow_mapper()
@@ -103,7 +127,7 @@ class Pic2WordTask(MapperTaskBase):
 
 def run(config: Pic2WordTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train IM2TEXT, then export the ``pic2word`` model folder (``<trainer.output_dir>/model``)."""
-    return run_mapper_task(Pic2WordTask, config, name="pic2word", resume=resume)
+    return run_mapper_task(Pic2WordTask, config, resume=resume)
 
 
 register_task("pic2word", Pic2WordTaskConfig, run)

@@ -3,9 +3,11 @@
 phi maps a CLIP image feature to a pseudo-word token in one forward pass, distilling the tokens OTI found by
 per-image optimisation (``capret oti``): on an unlabeled image collection, the predicted tokens and the OTI
 (EMA) tokens of a batch are contrasted with a symmetric NT-Xent loss (temperature 0.25), plus the phrase
-regulariser of OTI (an LLM phrase about one of the image's top-k CLIP concepts, the concept replaced by ``$``,
-must keep the phrase's text feature; cosine loss). SEARLE's code weighs them 1 and 0.25; AdamW lr 1e-4,
-weight decay 0.01, batch 256.
+regulariser of OTI (an LLM phrase about one of the image's top-k CLIP concepts, *every* occurrence of the concept
+replaced by ``$`` as SEARLE's ``train_phi.py`` does, must keep the phrase's text feature; cosine loss). Defaults
+are the paper's (ICCV 2023, Sec. 5 / supplementary): weights 1 and 0.75, the phrases of the 150 nearest concepts;
+the released ``train_phi.py`` defaults are 0.25 and 15 (``loss.lambda_gpt=0.25 loss.top_k_concepts=15``).
+AdamW lr 1e-4, weight decay 0.01, batch 256.
 
 CLIP stays frozen and image features are computed once (feature cache), so a step is a small MLP forward plus
 one text-encoder pass for the regulariser. Inference: :func:`capret.inference.cir.inversion.searle_query_features`.
@@ -32,11 +34,12 @@ from capret.tasks.zeroshot_common import (
     MapperModelConfig,
     MapperTaskBase,
     SizedBatches,
+    index_batches,
     mapper_trainer,
     run_mapper_task,
 )
 
-__all__ = ["PhiDataConfig", "PhiLossConfig", "PhiTask", "PhiTaskConfig", "run"]
+__all__ = ["PhiDataConfig", "PhiLossConfig", "PhiTask", "PhiTaskConfig", "mask_concept", "run"]
 
 
 @dataclass
@@ -53,8 +56,12 @@ class PhiLossConfig:
 
     temperature: float = cfg(0.25, "NT-Xent temperature of the distillation")
     lambda_distil: float = cfg(1.0, "weight of the distillation loss")
-    lambda_gpt: float = cfg(0.25, "weight of the phrase regulariser (SEARLE code: 0.25); 0 = off")
-    top_k_concepts: int = cfg(15, "concepts per image the regulariser draws its phrases from")
+    lambda_gpt: float = cfg(
+        0.75, "weight of the phrase regulariser (paper 0.75; SEARLE's code 0.25); 0 = off"
+    )
+    top_k_concepts: int = cfg(
+        150, "concepts per image the regulariser draws phrases from (paper 150; code 15)"
+    )
 
 
 @dataclass
@@ -72,11 +79,18 @@ class PhiTaskConfig:
     trainer: TrainerConfig = mapper_trainer(weight_decay=0.01)
 
 
+def mask_concept(phrase: str, concept: str, *, placeholder: str = "$") -> str:
+    """``phrase`` with *every* occurrence of ``concept`` replaced by the placeholder (SEARLE's ``train_phi.py``:
+    ``gpt_phrase.replace(w, " $ ")``), whitespace collapsed."""
+    return " ".join(phrase.replace(concept, f" {placeholder} ").split())
+
+
 class PhiTask(MapperTaskBase):
     """The :class:`capret.engine.trainer.TrainTask` of SEARLE's phi."""
 
     mapper_kind = "phi"
     method = "searle"
+    kind = "phi"
 
     def __init__(self, config: PhiTaskConfig) -> None:
         super().__init__(config)
@@ -118,9 +132,15 @@ class PhiTask(MapperTaskBase):
 
     def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
         self._prepare()
-        return self.batches(
-            len(self.source), self._batch, rank=rank, world_size=world_size, epoch=epoch, seed=seed
+        batches = index_batches(
+            len(self.source),
+            batch_size=self.config.data.batch_size,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            seed=seed,
         )
+        return SizedBatches(batches, self._batch)
 
     def _batch(self, idx: list[int]) -> dict[str, Any]:
         assert self.features is not None
@@ -142,8 +162,7 @@ class PhiTask(MapperTaskBase):
                     for c in batch["index"][rows].tolist()
                 ]
                 swapped = [
-                    " ".join(phrase.replace(concept, f" {placeholder} ", 1).split())
-                    for concept, phrase in draws
+                    mask_concept(phrase, concept, placeholder=placeholder) for concept, phrase in draws
                 ]
                 with torch.no_grad():
                     target = clip.encode_text([phrase for _, phrase in draws])
@@ -156,7 +175,7 @@ class PhiTask(MapperTaskBase):
 
 def run(config: PhiTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train phi, then export the ``phi`` model folder (``<trainer.output_dir>/model``)."""
-    return run_mapper_task(PhiTask, config, name="phi", resume=resume)
+    return run_mapper_task(PhiTask, config, resume=resume)
 
 
 register_task("phi", PhiTaskConfig, run)

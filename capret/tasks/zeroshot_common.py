@@ -16,7 +16,7 @@ so inference reads them without this module; sidecars written with the earlier f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from capret.data.image_sources import ImageSource
 from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig
-from capret.errors import ConfigError
 from capret.inference.cir.features import CachedFeatures, image_features
 from capret.inference.cir.inversion import save_mapper_folder
 from capret.models.clip import ClipBundle, load_task_clip_config
@@ -50,6 +49,7 @@ __all__ = [
     "ZEROSHOT_TASKS",
     "index_batches",
     "mapper_trainer",
+    "no_decay_parameter",
     "run_mapper_task",
     "upgrade_config_dict",
 ]
@@ -66,12 +66,20 @@ class ImageDataConfig:
     encode_batch_size: int = cfg(64, "images per batch when computing features")
 
 
-def mapper_trainer(*, weight_decay: float) -> Any:
-    """A ``trainer`` section factory with the mapper papers' AdamW (lr 1e-4) and the given weight decay."""
+def mapper_trainer(
+    *, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+) -> Any:
+    """A ``trainer`` section factory with the mapper papers' AdamW (lr 1e-4), weight decay, betas and epsilon."""
     return cfg(
-        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=weight_decay),
-        help="shared training loop (AdamW lr, wd)",
+        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=weight_decay, betas=list(betas), eps=eps),
+        help="shared training loop (AdamW lr, wd, betas, eps)",
     )
+
+
+def no_decay_parameter(name: str) -> bool:
+    """Pic2Word's (and open_clip's) rule for parameters kept out of weight decay: biases, gains of batch/layer
+    norms and the logit scale (``"bn" in n or "ln" in n or "bias" in n or "logit_scale" in n``)."""
+    return any(part in name for part in ("bn", "ln", "bias", "logit_scale")) or "norm" in name
 
 
 def index_batches(
@@ -82,7 +90,7 @@ def index_batches(
     order = torch.randperm(count, generator=g).tolist()
     per_rank = count // world_size // batch_size * batch_size
     if per_rank == 0:
-        raise ConfigError(
+        raise ValueError(
             f"{count} training examples cannot fill one batch of {batch_size} on each of {world_size} "
             "process(es); lower batch_size"
         )
@@ -110,6 +118,8 @@ class MapperTaskBase:
     mapper_kind = ""
     #: zero-shot method the checkpoint serves at inference (searle, pic2word, lincir)
     method = ""
+    #: the task's name, which is also the kind of its exported model folder (phi, pic2word, lincir)
+    kind = ""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -169,28 +179,6 @@ class MapperTaskBase:
             num_workers=self.config.trainer.num_workers,
         )
 
-    def batches(
-        self,
-        count: int,
-        make: Callable[[list[int]], dict[str, Any]],
-        *,
-        rank: int,
-        world_size: int,
-        epoch: int,
-        seed: int,
-    ) -> SizedBatches:
-        """This rank's shuffled batches of ``count`` examples (``data.batch_size`` each, the trainer's resume
-        contract), each index list made into a batch by ``make``."""
-        order = index_batches(
-            count,
-            batch_size=self.config.data.batch_size,
-            rank=rank,
-            world_size=world_size,
-            epoch=epoch,
-            seed=seed,
-        )
-        return SizedBatches(order, make)
-
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """One group at ``trainer.lr`` / ``trainer.weight_decay`` (the frozen CLIP is not in the model)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "name": self.mapper_kind}]
@@ -238,11 +226,8 @@ class MapperTaskBase:
         )
 
 
-def run_mapper_task(
-    task_cls: type[MapperTaskBase], config: Any, *, name: str, resume: str | None
-) -> dict[str, Any]:
-    """Train the mapper task ``name`` and export its model folder (``<trainer.output_dir>/model``, kind
-    ``name``)."""
-    check_task_name(config, name)
+def run_mapper_task(task_cls: type[MapperTaskBase], config: Any, *, resume: str | None) -> dict[str, Any]:
+    """Train a mapper task and export its model folder (``<trainer.output_dir>/model``)."""
+    check_task_name(config, task_cls.kind)
     task = task_cls(config)
     return train_and_export(task, config.trainer, resume=resume, export=task.export)

@@ -77,7 +77,8 @@ def _flat_task_dict(task: dict[str, Any]) -> dict[str, Any]:
             if task["task"] == "lincir"
             else {"preprocess": clip["preprocess"], "target_ratio": clip["target_ratio"]}
         ),
-        **{k: v for k, v in data.items() if k != "encode_batch_size"},
+        # data.keywords (LinCIR's span finder) came after the flat configs: they used the word lists
+        **{k: v for k, v in data.items() if k not in ("encode_batch_size", "keywords")},
         "eval_batch_size": data["encode_batch_size"],
         **model,
         **loss,
@@ -106,6 +107,8 @@ def _assert_flat_sidecar_loads(run: Path, config_cls: type, tmp: Path) -> None:
     (copy / "checkpoint.json").write_text(json.dumps(sidecar))
 
     upgraded = upgrade_config_dict(flat)
+    if "keywords" in task["data"]:  # what the flat configs did is the word-list spans
+        upgraded["data"]["keywords"] = task["data"]["keywords"]
     assert from_dict(config_cls, {k: v for k, v in upgraded.items() if k != "zeroshot"}) == from_dict(
         config_cls, {k: v for k, v in task.items() if k != "zeroshot"}
     )

@@ -28,7 +28,10 @@ from capret.io import atomic_write_json, read_json, read_text
 from capret.models.clip_base import ClipBundle
 
 __all__ = [
+    "CAPRET_CONCEPT_TEMPLATES",
     "CONCEPT_TEMPLATES",
+    "SEARLE_TEMPLATES",
+    "TEMPLATE_SETS",
     "PHRASE_PROMPT_VERSION",
     "PhraseBank",
     "concept_features",
@@ -37,8 +40,36 @@ __all__ = [
     "top_concepts",
 ]
 
-#: prompt ensemble for the concept text features (our own wording, in the spirit of PALAVRA/SEARLE)
-CONCEPT_TEMPLATES: tuple[str, ...] = (
+#: SEARLE's 24 prompts (``src/utils.py`` ``get_templates``, after PALAVRA): OTI's image-matching loss draws one
+#: per image and step, and the concept ensembles average over them
+SEARLE_TEMPLATES: tuple[str, ...] = (
+    "This is a photo of a {}",
+    "This photo contains a {}",
+    "A photo of a {}",
+    "This is an illustration of a {}",
+    "This illustration contains a {}",
+    "An illustrations of a {}",
+    "This is a sketch of a {}",
+    "This sketch contains a {}",
+    "A sketch of a {}",
+    "This is a diagram of a {}",
+    "This diagram contains a {}",
+    "A diagram of a {}",
+    "A {}",
+    "We see a {}",
+    "{}",
+    "We see a {} in this photo",
+    "We see a {} in this image",
+    "We see a {} in this illustration",
+    "We see a {} photo",
+    "We see a {} image",
+    "We see a {} illustration",
+    "{} photo",
+    "{} image",
+    "{} illustration",
+)
+#: our own eight prompts (the earlier default): ``templates="capret"``
+CAPRET_CONCEPT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
     "a picture of a {}",
     "an image showing a {}",
@@ -48,6 +79,9 @@ CONCEPT_TEMPLATES: tuple[str, ...] = (
     "a sketch of a {}",
     "a {}",
 )
+#: the prompt sets by name; the concept ensembles default to SEARLE's
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"searle": SEARLE_TEMPLATES, "capret": CAPRET_CONCEPT_TEMPLATES}
+CONCEPT_TEMPLATES = SEARLE_TEMPLATES
 
 PHRASE_PROMPT_VERSION = "phrases-v1"
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*")

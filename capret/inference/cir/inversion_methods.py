@@ -12,9 +12,10 @@ code as every other method:
   :func:`capret.inference.cir.oti.run_oti`, paper settings unless ``--oti-steps`` says otherwise) into a resumable
   token store keyed ``<dataset>/<reference>``, so a rerun optimises nothing.
 
-On FashionIQ every method here reads *both* orders of the two relative captions and averages the normalised
-query features, as SEARLE's evaluation does (LinCIR evaluates with SEARLE's code; we apply the same rule to
-Pic2Word so the four are compared on one protocol).
+On FashionIQ SEARLE, SEARLE-OTI and LinCIR read *both* orders of the two relative captions and average the
+normalised query features, as SEARLE's evaluation does (LinCIR evaluates with SEARLE's code). Pic2Word builds one
+query, ``"a photo of * , {c2} and {c1}"`` (its ``eval_utils.py``; the two forms' features differ, cosine
+0.97-0.98), so ``pic2word`` reads that single order.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def _orders(queries: CirQuerySet) -> list[list[str]]:
     return [list(o) for o in queries.caption_orders]
 
 
+def _pic2word_orders(queries: CirQuerySet) -> list[list[str]]:
+    """Pic2Word's one FashionIQ caption ``"{c2} and {c1}"`` (the second of the two orders); others unchanged."""
+    return [[o[1]] if len(o) == 2 else list(o) for o in queries.caption_orders]
+
+
 class MapperMethod(CirMethod):
     """SEARLE (phi), Pic2Word or LinCIR: a trained mapper turns the reference feature into the pseudo-word."""
 
@@ -59,8 +65,9 @@ class MapperMethod(CirMethod):
     def query_features(
         self, queries: CirQuerySet, *, images: CachedFeatures, options: FeatureOptions
     ) -> torch.Tensor:
+        orders = _pic2word_orders(queries) if self.model.method == "pic2word" else _orders(queries)
         return self.model.query_features(
-            reference_features=images.lookup(queries.references), captions=_orders(queries)
+            reference_features=images.lookup(queries.references), captions=orders
         )
 
     def describe(self) -> dict[str, Any]:

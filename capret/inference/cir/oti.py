@@ -33,16 +33,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from capret.config import cfg, to_dict
+from capret.config import ConfigError, cfg, to_dict
 from capret.errors import CheckpointError, DataError, MissingKeyError
-from capret.inference.cir.concepts import PhraseBank, concept_features, top_concepts
+from capret.inference.cir.concepts import SEARLE_TEMPLATES, PhraseBank, concept_features, top_concepts
 from capret.io import atomic_write
 from capret.models.clip_base import ClipBundle
 
-__all__ = ["OTI_TEMPLATES", "OTIConfig", "OTIReport", "TokenStore", "oti_tokens", "run_oti"]
+__all__ = [
+    "CAPRET_OTI_TEMPLATES",
+    "OTI_TEMPLATES",
+    "OTI_TEMPLATE_SETS",
+    "OTIConfig",
+    "OTIReport",
+    "TokenStore",
+    "oti_tokens",
+    "run_oti",
+]
 
-#: prompts of the image-matching loss, one drawn per image and step (our own wording)
-OTI_TEMPLATES: tuple[str, ...] = (
+#: our own eight prompts of the image-matching loss (the earlier default): ``templates="capret"``
+CAPRET_OTI_TEMPLATES: tuple[str, ...] = (
     "a photo of {}",
     "this is a photo of {}",
     "a picture of {}",
@@ -52,6 +61,9 @@ OTI_TEMPLATES: tuple[str, ...] = (
     "{}",
     "a rendering of {}",
 )
+#: the prompt sets OTI draws from, by name (``OTIConfig.templates``); SEARLE's 24 are the default
+OTI_TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"searle": SEARLE_TEMPLATES, "capret": CAPRET_OTI_TEMPLATES}
+OTI_TEMPLATES = SEARLE_TEMPLATES
 
 
 @dataclass
@@ -68,6 +80,7 @@ class OTIConfig:
     top_k: int = cfg(15, "concepts per image the regulariser draws phrases from")
     batch_size: int = cfg(32, "images optimised together (results do not depend on it)")
     placeholder: str = cfg("$", "placeholder word replaced by the token (must be one token)")
+    templates: str = cfg("searle", "prompts of the image loss: searle (the paper's 24) | capret (our 8)")
     save_every: int = cfg(1, "batches between rewrites of the token store")
     amp: bool = cfg(True, "bfloat16 autocast on CUDA (ignored on CPU)")
     seed: int = cfg(0, "seed of the initial tokens and the prompt/phrase draws (per image key)")
@@ -199,6 +212,9 @@ def run_oti(
     import time
 
     cfg_ = config or OTIConfig()
+    if cfg_.templates not in OTI_TEMPLATE_SETS:
+        raise ConfigError(f"OTI templates={cfg_.templates!r}; valid: {', '.join(OTI_TEMPLATE_SETS)}")
+    templates = OTI_TEMPLATE_SETS[cfg_.templates]
     clip.requires_grad_(False).eval()
     device = clip.device
     token_store = TokenStore(
@@ -232,7 +248,7 @@ def run_oti(
             pairs = [_phrase_pairs(phrases, concepts, row) for row in nearest]
         for step in range(cfg_.steps):
             optimizer.zero_grad(set_to_none=True)
-            texts = [r.choice(OTI_TEMPLATES).format(f" {cfg_.placeholder} ").strip() for r in rngs]
+            texts = [r.choice(templates).format(f" {cfg_.placeholder} ").strip() for r in rngs]
             with autocast:
                 feats = clip.pseudo_token_features(texts, tokens, placeholder=cfg_.placeholder).float()
                 per_image = cfg_.lambda_cos * (1 - F.cosine_similarity(feats, image_feats, dim=-1))
