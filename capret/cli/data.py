@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from capret.cli.common import print_json
+from capret.progress import NO_PROGRESS_HELP, progress_enabled
 
 
 def add_parser(subparsers: Any) -> None:
@@ -53,7 +54,7 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument(
         "--validation-fraction", type=float, default=0.35, help="families held out (default: %(default)s)"
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     g.set_defaults(run=run)
 
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         shop_size=args.shop_size,
         user_views=args.user_views,
         validation_fraction=args.validation_fraction,
-        progress=not args.no_progress,
+        progress=progress_enabled(not args.no_progress),
     )
     print_json(summary.to_dict())
     return 0
