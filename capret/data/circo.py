@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from capret.data.fashioniq import load_json
+from capret.data.fashioniq import json_records, load_json
 from capret.data.transforms import open_image
 from capret.errors import ConfigError, DataError, MissingFileError
 
@@ -134,16 +134,11 @@ class CIRCO:
         return self._gallery
 
     def _parse(self, records: Any) -> list[CIRCOQuery]:
-        if not isinstance(records, list):
-            raise DataError(f"{self.annotations_file}: expected a JSON list of queries")
         queries = []
-        for index, record in enumerate(records):
-            where = f"{self.annotations_file}: entry {index}"
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected an object, got {type(record).__name__}")
-            for field in ("id", "reference_img_id", "relative_caption"):
-                if field not in record:
-                    raise DataError(f"{where}: missing field {field!r}")
+        fields = ("id", "reference_img_id", "relative_caption")
+        for _, where, record in json_records(
+            records, path=self.annotations_file, what="queries", fields=fields
+        ):
             target = record.get("target_img_id")
             gt_ids = tuple(int(i) for i in record.get("gt_img_ids") or ())
             if self.split == "val":

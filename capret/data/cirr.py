@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from capret.data.fashioniq import load_json
+from capret.data.fashioniq import json_records, load_json
 from capret.data.imagefile import path_inside
 from capret.data.transforms import open_image
 from capret.errors import ConfigError, DataError, MissingFileError, MissingKeyError
@@ -95,16 +95,11 @@ class CIRR:
         raise MissingFileError(f"CIRR {self.split}: {filename} not found in any of {tried}")
 
     def _parse(self, records: Any) -> list[CIRRTriplet]:
-        if not isinstance(records, list):
-            raise DataError(f"{self.captions_file}: expected a JSON list of triplets")
         triplets = []
-        for index, record in enumerate(records):
-            where = f"{self.captions_file}: entry {index}"
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected an object, got {type(record).__name__}")
-            for field in ("pairid", "reference", "caption", "img_set"):
-                if field not in record:
-                    raise DataError(f"{where}: missing field {field!r}")
+        fields = ("pairid", "reference", "caption", "img_set")
+        for _, where, record in json_records(
+            records, path=self.captions_file, what="triplets", fields=fields
+        ):
             img_set = record["img_set"]
             if not isinstance(img_set, dict) or not isinstance(img_set.get("members"), list):
                 raise DataError(

@@ -17,7 +17,7 @@ one); training draws uniformly among ``"C1 and c2"``, ``"C2 and c1"``, ``"C1"``,
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +51,24 @@ PAIRINGS: tuple[str, ...] = ("c1_and_c2", "c2_and_c1", "c1", "c2")
 def load_json(path: Path) -> Any:
     """Read a JSON annotation file, naming the file on a missing file or a parse error."""
     return read_json(path, what="annotation file")
+
+
+def json_records(
+    records: Any, *, path: Path, what: str, fields: Sequence[str]
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """``(index, where, record)`` for every entry of an annotation list, after checking that it is a list of
+    objects holding ``fields``; an error names the file, the entry and the missing field (``where`` is that
+    prefix, for the reader's own checks)."""
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of {what}")
+    for index, record in enumerate(records):
+        where = f"{path}: entry {index}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+        for field in fields:
+            if field not in record:
+                raise DataError(f"{where}: missing field {field!r}")
+        yield index, where, record
 
 
 def _clean(caption: str) -> str:
@@ -176,16 +194,11 @@ class FashionIQ:
         )
 
     def _parse(self, records: Any) -> list[FashionIQTriplet]:
-        if not isinstance(records, list):
-            raise DataError(f"{self.captions_file}: expected a JSON list of triplets")
         triplets = []
-        for index, record in enumerate(records):
-            where = f"{self.captions_file}: entry {index}"
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected an object, got {type(record).__name__}")
-            for field in ("candidate", "captions"):
-                if field not in record:
-                    raise DataError(f"{where}: missing field {field!r}")
+        fields = ("candidate", "captions")
+        for index, where, record in json_records(
+            records, path=self.captions_file, what="triplets", fields=fields
+        ):
             captions = record["captions"]
             if not isinstance(captions, list) or len(captions) != 2:
                 raise DataError(f"{where}: field 'captions' must be a list of 2 strings, got {captions!r}")
