@@ -41,7 +41,6 @@ from capret.tasks.zeroshot_common import (
     MapperModelConfig,
     MapperTaskBase,
     SizedBatches,
-    index_batches,
     run_mapper_task,
 )
 
@@ -97,7 +96,6 @@ class LinCIRTask(MapperTaskBase):
 
     mapper_kind = "phi"
     method = "lincir"
-    kind = "lincir"
 
     def __init__(self, config: LinCIRTaskConfig) -> None:
         super().__init__(config)
@@ -132,20 +130,14 @@ class LinCIRTask(MapperTaskBase):
         return out
 
     def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
-        batches = index_batches(
-            len(self.captions),
-            batch_size=self.config.data.batch_size,
-            rank=rank,
-            world_size=world_size,
-            epoch=epoch,
-            seed=seed,
-        )
-        return SizedBatches(
-            batches,
-            lambda idx: {
+        def make(idx: list[int]) -> dict[str, Any]:
+            return {
                 "captions": [self.captions[i] for i in idx],
                 "replaced": self.edits(idx, epoch=epoch, seed=seed),
-            },
+            }
+
+        return self.batches(
+            len(self.captions), make, rank=rank, world_size=world_size, epoch=epoch, seed=seed
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -180,7 +172,7 @@ def keyword_tagger(choice: str) -> Tagger | None:
 
 def run(config: LinCIRTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train LinCIR's phi, then export the ``lincir`` model folder (``<trainer.output_dir>/model``)."""
-    return run_mapper_task(LinCIRTask, config, resume=resume)
+    return run_mapper_task(LinCIRTask, config, name="lincir", resume=resume)
 
 
 register_task("lincir", LinCIRTaskConfig, run)

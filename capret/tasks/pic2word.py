@@ -28,7 +28,6 @@ from capret.tasks.zeroshot_common import (
     MapperModelConfig,
     MapperTaskBase,
     SizedBatches,
-    index_batches,
     mapper_trainer,
     no_decay_parameter,
     run_mapper_task,
@@ -68,7 +67,6 @@ class Pic2WordTask(MapperTaskBase):
 
     mapper_kind = "pic2word"
     method = "pic2word"
-    kind = "pic2word"
 
     def __init__(self, config: Pic2WordTaskConfig) -> None:
         super().__init__(config)
@@ -98,17 +96,11 @@ class Pic2WordTask(MapperTaskBase):
     def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
         if self.features is None:
             self.features = self.image_table(self.source).lookup(self.source.keys)
-        batches = index_batches(
-            len(self.source),
-            batch_size=self.config.data.batch_size,
-            rank=rank,
-            world_size=world_size,
-            epoch=epoch,
-            seed=seed,
-        )
-        assert self.features is not None
         features = self.features
-        return SizedBatches(batches, lambda idx: {"features": features[idx]})
+        return self.batches(
+            len(self.source), lambda idx: {"features": features[idx]}, rank=rank, world_size=world_size,
+            epoch=epoch, seed=seed,
+        )  # fmt: skip
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         clip = self.follow_mapper()
@@ -127,7 +119,7 @@ class Pic2WordTask(MapperTaskBase):
 
 def run(config: Pic2WordTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train IM2TEXT, then export the ``pic2word`` model folder (``<trainer.output_dir>/model``)."""
-    return run_mapper_task(Pic2WordTask, config, resume=resume)
+    return run_mapper_task(Pic2WordTask, config, name="pic2word", resume=resume)
 
 
 register_task("pic2word", Pic2WordTaskConfig, run)

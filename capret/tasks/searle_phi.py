@@ -34,7 +34,6 @@ from capret.tasks.zeroshot_common import (
     MapperModelConfig,
     MapperTaskBase,
     SizedBatches,
-    index_batches,
     mapper_trainer,
     run_mapper_task,
 )
@@ -90,7 +89,6 @@ class PhiTask(MapperTaskBase):
 
     mapper_kind = "phi"
     method = "searle"
-    kind = "phi"
 
     def __init__(self, config: PhiTaskConfig) -> None:
         super().__init__(config)
@@ -132,15 +130,9 @@ class PhiTask(MapperTaskBase):
 
     def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
         self._prepare()
-        batches = index_batches(
-            len(self.source),
-            batch_size=self.config.data.batch_size,
-            rank=rank,
-            world_size=world_size,
-            epoch=epoch,
-            seed=seed,
+        return self.batches(
+            len(self.source), self._batch, rank=rank, world_size=world_size, epoch=epoch, seed=seed
         )
-        return SizedBatches(batches, self._batch)
 
     def _batch(self, idx: list[int]) -> dict[str, Any]:
         assert self.features is not None
@@ -175,7 +167,7 @@ class PhiTask(MapperTaskBase):
 
 def run(config: PhiTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train phi, then export the ``phi`` model folder (``<trainer.output_dir>/model``)."""
-    return run_mapper_task(PhiTask, config, resume=resume)
+    return run_mapper_task(PhiTask, config, name="phi", resume=resume)
 
 
 register_task("phi", PhiTaskConfig, run)

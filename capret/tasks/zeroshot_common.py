@@ -16,7 +16,7 @@ so inference reads them without this module; sidecars written with the earlier f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from capret.data.image_sources import ImageSource
 from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig
+from capret.errors import ConfigError
 from capret.inference.cir.features import CachedFeatures, image_features
 from capret.inference.cir.inversion import save_mapper_folder
 from capret.models.clip import ClipBundle, load_task_clip_config
@@ -90,7 +91,7 @@ def index_batches(
     order = torch.randperm(count, generator=g).tolist()
     per_rank = count // world_size // batch_size * batch_size
     if per_rank == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{count} training examples cannot fill one batch of {batch_size} on each of {world_size} "
             "process(es); lower batch_size"
         )
@@ -118,8 +119,6 @@ class MapperTaskBase:
     mapper_kind = ""
     #: zero-shot method the checkpoint serves at inference (searle, pic2word, lincir)
     method = ""
-    #: the task's name, which is also the kind of its exported model folder (phi, pic2word, lincir)
-    kind = ""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -179,6 +178,28 @@ class MapperTaskBase:
             num_workers=self.config.trainer.num_workers,
         )
 
+    def batches(
+        self,
+        count: int,
+        make: Callable[[list[int]], dict[str, Any]],
+        *,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        seed: int,
+    ) -> SizedBatches:
+        """This rank's shuffled batches of ``count`` examples (``data.batch_size`` each, the trainer's resume
+        contract), each index list made into a batch by ``make``."""
+        order = index_batches(
+            count,
+            batch_size=self.config.data.batch_size,
+            rank=rank,
+            world_size=world_size,
+            epoch=epoch,
+            seed=seed,
+        )
+        return SizedBatches(order, make)
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """One group at ``trainer.lr`` / ``trainer.weight_decay`` (the frozen CLIP is not in the model)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "name": self.mapper_kind}]
@@ -226,8 +247,11 @@ class MapperTaskBase:
         )
 
 
-def run_mapper_task(task_cls: type[MapperTaskBase], config: Any, *, resume: str | None) -> dict[str, Any]:
-    """Train a mapper task and export its model folder (``<trainer.output_dir>/model``)."""
-    check_task_name(config, task_cls.kind)
+def run_mapper_task(
+    task_cls: type[MapperTaskBase], config: Any, *, name: str, resume: str | None
+) -> dict[str, Any]:
+    """Train the mapper task ``name`` and export its model folder (``<trainer.output_dir>/model``, kind
+    ``name``)."""
+    check_task_name(config, name)
     task = task_cls(config)
     return train_and_export(task, config.trainer, resume=resume, export=task.export)
