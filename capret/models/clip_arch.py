@@ -64,7 +64,7 @@ class VisionTowerConfig:
     width: int = cfg(128, "vit: transformer width; resnet: width of the stem (stage widths are 1x..8x it x4)")
     layers: int = cfg(3, "vit: transformer blocks; resnet: blocks in each of the 4 stages")
     head_width: int = cfg(32, "width of one attention head (heads = width // head_width)")
-    patch_size: int = cfg(8, "vit: patch size in pixels (image_size must be a multiple of it)")
+    patch_size: int = cfg(16, "vit: patch size in pixels (image_size must be a multiple of it)")
 
 
 @dataclass
