@@ -30,7 +30,7 @@ DeepFashion2 "top-k accuracy" (a hit if any relevant item is among the first k).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -245,18 +245,29 @@ def recall_at_k(
     scores: ArrayLike, relevance: ArrayLike, ks: Sequence[int], *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> dict[int, float]:
     """Fraction of queries with a relevant item in the top k (DeepFashion2 top-k accuracy), per k."""
-    ks = _check_ks(ks)
-    parts = [hit_at_k_from_hits(h, ks, n) for h, n in _score_chunks(scores, relevance, chunk_size)]
-    return {k: nanmean_with_warning(np.concatenate([p[k] for p in parts]), metric=f"R@{k}") for k in ks}
+    return _chunked_at_k(hit_at_k_from_hits, scores, relevance, ks, chunk_size=chunk_size, label="R")
 
 
 def precision_at_k(
     scores: ArrayLike, relevance: ArrayLike, ks: Sequence[int], *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> dict[int, float]:
     """Mean fraction of relevant items among the first k, per k."""
+    return _chunked_at_k(precision_at_k_from_hits, scores, relevance, ks, chunk_size=chunk_size, label="P")
+
+
+def _chunked_at_k(
+    per_chunk: Callable[[torch.Tensor, Sequence[int], torch.Tensor], dict[int, np.ndarray]],
+    scores: ArrayLike,
+    relevance: ArrayLike,
+    ks: Sequence[int],
+    *,
+    chunk_size: int,
+    label: str,
+) -> dict[int, float]:
+    """Mean over queries of a per-k measure computed chunk by chunk (``label@k`` names it in warnings)."""
     ks = _check_ks(ks)
-    parts = [precision_at_k_from_hits(h, ks, n) for h, n in _score_chunks(scores, relevance, chunk_size)]
-    return {k: nanmean_with_warning(np.concatenate([p[k] for p in parts]), metric=f"P@{k}") for k in ks}
+    parts = [per_chunk(h, ks, n) for h, n in _score_chunks(scores, relevance, chunk_size)]
+    return {k: nanmean_with_warning(np.concatenate([p[k] for p in parts]), metric=f"{label}@{k}") for k in ks}
 
 
 def average_precision_from_ranking(
