@@ -22,7 +22,7 @@ from capret.data.deepfashion2 import (
     to_coco,
 )
 from capret.data.fashioniq import FashionIQ
-from capret.data.garments import build_world, load_truth, read_world
+from capret.data.garments import build_world, deepfashion2_truth, load_truth, read_world
 from capret.data.garments.cir import difference, fiq_category, relative_captions
 from capret.data.garments.vocab import CATEGORIES, COLOURS, describe
 from capret.errors import DataError, OutputFolderError
@@ -96,6 +96,9 @@ def test_deepfashion2_layout_readers_and_ground_truth(world: tuple[Path, dict]) 
         assert shop_pairs == {it.pair_id for it in users if it.style == 1}  # every user garment has a listing
     assert len(seen_categories) == len(CATEGORIES)
     validation = load_items(df2, "validation", cache=False, progress=False)
+    by_item = deepfashion2_truth(load_truth(root), "validation")
+    assert sorted(by_item) == sorted((it.image_id, it.item_index) for it in validation)
+    assert all(by_item[(it.image_id, it.item_index)]["category"] == it.category_name for it in validation)
     query_gt, gallery_gt = build_retrieval_ground_truth(validation)
     assert json.loads((df2 / "validation" / "query_gt.json").read_text()) == query_gt
     assert json.loads((df2 / "validation" / "gallery_gt.json").read_text()) == gallery_gt

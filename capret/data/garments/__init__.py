@@ -11,6 +11,13 @@ See docs/garments.md.
 
 from __future__ import annotations
 
-from capret.data.garments.world import WORLD_VERSION, WorldSummary, build_world, load_truth, read_world
+from capret.data.garments.world import (
+    WORLD_VERSION,
+    WorldSummary,
+    build_world,
+    deepfashion2_truth,
+    load_truth,
+    read_world,
+)
 
-__all__ = ["WORLD_VERSION", "WorldSummary", "build_world", "load_truth", "read_world"]
+__all__ = ["WORLD_VERSION", "WorldSummary", "build_world", "deepfashion2_truth", "load_truth", "read_world"]
