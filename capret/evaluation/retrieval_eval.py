@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from capret.evaluation.metrics import (
     rank,
 )
 
-__all__ = ["EvaluationRun", "exact_search", "evaluate_embeddings", "retrieve_and_evaluate"]
+__all__ = ["EvaluationRun", "RetrievalOptions", "evaluate_embeddings", "exact_search", "retrieve_and_evaluate"]
 
 ImageRef = tuple[str, Sequence[float] | None]
 
@@ -194,6 +194,18 @@ def _head_metrics(
     return ap, mapr, hit_at_k_from_hits(head_hits, ks, n_rel)
 
 
+class RetrievalOptions(TypedDict, total=False):
+    """The keyword options of :func:`retrieve_and_evaluate` and :func:`evaluate_embeddings` (see the latter)."""
+
+    ks: Sequence[int]
+    index: str
+    rerank: str | None
+    rerank_topk: int
+    query_images: Sequence[ImageRef] | None
+    gallery_images: Sequence[ImageRef] | None
+    chunk_size: int
+
+
 def retrieve_and_evaluate(
     query_features: Any,
     gallery_features: Any,
@@ -312,13 +324,7 @@ def evaluate_embeddings(
     gallery_features: Any,
     query_labels: Any,
     gallery_labels: Any,
-    *,
-    ks: Sequence[int] = (1, 5, 10, 20),
-    index: str = "exact",
-    rerank: str | None = None,
-    rerank_topk: int = 100,
-    query_images: Sequence[ImageRef] | None = None,
-    gallery_images: Sequence[ImageRef] | None = None,
+    **options: Unpack[RetrievalOptions],
 ) -> dict[str, Any]:
     """mAP (full gallery), MAP@R and recall@k of embeddings whose labels define relevance (equal = relevant).
 
@@ -333,20 +339,12 @@ def evaluate_embeddings(
         rerank_topk: how many head results the reranker sees.
         query_images: ``(path, bbox_xyxy | None)`` per query, for rerankers that look at pixels.
         gallery_images: same for the gallery.
+        chunk_size: queries scored at a time by the exact ranking.
 
     Returns:
         ``{"map", "map_at_r", "recall@k"..., "num_queries", "num_excluded", "map_depth"}``; with ``rerank``,
         ``{"before": {...}, "after": {...}, "rerank", "rerank_topk", "rerank_seconds"}``.
     """
     return retrieve_and_evaluate(
-        query_features,
-        gallery_features,
-        query_labels,
-        gallery_labels,
-        ks=ks,
-        index=index,
-        rerank=rerank,
-        rerank_topk=rerank_topk,
-        query_images=query_images,
-        gallery_images=gallery_images,
+        query_features, gallery_features, query_labels, gallery_labels, **options
     ).metrics
