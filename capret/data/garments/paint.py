@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from capret.data.garments.patterns import Look, fabric
 from capret.data.garments.shapes import FRAME, Body, Silhouette, body_parts, forearm_across, silhouette
-from capret.data.garments.vocab import BOTTOMS, COLOURS, DRESSES, OUTWEAR, luminance
+from capret.data.garments.vocab import BOTTOMS, COLOURS, OUTWEAR, luminance
 
 __all__ = ["Dressed", "Garment", "Layer", "paint_figure", "paint_garment", "z_order"]
 
@@ -154,7 +154,7 @@ def z_order(category: str) -> int:
         return 0
     if category in OUTWEAR:
         return 2
-    return 1 if category not in DRESSES else 1
+    return 1
 
 
 @dataclass

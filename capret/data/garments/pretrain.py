@@ -99,7 +99,6 @@ def write_pretrain(
         for kind, image, quality in (("shop", shop.image, shop.quality), ("street", crop, street.quality)):
             name = f"{person.id}-{kind}.jpg"
             image.save(root / "images" / name, format="JPEG", quality=quality)
-            assert person.images is not None
             person.images.append(f"pretrain/images/{name}")
             record = {"image": f"images/{name}", "text": alt_text(attributes, irng)}
             lines[split].append(json.dumps(record))

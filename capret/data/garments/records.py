@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,12 +30,11 @@ class Identity:
         "identity"  # "identity" (pairable, style 1) or "companion" (an outfit's other garment, style 0)
     )
     pair_id: int | None = None
-    images: list[str] | None = None
+    images: list[str] = field(default_factory=list)  # "path" or "path#itemN", relative to the world root
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("id")
-        out["images"] = list(self.images or [])
         return out
 
 

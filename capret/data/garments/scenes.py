@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from capret.data.deepfashion2 import CATEGORIES as DF2_CATEGORIES
 from capret.data.deepfashion2 import KEYPOINT_COUNTS
 from capret.data.garments.paint import Dressed, Garment, paint_figure
 from capret.data.garments.patterns import load_photo
-from capret.data.garments.shapes import FRAME, Body
+from capret.data.garments.shapes import Body
 from capret.data.garments.vocab import category_id
 
 __all__ = ["BACKGROUND_PHOTOS", "ItemView", "Photo", "consumer_photo", "shop_photo"]
@@ -58,8 +59,6 @@ class ItemView:
 
     def to_item(self, *, style: int) -> dict[str, Any]:
         """The official ``itemN`` object (field order as in DeepFashion2's files)."""
-        from capret.data.deepfashion2 import CATEGORIES as DF2
-
         return {
             "segmentation": self.segmentation,
             "scale": self.scale,
@@ -70,7 +69,7 @@ class ItemView:
             "bounding_box": self.bbox,
             "category_id": self.category_id,
             "occlusion": self.occlusion,
-            "category_name": DF2[self.category_id],
+            "category_name": DF2_CATEGORIES[self.category_id],
         }
 
 
@@ -329,8 +328,3 @@ def _consumer_once(garments: Sequence[Garment], *, size: int, worn: bool, rng: n
                       viewpoint=viewpoint)  # fmt: skip
     image = _photometric(canvas.convert("RGB"), rng)
     return Photo(image=image, quality=int(rng.integers(40, 91)), items=items)
-
-
-def frame_size() -> tuple[float, float]:
-    """The body frame (width, height) in units (re-exported for writers that crop figures)."""
-    return FRAME

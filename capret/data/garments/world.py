@@ -122,12 +122,12 @@ def _write_deepfashion2(
                               split=split, pair_id=pair_id, images=[])  # fmt: skip
             people.append(person)
             garment = Garment(attributes, look)
-            views: list[tuple[str, Any, list[Identity | None]]] = []
+            views: list[tuple[str, Any, list[Identity]]] = []
             for _ in range(int(irng.integers(1, 3))):
                 views.append(("shop", shop_photo(garment, size=shop_size, rng=irng), [person]))
             for _ in range(user_views):
                 worn = bool(irng.random() < 0.8)
-                others: list[Identity | None] = [person]
+                others: list[Identity] = [person]
                 garments = [garment]
                 for category in companions_for(str(attributes["category"]), irng) if worn else []:
                     companion += 1
@@ -145,9 +145,7 @@ def _write_deepfashion2(
                 relative = f"deepfashion2/{split}/image/{name}.jpg"
                 for n, view in enumerate(photo.items, start=1):
                     owner = owners[view.garment]
-                    assert owner is not None
                     anno[f"item{n}"] = view.to_item(style=1 if owner.role == "identity" else 0)
-                    assert owner.images is not None
                     owner.images.append(f"{relative}#item{n}")
                 _save_jpeg(photo.image, folder / "image" / f"{name}.jpg", photo.quality)
                 (folder / "annos" / f"{name}.json").write_text(json.dumps(anno))
