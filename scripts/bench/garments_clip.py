@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,8 @@ import torch  # noqa: E402
 from capret.config import load_config  # noqa: E402
 from capret.data.deepfashion2 import image_path, load_items  # noqa: E402
 from capret.data.imagefile import decode_image  # noqa: E402
-from capret.inference.query.clip_captioner import ATTRIBUTE_ORDER, ClipAttributeDescriber  # noqa: E402
+from capret.evaluation.attributes import attribute_accuracy  # noqa: E402
+from capret.inference.query.clip_captioner import ClipAttributeDescriber  # noqa: E402
 from capret.tasks.clip import ClipTaskConfig, evaluate_clip, run, zero_shot_category_accuracy  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "garments_clip.yaml"
@@ -51,29 +51,6 @@ def _truth_by_item(world: Path) -> dict[str, dict[str, Any]]:
             path, item = ref.split("#item")
             split, image = path.split("/")[1], int(Path(path).stem)
             out[f"{split}/{image}/{int(item)}"] = record["attributes"]
-    return out
-
-
-def _attribute_accuracy(predicted: list[dict[str, Any]], truth: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in ("category", *ATTRIBUTE_ORDER):
-        pairs = [(p.get(key), t.get(key)) for p, t in zip(predicted, truth) if t.get(key) is not None]
-        if key == "details":
-            pairs = [(sorted(p or []), sorted(t or [])) for p, t in pairs]
-        if pairs:
-            counts = Counter(str(t) for _, t in pairs)
-            out[key] = {
-                "accuracy": round(sum(p == t for p, t in pairs) / len(pairs), 4),
-                "majority": round(counts.most_common(1)[0][1] / len(pairs), 4),
-                "count": len(pairs),
-            }
-    secondary = [(p.get("secondary_colour"), t.get("secondary_colour")) for p, t in zip(predicted, truth)
-                 if t.get("pattern") not in (None, "solid")]  # fmt: skip
-    if secondary:
-        out["secondary_colour"] = {
-            "accuracy": round(sum(p == t for p, t in secondary) / len(secondary), 4),
-            "count": len(secondary),
-        }
     return out
 
 
@@ -120,7 +97,10 @@ def main() -> None:
     report["captioner"] = {
         "items": len(scored),
         "seconds": round(time.perf_counter() - start, 2),
-        "attributes": _attribute_accuracy(predicted, [t for _, t in scored]),
+        "attributes": {
+            k: {m: round(v, 4) for m, v in row.items()}
+            for k, row in attribute_accuracy(predicted, [t for _, t in scored]).items()
+        },  # fmt: skip
         "example": describer.caption([images[scored[0][0]]], [boxes[scored[0][0]]])[0] if scored else None,
     }
     print(json.dumps(report, indent=1))
