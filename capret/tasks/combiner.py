@@ -10,8 +10,10 @@
 
 Model selection follows the paper: FashionIQ by the average of R@10 and R@50 over the categories
 (``trainer.monitor: average``), CIRR by the mean of R@5 and Recall_subset@1 (``trainer.monitor:
-r5_rs1_mean``). The shared loop (:mod:`capret.engine.trainer`) does optimisation, logging and checkpoints;
-the checkpoint sidecar keeps this config, which ``capret-eval --dataset ... --checkpoint`` reads back.
+r5_rs1_mean``), computed by the same :func:`capret.inference.cir.benchmarks.evaluate_cir` as ``capret-eval``.
+The shared loop (:mod:`capret.engine.trainer`) does optimisation, logging and checkpoints; after training the
+stage is exported as a ``combiner`` model folder (``<output_dir>/stage<N>/model``, with the fine-tuned CLIP's
+weights when they are not the pretrained ones) that :func:`capret.load` and ``capret-eval --checkpoint`` open.
 
 Adam vs AdamW: the trainer's ``adamw`` with ``weight_decay: 0`` *is* Adam, so the stage sections set each
 stage's learning rate and weight decay as parameter-group values and one ``trainer.optimizer`` serves both.
@@ -447,7 +449,7 @@ class CombinerTask:
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.config)
 
-    def export(self, result: dict[str, Any], folder: Path) -> None:
+    def export(self, result: dict[str, Any], folder: Path) -> dict[str, Any]:
         """The selected (else last) weights of the stage as a ``combiner`` model folder; the CLIP's weights go
         in too whenever they are not the named pretrained ones (stage 1, or stage 2 started from stage 1)."""
         clip = self.clip if self.clip is not None else load_task_clip(self.config)
@@ -462,6 +464,7 @@ class CombinerTask:
             clip_trained=self.config.stage == 1 or self.config.model.stage1_checkpoint is not None,
             trained_from=self.config_dict(),
         )
+        return {"bad_images": len(self.bad_images)} if self.config.data.on_bad_image == "skip" else {}
 
 
 #: names of the validation metrics of each dataset, for checking ``trainer.monitor`` before training starts
@@ -498,10 +501,7 @@ def run(config: CombinerTaskConfig, *, resume: str | None = None) -> dict[str, A
     if stage.eval_every is not None:
         trainer_config = replace(trainer_config, eval_every=stage.eval_every)
     task = CombinerTask(config)
-    result = train_and_export(task, trainer_config, resume=resume, export=task.export)
-    if config.data.on_bad_image == "skip":
-        result["bad_images"] = len(task.bad_images)
-    return result
+    return train_and_export(task, trainer_config, resume=resume, export=task.export)
 
 
 register_task("combiner", CombinerTaskConfig, run)

@@ -308,11 +308,12 @@ def run(config: DetectorConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train, then export the best (or last) weights as a ``detector`` model folder."""
     task = DetectorTask(config)
 
-    def export(result: dict[str, Any], folder: Path) -> None:
+    def export(result: dict[str, Any], folder: Path) -> dict[str, Any]:
         model = task._model if task._model is not None else ClothingDetector(config.model)
         if result.get("best_checkpoint"):  # the trainer's selected weights, when validation ran
             load_model_weights(model, result["best_checkpoint"])
         model.cpu().save_pretrained(folder)
+        return {}
 
     return train_and_export(
         task, config.trainer, resume=resume, export=export, export_dir=config.eval.export_dir

@@ -400,24 +400,16 @@ class DualStreamTask:
 def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train, then export the best (or last) weights as a self-contained model folder."""
     task = DualStreamTask(config)
-    exported: list[DualStreamModel] = []
 
-    def export(result: dict[str, Any], folder: Path) -> None:
+    def export(result: dict[str, Any], folder: Path) -> dict[str, Any]:
         model = task._model if task._model is not None else create_dual_stream_model(config.model)
         if result.get("best_checkpoint"):  # the trainer's selected weights, when validation ran
             load_dual_stream_weights(model, result["best_checkpoint"])
         model.save_pretrained(folder)
-        exported.append(model)
-
-    result = train_and_export(
-        task, config.trainer, resume=resume, export=export, export_dir=config.eval.export_dir
-    )
-    if exported:
-        model = exported[0]
-        result = {**result, **task.caption_join.summary(),
-                  "holdout_items": len(task.holdout_items), "selection": "holdout train identities"}  # fmt: skip
+        extra = {**task.caption_join.summary(), "holdout_items": len(task.holdout_items),
+                 "selection": "holdout train identities"}  # fmt: skip
         if config.data.captions is not None:  # pixels or oracle: every report says which captions it rests on
-            result["caption_source"] = caption_sources(config.data.captions)
+            extra["caption_source"] = caption_sources(config.data.captions)
         if config.data.val_split:
             # The one evaluation of the reported split, after selection is over.
             reported = protocol_metrics(
@@ -432,8 +424,12 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
             )
             final = {"split": config.data.val_split, **reported}
             atomic_write_json(Path(config.trainer.output_dir) / "final_metrics.json", final, indent=2)
-            result["final_metrics"] = final
-    return result
+            extra["final_metrics"] = final
+        return extra
+
+    return train_and_export(
+        task, config.trainer, resume=resume, export=export, export_dir=config.eval.export_dir
+    )
 
 
 def protocol_metrics(

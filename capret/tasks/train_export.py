@@ -18,9 +18,10 @@ from capret.engine.trainer import TrainerConfig, train
 
 __all__ = ["ExportingTask", "check_task_name", "train_and_export"]
 
-#: ``export(result, folder)``: write the model folder from the trainer's summary (``best_checkpoint`` is the
-#: selected checkpoint when validation ran, else None and the task's in-memory model is the last one)
-Export = Callable[[dict[str, Any], Path], None]
+#: ``export(result, folder) -> extra``: write the model folder from the trainer's summary (``best_checkpoint`` is
+#: the selected checkpoint when validation ran, else None and the task's in-memory model is the last one) and
+#: return what the summary should add (e.g. the exported model's final metrics; ``{}`` if nothing)
+Export = Callable[[dict[str, Any], Path], dict[str, Any]]
 
 
 class ExportingTask(Protocol):
@@ -47,10 +48,10 @@ def train_and_export(
     export_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``task``, then (main process only) export its model to ``export_dir`` (default
-    ``<trainer.output_dir>/model``); the summary gains ``model_dir``."""
+    ``<trainer.output_dir>/model``); the summary gains ``model_dir`` and what ``export`` returned."""
     result = train(task, trainer, resume=resume, task_config=task.config_dict())
     folder = Path(export_dir) if export_dir else Path(trainer.output_dir) / "model"
     if task.dist.is_main:
-        export(result, folder)
-        result = {**result, "model_dir": str(folder)}
+        extra = export(result, folder)
+        result = {**result, "model_dir": str(folder), **extra}
     return result

@@ -231,7 +231,7 @@ class MapperTaskBase:
             placeholder=self.config.model.placeholder,
         )
 
-    def export(self, result: dict[str, Any], folder: Path) -> None:
+    def export(self, result: dict[str, Any], folder: Path) -> dict[str, Any]:
         """The last mapper (these tasks have no validation to select by) as a model folder of the task's kind."""
         mapper = (
             self.mapper if self.mapper is not None else build_mapper(self.mapper_kind, self.mapper_hparams())
@@ -245,6 +245,7 @@ class MapperTaskBase:
             record=self.record(),
             trained_from=self.config_dict(),
         )
+        return {}
 
 
 def run_mapper_task(

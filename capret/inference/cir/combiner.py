@@ -118,12 +118,14 @@ def save_combiner_folder(
     folder = Path(folder)
     # the folder holds every weight it needs: it never points back at a run folder
     record = CombinerRecord(stage=config.stage, model=replace(config.model, stage1_checkpoint=None))
-    written: list[tuple[str, nn.Module]] = [(_CLIP_FILE, clip)] if clip_trained else []
+    written: dict[str, nn.Module] = {}
+    if clip_trained:
+        written[_CLIP_FILE] = clip
     if config.stage == 2:
-        written.append((_FUSER_FILE, fuser))
+        written[_FUSER_FILE] = fuser
     sha256 = {
         name: file_sha256(write_weights(folder / name, module, format=COMBINER_FORMAT))
-        for name, module in written
+        for name, module in written.items()
     }
     extra = {"trained_from": trained_from} if trained_from is not None else {}
     write_model_config(
