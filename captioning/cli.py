@@ -293,16 +293,43 @@ def _backend_options(config: CaptionConfig) -> dict[str, Any]:
     raise ConfigError(f"unknown backend {config.backend!r}; valid backends: {', '.join(list_backends())}")
 
 
+def check_ranges(config: CaptionConfig) -> None:
+    """Refuse numeric settings outside their range, naming the option and the value (``--concurrency -1``
+    or ``--timeout nan`` would otherwise stall, spin or retry forever instead of failing at once)."""
+    import math
+
+    def need(flag: str, value: Any, ok: bool, valid: str) -> None:
+        if not ok:
+            raise ConfigError(f"{flag} must be {valid}, got {value!r}")
+
+    def finite(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    need("--batch-size", config.batch_size, finite(config.batch_size) and config.batch_size >= 1, ">= 1")
+    need("--concurrency", config.openai.concurrency,
+         finite(config.openai.concurrency) and config.openai.concurrency >= 1, ">= 1")  # fmt: skip
+    need("--timeout", config.openai.timeout, finite(config.openai.timeout) and config.openai.timeout > 0,
+         "a finite number of seconds > 0")  # fmt: skip
+    need("--max-retries", config.openai.max_retries,
+         finite(config.openai.max_retries) and config.openai.max_retries >= 0, ">= 0")  # fmt: skip
+    need("--temperature", config.openai.temperature,
+         finite(config.openai.temperature) and config.openai.temperature >= 0, "a finite number >= 0")  # fmt: skip
+    need("clip.batch_size", config.clip.batch_size, finite(config.clip.batch_size) and config.clip.batch_size >= 1,
+         ">= 1")  # fmt: skip
+    if config.category_seconds is not None:
+        need("--category-seconds", config.category_seconds,
+             finite(config.category_seconds) and config.category_seconds > 0, "a finite number > 0")  # fmt: skip
+
+
 def run(config: CaptionConfig) -> dict[str, Any]:
     """Caption ``config.dataset`` into ``config.out``; returns the run summary as a dict."""
-    from captioning.backends import create_backend
     from captioning.category import category_model_dir, fit_category_model_on_targets, load_category_model
     from captioning.prompts import get_prompt_set, load_prompt_set
-    from captioning.runner import caption_targets
     from captioning.sources import create_source, parse_shard, select_shard, store_binding
     from captioning.store import CaptionStore
 
     assert config.root is not None and config.out is not None
+    check_ranges(config)  # before the store is opened: a refused run leaves nothing behind
     prompts = (
         load_prompt_set(config.prompt_file) if config.prompt_file else get_prompt_set(config.prompt_version)
     )
