@@ -216,3 +216,18 @@ def test_check_data_reports_duplicate_json_keys(tmp_path: Path, capsys: pytest.C
     out = capsys.readouterr().out
     assert code == 1, out
     assert anno.name in out and "'source' twice" in out
+
+
+def test_caption_numeric_settings_validate_their_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from captioning import cli as caption_cli
+
+    out = tmp_path / "c.jsonl"
+    argv = ["--dataset", "demo", "--root", str(tmp_path), "--out", str(out), "--backend", "openai", "--base-url",
+            "http://127.0.0.1:9/v1", "--vlm", "m", "--no-progress"]  # fmt: skip
+    for option, value, needle in (("--batch-size", "0", ">= 1"), ("--concurrency", "-1", ">= 1"),
+                                  ("--timeout", "nan", "> 0"), ("--max-retries", "-1", ">= 0"),
+                                  ("--temperature", "inf", "finite")):  # fmt: skip
+        expect_error(capsys, caption_cli.main, [*argv, option, value], option, needle)
+    assert not out.exists()
