@@ -66,6 +66,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--phrases-out", type=Path, default=None, help="phrase cache (default: OUT.phrases.json)"
     )
     parser.add_argument("--per-concept", type=positive_int, default=8, help="phrases requested per concept")
+    parser.add_argument(
+        "--phrase-style",
+        choices=["chat", "searle"],
+        default="chat",
+        help="chat: ask a chat LLM for --per-concept phrases (ours); searle: the paper's continuations of 'a photo "
+        "of {concept} that' sampled from a causal LM (--phrase-backend transformers; GPT-Neo 2.7B in the paper)",
+    )
+    parser.add_argument(
+        "--phrase-samples", type=positive_int, default=256, help="searle style: sequences per concept (256)"
+    )
+    parser.add_argument(
+        "--phrase-temperature", type=float, default=0.5, help="searle style: sampling temperature (0.5)"
+    )
+    parser.add_argument(
+        "--phrase-max-length",
+        type=positive_int,
+        default=35,
+        help="searle style: tokens in all, prompt included (35)",
+    )
     add_progress_flag(parser)
     for f in fields(OTIConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -102,6 +121,7 @@ _OTI_RANGES: dict[str, Any] = {
 def _phrases(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from capret.errors import CapretError
     from capret.inference.cir.concepts import PhraseBank, generate_phrases, load_concepts
+    from capret.io import default_device
 
     if args.phrases is not None:
         return PhraseBank.load(args.phrases), {"phrases": str(args.phrases)}
@@ -111,6 +131,24 @@ def _phrases(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         raise CapretError(
             "--concepts needs --phrase-backend and --phrase-model to write phrases (or pass --phrases)"
         )
+    cache = args.phrases_out or args.out.with_suffix(".phrases.json")
+    if args.phrase_style == "searle":
+        if args.phrase_backend != "transformers":
+            raise CapretError(
+                "--phrase-style searle samples a local causal LM: use --phrase-backend transformers"
+            )
+        from capret.inference.cir.concepts import generate_continuations
+
+        bank, stats = generate_continuations(
+            args.phrase_model,
+            load_concepts(args.concepts),
+            cache=cache,
+            samples=args.phrase_samples,
+            temperature=args.phrase_temperature,
+            max_length=args.phrase_max_length,
+            device=str(default_device(args.device)),
+        )
+        return bank, {"phrases": str(cache), "phrase_generation": stats}
     from captioning.backends import create_backend
 
     if args.phrase_backend == "openai":
@@ -121,7 +159,6 @@ def _phrases(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         )
     else:  # a chat model of the transformers backend asks the text-only prompts itself
         backend = create_backend("transformers", vlm=args.phrase_model)
-    cache = args.phrases_out or args.out.with_suffix(".phrases.json")
     with backend:
         bank, stats = generate_phrases(
             backend, load_concepts(args.concepts), cache=cache, per_concept=args.per_concept

@@ -29,6 +29,7 @@ from capret.models.clip_base import ClipBundle
 
 __all__ = [
     "CAPRET_CONCEPT_TEMPLATES",
+    "CONTINUATION_VERSION",
     "CONCEPT_TEMPLATES",
     "SEARLE_TEMPLATES",
     "TEMPLATE_SETS",
@@ -36,6 +37,7 @@ __all__ = [
     "PhraseBank",
     "concept_features",
     "generate_phrases",
+    "generate_continuations",
     "load_concepts",
     "top_concepts",
 ]
@@ -206,6 +208,83 @@ def generate_phrases(
                 stats["fallback"] += 1
                 found = [f"a photo of {concept}"]
             bank.phrases[concept] = found
+        bank.save(cache)
+    return bank, stats
+
+
+#: version of the paper's phrase generation (recorded in the phrase file's source)
+CONTINUATION_VERSION = "searle-continuation-v1"
+
+
+def _clean_continuation(text: str) -> str:
+    """SEARLE's ``process_phrase``: newlines become ". ", runs of dots one dot; whitespace collapsed."""
+    text = re.sub(r"(\n)+", ". ", text)
+    text = re.sub(r"\.+", ".", text)
+    return " ".join(text.split())
+
+
+@torch.no_grad()
+def generate_continuations(
+    model: str | Path,
+    concepts: Sequence[str],
+    *,
+    cache: str | Path,
+    samples: int = 256,
+    temperature: float = 0.5,
+    max_length: int = 35,
+    no_repeat_ngram_size: int = 2,
+    seed: int = 0,
+    device: str = "cpu",
+) -> tuple[PhraseBank, dict[str, int]]:
+    """SEARLE's phrase generation (``src/gpt_phrases_generation.py``): a causal language model (GPT-Neo 2.7B in
+    the paper) continues ``"a photo of {concept} that"``, ``samples`` sampled sequences per concept at
+    ``temperature``, ``max_length`` tokens in all (prompt included), no repeated bigram; newlines become ". ".
+
+    The concept list is the caller's (SEARLE uses the Open Images V7 class names). Phrases that lost the concept
+    are dropped (:class:`PhraseBank`); each concept is sampled with its own seed (``seed`` + its position), so a
+    resumed run writes what an uninterrupted one would. The cache is rewritten after every concept.
+
+    Returns:
+        The bank and counts ``{"requested", "cached", "phrases"}``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(cache)
+    bank = PhraseBank.load(cache) if cache.is_file() else PhraseBank()
+    bank.source = {
+        "model": str(model),
+        "prompt_version": CONTINUATION_VERSION,
+        "samples": samples,
+        "temperature": temperature,
+        "max_length": max_length,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
+        "seed": seed,
+    }
+    concepts = list(dict.fromkeys(c.strip() for c in concepts if c.strip()))
+    todo = [(i, c) for i, c in enumerate(concepts) if c not in bank.phrases]
+    stats = {"requested": len(todo), "cached": len(concepts) - len(todo), "phrases": 0}
+    if not todo:
+        return bank, stats
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    lm: Any = AutoModelForCausalLM.from_pretrained(str(model))
+    lm = lm.to(device).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for index, concept in todo:
+        inputs = tokenizer(f"a photo of {concept} that", return_tensors="pt").to(device)
+        torch.manual_seed(seed + index)
+        output = lm.generate(
+            **inputs,
+            do_sample=True,
+            max_length=max_length,
+            num_return_sequences=samples,
+            temperature=temperature,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            pad_token_id=pad,
+        )
+        texts = [_clean_continuation(t) for t in tokenizer.batch_decode(output, skip_special_tokens=True)]
+        kept = list(dict.fromkeys(t for t in texts if concept in t))
+        bank.phrases[concept] = kept or [f"a photo of {concept}"]
+        stats["phrases"] += len(kept)
         bank.save(cache)
     return bank, stats
 
