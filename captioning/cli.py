@@ -404,7 +404,15 @@ def run(config: CaptionConfig) -> dict[str, Any]:
         elif config.ray_address:
             raise ConfigError("--ray-address needs --engine ray")
         else:
-            summary = _caption_local(config, targets, store, options, prompts, category_model, cross_fitted)
+            summary = _caption_local(
+                config,
+                targets,
+                store=store,
+                options=options,
+                prompts=prompts,
+                category_model=category_model,
+                cross_fitted=cross_fitted,
+            )
     result = {
         "out": str(config.out),
         "failures_file": str(store.failures_path),
@@ -418,6 +426,7 @@ def run(config: CaptionConfig) -> dict[str, Any]:
 def _caption_local(
     config: CaptionConfig,
     targets: Any,
+    *,
     store: Any,
     options: dict[str, Any],
     prompts: Any,
