@@ -142,6 +142,14 @@ def _refuse(output: Path, what: str, holder: LockHolder | None) -> OutputLockedE
     )
 
 
+def _warn_stale(lock_file: Path, message: str) -> None:
+    """Warn that a dead holder's lock was taken over, located at the lock file (not at a frame of contextlib,
+    which is where ``warnings.warn`` would point from inside a context manager)."""
+    warnings.warn_explicit(
+        message, StaleLockWarning, filename=str(lock_file), lineno=0, module="capret.locks"
+    )
+
+
 def _write_record(fd: int, *, what: str, job: str = "") -> None:
     record = {
         "job": job,
@@ -184,11 +192,10 @@ def _acquire(output: Path, lock_file: Path, *, what: str) -> int:
             if previous is not None:
                 alive = previous.host == socket.gethostname() and _pid_alive(previous.pid)
                 state = "is no longer running" if not alive else "no longer holds the lock"
-                warnings.warn(
+                _warn_stale(
+                    lock_file,
                     f"taking over the lock on {what} {output}: its holder {previous.describe()} {state} "
                     "(killed or crashed); its partial output is resumed or replaced as the command decides",
-                    StaleLockWarning,
-                    stacklevel=4,
                 )
             _write_record(fd, what=what)
             return fd
@@ -341,11 +348,10 @@ def _join(output: Path, lock_file: Path, *, what: str, job: str) -> int:
                         os.close(fd)
                         time.sleep(0.01)
                         continue
-                    warnings.warn(
+                    _warn_stale(
+                        lock_file,
                         f"taking over the lock on {what} {output}: its holder {previous.describe()} is no "
                         "longer running (killed or crashed)",
-                        StaleLockWarning,
-                        stacklevel=4,
                     )
                 if previous is None or previous.job != job:
                     _write_record(fd, what=what, job=job)
