@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import yaml
 from tiny_zeroshot import tiny_open_clip
 
@@ -109,3 +110,23 @@ def test_lincir_defaults_and_fallback_word_redrawn_each_epoch(tmp_path: Path) ->
     words = "is on and in with for".split()
     expected = replace_spans("is on and in with for", [], rng=random.Random("0:3:1"))
     assert task.edits([1], epoch=3, seed=0) == [expected] and expected.split() != words
+
+
+def test_lincir_span_finder_choice() -> None:
+    """spaCy is the [nlp] extra; its English model is not on PyPI, so asking for spaCy without it names the
+    command that installs it, and ``auto`` falls back to the word lists."""
+    pytest.importorskip("spacy")
+    import spacy.util
+
+    from capret.errors import ConfigError, MissingDependencyError
+    from capret.tasks.lincir import keyword_tagger
+
+    assert keyword_tagger("wordlist") is None
+    with pytest.raises(ConfigError, match="valid: spacy, wordlist, auto"):
+        keyword_tagger("nltk")
+    if spacy.util.is_package("en_core_web_sm"):
+        assert keyword_tagger("auto") is not None
+        return
+    with pytest.raises(MissingDependencyError, match="python -m spacy download en_core_web_sm"):
+        keyword_tagger("spacy")
+    assert keyword_tagger("auto") is None
