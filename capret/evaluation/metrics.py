@@ -166,24 +166,28 @@ def hit_at_k_from_hits(
     hits: ArrayLike, ks: Sequence[int], num_relevant: ArrayLike | None = None
 ) -> dict[int, np.ndarray]:
     """Per-query 1.0/0.0 "any relevant item in the top k" (NaN for queries with no relevant item)."""
-    h = _as_tensor(hits, name="hits", dtype=torch.bool)
-    n = _num_relevant(num_relevant, h)
-    out = {}
-    for k in _check_ks(ks):
-        v = h[:, :k].any(1).to(torch.float64)
-        out[k] = torch.where(n > 0, v, torch.full_like(v, float("nan"))).numpy()
-    return out
+    return _per_query_at_k(hits, ks, num_relevant, lambda head, k: head.any(1).to(torch.float64))
 
 
 def precision_at_k_from_hits(
     hits: ArrayLike, ks: Sequence[int], num_relevant: ArrayLike | None = None
 ) -> dict[int, np.ndarray]:
     """Per-query fraction of relevant items among the first k (divided by k even if fewer are ranked)."""
+    return _per_query_at_k(hits, ks, num_relevant, lambda head, k: head.sum(1).to(torch.float64) / k)
+
+
+def _per_query_at_k(
+    hits: ArrayLike,
+    ks: Sequence[int],
+    num_relevant: ArrayLike | None,
+    measure: Callable[[torch.Tensor, int], torch.Tensor],
+) -> dict[int, np.ndarray]:
+    """``measure(hits[:, :k], k)`` per query and k, NaN for queries with no relevant item."""
     h = _as_tensor(hits, name="hits", dtype=torch.bool)
     n = _num_relevant(num_relevant, h)
     out = {}
     for k in _check_ks(ks):
-        v = h[:, :k].sum(1).to(torch.float64) / k
+        v = measure(h[:, :k], k)
         out[k] = torch.where(n > 0, v, torch.full_like(v, float("nan"))).numpy()
     return out
 
