@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 from capret.config import ConfigError, cfg, to_dict
 from capret.data import create_dataset
 from capret.data.imagefile import check_bad_image_policy, find_bad_images
-from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, unwrap_model
 from capret.inference.cir.benchmarks import evaluate_cir, open_benchmark
@@ -54,7 +53,7 @@ from capret.models.combiner import (
     upgrade_config_dict,
 )
 from capret.tasks.registry import register_task
-from capret.tasks.train_export import check_task_name, train_and_export
+from capret.tasks.train_export import check_task_name, selected_weights, train_and_export
 
 logger = logging.getLogger(__name__)
 
@@ -454,8 +453,7 @@ class CombinerTask:
         in too whenever they are not the named pretrained ones (stage 1, or stage 2 started from stage 1)."""
         clip = self.clip if self.clip is not None else load_task_clip(self.config)
         fuser = self.fuser if self.fuser is not None else build_fuser(self.config, clip.feature_dim)
-        if result.get("best_checkpoint"):
-            load_model_weights(clip if self.config.stage == 1 else fuser, result["best_checkpoint"])
+        selected_weights(clip if self.config.stage == 1 else fuser, result)
         save_combiner_folder(
             folder,
             clip=clip,

@@ -31,7 +31,6 @@ from PIL import Image
 from torch import Tensor, nn
 
 from capret.config import cfg, to_dict
-from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig
 from capret.errors import BadImageError, ConfigError, DataError
@@ -39,7 +38,7 @@ from capret.inference.detectors import pil_to_tensor, predict_coco
 from capret.io import atomic_write_json, read_json
 from capret.models.detector import ClothingDetector, DetectorModelConfig
 from capret.tasks.registry import register_task
-from capret.tasks.train_export import train_and_export
+from capret.tasks.train_export import selected_weights, train_and_export
 
 __all__ = ["CocoDetectionDataset", "DetectorConfig", "DetectorTask", "load_coco_split", "run"]
 
@@ -309,9 +308,9 @@ def run(config: DetectorConfig, *, resume: str | None = None) -> dict[str, Any]:
     task = DetectorTask(config)
 
     def export(result: dict[str, Any], folder: Path) -> dict[str, Any]:
-        model = task._model if task._model is not None else ClothingDetector(config.model)
-        if result.get("best_checkpoint"):  # the trainer's selected weights, when validation ran
-            load_model_weights(model, result["best_checkpoint"])
+        model = selected_weights(
+            task._model if task._model is not None else ClothingDetector(config.model), result
+        )
         model.cpu().save_pretrained(folder)
         return {}
 

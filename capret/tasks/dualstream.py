@@ -62,7 +62,7 @@ from capret.io import atomic_write_json
 from capret.losses.gather import all_gather_sizes
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, create_dual_stream_model
 from capret.tasks.registry import register_task
-from capret.tasks.train_export import train_and_export
+from capret.tasks.train_export import selected_weights, train_and_export
 
 __all__ = [
     "DataConfig",
@@ -403,9 +403,7 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
 
     def export(result: dict[str, Any], folder: Path) -> dict[str, Any]:
         model = task._model if task._model is not None else create_dual_stream_model(config.model)
-        if result.get("best_checkpoint"):  # the trainer's selected weights, when validation ran
-            load_dual_stream_weights(model, result["best_checkpoint"])
-        model.save_pretrained(folder)
+        selected_weights(model, result, load=load_dual_stream_weights).save_pretrained(folder)
         extra = {**task.caption_join.summary(), "holdout_items": len(task.holdout_items),
                  "selection": "holdout train identities"}  # fmt: skip
         if config.data.captions is not None:  # pixels or oracle: every report says which captions it rests on

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from torch import nn
 
 from capret.config import ConfigError
+from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
 
-__all__ = ["ExportingTask", "check_task_name", "train_and_export"]
+__all__ = ["ExportingTask", "check_task_name", "selected_weights", "train_and_export"]
+
+M = TypeVar("M", bound=nn.Module)
 
 #: ``export(result, folder) -> extra``: write the model folder from the trainer's summary (``best_checkpoint`` is
 #: the selected checkpoint when validation ran, else None and the task's in-memory model is the last one) and
@@ -37,6 +42,16 @@ def check_task_name(config: Any, name: str) -> None:
     """A runner refuses a config of another task (``task: ...`` names which runner it is for)."""
     if config.task != name:
         raise ConfigError(f"task={config.task!r}: this runner trains task {name!r}")
+
+
+def selected_weights(
+    model: M, result: dict[str, Any], *, load: Callable[[M, str], Any] = load_model_weights
+) -> M:
+    """``model`` with the trainer's selected weights (``best_checkpoint``, when validation ran) loaded by
+    ``load``; without validation the model keeps its last (in-memory) weights."""
+    if result.get("best_checkpoint"):
+        load(model, result["best_checkpoint"])
+    return model
 
 
 def train_and_export(
