@@ -16,6 +16,7 @@ from capret.retrieval.rerank.geometric import (
     MIN_SIDE,
     LocalFeatureExtractor,
     LocalFeatureSettings,
+    MatchSettings,
     count_inliers,
     load_crop,
     match_descriptors,
@@ -66,7 +67,10 @@ def test_homography_warp_has_many_inliers_unrelated_photos_few(photos: dict[str,
     assert same >= 60, same
     assert max(unrelated) <= 10, unrelated
     for model in ("affine", "fundamental"):
-        assert count_inliers(feats["astronaut"], feats["astronaut_warped"], model=model) >= 40
+        assert (
+            count_inliers(feats["astronaut"], feats["astronaut_warped"], match=MatchSettings(model=model))
+            >= 40
+        )
 
 
 def test_box_crop_and_cache(photos: dict[str, str], tmp_path: Path) -> None:
@@ -158,8 +162,8 @@ def test_batched_ransac_agrees_with_kornia_ransac(photos: dict[str, str]) -> Non
     names = ["astronaut", "astronaut_warped", "coffee", "chelsea"]
     feats = dict(zip(names, extractor.extract([(photos[n], None) for n in names])))
     for other in ("astronaut_warped", "coffee", "chelsea"):
-        ours = count_inliers(feats["astronaut"], feats[other], ransac="batched")
-        ref = count_inliers(feats["astronaut"], feats[other], ransac="kornia")
+        ours = count_inliers(feats["astronaut"], feats[other], match=MatchSettings(ransac="batched"))
+        ref = count_inliers(feats["astronaut"], feats[other], match=MatchSettings(ransac="kornia"))
         assert abs(ours - ref) <= max(3, 0.1 * ref), (other, ours, ref)
     # a known homography under 70% random outliers: the batched RANSAC recovers (nearly) all true inliers
     rng = np.random.default_rng(0)
@@ -199,3 +203,14 @@ def test_geometric_checks_inputs_with_the_shared_helpers() -> None:
     with pytest.raises(ValueError, match="1 query / 1 gallery image refs for 1 queries / 2 gallery items"):
         geo.rerank(ranking=[[0, 1]], scores=[[1.0, 0.5]], **feats, query_images=refs["query_images"],
                    gallery_images=refs["gallery_images"][:1])  # fmt: skip
+
+
+def test_match_settings_come_as_one_value_or_a_mapping() -> None:
+    from capret.errors import ConfigError
+    from capret.retrieval.rerank.geometric import GeometricVerification
+
+    assert GeometricVerification(progress=False).match == MatchSettings()
+    geo = GeometricVerification(progress=False, match={"ransac": "kornia", "threshold": 5.0})
+    assert geo.match == MatchSettings(ransac="kornia", threshold=5.0)
+    with pytest.raises(ConfigError, match="unknown matcher 'nn'; valid: snn"):
+        GeometricVerification(progress=False, match={"matcher": "nn"})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -50,6 +51,7 @@ __all__ = [
     "LocalFeatureExtractor",
     "LocalFeatureSettings",
     "LocalFeatures",
+    "MatchSettings",
     "count_inliers",
     "load_crop",
     "match_descriptors",
@@ -328,35 +330,46 @@ def match_many(
     return out
 
 
+@dataclass(frozen=True)
+class MatchSettings:
+    """How two local-feature sets are matched and verified; one value serves :func:`count_inliers` and the
+    reranker, so their defaults cannot drift apart."""
+
+    matcher: str = "snn"  # snn (Lowe's ratio test) | mnn (mutual nearest neighbours) | smnn (both)
+    ratio: float = 0.8  # Lowe's ratio threshold (snn, smnn)
+    model: str = "homography"  # the geometric model RANSAC fits (kornia.geometry.RANSAC names)
+    threshold: float = 3.0  # RANSAC inlier threshold, pixels of the resized crops
+    ransac: str = "batched"  # batched (our homography RANSAC) | kornia
+    hypotheses: int = 512  # hypotheses per pair of the batched RANSAC
+    max_iter: int = 5  # sampling batches of kornia's RANSAC
+
+    def __post_init__(self) -> None:
+        if self.matcher not in _MATCHERS:
+            raise ConfigError(f"unknown matcher {self.matcher!r}; valid: {', '.join(_MATCHERS)}")
+        if self.model not in _MODELS:
+            raise ConfigError(f"unknown geometric model {self.model!r}; valid: {', '.join(_MODELS)}")
+        if self.ransac not in _RANSACS:
+            raise ConfigError(f"unknown ransac {self.ransac!r}; valid: {', '.join(_RANSACS)}")
+
+
 def count_inliers(
-    a: LocalFeatures,
-    b: LocalFeatures,
-    *,
-    matcher: str = "snn",
-    ratio: float = 0.8,
-    model: str = "homography",
-    threshold: float = 3.0,
-    ransac: str = "batched",
-    hypotheses: int = 512,
-    max_iter: int = 5,
-    seed: int | None = 0,
+    a: LocalFeatures, b: LocalFeatures, *, match: MatchSettings | None = None, seed: int | None = 0
 ) -> int:
     """RANSAC inlier count of the tentative matches between two feature sets (0 below the minimal sample).
 
     ``ransac="batched"`` (homography only) is :func:`ransac_homography_batch`; ``"kornia"`` (and every other
     ``model``) is ``kornia.geometry.RANSAC`` with its default sampling budget of ``max_iter`` batches.
     """
-    if model not in _MODELS:
-        raise ConfigError(f"unknown geometric model {model!r}; valid: {', '.join(_MODELS)}")
-    if ransac not in _RANSACS:
-        raise ConfigError(f"unknown ransac {ransac!r}; valid: {', '.join(_RANSACS)}")
-    idx = match_descriptors(a.descriptors, b.descriptors, matcher=matcher, ratio=ratio)
-    if idx.shape[0] < max(_MODELS[model] + 1, 5):
+    m = match or MatchSettings()
+    idx = match_descriptors(a.descriptors, b.descriptors, matcher=m.matcher, ratio=m.ratio)
+    if idx.shape[0] < max(_MODELS[m.model] + 1, 5):
         return 0
     kp1, kp2 = a.keypoints[idx[:, 0]].double(), b.keypoints[idx[:, 1]].double()
-    if ransac == "batched" and model == "homography":
-        return ransac_homography_batch([(kp1, kp2)], threshold=threshold, hypotheses=hypotheses, seed=seed)[0]
-    estimator = kornia.geometry.RANSAC(model, inl_th=threshold, max_iter=max_iter, seed=seed)
+    if m.ransac == "batched" and m.model == "homography":
+        return ransac_homography_batch(
+            [(kp1, kp2)], threshold=m.threshold, hypotheses=m.hypotheses, seed=seed
+        )[0]
+    estimator = kornia.geometry.RANSAC(m.model, inl_th=m.threshold, max_iter=m.max_iter, seed=seed)
     _, inliers = estimator(kp1, kp2)
     return int(inliers.sum())
 
@@ -371,8 +384,9 @@ class GeometricVerification(FeatureReranker):
     softer mix for weak global features. ``topk`` (default 100) caps how many of the supplied columns are
     verified; the rest keep their order after them. ``num_features`` .. ``extractor`` are the fields of the
     :class:`LocalFeatureSettings` it builds (``extractor="auto"``: batched scale-space SIFT on CUDA, per-image SIFT
-    on CPU) unless ``settings`` is given. The class itself is the registered ``geometric`` factory, so its
-    defaults are stated once.
+    on CPU) unless ``settings`` is given. ``match`` (a :class:`MatchSettings` or its fields as a mapping, e.g.
+    ``{"ransac": "kornia", "threshold": 5.0}`` in a pipeline's reranker options) sets matching and RANSAC. The
+    class itself is the registered ``geometric`` factory, so its defaults are stated once.
     """
 
     #: the inputs are prepared on the CPU: the inliers come from the images, not from the features
@@ -386,13 +400,7 @@ class GeometricVerification(FeatureReranker):
         mode: str = "inliers",
         blend_weight: float = 0.5,
         inlier_cap: int = 50,
-        matcher: str = "snn",
-        ratio: float = 0.8,
-        model: str = "homography",
-        ransac_threshold: float = 3.0,
-        ransac: str = "batched",
-        ransac_hypotheses: int = 512,
-        ransac_iters: int = 5,
+        match: MatchSettings | Mapping[str, Any] | None = None,
         num_features: int = 256,
         max_side: int = 256,
         margin: float = 0.05,
@@ -415,26 +423,12 @@ class GeometricVerification(FeatureReranker):
             )
         if mode not in _MODES:
             raise ConfigError(f"unknown geometric mode {mode!r}; valid: {', '.join(_MODES)}")
-        if matcher not in _MATCHERS:
-            raise ConfigError(f"unknown matcher {matcher!r}; valid: {', '.join(_MATCHERS)}")
-        if model not in _MODELS:
-            raise ConfigError(f"unknown geometric model {model!r}; valid: {', '.join(_MODELS)}")
-        if ransac not in _RANSACS:
-            raise ConfigError(f"unknown ransac {ransac!r}; valid: {', '.join(_RANSACS)}")
         self.topk = topk
         self.min_inliers = min_inliers
         self.mode = mode
         self.blend_weight = blend_weight
         self.inlier_cap = inlier_cap
-        self.match_options: dict[str, Any] = {
-            "matcher": matcher,
-            "ratio": ratio,
-            "model": model,
-            "threshold": ransac_threshold,
-            "ransac": ransac,
-            "hypotheses": ransac_hypotheses,
-            "max_iter": ransac_iters,
-        }
+        self.match = match if isinstance(match, MatchSettings) else MatchSettings(**(match or {}))
         self.extractor = LocalFeatureExtractor(settings, cache_dir=cache_dir, device=device)
         self.progress = progress
 
@@ -471,13 +465,13 @@ class GeometricVerification(FeatureReranker):
         gallery_feats: dict[int, LocalFeatures],
         out: np.ndarray,
     ) -> None:
-        opts = self.match_options
-        min_matches = max(self.min_inliers, _MODELS[opts["model"]] + 1, 5)
-        batched = opts["ransac"] == "batched" and opts["model"] == "homography"
+        opts = self.match
+        min_matches = max(self.min_inliers, _MODELS[opts.model] + 1, 5)
+        batched = opts.ransac == "batched" and opts.model == "homography"
         for qi in tqdm(range(ranking.shape[0]), desc="geometric verification", disable=not self.progress):
             q_feats, cands = query_feats[qi], ranking[qi].tolist()
             idx = match_many(
-                q_feats, [gallery_feats[gi] for gi in cands], matcher=opts["matcher"], ratio=opts["ratio"]
+                q_feats, [gallery_feats[gi] for gi in cands], matcher=opts.matcher, ratio=opts.ratio
             )
             cols = [j for j, m in enumerate(idx) if m.shape[0] >= min_matches]
             pairs = [
@@ -489,17 +483,15 @@ class GeometricVerification(FeatureReranker):
             ]
             if batched:
                 counts = ransac_homography_batch(
-                    pairs, threshold=opts["threshold"], hypotheses=opts["hypotheses"], seed=qi
+                    pairs, threshold=opts.threshold, hypotheses=opts.hypotheses, seed=qi
                 )
             else:
                 counts = [self._kornia_count(src, dst) for src, dst in pairs]
             out[qi, cols] = counts
 
     def _kornia_count(self, src: torch.Tensor, dst: torch.Tensor) -> int:
-        opts = self.match_options
-        estimator = kornia.geometry.RANSAC(
-            opts["model"], inl_th=opts["threshold"], max_iter=opts["max_iter"], seed=0
-        )
+        opts = self.match
+        estimator = kornia.geometry.RANSAC(opts.model, inl_th=opts.threshold, max_iter=opts.max_iter, seed=0)
         _, inliers = estimator(src, dst)
         return int(inliers.sum())
 
