@@ -47,6 +47,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--preprocess", default="targetpad", choices=["targetpad", "squarepad", "none"])
     parser.add_argument("--images", type=Path, required=True, help="image folder (recursive) or .tar shards")
     parser.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read images whose symbolic links point outside --images (refused by default)",
+    )
+    parser.add_argument(
         "--limit", type=positive_int, default=None, help="only the first N images (sorted keys)"
     )
     parser.add_argument(
@@ -175,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from capret.models.clip import load_clip
 
     config = OTIConfig(**{f.name: getattr(args, f.name) for f in fields(OTIConfig)})
-    source = open_image_source(args.images, limit=args.limit)
+    source = open_image_source(args.images, limit=args.limit, follow_symlinks=args.follow_symlinks)
     # One writer per token store, taken before the phrase cache beside it is written.
     with exclusive_output(args.out, what="OTI token store"):
         bank, phrase_info = _phrases(args)

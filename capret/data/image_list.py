@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from capret.data.image_sources import IMAGE_SUFFIXES
+from capret.data.image_sources import IMAGE_SUFFIXES, check_inside_root
 from capret.errors import DataError, MissingFileError
 
 __all__ = ["ImageList", "check_inside_root", "list_images"]
@@ -38,29 +38,6 @@ class ImageList:
     def relative(self, path: Path) -> str:
         """``path`` relative to :attr:`root`, with ``/`` separators (what a gallery stores)."""
         return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(self.root))).as_posix()
-
-
-def check_inside_root(path: Path, root: Path, *, follow_symlinks: bool, where: str = "") -> None:
-    """Refuse ``path`` when it lies outside ``root``, by its name or, through a symbolic link, by its target.
-
-    Raises:
-        DataError: naming the path (and ``where`` it was listed), the root, and the option that allows links.
-    """
-    prefix = f"{where}: " if where else ""
-    absolute, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
-    if not absolute.is_relative_to(base):
-        raise DataError(
-            f"{prefix}image {path} lies outside the image root {root}; declare a --root that holds every image",
-            path=None,
-        )
-    if follow_symlinks:
-        return
-    target = absolute.resolve()
-    if not target.is_relative_to(base.resolve()):
-        raise DataError(
-            f"{prefix}image {path} is a symbolic link to {target}, outside the image root {root}; pass "
-            "--follow-symlinks to read it anyway"
-        )
 
 
 def list_images(source: Path, *, root: Path | None = None, follow_symlinks: bool = False) -> ImageList:

@@ -13,6 +13,7 @@ training batches stay deterministic given ``(rank, world_size, epoch, seed)`` as
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,19 +23,46 @@ from PIL import Image
 from capret.data.transforms import open_image
 from capret.errors import BadImageError, DataError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageSource", "open_image_source"]
+__all__ = ["IMAGE_SUFFIXES", "ImageSource", "check_inside_root", "open_image_source"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def check_inside_root(path: Path, root: Path, *, follow_symlinks: bool, where: str = "") -> None:
+    """Refuse ``path`` when it lies outside ``root``, by its name or, through a symbolic link, by its target.
+
+    A folder someone else can write into must not make a run read (and embed, caption or serve) any file of the
+    machine through a link, so links that leave the root need an explicit ``follow_symlinks``.
+
+    Raises:
+        DataError: naming the path (and ``where`` it was listed), the root, and the option that allows links.
+    """
+    prefix = f"{where}: " if where else ""
+    absolute, base = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    if not absolute.is_relative_to(base):
+        raise DataError(
+            f"{prefix}image {path} lies outside the image root {root}; declare a --root that holds every image"
+        )
+    if follow_symlinks:
+        return
+    target = absolute.resolve()
+    if not target.is_relative_to(base.resolve()):
+        raise DataError(
+            f"{prefix}image {path} is a symbolic link to {target}, outside the image root {root}; pass "
+            "--follow-symlinks to read it anyway"
+        )
 
 
 class ImageSource:
     """Named images from a folder (recursively) or from ``*.tar`` webdataset shards (keys sorted)."""
 
-    def __init__(self, root: str | Path, *, limit: int | None = None) -> None:
+    def __init__(self, root: str | Path, *, limit: int | None = None, follow_symlinks: bool = False) -> None:
         self.root = Path(root)
         if self.root.is_dir():
             shards = sorted(self.root.rglob("*.tar"))
             files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            for path in [*shards, *files]:  # a link out of the folder is read only when allowed
+                check_inside_root(path, self.root, follow_symlinks=follow_symlinks, where=str(self.root))
         elif self.root.is_file() and self.root.suffix == ".tar":
             shards, files = [self.root], []
         else:
@@ -86,6 +114,9 @@ class ImageSource:
         return list(keys)
 
 
-def open_image_source(root: str | Path, *, limit: int | None = None) -> ImageSource:
-    """:class:`ImageSource` of a folder of images, a folder of tar shards, or one tar shard."""
-    return ImageSource(root, limit=limit)
+def open_image_source(
+    root: str | Path, *, limit: int | None = None, follow_symlinks: bool = False
+) -> ImageSource:
+    """:class:`ImageSource` of a folder of images, a folder of tar shards, or one tar shard; symbolic links that
+    leave the folder are refused unless ``follow_symlinks``."""
+    return ImageSource(root, limit=limit, follow_symlinks=follow_symlinks)

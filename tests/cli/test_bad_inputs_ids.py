@@ -128,3 +128,25 @@ def test_library_refuses_absolute_ids(tmp_path: Path, model_dir: Path) -> None:
         build_gallery(
             load_model(model_dir), images=[photo], ids=[str(photo)], out=tmp_path / "g", progress=False
         )
+
+
+def test_oti_image_folder_refuses_links_leaving_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tiny_cir import make_tiny_clip
+
+    from capret.data.image_sources import open_image_source
+    from capret.errors import DataError
+
+    secret = _photos(tmp_path / "private", ["secret.png"])[0]
+    images = tmp_path / "images"
+    _photos(images, ["a.png"])
+    (images / "link.png").symlink_to(secret)
+    clip = make_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "tokens.safetensors"
+    argv = ["oti", "--clip", str(clip), "--images", str(images), "--out", str(out), "--steps", "1"]
+    expect_error(capsys, capret_cli.main, argv, "link.png", "symbolic link", "--follow-symlinks")
+    assert not out.exists()
+    with pytest.raises(DataError, match="link.png"):
+        open_image_source(images)
+    assert open_image_source(images, follow_symlinks=True).keys == ["a.png", "link.png"]
