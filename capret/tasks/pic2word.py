@@ -75,7 +75,8 @@ class Pic2WordTask(MapperTaskBase):
             raise ConfigError(
                 f"loss.prompt={prompt!r} must contain model.placeholder={placeholder!r} as a word"
             )
-        self.source = open_image_source(config.data.images, limit=config.data.limit)
+        # a training folder named by the run's own config: its links are followed, as they always were
+        self.source = open_image_source(config.data.images, limit=config.data.limit, follow_symlinks=True)
         clip = self.load_frozen_clip()
         clip.placeholder_id(placeholder)  # fail before training if it is not one token
         self.features: torch.Tensor | None = None

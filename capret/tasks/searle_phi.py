@@ -93,7 +93,8 @@ class PhiTask(MapperTaskBase):
     def __init__(self, config: PhiTaskConfig) -> None:
         super().__init__(config)
         data = config.data
-        self.source = open_image_source(data.images, limit=data.limit)
+        # a training folder named by the run's own config: its links are followed, as they always were
+        self.source = open_image_source(data.images, limit=data.limit, follow_symlinks=True)
         store_keys, _, ema, _ = TokenStore.read(data.tokens)
         index = {k: i for i, k in enumerate(store_keys)}
         missing = [k for k in self.source.keys if k not in index]
