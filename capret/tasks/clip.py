@@ -41,7 +41,7 @@ from capret.data.image_text import ImageTextPair, read_image_text_pairs
 from capret.data.imagefile import decode_image
 from capret.engine.checkpoint import git_revision, load_model_weights, package_versions
 from capret.engine.distributed import DistContext
-from capret.engine.trainer import TrainerConfig, train, unwrap_model
+from capret.engine.trainer import TrainerConfig, unwrap_model
 from capret.errors import DataError
 from capret.evaluation.metrics import recall_at_k
 from capret.io import load_safetensors
@@ -57,6 +57,7 @@ from capret.models.clip_arch import (
 from capret.models.clip_base import ClipBundle
 from capret.models.clip_zeroshot import Box, class_embeddings, encode_pil_images, zero_shot_scores
 from capret.tasks.registry import register_task
+from capret.tasks.train_export import check_task_name, train_and_export
 
 __all__ = [
     "ClipDataConfig",
@@ -442,13 +443,10 @@ class ClipTask:
 
 def run(config: ClipTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train, then export the selected (best held-out, else last) weights as a ``kind: clip`` folder."""
-    if config.task != "clip":
-        raise ConfigError(f"task={config.task!r}: this runner trains task 'clip'")
-    trainer = config.trainer
+    check_task_name(config, "clip")
     task = ClipTask(config)
-    result = train(task, trainer, resume=resume, task_config=task.config_dict())
-    export = Path(config.eval.export_dir or Path(trainer.output_dir) / "model")
-    if task.dist.is_main:
+
+    def export(result: dict[str, Any], folder: Path) -> dict[str, Any]:
         assert task.clip is not None
         checkpoint = result.get("best_checkpoint") or result.get("last_checkpoint")
         module = ClipTrainModule(task.clip, loss=config.loss, rank=0, world_size=1)
@@ -456,7 +454,7 @@ def run(config: ClipTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
             load_model_weights(module, checkpoint)
         held_out = task.evaluate(module.eval()) if task._val is not None else {}
         write_clip_folder(
-            export,
+            folder,
             model=task.clip.model,
             arch=task.arch,
             sidecar={
@@ -466,9 +464,12 @@ def run(config: ClipTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
                 "packages": package_versions(),
             },
         )
-        result = {**result, "model_dir": str(export), "held_out": held_out, "train_pairs": len(task.pairs)}
-        logger.info("exported CLIP to %s (held-out %s)", export, held_out)
-    return result
+        logger.info("exported CLIP to %s (held-out %s)", folder, held_out)
+        return {"held_out": held_out, "train_pairs": len(task.pairs)}
+
+    return train_and_export(
+        task, config.trainer, resume=resume, export=export, export_dir=config.eval.export_dir
+    )
 
 
 register_task("clip", ClipTaskConfig, run)
