@@ -1,10 +1,14 @@
 """``capret-eval cir --dataset fashioniq|cirr|circo --method METHOD --root DIR --split val|test``.
 
 Evaluates one composed-retrieval method (``--method``, default ``combiner``; the names come from
-:mod:`capret.inference.cir.registry`) with each benchmark's official protocol. ``combiner`` reads a trained
-``--checkpoint`` (stage 1: fine-tuned CLIP + element-wise sum; stage 2: Combiner on the CLIP its sidecar
-names); every other method runs on ``--clip NAME`` (``--clip-backend hf|open_clip``, ``--clip-pretrained TAG``),
-with ``--mapper CKPT`` for the textual-inversion methods and ``--captioner ...`` for ``cirevl``.
+:mod:`capret.inference.cir.registry`) with each benchmark's official protocol. This module only maps the flags
+onto the library: the protocol (units, metrics, server files, reranking) is
+:func:`capret.inference.cir.benchmarks.evaluate_cir`, the same function the Combiner's validation calls.
+``combiner`` reads a trained ``--checkpoint`` (a ``combiner`` model folder, checkpoint or run folder; stage 1:
+fine-tuned CLIP + element-wise sum; stage 2: Combiner on the CLIP the folder records); every other method runs
+on ``--clip NAME`` (``--clip-backend hf|open_clip``, ``--clip-pretrained TAG``, or an exported ``clip`` model
+folder), with ``--mapper FOLDER`` (a ``phi``/``pic2word``/``lincir`` model folder) for the textual-inversion
+methods and ``--captioner ...`` for ``cirevl``.
 
 On ``val`` it returns the metrics; on ``test`` (no public targets) it writes the files the evaluation servers
 take: CIRR ``recall`` and ``recall_subset`` submissions, the CIRCO submission, and for FashionIQ the top-50
