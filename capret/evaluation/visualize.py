@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 __all__ = ["ImageRef", "load_tile", "plot_retrieval_grid", "plot_recall_curve"]
@@ -108,6 +109,11 @@ def plot_retrieval_grid(
             _outline(ax, HIT_COLOUR if hits[q, i] else MISS_COLOUR)
             ax.set_title(f"#{i + 1} g{g}", fontsize=7)
     fig.suptitle(title or f"top-{k} retrieval (green = same identity, red = different)", fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,9 +151,4 @@ def plot_recall_curve(
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
