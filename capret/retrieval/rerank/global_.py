@@ -16,7 +16,6 @@ from capret.errors import ConfigError
 from capret.retrieval.knn import self_knn
 from capret.retrieval.rerank.base import (
     FeatureReranker,
-    Reranker,
     RerankInputs,
     append_tail,
     candidate_scores,
@@ -74,9 +73,7 @@ class AlphaQueryExpansion(FeatureReranker):
         return sort_rows(inp.ranking, candidate_scores(q, g, inp.ranking))
 
 
-@register_reranker("aqe")
-def _make_aqe(k: int = 10, alpha: float = 3.0, iterations: int = 1, device: str | None = None) -> Reranker:
-    return AlphaQueryExpansion(k=k, alpha=alpha, iterations=iterations, device=device)
+register_reranker("aqe")(AlphaQueryExpansion)  # the class is the factory: its defaults are stated once
 
 
 class SuperGlobalRerank(FeatureReranker):
@@ -138,11 +135,7 @@ class SuperGlobalRerank(FeatureReranker):
         return out_rank.cpu().numpy().astype(np.int64), out_scores.cpu().numpy().astype(np.float32)
 
 
-@register_reranker("superglobal")
-def _make_superglobal(
-    m: int = 400, k: int = 9, beta: float = 0.15, chunk: int = 32, device: str | None = None
-) -> Reranker:
-    return SuperGlobalRerank(m=m, k=k, beta=beta, chunk=chunk, device=device)
+register_reranker("superglobal")(SuperGlobalRerank)
 
 
 def _rows_contain(table: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -284,8 +277,4 @@ def _padded_rows(v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return out_cols, out_vals
 
 
-@register_reranker("kreciprocal")
-def _make_kreciprocal(
-    k1: int = 20, k2: int = 6, lambda_value: float = 0.3, chunk: int = 2048, device: str | None = None
-) -> Reranker:
-    return KReciprocalRerank(k1=k1, k2=k2, lambda_value=lambda_value, chunk=chunk, device=device)
+register_reranker("kreciprocal")(KReciprocalRerank)
