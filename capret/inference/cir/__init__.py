@@ -1,1 +1,2 @@
-"""Composed image retrieval: queries, methods, inversion, caption-then-rewrite, feature caches."""
+"""Composed image retrieval: the benchmarks' protocol (``benchmarks.evaluate_cir``), queries, methods, inversion,
+caption-then-rewrite, the Combiner and mapper model folders, feature caches."""
