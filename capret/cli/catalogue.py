@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from capret.config import ConfigError, parse_overrides
-from capret.console import print_json
+from capret.console import add_progress_flag, print_json, progress_wanted
 
 __all__ = ["add_parser", "run"]
 
@@ -66,7 +66,7 @@ def add_parser(subparsers: Any) -> None:
     add.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local Ray)")
     add.add_argument("--batch-images", type=int, default=16, help="photos per committed batch (default: 16)")
     add.add_argument("--device", default=None, help="torch device")
-    add.add_argument("--no-progress", action="store_true")
+    add_progress_flag(add)
 
     remove = sub.add_parser("remove", help="remove items by id, or every item of a photo")
     _location(remove)
@@ -198,7 +198,7 @@ def _add(args: argparse.Namespace) -> dict[str, Any]:
         categories=categories,
         engine=engine,
         batch_images=args.batch_images,
-        progress=not args.no_progress,
+        progress=progress_wanted(args),
     )
 
 
@@ -226,7 +226,7 @@ def _update(args: argparse.Namespace) -> dict[str, Any]:
     if args.reembed:
         if args.item or args.caption or args.image:
             raise ConfigError("--reembed re-embeds every row; it takes no --id, --caption or --image")
-        return reembed(catalogue, model=args.model, device=args.device, progress=True)
+        return reembed(catalogue, model=args.model, device=args.device, progress=progress_wanted(args))
     if args.model is not None:
         raise ConfigError("--model is only used with --reembed")
     if not args.item or (args.caption is None) == (args.image is None):
