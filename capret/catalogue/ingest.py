@@ -31,7 +31,7 @@ from capret.catalogue.schema import dhash, hamming, model_fingerprint, row_schem
 from capret.catalogue.stages import ImageJob, ItemStages, utc_now
 from capret.catalogue.table import Catalogue, CatalogueError, sql_string
 from capret.data.imagefile import decode_image
-from capret.errors import CheckpointError, DataError
+from capret.errors import CheckpointError, ConfigError, DataError
 from capret.io import file_sha256
 from capret.registry import Registry
 
@@ -181,7 +181,7 @@ def add_images(
     The writer lock is held for the whole call, so a second writer is refused before anything is read.
     """
     if batch_images < 1:
-        raise ValueError(f"batch_images must be >= 1, got {batch_images}")
+        raise ConfigError(f"batch_images must be >= 1, got {batch_images}")
     engine = engine or LocalEngine()
     with catalogue.writing():
         check_model(catalogue)
@@ -231,7 +231,7 @@ def update_caption(
 ) -> dict[str, Any]:
     """Give item ``item`` a caption written by a person and re-embed it with that caption."""
     if not caption.strip():
-        raise ValueError("a caption cannot be empty")
+        raise DataError("a caption cannot be empty")
     with catalogue.writing():
         check_model(catalogue)
         row = _one_row(catalogue, item)

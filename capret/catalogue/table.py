@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from capret.catalogue.schema import ITEMS_TABLE, SETTINGS_TABLE, CatalogueSettings, row_schema
-from capret.errors import CapretError, DataError, MissingDependencyError
+from capret.errors import CapretError, ConfigError, DataError, MissingDependencyError
 from capret.io import cache_dir
 
 __all__ = ["VECTOR_INDEX", "Catalogue", "CatalogueError", "is_uri", "sql_string"]
@@ -255,7 +255,7 @@ class Catalogue:
         vector, unless ``with_vectors``.
         """
         if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ConfigError(f"k must be >= 1, got {k}")
         queries = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if queries.shape[1] != self.settings.dim:
             raise CatalogueError(

@@ -217,7 +217,7 @@ def _score_chunks(
     if s.shape != rel.shape:
         raise ValueError(f"scores {tuple(s.shape)} and relevance {tuple(rel.shape)} must have the same shape")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     for start in range(0, s.shape[0], chunk_size):
         rel_c = rel[start : start + chunk_size]
         order = rank(s[start : start + chunk_size])

@@ -32,7 +32,13 @@ from capret.evaluation.metrics import (
     rank,
 )
 
-__all__ = ["EvaluationRun", "RetrievalOptions", "evaluate_embeddings", "exact_search", "retrieve_and_evaluate"]
+__all__ = [
+    "EvaluationRun",
+    "RetrievalOptions",
+    "evaluate_embeddings",
+    "exact_search",
+    "retrieve_and_evaluate",
+]
 
 ImageRef = tuple[str, Sequence[float] | None]
 
@@ -69,7 +75,7 @@ def exact_search(
     q = _features(query_features, name="query_features")
     g = _features(gallery_features, name="gallery_features")
     if q.shape[1] != g.shape[1]:
-        raise ValueError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}")
+        raise DataError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}")
     k = min(int(k), g.shape[0])
     scores, ids = [], []
     for start in range(0, q.shape[0], chunk_size):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from capret.config import cfg, to_dict
-from capret.errors import CheckpointError
+from capret.errors import CheckpointError, ConfigError
 from capret.io import atomic_write, atomic_write_json, read_json
 from capret.models.clip import CLIP_MEAN, CLIP_STD
 from capret.models.folder import MODEL_CONFIG_FILE, write_model_config
@@ -90,17 +90,17 @@ def open_clip_model_cfg(arch: ClipArchConfig) -> dict[str, Any]:
     """open_clip's ``model_cfg`` dict (the schema of its ``model_configs/*.json``) for ``arch``."""
     v, t = arch.vision, arch.text
     if v.kind not in ("vit", "resnet"):
-        raise ValueError(f"model.arch.vision.kind={v.kind!r}; valid: vit, resnet")
+        raise ConfigError(f"model.arch.vision.kind={v.kind!r}; valid: vit, resnet")
     if v.kind == "vit" and v.image_size % v.patch_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.arch.vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}"
         )
     if v.width % v.head_width:
-        raise ValueError(f"model.arch.vision.width={v.width} is not a multiple of head_width={v.head_width}")
+        raise ConfigError(f"model.arch.vision.width={v.width} is not a multiple of head_width={v.head_width}")
     if not 2 <= t.context_length <= 77:
-        raise ValueError(f"model.arch.text.context_length={t.context_length}; valid: 2..77")
+        raise ConfigError(f"model.arch.text.context_length={t.context_length}; valid: 2..77")
     if t.width % t.heads:
-        raise ValueError(f"model.arch.text.width={t.width} is not a multiple of heads={t.heads}")
+        raise ConfigError(f"model.arch.text.width={t.width} is not a multiple of heads={t.heads}")
     vision: dict[str, Any] = {
         "image_size": v.image_size,
         "layers": v.layers if v.kind == "vit" else [v.layers] * 4,

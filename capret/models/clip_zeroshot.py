@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from capret.errors import ConfigError
 from capret.models.clip_base import ClipBundle
 
 __all__ = ["Box", "class_embeddings", "crop_to_box", "encode_pil_images", "zero_shot_scores"]
@@ -34,9 +35,9 @@ def class_embeddings(
         templates: sentence patterns with one ``{}``; more than one gives CLIP's prompt ensembling.
     """
     if not class_names:
-        raise ValueError("class_embeddings needs at least one class name")
+        raise ConfigError("class_embeddings needs at least one class name")
     if not templates or any(t.count("{}") != 1 for t in templates):
-        raise ValueError(f"every template must hold exactly one '{{}}', got {list(templates)}")
+        raise ConfigError(f"every template must hold exactly one '{{}}', got {list(templates)}")
     texts = [t.format(name) for name in class_names for t in templates]
     emb = clip.encode_text(texts).float().reshape(len(class_names), len(templates), -1)
     return F.normalize(F.normalize(emb, dim=-1).mean(dim=1), dim=-1)
