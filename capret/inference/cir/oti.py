@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ __all__ = [
     "OTI_TEMPLATE_SETS",
     "OTIConfig",
     "OTIReport",
+    "OtiOptions",
     "TokenStore",
     "oti_tokens",
     "run_oti",
@@ -300,20 +301,21 @@ def run_oti(
     )
 
 
-def oti_tokens(
-    clip: ClipBundle,
-    keys: Sequence[str],
-    *,
-    load_image: Callable[[str], Any],
-    store: str | Path,
-    config: OTIConfig | None = None,
-    phrases: PhraseBank | None = None,
-    progress: bool = True,
-) -> torch.Tensor:
+class OtiOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`run_oti`, which :func:`oti_tokens` passes on."""
+
+    load_image: Required[Callable[[str], Any]]
+    store: Required[str | Path]
+    config: OTIConfig | None
+    phrases: PhraseBank | None
+    progress: bool
+
+
+def oti_tokens(clip: ClipBundle, keys: Sequence[str], **options: Unpack[OtiOptions]) -> torch.Tensor:
     """EMA OTI tokens ``[len(keys), W]`` of ``keys`` in order, inverting (and storing) only the missing ones.
 
     What SEARLE-OTI evaluation needs: the reference images of a benchmark are inverted once into ``store``, and
     every later evaluation reads them back without optimising again.
     """
-    run_oti(clip, keys, load_image=load_image, store=store, config=config, phrases=phrases, progress=progress)
-    return TokenStore(store, token_width=clip.token_width).lookup(list(keys))
+    run_oti(clip, keys, **options)
+    return TokenStore(options["store"], token_width=clip.token_width).lookup(list(keys))
