@@ -40,6 +40,7 @@ from capret.tasks.registry import register_task
 from capret.tasks.zeroshot_common import (
     MapperModelConfig,
     MapperTaskBase,
+    MapperValidationConfig,
     SizedBatches,
     run_mapper_task,
 )
@@ -85,8 +86,12 @@ class LinCIRTaskConfig:
         "centre crop, as LinCIR) and phi's sizes",
     )
     loss: LinCIRLossConfig = cfg(factory=LinCIRLossConfig, help="text-feature reconstruction loss")
+    validation: MapperValidationConfig = cfg(
+        factory=MapperValidationConfig,
+        help="checkpoint selection on CIRR val R@1 (the papers'); off by default",
+    )
     trainer: TrainerConfig = cfg(
-        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.01, schedule="constant"),
+        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.01, schedule="constant", monitor="recall@1"),
         help="shared training loop (LinCIR: AdamW lr 1e-4, wd 0.01, constant schedule)",
     )
 

@@ -33,6 +33,7 @@ from capret.tasks.zeroshot_common import (
     ImageDataConfig,
     MapperModelConfig,
     MapperTaskBase,
+    MapperValidationConfig,
     SizedBatches,
     mapper_trainer,
     run_mapper_task,
@@ -75,6 +76,10 @@ class PhiTaskConfig:
         factory=MapperModelConfig, help="frozen CLIP (SEARLE: ViT-B/32 or ViT-L/14) and phi's sizes"
     )
     loss: PhiLossConfig = cfg(factory=PhiLossConfig, help="distillation and phrase regulariser")
+    validation: MapperValidationConfig = cfg(
+        factory=MapperValidationConfig,
+        help="checkpoint selection on CIRR val R@1 (the papers'); off by default",
+    )
     trainer: TrainerConfig = mapper_trainer(weight_decay=0.01)
 
 

@@ -27,10 +27,13 @@ from torch import nn
 from capret.config import cfg, to_dict
 from capret.data.image_sources import ImageSource
 from capret.engine.distributed import DistContext
-from capret.engine.trainer import TrainerConfig
+from capret.engine.trainer import TrainerConfig, unwrap_model
 from capret.errors import ConfigError
+from capret.inference.cir.benchmarks import evaluate_cir, open_benchmark
 from capret.inference.cir.features import CachedFeatures, image_features
-from capret.inference.cir.inversion import save_mapper_folder
+from capret.inference.cir.inversion import ZeroShotModel, save_mapper_folder
+from capret.inference.cir.inversion_methods import MapperMethod
+from capret.inference.cir.search import FeatureOptions
 from capret.models.clip import ClipBundle, load_task_clip_config
 from capret.models.zeroshot import (
     ZEROSHOT_TASKS,
@@ -45,6 +48,7 @@ __all__ = [
     "ImageDataConfig",
     "MapperModelConfig",
     "MapperTaskBase",
+    "MapperValidationConfig",
     "SizedBatches",
     "ZEROSHOT_TASKS",
     "index_batches",
@@ -66,12 +70,29 @@ class ImageDataConfig:
     encode_batch_size: int = cfg(64, "images per batch when computing features")
 
 
+@dataclass
+class MapperValidationConfig:
+    """Checkpoint selection on a CIR validation split, as SEARLE, Pic2Word and LinCIR select theirs (CIRR val
+    R@1 every N steps; ``trainer.eval_every`` is N, ``trainer.monitor`` the metric). Off by default. The split
+    chosen here must never be the one you report: the papers report CIRR *test* (the evaluation server) and
+    FashionIQ / CIRCO, so select on CIRR val and do not report CIRR val for the selected model."""
+
+    dataset: str | None = cfg(
+        None, "benchmark to select on: cirr (the papers') | fashioniq | circo; null = off"
+    )
+    root: str = cfg("data/cirr", "the benchmark's root folder (official layout)")
+    split: str = cfg("val", "split to select on (never the reported one; a test split has no targets)")
+    batch_size: int = cfg(64, "images per batch when encoding the validation gallery")
+
+
 def mapper_trainer(
     *, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
 ) -> Any:
     """A ``trainer`` section factory with the mapper papers' AdamW (lr 1e-4), weight decay, betas and epsilon."""
     return cfg(
-        factory=lambda: TrainerConfig(lr=1e-4, weight_decay=weight_decay, betas=list(betas), eps=eps),
+        factory=lambda: TrainerConfig(
+            lr=1e-4, weight_decay=weight_decay, betas=list(betas), eps=eps, monitor="recall@1"
+        ),
         help="shared training loop (AdamW lr, wd, betas, eps)",
     )
 
@@ -204,9 +225,42 @@ class MapperTaskBase:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "name": self.mapper_kind}]
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """No validation set: zero-shot mappers are scored by ``capret-eval`` on the benchmarks."""
-        del model
-        return {}
+        """Metrics of the current mapper on ``validation`` (CIRR val R@1 in the papers) by the benchmark's own
+        protocol (:func:`capret.inference.cir.benchmarks.evaluate_cir`, as ``capret-eval``); ``{}`` when off.
+        Gallery image features are cached (the CLIP is frozen), so each validation encodes only the queries."""
+        validation = self.config.validation
+        if validation.dataset is None:
+            return {}
+        if validation.split.startswith("test"):
+            raise ConfigError(
+                f"validation.split={validation.split!r}: a test split has no public targets, and the split a model "
+                "is selected on must never be the one reported; use val"
+            )
+        mapper = unwrap_model(model)
+        clip = self.follow_mapper()
+        zeroshot = ZeroShotModel(
+            method=self.method, clip=clip, mapper=mapper, placeholder=self.config.model.placeholder,
+            record=self.record(),
+        )  # fmt: skip
+        method = MapperMethod(
+            zeroshot, name=self.method, mapper=Path("<training>"), clip_record=to_dict(self.config.model.clip)
+        )
+        benchmark = open_benchmark(validation.dataset, root=validation.root, split=validation.split)
+        # image-trained mappers share their feature cache; LinCIR (captions only) caches under its run folder
+        if hasattr(self.config.data, "feature_cache"):
+            cache = self.cache_dir()
+        else:
+            cache = Path(self.config.trainer.output_dir) / "feature_cache"
+        options = FeatureOptions(
+            cache_dir=cache / "validation" if cache is not None else None,
+            cache_texts=False,
+            batch_size=validation.batch_size,
+            num_workers=self.config.trainer.num_workers,
+        )
+        was_training = mapper.training
+        result = evaluate_cir(method, benchmark, baselines=False, options=options)
+        mapper.train(was_training)
+        return {k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)}
 
     def config_dict(self) -> dict[str, Any]:
         """The task config plus the mapper's family/sizes and inference settings (for the loader)."""

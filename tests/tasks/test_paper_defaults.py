@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tiny_zeroshot import tiny_open_clip
 
@@ -130,3 +131,44 @@ def test_lincir_span_finder_choice() -> None:
     with pytest.raises(MissingDependencyError, match="python -m spacy download en_core_web_sm"):
         keyword_tagger("spacy")
     assert keyword_tagger("auto") is None
+
+
+def test_validation_selects_the_lincir_checkpoint_on_cirr_val(tmp_path: Path) -> None:
+    """CIRR val R@1 every N steps picks the exported model, as SEARLE / Pic2Word / LinCIR select theirs."""
+    import json
+
+    from tiny_cir import write_cirr
+
+    from capret.inference.cir.inversion import load_zeroshot_model
+    from capret.tasks.lincir import run
+
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a red dress\na blue shirt with stripes\ntwo dogs on the grass\na small cat\n")
+    out = tmp_path / "run"
+    config = from_dict(
+        LinCIRTaskConfig,
+        {
+            "data": {"captions": str(corpus), "keywords": "wordlist", "batch_size": 2},
+            "model": {"clip": {"backend": "open_clip", "name": tiny_open_clip(tmp_path / "oc")}},
+            "validation": {"dataset": "cirr", "root": str(write_cirr(tmp_path / "cirr"))},
+            "trainer": {"output_dir": str(out), "max_steps": 4, "eval_every": 2, "progress": False, "monitor": "recall@1",
+                        "tensorboard": False, "amp": "off", "num_workers": 0},
+        },
+    )  # fmt: skip
+    assert (
+        LinCIRTaskConfig().trainer.monitor == "recall@1"
+    )  # the task's default (a trainer section resets it)
+    summary = run(config)
+    assert summary["best_checkpoint"] and summary["best_step"] in (2, 4)
+    sidecar = json.loads((out / "best" / "checkpoint.json").read_text())
+    assert 0.0 <= sidecar["metrics"]["recall@1"] <= 1.0 and "recall_subset@1" in sidecar["metrics"]
+    best = load_zeroshot_model(out / "best")
+    exported = load_zeroshot_model(out / "model")
+    x = torch.randn(2, exported.clip.feature_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.mapper(x), best.mapper(x))
+    with pytest.raises(Exception, match="test split has no public targets"):
+        config.validation.split = "test1"
+        from capret.tasks.lincir import LinCIRTask
+
+        LinCIRTask(config).evaluate(torch.nn.Linear(1, 1))
