@@ -18,7 +18,6 @@ phi        task ``phi`` (SEARLE)                                      :class:`~c
 pic2word   task ``pic2word``                                          :class:`~capret.inference.cir.inversion.ZeroShotModel`
 lincir     task ``lincir``                                            :class:`~capret.inference.cir.inversion.ZeroShotModel`
 clip       task ``clip``                                              :class:`~capret.models.openclip.OpenClipBundle`
-clip       task ``clip``                                              :class:`~capret.models.openclip.OpenClipBundle`
 ========== ========================================================== ===========================================
 
 A new kind (a new task's export, a checkpoint converter's output) registers its loader with
