@@ -27,11 +27,12 @@ import torch
 from PIL import Image, ImageEnhance
 from torch import Tensor
 
-from capret.data.deepfashion2 import Item, open_image
-from capret.data.imagefile import check_bad_image_policy
-from capret.errors import BadImageError, ConfigError, DataError
+from capret.data.deepfashion2 import Item, image_path, open_image
+from capret.data.imagefile import check_bad_image_policy, decode_image
+from capret.errors import BadImageError, ConfigError, DataError, MissingImageError
 
 __all__ = [
+    "ITEM_DECODES",
     "ItemCollator",
     "ItemDataset",
     "ItemTransform",
@@ -39,6 +40,10 @@ __all__ = [
     "identity_labels",
     "split_holdout_identities",
 ]
+
+
+#: photo decoding of :class:`ItemDataset` (``pil`` is today's path and the reference of the other two)
+ITEM_DECODES = ("pil", "torchvision", "reduced")
 
 
 def _bicubic() -> Any:
@@ -107,6 +112,31 @@ class ItemTransform:
         )
         return pixels, cxcywh.clamp_(0.0, 1.0)
 
+    def reduce_factor(self, size: tuple[int, int], bbox: Sequence[float] | None) -> int:
+        """Largest JPEG decode reduction (8, 4, 2, else 1) that never makes the resize an upscale.
+
+        The transform resizes the region it keeps (the item crop with its margin in ``crop`` mode, the whole
+        photo in ``full`` mode; the augmentation window keeps at least 75% of each side; padding only adds) to
+        ``image_size``. When that region is at least ``reduce * image_size`` pixels on its shorter side, decoding
+        the photo at ``1/reduce`` of its size (:func:`~capret.data.imagefile.decode_image`) still leaves the
+        resize a downscale, so the reduced decode loses little but skips most of the decoding work.
+        """
+        width, height = size
+        if self.mode == "crop" and bbox is not None:
+            x1, y1, x2, y2 = (float(v) for v in bbox)
+            x1, x2 = max(0.0, min(x1, width)), max(0.0, min(x2, width))
+            y1, y2 = max(0.0, min(y1, height)), max(0.0, min(y2, height))
+            short = min((x2 - x1) * (1 + 2 * self.crop_margin), (y2 - y1) * (1 + 2 * self.crop_margin))
+            short = min(short, float(width), float(height))
+        else:
+            short = float(min(width, height))
+        if self.augment:
+            short *= 0.75
+        for factor in (8, 4, 2):
+            if short >= factor * self.image_size:
+                return factor
+        return 1
+
     def _crop(self, image: Image.Image, box: np.ndarray) -> tuple[Image.Image, np.ndarray]:
         x1, y1, x2, y2 = box
         dx, dy = (x2 - x1) * self.crop_margin, (y2 - y1) * self.crop_margin
@@ -169,6 +199,11 @@ class ItemDataset(torch.utils.data.Dataset):
         transform: the :class:`ItemTransform`.
         captions: caption per item (``None`` = no caption for that item), aligned with ``items``.
         caption_dropout: probability of hiding a caption in a seeded (training) sample.
+        on_bad_image: ``error`` or ``skip`` (see :data:`~capret.data.imagefile.BAD_IMAGE_POLICIES`).
+        decode: how photos are decoded, one of :data:`ITEM_DECODES`: ``pil`` (today's path, the reference),
+            ``torchvision`` (bit-identical pixels, faster decoder) or ``reduced`` (JPEG DCT-domain decoding at
+            1/2, 1/4 or 1/8 of the photo when :meth:`ItemTransform.reduce_factor` allows, box scaled with it:
+            not pixel-identical, see docs/performance.md).
     """
 
     def __init__(
@@ -182,6 +217,7 @@ class ItemDataset(torch.utils.data.Dataset):
         captions: Sequence[str | None] | None = None,
         caption_dropout: float = 0.0,
         on_bad_image: str = "error",
+        decode: str = "pil",
     ) -> None:
         if len(labels) != len(items):
             raise ValueError(f"{len(labels)} labels for {len(items)} items")
@@ -196,9 +232,35 @@ class ItemDataset(torch.utils.data.Dataset):
         self.captions = list(captions) if captions is not None else [None] * len(self.items)
         self.caption_dropout = caption_dropout
         self.on_bad_image = check_bad_image_policy(on_bad_image)
+        if decode not in ITEM_DECODES:
+            raise ConfigError(f"ItemDataset decode {decode!r} is not one of {list(ITEM_DECODES)}")
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _load(self, item: Item) -> tuple[Image.Image, Sequence[float]]:
+        """The item's photo decoded the ``decode`` way, and its box in that photo's pixels."""
+        if self.decode == "pil":
+            return open_image(self.root, self.split, item.image_id), item.bbox
+        path = image_path(self.root, self.split, item.image_id)
+        if self.decode == "torchvision":
+            return decode_image(path, decoder="torchvision"), item.bbox
+        if not path.is_file():
+            raise MissingImageError("image not found", path=path)
+        try:
+            with Image.open(path) as probe:  # the header only: the size decides the reduction
+                width, height = probe.size
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise BadImageError(
+                f"cannot read image header ({type(exc).__name__}: {exc})", path=path
+            ) from None
+        image = decode_image(path, reduce=self.transform.reduce_factor((width, height), item.bbox))
+        if image.size == (width, height):
+            return image, item.bbox
+        sx, sy = image.size[0] / width, image.size[1] / height
+        x1, y1, x2, y2 = item.bbox
+        return image, (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         seed = None
@@ -207,13 +269,13 @@ class ItemDataset(torch.utils.data.Dataset):
         item = self.items[index]
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         try:
-            image = open_image(self.root, self.split, item.image_id)
+            image, bbox = self._load(item)
         except BadImageError as exc:
             if self.on_bad_image == "error":
                 raise
             # skip: the collator leaves the sample out and reports the file in the batch's "bad_images"
             return {"bad_image": str(exc.path or exc), "index": index}
-        pixels, box = self.transform(image, item.bbox, generator=generator)
+        pixels, box = self.transform(image, bbox, generator=generator)
         caption = self.captions[index]
         if caption is not None and generator is not None and self.caption_dropout > 0:
             if float(torch.rand((), generator=generator)) < self.caption_dropout:

@@ -112,6 +112,12 @@ class DataConfig:
         "error: an unreadable image stops the run naming the file; skip: its item is left out and listed in "
         "<output_dir>/bad_images.json",
     )
+    decode: str = cfg(
+        "pil",
+        "photo decoder of the training loader: pil (reference); torchvision (decode_jpeg, pixels identical to "
+        "pil); reduced (JPEG DCT-domain 1/2-1/8 decoding when the crop allows; not pixel-identical, see "
+        "docs/performance.md)",
+    )
     p: int = cfg(16, "identities per batch (P of the P x K sampler)")
     k: int = cfg(4, "items per identity per batch (K), alternating shop and user items")
     caption_dropout: float = cfg(0.3, "probability of hiding a training sample's caption (no-caption path)")
@@ -330,6 +336,7 @@ class DualStreamTask:
                 captions=self.caption_join.captions,
                 caption_dropout=self.config.data.caption_dropout,
                 on_bad_image=self.config.data.on_bad_image,
+                decode=self.config.data.decode,
             )
         return self._dataset
 
@@ -354,7 +361,11 @@ class DualStreamTask:
             batch_sampler=sampler,
             collate_fn=ItemCollator(self._model.tokenize),
             num_workers=workers,
-            persistent_workers=False,
+            # the trainer moves batches with non_blocking=True: from pinned pages that copy is asynchronous
+            pin_memory=self.dist.device.type == "cuda",
+            # keeps the worker processes (and their imported modules) for the whole epoch's iterator, which
+            # matters when the trainer re-iterates a loader; each epoch still builds its own sampler
+            persistent_workers=workers > 0,
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
