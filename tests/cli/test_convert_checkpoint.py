@@ -299,3 +299,38 @@ def test_every_unmatched_key_and_a_wrong_backbone_are_named(
         convert_released_checkpoint(
             "clip4cir", checkpoint=tmp_path / "clip_only.pt", clip=backbones["rn"], out=tmp_path / "d"
         )
+
+
+def test_converted_folders_evaluate_with_the_documented_command(
+    backbones: dict[str, Any], capsys: pytest.CaptureFixture
+) -> None:
+    """``capret-eval --method searle --mapper OUT`` and ``--method combiner --checkpoint OUT`` on a tiny CIRR."""
+    from tiny_cir import write_cirr
+
+    from capret.cli import eval as eval_cli
+
+    base = backbones["base"]
+    cirr = write_cirr(base / "cirr_eval")
+    phi = _seeded(Phi(24, hidden_dim=96, output_dim=32), 5)
+    torch.save({"Phi": phi.state_dict()}, base / "phi_eval.pt")
+    _run(["convert-checkpoint", "--from", "searle", "--checkpoint", str(base / "phi_eval.pt"),
+          "--clip", backbones["vit"], "--out", str(base / "phi_eval")], capsys)  # fmt: skip
+    combiner = _seeded(Combiner(24, projection_dim=8, hidden_dim=8), 6).state_dict()
+    names = {"text_projection.0": "text_projection_layer", "image_projection.0": "image_projection_layer",
+             "fusion.0": "combiner_layer", "fusion.3": "output_layer"}  # fmt: skip
+    released = {
+        (names[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]) if k.rsplit(".", 1)[0] in names else k: v
+        for k, v in combiner.items()
+    }
+    torch.save({"Combiner": released}, base / "comb_eval.pt")
+    _run(["convert-checkpoint", "--from", "clip4cir", "--checkpoint", str(base / "comb_eval.pt"),
+          "--clip", backbones["vit"], "--out", str(base / "comb_eval")], capsys)  # fmt: skip
+    for flags in (["--method", "searle", "--mapper", str(base / "phi_eval")],
+                  ["--method", "combiner", "--checkpoint", str(base / "comb_eval")]):  # fmt: skip
+        capsys.readouterr()
+        code = eval_cli.main(["--dataset", "cirr", "--split", "val", "--root", str(cirr), *flags,
+                              "--out", str(base / f"eval_{flags[1]}"), "--device", "cpu"])  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        metrics = json.loads(captured.out)["metrics"]
+        assert 0.0 <= metrics["recall@1"] <= metrics["recall@50"] <= 1.0
