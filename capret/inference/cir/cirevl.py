@@ -37,7 +37,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -270,7 +270,20 @@ class _Session:
             )
         return record
 
-    def save(self, records: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
+    def save(
+        self,
+        records: list[dict[str, Any]],
+        failures: list[dict[str, Any]],
+        *,
+        stage: Literal["caption", "rewrite"],
+    ) -> None:
+        """Append a batch's records and failures to the store and count them in the report under ``stage``."""
+        if stage == "caption":
+            self.report.captions_new += len(records)
+            self.report.caption_failures += len(failures)
+        else:
+            self.report.rewrites_new += len(records)
+            self.report.rewrite_failures += len(failures)
         model, now = self._model, utc_now()
         full = [{**r, "backend": self.backend_name, "model": model, "created": now} for r in records]
         self.store.append(full)
@@ -319,9 +332,7 @@ def _describe(
                 {"key": key, "caption": text, "dialogue": [qa.to_dict()], "prompt_version": DESCRIBE_VERSION}
             )
             out[ref] = text
-        session.save(records, failures)
-        session.report.captions_new += len(records)
-        session.report.caption_failures += len(failures)
+        session.save(records, failures, stage="caption")
         bar.update(len(batch))
     bar.close()
     return out
@@ -387,9 +398,7 @@ def _rewrite(
                 }
             )
             out[key] = (text, parsed)
-        session.save(records, failures)
-        session.report.rewrites_new += len(records)
-        session.report.rewrite_failures += len(failures)
+        session.save(records, failures, stage="rewrite")
         bar.update(len(batch))
     bar.close()
     return out
