@@ -342,6 +342,7 @@ def fashioniq_recall(
     annotations_by_category: Mapping[str, Annotations],
     *,
     ks: Sequence[int] = (10, 50),
+    gallery_sizes: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
     """FashionIQ Recall@K per category, their average, and ``average`` = mean of the averaged R@K.
 
@@ -351,6 +352,9 @@ def fashioniq_recall(
             from the triplet index (``FashionIQTriplet.query_id``).
         annotations_by_category: category -> ``cap.<category>.val.json`` or its loaded list.
         ks: cut-offs; papers report 10 and 50.
+        gallery_sizes: category -> images in its gallery. A ranking of a whole gallery smaller than ``max(ks)``
+            is complete (R@K for K beyond the gallery counts the target wherever it is ranked); without the
+            size a short ranking is refused, since it may be a truncated one.
 
     Returns:
         ``{"dress/recall@10": ..., ..., "average/recall@10": ..., "average": ...}`` as fractions.
@@ -366,13 +370,17 @@ def fashioniq_recall(
     for category in rankings_by_category:
         records = _load(annotations_by_category[category], what=f"FashionIQ {category}")
         rankings = _fiq_rankings(rankings_by_category[category], len(records), category=category)
+        need, note = kmax, ""
+        if gallery_sizes is not None and category in gallery_sizes:
+            need = min(kmax, int(gallery_sizes[category]))
+            note = f" (gallery of {gallery_sizes[category]})"
         positions = np.empty(len(records))
         for i, (record, ranking) in enumerate(zip(records, rankings)):
             target = record.get("target")
             if target is None:
                 raise DataError(f"FashionIQ {category} triplet {i}: annotation lacks 'target' (test split?)")
             _check_unique(ranking, what=f"FashionIQ {category} triplet {i}")
-            _check_length(ranking, kmax, what=f"FashionIQ {category} triplet {i}")
+            _check_length(ranking, need, what=f"FashionIQ {category} triplet {i}", note=note)
             positions[i] = _position(ranking, target, kmax)
         for k, value in _recall_at_ks(positions, ks).items():
             out[f"{category}/recall@{k}"] = value

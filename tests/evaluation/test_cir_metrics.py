@@ -287,6 +287,22 @@ def test_fashioniq_known_example_and_errors() -> None:
         fashioniq_recall({"shirt": [["t"]]}, annotations, ks=(1,))
 
 
+def test_fashioniq_whole_small_gallery_is_a_complete_ranking() -> None:
+    """A gallery under max(ks) ranked whole scores R@50 (the rendered world's galleries hold 10-25 images);
+    a ranking shorter than its gallery is still refused as truncated."""
+    annotations = {"dress": [{"candidate": "c", "target": "t", "captions": ["a", "b"]}] * 2}
+    whole = [["c", "x", "t"], ["t", "c", "x"]]
+    got = fashioniq_recall({"dress": whole}, annotations, gallery_sizes={"dress": 3})
+    assert got["dress/recall@10"] == got["dress/recall@50"] == 1.0
+    assert fashioniq_recall({"dress": whole}, annotations, ks=(1,), gallery_sizes={"dress": 3}) == {
+        "dress/recall@1": 0.5, "average/recall@1": 0.5, "average": 0.5,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"ranking has 2 entries \(gallery of 3\), need at least 3"):
+        fashioniq_recall({"dress": [["c", "x"], ["t", "c"]]}, annotations, gallery_sizes={"dress": 3})
+    with pytest.raises(ValueError, match="need at least 50"):
+        fashioniq_recall({"dress": whole}, annotations)
+
+
 # ------------------------------------------------------------------------------------------- rank_gallery
 def _full_rank_reference(q: torch.Tensor, g: torch.Tensor, names: list, exclude, top_n) -> list[list]:
     out = []
