@@ -37,7 +37,10 @@ def test_train_unknown_task(tmp_path, capsys: pytest.CaptureFixture[str]) -> Non
     path = tmp_path / "c.yaml"
     path.write_text("task: nosuchtask\n")
     assert main(["--config", str(path)]) == 2
-    assert "unknown task 'nosuchtask'; valid names: combiner, detector, dualstream" in capsys.readouterr().err
+    from capret.tasks.registry import list_tasks
+
+    valid = ", ".join(list_tasks())  # every registered task, sorted (the clip task sorts first)
+    assert f"unknown task 'nosuchtask'; valid names: {valid}" in capsys.readouterr().err
 
 
 def test_eval_without_mode(capsys: pytest.CaptureFixture[str]) -> None:
