@@ -53,12 +53,20 @@ class QuickstartContext:
     data_root: (
         Path  # the DeepFashion2-layout split folders (world_root/deepfashion2, or out_dir/data for the demo)
     )
-    world_root: Path  # out_dir / "world": the garment world (DeepFashion2, FashionIQ, pretrain, truth.json)
-    world: str = "garments"  # garments | demo
+    world_root: Path | None = (
+        None  # out_dir / "world": the garment world (DeepFashion2, FashionIQ, pretrain, truth)
+    )
+    world: str = "demo"  # garments | demo (run_quickstart passes garments by default)
     seed: int = 0  # seed of the dataset and of training
     train_seconds: float | None = None  # training budget override (None: the stage's default)
     state: dict[str, Any] = field(default_factory=dict)  # artefacts handed from stage to stage
     report: dict[str, Any] = field(default_factory=dict)  # the report so far (read-only for stages)
+
+    def garment_world(self) -> Path:
+        """The garment world's folder, for the stages that need its image-text or FashionIQ splits."""
+        if self.world != "garments" or self.world_root is None:
+            raise ConfigError("this quickstart stage needs the garment world (--world garments)")
+        return self.world_root
 
 
 def _summary_line(key: str, result: dict[str, Any]) -> str:

@@ -129,7 +129,7 @@ def _score_clip_captioner(ctx: QuickstartContext) -> dict[str, Any]:
     predicted = describer.predict(images, [item.bbox for item in items])
     # scoring only: the truth of each item, by the image file and item index the world wrote it under
     truth_by_item: dict[str, dict[str, Any]] = {}
-    for identity in load_truth(ctx.world_root)["identities"].values():
+    for identity in load_truth(ctx.garment_world())["identities"].values():
         for ref in identity.get("images", []):
             truth_by_item[ref] = identity["attributes"]
     scored = {name: [0, 0] for name in SCORED_ATTRIBUTES}

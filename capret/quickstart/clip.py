@@ -20,7 +20,6 @@ import torch
 from capret.config import from_dict
 from capret.data.deepfashion2 import image_path, load_items
 from capret.data.imagefile import decode_image
-from capret.errors import UsageError
 from capret.quickstart import QuickstartContext
 
 DEFAULT_TRAIN_SECONDS = 90.0
@@ -32,9 +31,7 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
     from capret.tasks.clip import ClipTaskConfig, evaluate_clip, zero_shot_category_accuracy
     from capret.tasks.clip import run as train_clip
 
-    if ctx.world != "garments":
-        raise UsageError("the clip stage needs the garment world's image-text split (--world garments)")
-    pretrain = ctx.world_root / "pretrain"
+    pretrain = ctx.garment_world() / "pretrain"
     export_dir, run_dir = ctx.out_dir / "clip", ctx.out_dir / "clip_run"
     seconds = DEFAULT_TRAIN_SECONDS if ctx.train_seconds is None else float(ctx.train_seconds)
     trained: dict[str, Any] = {}

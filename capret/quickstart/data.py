@@ -28,7 +28,8 @@ GARMENT_IDENTITIES = 120
 
 
 def _garments(ctx: QuickstartContext) -> dict[str, Any]:
-    summary = read_world(ctx.world_root)
+    root = ctx.garment_world()
+    summary = read_world(root)
     options = summary.get("options", {}) if summary else {}
     if (
         summary is None
@@ -36,11 +37,11 @@ def _garments(ctx: QuickstartContext) -> dict[str, Any]:
         or summary.get("version") != WORLD_VERSION
         or options.get("identities") != GARMENT_IDENTITIES
     ):
-        summary = build_world(ctx.world_root, seed=ctx.seed, identities=GARMENT_IDENTITIES).to_dict()
+        summary = build_world(root, seed=ctx.seed, identities=GARMENT_IDENTITIES).to_dict()
     counts = summary["counts"]
     return {
         "world": "garments",
-        "root": str(ctx.world_root),
+        "root": str(root),
         "version": summary["version"],
         "render_seconds": summary.get("seconds"),
         "images_per_second": summary.get("images_per_second"),

@@ -154,7 +154,11 @@ def test_quickstart_stage_reuses_a_matching_build(
 
     monkeypatch.setattr(data_stage, "build_demo_dataset", no_rebuild)
     result = data_stage.run(ctx)
-    assert result == {key: summary[key] for key in data_stage.REPORT_KEYS}
+    assert result == {
+        "world": "demo",
+        "root": str(root),
+        **{key: summary[key] for key in data_stage.DEMO_REPORT_KEYS},
+    }
     assert ctx.state["splits"] == {"train": root / "train", "validation": root / "validation"}
     assert ctx.state["query_gt"].is_file() and ctx.state["gallery_gt"].is_file()
 

@@ -10,11 +10,19 @@ import pytest
 from capret.cli.main import main
 
 
+def test_unknown_task_world_or_stage_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--task", "cir", "--stages", "baseline"]) == 2
+    assert "unknown quickstart stage 'baseline' for --task cir" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--world", "demo", "--stages", "clip"]) == 2
+    assert not (tmp_path / "qs").exists()  # refused before anything is written
+
+
 def test_quickstart_stages_write_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--stages", "captions", "baseline"]) == 0
+    assert main(["quickstart", "--out", str(out), "--world", "demo", "--stages", "captions", "baseline"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["stages"]) == {"data", "captions", "baseline"}
+    assert report["data"]["world"] == "demo"
     assert report["data"]["identities_train"] + report["data"]["identities_validation"] >= 100
     assert report["captions"]["failed"] == 0 and report["captions"]["captioned"] > 0
     assert report["captions"]["caption_source"] == "pixels"
@@ -37,7 +45,15 @@ def test_full_quickstart(tmp_path: Path) -> None:
         main(["quickstart", "--out", str(out)]) == 0
     )  # the default 2 x 100 s budget: shorter runs are noisy
     report = json.loads((out / "report.json").read_text())
-    assert {"data", "captions", "baseline", "dual_stream", "rerank", "pipeline"} <= set(report)
+    assert {"data", "clip", "captions", "baseline", "dual_stream", "detector", "rerank", "pipeline"} <= set(
+        report
+    )
+    assert report["data"]["world"] == "garments"
+    clip = report["clip"]
+    assert clip["zero_shot_category_accuracy"] > clip["zero_shot_chance"]
+    assert clip["heldout_i2t_recall@1"] > clip["heldout_chance_recall@1"]
+    assert 0.0 <= report["captions"]["category_accuracy"] <= 1.0
+    assert set(report["captions"]["clip_captioner"]["attribute_accuracy"]) >= {"category", "colour"}
     dual = report["dual_stream"]
     assert dual["map_after"] > dual["map_before"]
     assert dual["map_image_only_trained"] > dual["map_before_no_captions"]
@@ -46,7 +62,8 @@ def test_full_quickstart(tmp_path: Path) -> None:
     assert report["captions"]["caption_source"] == "pixels"
     assert report["rerank"]["geometric"]["map"] > report["rerank"]["none"]["map"]
     # the pipeline folder the quickstart leaves works with `capret search` right away
-    assert report["pipeline"]["top20"] > 0.3 and report["pipeline"]["gallery_items"] > 0
+    assert report["pipeline"]["top20_given_boxes"] > 0.3 and report["pipeline"]["gallery_items"] > 0
+    assert 0.0 <= report["pipeline"]["top1"] <= report["pipeline"]["top20"] <= 1.0
     command = report["pipeline"]["example_command"].split()
     assert main([*command[1:], "--k", "3", "--json"]) == 0
     # ... and `capret serve --pipeline qs/pipeline` serves it: a gallery item as the query finds itself first
@@ -82,7 +99,9 @@ def test_detector_stage_trains_and_saves_a_loadable_detector(
     recipe["model"].update(backbone="mobilenet_v3_small", min_size=64, max_size=64, box_head_width=32)
     recipe["data"]["batch_size"] = 2
     monkeypatch.setattr(stage, "DEMO_RECIPE", recipe)
-    ctx = QuickstartContext(out_dir=tmp_path / "qs", data_root=data, train_seconds=1.0)
+    ctx = QuickstartContext(
+        out_dir=tmp_path / "qs", data_root=data, world_root=tmp_path / "world", train_seconds=1.0
+    )
     ctx.out_dir.mkdir()
     result = stage.run(ctx)
     assert 0.0 <= result["box_ap"] <= 1.0 and result["val_images"] == 6 and result["train_steps"] >= 1
