@@ -189,14 +189,27 @@ def append_tail(
     return torch.cat([head_ranking, tail_ranking], 1), torch.cat([head_scores, tail_scores - shift], 1)
 
 
+#: Gathering a candidate's descriptor costs about as much as this many multiply-adds of a dense product on a CPU
+#: (measured with scripts/bench/rerank.py): below it, scoring the whole gallery and picking the candidates wins.
+DENSE_OVER_GATHER = 600
+
+
 def candidate_scores(
     queries: torch.Tensor, gallery: torch.Tensor, ranking: torch.Tensor, *, chunk: int = 256
 ) -> torch.Tensor:
-    """``[Q, K]`` inner products of each query with its ranked candidates, chunked over queries."""
+    """``[Q, K]`` inner products of each query with its ranked candidates, chunked over queries.
+
+    When the gallery is small next to the candidate lists (``G < DENSE_OVER_GATHER * K``) a chunk's whole row of
+    scores is one matrix product and the candidates are picked from it; otherwise their descriptors are gathered.
+    """
     out = torch.empty(ranking.shape, dtype=torch.float32, device=ranking.device)
+    dense = gallery.shape[0] < DENSE_OVER_GATHER * max(ranking.shape[1], 1)
     for s in range(0, ranking.shape[0], chunk):
-        cand = gallery[ranking[s : s + chunk]]  # [c, K, D]
-        out[s : s + chunk] = torch.einsum("cd,ckd->ck", queries[s : s + chunk], cand)
+        rows = ranking[s : s + chunk]
+        if dense:
+            out[s : s + chunk] = (queries[s : s + chunk] @ gallery.T).gather(1, rows)
+        else:
+            out[s : s + chunk] = torch.einsum("cd,ckd->ck", queries[s : s + chunk], gallery[rows])
     return out
 
 

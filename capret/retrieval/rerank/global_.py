@@ -62,8 +62,10 @@ class AlphaQueryExpansion(FeatureReranker):
             weights = _signed_pow(sims, self.alpha)
             new = torch.empty_like(feats)
             for s in range(0, feats.shape[0], 2048):
-                neigh = feats[idx[s : s + 2048]]  # [c, k, D]
-                new[s : s + 2048] = (weights[s : s + 2048, :, None] * neigh).mean(1)
+                rows = idx[s : s + 2048]
+                neigh = feats.index_select(0, rows.reshape(-1)).view(rows.shape[0], k, -1)  # [c, k, D]
+                # the weighted mean over the k neighbours as one batched product
+                new[s : s + 2048] = torch.bmm(weights[s : s + 2048, None, :] / k, neigh).squeeze(1)
             feats = new
         feats = torch.nn.functional.normalize(feats, dim=1)
         return feats[: queries.shape[0]], feats[queries.shape[0] :]
