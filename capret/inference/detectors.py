@@ -29,7 +29,7 @@ input of :func:`capret.evaluation.detection.coco_detection_ap` (validation AP du
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -102,18 +102,12 @@ _DETECTORS: Registry[Detector] = Registry(
 )
 
 
-def register_detector(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
-    """Decorator registering a detector factory ``factory(**options) -> Detector`` under ``name``."""
-    return _DETECTORS.register(name)
-
-
-def create_detector(name: str, **options: Any) -> Detector:
-    """Build detector ``name`` with its keyword options; unknown names list the valid ones."""
-    return _DETECTORS.create(name, **options)
-
-
-def list_detectors() -> list[str]:
-    return _DETECTORS.names()
+#: the family's public functions are the registry's own methods (one implementation for every family):
+#: ``register_detector(name)`` decorates a factory, ``create_detector(name, **kwargs)`` builds one (an unknown name raises
+#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_detectors()`` names them all
+register_detector = _DETECTORS.register
+create_detector = _DETECTORS.create
+list_detectors = _DETECTORS.names
 
 
 def run_detector(

@@ -9,8 +9,6 @@ Each loss returns a dict of named scalar terms with the total under ``"loss"``, 
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from capret.losses.box import BoxLoss, box_loss
@@ -30,18 +28,12 @@ __all__ = [
 _LOSSES: Registry[nn.Module] = Registry("loss")
 
 
-def register_loss(name: str) -> Any:
-    """Decorator registering a loss-module factory under ``name``."""
-    return _LOSSES.register(name)
-
-
-def create_loss(name: str, **kwargs: Any) -> nn.Module:
-    """Build the loss module registered as ``name``; raises KeyError listing valid names for an unknown one."""
-    return _LOSSES.create(name, **kwargs)
-
-
-def list_losses() -> list[str]:
-    return _LOSSES.names()
+#: the family's public functions are the registry's own methods (one implementation for every family):
+#: ``register_loss(name)`` decorates a factory, ``create_loss(name, **kwargs)`` builds one (an unknown name raises
+#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_losses()`` names them all
+register_loss = _LOSSES.register
+create_loss = _LOSSES.create
+list_losses = _LOSSES.names
 
 
 register_loss("itc")(ITCLoss)

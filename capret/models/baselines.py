@@ -47,21 +47,15 @@ __all__ = [
     "register_baseline",
 ]
 
-_BASELINES: Registry[nn.Module] = Registry("baseline")
+_BASELINES: Registry[Baseline] = Registry("baseline")
 
 
-def register_baseline(name: str) -> Any:
-    """Decorator registering a baseline factory under ``name``."""
-    return _BASELINES.register(name)
-
-
-def create_baseline(name: str, **kwargs: Any) -> Baseline:
-    """Build the baseline registered as ``name``; an unknown name raises ``KeyError`` listing the valid ones."""
-    return _BASELINES.create(name, **kwargs)  # type: ignore[return-value]
-
-
-def list_baselines() -> list[str]:
-    return _BASELINES.names()
+#: the family's public functions are the registry's own methods (one implementation for every family):
+#: ``register_baseline(name)`` decorates a factory, ``create_baseline(name, **kwargs)`` builds one (an unknown name raises
+#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_baselines()`` names them all
+register_baseline = _BASELINES.register
+create_baseline = _BASELINES.create
+list_baselines = _BASELINES.names
 
 
 def gem(x: Tensor, p: Tensor | float, *, eps: float = 1e-6) -> Tensor:

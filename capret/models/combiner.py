@@ -52,18 +52,12 @@ LOGIT_SCALE = 100.0
 _COMBINERS: Registry[nn.Module] = Registry("combiner")
 
 
-def register_combiner(name: str) -> Any:
-    """Decorator registering a fusion module factory under ``name``."""
-    return _COMBINERS.register(name)
-
-
-def create_combiner(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered fuser; an unknown name raises with the list of valid names."""
-    return _COMBINERS.create(name, **kwargs)
-
-
-def list_combiners() -> list[str]:
-    return _COMBINERS.names()
+#: the family's public functions are the registry's own methods (one implementation for every family):
+#: ``register_combiner(name)`` decorates a factory, ``create_combiner(name, **kwargs)`` builds one (an unknown name raises
+#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_combiners()`` names them all
+register_combiner = _COMBINERS.register
+create_combiner = _COMBINERS.create
+list_combiners = _COMBINERS.names
 
 
 @register_combiner("sum")

@@ -54,18 +54,12 @@ __all__ = [
 _ENCODERS: Registry[nn.Module] = Registry("encoder")
 
 
-def register_encoder(name: str) -> Any:
-    """Decorator registering an encoder factory under ``name``."""
-    return _ENCODERS.register(name)
-
-
-def create_encoder(name: str, **kwargs: Any) -> nn.Module:
-    """Build the encoder registered as ``name``; unknown names raise a ``KeyError`` listing the valid ones."""
-    return _ENCODERS.create(name, **kwargs)
-
-
-def list_encoders() -> list[str]:
-    return _ENCODERS.names()
+#: the family's public functions are the registry's own methods (one implementation for every family):
+#: ``register_encoder(name)`` decorates a factory, ``create_encoder(name, **kwargs)`` builds one (an unknown name raises
+#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_encoders()`` names them all
+register_encoder = _ENCODERS.register
+create_encoder = _ENCODERS.create
+list_encoders = _ENCODERS.names
 
 
 @dataclass

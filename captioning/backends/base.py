@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from capret.registry import Registry
@@ -48,15 +48,9 @@ _BACKENDS: Registry[CaptionBackend] = Registry(
 )
 
 
-def register_backend(name: str) -> Callable[[Callable[..., CaptionBackend]], Callable[..., CaptionBackend]]:
-    """Decorator registering a backend factory (usually the class) under ``name``."""
-    return _BACKENDS.register(name)
-
-
-def create_backend(name: str, **kwargs: Any) -> CaptionBackend:
-    """Build the backend ``name`` with its own keyword options; unknown names list the valid ones."""
-    return _BACKENDS.create(name, **kwargs)
-
-
-def list_backends() -> list[str]:
-    return _BACKENDS.names()
+#: the family's public functions are the registry's own methods (one implementation for every family):
+#: ``register_backend(name)`` decorates a factory, ``create_backend(name, **kwargs)`` builds one (an unknown name raises
+#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_backends()`` names them all
+register_backend = _BACKENDS.register
+create_backend = _BACKENDS.create
+list_backends = _BACKENDS.names
