@@ -254,7 +254,7 @@ class KReciprocalRerank(FeatureReranker):
             mine = dense.gather(1, c_cols.reshape(rows.numel(), -1)).view_as(c_vals)
             inter = torch.minimum(mine, c_vals).sum(-1)
             jaccard = 1.0 - inter / (2.0 - inter)
-            sims = torch.einsum("cd,ckd->ck", queries[rows], gallery[ranking[rows]])
+            sims = candidate_scores(queries[rows], gallery, ranking[rows])
             original = (2.0 - 2.0 * sims).clamp(min=0) / dmax[rows, None]
             out[rows] = (1.0 - self.lambda_value) * jaccard + self.lambda_value * original
         return out
