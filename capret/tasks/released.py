@@ -11,7 +11,8 @@ file carries), and writes the self-describing model folder the matching ``capret
 * ``clip4cir`` -> a stage-2 ``combiner`` folder holding the Combiner and, with ``--clip-checkpoint``, the
   fine-tuned CLIP beside it.
 
-A CLIP carried by the checkpoint is mapped onto the backbone and compared with it. Pic2Word saves its *frozen*
+A CLIP carried by the checkpoint (OpenAI's layout) is mapped onto the backbone — open_clip keeps OpenAI's names,
+a Hugging Face ViT CLIP gets them through :func:`~capret.models.convert.openai_to_hf_clip` — and compared with it. Pic2Word saves its *frozen*
 CLIP: it must equal ``--clip`` up to the rounding of a half-precision save (nothing more is stored), and a
 mismatch is an error naming the largest difference, because a mapper is only valid on the backbone it was
 trained on. CLIP4Cir's fine-tuned CLIP differs by design and is written into the folder. Each method's
@@ -34,7 +35,7 @@ from capret.inference.cir.combiner import save_combiner_folder
 from capret.inference.cir.inversion import save_mapper_folder
 from capret.models.clip import ClipBundle, TaskClipConfig, load_task_clip_config
 from capret.models.combiner import Combiner, CombinerModelConfig, CombinerNetConfig, CombinerRecord
-from capret.models.convert import MappedCheckpoint, get_converter, map_openai_clip
+from capret.models.convert import MappedCheckpoint, get_converter, map_openai_clip, openai_to_hf_clip
 from capret.models.zeroshot import MapperRecord, build_mapper
 
 __all__ = ["ConversionReport", "convert_released_checkpoint", "paper_preprocess"]
@@ -160,13 +161,10 @@ def _clip_weights(
     """The checkpoint's CLIP in the bundle's names if it differs from the backbone, else None (recorded)."""
     if mapped.clip_state is None:
         return None
-    if backend != "open_clip":
-        raise CheckpointError(
-            f"{path} carries a CLIP in OpenAI's layout, which maps onto open_clip backbones: pass "
-            "--clip-backend open_clip with the same architecture (e.g. --clip ViT-L-14 --clip-pretrained openai)",
-            path=path,
-        )
-    state, dropped = map_openai_clip(mapped.clip_state, bundle.state_dict(), path=path)
+    source = mapped.clip_state
+    if backend == "hf":  # the same weights under transformers' names (ViT towers)
+        source = openai_to_hf_clip(source, path=path)
+    state, dropped = map_openai_clip(source, bundle.state_dict(), path=path)
     report.dropped.update({f"clip.{k}": v for k, v in dropped.items()})
     report.mapped.update({f"clip.{k[len('model.') :]}": k for k in state})
     diff = _compare_clip(state, bundle)

@@ -334,3 +334,76 @@ def test_converted_folders_evaluate_with_the_documented_command(
         assert code == 0, captured.err
         metrics = json.loads(captured.out)["metrics"]
         assert 0.0 <= metrics["recall@1"] <= metrics["recall@50"] <= 1.0
+
+
+def _hf_to_openai(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face CLIP state dict in OpenAI's layout (what CLIP4Cir / Pic2Word save), written out by hand:
+    q/k/v fused into ``in_proj``, the projections stored ``[width, embed]``."""
+    out: dict[str, torch.Tensor] = {
+        "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": hf["text_model.final_layer_norm.weight"],
+        "ln_final.bias": hf["text_model.final_layer_norm.bias"],
+        "text_projection": hf["text_projection.weight"].T,
+        "logit_scale": hf["logit_scale"],
+        "visual.class_embedding": hf["vision_model.embeddings.class_embedding"],
+        "visual.positional_embedding": hf["vision_model.embeddings.position_embedding.weight"],
+        "visual.conv1.weight": hf["vision_model.embeddings.patch_embedding.weight"],
+        "visual.ln_pre.weight": hf["vision_model.pre_layrnorm.weight"],
+        "visual.ln_pre.bias": hf["vision_model.pre_layrnorm.bias"],
+        "visual.ln_post.weight": hf["vision_model.post_layernorm.weight"],
+        "visual.ln_post.bias": hf["vision_model.post_layernorm.bias"],
+        "visual.proj": hf["visual_projection.weight"].T,
+    }
+    for tower, prefix in (("text_model", ""), ("vision_model", "visual.")):
+        layers = {int(k.split(".")[3]) for k in hf if k.startswith(f"{tower}.encoder.layers.")}
+        for i in layers:
+            src, dst = f"{tower}.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+            for kind in ("weight", "bias"):
+                out[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                    [hf[f"{src}self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")]
+                )
+                out[f"{dst}attn.out_proj.{kind}"] = hf[f"{src}self_attn.out_proj.{kind}"]
+                out[f"{dst}ln_1.{kind}"] = hf[f"{src}layer_norm1.{kind}"]
+                out[f"{dst}ln_2.{kind}"] = hf[f"{src}layer_norm2.{kind}"]
+                out[f"{dst}mlp.c_fc.{kind}"] = hf[f"{src}mlp.fc1.{kind}"]
+                out[f"{dst}mlp.c_proj.{kind}"] = hf[f"{src}mlp.fc2.{kind}"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+def test_openai_layout_clip_onto_a_hugging_face_backbone(
+    backbones: dict[str, Any], capsys: pytest.CaptureFixture
+) -> None:
+    """CLIP4Cir's fine-tuned CLIP (OpenAI layout) on a transformers CLIPModel: every tensor placed, features equal."""
+    base = backbones["base"]
+    clip = load_clip(backbones["hf"])
+    hf = {k.removeprefix("model."): v for k, v in clip.state_dict().items()}
+    tuned = _hf_to_openai(hf)
+    blocks = sum(k.endswith("self_attn.q_proj.weight") for k in hf)
+    assert (
+        len(tuned) == len(hf) - 4 * blocks
+    )  # q/k/v weights and biases fused into one in_proj pair per block
+    tuned["transformer.resblocks.0.attn.in_proj_weight"] += 0.25  # stage 1 changed the text tower
+    d = clip.feature_dim
+    combiner = _seeded(Combiner(d, projection_dim=8, hidden_dim=8), 7).state_dict()
+    names = {"text_projection.0": "text_projection_layer", "image_projection.0": "image_projection_layer",
+             "fusion.0": "combiner_layer", "fusion.3": "output_layer"}  # fmt: skip
+    released = {
+        (names[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]) if k.rsplit(".", 1)[0] in names else k: v
+        for k, v in combiner.items()
+    }
+    torch.save({"Combiner": released}, base / "comb_hf.pt")
+    torch.save({"CLIP": tuned}, base / "clip_hf.pt")
+    report = _run(["convert-checkpoint", "--from", "clip4cir", "--checkpoint", str(base / "comb_hf.pt"),
+                   "--clip-checkpoint", str(base / "clip_hf.pt"), "--clip", str(backbones["hf"]),
+                   "--clip-backend", "hf", "--out", str(base / "comb_hf")], capsys)  # fmt: skip
+    assert report["clip_weights"].startswith("differ") and report["clip"]["backend"] == "hf"
+    loaded, _, _ = load_cir_model(base / "comb_hf")
+    q = loaded.state_dict()["model.text_model.encoder.layers.0.self_attn.q_proj.weight"]
+    width = q.shape[0]
+    torch.testing.assert_close(q, tuned["transformer.resblocks.0.attn.in_proj_weight"][:width])
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.image_features(pixels), clip.image_features(pixels)
+        )  # image tower kept

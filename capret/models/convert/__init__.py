@@ -24,6 +24,7 @@ from __future__ import annotations
 from capret.models.convert.common import (
     MappedCheckpoint,
     map_openai_clip,
+    openai_to_hf_clip,
     read_tensor_file,
     strip_prefix,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "get_converter",
     "list_converters",
     "map_openai_clip",
+    "openai_to_hf_clip",
     "read_tensor_file",
     "strip_prefix",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "MappedCheckpoint",
     "check_complete",
     "map_openai_clip",
+    "openai_to_hf_clip",
     "read_tensor_file",
     "strip_prefix",
     "tensor_entry",
@@ -138,7 +139,9 @@ def map_openai_clip(
             out[name] = value
         else:
             unmatched.append(key)
-    missing = [k[len(prefix) :] for k in target if k not in out and not k.endswith("attn_mask")]
+    missing = [
+        k[len(prefix) :] for k in target if k not in out and not k.endswith(("attn_mask", "position_ids"))
+    ]
     shapes = [
         f"{k[len(prefix) :]}: checkpoint {tuple(v.shape)} vs backbone {tuple(target[k].shape)}"
         for k, v in out.items()
@@ -146,3 +149,68 @@ def map_openai_clip(
     ]
     check_complete(path=path, unmatched=unmatched, missing=missing, shapes=shapes, what="the --clip backbone")
     return out, dropped
+
+
+#: OpenAI CLIP -> Hugging Face ``CLIPModel`` names outside the transformer blocks (ViT towers only)
+_HF_NAMES = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "logit_scale": "logit_scale",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",  # sic: transformers' name
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+}
+#: inside a residual block: OpenAI -> Hugging Face (the fused attention input projection is split below)
+_HF_BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
+_BLOCK = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)")
+_IN_PROJ = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)")
+
+
+def openai_to_hf_clip(state: Mapping[str, Tensor], *, path: str | Path) -> dict[str, Tensor]:
+    """An OpenAI-layout CLIP state dict (ViT towers) in Hugging Face ``CLIPModel``'s names.
+
+    The facts of transformers' own OpenAI converter: the fused ``in_proj`` of each attention is split into
+    ``q_proj``, ``k_proj``, ``v_proj`` (in that order); ``text_projection`` and ``visual.proj`` are stored
+    ``[width, embed]`` and applied as ``x @ P``, where transformers keeps ``Linear`` weights ``[embed, width]``,
+    so they are transposed. Entries with no counterpart (a ModifiedResNet tower, JIT architecture facts) are
+    left out here and reported by the caller's completeness check.
+
+    Raises:
+        CheckpointError: a ModifiedResNet image tower (``visual.layer1...``), which transformers has no class for.
+    """
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state):
+        raise CheckpointError(
+            f"{path}: a ModifiedResNet (RN50x4-style) CLIP has no Hugging Face counterpart; pass --clip-backend "
+            "open_clip",
+            path=path,
+        )
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        tower = "vision_model" if key.startswith("visual.") else "text_model"
+        if key in _HF_NAMES:
+            out[_HF_NAMES[key]] = value
+        elif key == "text_projection":
+            out["text_projection.weight"] = value.T.contiguous()
+        elif key == "visual.proj":
+            out["visual_projection.weight"] = value.T.contiguous()
+        elif match := _IN_PROJ.fullmatch(key):
+            layer, kind = match[2], match[3]
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
+                out[f"{tower}.encoder.layers.{layer}.self_attn.{name}.{kind}"] = part.contiguous()
+        elif (match := _BLOCK.fullmatch(key)) and match[3] in _HF_BLOCK:
+            out[f"{tower}.encoder.layers.{match[2]}.{_HF_BLOCK[match[3]]}.{match[4]}"] = value
+        else:
+            out[key] = value  # no counterpart: the completeness check names it
+    return out
