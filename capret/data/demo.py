@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from capret.data.deepfashion2 import CATEGORIES, KEYPOINT_COUNTS, build_retrieval_ground_truth, load_items
+from capret.data.geometry import apply_homography, clip_polygon, homography, polygon_area, warp
 from capret.errors import ConfigError, MissingDependencyError
 from capret.io import atomic_write_json, read_json
 
@@ -127,58 +128,6 @@ def _select_patches(photos: dict[str, np.ndarray], *, count: int, rng: np.random
 # ------------------------------------------------------------------------------------------- geometry
 
 
-def _homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """3x3 homography mapping 4 source points onto 4 destination points (direct linear transform)."""
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(src, dst):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs += [u, v]
-    h = np.linalg.solve(np.asarray(rows, dtype=np.float64), np.asarray(rhs, dtype=np.float64))
-    return np.append(h, 1.0).reshape(3, 3)
-
-
-def _apply(h: np.ndarray, points: np.ndarray) -> np.ndarray:
-    pts = np.c_[points, np.ones(len(points))] @ h.T
-    return pts[:, :2] / pts[:, 2:3]
-
-
-def _warp(image: Image.Image, h: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """Render ``image`` through ``h`` (image -> canvas) onto a canvas of ``size``; PIL wants canvas -> image."""
-    inv = np.linalg.inv(h)
-    inv = inv / inv[2, 2]
-    return image.transform(
-        size, Image.Transform.PERSPECTIVE, tuple(inv.ravel()[:8]), Image.Resampling.BILINEAR
-    )
-
-
-def _clip_polygon(points: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Sutherland-Hodgman clipping of a polygon to the image rectangle."""
-    edges = [(0, 0.0, 1), (0, float(width), -1), (1, 0.0, 1), (1, float(height), -1)]
-    poly = [tuple(p) for p in points]
-    for axis, bound, sign in edges:
-        if not poly:
-            break
-        out = []
-        for i, cur in enumerate(poly):
-            prev = poly[i - 1]
-            cur_in = sign * (cur[axis] - bound) >= 0
-            prev_in = sign * (prev[axis] - bound) >= 0
-            if cur_in != prev_in:
-                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
-                out.append(tuple(p + t * (c - p) for p, c in zip(prev, cur)))
-            if cur_in:
-                out.append(cur)
-        poly = out
-    return np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-
-
-def _polygon_area(points: np.ndarray) -> float:
-    """Shoelace formula."""
-    x, y = points[:, 0], points[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
 def _garment_outline(rng: np.random.Generator) -> np.ndarray:
     """A convex octagon in unit coordinates: a rectangle with four randomly cut corners."""
     c = rng.uniform(0.04, 0.2, size=(4, 2))
@@ -250,8 +199,8 @@ def _render(
     outline_px = outline * [tw, th]
     item_mask = Image.new("L", texture.size, 0)
     ImageDraw.Draw(item_mask).polygon([tuple(p) for p in outline_px], fill=255)
-    warped = _warp(texture, h, size)
-    mask = np.asarray(_warp(item_mask, h, size), dtype=np.float64) / 255.0
+    warped = warp(texture, h, size)
+    mask = np.asarray(warp(item_mask, h, size), dtype=np.float64) / 255.0
     canvas = np.asarray(background, dtype=np.float64) * (1 - mask[..., None])
     canvas += np.asarray(warped, dtype=np.float64) * mask[..., None]
     occ_mask = np.zeros(mask.shape)
@@ -266,10 +215,10 @@ def _render(
     ys, xs = np.nonzero(visible)
     if len(xs) == 0:
         raise ValueError("internal error: the demo item left the canvas")
-    polygon = _clip_polygon(_apply(h, outline_px), *size)
-    full_area = _polygon_area(_apply(h, outline_px))
+    polygon = clip_polygon(apply_homography(h, outline_px), *size)
+    full_area = polygon_area(apply_homography(h, outline_px))
     landmarks = []
-    for x, y in _apply(h, _landmarks_on_outline(outline_px, KEYPOINT_COUNTS[category_id])):
+    for x, y in apply_homography(h, _landmarks_on_outline(outline_px, KEYPOINT_COUNTS[category_id])):
         if 0 <= x < size[0] and 0 <= y < size[1]:
             hidden = occ_mask[int(y), int(x)] > 0.5
             landmarks += [round(float(x)), round(float(y)), 1 if hidden else 2]
@@ -299,7 +248,7 @@ def _fit(texture: Image.Image, *, longest: float, centre: tuple[float, float]) -
     s = longest / max(tw, th)
     src = np.asarray([[0, 0], [tw, 0], [tw, th], [0, th]], dtype=np.float64)
     dst = (src - [tw / 2, th / 2]) * s + centre
-    return _homography(src, dst)
+    return homography(src, dst)
 
 
 def _shop_view(
@@ -341,12 +290,12 @@ def _user_view(
     base = _fit(texture, longest=longest, centre=tuple(centre))
     tw, th = texture.size
     corners = np.asarray([[0, 0], [tw, 0], [tw, th], [0, th]], dtype=np.float64)
-    placed = _apply(base, corners)
+    placed = apply_homography(base, corners)
     angle = np.deg2rad(rng.uniform(-20, 20))
     rot = np.asarray([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     jitter = rng.uniform(-0.09, 0.09, size=(4, 2)) * longest  # perspective: corners move independently
     warped = (placed - centre) @ rot.T + centre + jitter
-    h = _homography(corners, warped)
+    h = homography(corners, warped)
     occluder = None
     if kind in (1, 3):
         x1, y1 = warped.min(axis=0).clip(0, None)

@@ -28,6 +28,7 @@ from capret.data.garments.paint import Dressed, Garment, paint_figure
 from capret.data.garments.patterns import load_photo
 from capret.data.garments.shapes import Body
 from capret.data.garments.vocab import category_id
+from capret.data.geometry import apply_homography, clip_polygon, homography, polygon_area, warp
 
 __all__ = ["BACKGROUND_PHOTOS", "ItemView", "Photo", "consumer_photo", "shop_photo"]
 
@@ -85,55 +86,6 @@ class Photo:
 # ------------------------------------------------------------------------------------------------ geometry
 
 
-def homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 3x3 projective map taking 4 source points onto 4 destination points (direct linear transform)."""
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(src, dst):
-        rows.append([x, y, 1.0, 0.0, 0.0, 0.0, -u * x, -u * y])
-        rows.append([0.0, 0.0, 0.0, x, y, 1.0, -v * x, -v * y])
-        rhs += [u, v]
-    h = np.linalg.solve(np.asarray(rows, dtype=np.float64), np.asarray(rhs, dtype=np.float64))
-    return np.append(h, 1.0).reshape(3, 3)
-
-
-def _apply(h: np.ndarray, points: np.ndarray) -> np.ndarray:
-    pts = np.c_[points, np.ones(len(points))] @ h.T
-    return pts[:, :2] / pts[:, 2:3]
-
-
-def _warp(
-    image: Image.Image, h: np.ndarray, size: tuple[int, int], resample: Image.Resampling
-) -> Image.Image:
-    inv = np.linalg.inv(h)
-    inv = inv / inv[2, 2]
-    return image.transform(size, Image.Transform.PERSPECTIVE, tuple(inv.ravel()[:8]), resample)
-
-
-def _clip_polygon(points: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Sutherland-Hodgman clipping of a polygon to the image rectangle."""
-    poly = [tuple(p) for p in points]
-    for axis, bound, sign in ((0, 0.0, 1), (0, float(width), -1), (1, 0.0, 1), (1, float(height), -1)):
-        if not poly:
-            break
-        out = []
-        for i, cur in enumerate(poly):
-            prev = poly[i - 1]
-            cur_in = sign * (cur[axis] - bound) >= 0
-            prev_in = sign * (prev[axis] - bound) >= 0
-            if cur_in != prev_in:
-                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
-                out.append(tuple(p + t * (c - p) for p, c in zip(prev, cur)))
-            if cur_in:
-                out.append(cur)
-        poly = out
-    return np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-
-
-def _area(points: np.ndarray) -> float:
-    x, y = points[:, 0], points[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
 def _along(outline: np.ndarray, count: int) -> np.ndarray:
     """``count`` points evenly spaced along a closed outline (stand-ins for the category's landmarks)."""
     closed = np.vstack([outline, outline[:1]])
@@ -163,7 +115,7 @@ def _annotate(
 ) -> list[ItemView]:
     """Item annotations of a painted figure warped by ``h`` (figure pixels -> photo) onto a ``size`` photo."""
     width, height = size
-    labels = np.asarray(_warp(Image.fromarray(dressed.labels), h, size, Image.Resampling.NEAREST))
+    labels = np.asarray(warp(Image.fromarray(dressed.labels), h, size, resample=Image.Resampling.NEAREST))
     items: list[ItemView] = []
     for index, garment in enumerate(garments):
         visible = labels == index + 1
@@ -171,19 +123,19 @@ def _annotate(
         if count < _MIN_VISIBLE_PX:
             continue
         full_mask = Image.fromarray((dressed.full[index] * 255).astype(np.uint8))
-        full_in = int((np.asarray(_warp(full_mask, h, size, Image.Resampling.NEAREST)) > 127).sum())
+        full_in = int((np.asarray(warp(full_mask, h, size, resample=Image.Resampling.NEAREST)) > 127).sum())
         shape = dressed.layers[index].shape
         outline_px = shape.outline() * render_scale
-        ratio = _area(_apply(h, outline_px)) / max(_area(outline_px), 1e-9)
+        ratio = polygon_area(apply_homography(h, outline_px)) / max(polygon_area(outline_px), 1e-9)
         full_total = max(float(dressed.full[index].sum()) * ratio, 1.0)
         polygons = []
         for part in shape.parts:
-            clipped = _clip_polygon(_apply(h, part * render_scale), width, height)
-            if len(clipped) >= 3 and _area(clipped) >= 1.0:
+            clipped = clip_polygon(apply_homography(h, part * render_scale), width, height)
+            if len(clipped) >= 3 and polygon_area(clipped) >= 1.0:
                 polygons.append([round(float(v), 2) for v in clipped.ravel()])
         cid = category_id(str(garment.attributes["category"]))
         landmarks: list[int] = []
-        for x, y in _apply(h, _along(outline_px, KEYPOINT_COUNTS[cid])):
+        for x, y in apply_homography(h, _along(outline_px, KEYPOINT_COUNTS[cid])):
             if 0 <= x < width and 0 <= y < height:
                 xi, yi = int(x), int(y)
                 near = visible[max(0, yi - 2) : yi + 3, max(0, xi - 2) : xi + 3]
@@ -217,7 +169,7 @@ def shop_photo(garment: Garment, *, size: int, rng: np.random.Generator) -> Phot
     h = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]], [0.0, 0.0, 1.0]])
     tone = rng.uniform(228, 250) + rng.uniform(-4, 4, size=3)
     canvas = Image.new("RGBA", (size, size), tuple(int(v) for v in tone.clip(0, 255)) + (255,))
-    canvas.alpha_composite(_warp(dressed.image, h, (size, size), Image.Resampling.BILINEAR))
+    canvas.alpha_composite(warp(dressed.image, h, (size, size), resample=Image.Resampling.BILINEAR))
     items = _annotate(dressed, [garment], h=h, render_scale=scale, size=(size, size), viewpoint=1)
     return Photo(image=canvas.convert("RGB"), quality=92, items=items)
 
@@ -321,7 +273,7 @@ def _consumer_once(garments: Sequence[Garment], *, size: int, worn: bool, rng: n
     where = np.array([width, height]) / 2 + rng.uniform(-0.1, 0.1, size=2) * np.array([width, height])
     h = homography(src, target @ rot.T + where + jitter)
     canvas = _background((width, height), rng).convert("RGBA")
-    canvas.alpha_composite(_warp(dressed.image, h, (width, height), Image.Resampling.BILINEAR))
+    canvas.alpha_composite(warp(dressed.image, h, (width, height), resample=Image.Resampling.BILINEAR))
     turned = abs(np.rad2deg(angle)) > 12 or float(np.abs(jitter).mean()) > 0.05 * min(width, height)
     viewpoint = 1 if not worn else 3 if turned else 2
     items = _annotate(dressed, garments, h=h, render_scale=render_scale, size=(width, height),
