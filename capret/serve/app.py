@@ -26,32 +26,33 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import logging
 import re
-import warnings
 from collections.abc import AsyncIterator, Sequence
-from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from fastapi.responses import HTMLResponse, Response
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from capret.serve.admission import Admission, AdmissionRefused, HostCheck, allowed_hosts_for
+from capret.serve.admission import Admission
 from capret.serve.backends import Box, ServeBackend, crop_box
+from capret.serve.web import (
+    add_page_routes,
+    admission_scope,
+    check_host,
+    check_upload_size,
+    decode_upload,
+    open_upload_header,
+    read_asset,
+)
 
 __all__ = ["create_app"]
 
-logger = logging.getLogger("capret.serve")
 
 #: gallery ids look like "<image id>/<item n>": letters, digits, "_", "-", "." and single "/" separators
 _ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$")
 _ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
-
-
-def _asset(name: str) -> str:
-    return resources.files("capret.serve").joinpath("static", name).read_text(encoding="utf-8")
 
 
 def _check_id(value: str) -> str:
@@ -95,57 +96,20 @@ def create_app(
         docs_url=None,  # FastAPI's own docs page loads its scripts from a CDN; /docs below works offline
         redoc_url=None,
     )
-    if host is not None:
-        allowed = allowed_hosts_for(host, allowed_hosts)
-        if allowed is not None:
-            app.add_middleware(HostCheck, allowed=allowed)
+    check_host(app, host=host, allowed_hosts=allowed_hosts)
     app.state.admission = admission
-
-    @contextlib.asynccontextmanager
-    async def admitted(pixels: int) -> AsyncIterator[None]:
-        """Hold a concurrency slot and ``pixels`` of the budget, or answer 503/413 at once."""
-        try:
-            ticket = admission.admit(pixels)
-        except AdmissionRefused as exc:
-            headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
-            raise HTTPException(exc.status, str(exc), headers=headers) from None
-        try:
-            yield
-        finally:
-            admission.release(ticket)
+    admitted = admission_scope(admission)
 
     def probe_upload(request: Request, upload: UploadFile) -> tuple[Image.Image, int]:
         """The upload opened lazily (header only: no pixel decoded yet) and its decoded size in pixels."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + 64 * 1024:
-            raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
+        check_upload_size(request, None, max_upload_bytes=max_upload_bytes)
         handle = upload.file
         handle.seek(0, io.SEEK_END)
         size = handle.tell()
         handle.seek(0)
-        if size > max_upload_bytes:
-            raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
-        if size == 0:
-            raise HTTPException(415, "the upload is empty, not an image")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-                picture = Image.open(handle)
-        except Image.DecompressionBombError:
-            raise HTTPException(413, f"image larger than {max_pixels} pixels") from None
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise HTTPException(415, "the upload is not a decodable image (JPEG, PNG, WebP, ...)") from None
+        check_upload_size(request, size, max_upload_bytes=max_upload_bytes)
+        picture = open_upload_header(handle, max_pixels=max_pixels)
         return picture, picture.width * picture.height
-
-    def decode(picture: Image.Image) -> Image.Image:
-        """Decode an admitted upload (its size was checked from the header)."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                picture.load()
-                return picture if picture.mode == "RGB" else picture.convert("RGB")  # no second copy
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Warning):
-            raise HTTPException(415, "the upload is not a decodable image (JPEG, PNG, WebP, ...)") from None
 
     def gallery_pixels(entry: Any) -> int:
         """The decoded size of a gallery photo from its header (the operator's file: never refused as too large,
@@ -167,25 +131,12 @@ def create_app(
             raise HTTPException(422, f"k must be between 1 and {max_k}")
         return k
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("error while serving %s", request.url.path)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
-
     # ------------------------------------------------------------------------------------------ page
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(_asset("index.html"))
-
-    @app.get("/static/{name}", include_in_schema=False)
-    async def asset(name: str) -> Response:
-        if name not in _ASSETS:
-            raise HTTPException(404, "no such asset")
-        return Response(_asset(name), media_type=_ASSETS[name])
+    add_page_routes(app, page="index.html", assets=_ASSETS)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return HTMLResponse(_asset("docs.html"))
+        return HTMLResponse(read_asset("docs.html"))
 
     # ------------------------------------------------------------------------------------------ API
     @app.get("/api/info", summary="What is loaded")
@@ -227,7 +178,7 @@ def create_app(
         if image is not None:
             header, pixels = probe_upload(request, image)
             async with admitted(pixels):
-                yield await run_in_threadpool(decode, header), None, "upload"
+                yield await run_in_threadpool(decode_upload, header), None, "upload"
             return
         entry = entry_or_404(str(gallery_id))
         async with admitted(gallery_pixels(entry)):

@@ -21,36 +21,35 @@ without a restart. A write while another process writes the catalogue answers 40
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import io
-import logging
 import re
-import warnings
-from collections.abc import AsyncIterator, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from fastapi.responses import Response
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from capret.errors import UsageError
-from capret.serve.admission import Admission, AdmissionRefused, HostCheck, allowed_hosts_for
+from capret.serve.admission import Admission
 from capret.serve.backends import crop_box
+from capret.serve.web import (
+    add_page_routes,
+    admission_scope,
+    check_host,
+    check_upload_size,
+    decode_upload,
+    open_upload_header,
+)
 
 __all__ = ["CatalogueBackend", "create_catalogue_app"]
 
-logger = logging.getLogger("capret.serve")
 _ID = re.compile(r"^[\w.-]+(/[\w.-]+)*$")
 _ASSETS = {"catalogue.js": "text/javascript", "style.css": "text/css"}
-
-
-def _asset(name: str) -> str:
-    return resources.files("capret.serve").joinpath("static", name).read_text(encoding="utf-8")
 
 
 class CatalogueBackend:
@@ -155,53 +154,18 @@ def create_catalogue_app(
         raise UsageError("write endpoints need a token: pass --token (or set CAPRET_SERVE_TOKEN)")
     admission = Admission(max_concurrency=max_concurrency, max_pixels=max_pixels, pixel_budget=pixel_budget)
     app = FastAPI(title="capret serve (catalogue)", version="1", docs_url=None, redoc_url=None)
-    if host is not None:
-        allowed = allowed_hosts_for(host, allowed_hosts)
-        if allowed is not None:
-            app.add_middleware(HostCheck, allowed=allowed)
+    check_host(app, host=host, allowed_hosts=allowed_hosts)
     app.state.admission = admission
+    admitted = admission_scope(admission)
     writer = asyncio.Lock()
-
-    @contextlib.asynccontextmanager
-    async def admitted(pixels: int) -> AsyncIterator[None]:
-        try:
-            ticket = admission.admit(pixels)
-        except AdmissionRefused as exc:
-            headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
-            raise HTTPException(exc.status, str(exc), headers=headers) from None
-        try:
-            yield
-        finally:
-            admission.release(ticket)
 
     def probe(request: Request, upload: UploadFile) -> tuple[Image.Image, int, bytes]:
         """The upload's bytes and its header-opened image (no pixel decoded yet) with its size in pixels."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes + 64 * 1024:
-            raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
+        check_upload_size(request, None, max_upload_bytes=max_upload_bytes)
         data = upload.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
-        if not data:
-            raise HTTPException(415, "the upload is empty, not an image")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                picture = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError:
-            raise HTTPException(413, f"image larger than {max_pixels} pixels") from None
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise HTTPException(415, "the upload is not a decodable image (JPEG, PNG, WebP, ...)") from None
+        check_upload_size(request, len(data), max_upload_bytes=max_upload_bytes)
+        picture = open_upload_header(io.BytesIO(data), max_pixels=max_pixels)
         return picture, picture.width * picture.height, data
-
-    def decode(picture: Image.Image) -> Image.Image:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                picture.load()
-                return picture.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Warning):
-            raise HTTPException(415, "the upload is not a decodable image (JPEG, PNG, WebP, ...)") from None
 
     def check_id(value: str) -> str:
         if len(value) > 300 or not _ID.match(value) or ".." in value:
@@ -214,20 +178,7 @@ def create_catalogue_app(
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(401, "write endpoints need 'Authorization: Bearer <token>'")
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("error while serving %s", request.url.path)
-        return JSONResponse({"detail": "internal server error"}, status_code=500)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(_asset("catalogue.html"))
-
-    @app.get("/static/{name}", include_in_schema=False)
-    async def asset(name: str) -> Response:
-        if name not in _ASSETS:
-            raise HTTPException(404, "no such asset")
-        return Response(_asset(name), media_type=_ASSETS[name])
+    add_page_routes(app, page="catalogue.html", assets=_ASSETS)
 
     @app.get("/api/info", summary="What is served")
     async def info() -> dict[str, Any]:
@@ -271,7 +222,7 @@ def create_catalogue_app(
             raise HTTPException(422, f"k must be between 1 and {max_k}")
         picture, pixels, _ = probe(request, image)
         async with admitted(pixels):
-            decoded = decode(picture)
+            decoded = decode_upload(picture)
             result: dict[str, Any] = await run_in_threadpool(
                 lambda: backend.search(
                     decoded, k=k, category=category or None, text=text or None, use_captions=use_captions
@@ -291,7 +242,7 @@ def create_catalogue_app(
         authorise(request)
         picture, pixels, data = probe(request, image)
         async with admitted(pixels), writer:
-            decode(picture)
+            decode_upload(picture)
             return await run_in_threadpool(
                 lambda: _locked(lambda: backend.add(data, picture, category=category))
             )
