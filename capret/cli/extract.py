@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="with --captions: the smallest fraction of images that must find a caption (default 0.5)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local (default): this process; ray: Ray Data actors embed, this process writes the shards",
+    )
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local Ray)")
     add_progress_flag(p)
     add_debug_flag(p)
     return p
@@ -138,6 +145,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--min-caption-coverage must be in [0, 1], got {args.min_caption_coverage}")
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.engine == "ray" and world_size > 1:
+        raise ConfigError("--engine ray spreads the work itself; run it once, not under torchrun")
+    if args.ray_address and args.engine != "ray":
+        raise ConfigError("--ray-address needs --engine ray")
     device = default_device(args.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     all_paths, all_ids = list_images(args.images, root=args.root, follow_symlinks=args.follow_symlinks)
     paths, ids = all_paths[rank::world_size], all_ids[rank::world_size]
@@ -166,19 +177,39 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 )
         model = load_model(args.checkpoint, device=device)
         skipped: list[dict[str, str]] = []
+        stream = None
+        if args.engine == "ray":
+            from capret.inference.dualstream.ray_encode import encode_on_ray
+
+            stream = encode_on_ray(
+                args.checkpoint,
+                paths,
+                captions,
+                batch_size=args.batch_size,
+                precision=args.precision,
+                device=args.device,
+                skip_bad=args.on_bad_image == "skip",
+                address=args.ray_address,
+            )
         with ExtractionWriter(args.out, rank=rank, world_size=world_size, identity=identity) as writer:
             for start in range(0, len(paths), args.shard_size):
                 stop = start + args.shard_size
                 bad: list[tuple[int, str]] | None = [] if args.on_bad_image == "skip" else None
-                feats = model.encode_images(
-                    paths[start:stop],
-                    None if captions is None else captions[start:stop],
-                    batch_size=args.batch_size,
-                    num_workers=args.num_workers,
-                    precision=args.precision,
-                    progress=rank == 0 and progress_wanted(args),
-                    bad_images=bad,
-                )
+                if stream is None:
+                    feats = model.encode_images(
+                        paths[start:stop],
+                        None if captions is None else captions[start:stop],
+                        batch_size=args.batch_size,
+                        num_workers=args.num_workers,
+                        precision=args.precision,
+                        progress=rank == 0 and progress_wanted(args),
+                        bad_images=bad,
+                    )
+                else:  # the next rows of the Ray job, in input order
+                    rows = [next(stream) for _ in range(min(stop, len(paths)) - start)]
+                    feats = np.stack([row[1] for row in rows]).astype(np.float32)
+                    if bad is not None:
+                        bad.extend((k, row[2]) for k, row in enumerate(rows) if row[2])
                 keep = np.ones(len(feats), dtype=bool)
                 for index, reason in bad or []:
                     keep[index] = False

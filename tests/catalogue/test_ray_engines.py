@@ -72,6 +72,21 @@ def test_ray_engines_match_the_local_engines(
         np.testing.assert_allclose(other["vector"], row["vector"], atol=1e-5)
 
 
+def test_ray_extraction_matches_the_local_engine(local_ray: None, tmp_path: Path) -> None:
+    from capret.cli.extract import main as extract_main
+    from capret.inference.dualstream.extract import read_extraction
+
+    model = save_tiny_dual_stream(tmp_path / "model", pad="squarepad")
+    photos = write_shop_photos(tmp_path / "photos", count=7)
+    argv = ["--checkpoint", str(model), "--images", str(photos), "--shard-size", "3", "--batch-size", "2"]
+    assert extract_main([*argv, "--out", str(tmp_path / "local"), "--no-progress"]) == 0
+    assert extract_main([*argv, "--out", str(tmp_path / "ray"), "--engine", "ray", "--no-progress"]) == 0
+    local, local_ids = read_extraction(tmp_path / "local")
+    remote, remote_ids = read_extraction(tmp_path / "ray")
+    assert remote_ids == local_ids and len(local_ids) == 7
+    np.testing.assert_allclose(remote, local, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_killed_ray_caption_job_rerun_captions_each_missing_item_once(
     local_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
