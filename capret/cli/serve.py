@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from capret.cli.common import host, port, positive_float, positive_int
 
@@ -96,18 +96,31 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--allow-writes is for --catalogue (a pipeline's gallery is read-only)")
     pipeline = args.pipeline if args.pipeline is not None else _pipeline_from_gallery(args)
     backend = ServeBackend.from_pipeline_dir(pipeline, combiner=args.combiner, device=args.device)
-    app = create_app(
-        backend,
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_concurrency=args.max_concurrency,
-        max_pixels=args.max_pixels,
-        pixel_budget=args.pixel_budget,
-        host=args.host,
-        allowed_hosts=args.allowed_host,
-    )
+    app = create_app(backend, **_limits(args))
     print(f"capret serve: http://{args.host}:{args.port}/ (API: /docs); Ctrl+C stops")
     serve(app, host=args.host, port=args.port)
     return 0
+
+
+class _Limits(TypedDict):
+    max_upload_bytes: int
+    max_concurrency: int
+    max_pixels: int
+    pixel_budget: int | None
+    host: str
+    allowed_hosts: list[str]
+
+
+def _limits(args: argparse.Namespace) -> _Limits:
+    """The upload, admission and host limits both apps take, from the flags they share."""
+    return {
+        "max_upload_bytes": int(args.max_upload_mb * 1024 * 1024),
+        "max_concurrency": args.max_concurrency,
+        "max_pixels": args.max_pixels,
+        "pixel_budget": args.pixel_budget,
+        "host": args.host,
+        "allowed_hosts": args.allowed_host,
+    }
 
 
 def _pipeline_from_gallery(args: argparse.Namespace) -> Path:
@@ -154,12 +167,7 @@ def _serve_catalogue(args: argparse.Namespace) -> int:
     backend = CatalogueBackend.open(args.catalogue, device=args.device)
     app = create_catalogue_app(
         backend,
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_concurrency=args.max_concurrency,
-        max_pixels=args.max_pixels,
-        pixel_budget=args.pixel_budget,
-        host=args.host,
-        allowed_hosts=args.allowed_host,
+        **_limits(args),
         allow_writes=args.allow_writes,
         token=token,
     )
