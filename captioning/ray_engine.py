@@ -22,7 +22,7 @@ from capret.errors import MissingDependencyError
 from captioning.category import CategoryModel, CategoryPrediction
 from captioning.loop import LoopConfig
 from captioning.prompts import PromptSet
-from captioning.runner import RunSummary, caption_source
+from captioning.runner import RunSummary, start_run
 from captioning.sources import CaptionTarget
 
 __all__ = ["caption_targets_ray", "init_ray"]
@@ -136,13 +136,7 @@ def caption_targets_ray(
     import time
 
     start = time.perf_counter()
-    summary = RunSummary(
-        total=len(targets),
-        truncated_tail_bytes=len(store.truncated_tail),
-        caption_source=caption_source(oracle=oracle),
-    )
-    todo = [t for t in targets if store.overwrite or t.key not in store]
-    summary.skipped = len(targets) - len(todo)
+    summary, todo = start_run(targets, store, oracle=oracle)
     if todo:
         ray = init_ray(address=address, num_cpus=num_cpus)
         # items from the driver, not a read task: a read task would need a CPU the actors already hold

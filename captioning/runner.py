@@ -34,7 +34,7 @@ from captioning.prompts import PromptSet
 from captioning.sources import CaptionTarget
 from captioning.store import CaptionStore, utc_now
 
-__all__ = ["ORACLE_ATTRIBUTES", "RunSummary", "caption_source", "caption_targets", "make_task"]
+__all__ = ["ORACLE_ATTRIBUTES", "RunSummary", "caption_source", "caption_targets", "make_task", "start_run"]
 
 #: Annotation fields the oracle hands to the dialogue (besides the category name).
 ORACLE_ATTRIBUTES = ("viewpoint", "occlusion", "scale", "zoom_in")
@@ -43,6 +43,22 @@ ORACLE_ATTRIBUTES = ("viewpoint", "occlusion", "scale", "zoom_in")
 def caption_source(*, oracle: bool) -> str:
     """The ``caption_source`` written into records and reports."""
     return "oracle-attributes" if oracle else "pixels"
+
+
+def start_run(
+    targets: Sequence[CaptionTarget], store: Any, *, oracle: bool
+) -> tuple[RunSummary, list[CaptionTarget]]:
+    """A run's summary before any captioning (targets, repaired tail, caption source, skipped) and the targets
+    still to caption: those ``store`` does not hold, or all with ``store.overwrite``. Shared by the local and
+    the Ray engine so both count the same way."""
+    summary = RunSummary(
+        total=len(targets),
+        truncated_tail_bytes=len(store.truncated_tail),
+        caption_source=caption_source(oracle=oracle),
+    )
+    todo = [t for t in targets if store.overwrite or t.key not in store]
+    summary.skipped = len(targets) - len(todo)
+    return summary, todo
 
 
 @dataclass
@@ -142,13 +158,7 @@ def caption_targets(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     start = time.perf_counter()
-    summary = RunSummary(
-        total=len(targets),
-        truncated_tail_bytes=len(store.truncated_tail),
-        caption_source=caption_source(oracle=oracle),
-    )
-    todo = [t for t in targets if store.overwrite or t.key not in store]
-    summary.skipped = len(targets) - len(todo)
+    summary, todo = start_run(targets, store, oracle=oracle)
     reasons: Counter[str] = Counter()
     model = backend.describe()
     if category_model is not None and not oracle:
