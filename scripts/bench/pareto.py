@@ -121,11 +121,10 @@ def _plot(rows: list[dict[str, Any]], front: list[int], path: Path, *, title: st
                    s=60, edgecolors="black", linewidths=0.5, zorder=3)  # fmt: skip
     ax.plot([rows[i]["p50_ms"] for i in front], [rows[i]["map"] for i in front], "k--", lw=1,
             zorder=2, drawstyle="steps-post", label="Pareto front")  # fmt: skip
-    for i in front:
+    for n, i in enumerate(front):  # labels alternate above and below the front so neighbours do not overlap
         label = f"{rows[i]['captioner']}+{rows[i]['reranker']}"
-        ax.annotate(
-            label, (rows[i]["p50_ms"], rows[i]["map"]), textcoords="offset points", xytext=(5, 5), fontsize=8
-        )
+        ax.annotate(label, (rows[i]["p50_ms"], rows[i]["map"]), textcoords="offset points",
+                    xytext=(5, 5 if n % 2 == 0 else -12), fontsize=8)  # fmt: skip
     for name, marker in markers.items():
         ax.scatter([], [], marker=marker, color="white", edgecolors="black",
                    label=f"captioner: {name}" + (" (simulated)" if name == "served" else ""))  # fmt: skip
@@ -133,6 +132,7 @@ def _plot(rows: list[dict[str, Any]], front: list[int], path: Path, *, title: st
         ax.scatter([], [], marker="o", color=colours[name], label=f"reranker: {name}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("p50 latency per query (ms, log scale)")
     ax.set_ylabel("mAP (top-k list)")
