@@ -32,11 +32,12 @@ from torch import Tensor, nn
 
 from capret.config import cfg, from_dict, to_dict
 from capret.errors import CheckpointError, ConfigError
-from capret.io import atomic_write, file_sha256, load_state_into
+from capret.io import atomic_write, file_sha256
 from capret.models.folder import (
     LEGACY_DETECTOR_CONFIG_FILE,
     MODEL_CONFIG_FILE,
     read_model_config,
+    read_weights,
     write_model_config,
 )
 
@@ -338,13 +339,5 @@ class ClothingDetector(nn.Module):
         weights = directory / DETECTOR_WEIGHTS_FILE
         if not weights.is_file():
             raise CheckpointError("detector weights are missing", path=weights)
-        recorded = meta.get("sha256") or {}
-        load_state_into(
-            model,
-            weights,
-            sha256=recorded.get(DETECTOR_WEIGHTS_FILE) if verify else None,
-            built_from=str(meta_path),
-        )
-        if device is not None:
-            model.to(device)
-        return model.eval()
+        recorded = (meta.get("sha256") or {}).get(DETECTOR_WEIGHTS_FILE) if verify else None
+        return read_weights(model, weights, sha256=recorded, device=device, built_from=str(meta_path)).eval()

@@ -35,7 +35,7 @@ from capret.config import cfg, from_dict, to_dict
 from capret.errors import CheckpointError, ConfigError, IncompleteCheckpointError
 from capret.io import atomic_write, file_sha256
 from capret.models.encoders import EncoderOutput, TextEncoder, VisualEncoder, create_encoder, minilm_dir
-from capret.models.folder import MODEL_CONFIG_FILE, write_model_config
+from capret.models.folder import MODEL_CONFIG_FILE, read_weights, write_model_config
 from capret.models.openclip import OPEN_CLIP_CONFIG_FILE
 from capret.models.openclip_streams import OPEN_CLIP_STREAMS
 from capret.registry import Registry
@@ -452,7 +452,7 @@ class DualStreamModel(nn.Module):
     ) -> DualStreamModel:
         """Load a folder written by :meth:`save_pretrained`; the weights' SHA-256 (recorded since it was added)
         is verified unless ``verify=False``."""
-        from capret.io import load_state_into, read_json
+        from capret.io import read_json
 
         directory = Path(directory)
         meta_path = directory / MODEL_CONFIG_FILE
@@ -465,13 +465,5 @@ class DualStreamModel(nn.Module):
         weights = directory / MODEL_WEIGHTS_FILE
         if not weights.is_file():
             raise IncompleteCheckpointError(f"{weights} does not exist")
-        recorded = meta.get("sha256") or {}
-        load_state_into(
-            model,
-            weights,
-            sha256=recorded.get(MODEL_WEIGHTS_FILE) if verify else None,
-            built_from=str(meta_path),
-        )
-        if device is not None:
-            model.to(device)
-        return model.eval()
+        recorded = (meta.get("sha256") or {}).get(MODEL_WEIGHTS_FILE) if verify else None
+        return read_weights(model, weights, sha256=recorded, device=device, built_from=str(meta_path)).eval()

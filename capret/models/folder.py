@@ -22,13 +22,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from capret.errors import CheckpointError
 from capret.io import atomic_write, atomic_write_json, load_state_into
+
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = [
     "CHECKPOINT_SIDECAR",
@@ -93,10 +95,19 @@ def write_weights(path: str | Path, module: nn.Module, *, format: str) -> Path:
 
 
 def read_weights(
-    module: nn.Module, path: str | Path, *, sha256: str | None = None, device: str | torch.device = "cpu"
-) -> nn.Module:
+    module: M,
+    path: str | Path,
+    *,
+    sha256: str | None = None,
+    device: str | torch.device | None = "cpu",
+    built_from: str | None = None,
+) -> M:
     """Load a safetensors file written by :func:`write_weights` into ``module`` (strict: same names, shapes),
     after checking its SHA-256 when the folder recorded one (``capret_model.json``'s ``sha256``).
+
+    Args:
+        device: where the module goes afterwards; None leaves it where it is.
+        built_from: what ``module`` was built from, for the messages (default: the folder's config file).
 
     Raises:
         CheckpointError: the file is missing, fails its checksum, or a tensor is missing, unexpected or of
@@ -106,9 +117,12 @@ def read_weights(
     if not path.is_file():
         raise CheckpointError("model weights are missing", path=path)
     load_state_into(
-        module, path, sha256=sha256, built_from=f"the config in {path.parent / MODEL_CONFIG_FILE}"
+        module,
+        path,
+        sha256=sha256,
+        built_from=built_from or f"the config in {path.parent / MODEL_CONFIG_FILE}",
     )
-    return module.to(device)
+    return module if device is None else module.to(device)
 
 
 def read_model_config(folder: str | Path, *, format: str | None = None) -> dict[str, Any]:
