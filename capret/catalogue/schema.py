@@ -74,7 +74,7 @@ class CatalogueSettings:
     max_items: int = 5  # most items (detections) kept per photo
     index_threshold: int = 100_000  # rows from which `optimize` builds IVF-PQ; below it search is exact
     nprobes: int = 48  # IVF partitions probed per query (IVF-PQ only)
-    refine_factor: int = 20  # candidates re-scored with full vectors: k * refine_factor (IVF-PQ only)
+    refine_factor: int = 100  # candidates re-scored with full vectors: k * refine_factor (IVF-PQ only)
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS
     index_trained_rows: int = 0  # rows the IVF-PQ was trained on (0 = no index): grown 2x means stale
     version: int = SETTINGS_VERSION
