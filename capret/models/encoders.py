@@ -115,6 +115,15 @@ class TextEncoder(nn.Module):
         return {}
 
 
+def _save_hf_assets(directory: Path, *, config: Any, preprocessor: Any) -> dict[str, Any]:
+    """Write a Hugging Face encoder's config and its tokenizer/processor, so the model folder rebuilds the
+    architecture offline (the weights come from the folder's safetensors, hence ``pretrained: False``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    preprocessor.save_pretrained(directory)
+    return {"source": str(directory), "pretrained": False}
+
+
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
@@ -236,10 +245,7 @@ class HFCLIPVisionEncoder(VisualEncoder):
         return EncoderOutput(tokens=out.last_hidden_state, pooled=out.pooler_output)
 
     def save_assets(self, directory: Path) -> dict[str, Any]:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(directory)
-        self.processor.save_pretrained(directory)
-        return {"source": str(directory), "pretrained": False}
+        return _save_hf_assets(directory, config=self.model.config, preprocessor=self.processor)
 
 
 # ----------------------------------------------------------------------------------------------- HF text
@@ -337,10 +343,7 @@ class HFTextEncoder(TextEncoder):
         return EncoderOutput(tokens=hidden, pooled=pooled, mask=mask)
 
     def save_assets(self, directory: Path) -> dict[str, Any]:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-        return {"source": str(directory), "pretrained": False}
+        return _save_hf_assets(directory, config=self.model.config, preprocessor=self.tokenizer)
 
 
 @register_encoder("hf_clip_text")
@@ -370,10 +373,7 @@ class HFCLIPTextEncoder(TextEncoder):
         )
 
     def save_assets(self, directory: Path) -> dict[str, Any]:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-        return {"source": str(directory), "pretrained": False}
+        return _save_hf_assets(directory, config=self.model.config, preprocessor=self.tokenizer)
 
 
 def minilm_dir() -> Path:
