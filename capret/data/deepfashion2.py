@@ -16,6 +16,7 @@ slots shared by the 13 categories).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -36,6 +37,7 @@ __all__ = [
     "CATEGORIES", "KEYPOINT_COUNTS", "KEYPOINT_OFFSETS", "NUM_KEYPOINT_SLOTS", "Item", "ProtocolSide",
     "build_retrieval_ground_truth", "crop_item", "gt_box_protocol", "image_path", "items_from_ground_truth",
     "iter_items", "load_ground_truth", "load_item_geometry", "load_items", "open_image", "to_coco",
+    "write_retrieval_ground_truth",
 ]  # fmt: skip
 
 #: Official category ids (1-based) and names.
@@ -427,6 +429,18 @@ def build_retrieval_ground_truth(items: Iterable[Item]) -> tuple[list[dict[str, 
         for it in ordered
         if it.source == "shop" and it.style > 0
     ]
+    return query_gt, gallery_gt
+
+
+def write_retrieval_ground_truth(
+    root: str | Path, split: str = "validation"
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Write ``<root>/<split>/query_gt.json`` and ``gallery_gt.json`` for a generated dataset in the official
+    layout (its annotations already written), as the official validation files; returns the two record lists."""
+    items = load_items(root, split, cache=False, progress=False)
+    query_gt, gallery_gt = build_retrieval_ground_truth(items)
+    (Path(root) / split / "query_gt.json").write_text(json.dumps(query_gt))
+    (Path(root) / split / "gallery_gt.json").write_text(json.dumps(gallery_gt))
     return query_gt, gallery_gt
 
 

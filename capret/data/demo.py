@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from capret.data.deepfashion2 import CATEGORIES, KEYPOINT_COUNTS, build_retrieval_ground_truth, load_items
+from capret.data.deepfashion2 import CATEGORIES, KEYPOINT_COUNTS, write_retrieval_ground_truth
 from capret.data.geometry import apply_homography, clip_polygon, homography, polygon_area, warp
 from capret.errors import ConfigError, MissingDependencyError
 from capret.io import atomic_write_json, read_json
@@ -432,10 +432,7 @@ def build_demo_dataset(
             )
         counts[f"{split}_images"] = image_id
         counts[f"identities_{split}"] = len(members)
-    items = load_items(root, "validation", cache=False, progress=False)
-    query_gt, gallery_gt = build_retrieval_ground_truth(items)
-    (root / "validation" / "query_gt.json").write_text(json.dumps(query_gt))
-    (root / "validation" / "gallery_gt.json").write_text(json.dumps(gallery_gt))
+    query_gt, gallery_gt = write_retrieval_ground_truth(root, "validation")
     (root / "demo_manifest.json").write_text(json.dumps(manifest, indent=1))
     summary = {
         "version": DEMO_VERSION,

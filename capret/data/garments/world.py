@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from capret.data.deepfashion2 import build_retrieval_ground_truth, load_items
+from capret.data.deepfashion2 import write_retrieval_ground_truth
 from capret.data.garments.cir import write_fashioniq
 from capret.data.garments.paint import Garment
 from capret.data.garments.patterns import sample_look
@@ -151,10 +151,7 @@ def _write_deepfashion2(
                 (folder / "annos" / f"{name}.json").write_text(json.dumps(anno))
         counts[f"deepfashion2_{split}_images"] = image_id
         counts[f"deepfashion2_{split}_identities"] = len(members)
-    items = load_items(root, "validation", cache=False, progress=False)
-    query_gt, gallery_gt = build_retrieval_ground_truth(items)
-    (root / "validation" / "query_gt.json").write_text(json.dumps(query_gt))
-    (root / "validation" / "gallery_gt.json").write_text(json.dumps(gallery_gt))
+    query_gt, gallery_gt = write_retrieval_ground_truth(root, "validation")
     counts["deepfashion2_query_items"] = len(query_gt)
     counts["deepfashion2_gallery_items"] = len(gallery_gt)
     counts["deepfashion2_companions"] = companion
