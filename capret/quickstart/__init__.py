@@ -79,7 +79,13 @@ def _summary_line(key: str, result: dict[str, Any]) -> str:
             parts.append(f"{name}={value}")
         elif isinstance(value, dict) and "map" in value:
             parts.append(f"{name}.map={value['map']:.4f}")
-    return f"[{key}] " + ", ".join(parts[:10])
+        elif name == "methods" and isinstance(value, dict):  # the cir stage: R@1 / R@10 of every method
+            parts.extend(
+                f"{method}.R@1/10={scores['recall@1']:.3f}/{scores['recall@10']:.3f}"
+                for method, scores in value.items()
+                if isinstance(scores, dict) and {"recall@1", "recall@10"} <= set(scores)
+            )
+    return f"[{key}] " + ", ".join(parts[:14])
 
 
 def run_quickstart(
