@@ -46,7 +46,8 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
                     "output_dir": str(run_dir),
                     "seed": ctx.seed,
                     "max_seconds": seconds,
-                    "max_steps": 100_000,
+                    # the cosine schedule follows max_steps; the time budget may stop the run earlier
+                    "max_steps": 300,
                     # configs/garments_clip.yaml's optimiser (a trainer section starts from the shared defaults)
                     "lr": 1e-3,
                     "weight_decay": 0.1,
