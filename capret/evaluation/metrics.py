@@ -304,17 +304,36 @@ def recall_at_k_from_ranking(
     ranking: ArrayLike, relevance: ArrayLike, ks: Sequence[int], *, num_relevant: ArrayLike | None = None
 ) -> dict[int, float]:
     """Recall@k (any relevant item in the top k) of a ranking, per k."""
-    rel = _as_tensor(relevance, name="relevance", dtype=torch.bool)
-    n = rel.sum(1) if num_relevant is None else num_relevant
-    per_query = hit_at_k_from_hits(ranked_hits(ranking, rel), ks, n)
-    return {k: nanmean_with_warning(v, metric=f"R@{k}") for k, v in per_query.items()}
+    return _mean_at_k(
+        hit_at_k_from_hits, label="R", ranking=ranking, relevance=relevance, ks=ks, num_relevant=num_relevant
+    )
 
 
 def precision_at_k_from_ranking(
     ranking: ArrayLike, relevance: ArrayLike, ks: Sequence[int], *, num_relevant: ArrayLike | None = None
 ) -> dict[int, float]:
     """Precision@k of a ranking, per k."""
+    return _mean_at_k(
+        precision_at_k_from_hits,
+        label="P",
+        ranking=ranking,
+        relevance=relevance,
+        ks=ks,
+        num_relevant=num_relevant,
+    )
+
+
+def _mean_at_k(
+    per_query_at_k: Callable[[ArrayLike, Sequence[int], ArrayLike | None], dict[int, np.ndarray]],
+    *,
+    label: str,
+    ranking: ArrayLike,
+    relevance: ArrayLike,
+    ks: Sequence[int],
+    num_relevant: ArrayLike | None,
+) -> dict[int, float]:
+    """The mean over queries of a per-query @k metric of a ranking (``label``@k names it in warnings)."""
     rel = _as_tensor(relevance, name="relevance", dtype=torch.bool)
     n = rel.sum(1) if num_relevant is None else num_relevant
-    per_query = precision_at_k_from_hits(ranked_hits(ranking, rel), ks, n)
-    return {k: nanmean_with_warning(v, metric=f"P@{k}") for k, v in per_query.items()}
+    per_query = per_query_at_k(ranked_hits(ranking, rel), ks, n)
+    return {k: nanmean_with_warning(v, metric=f"{label}@{k}") for k, v in per_query.items()}
