@@ -24,6 +24,7 @@ descriptor, and lives in :mod:`capret.inference.dualstream.baselines`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -225,24 +226,9 @@ class GlobalDescriptor(Baseline):
         self.whiten.bias.copy_((-weight @ mean).float())
 
 
-@register_baseline("gem")
-def _gem(**kwargs: Any) -> GlobalDescriptor:
-    return GlobalDescriptor(pooling="gem", **kwargs)
-
-
-@register_baseline("gem_plus")
-def _gem_plus(**kwargs: Any) -> GlobalDescriptor:
-    return GlobalDescriptor(pooling="gem_plus", **kwargs)
-
-
-@register_baseline("scale_gem")
-def _scale_gem(**kwargs: Any) -> GlobalDescriptor:
-    return GlobalDescriptor(pooling="scale_gem", **kwargs)
-
-
-@register_baseline("regional_gem")
-def _regional_gem(**kwargs: Any) -> GlobalDescriptor:
-    return GlobalDescriptor(pooling="regional_gem", **kwargs)
+#: the pooled global descriptors, one registered name per pooling (``create_baseline("gem", ...)`` etc.)
+for _pooling in ("gem", "gem_plus", "scale_gem", "regional_gem"):
+    register_baseline(_pooling)(functools.partial(GlobalDescriptor, pooling=_pooling))
 
 
 @register_baseline("clip")
