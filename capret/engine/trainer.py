@@ -265,13 +265,19 @@ class _Trainer:
             ) from None
         return max(1, (per_epoch * int(self.config.epochs or 1)) // self.config.grad_accum)
 
+    def _states(self) -> dict[str, Any]:
+        """The objects whose states a checkpoint holds (saved and restored alike); the scaler only when enabled."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler if self.scaler.is_enabled() else None,
+        }
+
     def _load(self, path: Path) -> dict[str, Any] | None:
         loaded = load_checkpoint(
             path,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler if self.scaler.is_enabled() else None,
+            **self._states(),
             config=self.saved_config,
         )
         state = loaded.trainer_state
@@ -344,10 +350,7 @@ class _Trainer:
         if self.ctx.is_main:
             save_checkpoint(
                 directory,
-                model=self.model,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                scaler=self.scaler if self.scaler.is_enabled() else None,
+                **self._states(),
                 step=self.step,
                 epoch=epoch,
                 rng_state={"ranks": ranks},
