@@ -13,12 +13,14 @@ import argparse
 import ipaddress
 import math
 import re
+from pathlib import Path
 
 from capret.console import NotAvailableError, add_debug_flag, fail, print_json, run_guarded
 
 __all__ = [
     "NotAvailableError",
     "add_debug_flag",
+    "add_image_source_flags",
     "fail",
     "finite_float",
     "fraction",
@@ -109,3 +111,26 @@ def host(text: str) -> str:
     if not value or len(value) > 253 or not all(_LABEL.match(label) for label in labels):
         raise argparse.ArgumentTypeError(f"{text!r} is not a valid IP address or host name")
     return value
+
+
+def add_image_source_flags(
+    parser: argparse.ArgumentParser, *, ids: str = "ids are paths relative to it"
+) -> None:
+    """``--images`` (a folder or a list file), ``--root`` and ``--follow-symlinks``: how every command that
+    reads a user's image collection names it (:func:`capret.data.image_list.list_images` reads them).
+
+    Args:
+        ids: what ``--root`` decides besides the root itself, for its help text.
+    """
+    parser.add_argument("--images", type=Path, required=True, help="image folder or text file of image paths")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help=f"folder every image lies under; {ids} (default: the --images folder, or the list file's folder)",
+    )
+    parser.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read images whose symbolic links point outside the root (refused by default)",
+    )

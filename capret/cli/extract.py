@@ -31,6 +31,7 @@ import numpy as np
 
 from capret.cli.common import (
     add_debug_flag,
+    add_image_source_flags,
     fraction,
     non_negative_int,
     positive_int,
@@ -53,19 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="model folder, checkpoint or run folder")
-    p.add_argument("--images", type=Path, required=True, help="image folder or text file of image paths")
-    p.add_argument(
-        "--root",
-        type=Path,
-        default=None,
-        help="folder every image lies under; ids are paths relative to it (default: the --images folder, or the "
-        "list file's folder)",
-    )
-    p.add_argument(
-        "--follow-symlinks",
-        action="store_true",
-        help="read images whose symbolic links point outside the root (refused by default)",
-    )
+    add_image_source_flags(p)
     p.add_argument("--captions", type=Path, default=None, help="caption store JSONL joined by image id")
     p.add_argument("--out", type=Path, required=True, help="output folder for the feature shards")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")

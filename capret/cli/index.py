@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import positive_int
+from capret.cli.common import add_image_source_flags, positive_int
 from capret.config import ConfigError, parse_overrides
 from capret.console import add_progress_flag, print_json, progress_wanted, run_guarded
 
@@ -38,19 +38,7 @@ def add_parser(subparsers: Any) -> None:
     build.add_argument(
         "--checkpoint", type=Path, required=True, help="model folder, checkpoint or run folder"
     )
-    build.add_argument("--images", type=Path, required=True, help="image folder or text file of image paths")
-    build.add_argument(
-        "--root",
-        type=Path,
-        default=None,
-        help="folder every image lies under; ids and stored image paths are relative to it (default: the --images "
-        "folder, or the list file's folder)",
-    )
-    build.add_argument(
-        "--follow-symlinks",
-        action="store_true",
-        help="read images whose symbolic links point outside the root (refused by default)",
-    )
+    add_image_source_flags(build, ids="ids and stored image paths are relative to it")
     build.add_argument("--out", type=Path, required=True, help="gallery folder to write (resumable)")
     build.add_argument("--detector", default=None, help="registered detector name (default: whole image)")
     build.add_argument(
