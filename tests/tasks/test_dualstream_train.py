@@ -241,3 +241,30 @@ def test_full_mode_box_head_is_masked_and_reported(setup: dict[str, Path], tmp_p
     assert 0.0 <= metrics["box_miou"] <= 1.0 and 0.0 <= metrics["box_iou@0.5"] <= 1.0
     assert metrics["box_count"] == 12.0  # every captioned validation item (4 shop + 8 user)
     assert torch.isfinite(torch.tensor(metrics["map"]))
+
+
+def test_loader_workers_and_decoders_give_the_in_process_batch(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """One worker process (persistent, pinned only on CUDA) and the torchvision decoder give the same first batch
+    as today's in-process PIL loader: sample seeds, not worker scheduling, decide the augmentations."""
+    import torch
+
+    from capret.config import load_config
+    from capret.tasks.dualstream import DualStreamConfig, DualStreamTask
+
+    def first_batch(*overrides: str) -> tuple[torch.utils.data.DataLoader, dict]:
+        config = load_config(
+            DualStreamConfig, setup["config"], [*overrides, f"trainer.output_dir={tmp_path / 'run'}"]
+        )
+        task = DualStreamTask(config)
+        task.build_model()
+        loader = task.train_dataloader(rank=0, world_size=1, epoch=0, seed=0)
+        return loader, next(iter(loader))
+
+    reference_loader, reference = first_batch()
+    assert not reference_loader.persistent_workers and not reference_loader.pin_memory
+    loader, batch = first_batch("trainer.num_workers=1", "data.decode=torchvision")
+    assert loader.persistent_workers and not loader.pin_memory  # CPU device: nothing to pin for
+    for key in ("pixels", "box", "label", "index", "input_ids", "has_caption"):
+        assert torch.equal(batch[key], reference[key]), key
