@@ -19,6 +19,7 @@ and inference (:mod:`capret.inference.cir.inversion`) both read them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,38 +45,19 @@ __all__ = [
 ZEROSHOT_TASKS = ("phi", "pic2word", "lincir")
 
 
-class Phi(nn.Module):
-    """SEARLE/LinCIR phi: ``Linear(in, h) GELU Drop Linear(h, h) GELU Drop Linear(h, out)``."""
+class _Mapper(nn.Module):
+    """Three linear layers ``in -> hidden -> hidden -> out`` with the same ``activation`` block after the first two;
+    ``hparams`` are what :func:`build_mapper` rebuilds it from."""
 
     def __init__(
-        self, input_dim: int, *, hidden_dim: int | None = None, output_dim: int, dropout: float = 0.5
-    ):
-        super().__init__()
-        hidden = hidden_dim or 4 * input_dim
-        self.hparams: dict[str, Any] = {
-            "input_dim": input_dim,
-            "hidden_dim": hidden,
-            "output_dim": output_dim,
-            "dropout": dropout,
-        }
-        self.layers = nn.Sequential(
-            nn.Linear(input_dim, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, output_dim),
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
-
-
-class Pic2WordMapper(nn.Module):
-    """Pic2Word IM2TEXT: ``2 x [Linear -> hidden, Dropout(0.1), ReLU]`` then ``Linear(hidden -> out)``."""
-
-    def __init__(self, input_dim: int, *, hidden_dim: int = 512, output_dim: int, dropout: float = 0.1):
+        self,
+        *,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        dropout: float,
+        activation: Callable[[], list[nn.Module]],
+    ) -> None:
         super().__init__()
         self.hparams: dict[str, Any] = {
             "input_dim": input_dim,
@@ -85,16 +67,42 @@ class Pic2WordMapper(nn.Module):
         }
         self.layers = nn.Sequential(
             nn.Linear(input_dim, hidden_dim),
-            nn.Dropout(dropout),
-            nn.ReLU(),
+            *activation(),
             nn.Linear(hidden_dim, hidden_dim),
-            nn.Dropout(dropout),
-            nn.ReLU(),
+            *activation(),
             nn.Linear(hidden_dim, output_dim),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
+
+
+class Phi(_Mapper):
+    """SEARLE/LinCIR phi: ``Linear(in, h) GELU Drop Linear(h, h) GELU Drop Linear(h, out)``."""
+
+    def __init__(
+        self, input_dim: int, *, hidden_dim: int | None = None, output_dim: int, dropout: float = 0.5
+    ):
+        super().__init__(
+            input_dim=input_dim,
+            hidden_dim=hidden_dim or 4 * input_dim,
+            output_dim=output_dim,
+            dropout=dropout,
+            activation=lambda: [nn.GELU(), nn.Dropout(dropout)],
+        )
+
+
+class Pic2WordMapper(_Mapper):
+    """Pic2Word IM2TEXT: ``2 x [Linear -> hidden, Dropout(0.1), ReLU]`` then ``Linear(hidden -> out)``."""
+
+    def __init__(self, input_dim: int, *, hidden_dim: int = 512, output_dim: int, dropout: float = 0.1):
+        super().__init__(
+            input_dim=input_dim,
+            hidden_dim=hidden_dim,
+            output_dim=output_dim,
+            dropout=dropout,
+            activation=lambda: [nn.Dropout(dropout), nn.ReLU()],
+        )
 
 
 #: mapper family name -> class (the name is recorded in checkpoints)
