@@ -24,7 +24,7 @@ from tqdm import tqdm
 from capret.data.garments.paint import Garment
 from capret.data.garments.patterns import sample_look
 from capret.data.garments.records import STREAM_FIQ, Identity, split_families
-from capret.data.garments.sampling import attributes_for, variant
+from capret.data.garments.sampling import family
 from capret.data.garments.scenes import shop_photo
 from capret.data.garments.vocab import LENGTHS, luminance
 
@@ -164,17 +164,15 @@ def relative_captions(
 
 def _family_members(category: str, rng: np.random.Generator, *, size: int) -> list[dict[str, Any]]:
     """A base and variants of 1-2 changes that stay in the base's FashionIQ category, all distinct."""
-    base = attributes_for(category, rng)
-    out = [base]
-    tries = 0
-    while len(out) < size and tries < 40 * size:
-        tries += 1
-        candidate, _ = variant(base, rng, changes=int(rng.integers(1, 3)), keys=CIR_KEYS)
-        if fiq_category(str(candidate["category"])) != fiq_category(category):
-            continue
-        if all(difference(other, candidate) for other in out):
-            out.append(candidate)
-    return out
+    return family(
+        category,
+        rng,
+        members=size,
+        keys=CIR_KEYS,
+        keep=lambda candidate: fiq_category(str(candidate["category"])) == fiq_category(category),
+        distinct=difference,
+        tries_per_member=40,
+    )
 
 
 def write_fashioniq(

@@ -8,7 +8,8 @@ siblings takes a fine distinction, as in real shop catalogues where one cut come
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -171,15 +172,28 @@ def variant(
     return out, changed
 
 
-def family(category: str, rng: np.random.Generator, *, members: int) -> list[dict[str, Any]]:
-    """``members`` distinct identities of one category and colour: a base and variants of one or two changes."""
+def family(
+    category: str,
+    rng: np.random.Generator,
+    *,
+    members: int,
+    keys: tuple[str, ...] = VARIABLE,
+    keep: Callable[[dict[str, Any]], bool] | None = None,
+    distinct: Callable[[dict[str, Any], dict[str, Any]], object] = operator.ne,
+    tries_per_member: int = 50,
+) -> list[dict[str, Any]]:
+    """Up to ``members`` identities of one category and colour: a base and variants of one or two changes of
+    ``keys``, each ``distinct`` from all before it and (with ``keep``) accepted by ``keep``; at most
+    ``tries_per_member * members`` variants are drawn, so a family may come out smaller."""
     base = attributes_for(category, rng)
     out = [base]
     tries = 0
-    while len(out) < members and tries < 50 * members:
+    while len(out) < members and tries < tries_per_member * members:
         tries += 1
-        candidate, _ = variant(base, rng, changes=int(rng.integers(1, 3)))
-        if all(candidate != other for other in out):
+        candidate, _ = variant(base, rng, changes=int(rng.integers(1, 3)), keys=keys)
+        if keep is not None and not keep(candidate):
+            continue
+        if all(distinct(other, candidate) for other in out):
             out.append(candidate)
     return out
 
