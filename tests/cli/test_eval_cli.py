@@ -131,6 +131,12 @@ def _official_files(tmp_path: Path) -> list[str]:
     gallery_gt = [
         {"gallery_image_id": 10, "bbox": [0, 0, 10, 10], "style": 1, "pair_id": 5},
         {"gallery_image_id": 11, "bbox": [0, 0, 10, 10], "style": 1, "pair_id": 6},
+        {
+            "gallery_image_id": 12,
+            "bbox": [0, 0, 10, 10],
+            "style": 1,
+            "pair_id": 7,
+        },  # a results id must be a gallery image
     ]
     ids = [11, 10] + [12] * 18
     results = [

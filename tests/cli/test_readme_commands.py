@@ -1,4 +1,4 @@
-"""Every concrete ``capret-eval`` command of the README parses into a typed config (flags, choices, modes), so the
+"""Every concrete ``capret-eval`` command of the README and the docs pages parses into a typed config (flags, choices, modes), so the
 documented reproduction commands cannot drift from the real command line."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from capret.cli.eval import parse_args
 
 
 def _commands() -> list[str]:
-    text = (REPO_ROOT / "README.md").read_text()
+    documents = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    text = "\n".join(document.read_text(encoding="utf-8") for document in documents)
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = block.replace("\\\n", " ")
@@ -31,5 +32,5 @@ def test_readme_capret_eval_commands_parse() -> None:
         if mode == "cir":
             methods.add(config.method)
             assert config.split in ("val", "test", "test1")
-    # the zero-shot section shows a command for every method
+    # the composed-retrieval pages show a command for every method
     assert {"combiner", "searle", "searle-oti", "pic2word", "lincir", "cirevl", "text-only"} <= methods

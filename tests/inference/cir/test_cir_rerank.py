@@ -175,8 +175,9 @@ def test_cirr_kreciprocal_runs_and_keeps_the_protocol(world, tmp_path, capsys):
 
 def test_bad_rerank_topk_is_refused(world, tmp_path, capsys):
     argv = ["--dataset", "cirr", "--checkpoint", str(world["ckpt"]), "--root", str(world["cirr"])]
-    code = eval_cli.main([*argv, "--rerank", "aqe", "--rerank-topk", "0", "--out", str(tmp_path / "x")])
-    assert code != 0
+    with pytest.raises(SystemExit) as refused:  # argparse's own range check
+        eval_cli.main([*argv, "--rerank", "aqe", "--rerank-topk", "0", "--out", str(tmp_path / "x")])
+    assert refused.value.code == 2
     assert "--rerank-topk" in capsys.readouterr().err
 
 
