@@ -59,7 +59,8 @@ ddp() {
   [ "$gpu" = 1 ] && amp=bf16
   local start=$SECONDS
   torchrun --standalone --nproc_per_node 1 -m capret.cli.train --config configs/demo_dualstream.yaml \
-    data.root="$world/deepfashion2" trainer.output_dir="$out/ddp_run" trainer.max_steps=20 \
+    data.root="$world/deepfashion2" data.captions=null data.val_captions=null \
+    trainer.output_dir="$out/ddp_run" trainer.max_steps=20 \
     trainer.max_seconds=null trainer.amp=$amp trainer.eval_every=0 --no-progress > "$parts/ddp.train.log" 2>&1 \
     || return 1
   python3 - "$out/ddp_run" "$((SECONDS - start))" "$amp" <<'PY'
