@@ -203,7 +203,9 @@ def _python_blocks() -> list[str]:
     return [
         block
         for document in DOCUMENTS
-        for block in re.findall(r"^```python[ \t]*\n(.*?)^```", document.read_text(encoding="utf-8"), flags=re.S | re.M)
+        for block in re.findall(
+            r"^```python[ \t]*\n(.*?)^```", document.read_text(encoding="utf-8"), flags=re.S | re.M
+        )
     ]
 
 

@@ -247,7 +247,9 @@ class MethodInputs:
     captioner: CaptionerSpec = field(default_factory=CaptionerSpec)
     caption_store: Path | None = None  # CIReVL store (default: <work_dir>/cirevl_<backend>.jsonl)
     caption_batch_size: int = 16
-    cirevl_settings: dict[str, Any] = field(default_factory=dict)  # CirevlOptions fields (prompts, limits, ...)
+    cirevl_settings: dict[str, Any] = field(
+        default_factory=dict
+    )  # CirevlOptions fields (prompts, limits, ...)
     oti_tokens: Path | None = None  # SEARLE-OTI token store (default: <work_dir>/oti_tokens.safetensors)
     oti_phrases: Path | None = None  # SEARLE-OTI regulariser phrases (capret oti's phrase file); None = off
     oti_settings: dict[str, Any] = field(default_factory=dict)  # OTIConfig fields to change (steps, ...)
@@ -344,7 +346,10 @@ class CirevlMethod(CirMethod):
             "prompts": [DESCRIBE_VERSION, EDIT_VERSION],
             "prompt_file": str(self.options.prompt_file) if self.options.prompt_file else None,
             "on_missing": self.options.on_missing,
-            "max_tokens": {"caption": self.options.max_caption_tokens, "rewrite": self.options.max_edit_tokens},
+            "max_tokens": {
+                "caption": self.options.max_caption_tokens,
+                "rewrite": self.options.max_edit_tokens,
+            },
         }
 
     def report(self) -> dict[str, Any]:

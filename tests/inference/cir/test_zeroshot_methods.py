@@ -115,9 +115,9 @@ def test_each_zero_shot_method_through_capret_eval(world, method, dataset, capsy
 
 def test_fashioniq_queries_average_both_caption_orders(world) -> None:
     from capret.data.fashioniq import FashionIQ
+    from capret.inference.cir.benchmarks import fashioniq_query_set
     from capret.inference.cir.features import image_features
     from capret.inference.cir.inversion import fashioniq_caption_variants
-    from capret.inference.cir.benchmarks import fashioniq_query_set
     from capret.inference.cir.methods import MethodInputs, create_cir_method
     from capret.inference.cir.search import FeatureOptions
 
