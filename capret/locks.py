@@ -150,6 +150,16 @@ def _warn_stale(lock_file: Path, message: str) -> None:
     )
 
 
+def _disk_full_named(lock_file: Path) -> contextlib.AbstractContextManager[None]:
+    """A full disk while creating or writing the lock file is :class:`~capret.errors.DiskFullError` naming it.
+
+    Imported late: :mod:`capret.io` pulls in torch, and a lock is taken by commands that may not need it.
+    """
+    from capret.io import disk_full_named
+
+    return disk_full_named(lock_file)
+
+
 def _write_record(fd: int, *, what: str, job: str = "") -> None:
     record = {
         "job": job,
@@ -197,7 +207,12 @@ def _acquire(output: Path, lock_file: Path, *, what: str) -> int:
                     f"taking over the lock on {what} {output}: its holder {previous.describe()} {state} "
                     "(killed or crashed); its partial output is resumed or replaced as the command decides",
                 )
-            _write_record(fd, what=what)
+            try:
+                _write_record(fd, what=what)
+            except OSError:  # e.g. a full disk: we hold the lock, so remove the torn record, leave nothing
+                with contextlib.suppress(OSError):
+                    lock_file.unlink()
+                raise
             return fd
         except BaseException:
             with contextlib.suppress(OSError):
@@ -250,7 +265,8 @@ def exclusive_output(path: str | os.PathLike[str], *, what: str, reentrant: bool
             with _HELD_GUARD:
                 _HELD[lock_file][1] -= 1
         return
-    fd = _acquire(output, lock_file, what=what)
+    with _disk_full_named(lock_file):
+        fd = _acquire(output, lock_file, what=what)
     with _HELD_GUARD:
         _HELD[lock_file] = [me, 1, fd]
     try:
@@ -310,7 +326,8 @@ def job_output(path: str | os.PathLike[str], *, what: str, job: str, member: int
     """
     output = Path(os.path.abspath(path))
     lock_file = lock_path_for(output)
-    fd = _join(output, lock_file, what=what, job=job)  # another job is refused first, naming its holder
+    with _disk_full_named(lock_file):
+        fd = _join(output, lock_file, what=what, job=job)  # another job is refused first, naming its holder
     try:
         part = output.with_name(f"{output.name}.r{member}")
         with contextlib.ExitStack() as stack:

@@ -206,3 +206,35 @@ def test_two_spellings_of_one_output_share_the_lock(tmp_path: Path) -> None:
             exclusive_output(tmp_path / "link" / "out", what="test folder"),
         ):
             pytest.fail("a symlinked spelling of the same folder got the lock")
+
+
+@pytest.mark.parametrize("kind", ["exclusive", "job"])
+def test_full_disk_while_writing_the_lock_is_disk_full_naming_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    import errno
+
+    from capret.errors import DiskFullError
+    from capret.locks import job_output
+
+    output = tmp_path / "out"
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    hold = (
+        exclusive_output(output, what="test folder")
+        if kind == "exclusive"
+        else job_output(output, what="test folder", job="j1", member=0)
+    )
+    with pytest.raises(DiskFullError) as info, hold:
+        pass
+    message = str(info.value)
+    assert "disk full" in message and str(lock_path_for(output)) in message and "\n" not in message
+    assert info.value.path == lock_path_for(output)
+    monkeypatch.undo()
+    if kind == "exclusive":
+        assert not lock_path_for(output).exists()  # the torn record is not left behind
+    with exclusive_output(output, what="test folder"):  # and the next writer gets in
+        pass
