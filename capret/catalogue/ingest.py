@@ -227,18 +227,21 @@ def _replace(catalogue: Catalogue, row: dict[str, Any], vector: np.ndarray, **ch
 
 
 def update_caption(
-    catalogue: Catalogue, item: str, caption: str, *, device: str | None = None
+    catalogue: Catalogue, item: str, caption: str, *, device: str | None = None, verify: bool = True
 ) -> dict[str, Any]:
-    """Give item ``item`` a caption written by a person and re-embed it with that caption."""
+    """Give item ``item`` a caption written by a person and re-embed it with that caption.
+
+    The source photo is checked against the row's SHA-256 first (``verify=False`` skips it): a photo changed
+    since it was added would give the row a vector of other bytes.
+    """
     if not caption.strip():
         raise DataError("a caption cannot be empty")
     with catalogue.writing():
         check_model(catalogue)
         row = _one_row(catalogue, item)
         stages = ItemStages(catalogue.settings, caption_cache=None, device=device)
-        vector = stages.embed([catalogue.source_path(row["image"])], boxes=[row["box"]], captions=[caption])[
-            0
-        ]
+        source = catalogue.verified_source(row, verify=verify)
+        vector = stages.embed([source], boxes=[row["box"]], captions=[caption])[0]
         _replace(catalogue, row, vector, caption=caption, caption_source="manual")
     return {"id": item, "caption": caption, "caption_source": "manual"}
 
@@ -288,11 +291,14 @@ def reembed(
     batch_rows: int = 256,
     device: str | None = None,
     progress: bool = False,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Re-embed every row whose fingerprint is not the (new) model's, from its source photo, box and caption.
 
     With ``model`` the catalogue switches to it first (same width required); each batch is one commit, so a
-    killed run resumes where it stopped (``doctor`` reports the fingerprint mix meanwhile).
+    killed run resumes where it stopped (``doctor`` reports the fingerprint mix meanwhile). Each batch's source
+    photos are checked against their rows' SHA-256 before anything of the batch is embedded (``verify=False``
+    skips it), so a changed photo stops the run naming it, with the batches before it committed.
     """
     from capret.inference.dualstream.encoding import load_model
 
@@ -321,7 +327,7 @@ def reembed(
             if not batch:
                 break
             vectors = stages.embed(
-                [catalogue.source_path(r["image"]) for r in batch],
+                [catalogue.verified_source(r, verify=verify) for r in batch],
                 boxes=[r["box"] for r in batch],
                 captions=[r["caption"] for r in batch],
             )

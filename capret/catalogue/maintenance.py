@@ -3,6 +3,9 @@
 ``doctor`` checks, each with the command that fixes it:
 
 - *missing sources*: rows whose source photo is no longer under the root (``remove --image``, or ``--root``);
+- *changed sources*: rows whose source photo's SHA-256 is no longer the one stored in the row (edited, replaced
+  or corrupted after it was added; ``update --id ID --image PHOTO``); each photo is hashed once, and
+  ``verify=False`` (``--no-verify``) skips this check;
 - *fingerprint mix*: rows embedded by another model than the catalogue's (an interrupted ``update --reembed``;
   rerun it);
 - *duplicate ids*: two rows with one id (never written by capret; a foreign writer);
@@ -20,6 +23,7 @@ from collections import Counter
 from typing import Any
 
 from capret.catalogue.table import Catalogue
+from capret.io import file_sha256
 
 __all__ = ["doctor", "stats"]
 
@@ -46,9 +50,9 @@ def stats(catalogue: Catalogue) -> dict[str, Any]:
     }
 
 
-def doctor(catalogue: Catalogue, *, sample_missing: int = 5) -> dict[str, Any]:
+def doctor(catalogue: Catalogue, *, sample_missing: int = 5, verify: bool = True) -> dict[str, Any]:
     """Every check of the module docstring; ``problems`` is empty when the catalogue is healthy."""
-    table = catalogue.scan(["id", "image", "model_fingerprint"]).to_pydict()
+    table = catalogue.scan(["id", "image", "image_sha256", "model_fingerprint"]).to_pydict()
     problems: list[str] = []
 
     images = sorted(set(table["image"]))
@@ -58,6 +62,19 @@ def doctor(catalogue: Catalogue, *, sample_missing: int = 5) -> dict[str, Any]:
         problems.append(
             f"{len(missing)} source photo(s) missing under root {catalogue.settings.root}: {shown} "
             "(remove them with `capret catalogue remove DIR --image PATH`, or pass --root)"
+        )
+
+    changed = _changed_sources(catalogue, table, skip=set(missing)) if verify else []
+    if changed:
+        shown = ", ".join(
+            f"{c['image']} (row {c['ids'][0]!r}{' ...' if len(c['ids']) > 1 else ''})"
+            for c in changed[:sample_missing]
+        ) + (" ..." if len(changed) > sample_missing else "")
+        rows = sum(len(c["ids"]) for c in changed)
+        problems.append(
+            f"{len(changed)} source photo(s) of {rows} row(s) changed since they were added (SHA-256 differs "
+            f"from the row): {shown} (give each item its photo again with "
+            "`capret catalogue update DIR --id ID --image PHOTO`, or remove it)"
         )
 
     fingerprints = Counter(table["model_fingerprint"])
@@ -111,9 +128,32 @@ def doctor(catalogue: Catalogue, *, sample_missing: int = 5) -> dict[str, Any]:
         "rows": len(table["id"]),
         "images": len(images),
         "missing_sources": missing,
+        "changed_sources": changed,
+        "sources_verified": verify,
         "fingerprints": dict(fingerprints),
         "index": index,
         "versions": versions,
         "problems": problems,
         "ok": not problems,
     }
+
+
+def _changed_sources(
+    catalogue: Catalogue, table: dict[str, list[Any]], *, skip: set[str]
+) -> list[dict[str, Any]]:
+    """Photos whose bytes no longer hash to their rows' ``image_sha256``: ``[{image, ids}]``, sorted by photo.
+
+    Each photo is hashed once, however many items it holds; missing photos (``skip``) are reported elsewhere.
+    """
+    rows_of: dict[str, list[tuple[str, str]]] = {}
+    for item, image, sha in zip(table["id"], table["image"], table["image_sha256"]):
+        rows_of.setdefault(image, []).append((item, sha))
+    changed: list[dict[str, Any]] = []
+    for image in sorted(rows_of):
+        if image in skip:
+            continue
+        actual = file_sha256(catalogue.source_path(image))
+        ids = sorted(item for item, sha in rows_of[image] if sha != actual)
+        if ids:
+            changed.append({"image": image, "ids": ids})
+    return changed

@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 
 from capret.catalogue.schema import ITEMS_TABLE, SETTINGS_TABLE, CatalogueSettings, row_schema
-from capret.errors import CapretError, ConfigError, DataError, MissingDependencyError
-from capret.io import cache_dir
+from capret.errors import CapretError, ConfigError, DataError, MissingDependencyError, MissingImageError
+from capret.io import cache_dir, file_sha256
 
 __all__ = ["VECTOR_INDEX", "Catalogue", "CatalogueError", "is_uri", "sql_string"]
 
@@ -50,6 +50,12 @@ MIN_IVF_ROWS = 256
 
 class CatalogueError(CapretError):
     """A catalogue is missing, of another model, or asked for something it cannot do."""
+
+
+class SourceChangedError(CatalogueError):
+    """A row's source photo no longer has the SHA-256 stored in the row: it was edited, replaced or corrupted
+    after it was added, so its stored box, caption and vector describe other bytes. Reading it on would embed or
+    show a photo the row does not describe; the message names the file and the row id."""
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
@@ -202,6 +208,35 @@ class Catalogue:
     def source_path(self, relative: str) -> Path:
         """Where the source photo of a row lies (its stored path under the declared root)."""
         return Path(self.settings.root) / relative
+
+    def verified_source(self, row: dict[str, Any], *, verify: bool = True) -> Path:
+        """The source photo of ``row`` (needs ``id``, ``image``, ``image_sha256``), checked against the row.
+
+        Every reader of a source photo goes through here, so a photo changed since it was added is refused
+        instead of being re-embedded or served under the old row. ``verify=False`` (``--no-verify``) skips the
+        hash; the caller says so to the user.
+
+        Raises:
+            MissingImageError: the photo is no longer under the root.
+            SourceChangedError: its SHA-256 is not the row's.
+        """
+        path = self.source_path(row["image"])
+        if not verify:
+            return path
+        if not path.is_file():
+            raise MissingImageError(
+                f"source photo of catalogue row {row['id']!r} is missing under root {self.settings.root}",
+                path=path,
+            )
+        actual = file_sha256(path)
+        if actual != row["image_sha256"]:
+            raise SourceChangedError(
+                f"source photo of catalogue row {row['id']!r} changed since it was added (SHA-256 "
+                f"{actual[:12]}... on disk, {str(row['image_sha256'])[:12]}... in the row); give the item its "
+                "photo again with `capret catalogue update DIR --id ID --image PHOTO`, or pass --no-verify",
+                path=path,
+            )
+        return path
 
     # ------------------------------------------------------------------------------------------ reading
 

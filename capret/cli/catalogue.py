@@ -5,15 +5,17 @@
     capret catalogue remove DIR ID... | --image PATH
     capret catalogue update DIR --id ID (--caption TEXT | --image PHOTO [--box X1 Y1 X2 Y2]) | --reembed [--model M]
     capret catalogue search DIR --image PHOTO [--box ...] [--text T] [--category C] [--top K] [--rerank NAME]
-    capret catalogue stats DIR | doctor DIR | optimize DIR [--rebuild]
+    capret catalogue stats DIR | doctor DIR [--no-verify] | optimize DIR [--rebuild]
 
-Every command prints one JSON object. ``doctor`` exits with 1 when it finds a problem. Object-store options
+Every command prints one JSON object. ``doctor`` exits with 1 when it finds a problem. Source photos read back
+(``update``, ``doctor``) are checked against their rows' SHA-256; ``--no-verify`` skips that, with a warning. Object-store options
 (endpoint, keys) are ``--storage-option key=value`` (repeatable) or the usual ``AWS_*`` variables.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,11 @@ def add_parser(subparsers: Any) -> None:
     update.add_argument("--reembed", action="store_true", help="re-embed rows of another model fingerprint")
     update.add_argument("--model", type=Path, default=None, help="with --reembed: switch to this model")
     update.add_argument("--device", default=None, help="torch device")
+    update.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the SHA-256 check of the source photos read back (default: each is checked against its row)",
+    )
 
     search = sub.add_parser("search", help="search with a photo (optionally a box, a text, a category)")
     _location(search)
@@ -94,11 +101,14 @@ def add_parser(subparsers: Any) -> None:
     search.add_argument("--no-captions", action="store_true", help="image-only query")
     search.add_argument("--device", default=None, help="torch device")
 
-    for name, text in (
-        ("stats", "rows, photos, categories, index, versions"),
-        ("doctor", "check for problems"),
-    ):
-        _location(sub.add_parser(name, help=text))
+    _location(sub.add_parser("stats", help="rows, photos, categories, index, versions"))
+    doctor = sub.add_parser("doctor", help="check for problems")
+    _location(doctor)
+    doctor.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip hashing every source photo against its rows' SHA-256 (default: changed photos are problems)",
+    )
     optimize = sub.add_parser("optimize", help="build or update the indexes, compact, clean old versions")
     _location(optimize)
     optimize.add_argument("--rebuild", action="store_true", help="retrain the IVF-PQ even if it is fresh")
@@ -124,6 +134,14 @@ def _open(args: argparse.Namespace) -> Any:
     return Catalogue.open(
         args.dir, storage_options=_storage(args.storage_option), root=getattr(args, "root", None)
     )
+
+
+def _verify(args: argparse.Namespace, what: str) -> bool:
+    """False with a warning on stderr under ``--no-verify`` (the JSON on stdout stays parseable)."""
+    if args.no_verify:
+        print(f"warning: --no-verify: the SHA-256 of {what} is not checked", file=sys.stderr)
+        return False
+    return True
 
 
 def _storage(pairs: list[str]) -> dict[str, str]:
@@ -223,16 +241,19 @@ def _update(args: argparse.Namespace) -> dict[str, Any]:
     from capret.catalogue import reembed, update_caption, update_image
 
     catalogue = _open(args)
+    verify = _verify(args, "the source photos")
     if args.reembed:
         if args.item or args.caption or args.image:
             raise ConfigError("--reembed re-embeds every row; it takes no --id, --caption or --image")
-        return reembed(catalogue, model=args.model, device=args.device, progress=progress_wanted(args))
+        return reembed(
+            catalogue, model=args.model, device=args.device, progress=progress_wanted(args), verify=verify
+        )
     if args.model is not None:
         raise ConfigError("--model is only used with --reembed")
     if not args.item or (args.caption is None) == (args.image is None):
         raise ConfigError("give --id ID with exactly one of --caption TEXT or --image PHOTO (or --reembed)")
     if args.caption is not None:
-        return update_caption(catalogue, args.item, args.caption, device=args.device)
+        return update_caption(catalogue, args.item, args.caption, device=args.device, verify=verify)
     return update_image(catalogue, args.item, args.image, box=args.box, device=args.device)
 
 
@@ -259,7 +280,7 @@ def _stats(args: argparse.Namespace) -> dict[str, Any]:
 def _doctor(args: argparse.Namespace) -> dict[str, Any]:
     from capret.catalogue import doctor
 
-    return doctor(_open(args))
+    return doctor(_open(args), verify=_verify(args, "the source photos"))
 
 
 def _optimize(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,6 +8,7 @@ folder naming it is written there; later runs reuse it.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -32,6 +33,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--token", default=None, help="bearer token of the write endpoints (default: $CAPRET_SERVE_TOKEN)"
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="with --catalogue: serve item photos without checking them against their rows' SHA-256",
     )
     p.add_argument("--gallery", type=Path, help="folder (or text file) of shop photos, with --checkpoint")
     p.add_argument(
@@ -94,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         return _serve_catalogue(args)
     if args.allow_writes:
         raise ConfigError("--allow-writes is for --catalogue (a pipeline's gallery is read-only)")
+    if args.no_verify:
+        raise ConfigError("--no-verify is for --catalogue (a pipeline's gallery is always verified)")
     pipeline = args.pipeline if args.pipeline is not None else _pipeline_from_gallery(args)
     backend = ServeBackend.from_pipeline_dir(pipeline, combiner=args.combiner, device=args.device)
     app = create_app(backend, **_limits(args))
@@ -164,7 +172,9 @@ def _serve_catalogue(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("CAPRET_SERVE_TOKEN") or None
     if args.allow_writes and not token:
         raise ConfigError("--allow-writes needs a token: --token T or CAPRET_SERVE_TOKEN")
-    backend = CatalogueBackend.open(args.catalogue, device=args.device)
+    if args.no_verify:
+        print("warning: --no-verify: item photos are served without checking their SHA-256", file=sys.stderr)
+    backend = CatalogueBackend.open(args.catalogue, device=args.device, verify=not args.no_verify)
     app = create_catalogue_app(
         backend,
         **_limits(args),

@@ -34,6 +34,7 @@ from fastapi.responses import Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from capret.catalogue.table import SourceChangedError
 from capret.errors import UsageError
 from capret.serve.admission import Admission
 from capret.serve.backends import crop_box
@@ -55,11 +56,12 @@ _ASSETS = {"catalogue.js": "text/javascript", "style.css": "text/css"}
 class CatalogueBackend:
     """A catalogue opened for serving: its searcher (stages loaded once) and the write operations."""
 
-    def __init__(self, catalogue: Any, *, device: str | None = None) -> None:
+    def __init__(self, catalogue: Any, *, device: str | None = None, verify: bool = True) -> None:
         from capret.catalogue import CatalogueSearcher
 
         self.catalogue = catalogue
         self.device = device
+        self.verify = verify  # item photos checked against their rows' SHA-256 before they are served
         self.searcher = CatalogueSearcher(catalogue, device=device)
 
     @classmethod
@@ -70,10 +72,12 @@ class CatalogueBackend:
         storage_options: dict[str, str] | None = None,
         root: str | None = None,
         device: str | None = None,
+        verify: bool = True,
     ) -> CatalogueBackend:
         from capret.catalogue import Catalogue
 
-        return cls(Catalogue.open(location, storage_options=storage_options, root=root), device=device)
+        catalogue = Catalogue.open(location, storage_options=storage_options, root=root)
+        return cls(catalogue, device=device, verify=verify)
 
     def info(self) -> dict[str, Any]:
         self.catalogue.refresh()
@@ -93,10 +97,10 @@ class CatalogueBackend:
 
     def item_image(self, item: str, *, crop: bool) -> Image.Image:
         self.catalogue.refresh()
-        rows = self.catalogue.rows([item], columns=["id", "image", "box"])
+        rows = self.catalogue.rows([item], columns=["id", "image", "image_sha256", "box"])
         if not rows:
             raise KeyError(item)
-        path = self.catalogue.source_path(rows[0]["image"])
+        path = self.catalogue.verified_source(rows[0], verify=self.verify)
         with Image.open(path) as opened:
             picture = opened.convert("RGB")
         return crop_box(picture, rows[0]["box"]) if crop else picture
@@ -206,6 +210,11 @@ def create_catalogue_app(
                 return Response(await run_in_threadpool(render), media_type="image/jpeg")
             except KeyError:
                 raise HTTPException(404, f"no item {item!r}") from None
+            except SourceChangedError:
+                raise HTTPException(
+                    409,
+                    f"the photo of item {item!r} changed since it was added (SHA-256 differs); not served",
+                ) from None
             except OSError:
                 raise HTTPException(404, f"the photo of item {item!r} cannot be read") from None
 
