@@ -18,7 +18,7 @@ from capret.catalogue.ingest import (
 from capret.catalogue.maintenance import doctor, stats
 from capret.catalogue.query import CatalogueSearcher
 from capret.catalogue.schema import NEAR_DUPLICATE_BITS, CatalogueSettings, dhash, hamming, model_fingerprint
-from capret.catalogue.table import Catalogue, CatalogueError
+from capret.catalogue.table import Catalogue, CatalogueError, SourceChangedError
 
 __all__ = [
     "NEAR_DUPLICATE_BITS",
@@ -26,6 +26,7 @@ __all__ = [
     "CatalogueError",
     "CatalogueSearcher",
     "CatalogueSettings",
+    "SourceChangedError",
     "add_images",
     "create_engine",
     "dhash",

@@ -39,7 +39,7 @@ from capret.catalogue.schema import ITEMS_TABLE, SETTINGS_TABLE, CatalogueSettin
 from capret.errors import CapretError, ConfigError, DataError, MissingDependencyError, MissingImageError
 from capret.io import cache_dir, file_sha256
 
-__all__ = ["VECTOR_INDEX", "Catalogue", "CatalogueError", "is_uri", "sql_string"]
+__all__ = ["VECTOR_INDEX", "Catalogue", "CatalogueError", "SourceChangedError", "is_uri", "sql_string"]
 
 VECTOR_INDEX = "vector_idx"
 #: scalar indexes: category filters before the vector search; id / image / sha lookups during adds and removes
