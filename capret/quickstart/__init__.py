@@ -20,6 +20,7 @@ from typing import Any
 
 from capret.errors import ConfigError
 from capret.io import atomic_write_json
+from capret.locks import exclusive_output
 
 __all__ = ["STAGES", "QuickstartContext", "run_quickstart"]
 
@@ -112,28 +113,29 @@ def run_quickstart(
                 f"unknown quickstart stage {unknown[0]!r} for --task {task} --world {world}; "
                 f"valid stages: {', '.join(planned)}"
             )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    world_root = out_dir / "world"
-    ctx = QuickstartContext(
-        out_dir=out_dir,
-        data_root=world_root / "deepfashion2" if world == "garments" else out_dir / "data",
-        world_root=world_root,
-        world=world,
-        seed=seed,
-        train_seconds=train_seconds,
-    )
-    report_path = out_dir / ("report_cir.json" if task == "cir" else "report.json")
-    ctx.report = {"seed": seed, "task": task, "stages": {}}
-    for key, module_name in STAGES:
-        if key not in planned or (stages and key not in stages and key != "data"):
-            continue
-        module = importlib.import_module(f"capret.quickstart.{module_name}")
-        start = time.perf_counter()
-        result = module.run(ctx)
-        elapsed = time.perf_counter() - start
-        ctx.report[key] = result
-        ctx.report["stages"][key] = {"seconds": round(elapsed, 2)}
-        atomic_write_json(report_path, ctx.report, indent=2, fsync=True)
-        print(_summary_line(key, result) + f"  ({elapsed:.1f}s)", flush=True)
-    print(f"report written to {report_path}")
-    return ctx.report
+    with exclusive_output(out_dir, what="quickstart folder"):  # one writer: a second quickstart is refused
+        out_dir.mkdir(parents=True, exist_ok=True)
+        world_root = out_dir / "world"
+        ctx = QuickstartContext(
+            out_dir=out_dir,
+            data_root=world_root / "deepfashion2" if world == "garments" else out_dir / "data",
+            world_root=world_root,
+            world=world,
+            seed=seed,
+            train_seconds=train_seconds,
+        )
+        report_path = out_dir / ("report_cir.json" if task == "cir" else "report.json")
+        ctx.report = {"seed": seed, "task": task, "stages": {}}
+        for key, module_name in STAGES:
+            if key not in planned or (stages and key not in stages and key != "data"):
+                continue
+            module = importlib.import_module(f"capret.quickstart.{module_name}")
+            start = time.perf_counter()
+            result = module.run(ctx)
+            elapsed = time.perf_counter() - start
+            ctx.report[key] = result
+            ctx.report["stages"][key] = {"seconds": round(elapsed, 2)}
+            atomic_write_json(report_path, ctx.report, indent=2, fsync=True)
+            print(_summary_line(key, result) + f"  ({elapsed:.1f}s)", flush=True)
+        print(f"report written to {report_path}")
+        return ctx.report

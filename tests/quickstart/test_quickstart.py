@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,19 @@ def test_detector_stage_trains_and_saves_a_loadable_detector(
     assert 0.0 <= result["box_ap"] <= 1.0 and result["val_images"] == 6 and result["train_steps"] >= 1
     assert ctx.state["detector"] == ctx.out_dir / "detector"
     assert load_detector(result["model_dir"]).model.config.backbone == "mobilenet_v3_small"
+
+
+def test_a_second_writer_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One writer per output: a quickstart (or a world build) into a folder another run holds is refused at once."""
+    from capret.data.garments import build_world
+    from capret.locks import OutputLockedError, exclusive_output
+
+    out = tmp_path / "qs"
+    with exclusive_output(out, what="quickstart folder"):
+        assert main(["quickstart", "--out", str(out), "--world", "demo", "--stages", "baseline"]) == 2
+        message = capsys.readouterr().err
+        assert str(out) in message and str(os.getpid()) in message
+        assert not out.exists()  # refused before anything was written
+    with exclusive_output(tmp_path / "world", what="garment world folder"):
+        with pytest.raises(OutputLockedError, match="world"):
+            build_world(tmp_path / "world", seed=0, identities=2)

@@ -40,6 +40,7 @@ from capret.data.garments.sampling import companion_attributes, companions_for
 from capret.data.garments.scenes import consumer_photo, shop_photo
 from capret.errors import DataError, OutputFolderError
 from capret.io import atomic_write_json, read_json
+from capret.locks import exclusive_output
 
 __all__ = [
     "WORLD_FILE", "WORLD_VERSION", "WorldSummary", "build_world", "deepfashion2_truth", "load_truth", "read_world",
@@ -200,57 +201,62 @@ def build_world(
     pretrain_count = 2 * identities if pretrain_identities is None else pretrain_identities
     shop = shop_size or size
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    _prepare(root)
-    (root / _BUILDING).write_text(str(seed))
-    start = time.perf_counter()
-    people, counts = _write_deepfashion2(
-        root / "deepfashion2", seed=seed, identities=identities, size=size, shop_size=shop,
-        user_views=user_views, family_size=family_size, validation_fraction=validation_fraction,
-        progress=progress,
-    )  # fmt: skip
-    if cir_count > 0:
-        fiq_people, fiq_counts = write_fashioniq(
-            root / "fashioniq", seed=seed, identities=cir_count, size=shop,
-            validation_fraction=validation_fraction, progress=progress,
+    with exclusive_output(root, what="garment world folder"):  # one writer: a second build is refused
+        root.mkdir(parents=True, exist_ok=True)
+        _prepare(root)
+        (root / _BUILDING).write_text(str(seed))
+        start = time.perf_counter()
+        people, counts = _write_deepfashion2(
+            root / "deepfashion2", seed=seed, identities=identities, size=size, shop_size=shop,
+            user_views=user_views, family_size=family_size, validation_fraction=validation_fraction,
+            progress=progress,
         )  # fmt: skip
-        people += fiq_people
-        counts.update(fiq_counts)
-    if pretrain_count > 0:
-        pre_people, pre_counts = write_pretrain(
-            root / "pretrain", seed=seed, identities=pretrain_count, size=size, shop_size=shop, family_size=family_size,
-            validation_fraction=min(validation_fraction, 0.15), progress=progress,
-        )  # fmt: skip
-        people += pre_people
-        counts.update(pre_counts)
-    seconds = time.perf_counter() - start
-    images = sum(v for k, v in counts.items() if k.endswith("_images"))
-    counts["images"] = images
-    truth = {
-        "version": WORLD_VERSION,
-        "seed": seed,
-        "note": "ground truth for oracles and the composed-retrieval caption writer only; no default caption, "
-        "prompt or feature may read it",
-        "identities": {p.id: p.to_json() for p in people},
-    }
-    (root / TRUTH_FILE).write_text(json.dumps(truth, indent=0, sort_keys=True))
-    options = {
-        "identities": identities, "cir_identities": cir_count, "pretrain_identities": pretrain_count,
-        "size": size, "shop_size": shop, "user_views": user_views, "family_size": family_size, "validation_fraction": validation_fraction,
-    }  # fmt: skip
-    summary = WorldSummary(
-        version=WORLD_VERSION,
-        seed=seed,
-        root=str(root),
-        counts=counts,
-        options=options,
-        seconds=round(seconds, 3),
-        images_per_second=round(images / max(seconds, 1e-9), 2),
-    )
-    stored = {k: v for k, v in summary.to_dict().items() if k not in ("root", "seconds", "images_per_second")}
-    atomic_write_json(root / WORLD_FILE, stored, indent=1)  # timing left out: the files stay byte-identical
-    (root / _BUILDING).unlink()
-    return summary
+        if cir_count > 0:
+            fiq_people, fiq_counts = write_fashioniq(
+                root / "fashioniq", seed=seed, identities=cir_count, size=shop,
+                validation_fraction=validation_fraction, progress=progress,
+            )  # fmt: skip
+            people += fiq_people
+            counts.update(fiq_counts)
+        if pretrain_count > 0:
+            pre_people, pre_counts = write_pretrain(
+                root / "pretrain", seed=seed, identities=pretrain_count, size=size, shop_size=shop, family_size=family_size,
+                validation_fraction=min(validation_fraction, 0.15), progress=progress,
+            )  # fmt: skip
+            people += pre_people
+            counts.update(pre_counts)
+        seconds = time.perf_counter() - start
+        images = sum(v for k, v in counts.items() if k.endswith("_images"))
+        counts["images"] = images
+        truth = {
+            "version": WORLD_VERSION,
+            "seed": seed,
+            "note": "ground truth for oracles and the composed-retrieval caption writer only; no default caption, "
+            "prompt or feature may read it",
+            "identities": {p.id: p.to_json() for p in people},
+        }
+        (root / TRUTH_FILE).write_text(json.dumps(truth, indent=0, sort_keys=True))
+        options = {
+            "identities": identities, "cir_identities": cir_count, "pretrain_identities": pretrain_count,
+            "size": size, "shop_size": shop, "user_views": user_views, "family_size": family_size, "validation_fraction": validation_fraction,
+        }  # fmt: skip
+        summary = WorldSummary(
+            version=WORLD_VERSION,
+            seed=seed,
+            root=str(root),
+            counts=counts,
+            options=options,
+            seconds=round(seconds, 3),
+            images_per_second=round(images / max(seconds, 1e-9), 2),
+        )
+        stored = {
+            k: v for k, v in summary.to_dict().items() if k not in ("root", "seconds", "images_per_second")
+        }
+        atomic_write_json(
+            root / WORLD_FILE, stored, indent=1
+        )  # timing left out: the files stay byte-identical
+        (root / _BUILDING).unlink()
+        return summary
 
 
 def read_world(root: str | Path) -> dict[str, Any] | None:
