@@ -33,8 +33,6 @@ from captioning.store import CaptionStore, read_records
 from . import QuickstartContext
 
 SPLITS = ("train", "validation")
-#: Attributes of the clip captioner scored against the world's truth file.
-SCORED_ATTRIBUTES = ("category", "colour", "pattern", "neckline", "length", "sleeve", "material")
 #: Time budget of the category model (feature extraction + fitting) on 2 CPU cores.
 CATEGORY_SECONDS = 30.0
 
@@ -120,33 +118,28 @@ def _score_clip_captioner(ctx: QuickstartContext) -> dict[str, Any]:
     from capret.data.deepfashion2 import image_path, load_items
     from capret.data.garments import load_truth
     from capret.data.garments.vocab import describe
+    from capret.data.garments.world import deepfashion2_truth
     from capret.data.imagefile import decode_image
+    from capret.evaluation.attributes import attribute_accuracy
     from capret.inference.query.clip_captioner import ClipAttributeDescriber
 
     items = load_items(ctx.data_root, "validation", progress=False)
     describer = ClipAttributeDescriber.from_folder(ctx.state["clip"])
     images = [decode_image(image_path(ctx.data_root, "validation", item.image_id)) for item in items]
     predicted = describer.predict(images, [item.bbox for item in items])
-    # scoring only: the truth of each item, by the image file and item index the world wrote it under
-    truth_by_item: dict[str, dict[str, Any]] = {}
-    for identity in load_truth(ctx.garment_world())["identities"].values():
-        for ref in identity.get("images", []):
-            truth_by_item[ref] = identity["attributes"]
-    scored = {name: [0, 0] for name in SCORED_ATTRIBUTES}
-    for item, guess in zip(items, predicted):
-        ref = f"deepfashion2/validation/image/{image_path(ctx.data_root, 'validation', item.image_id).name}"
-        truth = truth_by_item.get(f"{ref}#item{item.item_index}")
-        if truth is None:
-            continue
-        for name in SCORED_ATTRIBUTES:
-            if name in guess and name in truth:
-                scored[name][0] += int(guess[name] == truth[name])
-                scored[name][1] += 1
-    accuracy = {name: right / total for name, (right, total) in scored.items() if total}
+    # scoring only: the truth of each item the world annotated
+    truth = deepfashion2_truth(load_truth(ctx.garment_world()), "validation")
+    scored = [
+        (guess, truth[key])
+        for item, guess in zip(items, predicted)
+        if (key := (item.image_id, item.item_index)) in truth
+    ]
+    per_attribute = attribute_accuracy([g for g, _ in scored], [t for _, t in scored])
     return {
         "model_dir": str(ctx.state["clip"]),
-        "items": len(items),
-        "category_accuracy": accuracy.get("category"),
-        "attribute_accuracy": accuracy,
+        "items": len(scored),
+        "category_accuracy": per_attribute.get("category", {}).get("accuracy"),
+        "attribute_accuracy": {name: values["accuracy"] for name, values in per_attribute.items()},
+        "attribute_majority": {name: values["majority"] for name, values in per_attribute.items()},
         "example": describe(predicted[0]) if predicted else "",
     }

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from capret.errors import UsageError
+from capret.evaluation.deepfashion2 import coco_iou
 from capret.quickstart import QuickstartContext
 
 __all__ = ["QUERIES", "run"]
@@ -155,7 +155,10 @@ def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
             # the shop list of the detected item that overlaps the query item most (IoU >= 0.5), as a user
             # clicking that garment in the photo would get it
             found = pipeline.search(photo, k=20)
-            overlap = {tuple(m.query_box): _iou(m.query_box, item.bbox) for m in found}
+            overlap = {
+                tuple(m.query_box): float(coco_iou(np.asarray(m.query_box), np.asarray(item.bbox)))
+                for m in found
+            }
             best = max(overlap, key=lambda box: overlap[box], default=None)
             if best is not None and overlap[best] >= 0.5:
                 mine = [
@@ -188,11 +191,3 @@ def _build_and_search(ctx: QuickstartContext) -> dict[str, Any]:
             f"--box {x1},{y1},{x2},{y2}"
         ),
     }
-
-
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
