@@ -10,25 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capret.errors import CheckpointError
-from capret.models.convert.common import MappedCheckpoint, read_tensor_file
-from capret.models.convert.searle import map_phi_state, phi_payload
+from capret.models.convert.common import MappedCheckpoint
+from capret.models.convert.searle import convert_phi_file
 
 __all__ = ["convert_lincir"]
 
 
 def convert_lincir(path: Path, *, extra: Path | None = None) -> MappedCheckpoint:
     """LinCIR's phi file -> :class:`capret.models.zeroshot.Phi` (dropout 0.5, ``--phi_dropout``'s default)."""
-    if extra is not None:
-        raise CheckpointError(
-            f"{extra}: LinCIR's phi is one file; --clip-checkpoint is for clip4cir", path=extra
-        )
-    raw, dropped, metadata = phi_payload(read_tensor_file(path), path=path)
-    state, hparams = map_phi_state(raw, path=path, dropout=0.5)
-    return MappedCheckpoint(
-        state=state,
-        hparams=hparams,
-        mapped={f"Phi.{k}": k for k in state},
-        dropped=dropped,
-        metadata=metadata,
-    )
+    return convert_phi_file(path, extra=extra, source="LinCIR")

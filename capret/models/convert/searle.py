@@ -16,7 +16,7 @@ from torch import Tensor
 from capret.errors import CheckpointError
 from capret.models.convert.common import MappedCheckpoint, check_complete, read_tensor_file, strip_prefix
 
-__all__ = ["PHI_KEYS", "convert_searle", "map_phi_state", "phi_payload"]
+__all__ = ["PHI_KEYS", "convert_phi_file", "convert_searle", "map_phi_state", "phi_payload"]
 
 #: the tensors of SEARLE's / LinCIR's Phi, in their names (and ours)
 PHI_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias"))
@@ -74,11 +74,13 @@ def map_phi_state(
     return {k: state[k] for k in PHI_KEYS}, hparams
 
 
-def convert_searle(path: Path, *, extra: Path | None = None) -> MappedCheckpoint:
-    """SEARLE's phi file -> :class:`capret.models.zeroshot.Phi` (dropout 0.5, as ``hubconf.py`` builds it)."""
+def convert_phi_file(path: Path, *, extra: Path | None, source: str) -> MappedCheckpoint:
+    """A released phi file -> :class:`capret.models.zeroshot.Phi` (dropout 0.5). SEARLE and LinCIR both save
+    ``{"Phi": state_dict}`` of the same three-layer MLP, so one mapping serves both; ``source`` names the project
+    in messages."""
     if extra is not None:
         raise CheckpointError(
-            f"{extra}: SEARLE's phi is one file; --clip-checkpoint is for clip4cir", path=extra
+            f"{extra}: {source}'s phi is one file; --clip-checkpoint is for clip4cir", path=extra
         )
     raw, dropped, metadata = phi_payload(read_tensor_file(path), path=path)
     state, hparams = map_phi_state(raw, path=path, dropout=0.5)
@@ -89,3 +91,8 @@ def convert_searle(path: Path, *, extra: Path | None = None) -> MappedCheckpoint
         dropped=dropped,
         metadata=metadata,
     )
+
+
+def convert_searle(path: Path, *, extra: Path | None = None) -> MappedCheckpoint:
+    """SEARLE's phi file -> :class:`capret.models.zeroshot.Phi` (dropout 0.5, as ``hubconf.py`` builds it)."""
+    return convert_phi_file(path, extra=extra, source="SEARLE")
