@@ -32,6 +32,7 @@ from capret.models.convert.common import (
     MappedCheckpoint,
     check_complete,
     read_tensor_file,
+    rename_by_rules,
     strip_prefix,
     tensor_entry,
 )
@@ -51,18 +52,7 @@ def map_combiner(
     state: dict[str, Tensor], *, path: Path
 ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int]]:
     """CLIP4Cir's Combiner state dict in :class:`capret.models.combiner.Combiner`'s names, with its sizes."""
-    out: dict[str, Tensor] = {}
-    mapping: dict[str, str] = {}
-    unmatched = []
-    for key, value in state.items():
-        for pattern, template in _RULES:
-            match = pattern.fullmatch(key)
-            if match:
-                out[match.expand(template)] = value
-                mapping[key] = match.expand(template)
-                break
-        else:
-            unmatched.append(key)
+    out, mapping, unmatched = rename_by_rules(state, _RULES)
     needed = [
         f"{m}.{p}"
         for m in (

@@ -19,6 +19,7 @@ __all__ = [
     "map_openai_clip",
     "openai_to_hf_clip",
     "read_tensor_file",
+    "rename_by_rules",
     "strip_prefix",
     "tensor_entry",
 ]
@@ -93,6 +94,29 @@ def tensor_entry(payload: Any, key: str, *, path: str | Path, what: str) -> dict
             f"{path}: no {what} state dict under {key!r} (entries: {sorted(map(str, payload))})", path=path
         )
     return dict(entry)
+
+
+def rename_by_rules(
+    state: Mapping[str, Tensor], rules: tuple[tuple[re.Pattern[str], str], ...]
+) -> tuple[dict[str, Tensor], dict[str, str], list[str]]:
+    """Rename every key by the first ``(pattern, template)`` rule that matches it whole.
+
+    Returns ``(renamed state, {source key: our key}, source keys no rule matched)`` — the unmatched ones go to
+    :func:`check_complete`, so a release with extra entries is refused with all of them listed.
+    """
+    out: dict[str, Tensor] = {}
+    mapping: dict[str, str] = {}
+    unmatched: list[str] = []
+    for key, value in state.items():
+        for pattern, template in rules:
+            match = pattern.fullmatch(key)
+            if match:
+                out[match.expand(template)] = value
+                mapping[key] = match.expand(template)
+                break
+        else:
+            unmatched.append(key)
+    return out, mapping, unmatched
 
 
 def check_complete(

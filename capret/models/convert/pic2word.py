@@ -31,6 +31,7 @@ from capret.models.convert.common import (
     MappedCheckpoint,
     check_complete,
     read_tensor_file,
+    rename_by_rules,
     strip_prefix,
     tensor_entry,
 )
@@ -48,18 +49,8 @@ def map_im2text(
     state: dict[str, Tensor], *, path: Path
 ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int]]:
     """IM2TEXT's state dict (prefixes stripped) in :class:`Pic2WordMapper`'s names; ``(state, mapping, sizes)``."""
-    out: dict[str, Tensor] = {}
-    mapping: dict[str, str] = {}
-    unmatched = []
-    for key, value in state.items():
-        for pattern, template in _RULES:
-            match = pattern.fullmatch(key)
-            if match:
-                out[match.expand(template)] = value
-                mapping[key] = match.expand(template)
-                break
-        else:
-            unmatched.append(key)  # e.g. layers.2.0.* of an n_layer=3 IM2TEXT, which our mapper does not have
+    # unmatched: e.g. layers.2.0.* of an n_layer=3 IM2TEXT, which our mapper does not have
+    out, mapping, unmatched = rename_by_rules(state, _RULES)
     needed = [f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")]
     missing = [k for k in needed if k not in out]
     shapes: list[str] = []
