@@ -29,6 +29,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,25 +83,20 @@ def _in_list(column: str, values: Sequence[str]) -> str:
     return f"{column} IN (" + ", ".join(sql_string(v) for v in values) + ")"
 
 
+@dataclass(eq=False, repr=False)
 class Catalogue:
-    """An opened catalogue: settings, the items table, and every operation on them (see the module docstring)."""
+    """An opened catalogue: settings, the items table, and every operation on them (see the module docstring).
 
-    def __init__(
-        self,
-        location: str,
-        *,
-        db: Any,
-        items: Any,
-        settings_table: Any,
-        settings: CatalogueSettings,
-        storage_options: dict[str, str],
-    ) -> None:
-        self.location = location
-        self.db = db
-        self.items = items
-        self.settings_table = settings_table
-        self.settings = settings
-        self.storage_options = storage_options
+    Built by :meth:`create` and :meth:`open` (which connect and check the tables); the fields are what they found.
+    """
+
+    location: str
+    _: KW_ONLY
+    db: Any
+    items: Any
+    settings_table: Any
+    settings: CatalogueSettings
+    storage_options: dict[str, str]
 
     # ------------------------------------------------------------------------------------------ opening
 
