@@ -29,10 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import ARCHITECTURES, TINY  # noqa: E402  (from this folder, before it leaves the path below)
+
 # this folder holds captioning.py, which would shadow the `captioning` package; the repository comes first
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[2])
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -249,19 +251,10 @@ def _photos(folder: Path, count: int) -> list[Path]:
 
 def model_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from capret.catalogue import add_images, create_engine
-    from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig
+    from capret.models.dual_stream import DualStreamModel
 
     torch.manual_seed(0)
-    config = DualStreamModelConfig(
-        visual=VisualConfig(source="resnet18", image_size=64),
-        text=TextConfig(source="minilm", max_length=48),
-        width=128,
-        depth=1,
-        heads=4,
-        embed_dim=128,
-        itc_dim=128,
-    )
-    model = DualStreamModel(config).save_pretrained(tmp / "model")
+    model = DualStreamModel(ARCHITECTURES[TINY]).save_pretrained(tmp / "model")
     photos = _photos(tmp / "photos" / "shop", args.photos)
     engines = ["local"] + (["ray"] if args.ray else [])
     out: dict[str, Any] = {

@@ -11,10 +11,8 @@ Both paths must give the same rows. Prints ONE JSON object; target: batched >= 3
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,30 +22,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import architectures, bench_parser, machine, parse_bench_args  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import capret  # noqa: E402
-from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig  # noqa: E402
-
-ARCHITECTURES: dict[str, DualStreamModelConfig] = {
-    "real_vit_b16": DualStreamModelConfig(
-        visual=VisualConfig(source="vit_base_patch16_224", image_size=224),
-        text=TextConfig(source="minilm", max_length=64),
-        width=384,
-        depth=3,
-        heads=6,
-        embed_dim=512,
-    ),
-    "tiny_resnet18_64px": DualStreamModelConfig(
-        visual=VisualConfig(source="resnet18", image_size=64),
-        text=TextConfig(source="minilm", max_length=48),
-        width=128,
-        depth=1,
-        heads=4,
-        embed_dim=128,
-        itc_dim=128,
-    ),
-}
+from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig  # noqa: E402
 
 
 def _write_images(folder: Path, count: int) -> list[Path]:
@@ -110,28 +89,18 @@ def bench(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--images", type=int, default=64, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=32, help="encode_images batch size")
-    parser.add_argument("--skip-real", action="store_true", help="only the tiny architecture")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(parser)
     out: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "images": args.images,
         "batch_size": args.batch_size,
         "target": "batched >= 3x naive per-image loop on CPU",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for name, config in ARCHITECTURES.items():
-            if args.skip_real and name.startswith("real"):
-                continue
+        for name, config in architectures(skip_real=args.skip_real).items():
             out[name] = bench(name, config, images=args.images, batch_size=args.batch_size, tmp=Path(tmp))
     print(json.dumps(out))
 

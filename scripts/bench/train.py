@@ -11,46 +11,22 @@ quickstart's tiny one. Prints ONE JSON object.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
-import platform
 import time
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import REAL, TINY, architectures, bench_parser, machine, parse_bench_args  # noqa: E402
 
-from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, TextConfig, VisualConfig  # noqa: E402
+from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig  # noqa: E402
 from capret.tasks.dualstream import LossConfig, TrainModule  # noqa: E402
 
-ARCHITECTURES: dict[str, tuple[DualStreamModelConfig, int]] = {
-    # (config, batch size on CPU; GPUs use --gpu-batch-size)
-    "real_vit_b16": (
-        DualStreamModelConfig(
-            visual=VisualConfig(source="vit_base_patch16_224", image_size=224),
-            text=TextConfig(source="minilm", max_length=64, freeze=False),
-            width=384,
-            depth=3,
-            heads=6,
-            embed_dim=512,
-        ),
-        8,
-    ),
-    "tiny_resnet18_64px": (
-        DualStreamModelConfig(
-            visual=VisualConfig(source="resnet18", image_size=64),
-            text=TextConfig(source="minilm", max_length=48, freeze=True),
-            width=128,
-            depth=1,
-            heads=4,
-            embed_dim=128,
-            itc_dim=128,
-        ),
-        32,
-    ),
-}
+#: batch size on CPU (GPUs use --gpu-batch-size)
+CPU_BATCH = {REAL: 8, TINY: 32}
 
 
 def _batch(
@@ -115,25 +91,16 @@ def bench(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
     parser.add_argument("--gpu-batch-size", type=int, default=64, help="batch size on CUDA")
-    parser.add_argument("--skip-real", action="store_true", help="only the tiny architecture")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "steps": args.steps,
-    }
-    for name, (config, cpu_batch) in ARCHITECTURES.items():
-        if args.skip_real and name.startswith("real"):
-            continue
-        batch = args.gpu_batch_size if device.type == "cuda" else cpu_batch
+    out: dict[str, Any] = {**machine(device), "steps": args.steps}
+    for name, config in architectures(skip_real=args.skip_real).items():
+        if name == REAL:  # the real-size run trains its caption encoder as well
+            config = dataclasses.replace(config, text=dataclasses.replace(config.text, freeze=False))
+        batch = args.gpu_batch_size if device.type == "cuda" else CPU_BATCH[name]
         out[name] = bench(config, batch_size=batch, steps=args.steps, device=device)
     print(json.dumps(out))
 
