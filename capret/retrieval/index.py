@@ -212,34 +212,44 @@ class ExactIndex:
         atomic_write(path, lambda tmp: save_file({"vectors": vectors, "ids": ids}, str(tmp), metadata=meta))
 
 
+#: Defaults of the ``ivfpq`` index (``create_index("ivfpq", dim)``), chosen on the 1M x 64-d benchmark of
+#: ``scripts/bench/search.py`` (clustered vectors, ``nlist = 4 * sqrt(n)`` = 4000; recall@10 against exact search).
+#: Measured there (README, "Galleries beyond memory"): PQ codes alone reach 0.41 whatever ``nprobe`` (the codes,
+#: not the lists, lose the neighbours); re-scoring a shortlist of ``refine_factor * k`` exactly lifts PQ16 (4 dims
+#: per byte) to 0.90 at ``nprobe=32`` and 0.93 at 64 (shortlist 160), and PQ32 (``m = dim / 2``, 2 dims per byte)
+#: to 0.94 at ``nprobe=32`` — there the lists are the limit — and 0.975 at ``nprobe=64``, ``refine_factor=8``
+#: (sweep trained on 200k vectors); the benchmark itself, with exactly these defaults, measures 0.969.
+#: ``nlist`` should grow like ``4 * sqrt(n)`` for large galleries (pass it; 1024 suits ~100k vectors).
+IVFPQ_DEFAULTS: dict[str, int] = {
+    "nlist": 1024,
+    "nbits": 8,
+    "nprobe": 64,
+    "refine_factor": 8,
+    "max_train": 100_000,
+    "dims_per_code": 2,  # m = dim / dims_per_code sub-quantisers (rounded down to a divisor of dim)
+}
+
+
 class FaissIndex:
     """faiss backends (``flat``, ``ivfpq``, ``hnsw``) behind the same protocol.
 
     Ids live inside the faiss file (``IndexIDMap2`` for flat/HNSW, IVF's own id lists), so ``save``/``load``
-    round-trips without any side file. IVF-PQ is trained lazily on the first :meth:`add` (faiss needs the
+    round-trips without any side file. The faiss index also describes itself: its kind, dimension, ``nprobe`` and
+    refine factor are read from it (the factories set them on it, a loaded file carries them), so a new and a
+    loaded index are built the same way. IVF-PQ is trained lazily on the first :meth:`add` (faiss needs the
     coarse centroids and PQ codebooks before it can encode), on at most ``max_train`` of those vectors.
     """
 
-    def __init__(
-        self,
-        index: Any,
-        *,
-        kind: str,
-        dim: int,
-        nprobe: int = 16,
-        max_train: int = 100_000,
-        refine_factor: int = 0,
-    ) -> None:
-        self.kind = kind
-        self.dim = dim
-        self.nprobe = nprobe
+    def __init__(self, index: Any, *, max_train: int = IVFPQ_DEFAULTS["max_train"]) -> None:
+        self.kind = _faiss_kind(index)
+        self.dim = int(index.d)
         self.max_train = max_train
-        self.refine_factor = refine_factor
+        self.nprobe, self.refine_factor = _ivf_search_params(index) if self.kind == "ivfpq" else (0, 0)
         self._cpu_index = index
         self._index = index
         self._on_gpu = False
         # faiss' GPU cloner has no IndexRefine: a refined IVF-PQ stays on the CPU.
-        if kind in ("flat", "ivfpq") and not refine_factor and faiss.get_num_gpus() > 0:
+        if self.kind in ("flat", "ivfpq") and not self.refine_factor and faiss.get_num_gpus() > 0:
             self._index = faiss.index_cpu_to_all_gpus(index)
             self._on_gpu = True
         self._apply_search_params()
@@ -297,25 +307,7 @@ def _make_exact(dim: int, device: str | None = None, max_block: int = 1 << 24) -
 
 @register_index("flat")
 def _make_flat(dim: int) -> FaissIndex:
-    return FaissIndex(_id_map(faiss.IndexFlatIP(dim)), kind="flat", dim=dim)
-
-
-#: Defaults of the ``ivfpq`` index (``create_index("ivfpq", dim)``), chosen on the 1M x 64-d benchmark of
-#: ``scripts/bench/search.py`` (clustered vectors, ``nlist = 4 * sqrt(n)`` = 4000; recall@10 against exact search).
-#: Measured there (README, "Galleries beyond memory"): PQ codes alone reach 0.41 whatever ``nprobe`` (the codes,
-#: not the lists, lose the neighbours); re-scoring a shortlist of ``refine_factor * k`` exactly lifts PQ16 (4 dims
-#: per byte) to 0.90 at ``nprobe=32`` and 0.93 at 64 (shortlist 160), and PQ32 (``m = dim / 2``, 2 dims per byte)
-#: to 0.94 at ``nprobe=32`` — there the lists are the limit — and 0.975 at ``nprobe=64``, ``refine_factor=8``
-#: (sweep trained on 200k vectors); the benchmark itself, with exactly these defaults, measures 0.969.
-#: ``nlist`` should grow like ``4 * sqrt(n)`` for large galleries (pass it; 1024 suits ~100k vectors).
-IVFPQ_DEFAULTS: dict[str, int] = {
-    "nlist": 1024,
-    "nbits": 8,
-    "nprobe": 64,
-    "refine_factor": 8,
-    "max_train": 100_000,
-    "dims_per_code": 2,  # m = dim / dims_per_code sub-quantisers (rounded down to a divisor of dim)
-}
+    return FaissIndex(_id_map(faiss.IndexFlatIP(dim)))
 
 
 def _default_pq_m(dim: int) -> int:
@@ -353,18 +345,14 @@ def _make_ivfpq(
     if int(refine_factor) < 0:
         raise ConfigError(f"ivfpq refine_factor must be >= 0 (0 = no exact re-scoring), got {refine_factor}")
     index = ivfpq_factory(dim, nlist=nlist, m=m, nbits=nbits)
+    faiss.extract_index_ivf(index).nprobe = int(nprobe)
     if refine_factor:
         # The refine stage keeps the float vectors (flat) and re-scores the PQ shortlist exactly; IndexRefine
         # numbers vectors 0..n-1, so the ids live in an IDMap2 around it.
-        index = _id_map(faiss.IndexRefineFlat(index))
-    return FaissIndex(
-        index,
-        kind="ivfpq",
-        dim=dim,
-        nprobe=nprobe,
-        max_train=max_train,
-        refine_factor=int(refine_factor),
-    )
+        refine = faiss.IndexRefineFlat(index)
+        refine.k_factor = float(refine_factor)
+        index = _id_map(refine)
+    return FaissIndex(index, max_train=max_train)
 
 
 @register_index("hnsw")
@@ -372,7 +360,7 @@ def _make_hnsw(dim: int, m: int = 32, ef_construction: int = 80, ef_search: int 
     index = faiss.IndexHNSWFlat(dim, int(m), faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = int(ef_construction)
     index.hnsw.efSearch = int(ef_search)
-    return FaissIndex(_id_map(index), kind="hnsw", dim=dim)
+    return FaissIndex(_id_map(index))
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -392,6 +380,13 @@ def _faiss_kind(index: Any) -> str:
     if isinstance(inner, faiss.IndexFlat):
         return "flat"
     raise DataError(f"unsupported faiss index type {type(inner).__name__}; valid: flat, ivfpq, hnsw")
+
+
+def _ivf_search_params(index: Any) -> tuple[int, int]:
+    """``(nprobe, refine_factor)`` of an IVF-PQ faiss index (refine factor 0: no exact re-scoring stage)."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    refine = int(inner.k_factor) if isinstance(inner, faiss.IndexRefine) else 0
+    return int(faiss.extract_index_ivf(index).nprobe), refine
 
 
 def load_index(path: str | Path, *, device: str | None = None) -> Index:
@@ -415,13 +410,7 @@ def load_index(path: str | Path, *, device: str | None = None) -> Index:
         raise DataError(
             f"not a readable faiss index ({str(exc).strip().splitlines()[-1]})", path=path
         ) from None
-    kind = _faiss_kind(index)
-    if kind == "ivfpq":
-        nprobe = int(faiss.extract_index_ivf(index).nprobe)
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-        refine = int(inner.k_factor) if isinstance(inner, faiss.IndexRefine) else 0
-        return FaissIndex(index, kind=kind, dim=index.d, nprobe=nprobe, refine_factor=refine)
-    return FaissIndex(index, kind=kind, dim=index.d)
+    return FaissIndex(index)
 
 
 def describe(index: Index) -> str:
