@@ -23,6 +23,7 @@ p = 2560, h = 5120.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor
@@ -30,11 +31,13 @@ from torch import Tensor
 from capret.errors import CheckpointError
 from capret.models.convert.common import (
     MappedCheckpoint,
-    check_complete,
+    SizedShapes,
+    check_shapes,
     read_tensor_file,
     rename_by_rules,
     strip_prefix,
     tensor_entry,
+    unused_entries,
 )
 
 __all__ = ["convert_clip4cir", "map_combiner"]
@@ -48,49 +51,54 @@ _RULES = (
 )
 
 
+#: the Combiner's tensors, in capret's names
+_COMBINER_KEYS = tuple(
+    f"{m}.{p}"
+    for m in (
+        "text_projection.0",
+        "image_projection.0",
+        "fusion.0",
+        "fusion.3",
+        "dynamic_scalar.0",
+        "dynamic_scalar.3",
+    )
+    for p in ("weight", "bias")
+)
+
+
+def _combiner_shapes(state: Mapping[str, Tensor]) -> SizedShapes:
+    p, d = state["text_projection.0.weight"].shape
+    h = state["fusion.0.weight"].shape[0]
+    sizes = {"feature_dim": int(d), "projection_dim": int(p), "hidden_dim": int(h)}
+    expected = {
+        "text_projection.0.bias": (p,),
+        "image_projection.0.weight": (p, d),
+        "image_projection.0.bias": (p,),
+        "fusion.0.weight": (h, 2 * p),
+        "fusion.0.bias": (h,),
+        "fusion.3.weight": (d, h),
+        "fusion.3.bias": (d,),
+        "dynamic_scalar.0.weight": (h, 2 * p),
+        "dynamic_scalar.0.bias": (h,),
+        "dynamic_scalar.3.weight": (1, h),
+        "dynamic_scalar.3.bias": (1,),
+    }
+    return sizes, expected
+
+
 def map_combiner(
     state: dict[str, Tensor], *, path: Path
 ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int]]:
     """CLIP4Cir's Combiner state dict in :class:`capret.models.combiner.Combiner`'s names, with its sizes."""
     out, mapping, unmatched = rename_by_rules(state, _RULES)
-    needed = [
-        f"{m}.{p}"
-        for m in (
-            "text_projection.0",
-            "image_projection.0",
-            "fusion.0",
-            "fusion.3",
-            "dynamic_scalar.0",
-            "dynamic_scalar.3",
-        )
-        for p in ("weight", "bias")
-    ]
-    missing = [k for k in needed if k not in out]
-    shapes: list[str] = []
-    sizes: dict[str, int] = {}
-    if not missing:
-        p, d = out["text_projection.0.weight"].shape
-        h = out["fusion.0.weight"].shape[0]
-        sizes = {"feature_dim": int(d), "projection_dim": int(p), "hidden_dim": int(h)}
-        expected = {
-            "text_projection.0.bias": (p,),
-            "image_projection.0.weight": (p, d),
-            "image_projection.0.bias": (p,),
-            "fusion.0.weight": (h, 2 * p),
-            "fusion.0.bias": (h,),
-            "fusion.3.weight": (d, h),
-            "fusion.3.bias": (d,),
-            "dynamic_scalar.0.weight": (h, 2 * p),
-            "dynamic_scalar.0.bias": (h,),
-            "dynamic_scalar.3.weight": (1, h),
-            "dynamic_scalar.3.bias": (1,),
-        }
-        shapes = [
-            f"{k}: {tuple(out[k].shape)} but the Combiner needs {v}"
-            for k, v in expected.items()
-            if tuple(out[k].shape) != v
-        ]
-    check_complete(path=path, unmatched=unmatched, missing=missing, shapes=shapes, what="the Combiner")
+    sizes = check_shapes(
+        out,
+        path=path,
+        unmatched=unmatched,
+        needed=_COMBINER_KEYS,
+        shapes_of=_combiner_shapes,
+        what="the Combiner",
+    )
     return out, mapping, sizes
 
 
@@ -105,8 +113,9 @@ def convert_clip4cir(path: Path, *, extra: Path | None = None) -> MappedCheckpoi
         )
     combiner = strip_prefix(tensor_entry(payload, "Combiner", path=path, what="Combiner"))
     state, mapping, sizes = map_combiner(combiner, path=path)
-    dropped = {str(k): "training bookkeeping, not a weight" for k in payload if k != "Combiner"}
-    metadata = {str(k): v for k, v in payload.items() if isinstance(v, int | float | str)}
+    dropped, metadata = unused_entries(
+        payload, used=("Combiner",), reason="training bookkeeping, not a weight"
+    )
     clip_state = None
     if extra is not None:
         clip_payload = read_tensor_file(extra)

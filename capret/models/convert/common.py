@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,14 +14,19 @@ from torch import Tensor
 from capret.errors import CheckpointError
 
 __all__ = [
+    "MLP_KEYS",
     "MappedCheckpoint",
+    "SizedShapes",
     "check_complete",
+    "check_mlp",
+    "check_shapes",
     "map_openai_clip",
     "openai_to_hf_clip",
     "read_tensor_file",
     "rename_by_rules",
     "strip_prefix",
     "tensor_entry",
+    "unused_entries",
 ]
 
 
@@ -132,6 +137,88 @@ def check_complete(
         problems.append(f"{len(shapes)} shape mismatches: {shapes}")
     if problems:
         raise CheckpointError(f"{path}: cannot convert to {what}; " + "; ".join(problems), path=path)
+
+
+#: the sizes a state dict implies and the shape each of its tensors must then have
+SizedShapes = tuple[dict[str, int], dict[str, tuple[int, ...]]]
+
+
+def check_shapes(
+    state: Mapping[str, Tensor],
+    *,
+    path: str | Path,
+    unmatched: list[str],
+    needed: Sequence[str],
+    shapes_of: Callable[[Mapping[str, Tensor]], SizedShapes],
+    what: str,
+) -> dict[str, int]:
+    """Check a renamed state dict against the module it is for and return the sizes it implies.
+
+    Every converter asks the same three things at once — source keys no rule took (``unmatched``), ``needed``
+    keys that are absent, tensors whose shape disagrees with the sizes read off the others (``shapes_of``) — so
+    that a wrong release is refused with all its problems listed, not the first one.
+
+    Raises:
+        CheckpointError: any unmatched key, missing key or shape mismatch (naming the file and ``what``).
+    """
+    missing = [k for k in needed if k not in state]
+    mismatches: list[str] = []
+    sizes: dict[str, int] = {}
+    if not missing:
+        sizes, expected = shapes_of(state)
+        mismatches = [
+            f"{k}: {tuple(state[k].shape)} but {what} needs {v}"
+            for k, v in expected.items()
+            if tuple(state[k].shape) != v
+        ]
+    check_complete(path=path, unmatched=unmatched, missing=missing, shapes=mismatches, what=what)
+    return sizes
+
+
+#: the tensors of an MLP kept as one ``layers`` Sequential with its three Linears at 0, 3 and 6 (Linear,
+#: activation, Dropout, ...): SEARLE's / LinCIR's Phi and, once renamed, Pic2Word's IM2TEXT (n_layer=2)
+MLP_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias"))
+
+
+def _mlp_shapes(state: Mapping[str, Tensor]) -> SizedShapes:
+    hidden, input_dim = state["layers.0.weight"].shape
+    output_dim = state["layers.6.weight"].shape[0]
+    sizes = {"input_dim": int(input_dim), "hidden_dim": int(hidden), "output_dim": int(output_dim)}
+    expected = {
+        "layers.0.bias": (hidden,),
+        "layers.3.weight": (hidden, hidden),
+        "layers.3.bias": (hidden,),
+        "layers.6.weight": (output_dim, hidden),
+        "layers.6.bias": (output_dim,),
+    }
+    return sizes, expected
+
+
+def check_mlp(
+    state: Mapping[str, Tensor], *, path: str | Path, unmatched: list[str], what: str
+) -> dict[str, int]:
+    """:func:`check_shapes` for a :data:`MLP_KEYS` network; its sizes are ``input_dim``, ``hidden_dim`` and
+    ``output_dim``. Phi and :class:`~capret.models.zeroshot.Pic2WordMapper` are this same shape in our names, so
+    their converters share it."""
+    return check_shapes(
+        state, path=path, unmatched=unmatched, needed=MLP_KEYS, shapes_of=_mlp_shapes, what=what
+    )
+
+
+def unused_entries(
+    payload: Mapping[Any, Any], *, used: Collection[str], reason: str
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """The entries of a release outside ``used``, each with why it is not loaded (an ``optimizer`` is named as
+    such, anything else gets ``reason``), and the scalar ones among them as metadata worth recording."""
+    dropped: dict[str, str] = {}
+    metadata: dict[str, Any] = {}
+    for key, value in payload.items():
+        if key in used:
+            continue
+        if isinstance(value, int | float | str):
+            metadata[str(key)] = value
+        dropped[str(key)] = "optimizer state" if key == "optimizer" else reason
+    return dropped, metadata
 
 
 #: entries of an OpenAI ``clip.load(jit=True)`` state dict that are architecture facts, not weights

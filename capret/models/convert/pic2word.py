@@ -29,11 +29,12 @@ from torch import Tensor
 from capret.errors import CheckpointError
 from capret.models.convert.common import (
     MappedCheckpoint,
-    check_complete,
+    check_mlp,
     read_tensor_file,
     rename_by_rules,
     strip_prefix,
     tensor_entry,
+    unused_entries,
 )
 
 __all__ = ["convert_pic2word", "map_im2text"]
@@ -51,27 +52,7 @@ def map_im2text(
     """IM2TEXT's state dict (prefixes stripped) in :class:`Pic2WordMapper`'s names; ``(state, mapping, sizes)``."""
     # unmatched: e.g. layers.2.0.* of an n_layer=3 IM2TEXT, which our mapper does not have
     out, mapping, unmatched = rename_by_rules(state, _RULES)
-    needed = [f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")]
-    missing = [k for k in needed if k not in out]
-    shapes: list[str] = []
-    sizes: dict[str, int] = {}
-    if not missing:
-        hidden, input_dim = out["layers.0.weight"].shape
-        output_dim = out["layers.6.weight"].shape[0]
-        sizes = {"input_dim": int(input_dim), "hidden_dim": int(hidden), "output_dim": int(output_dim)}
-        expected = {
-            "layers.0.bias": (hidden,),
-            "layers.3.weight": (hidden, hidden),
-            "layers.3.bias": (hidden,),
-            "layers.6.weight": (output_dim, hidden),
-            "layers.6.bias": (output_dim,),
-        }
-        shapes = [
-            f"{k}: {tuple(out[k].shape)} but IM2TEXT needs {v}"
-            for k, v in expected.items()
-            if tuple(out[k].shape) != v
-        ]
-    check_complete(path=path, unmatched=unmatched, missing=missing, shapes=shapes, what="IM2TEXT (n_layer=2)")
+    sizes = check_mlp(out, path=path, unmatched=unmatched, what="IM2TEXT (n_layer=2)")
     return out, mapping, sizes
 
 
@@ -85,14 +66,9 @@ def convert_pic2word(path: Path, *, extra: Path | None = None) -> MappedCheckpoi
     im2text = strip_prefix(tensor_entry(payload, "state_dict_img2text", path=path, what="IM2TEXT"))
     state, mapping, sizes = map_im2text(im2text, path=path)
     clip_state = strip_prefix(tensor_entry(payload, "state_dict", path=path, what="CLIP"))
-    dropped: dict[str, str] = {}
-    metadata = {}
-    for key, value in payload.items():
-        if key in ("state_dict_img2text", "state_dict"):
-            continue
-        if isinstance(value, int | float | str):
-            metadata[str(key)] = value
-        dropped[str(key)] = "optimizer state" if key == "optimizer" else "training bookkeeping, not a weight"
+    dropped, metadata = unused_entries(
+        payload, used=("state_dict_img2text", "state_dict"), reason="training bookkeeping, not a weight"
+    )
     return MappedCheckpoint(
         state=state,
         hparams={**sizes, "dropout": 0.1},

@@ -14,29 +14,31 @@ from typing import Any
 from torch import Tensor
 
 from capret.errors import CheckpointError
-from capret.models.convert.common import MappedCheckpoint, check_complete, read_tensor_file, strip_prefix
+from capret.models.convert.common import (
+    MLP_KEYS,
+    MappedCheckpoint,
+    check_mlp,
+    read_tensor_file,
+    strip_prefix,
+    unused_entries,
+)
 
 __all__ = ["PHI_KEYS", "convert_phi_file", "convert_searle", "map_phi_state", "phi_payload"]
 
 #: the tensors of SEARLE's / LinCIR's Phi, in their names (and ours)
-PHI_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias"))
+PHI_KEYS = MLP_KEYS
 
 
 def phi_payload(payload: Any, *, path: Path) -> tuple[dict[str, Tensor], dict[str, str], dict[str, Any]]:
     """The Phi state dict of a ``{"Phi": sd, ...}`` file (or a bare state dict), the other entries with why they
     are not loaded, and the small metadata worth recording."""
-    dropped: dict[str, str] = {}
-    metadata: dict[str, Any] = {}
     if isinstance(payload, dict) and isinstance(payload.get("Phi"), dict):
-        for key, value in payload.items():
-            if key == "Phi":
-                continue
-            if isinstance(value, int | float | str):
-                metadata[str(key)] = value
-            dropped[str(key)] = "training bookkeeping, not a weight of phi"
+        dropped, metadata = unused_entries(
+            payload, used=("Phi",), reason="training bookkeeping, not a weight of phi"
+        )
         return strip_prefix(payload["Phi"]), dropped, metadata
     if isinstance(payload, dict) and all(isinstance(v, Tensor) for v in payload.values()):
-        return strip_prefix(payload), dropped, metadata
+        return strip_prefix(payload), {}, {}
     entries = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
     raise CheckpointError(f"{path}: no 'Phi' state dict (entries: {entries})", path=path)
 
@@ -46,32 +48,8 @@ def map_phi_state(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Check a Phi state dict and derive its sizes; every key outside :data:`PHI_KEYS` is an error."""
     unmatched = [k for k in state if k not in PHI_KEYS]
-    missing = [k for k in PHI_KEYS if k not in state]
-    shapes: list[str] = []
-    if not missing:
-        hidden, input_dim = state["layers.0.weight"].shape
-        output_dim = state["layers.6.weight"].shape[0]
-        expected = {
-            "layers.0.weight": (hidden, input_dim),
-            "layers.0.bias": (hidden,),
-            "layers.3.weight": (hidden, hidden),
-            "layers.3.bias": (hidden,),
-            "layers.6.weight": (output_dim, hidden),
-            "layers.6.bias": (output_dim,),
-        }
-        shapes = [
-            f"{k}: {tuple(state[k].shape)} but phi needs {v}"
-            for k, v in expected.items()
-            if tuple(state[k].shape) != v
-        ]
-    check_complete(path=path, unmatched=unmatched, missing=missing, shapes=shapes, what="phi")
-    hparams = {
-        "input_dim": int(input_dim),
-        "hidden_dim": int(hidden),
-        "output_dim": int(output_dim),
-        "dropout": dropout,
-    }
-    return {k: state[k] for k in PHI_KEYS}, hparams
+    sizes = check_mlp(state, path=path, unmatched=unmatched, what="phi")
+    return {k: state[k] for k in PHI_KEYS}, {**sizes, "dropout": dropout}
 
 
 def convert_phi_file(path: Path, *, extra: Path | None, source: str) -> MappedCheckpoint:
