@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from capret.errors import CheckpointError, ConfigError
+from capret.models.convert.common import read_tensor_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +60,35 @@ __all__ = [
 
 Rule = tuple[str, "str | Callable[[re.Match[str]], str]"]
 
-#: DeiT-ViT vision encoder -> BLIP's ViT (X-VLM's ``models/vit.py``); first match wins
-_VIT_RULES: tuple[Rule, ...] = (
-    (r"vision_encoder\.cls_token", "vision_model.embeddings.class_embedding"),
-    (r"vision_encoder\.pos_embed", "vision_model.embeddings.position_embedding"),
-    (r"vision_encoder\.patch_embed\.proj\.(weight|bias)", r"vision_model.embeddings.patch_embedding.\1"),
-    (r"vision_encoder\.blocks\.(\d+)\.norm1\.(.+)", r"vision_model.encoder.layers.\1.layer_norm1.\2"),
-    (r"vision_encoder\.blocks\.(\d+)\.norm2\.(.+)", r"vision_model.encoder.layers.\1.layer_norm2.\2"),
-    (r"vision_encoder\.blocks\.(\d+)\.attn\.qkv\.(.+)", r"vision_model.encoder.layers.\1.self_attn.qkv.\2"),
+#: DeiT-ViT vision encoder (X-VLM's ``models/vit.py``) <-> BLIP's ViT, as ``(X-VLM name, capret name)``: one table
+#: for loading and exporting, so the two directions cannot drift apart. ``{i}`` is a block index, ``{rest}`` the
+#: rest of the key; first match wins.
+_VIT_NAMES: tuple[tuple[str, str], ...] = (
+    ("vision_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("vision_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("vision_encoder.patch_embed.proj.{rest}", "vision_model.embeddings.patch_embedding.{rest}"),
+    ("vision_encoder.blocks.{i}.norm1.{rest}", "vision_model.encoder.layers.{i}.layer_norm1.{rest}"),
+    ("vision_encoder.blocks.{i}.norm2.{rest}", "vision_model.encoder.layers.{i}.layer_norm2.{rest}"),
+    ("vision_encoder.blocks.{i}.attn.qkv.{rest}", "vision_model.encoder.layers.{i}.self_attn.qkv.{rest}"),
     (
-        r"vision_encoder\.blocks\.(\d+)\.attn\.proj\.(.+)",
-        r"vision_model.encoder.layers.\1.self_attn.projection.\2",
+        "vision_encoder.blocks.{i}.attn.proj.{rest}",
+        "vision_model.encoder.layers.{i}.self_attn.projection.{rest}",
     ),
-    (r"vision_encoder\.blocks\.(\d+)\.mlp\.(fc[12])\.(.+)", r"vision_model.encoder.layers.\1.mlp.\2.\3"),
-    (r"vision_encoder\.norm\.(.+)", r"vision_model.post_layernorm.\1"),
+    ("vision_encoder.blocks.{i}.mlp.{rest}", "vision_model.encoder.layers.{i}.mlp.{rest}"),
+    ("vision_encoder.norm.{rest}", "vision_model.post_layernorm.{rest}"),
 )
+_PLACEHOLDER = re.compile(r"\{(i|rest)\}")
+_PLACEHOLDER_PATTERN = {"i": r"(?P<i>\d+)", "rest": r"(?P<rest>.+)"}
+
+
+def _name_rule(source: str, target: str) -> Rule:
+    """``source`` as a regex (literal dots, placeholders as named groups) with ``target`` as its template."""
+    parts = _PLACEHOLDER.split(source)  # literal, name, literal, name, ..., literal
+    pattern = "".join(_PLACEHOLDER_PATTERN[x] if k % 2 else re.escape(x) for k, x in enumerate(parts))
+    return pattern, _PLACEHOLDER.sub(lambda m: rf"\g<{m[1]}>", target)
+
+
+_VIT_RULES: tuple[Rule, ...] = tuple(_name_rule(xvlm, ours) for xvlm, ours in _VIT_NAMES)
 #: Swin / BEiT vision encoder -> the timm backbone of :class:`~capret.models.vision_towers.TimmVisionTower`
 _TOWER_RULES: tuple[Rule, ...] = (
     (  # original Swin merges patches at the end of stage i, timm at the start of stage i + 1
@@ -126,26 +141,15 @@ def _rename(key: str, rules: tuple[Rule, ...]) -> str | None:
 
 
 def read_checkpoint_tensors(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file: safetensors, or a torch file read with ``weights_only=True`` (no pickle
-    code runs). A ``{"model": state_dict}`` wrapper, as X-VLM saves, is unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"X-VLM checkpoint {path} does not exist", path=path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path)))
-    try:
-        data: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle with code objects, or not a torch file
-        raise CheckpointError(
-            f"{path}: not loadable with weights_only=True ({type(exc).__name__}: {exc})", path=path
-        ) from exc
+    """Tensors of a checkpoint file, read by :func:`~capret.models.convert.common.read_tensor_file` (safetensors,
+    or a torch file with ``weights_only=True``, so no pickle code runs). A ``{"model": state_dict}`` wrapper, as
+    X-VLM saves, is unwrapped."""
+    data = read_tensor_file(path)
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]
     if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
         raise CheckpointError(
-            f"{path}: expected a state dict of tensors (optionally under 'model')", path=path
+            f"{path}: expected an X-VLM state dict of tensors (optionally under 'model')", path=path
         )
     return dict(data)
 
@@ -336,19 +340,7 @@ def load_xvlm_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
 
 
 #: capret -> X-VLM renames (the inverse of the rules above), for exports and round-trip tests
-_VIT_INVERSE: tuple[Rule, ...] = (
-    (r"vision_model\.embeddings\.class_embedding", "vision_encoder.cls_token"),
-    (r"vision_model\.embeddings\.position_embedding", "vision_encoder.pos_embed"),
-    (r"vision_model\.embeddings\.patch_embedding\.(.+)", r"vision_encoder.patch_embed.proj.\1"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(.+)", r"vision_encoder.blocks.\1.norm\2.\3"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.(.+)", r"vision_encoder.blocks.\1.attn.qkv.\2"),
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(.+)",
-        r"vision_encoder.blocks.\1.attn.proj.\2",
-    ),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(.+)", r"vision_encoder.blocks.\1.mlp.\2"),
-    (r"vision_model\.post_layernorm\.(.+)", r"vision_encoder.norm.\1"),
-)
+_VIT_INVERSE: tuple[Rule, ...] = tuple(_name_rule(ours, xvlm) for xvlm, ours in _VIT_NAMES)
 _TOWER_INVERSE: tuple[Rule, ...] = (
     (
         r"vision_model\.body\.layers\.(\d+)\.downsample\.(.+)",
