@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from capret.data.cir_split import CIRSplit
 from capret.data.fashioniq import json_records, load_json
-from capret.data.transforms import open_image
 from capret.errors import ConfigError, DataError, MissingFileError
 
 __all__ = ["SPLITS", "CIRCO", "CIRCOQuery", "read_gallery_ids"]
@@ -80,7 +78,7 @@ def read_gallery_ids(path: Path | str) -> list[int]:
     return ids
 
 
-class CIRCO:
+class CIRCO(CIRSplit[CIRCOQuery]):
     """The queries of one CIRCO split; ``len()`` is the number of queries.
 
     Args:
@@ -164,12 +162,6 @@ class CIRCO:
             )
         return queries
 
-    def __len__(self) -> int:
-        return len(self.queries)
-
-    def __getitem__(self, index: int) -> CIRCOQuery:
-        return self.queries[index]
-
     def image_path(self, name: int | str) -> Path:
         """Path ``<image_dir>/<12-digit id>.jpg`` of COCO image ``name`` (an int id or its digits)."""
         try:
@@ -177,15 +169,3 @@ class CIRCO:
         except (TypeError, ValueError):
             raise DataError(f"CIRCO image names are integer COCO ids, got {name!r}") from None
         return self.image_dir / f"{image_id:012d}.jpg"
-
-    def load_image(self, name: int | str) -> Image.Image:
-        """Open image ``name`` as RGB; a missing image raises ``FileNotFoundError`` naming the file."""
-        return open_image(self.image_path(name))
-
-    def images_to_caption(self) -> list[tuple[str, Path]]:
-        """Unique reference images of the split as ``(key, path)``, key ``circo/<id>/0`` (DESIGN.md)."""
-        seen = dict.fromkeys(q.reference for q in self.queries)
-        return [(f"{self.name}/{name}/0", self.image_path(name)) for name in seen]
-
-    def __repr__(self) -> str:
-        return f"CIRCO(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"

@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from capret.data.cir_split import CIRSplit
 from capret.data.fashioniq import json_records, load_json
 from capret.data.imagefile import path_inside
-from capret.data.transforms import open_image
 from capret.errors import ConfigError, DataError, MissingFileError, MissingKeyError
 
 __all__ = ["SPLITS", "CIRR", "CIRRTriplet"]
@@ -51,7 +49,7 @@ class CIRRTriplet:
         return self.query_id
 
 
-class CIRR:
+class CIRR(CIRSplit[CIRRTriplet]):
     """The triplets of one CIRR split; ``len()`` is the number of queries.
 
     Args:
@@ -72,7 +70,7 @@ class CIRR:
         self.captions_file = self._find(f"cap.rc2.{split}.json", "captions")
         self.split_file = self._find(f"split.rc2.{split}.json", "image_splits")
         self.annotations: list[dict[str, Any]] = load_json(self.captions_file)
-        self.triplets = self._parse(self.annotations)
+        self.queries = self._parse(self.annotations)
         paths = load_json(self.split_file)
         if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
             raise DataError(f"{self.split_file}: expected a JSON object mapping image name -> relative path")
@@ -122,11 +120,10 @@ class CIRR:
             )
         return triplets
 
-    def __len__(self) -> int:
-        return len(self.triplets)
-
-    def __getitem__(self, index: int) -> CIRRTriplet:
-        return self.triplets[index]
+    @property
+    def triplets(self) -> list[CIRRTriplet]:
+        """The queries, by the name the CIRR paper gives them."""
+        return self.queries
 
     def image_path(self, name: str) -> Path:
         """Path of image ``name`` from the split file (``KeyError`` naming the split file if unknown)."""
@@ -135,15 +132,3 @@ class CIRR:
         except KeyError:
             raise MissingKeyError(f"CIRR image {name!r} is not listed in {self.split_file}") from None
         return path_inside(self.image_dir, relative, where=f"{self.split_file}: entry {name!r}")
-
-    def load_image(self, name: str) -> Image.Image:
-        """Open image ``name`` as RGB; a missing image raises ``FileNotFoundError`` naming the file."""
-        return open_image(self.image_path(name))
-
-    def images_to_caption(self) -> list[tuple[str, Path]]:
-        """Unique reference images of the split as ``(key, path)``, key ``cirr/<name>/0`` (DESIGN.md)."""
-        seen = dict.fromkeys(t.reference for t in self.triplets)
-        return [(f"{self.name}/{name}/0", self.image_path(name)) for name in seen]
-
-    def __repr__(self) -> str:
-        return f"CIRR(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"

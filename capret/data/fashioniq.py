@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from capret.data.cir_split import CIRSplit
 from capret.data.imagefile import path_inside
 from capret.data.transforms import open_image
 from capret.errors import ConfigError, DataError, MissingFileError, MissingImageError
@@ -122,7 +123,7 @@ class FashionIQTriplet:
     target: str | None
 
 
-class FashionIQ:
+class FashionIQ(CIRSplit[FashionIQTriplet]):
     """The triplets of one FashionIQ category and split; ``len()`` is the number of queries.
 
     Args:
@@ -164,7 +165,7 @@ class FashionIQ:
         self.captions_file = self._find(f"cap.{category}.{split}.json", "captions")
         self.split_file = self._find(f"split.{category}.{split}.json", "image_splits")
         self.annotations: list[dict[str, Any]] = load_json(self.captions_file)
-        self.triplets = self._parse(self.annotations)
+        self.queries = self._parse(self.annotations)
         gallery = load_json(self.split_file)
         if not isinstance(gallery, list) or not all(isinstance(n, str) for n in gallery):
             raise DataError(f"{self.split_file}: expected a JSON list of image names (asin strings)")
@@ -217,11 +218,13 @@ class FashionIQ:
             )
         return triplets
 
-    def __len__(self) -> int:
-        return len(self.triplets)
+    @property
+    def triplets(self) -> list[FashionIQTriplet]:
+        """The queries, by the name the FashionIQ paper gives them."""
+        return self.queries
 
     def __getitem__(self, index: int) -> FashionIQTriplet:
-        triplet = self.triplets[index]
+        triplet = self.queries[index]
         if self.caption_mode == "eval":
             return triplet
         draw = self._rng.choice(PAIRINGS) if self._rng is not None else random.choice(PAIRINGS)
@@ -254,10 +257,5 @@ class FashionIQ:
         tried = ", ".join(str(p) for p in candidates)
         raise MissingImageError(f"FashionIQ image {name!r} not found (tried {tried})", path=candidates[0])
 
-    def images_to_caption(self) -> list[tuple[str, Path]]:
-        """Unique reference images of the split as ``(key, path)``, key ``fashioniq/<asin>/0`` (DESIGN.md)."""
-        seen = dict.fromkeys(t.reference for t in self.triplets)
-        return [(f"{self.name}/{name}/0", self.image_path(name)) for name in seen]
-
-    def __repr__(self) -> str:
-        return f"FashionIQ(root={str(self.root)!r}, category={self.category!r}, split={self.split!r}, n={len(self)})"
+    def _repr_fields(self) -> dict[str, str]:
+        return {"category": self.category, "split": self.split}
