@@ -37,7 +37,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -220,7 +220,10 @@ def _describe_messages() -> list[dict[str, Any]]:
     ]
 
 
-def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+_T = TypeVar("_T")
+
+
+def _batches(items: Sequence[_T], size: int) -> list[Sequence[_T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
@@ -290,6 +293,23 @@ class _Session:
         self.store.append_failures([{**f, "backend": self.backend_name, "created": now} for f in failures])
         self.records.update({r["key"]: r for r in full})
 
+    def run(
+        self,
+        todo: Sequence[_T],
+        *,
+        stage: Literal["caption", "rewrite"],
+        step: Callable[[CaptionBackend, Sequence[_T]], tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+    ) -> None:
+        """Send ``todo`` to the backend batch by batch (``step`` turns one batch into records and failures),
+        saving each batch as soon as it returns so an interrupted run loses at most one batch."""
+        bar = tqdm(total=len(todo), desc=f"cirevl {stage}s", disable=not self.options.progress or not todo)
+        for batch in _batches(todo, self.options.batch_size):
+            records, failures = step(self.backend(), batch)
+            self.report.model_calls += len(batch)
+            self.save(records, failures, stage=stage)
+            bar.update(len(batch))
+        bar.close()
+
 
 def _describe(
     session: _Session, *, dataset: str, references: list[str], load_image: Callable[[str], Image.Image]
@@ -304,9 +324,10 @@ def _describe(
         else:
             todo.append(ref)
     session.report.captions_cached = len(out)
-    bar = tqdm(total=len(todo), desc="cirevl captions", disable=not session.options.progress or not todo)
-    for batch in _batches(todo, session.options.batch_size):
-        backend = session.backend()
+
+    def step(
+        backend: CaptionBackend, batch: Sequence[str]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         queries = [
             VisualQuery(
                 image=load_image(ref).convert("RGB"),
@@ -317,7 +338,6 @@ def _describe(
             for ref in batch
         ]
         replies = backend.answer(queries, max_tokens=session.options.max_caption_tokens)
-        session.report.model_calls += len(queries)
         records, failures = [], []
         for ref, reply in zip(batch, replies, strict=True):
             key = caption_key(dataset, ref)
@@ -332,9 +352,9 @@ def _describe(
                 {"key": key, "caption": text, "dialogue": [qa.to_dict()], "prompt_version": DESCRIBE_VERSION}
             )
             out[ref] = text
-        session.save(records, failures, stage="caption")
-        bar.update(len(batch))
-    bar.close()
+        return records, failures
+
+    session.run(todo, stage="caption", step=step)
     return out
 
 
@@ -359,9 +379,10 @@ def _rewrite(
         else:
             todo[key] = (key, ref, description, modification)
     session.report.rewrites_cached = len(out)
-    bar = tqdm(total=len(todo), desc="cirevl rewrites", disable=not session.options.progress or not todo)
-    for batch in _batches(list(todo.values()), session.options.batch_size):
-        backend = session.backend()
+
+    def step(
+        backend: CaptionBackend, batch: Sequence[tuple[str, str, str, str]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         requests = [
             ChatRequest(
                 messages=prompts.messages(dataset, description, modification)
@@ -374,7 +395,6 @@ def _rewrite(
             for key, _, description, modification in batch
         ]
         replies = backend.ask(requests, max_tokens=session.options.max_edit_tokens)
-        session.report.model_calls += len(requests)
         records, failures = [], []
         for request, (key, ref, description, modification), reply in zip(
             requests, batch, replies, strict=True
@@ -398,9 +418,9 @@ def _rewrite(
                 }
             )
             out[key] = (text, parsed)
-        session.save(records, failures, stage="rewrite")
-        bar.update(len(batch))
-    bar.close()
+        return records, failures
+
+    session.run(list(todo.values()), stage="rewrite", step=step)
     return out
 
 
