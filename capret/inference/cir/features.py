@@ -128,23 +128,37 @@ def _cached(
     *,
     cache_dir: str | Path | None,
     kind: str,
-    names: list[str],
-    fingerprint: str,
+    names: Sequence[str],
+    fingerprint: str | None,
+    make_fingerprint: Callable[[], str],
     preprocess_id: str,
-    compute: Callable[[], torch.Tensor],
+    compute: Callable[[list[str]], torch.Tensor],
 ) -> CachedFeatures:
+    """Features of ``names`` (duplicates removed, order kept) from ``cache_dir``, or ``compute``d and stored.
+
+    The weights are hashed (``make_fingerprint``) only when a cache is used and no ``fingerprint`` was passed, so
+    an uncached call never pays for it.
+    """
+    unique = list(dict.fromkeys(names))
     if cache_dir is None:
-        return CachedFeatures(names, compute())
-    key = cache_key(fingerprint=fingerprint, preprocess_id=preprocess_id, kind=kind, names=names)
+        return CachedFeatures(unique, compute(unique))
+    if fingerprint is None:
+        fingerprint = make_fingerprint()
+    key = cache_key(fingerprint=fingerprint, preprocess_id=preprocess_id, kind=kind, names=unique)
     path = Path(cache_dir) / f"{kind}-{key}.safetensors"
     if path.is_file():
         stored = load_file(str(path))["features"]
-        if stored.shape[0] == len(names):
-            return CachedFeatures(names, stored)
-    features = compute()
-    meta = {"kind": kind, "fingerprint": fingerprint, "preprocess": preprocess_id, "names": json.dumps(names)}
+        if stored.shape[0] == len(unique):
+            return CachedFeatures(unique, stored)
+    features = compute(unique)
+    meta = {
+        "kind": kind,
+        "fingerprint": fingerprint,
+        "preprocess": preprocess_id,
+        "names": json.dumps(unique),
+    }
     atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, str(tmp), metadata=meta))
-    return CachedFeatures(names, features)
+    return CachedFeatures(unique, features)
 
 
 def image_features(
@@ -162,16 +176,14 @@ def image_features(
     ``fingerprint`` (``clip.image_fingerprint()``) may be passed to avoid re-hashing the weights on every
     call; ``cache_dir=None`` disables caching.
     """
-    unique = list(dict.fromkeys(names))
-    if cache_dir is not None and fingerprint is None:
-        fingerprint = clip.image_fingerprint()
     return _cached(
         cache_dir=cache_dir,
         kind="image",
-        names=unique,
-        fingerprint=fingerprint or "",
+        names=names,
+        fingerprint=fingerprint,
+        make_fingerprint=clip.image_fingerprint,
         preprocess_id=clip.preprocess_id,
-        compute=lambda: encode_images(
+        compute=lambda unique: encode_images(
             clip, unique, load_image=load_image, batch_size=batch_size, num_workers=num_workers
         ),
     )
@@ -189,14 +201,12 @@ def text_features(
 
     ``fingerprint`` is ``clip.text_fingerprint()`` when not given.
     """
-    unique = list(dict.fromkeys(texts))
-    if cache_dir is not None and fingerprint is None:
-        fingerprint = clip.text_fingerprint()
     return _cached(
         cache_dir=cache_dir,
         kind="text",
-        names=unique,
-        fingerprint=fingerprint or "",
+        names=texts,
+        fingerprint=fingerprint,
+        make_fingerprint=clip.text_fingerprint,
         preprocess_id=clip.tokenizer_id,
-        compute=lambda: encode_texts(clip, unique, batch_size=batch_size),
+        compute=lambda unique: encode_texts(clip, unique, batch_size=batch_size),
     )
