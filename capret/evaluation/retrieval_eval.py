@@ -31,12 +31,14 @@ from capret.evaluation.metrics import (
     nanmean_with_warning,
     rank,
 )
+from capret.retrieval.rerank.base import RerankInputs
 
 __all__ = [
     "EvaluationRun",
     "RetrievalOptions",
     "evaluate_embeddings",
     "exact_search",
+    "rerank_head",
     "retrieve_and_evaluate",
 ]
 
@@ -292,29 +294,18 @@ def retrieve_and_evaluate(
     if not rerank:
         return EvaluationRun(metrics=before, ranking=ranking.numpy(), scores=scores.numpy())
 
-    from capret.retrieval.rerank import create_reranker
-
-    reranker = create_reranker(rerank)
     k_r = min(int(rerank_topk), head_k)
-    start_t = time.perf_counter()
-    new_rank, new_scores = reranker.rerank(
-        ranking=ranking[:, :k_r].numpy(),
-        scores=scores[:, :k_r].numpy(),
-        query_features=q.numpy(),
-        gallery_features=g.numpy(),
+    head = RerankInputs(
+        ranking=ranking[:, :k_r],
+        scores=scores[:, :k_r],
+        query_features=q,
+        gallery_features=g,
         query_images=list(query_images) if query_images is not None else None,
         gallery_images=list(gallery_images) if gallery_images is not None else None,
     )
-    seconds = time.perf_counter() - start_t
-    reranked = torch.as_tensor(np.asarray(new_rank), dtype=torch.int64)
-    if reranked.shape != (ranking.shape[0], k_r) or not torch.equal(
-        reranked.sort(1).values, ranking[:, :k_r].sort(1).values
-    ):
-        raise ValueError(f"reranker {rerank!r} must return a permutation of each row's top {k_r}")
+    reranked, new_scores, seconds = rerank_head(rerank, head)
     new_rank_t = torch.cat([reranked, ranking[:, k_r:]], dim=1)
-    new_scores_t = torch.cat(
-        [torch.as_tensor(np.asarray(new_scores), dtype=scores.dtype), scores[:, k_r:]], dim=1
-    )
+    new_scores_t = torch.cat([torch.as_tensor(new_scores, dtype=scores.dtype), scores[:, k_r:]], dim=1)
     metrics = {
         "before": before,
         "after": metrics_of(new_rank_t),
@@ -323,6 +314,38 @@ def retrieve_and_evaluate(
         "rerank_seconds": seconds,
     }
     return EvaluationRun(metrics=metrics, ranking=new_rank_t.numpy(), scores=new_scores_t.numpy())
+
+
+def rerank_head(reranker: str, head: RerankInputs) -> tuple[torch.Tensor, np.ndarray, float]:
+    """Rerank the head ranking of ``head`` (``[Q, K]`` gallery positions, best first) with reranker ``reranker``.
+
+    One place for what every caller of a reranker must do around it (the DeepFashion2 evaluation here and the
+    composed-retrieval search): time the reranker alone (feature lookups are the caller's and excluded, so the
+    reported seconds compare across protocols), and refuse a result that is not a permutation of each row's head
+    (a reranker may only reorder; anything else would silently change the recall it is scored on).
+
+    Returns:
+        The reordered head (int64 ``[Q, K]``), its scores as the reranker returned them, and the seconds taken.
+    """
+    from capret.retrieval.rerank import create_reranker
+
+    model = create_reranker(reranker)
+    start = time.perf_counter()
+    new_rank, new_scores = model.rerank(
+        ranking=head.ranking.numpy(),
+        scores=head.scores.numpy(),
+        query_features=head.query_features.numpy(),
+        gallery_features=head.gallery_features.numpy(),
+        query_images=head.query_images,
+        gallery_images=head.gallery_images,
+    )
+    seconds = time.perf_counter() - start
+    reranked = torch.as_tensor(np.asarray(new_rank), dtype=torch.int64)
+    if reranked.shape != head.ranking.shape or not torch.equal(
+        reranked.sort(1).values, head.ranking.sort(1).values
+    ):
+        raise ValueError(f"reranker {reranker!r} must return a permutation of each row's top {head.topk}")
+    return reranked, np.asarray(new_scores), seconds
 
 
 def evaluate_embeddings(
