@@ -395,13 +395,11 @@ class DualStreamTask:
         data = self.config.data
         return protocol_metrics(
             _unwrap(model).model,
-            root=data.root,
+            data=data,
+            eval_config=self.config.eval,
             split=data.train_split,
             items=self.holdout_items,
             captions=data.captions,
-            eval_config=self.config.eval,
-            min_caption_coverage=data.min_caption_coverage,
-            on_bad_image=data.on_bad_image,
         )
 
     def config_dict(self) -> dict[str, Any]:
@@ -423,13 +421,11 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
             # The one evaluation of the reported split, after selection is over.
             reported = protocol_metrics(
                 model.eval(),
-                root=config.data.root,
+                data=config.data,
+                eval_config=config.eval,
                 split=config.data.val_split,
                 items=None,
                 captions=config.data.val_captions,
-                eval_config=config.eval,
-                min_caption_coverage=config.data.min_caption_coverage,
-                on_bad_image=config.data.on_bad_image,
             )
             final = {"split": config.data.val_split, **reported}
             atomic_write_json(Path(config.trainer.output_dir) / "final_metrics.json", final, indent=2)
@@ -444,15 +440,18 @@ def run(config: DualStreamConfig, *, resume: str | None = None) -> dict[str, Any
 def protocol_metrics(
     model: DualStreamModel,
     *,
-    root: str,
+    data: DataConfig,
+    eval_config: EvalConfig,
     split: str,
     items: list[Any] | None,
     captions: str | None,
-    eval_config: EvalConfig,
-    min_caption_coverage: float = 0.5,
-    on_bad_image: str = "error",
 ) -> dict[str, float]:
-    """Ground-truth-box mAP / R@k with captions and (``eval.no_captions``) without them (``*_no_captions``)."""
+    """Ground-truth-box mAP / R@k with captions and (``eval.no_captions``) without them (``*_no_captions``).
+
+    ``data`` gives the dataset root and the run's caption-coverage and bad-image rules, the same for the holdout
+    (selection) and the reported split; ``split``, ``items`` and ``captions`` say which of them is scored.
+    """
+    root, min_caption_coverage, on_bad_image = data.root, data.min_caption_coverage, data.on_bad_image
     device = next(model.parameters()).device
     common = {"root": root, "split": split, "items": items, "ks": eval_config.ks,
               "batch_size": eval_config.batch_size, "device": device,
