@@ -45,6 +45,7 @@ from capret.serve.web import (
     decode_upload,
     open_upload_header,
     read_asset,
+    render_page,
 )
 
 __all__ = ["create_app"]
@@ -132,7 +133,14 @@ def create_app(
         return k
 
     # ------------------------------------------------------------------------------------------ page
-    add_page_routes(app, page="index.html", assets=_ASSETS)
+    page = render_page(
+        title="capret — caption-augmented retrieval",
+        heading="capret",
+        nav="index-nav.html",
+        panels="index-panels.html",
+        script="app.js",
+    )
+    add_page_routes(app, page=page, assets=_ASSETS)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     async def docs() -> HTMLResponse:

@@ -45,6 +45,7 @@ from capret.serve.web import (
     check_upload_size,
     decode_upload,
     open_upload_header,
+    render_page,
 )
 
 __all__ = ["CatalogueBackend", "create_catalogue_app"]
@@ -182,7 +183,13 @@ def create_catalogue_app(
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(401, "write endpoints need 'Authorization: Bearer <token>'")
 
-    add_page_routes(app, page="catalogue.html", assets=_ASSETS)
+    page = render_page(
+        title="capret — catalogue search",
+        heading="capret catalogue",
+        panels="catalogue-panels.html",
+        script="catalogue.js",
+    )
+    add_page_routes(app, page=page, assets=_ASSETS)
 
     @app.get("/api/info", summary="What is served")
     async def info() -> dict[str, Any]:

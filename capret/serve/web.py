@@ -10,7 +10,9 @@ identical.
 from __future__ import annotations
 
 import contextlib
+import html
 import logging
+import string
 import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -31,6 +33,7 @@ __all__ = [
     "decode_upload",
     "open_upload_header",
     "read_asset",
+    "render_page",
 ]
 
 logger = logging.getLogger("capret.serve")
@@ -106,9 +109,24 @@ def decode_upload(picture: Image.Image) -> Image.Image:
         raise HTTPException(415, _NOT_AN_IMAGE) from None
 
 
+def render_page(*, title: str, heading: str, panels: str, script: str, nav: str | None = None) -> str:
+    """A page of the apps: the shared frame (``page.html``: head and style sheet, the header with the heading and
+    the ``#info`` line each script fills from ``/api/info``, the main area, the script tag) around the ``panels``
+    asset and the optional ``nav`` asset, so the two apps' pages differ only in what they show."""
+    frame = string.Template(read_asset("page.html"))
+    return frame.substitute(
+        title=html.escape(title),
+        heading=html.escape(heading),
+        nav=read_asset(nav) if nav else "",
+        panels=read_asset(panels),
+        script=script,
+    )
+
+
 def add_page_routes(app: FastAPI, *, page: str, assets: dict[str, str]) -> None:
-    """``GET /`` the ``page`` asset, ``GET /static/{name}`` one of ``assets`` (name -> media type), and a 500
-    answer without a traceback for any unhandled error (the traceback goes to the server log)."""
+    """``GET /`` the ``page`` (HTML, see :func:`render_page`), ``GET /static/{name}`` one of ``assets`` (name ->
+    media type), and a 500 answer without a traceback for any unhandled error (the traceback goes to the server
+    log)."""
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -117,7 +135,7 @@ def add_page_routes(app: FastAPI, *, page: str, assets: dict[str, str]) -> None:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(read_asset(page))
+        return HTMLResponse(page)
 
     @app.get("/static/{name}", include_in_schema=False)
     async def asset(name: str) -> Response:
