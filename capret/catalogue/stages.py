@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +43,8 @@ class ImageJob:
     caption: str | None = None  # a caption given by the user ("manual"), bypassing the captioner
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "relative": self.relative,
-            "sha256": self.sha256,
-            "phash": self.phash,
-            "category": self.category,
-            "box": None if self.box is None else list(self.box),
-            "caption": self.caption,
-        }
+        """Every field, for ``json.dumps`` (the box tuple is written as a JSON list); :meth:`from_dict` reverses it."""
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImageJob:
