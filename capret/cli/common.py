@@ -1,5 +1,5 @@
-"""What the CLI modules share: the console boundary (re-exported from :mod:`capret.console`) and the argparse
-``type=`` helpers that check every numeric option's range.
+"""What the CLI modules share: the console boundary (re-exported from :mod:`capret.console`), the argparse
+``type=`` helpers that check every numeric option's range, and the options several commands take alike.
 
 Each helper parses one option value and raises ``argparse.ArgumentTypeError`` with the valid range, so argparse
 prints one line naming the option (``argument --steps: must be a whole number >= 1, got '0'``) and exits 2 before
@@ -10,17 +10,24 @@ would turn them into a silent empty result.
 from __future__ import annotations
 
 import argparse
+import inspect
 import ipaddress
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from capret.console import NotAvailableError, add_debug_flag, fail, print_json, run_guarded
 
 __all__ = [
     "NotAvailableError",
+    "add_bad_image_flag",
+    "add_caption_coverage_flag",
     "add_debug_flag",
+    "add_device_flag",
     "add_image_source_flags",
+    "call_with_flags",
     "fail",
     "finite_float",
     "fraction",
@@ -33,6 +40,8 @@ __all__ = [
     "print_json",
     "run_guarded",
 ]
+
+T = TypeVar("T")
 
 
 def _int(text: str, *, minimum: int, what: str) -> int:
@@ -134,3 +143,69 @@ def add_image_source_flags(
         action="store_true",
         help="read images whose symbolic links point outside the root (refused by default)",
     )
+
+
+def add_device_flag(parser: argparse.ArgumentParser, *, local_rank: bool = False) -> None:
+    """``--device``; unset, :func:`capret.io.default_device` picks CUDA when there is one, else the CPU.
+
+    Args:
+        local_rank: the command runs under ``torchrun`` too, where the default is ``cuda:LOCAL_RANK``.
+    """
+    cuda = "cuda:LOCAL_RANK" if local_rank else "cuda"
+    parser.add_argument(
+        "--device", default=None, help=f"torch device (default: {cuda} if available else cpu)"
+    )
+
+
+def add_bad_image_flag(parser: argparse.ArgumentParser, *, skipped: str) -> None:
+    """``--on-bad-image error|skip``, the policies of :data:`capret.data.imagefile.BAD_IMAGE_POLICIES`.
+
+    Args:
+        skipped: what the command does with an image it leaves out, for the help text ("list it in the manifest").
+    """
+    from capret.data.imagefile import BAD_IMAGE_POLICIES
+
+    parser.add_argument(
+        "--on-bad-image",
+        choices=list(BAD_IMAGE_POLICIES),
+        default="error",
+        help=f"an unreadable image: stop naming it (error, default) or leave it out and {skipped} (skip)",
+    )
+
+
+def add_caption_coverage_flag(parser: argparse.ArgumentParser, *, items: str) -> None:
+    """``--min-caption-coverage``: a caption store keyed by other ids (another split, renamed files) joins almost
+    nothing and would silently turn a caption run into an image-only one, so too low a share is an error.
+
+    Args:
+        items: what the store's captions are joined to, for the help text ("images", "items").
+    """
+    parser.add_argument(
+        "--min-caption-coverage",
+        type=fraction,
+        default=0.5,
+        help=f"with --captions: the smallest fraction of {items} that must find a caption (default 0.5)",
+    )
+
+
+def call_with_flags(fn: Callable[..., T], args: argparse.Namespace, *positional: Any, **given: Any) -> T:
+    """``fn(*positional, **given, ...)`` with every other parameter of ``fn`` taken from the flag of the same name.
+
+    A command whose flags are named after the parameters of the library function it runs (``--cir-identities``
+    -> ``cir_identities``) needs no hand-written list of ``name=args.name``: the signature is the mapping, so a
+    parameter added to the function and given a flag reaches it without a third edit. A parameter with no flag of
+    its name keeps its default (one without a default then fails as a missing argument, a bug of the command).
+
+    Args:
+        positional: ``fn``'s leading positional arguments.
+        given: values computed by the command instead of read from a flag (``progress=...``).
+    """
+    params = list(inspect.signature(fn).parameters.values())[len(positional) :]
+    flags = {
+        p.name: getattr(args, p.name)
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in given
+        and hasattr(args, p.name)
+    }
+    return fn(*positional, **flags, **given)

@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 
 from capret.cli.common import (
+    add_bad_image_flag,
+    add_caption_coverage_flag,
     add_debug_flag,
+    add_device_flag,
     add_image_source_flags,
-    fraction,
     non_negative_int,
     positive_int,
     print_json,
@@ -68,26 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         help="autocast precision (default fp32)",
     )
-    p.add_argument(
-        "--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available else cpu)"
-    )
+    add_device_flag(p, local_rank=True)
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the features in --out even when they come from a different model or configuration",
     )
-    p.add_argument(
-        "--on-bad-image",
-        choices=["error", "skip"],
-        default="error",
-        help="an unreadable image: stop naming it (error, default) or leave it out and list it in the manifest",
-    )
-    p.add_argument(
-        "--min-caption-coverage",
-        type=fraction,
-        default=0.5,
-        help="with --captions: the smallest fraction of images that must find a caption (default 0.5)",
-    )
+    add_bad_image_flag(p, skipped="list it in the manifest")
+    add_caption_coverage_flag(p, items="images")
     p.add_argument(
         "--engine",
         choices=["local", "ray"],
@@ -112,7 +102,6 @@ def list_images(
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     from capret.data.caption_records import read_captions
-    from capret.data.imagefile import check_bad_image_policy
     from capret.errors import CaptionStoreMismatchError
     from capret.inference.dualstream.encoding import load_model
     from capret.inference.dualstream.extract import (
@@ -125,13 +114,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from capret.io import file_sha256, resolve_model_folder
     from capret.locks import job_output, job_token_from_env
 
-    if args.batch_size < 1 or args.shard_size < 1:
-        raise ConfigError(
-            f"--batch-size and --shard-size must be >= 1 (got {args.batch_size}, {args.shard_size})"
-        )
-    check_bad_image_policy(args.on_bad_image)
-    if not 0.0 <= args.min_caption_coverage <= 1.0:
-        raise ConfigError(f"--min-caption-coverage must be in [0, 1], got {args.min_caption_coverage}")
+    # sizes, coverage and policy were checked by the parser (positive_int, fraction, choices), naming the option
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.engine == "ray" and world_size > 1:

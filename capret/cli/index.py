@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import add_image_source_flags, positive_int
+from capret.cli.common import add_device_flag, add_image_source_flags, positive_int
 from capret.config import ConfigError, parse_overrides
 from capret.console import add_progress_flag, print_json, progress_wanted, run_guarded
 
@@ -57,7 +57,7 @@ def add_parser(subparsers: Any) -> None:
         "--shard-images", type=positive_int, default=512, help="images per feature shard (resume unit)"
     )
     build.add_argument("--batch-size", type=positive_int, default=32, help="items per forward pass")
-    build.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available)")
+    add_device_flag(build, local_rank=True)
     add_progress_flag(build)
     build.add_argument(
         "--overwrite",
@@ -99,10 +99,6 @@ def _build(args: argparse.Namespace) -> dict[str, Any]:
     from capret.inference.query.captioner import Captioner, CaptionerSettings
     from capret.inference.query.gallery import build_gallery, clear_gallery, finish_gallery
 
-    if args.shard_images < 1 or args.batch_size < 1:
-        raise ConfigError(
-            f"--shard-images and --batch-size must be >= 1 ({args.shard_images}, {args.batch_size})"
-        )
     ctx = init_distributed(args.device)
     try:
         # One writer per gallery folder, taken before --overwrite clears anything (rank 0 holds it for the job).

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import positive_int
+from capret.cli.common import add_device_flag, positive_int
 from capret.config import ConfigError
 from capret.console import print_json, run_guarded
 from capret.errors import DataError, UsageError
@@ -46,7 +46,7 @@ def add_parser(subparsers: Any) -> None:
         help="where to draw the query item and its top results: a .png file, or a folder (a name without suffix) "
         "that gets search_<query>.png",
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_flag(parser)
     parser.add_argument(
         "--no-verify",
         action="store_true",

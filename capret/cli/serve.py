@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypedDict
 
-from capret.cli.common import host, port, positive_float, positive_int
+from capret.cli.common import add_device_flag, host, port, positive_float, positive_int
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="interface to bind (default: %(default)s, this machine)",
     )
     p.add_argument("--port", type=port, default=8000, help="port (default: %(default)s)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
+    add_device_flag(p)
     p.add_argument(
         "--max-upload-mb", type=positive_float, default=8.0, help="largest accepted upload (default: 8 MB)"
     )

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from capret.cli.common import fraction
+from capret.cli.common import add_bad_image_flag, add_caption_coverage_flag, fraction
 from capret.cli.eval.common import add_device, add_ks, add_out, add_rerank, config_from, indexes
 
 
@@ -75,18 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[0.0, 0.25, 0.5, 1.0],
         help="shares of corrupted captions for --corrupt-captions (default 0 0.25 0.5 1)",
     )
-    p.add_argument(
-        "--min-caption-coverage",
-        type=fraction,
-        default=0.5,
-        help="refuse a caption store that joins fewer than this fraction of the items (default 0.5)",
-    )
-    p.add_argument(
-        "--on-bad-image",
-        choices=["error", "skip"],
-        default="error",
-        help="an unreadable image stops the run naming it (error, default) or is left out and reported (skip)",
-    )
+    add_caption_coverage_flag(p, items="items")
+    add_bad_image_flag(p, skipped="report it")
     add_ks(p)
     p.add_argument("--index", default="exact", choices=indexes(), help="search backend (default: exact)")
     add_rerank(p)
