@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import positive_int, print_json, run_guarded
+from capret.cli.common import call_with_flags, positive_int, print_json, run_guarded
 from capret.console import add_progress_flag, progress_wanted
 
 
@@ -39,15 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
         # One writer per ablation folder: two ablations into one --out would interleave their runs and tables.
         with exclusive_output(args.out, what="ablation folder"):
-            summary = run_ablation(
-                config=args.config,
-                variants=args.variants,
-                seeds=args.seeds,
-                out_dir=args.out,
-                overrides=args.overrides,
-                only=args.only,
-                progress=progress_wanted(args),
-            )
+            summary = call_with_flags(run_ablation, args, out_dir=args.out, progress=progress_wanted(args))
         print_json({k: summary[k] for k in ("json", "markdown", "chart", "skipped_finished_runs", "table")})
         return 0
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import non_negative_int, print_json
+from capret.cli.common import call_with_flags, non_negative_int, print_json
 
 
 def add_parser(subparsers: Any) -> None:
@@ -41,13 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from capret.data.check import check_dataset
     from capret.progress import progress_enabled
 
-    report = check_dataset(
-        args.dataset,
-        root=args.root,
-        split=args.split,
-        category=args.category,
-        images=not args.no_images,
-        progress=progress_enabled(),
+    report = call_with_flags(
+        check_dataset, args, args.dataset, images=not args.no_images, progress=progress_enabled()
     )
     out = report.to_dict()
     out["problems"] = out["problems"][: max(0, args.max_problems)]

@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import print_json
+from capret.cli.common import call_with_flags, print_json
 
 __all__ = ["SOURCES", "add_parser", "run"]
 
@@ -91,17 +91,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from capret.tasks.released import convert_released_checkpoint
 
-    report = convert_released_checkpoint(
-        args.source,
-        checkpoint=args.checkpoint,
-        clip=args.clip,
-        out=args.out,
-        clip_backend=args.clip_backend,
-        clip_pretrained=args.clip_pretrained,
-        clip_checkpoint=args.clip_checkpoint,
-        preprocess=args.preprocess,
-        device=args.device,
-    )
+    report = call_with_flags(convert_released_checkpoint, args, args.source)
     data = report.to_json()
     data["evaluate"] = f"capret-eval cir {_EVAL[args.source]} {args.out} --dataset DATASET --root ROOT"
     print_json(data)

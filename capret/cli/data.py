@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import print_json
+from capret.cli.common import call_with_flags, print_json
 from capret.progress import NO_PROGRESS_HELP, progress_enabled
 
 
@@ -61,17 +61,6 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from capret.data.garments import build_world
 
-    summary = build_world(
-        args.out,
-        seed=args.seed,
-        identities=args.identities,
-        cir_identities=args.cir_identities,
-        pretrain_identities=args.pretrain_identities,
-        size=args.size,
-        shop_size=args.shop_size,
-        user_views=args.user_views,
-        validation_fraction=args.validation_fraction,
-        progress=progress_enabled(not args.no_progress),
-    )
+    summary = call_with_flags(build_world, args, args.out, progress=progress_enabled(not args.no_progress))
     print_json(summary.to_dict())
     return 0

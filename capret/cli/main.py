@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from capret.cli.common import add_debug_flag, non_negative_int, positive_float, run_guarded
+from capret.cli.common import add_debug_flag, call_with_flags, non_negative_int, positive_float, run_guarded
 
 #: modules of the subcommands (one line each); each has ``add_parser(subparsers)`` (setting ``run`` as the parser's
 #: default) and ``run(args) -> int``
@@ -82,18 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from capret.quickstart import run_quickstart
 
         return run_guarded(
-            lambda: (
-                run_quickstart(
-                    args.out,
-                    seed=args.seed,
-                    stages=args.stages,
-                    train_seconds=args.train_seconds,
-                    task=args.task,
-                    world=args.world,
-                )
-                and 0
-            ),
-            debug=args.debug or None,
+            lambda: call_with_flags(run_quickstart, args, args.out) and 0, debug=args.debug or None
         )
     if callable(getattr(args, "run", None)):
         return run_guarded(args.run, args)
