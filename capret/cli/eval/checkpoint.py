@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from capret.cli.eval.common import require
+from capret.cli.eval.common import require, search_flags
 from capret.cli.eval.map_config import MapEvalConfig
 from capret.config import ConfigError
 from capret.progress import progress_enabled
@@ -100,9 +100,7 @@ def run(args: MapEvalConfig) -> dict[str, Any]:
         ks=args.ks,
         batch_size=args.batch_size,
         device=model.device,
-        rerank=args.rerank,
-        rerank_topk=args.rerank_topk,
-        index=args.index,
+        **search_flags(args),
         progress=progress_enabled(),
         min_caption_coverage=args.min_caption_coverage,
         on_bad_image=args.on_bad_image,

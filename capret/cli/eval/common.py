@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypedDict, TypeVar
 
-from capret.cli.common import positive_int
+from capret.cli.common import add_device_flag, positive_int
 
 T = TypeVar("T")
 
@@ -41,7 +42,7 @@ def add_out(p: argparse.ArgumentParser, what: str = "metrics.json and pictures")
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
+    add_device_flag(p)
     p.add_argument("--batch-size", type=positive_int, default=64, help="batch size for feature extraction")
 
 
@@ -53,6 +54,32 @@ def add_ks(p: argparse.ArgumentParser) -> None:
         default=[1, 5, 10, 20],
         help="cut-offs for R@k (default 1 5 10 20)",
     )
+
+
+class _Searches(Protocol):
+    index: str
+    rerank: str | None
+    rerank_topk: int
+
+
+class SearchFlags(TypedDict):
+    """How a mode searches, as every evaluator it calls takes it (``evaluate_items``, ``evaluate_detected``,
+    ``retrieve_and_evaluate``)."""
+
+    index: str
+    rerank: str | None
+    rerank_topk: int
+
+
+def search_flags(config: _Searches) -> SearchFlags:
+    """``--index``, ``--rerank`` and ``--rerank-topk`` as the evaluators' keywords."""
+    return {"index": config.index, "rerank": config.rerank, "rerank_topk": config.rerank_topk}
+
+
+def flags_where(flags: Mapping[str, object], *, given: bool) -> list[str]:
+    """The names of ``flags`` (``{"--root": config.root, ...}``) that were given, or (``given=False``) left unset,
+    for one error naming them all."""
+    return [flag for flag, value in flags.items() if (value is not None) is given]
 
 
 def as_dict(config: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from capret.cli.eval.common import flags_where, search_flags
 from capret.cli.eval.map_config import MapEvalConfig
 from capret.config import ConfigError
 from capret.errors import DataError, MissingFileError
@@ -64,7 +65,7 @@ def run(args: MapEvalConfig) -> dict[str, Any]:
     """Evaluate saved features; ``--rerank`` reports before/after; ``--out`` writes metrics.json and pictures."""
     from capret.evaluation.retrieval_eval import retrieve_and_evaluate
 
-    missing = [flag for flag, attr in FEATURE_FLAGS if getattr(args, attr) is None]
+    missing = flags_where({flag: getattr(args, attr) for flag, attr in FEATURE_FLAGS}, given=False)
     if missing:
         raise ConfigError(f"--metric map with saved features needs {', '.join(missing)} (.npy files)")
     arrays = {attr: _load_npy(getattr(args, attr), flag=flag) for flag, attr in FEATURE_FLAGS}
@@ -86,9 +87,7 @@ def run(args: MapEvalConfig) -> dict[str, Any]:
         arrays["query_labels"],
         arrays["gallery_labels"],
         ks=args.ks,
-        index=args.index,
-        rerank=args.rerank,
-        rerank_topk=args.rerank_topk,
+        **search_flags(args),
         query_images=query_images,
         gallery_images=gallery_images,
     )

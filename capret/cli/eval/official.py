@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from capret.cli.common import non_negative_float, non_negative_int, positive_int
-from capret.cli.eval.common import add_device, add_ks, add_out, add_rerank, config_from, indexes, require
+from capret.cli.eval.common import (
+    add_device,
+    add_ks,
+    add_out,
+    add_rerank,
+    config_from,
+    flags_where,
+    indexes,
+    require,
+    search_flags,
+)
 from capret.config import ConfigError
 from capret.progress import progress_enabled
 
@@ -169,9 +179,7 @@ def _run_detected(args: OfficialEvalConfig, ks: list[int]) -> dict[str, Any]:
         gallery_gt=args.gallery_gt,
         ks=ks,
         top=max(args.top, ks[-1]),
-        index=args.index,
-        rerank=args.rerank,
-        rerank_topk=args.rerank_topk,
+        **search_flags(args),
         max_items=args.max_items,
         batch_size=args.batch_size,
         progress=progress_enabled(),
@@ -192,27 +200,15 @@ def run(args: OfficialEvalConfig) -> dict[str, Any]:
     ks = list(OFFICIAL_KS) if list(args.ks) == PARSER_DEFAULT_KS else sorted(set(args.ks))
     if args.checkpoint is not None:
         return _run_detected(args, ks)
-    stray = [
-        flag
-        for flag, value in (
-            ("--root", args.root),
-            ("--detector", args.detector),
-            ("--detections", args.detections),
-        )
-        if value is not None
-    ]
+    stray = flags_where(
+        {"--root": args.root, "--detector": args.detector, "--detections": args.detections}, given=True
+    )
     if stray:
         raise ConfigError(f"{', '.join(stray)} belong to the raw-image source: add --checkpoint MODEL")
 
-    missing = [
-        flag
-        for flag, value in (
-            ("--results", args.results),
-            ("--query-gt", args.query_gt),
-            ("--gallery-gt", args.gallery_gt),
-        )
-        if value is None
-    ]
+    missing = flags_where(
+        {"--results": args.results, "--query-gt": args.query_gt, "--gallery-gt": args.gallery_gt}, given=False
+    )
     if args.rerank is not None:
         # A result file holds final rankings without features or images, so there is nothing to rerank with.
         raise ConfigError(
