@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from capret.config import ConfigError, cfg, from_dict, load_config, to_dict
 from capret.console import add_debug_flag, print_json, run_guarded
 from capret.progress import NO_PROGRESS_HELP, progress_enabled
 from captioning.loop import LoopConfig
+
+if TYPE_CHECKING:
+    from captioning.category import CategoryModel, CategoryPrediction
+    from captioning.prompts import PromptSet
+    from captioning.store import CaptionStore
 
 __all__ = [
     "CaptionConfig",
@@ -378,6 +383,16 @@ def run(config: CaptionConfig) -> dict[str, Any]:
         elif config.category_model:
             category_model = load_category_model(config.category_model)
             category_report = {"category_model": str(config.category_model)}
+        work = _Work(
+            store=store,
+            prompts=prompts,
+            config=config.loop,
+            batch_size=config.batch_size,
+            on_bad_image=config.on_bad_image,
+            category_model=category_model,
+            cross_fitted=cross_fitted,
+            oracle=config.oracle_attributes,
+        )
         if config.engine == "ray":
             from captioning.ray_engine import caption_targets_ray
 
@@ -385,34 +400,19 @@ def run(config: CaptionConfig) -> dict[str, Any]:
                 raise ConfigError(f"--ray-actors must be >= 1, got {config.ray_actors}")
             summary = caption_targets_ray(
                 targets,
-                store=store,
                 backend=config.backend,
                 options=options,
-                prompts=prompts,
-                config=config.loop,
-                batch_size=config.batch_size,
                 actors=config.ray_actors,
                 address=config.ray_address,
                 num_cpus=config.ray_num_cpus,
-                on_bad_image=config.on_bad_image,
-                category_model=category_model,
-                cross_fitted=cross_fitted,
-                oracle=config.oracle_attributes,
+                **work,
             )
         elif config.engine != "local":
             raise ConfigError(f"unknown engine {config.engine!r}; valid: local, ray")
         elif config.ray_address:
             raise ConfigError("--ray-address needs --engine ray")
         else:
-            summary = _caption_local(
-                config,
-                targets,
-                store=store,
-                options=options,
-                prompts=prompts,
-                category_model=category_model,
-                cross_fitted=cross_fitted,
-            )
+            summary = _caption_local(config, targets, options=options, work=work)
     result = {
         "out": str(config.out),
         "failures_file": str(store.failures_path),
@@ -423,33 +423,28 @@ def run(config: CaptionConfig) -> dict[str, Any]:
     return result
 
 
-def _caption_local(
-    config: CaptionConfig,
-    targets: Any,
-    *,
-    store: Any,
-    options: dict[str, Any],
-    prompts: Any,
-    category_model: Any,
-    cross_fitted: Any,
-) -> Any:
+class _Work(TypedDict):
+    """What the local and the Ray engine both take: where captions go, how the dialogue runs, and how items are
+    read and named (so a flag reaches both engines alike)."""
+
+    store: CaptionStore
+    prompts: PromptSet
+    config: LoopConfig
+    batch_size: int
+    on_bad_image: str
+    category_model: CategoryModel | None
+    cross_fitted: Mapping[str, CategoryPrediction] | None
+    oracle: bool
+
+
+def _caption_local(config: CaptionConfig, targets: Any, *, options: dict[str, Any], work: _Work) -> Any:
     """The local engine: the backend and the runner in this process."""
     from captioning.backends import create_backend
     from captioning.runner import caption_targets
 
     with create_backend(config.backend, **options) as backend:
         summary = caption_targets(
-            targets,
-            store=store,
-            backend=backend,
-            prompts=prompts,
-            config=config.loop,
-            batch_size=config.batch_size,
-            progress=progress_enabled(config.progress),
-            on_bad_image=config.on_bad_image,
-            category_model=category_model,
-            cross_fitted=cross_fitted,
-            oracle=config.oracle_attributes,
+            targets, backend=backend, progress=progress_enabled(config.progress), **work
         )
     return summary
 
