@@ -23,16 +23,15 @@ p = 2560, h = 5120.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor
 
 from capret.errors import CheckpointError
+from capret.models.combiner import Combiner
 from capret.models.convert.common import (
     MappedCheckpoint,
-    SizedShapes,
-    check_shapes,
+    check_module_state,
     read_tensor_file,
     rename_by_rules,
     strip_prefix,
@@ -51,39 +50,12 @@ _RULES = (
 )
 
 
-#: the Combiner's tensors, in capret's names
-_COMBINER_KEYS = tuple(
-    f"{m}.{p}"
-    for m in (
-        "text_projection.0",
-        "image_projection.0",
-        "fusion.0",
-        "fusion.3",
-        "dynamic_scalar.0",
-        "dynamic_scalar.3",
-    )
-    for p in ("weight", "bias")
-)
-
-
-def _combiner_shapes(state: Mapping[str, Tensor]) -> SizedShapes:
-    p, d = state["text_projection.0.weight"].shape
-    h = state["fusion.0.weight"].shape[0]
-    sizes = {"feature_dim": int(d), "projection_dim": int(p), "hidden_dim": int(h)}
-    expected = {
-        "text_projection.0.bias": (p,),
-        "image_projection.0.weight": (p, d),
-        "image_projection.0.bias": (p,),
-        "fusion.0.weight": (h, 2 * p),
-        "fusion.0.bias": (h,),
-        "fusion.3.weight": (d, h),
-        "fusion.3.bias": (d,),
-        "dynamic_scalar.0.weight": (h, 2 * p),
-        "dynamic_scalar.0.bias": (h,),
-        "dynamic_scalar.3.weight": (1, h),
-        "dynamic_scalar.3.bias": (1,),
-    }
-    return sizes, expected
+#: where the Combiner's sizes are read (``d`` = CLIP features, ``p`` = projections, ``h`` = fusion MLP)
+_COMBINER_SIZES = {
+    "feature_dim": ("text_projection.0.weight", 1),
+    "projection_dim": ("text_projection.0.weight", 0),
+    "hidden_dim": ("fusion.0.weight", 0),
+}
 
 
 def map_combiner(
@@ -91,13 +63,8 @@ def map_combiner(
 ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int]]:
     """CLIP4Cir's Combiner state dict in :class:`capret.models.combiner.Combiner`'s names, with its sizes."""
     out, mapping, unmatched = rename_by_rules(state, _RULES)
-    sizes = check_shapes(
-        out,
-        path=path,
-        unmatched=unmatched,
-        needed=_COMBINER_KEYS,
-        shapes_of=_combiner_shapes,
-        what="the Combiner",
+    sizes = check_module_state(
+        out, path=path, unmatched=unmatched, sizes=_COMBINER_SIZES, build=Combiner, what="the Combiner"
     )
     return out, mapping, sizes
 

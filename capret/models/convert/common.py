@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from capret.errors import CheckpointError
 
 __all__ = [
-    "MLP_KEYS",
+    "MAPPER_SIZES",
     "MappedCheckpoint",
-    "SizedShapes",
+    "SizeSources",
     "check_complete",
-    "check_mlp",
-    "check_shapes",
+    "check_module_state",
     "map_openai_clip",
     "openai_to_hf_clip",
     "read_tensor_file",
@@ -139,70 +138,66 @@ def check_complete(
         raise CheckpointError(f"{path}: cannot convert to {what}; " + "; ".join(problems), path=path)
 
 
-#: the sizes a state dict implies and the shape each of its tensors must then have
-SizedShapes = tuple[dict[str, int], dict[str, tuple[int, ...]]]
+#: a size argument of the target module -> the tensor (capret name) and the dimension it is read from
+SizeSources = Mapping[str, tuple[str, int]]
 
 
-def check_shapes(
+def check_module_state(
     state: Mapping[str, Tensor],
     *,
     path: str | Path,
-    unmatched: list[str],
-    needed: Sequence[str],
-    shapes_of: Callable[[Mapping[str, Tensor]], SizedShapes],
+    unmatched: Sequence[str] = (),
+    sizes: SizeSources,
+    build: Callable[..., nn.Module],
     what: str,
 ) -> dict[str, int]:
     """Check a renamed state dict against the module it is for and return the sizes it implies.
 
-    Every converter asks the same three things at once — source keys no rule took (``unmatched``), ``needed``
-    keys that are absent, tensors whose shape disagrees with the sizes read off the others (``shapes_of``) — so
-    that a wrong release is refused with all its problems listed, not the first one.
+    The expected keys and shapes are those of ``build(**sizes)`` itself (built on the meta device, so no memory
+    is spent), not a table restating the architecture, so the check cannot drift from the module. All problems
+    are listed at once — source keys no rule took (``unmatched``), keys the module does not have, module keys the
+    checkpoint lacks, tensors whose shape disagrees with the sizes read off the others — so a wrong release is
+    refused with everything that is wrong with it.
+
+    Args:
+        sizes: where each size argument of ``build`` is read (``{"hidden_dim": ("layers.0.weight", 0)}``).
+        build: the module's constructor, called with the sizes as keyword arguments.
 
     Raises:
         CheckpointError: any unmatched key, missing key or shape mismatch (naming the file and ``what``).
     """
+    with torch.device("meta"):
+        needed = list(build(**dict.fromkeys(sizes, 1)).state_dict())
+    unmatched = [*unmatched, *(k for k in state if k not in needed)]
     missing = [k for k in needed if k not in state]
+    found: dict[str, int] = {}
     mismatches: list[str] = []
-    sizes: dict[str, int] = {}
     if not missing:
-        sizes, expected = shapes_of(state)
         mismatches = [
-            f"{k}: {tuple(state[k].shape)} but {what} needs {v}"
+            f"{key}: {tuple(state[key].shape)} has no dimension {dim} ({name})"
+            for name, (key, dim) in sizes.items()
+            if state[key].dim() <= dim
+        ]
+    if not missing and not mismatches:
+        found = {name: int(state[key].shape[dim]) for name, (key, dim) in sizes.items()}
+        with torch.device("meta"):
+            expected = build(**found).state_dict()
+        mismatches = [
+            f"{k}: {tuple(state[k].shape)} but {what} needs {tuple(v.shape)}"
             for k, v in expected.items()
-            if tuple(state[k].shape) != v
+            if state[k].shape != v.shape
         ]
     check_complete(path=path, unmatched=unmatched, missing=missing, shapes=mismatches, what=what)
-    return sizes
+    return found
 
 
-#: the tensors of an MLP kept as one ``layers`` Sequential with its three Linears at 0, 3 and 6 (Linear,
-#: activation, Dropout, ...): SEARLE's / LinCIR's Phi and, once renamed, Pic2Word's IM2TEXT (n_layer=2)
-MLP_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias"))
-
-
-def _mlp_shapes(state: Mapping[str, Tensor]) -> SizedShapes:
-    hidden, input_dim = state["layers.0.weight"].shape
-    output_dim = state["layers.6.weight"].shape[0]
-    sizes = {"input_dim": int(input_dim), "hidden_dim": int(hidden), "output_dim": int(output_dim)}
-    expected = {
-        "layers.0.bias": (hidden,),
-        "layers.3.weight": (hidden, hidden),
-        "layers.3.bias": (hidden,),
-        "layers.6.weight": (output_dim, hidden),
-        "layers.6.bias": (output_dim,),
-    }
-    return sizes, expected
-
-
-def check_mlp(
-    state: Mapping[str, Tensor], *, path: str | Path, unmatched: list[str], what: str
-) -> dict[str, int]:
-    """:func:`check_shapes` for a :data:`MLP_KEYS` network; its sizes are ``input_dim``, ``hidden_dim`` and
-    ``output_dim``. Phi and :class:`~capret.models.zeroshot.Pic2WordMapper` are this same shape in our names, so
-    their converters share it."""
-    return check_shapes(
-        state, path=path, unmatched=unmatched, needed=MLP_KEYS, shapes_of=_mlp_shapes, what=what
-    )
+#: where the sizes of a :class:`~capret.models.zeroshot.Phi` or a :class:`~capret.models.zeroshot.Pic2WordMapper`
+#: (the same three Linears at ``layers`` 0, 3 and 6) are read
+MAPPER_SIZES: SizeSources = {
+    "input_dim": ("layers.0.weight", 1),
+    "hidden_dim": ("layers.0.weight", 0),
+    "output_dim": ("layers.6.weight", 0),
+}
 
 
 def unused_entries(

@@ -28,14 +28,16 @@ from torch import Tensor
 
 from capret.errors import CheckpointError
 from capret.models.convert.common import (
+    MAPPER_SIZES,
     MappedCheckpoint,
-    check_mlp,
+    check_module_state,
     read_tensor_file,
     rename_by_rules,
     strip_prefix,
     tensor_entry,
     unused_entries,
 )
+from capret.models.zeroshot import Pic2WordMapper
 
 __all__ = ["convert_pic2word", "map_im2text"]
 
@@ -52,7 +54,14 @@ def map_im2text(
     """IM2TEXT's state dict (prefixes stripped) in :class:`Pic2WordMapper`'s names; ``(state, mapping, sizes)``."""
     # unmatched: e.g. layers.2.0.* of an n_layer=3 IM2TEXT, which our mapper does not have
     out, mapping, unmatched = rename_by_rules(state, _RULES)
-    sizes = check_mlp(out, path=path, unmatched=unmatched, what="IM2TEXT (n_layer=2)")
+    sizes = check_module_state(
+        out,
+        path=path,
+        unmatched=unmatched,
+        sizes=MAPPER_SIZES,
+        build=Pic2WordMapper,
+        what="IM2TEXT (n_layer=2)",
+    )
     return out, mapping, sizes
 
 

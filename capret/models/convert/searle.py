@@ -15,18 +15,19 @@ from torch import Tensor
 
 from capret.errors import CheckpointError
 from capret.models.convert.common import (
-    MLP_KEYS,
+    MAPPER_SIZES,
     MappedCheckpoint,
-    check_mlp,
+    check_module_state,
     read_tensor_file,
     strip_prefix,
     unused_entries,
 )
+from capret.models.zeroshot import Phi
 
 __all__ = ["PHI_KEYS", "convert_phi_file", "convert_searle", "map_phi_state", "phi_payload"]
 
 #: the tensors of SEARLE's / LinCIR's Phi, in their names (and ours)
-PHI_KEYS = MLP_KEYS
+PHI_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias"))
 
 
 def phi_payload(payload: Any, *, path: Path) -> tuple[dict[str, Tensor], dict[str, str], dict[str, Any]]:
@@ -47,8 +48,7 @@ def map_phi_state(
     state: dict[str, Tensor], *, path: Path, dropout: float
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Check a Phi state dict and derive its sizes; every key outside :data:`PHI_KEYS` is an error."""
-    unmatched = [k for k in state if k not in PHI_KEYS]
-    sizes = check_mlp(state, path=path, unmatched=unmatched, what="phi")
+    sizes = check_module_state(state, path=path, sizes=MAPPER_SIZES, build=Phi, what="phi")
     return {k: state[k] for k in PHI_KEYS}, {**sizes, "dropout": dropout}
 
 
