@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from capret.data.garments.paint import Garment
 from capret.data.garments.patterns import sample_look
-from capret.data.garments.records import STREAM_PRETRAIN, Identity, draw_identities, split_families
+from capret.data.garments.records import STREAM_PRETRAIN, Identity, PartOptions
 from capret.data.garments.sampling import companion_attributes, companions_for
 from capret.data.garments.scenes import consumer_photo, shop_photo
 from capret.data.garments.vocab import describe
@@ -56,38 +56,26 @@ def alt_text(attributes: Mapping[str, Any], rng: np.random.Generator) -> str:
     return text
 
 
-def write_pretrain(
-    root: Path,
-    *,
-    seed: int,
-    identities: int,
-    size: int,
-    shop_size: int,
-    family_size: int,
-    validation_fraction: float,
-    progress: bool,
-) -> tuple[list[Identity], dict[str, int]]:
+def write_pretrain(root: Path, part: PartOptions) -> tuple[list[Identity], dict[str, int]]:
     """Write two images per identity (a product photo and a street-photo crop) and the jsonl files."""
-    rng = np.random.default_rng([seed, STREAM_PRETRAIN, 0])
-    drawn = draw_identities(identities, prefix="pre-", rng=rng, max_family=family_size)
-    splits = split_families(drawn, fraction=validation_fraction, rng=rng)
+    drawn, splits = part.draw(STREAM_PRETRAIN, prefix="pre-")
     (root / "images").mkdir(parents=True)
     people: list[Identity] = []
     lines: dict[str, list[str]] = {"train": [], "validation": []}
     for index, (fam, attributes, look) in enumerate(tqdm(drawn, desc="garments pretrain", unit="identity",
-                                                         disable=not progress)):  # fmt: skip
-        irng = np.random.default_rng([seed, STREAM_PRETRAIN, 1, index])
+                                                         disable=not part.progress)):  # fmt: skip
+        irng = part.identity_rng(STREAM_PRETRAIN, index)
         split = splits[fam]
         person = Identity(id=f"pre-{index:05d}", attributes=attributes, family=fam, dataset="pretrain",
                           split=split, images=[])  # fmt: skip
         people.append(person)
         garment = Garment(attributes, look)
-        shop = shop_photo(garment, size=shop_size, rng=irng)
+        shop = shop_photo(garment, size=part.shop_size, rng=irng)
         worn = bool(irng.random() < 0.75)
         garments = [garment]
         for category in companions_for(str(attributes["category"]), irng) if worn else []:
             garments.append(Garment(companion_attributes(category, irng), sample_look(irng)))
-        street = consumer_photo(garments, size=size, worn=worn, rng=irng)
+        street = consumer_photo(garments, size=part.size, worn=worn, rng=irng)
         main = [item for item in street.items if item.garment == 0]
         crop = street.image
         if main:

@@ -11,7 +11,15 @@ import numpy as np
 from capret.data.garments.patterns import sample_look
 from capret.data.garments.sampling import categories_cycle, family
 
-__all__ = ["STREAM_DF2", "STREAM_FIQ", "STREAM_PRETRAIN", "Identity", "draw_identities", "split_families"]
+__all__ = [
+    "STREAM_DF2",
+    "STREAM_FIQ",
+    "STREAM_PRETRAIN",
+    "Identity",
+    "PartOptions",
+    "draw_identities",
+    "split_families",
+]
 
 #: generator stream numbers (the first key after the seed), one per part of the world
 STREAM_DF2, STREAM_FIQ, STREAM_PRETRAIN = 1, 2, 3
@@ -80,3 +88,32 @@ def draw_identities(
             out.append((name, attributes, look))
         index += 1
     return out
+
+
+@dataclass(frozen=True)
+class PartOptions:
+    """What :func:`capret.data.garments.world.build_world` hands a part writer that draws its own identities in
+    families (DeepFashion2, pretraining): the world's seed and image sizes, and the part's identity count and
+    validation share. The part's randomness comes from its generator stream (``STREAM_*``): ``(seed, stream, 0)``
+    draws the identities and splits their families, ``(seed, stream, 1, index)`` renders identity ``index``.
+    """
+
+    seed: int
+    identities: int
+    size: int
+    shop_size: int
+    family_size: int
+    validation_fraction: float
+    progress: bool
+
+    def draw(
+        self, stream: int, *, prefix: str
+    ) -> tuple[list[tuple[str, dict[str, Any], Any]], dict[str, str]]:
+        """The part's identities ``(family, attributes, look)`` and each family's split (see :func:`split_families`)."""
+        rng = np.random.default_rng([self.seed, stream, 0])
+        drawn = draw_identities(self.identities, prefix=prefix, rng=rng, max_family=self.family_size)
+        return drawn, split_families(drawn, fraction=self.validation_fraction, rng=rng)
+
+    def identity_rng(self, stream: int, index: int) -> np.random.Generator:
+        """The generator that renders identity ``index`` of the part (its own, so identities do not interact)."""
+        return np.random.default_rng([self.seed, stream, 1, index])

@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from capret.data.deepfashion2 import write_retrieval_ground_truth
@@ -35,7 +34,7 @@ from capret.data.garments.cir import write_fashioniq
 from capret.data.garments.paint import Garment
 from capret.data.garments.patterns import sample_look
 from capret.data.garments.pretrain import write_pretrain
-from capret.data.garments.records import STREAM_DF2, Identity, draw_identities, split_families
+from capret.data.garments.records import STREAM_DF2, Identity, PartOptions
 from capret.data.garments.sampling import companion_attributes, companions_for
 from capret.data.garments.scenes import consumer_photo, shop_photo
 from capret.errors import DataError, OutputFolderError
@@ -91,20 +90,9 @@ def _save_jpeg(photo_image: Any, path: Path, quality: int) -> None:
 
 
 def _write_deepfashion2(
-    root: Path,
-    *,
-    seed: int,
-    identities: int,
-    size: int,
-    shop_size: int,
-    user_views: int,
-    family_size: int,
-    validation_fraction: float,
-    progress: bool,
+    root: Path, part: PartOptions, *, user_views: int
 ) -> tuple[list[Identity], dict[str, int]]:
-    rng = np.random.default_rng([seed, STREAM_DF2, 0])
-    drawn = draw_identities(identities, prefix="df2-", rng=rng, max_family=family_size)
-    splits = split_families(drawn, fraction=validation_fraction, rng=rng)
+    drawn, splits = part.draw(STREAM_DF2, prefix="df2-")
     people: list[Identity] = []
     counts: dict[str, int] = {}
     pair_id = 0
@@ -116,8 +104,8 @@ def _write_deepfashion2(
         image_id = 0
         members = [(i, d) for i, d in enumerate(drawn) if splits[d[0]] == split]
         for index, (fam, attributes, look) in tqdm(members, desc=f"garments deepfashion2 {split}",
-                                                   unit="identity", disable=not progress):  # fmt: skip
-            irng = np.random.default_rng([seed, STREAM_DF2, 1, index])
+                                                   unit="identity", disable=not part.progress):  # fmt: skip
+            irng = part.identity_rng(STREAM_DF2, index)
             pair_id += 1
             person = Identity(id=f"df2-{index:05d}", attributes=attributes, family=fam, dataset="deepfashion2",
                               split=split, pair_id=pair_id, images=[])  # fmt: skip
@@ -125,7 +113,7 @@ def _write_deepfashion2(
             garment = Garment(attributes, look)
             views: list[tuple[str, Any, list[Identity]]] = []
             for _ in range(int(irng.integers(1, 3))):
-                views.append(("shop", shop_photo(garment, size=shop_size, rng=irng), [person]))
+                views.append(("shop", shop_photo(garment, size=part.shop_size, rng=irng), [person]))
             for _ in range(user_views):
                 worn = bool(irng.random() < 0.8)
                 others: list[Identity] = [person]
@@ -138,7 +126,7 @@ def _write_deepfashion2(
                     people.append(extra)
                     others.append(extra)
                     garments.append(Garment(extra.attributes, sample_look(irng)))
-                views.append(("user", consumer_photo(garments, size=size, worn=worn, rng=irng), others))
+                views.append(("user", consumer_photo(garments, size=part.size, worn=worn, rng=irng), others))
             for source, photo, owners in views:
                 image_id += 1
                 name = f"{image_id:06d}"
@@ -206,11 +194,11 @@ def build_world(
         _prepare(root)
         (root / _BUILDING).write_text(str(seed))
         start = time.perf_counter()
-        people, counts = _write_deepfashion2(
-            root / "deepfashion2", seed=seed, identities=identities, size=size, shop_size=shop,
-            user_views=user_views, family_size=family_size, validation_fraction=validation_fraction,
-            progress=progress,
+        part = PartOptions(
+            seed=seed, identities=identities, size=size, shop_size=shop, family_size=family_size,
+            validation_fraction=validation_fraction, progress=progress,
         )  # fmt: skip
+        people, counts = _write_deepfashion2(root / "deepfashion2", part, user_views=user_views)
         if cir_count > 0:
             fiq_people, fiq_counts = write_fashioniq(
                 root / "fashioniq", seed=seed, identities=cir_count, size=shop,
@@ -219,10 +207,10 @@ def build_world(
             people += fiq_people
             counts.update(fiq_counts)
         if pretrain_count > 0:
-            pre_people, pre_counts = write_pretrain(
-                root / "pretrain", seed=seed, identities=pretrain_count, size=size, shop_size=shop, family_size=family_size,
-                validation_fraction=min(validation_fraction, 0.15), progress=progress,
-            )  # fmt: skip
+            pretrain_part = replace(
+                part, identities=pretrain_count, validation_fraction=min(validation_fraction, 0.15)
+            )
+            pre_people, pre_counts = write_pretrain(root / "pretrain", pretrain_part)
             people += pre_people
             counts.update(pre_counts)
         seconds = time.perf_counter() - start
