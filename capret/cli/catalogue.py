@@ -33,6 +33,15 @@ def _location(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None, help="override the catalogue's root of source photos")
 
 
+def _no_verify_flag(parser: argparse.ArgumentParser, *, otherwise: str) -> None:
+    """``--no-verify`` of the actions that read source photos back (update, doctor); :func:`_verify` reads it."""
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help=f"skip the SHA-256 check of the source photos read back (default: {otherwise})",
+    )
+
+
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "catalogue",
@@ -84,11 +93,7 @@ def add_parser(subparsers: Any) -> None:
     update.add_argument("--reembed", action="store_true", help="re-embed rows of another model fingerprint")
     update.add_argument("--model", type=Path, default=None, help="with --reembed: switch to this model")
     update.add_argument("--device", default=None, help="torch device")
-    update.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the SHA-256 check of the source photos read back (default: each is checked against its row)",
-    )
+    _no_verify_flag(update, otherwise="each is checked against its row")
 
     search = sub.add_parser("search", help="search with a photo (optionally a box, a text, a category)")
     _location(search)
@@ -104,11 +109,7 @@ def add_parser(subparsers: Any) -> None:
     _location(sub.add_parser("stats", help="rows, photos, categories, index, versions"))
     doctor = sub.add_parser("doctor", help="check for problems")
     _location(doctor)
-    doctor.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip hashing every source photo against its rows' SHA-256 (default: changed photos are problems)",
-    )
+    _no_verify_flag(doctor, otherwise="changed photos are problems")
     optimize = sub.add_parser("optimize", help="build or update the indexes, compact, clean old versions")
     _location(optimize)
     optimize.add_argument("--rebuild", action="store_true", help="retrain the IVF-PQ even if it is fresh")

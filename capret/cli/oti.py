@@ -13,6 +13,7 @@ runs with the cosine loss alone. Prints a JSON report.
 from __future__ import annotations
 
 import argparse
+import inspect
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from capret.inference.cir.concepts import generate_continuations
     from capret.inference.cir.oti import OTIConfig
 
     parser = subparsers.add_parser(
@@ -78,18 +80,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="chat: ask a chat LLM for --per-concept phrases (ours); searle: the paper's continuations of 'a photo "
         "of {concept} that' sampled from a causal LM (--phrase-backend transformers; GPT-Neo 2.7B in the paper)",
     )
-    parser.add_argument(
-        "--phrase-samples", type=positive_int, default=256, help="searle style: sequences per concept (256)"
-    )
-    parser.add_argument(
-        "--phrase-temperature", type=float, default=0.5, help="searle style: sampling temperature (0.5)"
-    )
-    parser.add_argument(
-        "--phrase-max-length",
-        type=positive_int,
-        default=35,
-        help="searle style: tokens in all, prompt included (35)",
-    )
+    # SEARLE's generation settings: each flag shows and uses generate_continuations' own default (the paper's)
+    searle = inspect.signature(generate_continuations).parameters
+    for flag, name, parse, what in (
+        ("--phrase-samples", "samples", positive_int, "sequences per concept"),
+        ("--phrase-temperature", "temperature", float, "sampling temperature"),
+        ("--phrase-max-length", "max_length", positive_int, "tokens in all, prompt included"),
+    ):
+        parser.add_argument(
+            flag, type=parse, default=searle[name].default, help=f"searle style: {what} (%(default)s)"
+        )
     add_progress_flag(parser)
     for f in fields(OTIConfig):
         flag = "--" + f.name.replace("_", "-")

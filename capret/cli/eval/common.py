@@ -12,6 +12,9 @@ from capret.cli.common import add_device_flag, positive_int
 
 T = TypeVar("T")
 
+#: ``--ks`` left unset (``capret-eval official`` tells it from a user's own list by comparing with this)
+DEFAULT_KS = (1, 5, 10, 20)
+
 
 def config_from(namespace: argparse.Namespace, cls: type[T]) -> T:
     """The typed config ``cls`` from parsed flags (every dataclass field is a flag's ``dest``)."""
@@ -47,12 +50,13 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def add_ks(p: argparse.ArgumentParser) -> None:
+    shown = " ".join(map(str, DEFAULT_KS))
     p.add_argument(
         "--ks",
         type=positive_int,
         nargs="+",
-        default=[1, 5, 10, 20],
-        help="cut-offs for R@k (default 1 5 10 20)",
+        default=list(DEFAULT_KS),
+        help=f"cut-offs for R@k (default {shown})",
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from capret.cli.common import non_negative_float, non_negative_int, positive_int
 from capret.cli.eval.common import (
+    DEFAULT_KS,
     add_device,
     add_ks,
     add_out,
@@ -31,9 +32,6 @@ from capret.cli.eval.common import (
 )
 from capret.config import ConfigError
 from capret.progress import progress_enabled
-
-#: ``--ks`` when the user leaves it at the parser default: the cut-offs the official script prints.
-PARSER_DEFAULT_KS = [1, 5, 10, 20]
 
 
 @dataclass
@@ -197,7 +195,8 @@ def run(args: OfficialEvalConfig) -> dict[str, Any]:
     """Score ``--results``, or run the protocol from raw images with ``--checkpoint``; see the module docstring."""
     from capret.evaluation.deepfashion2 import OFFICIAL_KS, evaluate_retrieval_results
 
-    ks = list(OFFICIAL_KS) if list(args.ks) == PARSER_DEFAULT_KS else sorted(set(args.ks))
+    # --ks left at its default: the cut-offs the official script prints
+    ks = list(OFFICIAL_KS) if tuple(args.ks) == DEFAULT_KS else sorted(set(args.ks))
     if args.checkpoint is not None:
         return _run_detected(args, ks)
     stray = flags_where(
