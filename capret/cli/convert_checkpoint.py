@@ -25,13 +25,8 @@ __all__ = ["SOURCES", "add_parser", "run"]
 
 #: ``--from`` values (the registry :mod:`capret.models.convert`; kept here so ``--help`` imports no torch)
 SOURCES = ("clip4cir", "lincir", "pic2word", "searle")
-#: ``capret-eval cir`` flags that evaluate each source's folder
-_EVAL = {
-    "searle": "--method searle --mapper",
-    "lincir": "--method lincir --mapper",
-    "pic2word": "--method pic2word --mapper",
-    "clip4cir": "--method combiner --checkpoint",
-}
+#: the ``capret-eval cir`` flag that takes a folder of this kind (the method comes from the converter registry)
+_FOLDER_FLAG = {"combiner": "--checkpoint"}  # every other kind is a mapper (phi, pic2word, lincir)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -93,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
 
     report = call_with_flags(convert_released_checkpoint, args, args.source)
     data = report.to_json()
-    data["evaluate"] = f"capret-eval cir {_EVAL[args.source]} {args.out} --dataset DATASET --root ROOT"
+    flag = _FOLDER_FLAG.get(report.kind, "--mapper")
+    data["evaluate"] = (
+        f"capret-eval cir --method {report.method} {flag} {args.out} --dataset DATASET --root ROOT"
+    )
     print_json(data)
     return 0

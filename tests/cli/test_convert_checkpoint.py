@@ -313,8 +313,8 @@ def test_converted_folders_evaluate_with_the_documented_command(
     cirr = write_cirr(base / "cirr_eval")
     phi = _seeded(Phi(24, hidden_dim=96, output_dim=32), 5)
     torch.save({"Phi": phi.state_dict()}, base / "phi_eval.pt")
-    _run(["convert-checkpoint", "--from", "searle", "--checkpoint", str(base / "phi_eval.pt"),
-          "--clip", backbones["vit"], "--out", str(base / "phi_eval")], capsys)  # fmt: skip
+    searle = _run(["convert-checkpoint", "--from", "searle", "--checkpoint", str(base / "phi_eval.pt"),
+                   "--clip", backbones["vit"], "--out", str(base / "phi_eval")], capsys)  # fmt: skip
     combiner = _seeded(Combiner(24, projection_dim=8, hidden_dim=8), 6).state_dict()
     names = {"text_projection.0": "text_projection_layer", "image_projection.0": "image_projection_layer",
              "fusion.0": "combiner_layer", "fusion.3": "output_layer"}  # fmt: skip
@@ -323,10 +323,11 @@ def test_converted_folders_evaluate_with_the_documented_command(
         for k, v in combiner.items()
     }
     torch.save({"Combiner": released}, base / "comb_eval.pt")
-    _run(["convert-checkpoint", "--from", "clip4cir", "--checkpoint", str(base / "comb_eval.pt"),
-          "--clip", backbones["vit"], "--out", str(base / "comb_eval")], capsys)  # fmt: skip
-    for flags in (["--method", "searle", "--mapper", str(base / "phi_eval")],
-                  ["--method", "combiner", "--checkpoint", str(base / "comb_eval")]):  # fmt: skip
+    clip4cir = _run(["convert-checkpoint", "--from", "clip4cir", "--checkpoint", str(base / "comb_eval.pt"),
+                     "--clip", backbones["vit"], "--out", str(base / "comb_eval")], capsys)  # fmt: skip
+    for report, flags in ((searle, ["--method", "searle", "--mapper", str(base / "phi_eval")]),
+                          (clip4cir, ["--method", "combiner", "--checkpoint", str(base / "comb_eval")])):  # fmt: skip
+        assert report["evaluate"].startswith(f"capret-eval cir {' '.join(flags)} ")  # the command it prints
         capsys.readouterr()
         code = eval_cli.main(["--dataset", "cirr", "--split", "val", "--root", str(cirr), *flags,
                               "--out", str(base / f"eval_{flags[1]}"), "--device", "cpu"])  # fmt: skip
