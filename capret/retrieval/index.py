@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import faiss
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from capret.errors import ConfigError, DataError, MissingFileError, require_finite
+from capret.errors import ConfigError, DataError, MissingFileError, UnknownNameError, require_finite
 from capret.io import atomic_write, default_device
 from capret.registry import Registry
 
@@ -43,11 +43,13 @@ __all__ = [
     "FaissIndex",
     "Index",
     "IVFPQ_DEFAULTS",
+    "IvfpqOptions",
     "as_float32",
     "create_index",
     "describe",
     "exact_topk",
     "ivfpq_factory",
+    "ivfpq_options",
     "list_indexes",
     "load_index",
     "register_index",
@@ -332,27 +334,52 @@ def ivfpq_factory(dim: int, *, nlist: int, m: int | None = None, nbits: int = 8)
     return index
 
 
+class IvfpqOptions(TypedDict, total=False):
+    """The IVF-PQ knobs, taken as keywords by ``create_index("ivfpq", dim, ...)`` and by
+    :func:`capret.retrieval.sharded.build_ivf_from_shards` (one declaration, one set of defaults and checks for
+    the in-memory and the sharded build; see :func:`ivfpq_options`). ``m`` None: ``dim / 2`` sub-quantisers."""
+
+    nlist: int
+    m: int | None
+    nbits: int
+    nprobe: int
+    refine_factor: int
+    max_train: int
+
+
+def ivfpq_options(options: IvfpqOptions) -> IvfpqOptions:
+    """``options`` with :data:`IVFPQ_DEFAULTS` filled in, after the checks both builders need."""
+    full: IvfpqOptions = {
+        "nlist": IVFPQ_DEFAULTS["nlist"],
+        "m": None,
+        "nbits": IVFPQ_DEFAULTS["nbits"],
+        "nprobe": IVFPQ_DEFAULTS["nprobe"],
+        "refine_factor": IVFPQ_DEFAULTS["refine_factor"],
+        "max_train": IVFPQ_DEFAULTS["max_train"],
+    }
+    unknown = sorted(set(options) - set(full))
+    if unknown:  # keywords are checked statically too; this catches a typo in a config or a CLI option dict
+        raise UnknownNameError(f"unknown ivfpq option {unknown[0]!r}; valid: {', '.join(full)}")
+    full.update(options)
+    if int(full["refine_factor"]) < 0:
+        raise ConfigError(
+            f"ivfpq refine_factor must be >= 0 (0 = no exact re-scoring), got {full['refine_factor']}"
+        )
+    return full
+
+
 @register_index("ivfpq")
-def _make_ivfpq(
-    dim: int,
-    nlist: int = IVFPQ_DEFAULTS["nlist"],
-    m: int | None = None,
-    nbits: int = IVFPQ_DEFAULTS["nbits"],
-    nprobe: int = IVFPQ_DEFAULTS["nprobe"],
-    max_train: int = IVFPQ_DEFAULTS["max_train"],
-    refine_factor: int = IVFPQ_DEFAULTS["refine_factor"],
-) -> FaissIndex:
-    if int(refine_factor) < 0:
-        raise ConfigError(f"ivfpq refine_factor must be >= 0 (0 = no exact re-scoring), got {refine_factor}")
-    index = ivfpq_factory(dim, nlist=nlist, m=m, nbits=nbits)
-    faiss.extract_index_ivf(index).nprobe = int(nprobe)
-    if refine_factor:
+def _make_ivfpq(dim: int, **options: Unpack[IvfpqOptions]) -> FaissIndex:
+    settings = ivfpq_options(options)
+    index = ivfpq_factory(dim, nlist=settings["nlist"], m=settings["m"], nbits=settings["nbits"])
+    faiss.extract_index_ivf(index).nprobe = int(settings["nprobe"])
+    if settings["refine_factor"]:
         # The refine stage keeps the float vectors (flat) and re-scores the PQ shortlist exactly; IndexRefine
         # numbers vectors 0..n-1, so the ids live in an IDMap2 around it.
         refine = faiss.IndexRefineFlat(index)
-        refine.k_factor = float(refine_factor)
+        refine.k_factor = float(settings["refine_factor"])
         index = _id_map(refine)
-    return FaissIndex(index, max_train=max_train)
+    return FaissIndex(index, max_train=settings["max_train"])
 
 
 @register_index("hnsw")

@@ -43,7 +43,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import faiss
 import numpy as np
@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from capret.errors import CapretError, ConfigError, DataError
 from capret.io import atomic_write_json, atomic_write_text, disk_full_named, file_sha256, read_json, read_text
-from capret.retrieval.index import IVFPQ_DEFAULTS, as_float32, ivfpq_factory, training_rows
+from capret.retrieval.index import IvfpqOptions, as_float32, ivfpq_factory, ivfpq_options, training_rows
 
 __all__ = [
     "FORMAT",
@@ -505,29 +505,28 @@ def build_ivf_from_shards(
     features: ShardedFeatures,
     out_dir: str | Path,
     *,
-    nlist: int = IVFPQ_DEFAULTS["nlist"],
-    m: int | None = None,
-    nbits: int = IVFPQ_DEFAULTS["nbits"],
-    nprobe: int = IVFPQ_DEFAULTS["nprobe"],
-    refine_factor: int = IVFPQ_DEFAULTS["refine_factor"],
-    max_train: int = IVFPQ_DEFAULTS["max_train"],
     on_disk: bool = True,
     chunk_rows: int = 65_536,
     progress: bool = False,
+    **options: Unpack[IvfpqOptions],
 ) -> Path:
     """Train an IVF-PQ index on a sample of ``features`` and add them shard by shard; see the module docstring.
 
-    Writes ``out_dir/ivf.index`` (+ ``lists.ivfdata`` when ``on_disk``) and ``out_dir/index.json`` (settings and
-    the features folder, relative when it lies inside ``out_dir``'s parent). Ids are global row numbers.
+    ``options`` are those of the in-memory ``ivfpq`` index, with the same defaults and checks
+    (:func:`capret.retrieval.index.ivfpq_options`). Writes ``out_dir/ivf.index`` (+ ``lists.ivfdata`` when
+    ``on_disk``) and ``out_dir/index.json`` (settings and the features folder, relative when it lies inside
+    ``out_dir``'s parent). Ids are global row numbers.
     """
+    ivf = ivfpq_options(options)
+    nlist, nbits = ivf["nlist"], ivf["nbits"]
     out_dir = Path(out_dir)
     if features.rows < nlist:
         raise CapretError(
             f"an IVF index with nlist={nlist} needs at least {nlist} vectors, got {features.rows}"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    index = ivfpq_factory(features.dim, nlist=nlist, m=m, nbits=nbits)
-    index.train(_read_rows(features, training_rows(features.rows, max_train)))
+    index = ivfpq_factory(features.dim, nlist=nlist, m=ivf["m"], nbits=nbits)
+    index.train(_read_rows(features, training_rows(features.rows, ivf["max_train"])))
     parts_dir = out_dir / "parts.tmp"
     if parts_dir.exists():
         shutil.rmtree(parts_dir)
@@ -565,9 +564,9 @@ def build_ivf_from_shards(
         "nlist": int(nlist),
         "m": int(faiss.downcast_index(faiss.extract_index_ivf(index)).pq.M),  # type: ignore[attr-defined]
         "nbits": int(nbits),
-        "nprobe": int(nprobe),
-        "refine_factor": int(refine_factor),
-        "max_train": int(max_train),
+        "nprobe": int(ivf["nprobe"]),
+        "refine_factor": int(ivf["refine_factor"]),
+        "max_train": int(ivf["max_train"]),
         "on_disk": bool(on_disk),
         "sha256": {name: _sha256(out_dir / name) for name in files},
     }
