@@ -27,8 +27,8 @@ import base64
 import contextlib
 import io
 import re
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Unpack
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, Response
@@ -38,11 +38,11 @@ from starlette.concurrency import run_in_threadpool
 from capret.serve.admission import Admission
 from capret.serve.backends import Box, ServeBackend, crop_box
 from capret.serve.web import (
+    ServeLimits,
     add_page_routes,
-    admission_scope,
-    check_host,
     check_upload_size,
     decode_upload,
+    limited_app,
     open_upload_header,
     read_asset,
     render_page,
@@ -71,35 +71,16 @@ def _thumbnail(picture: Image.Image, box: Any, *, side: int = 224) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def create_app(
-    backend: ServeBackend,
-    *,
-    max_upload_bytes: int = 8 * 1024 * 1024,
-    max_pixels: int = 40_000_000,
-    pixel_budget: int | None = None,
-    max_concurrency: int = 2,
-    max_k: int = 100,
-    host: str | None = None,
-    allowed_hosts: Sequence[str] = (),
-) -> FastAPI:
-    """The ASGI app over ``backend`` (see the module docstring for the routes and the limits).
-
-    ``pixel_budget`` (default ``max_pixels``: one maximal image decoded at a time) bounds the decoded pixels of
-    all running searches together. ``host`` is the address the server is bound to: requests must name it (or,
-    on loopback, any loopback alias) or one of ``allowed_hosts`` in their ``Host`` header; None skips the check
-    (an app embedded behind another server that checks hosts itself).
-    """
-    admission = Admission(max_concurrency=max_concurrency, max_pixels=max_pixels, pixel_budget=pixel_budget)
-    app = FastAPI(
+def create_app(backend: ServeBackend, **limits: Unpack[ServeLimits]) -> FastAPI:
+    """The ASGI app over ``backend`` (see the module docstring for the routes, :class:`ServeLimits` for the
+    limits)."""
+    app, full, admitted = limited_app(
+        limits,
         title="capret serve",
         description="Caption-augmented image retrieval and composed queries over a shop gallery.",
-        version="1",
-        docs_url=None,  # FastAPI's own docs page loads its scripts from a CDN; /docs below works offline
-        redoc_url=None,
     )
-    check_host(app, host=host, allowed_hosts=allowed_hosts)
-    app.state.admission = admission
-    admitted = admission_scope(admission)
+    admission: Admission = app.state.admission
+    max_upload_bytes, max_pixels, max_k = full["max_upload_bytes"], full["max_pixels"], full["max_k"]
 
     def probe_upload(request: Request, upload: UploadFile) -> tuple[Image.Image, int]:
         """The upload opened lazily (header only: no pixel decoded yet) and its decoded size in pixels."""

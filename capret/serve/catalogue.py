@@ -27,7 +27,7 @@ import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -36,14 +36,13 @@ from starlette.concurrency import run_in_threadpool
 
 from capret.catalogue.table import SourceChangedError
 from capret.errors import UsageError
-from capret.serve.admission import Admission
 from capret.serve.backends import crop_box
 from capret.serve.web import (
+    ServeLimits,
     add_page_routes,
-    admission_scope,
-    check_host,
     check_upload_size,
     decode_upload,
+    limited_app,
     open_upload_header,
     render_page,
 )
@@ -144,24 +143,15 @@ class CatalogueBackend:
 def create_catalogue_app(
     backend: CatalogueBackend,
     *,
-    max_upload_bytes: int = 8 * 1024 * 1024,
-    max_pixels: int = 40_000_000,
-    pixel_budget: int | None = None,
-    max_concurrency: int = 2,
-    max_k: int = 100,
-    host: str | None = None,
-    allowed_hosts: Sequence[str] = (),
     allow_writes: bool = False,
     token: str | None = None,
+    **limits: Unpack[ServeLimits],
 ) -> FastAPI:
     """The ASGI app over a catalogue (see the module docstring); writes need ``allow_writes`` and a token."""
     if allow_writes and not token:
         raise UsageError("write endpoints need a token: pass --token (or set CAPRET_SERVE_TOKEN)")
-    admission = Admission(max_concurrency=max_concurrency, max_pixels=max_pixels, pixel_budget=pixel_budget)
-    app = FastAPI(title="capret serve (catalogue)", version="1", docs_url=None, redoc_url=None)
-    check_host(app, host=host, allowed_hosts=allowed_hosts)
-    app.state.admission = admission
-    admitted = admission_scope(admission)
+    app, full, admitted = limited_app(limits, title="capret serve (catalogue)")
+    max_upload_bytes, max_pixels, max_k = full["max_upload_bytes"], full["max_pixels"], full["max_k"]
     writer = asyncio.Lock()
 
     def probe(request: Request, upload: UploadFile) -> tuple[Image.Image, int, bytes]:

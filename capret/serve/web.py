@@ -17,20 +17,24 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from importlib import resources
-from typing import IO
+from typing import IO, TypedDict
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 
+from capret.errors import UnknownNameError
 from capret.serve.admission import Admission, AdmissionRefused, HostCheck, allowed_hosts_for
 
 __all__ = [
+    "DEFAULT_LIMITS",
+    "ServeLimits",
     "add_page_routes",
     "admission_scope",
     "check_host",
     "check_upload_size",
     "decode_upload",
+    "limited_app",
     "open_upload_header",
     "read_asset",
     "render_page",
@@ -54,7 +58,62 @@ def check_host(app: FastAPI, *, host: str | None, allowed_hosts: Sequence[str]) 
             app.add_middleware(HostCheck, allowed=allowed)
 
 
-def admission_scope(admission: Admission) -> Callable[[int], AbstractAsyncContextManager[None]]:
+class ServeLimits(TypedDict, total=False):
+    """The limits both apps take as keywords (what they guard is in :mod:`capret.serve.app`); one left out takes
+    its value from :data:`DEFAULT_LIMITS`.
+
+    ``pixel_budget`` (default ``max_pixels``: one maximal image decoded at a time) bounds the decoded pixels of all
+    running searches together. ``host`` is the address the server is bound to: requests must name it (or, on
+    loopback, any loopback alias) or one of ``allowed_hosts`` in their ``Host`` header; None skips the check (an
+    app embedded behind another server that checks hosts itself).
+    """
+
+    max_upload_bytes: int
+    max_pixels: int
+    pixel_budget: int | None
+    max_concurrency: int
+    max_k: int
+    host: str | None
+    allowed_hosts: Sequence[str]
+
+
+DEFAULT_LIMITS: ServeLimits = {
+    "max_upload_bytes": 8 * 1024 * 1024,
+    "max_pixels": 40_000_000,
+    "pixel_budget": None,
+    "max_concurrency": 2,
+    "max_k": 100,
+    "host": None,
+    "allowed_hosts": (),
+}
+
+Admitted = Callable[[int], AbstractAsyncContextManager[None]]
+
+
+def limited_app(
+    limits: ServeLimits, *, title: str, description: str = ""
+) -> tuple[FastAPI, ServeLimits, Admitted]:
+    """A FastAPI app under ``limits`` (defaults filled in, also returned): the Host check, the admission (kept as
+    ``app.state.admission``) and ``admitted`` (:func:`admission_scope`) for its searches. FastAPI's own docs pages
+    are off: they load their scripts from a CDN."""
+    unknown = sorted(set(limits) - set(DEFAULT_LIMITS))
+    if (
+        unknown
+    ):  # keywords are checked statically too; this catches a typo at run time as the old signature did
+        raise UnknownNameError(f"unknown serve limit {unknown[0]!r}; valid: {', '.join(DEFAULT_LIMITS)}")
+    full: ServeLimits = {**DEFAULT_LIMITS, **limits}
+    admission = Admission(
+        max_concurrency=full["max_concurrency"],
+        max_pixels=full["max_pixels"],
+        pixel_budget=full["pixel_budget"],
+    )
+    app = FastAPI(title=title, description=description, version="1", docs_url=None, redoc_url=None)
+    check_host(app, host=full["host"], allowed_hosts=full["allowed_hosts"])
+    app.state.admission = admission
+    return app, full, admission_scope(admission)
+
+
+def admission_scope(admission: Admission) -> Admitted:
     """``async with admitted(pixels)``: hold a concurrency slot and ``pixels`` of the budget, or answer 503/413."""
 
     @contextlib.asynccontextmanager
