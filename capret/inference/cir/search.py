@@ -15,21 +15,21 @@ benchmarks.evaluate_cir`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from capret.errors import ConfigError
 from capret.evaluation.cir import rank_gallery
+from capret.evaluation.retrieval_eval import rerank_head
 from capret.inference.cir.features import CachedFeatures, image_features, text_features
 from capret.models.clip import ClipBundle
+from capret.retrieval.rerank import RerankInputs
 
 __all__ = [
     "CIRRanking",
@@ -153,8 +153,6 @@ def rerank_cir(
         The reranked :class:`CIRRanking` (same queries and gallery), the number of head results reranked, and
         the seconds the reranker took (feature lookups excluded, as in DeepFashion2 evaluation).
     """
-    from capret.retrieval.rerank import create_reranker
-
     if topk < 1:
         raise ConfigError(f"--rerank-topk must be >= 1, got {topk}")
     num_q = len(result.names)
@@ -166,20 +164,17 @@ def rerank_cir(
     gallery = result.gallery.features.float()
     queries = result.queries.float()
     scores = torch.einsum("qd,qkd->qk", queries, gallery[head])
-    model = create_reranker(reranker)
-    start = time.perf_counter()
-    new_rank, _ = model.rerank(
-        ranking=head.numpy(),
-        scores=scores.numpy(),
-        query_features=queries.numpy(),
-        gallery_features=gallery.numpy(),
-        query_images=list(query_images) if query_images is not None else None,
-        gallery_images=list(gallery_images) if gallery_images is not None else None,
+    reranked, _, seconds = rerank_head(
+        reranker,
+        RerankInputs(
+            ranking=head,
+            scores=scores,
+            query_features=queries,
+            gallery_features=gallery,
+            query_images=list(query_images) if query_images is not None else None,
+            gallery_images=list(gallery_images) if gallery_images is not None else None,
+        ),
     )
-    seconds = time.perf_counter() - start
-    reranked = torch.as_tensor(np.asarray(new_rank), dtype=torch.int64)
-    if reranked.shape != head.shape or not torch.equal(reranked.sort(1).values, head.sort(1).values):
-        raise ValueError(f"reranker {reranker!r} must return a permutation of each row's top {k_r}")
     names = result.gallery.names
     reordered = [
         [names[i] for i in row] + list(old[k_r:]) for row, old in zip(reranked.tolist(), result.names)
