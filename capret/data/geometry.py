@@ -3,7 +3,8 @@
 Both render a flat texture through a projective map onto a canvas and then annotate what landed in the frame, so
 they need the same four pieces: the map from four point pairs, applying it to points, warping an image through
 it, and clipping / measuring the projected outline. One implementation keeps the two worlds' annotations
-consistent with each other.
+consistent with each other. It also names the pixel box type (:data:`Box`) that detectors, galleries and
+captioners pass around, so each of them need not spell it again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["apply_homography", "clip_polygon", "homography", "polygon_area", "warp"]
+__all__ = ["Box", "apply_homography", "clip_polygon", "homography", "polygon_area", "warp"]
+
+#: An axis-aligned box ``(x1, y1, x2, y2)`` in pixels: what detectors return and galleries store for an item.
+Box = tuple[float, float, float, float]
 
 
 def homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

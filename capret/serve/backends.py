@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from capret.data.geometry import Box
 from capret.errors import ConfigError, DataError
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "GalleryEntry",
     "ServeBackend",
 ]
-
-Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
