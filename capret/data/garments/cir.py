@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from capret.data.garments.paint import Garment
 from capret.data.garments.patterns import sample_look
-from capret.data.garments.records import STREAM_FIQ, Identity, split_families
+from capret.data.garments.records import STREAM_FIQ, Identity, PartOptions, split_families
 from capret.data.garments.sampling import family
 from capret.data.garments.scenes import shop_photo
 from capret.data.garments.vocab import LENGTHS, luminance
@@ -175,16 +175,16 @@ def _family_members(category: str, rng: np.random.Generator, *, size: int) -> li
     )
 
 
-def write_fashioniq(
-    root: Path,
-    *,
-    seed: int,
-    identities: int,
-    size: int,
-    validation_fraction: float,
-    progress: bool,
-) -> tuple[list[Identity], dict[str, int]]:
-    """Write ``identities`` product images and their triplets in FashionIQ's layout under ``root``."""
+def write_fashioniq(root: Path, part: PartOptions) -> tuple[list[Identity], dict[str, int]]:
+    """Write ``part.identities`` product images (``part.shop_size`` pixels) and their triplets in FashionIQ's
+    layout under ``root``.
+
+    The families are drawn here (:func:`_family_members`: variants of a base that stay in its FashionIQ
+    category), not by :meth:`PartOptions.draw`, whose families share one attribute set; the family split, the
+    per-image generators and the sizes are the part's (``part.family_size`` is not used: a family holds 3-5).
+    """
+    seed = part.seed
+    identities = part.identities
     rng = np.random.default_rng([seed, STREAM_FIQ, 0])
     names = list(FIQ_CATEGORIES)
     drawn: list[tuple[str, dict[str, Any], Any]] = []
@@ -199,16 +199,16 @@ def write_fashioniq(
             drawn.append((f"fiq-f{index:04d}", attributes, look))
         index += 1
     drawn = drawn[:identities]
-    splits = split_families(drawn, fraction=validation_fraction, rng=rng)
+    splits = split_families(drawn, fraction=part.validation_fraction, rng=rng)
     (root / "images").mkdir(parents=True)
     (root / "captions").mkdir()
     (root / "image_splits").mkdir()
     people: list[Identity] = []
     for i, (fam, attributes, look) in enumerate(tqdm(drawn, desc="garments fashioniq", unit="image",
-                                                     disable=not progress)):  # fmt: skip
-        irng = np.random.default_rng([seed, STREAM_FIQ, 1, i])
+                                                     disable=not part.progress)):  # fmt: skip
+        irng = part.identity_rng(STREAM_FIQ, i)
         name = f"gw{i:05d}"
-        photo = shop_photo(Garment(attributes, look), size=size, rng=irng)
+        photo = shop_photo(Garment(attributes, look), size=part.shop_size, rng=irng)
         photo.image.save(root / "images" / f"{name}.jpg", format="JPEG", quality=photo.quality)
         people.append(Identity(id=name, attributes=attributes, family=fam, dataset="fashioniq",
                                split=_FIQ_SPLITS[splits[fam]], images=[f"fashioniq/images/{name}.jpg"]))  # fmt: skip

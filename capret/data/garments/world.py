@@ -200,10 +200,7 @@ def build_world(
         )  # fmt: skip
         people, counts = _write_deepfashion2(root / "deepfashion2", part, user_views=user_views)
         if cir_count > 0:
-            fiq_people, fiq_counts = write_fashioniq(
-                root / "fashioniq", seed=seed, identities=cir_count, size=shop,
-                validation_fraction=validation_fraction, progress=progress,
-            )  # fmt: skip
+            fiq_people, fiq_counts = write_fashioniq(root / "fashioniq", replace(part, identities=cir_count))
             people += fiq_people
             counts.update(fiq_counts)
         if pretrain_count > 0:
