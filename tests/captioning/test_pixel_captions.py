@@ -15,9 +15,12 @@ import pytest
 from PIL import Image
 from tiny_vlm import write_deepfashion2
 
+from capret.errors import CheckpointError, DataError
 from captioning.backends import CaptionBackend, create_backend
 from captioning.category import (
     FEATURE_DIM,
+    LabelledRows,
+    MlpTraining,
     category_model_dir,
     cross_fitted_predictions,
     fit_category_model,
@@ -133,27 +136,48 @@ def test_category_model_learns_from_pixels_and_round_trips(tmp_path) -> None:
         groups.append(index // 2)
     features = np.stack(rows)
     assert features.shape == (60, FEATURE_DIM) and np.isfinite(features).all()
-    model = fit_category_model(features=features, labels=labels, groups=groups, heldout_fraction=0.3, seed=0)
+    data = LabelledRows(features, labels, groups)
+    model = fit_category_model(data, heldout_fraction=0.3, seed=0)
     assert model.metrics["heldout_items"] == 18 and model.metrics["heldout_accuracy"] == 1.0
     assert "pixel-mlp" in list_category_models()
     model.save(tmp_path / "m")
     loaded = load_category_model(tmp_path / "m")
-    assert loaded.predict_features(features) == model.predict_features(features)
+    assert loaded.predict_inputs(features) == model.predict_inputs(features)
     assert loaded.metrics["heldout_accuracy"] == 1.0 and loaded.classes == ["skirt", "trousers"]
     with pytest.raises(FileNotFoundError, match="category_model.json"):
         load_category_model(tmp_path / "nope")
-    with pytest.raises(ValueError, match="differ"):
-        fit_category_model(features=features, labels=labels[:-1], groups=groups)
-    oof = cross_fitted_predictions(features=features, labels=labels, groups=groups, folds=5)
+    with pytest.raises(DataError, match="differ"):
+        LabelledRows(features, labels[:-1], groups)
+    oof = cross_fitted_predictions(data, folds=5)
     assert np.mean([p.name == y for p, y in zip(oof, labels)]) >= 0.95  # separable: right out of fold too
     shuffled = [str(x) for x in np.random.default_rng(1).permutation(labels)]  # labels unrelated to pixels
-    noise = fit_category_model(features=features, labels=shuffled, groups=groups, heldout_fraction=0.3)
-    oof = cross_fitted_predictions(features=features, labels=shuffled, groups=groups, folds=5)
+    noise = fit_category_model(LabelledRows(features, shuffled, groups), heldout_fraction=0.3)
+    oof = cross_fitted_predictions(LabelledRows(features, shuffled, groups), folds=5)
     out_of_fold = float(np.mean([p.name == y for p, y in zip(oof, shuffled)]))
     assert out_of_fold < 0.75 and noise.metrics["train_accuracy"] > out_of_fold + 0.05, (
         out_of_fold,
         noise.metrics,
     )
+
+
+def test_a_pixel_mlp_sidecar_from_before_the_config_key_still_loads(tmp_path) -> None:
+    """Sidecars written before category models shared one base class held ``hidden``/``feature_dim`` at the
+    top level; they load into the same architecture."""
+    model = fit_category_model(
+        LabelledRows(np.random.default_rng(0).normal(size=(12, FEATURE_DIM)).astype(np.float32),
+                     ["a", "b"] * 6, list(range(12))),
+        heldout_fraction=0.0,
+        training=MlpTraining(hidden=5, epochs=3),
+    )  # fmt: skip
+    folder = model.save(tmp_path / "old")
+    meta = json.loads((folder / "category_model.json").read_text())
+    meta.update(meta.pop("config"))
+    (folder / "category_model.json").write_text(json.dumps(meta))
+    assert load_category_model(folder).config() == {"hidden": 5, "feature_dim": FEATURE_DIM}
+    meta["feature_version"] = "capret-pixfeat-v0"
+    (folder / "category_model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="capret-pixfeat-v0"):
+        load_category_model(folder)
 
 
 class _Recorder(CaptionBackend):
