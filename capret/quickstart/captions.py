@@ -1,12 +1,15 @@
-"""Quickstart stage ``captions``: pixel-only captions of every demo item (both splits), template backend.
+"""Quickstart stage ``captions``: pixel-only captions of every item (both splits), template backend.
 
 Captions are functions of the pixels and the box (DESIGN.md "No oracle by default"). The garment category
-named in them comes from a small category model (:mod:`captioning.category`) trained here on the *train*
-split's crops within :data:`CATEGORY_SECONDS` and saved beside the captions
-(``captions.train.category_model/``); its accuracy on held-out train identities and on the validation items is
-reported. The train captions use cross-fitted (out-of-fold) predictions, so their category is as often wrong as
-on validation and the retrieval model cannot learn to trust a memorised category word. (The demo assigns categories by cycling over the 13 DeepFashion2 classes, independently of the
-pixels, so expect chance-level accuracy there: the demo's captions then carry colour, texture and shape only.)
+named in them comes from a category model (:mod:`captioning.category`, kind :data:`CATEGORY_KIND`: the
+``pixel-cnn`` ensemble of :mod:`captioning.category_cnn`) trained here on the *train* split's crops and labels,
+within :data:`CATEGORY_SECONDS` (crop extraction and every member; each member also stops at its step count),
+and saved beside the captions (``captions.train.category_model/``). Reported: its accuracy on held-out train
+identities (each item predicted by the member that never saw its garment), on the train captions and on the
+validation items (scored against the annotation here, after prediction; no checkpoint is chosen on it). The
+train captions use those out-of-fold predictions, so their category is as often wrong as on unseen garments
+and the retrieval model cannot learn to trust a memorised category word. (On the photograph demo,
+``--world demo``, categories are assigned in turn, independently of the pixels: expect chance there.)
 
 The demo dataset has the DeepFashion2 layout, so captions are keyed by ``Item.key`` exactly like real
 DeepFashion2 captions and the training stages join them the same way. Like DeepFashion2, the demo numbers
@@ -18,22 +21,30 @@ model are resumable: re-running the quickstart reuses them.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from capret.errors import MissingFileError
 from captioning.backends import create_backend
-from captioning.category import category_model_dir, fit_category_model_on_targets, load_category_model
+from captioning.category import (
+    CategoryModel,
+    category_model_dir,
+    fit_category_model_on_targets,
+    load_category_model,
+)
 from captioning.loop import LoopConfig
 from captioning.prompts import get_prompt_set
 from captioning.runner import caption_source, caption_targets
 from captioning.sources import create_source, store_binding
-from captioning.store import CaptionStore, read_records
+from captioning.store import CaptionStore, failures_path, read_records
 
 from . import QuickstartContext
 
 SPLITS = ("train", "validation")
-#: Time budget of the category model (feature extraction + fitting) on 2 CPU cores.
+#: The registered category model the stage trains.
+CATEGORY_KIND = "pixel-cnn"
+#: Time budget of the category model (crop extraction + every member's fitting), on one CPU thread.
 CATEGORY_SECONDS = 30.0
 
 
@@ -52,11 +63,10 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
         raise MissingFileError(f"no demo train split under {ctx.data_root} (the category model trains on it)")
     folder = category_model_dir(ctx.out_dir / "captions.train.jsonl")
     cross_fitted = None  # a reused model: the train captions that need them are already stored
-    if (folder / "model.safetensors").is_file():
-        category_model = load_category_model(folder)
-    else:
+    category_model = _reusable_model(ctx.out_dir, folder)
+    if category_model is None:
         category_model, cross_fitted = fit_category_model_on_targets(
-            targets["train"], out_dir=folder, seed=ctx.seed, max_seconds=CATEGORY_SECONDS
+            targets["train"], out_dir=folder, kind=CATEGORY_KIND, seed=ctx.seed, max_seconds=CATEGORY_SECONDS
         )
     predicted: dict[str, dict[str, str]] = {}
     accuracy: dict[str, float] = {}
@@ -100,6 +110,9 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
         "caption_source": caption_source(oracle=False),
         "category_model": {
             "dir": str(folder),
+            "kind": category_model.kind,
+            "config": category_model.config(),
+            "steps": metrics.get("steps", metrics.get("epochs")),
             "heldout_accuracy": metrics.get("heldout_accuracy"),
             "train_accuracy": metrics.get("train_accuracy"),
             "cross_fitted_train_accuracy": metrics.get("cross_fitted_accuracy"),
@@ -110,6 +123,22 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
             "seconds": metrics.get("seconds_with_features", metrics.get("seconds")),
         },
     }
+
+
+def _reusable_model(out_dir: Path, folder: Path) -> CategoryModel | None:
+    """The saved category model of an earlier run, if it is of :data:`CATEGORY_KIND`; a model of another kind
+    (an older quickstart's) is removed together with the caption stores it named categories in, so they are
+    captioned again with the new model instead of mixing two models' categories."""
+    if not (folder / "model.safetensors").is_file():
+        return None
+    model = load_category_model(folder)
+    if model.kind == CATEGORY_KIND:
+        return model
+    shutil.rmtree(folder)
+    for split in SPLITS:
+        (out_dir / f"captions.{split}.jsonl").unlink(missing_ok=True)
+        failures_path(out_dir / f"captions.{split}.jsonl").unlink(missing_ok=True)
+    return None
 
 
 def _score_clip_captioner(ctx: QuickstartContext) -> dict[str, Any]:
