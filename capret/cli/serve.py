@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from capret.cli.common import add_device_flag, host, port, positive_float, positive_int
+
+# capret.serve imports FastAPI, which `capret --help` (it builds every subcommand's parser) need not load
+if TYPE_CHECKING:
+    from capret.serve.web import ServeLimits
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -110,16 +114,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Limits(TypedDict):
-    max_upload_bytes: int
-    max_concurrency: int
-    max_pixels: int
-    pixel_budget: int | None
-    host: str
-    allowed_hosts: list[str]
-
-
-def _limits(args: argparse.Namespace) -> _Limits:
+def _limits(args: argparse.Namespace) -> ServeLimits:
     """The upload, admission and host limits both apps take, from the flags they share."""
     return {
         "max_upload_bytes": int(args.max_upload_mb * 1024 * 1024),
