@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from capret.retrieval import knn
 from capret.retrieval.knn import self_knn
 
 
@@ -59,3 +60,34 @@ def test_row_min_only_when_asked_and_bad_arguments_refused() -> None:
         self_knn(_features(20), 0)
     with pytest.raises(ValueError, match="at least one row"):
         self_knn(torch.empty(0, 4), 3)
+
+
+@pytest.mark.parametrize(
+    ("nq", "k", "duplicates"), [(120, 7, False), (120, 7, True), (90, 21, True), (3, 7, False)]
+)
+def test_pooled_knn_with_a_kept_gallery_graph_equals_the_full_graph(
+    nq: int, k: int, duplicates: bool
+) -> None:
+    feats = _features(257, duplicates=duplicates)
+    queries, gallery = feats[:nq], feats[nq:]
+    expected = self_knn(feats, k, block=64, with_row_min=True)
+    knn._gallery_graphs.clear()
+    for _ in range(2):  # the second call finds the gallery's graph kept
+        graph = knn.pooled_knn(queries, gallery, k, with_row_min=True)
+        assert torch.equal(graph.positions, expected.positions)
+        assert torch.equal(graph.sims, expected.sims)
+        assert torch.equal(graph.row_min, expected.row_min)
+    assert len(knn._gallery_graphs) == 1
+
+
+def test_gallery_graph_is_kept_per_content_and_bounded() -> None:
+    knn._gallery_graphs.clear()
+    a, b, c = _features(60, seed=1), _features(60, seed=2), _features(60, seed=3)
+    first = knn.gallery_graph(a, 5)
+    assert knn.gallery_graph(a.clone(), 5) is first  # same bytes, same graph
+    knn.gallery_graph(b, 5)
+    knn.gallery_graph(c, 5)
+    assert len(knn._gallery_graphs) == knn.GALLERY_CACHE_SIZE
+    assert knn.gallery_graph(a, 5) is not first  # evicted, computed again
+    assert knn.gallery_graph(a, 40).positions.shape[1] == 40  # more than kept: computed with the larger k
+    assert knn.gallery_graph(a, 3, cache=False).positions.shape[1] == knn.GALLERY_K

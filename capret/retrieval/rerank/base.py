@@ -191,25 +191,30 @@ def append_tail(
 
 #: Gathering a candidate's descriptor costs about as much as this many multiply-adds of a dense product on a CPU
 #: (measured with scripts/bench/rerank.py): below it, scoring the whole gallery and picking the candidates wins.
-DENSE_OVER_GATHER = 600
+DENSE_OVER_GATHER = 80
 
 
 def candidate_scores(
-    queries: torch.Tensor, gallery: torch.Tensor, ranking: torch.Tensor, *, chunk: int = 256
+    queries: torch.Tensor, gallery: torch.Tensor, ranking: torch.Tensor, *, chunk: int = 32
 ) -> torch.Tensor:
     """``[Q, K]`` inner products of each query with its ranked candidates, chunked over queries.
 
     When the gallery is small next to the candidate lists (``G < DENSE_OVER_GATHER * K``) a chunk's whole row of
-    scores is one matrix product and the candidates are picked from it; otherwise their descriptors are gathered.
+    scores is one matrix product and the candidates are picked from it; otherwise their descriptors are gathered
+    with ``index_select`` a few queries at a time (the gathered block stays in cache for the batched product; one
+    large gather or advanced indexing costs 2-3x more).
     """
     out = torch.empty(ranking.shape, dtype=torch.float32, device=ranking.device)
-    dense = gallery.shape[0] < DENSE_OVER_GATHER * max(ranking.shape[1], 1)
-    for s in range(0, ranking.shape[0], chunk):
-        rows = ranking[s : s + chunk]
+    width = max(ranking.shape[1], 1)
+    dense = gallery.shape[0] < DENSE_OVER_GATHER * width
+    step = max(chunk, (1 << 14) // width) if dense else chunk
+    for s in range(0, ranking.shape[0], step):
+        rows = ranking[s : s + step]
         if dense:
-            out[s : s + chunk] = (queries[s : s + chunk] @ gallery.T).gather(1, rows)
+            out[s : s + step] = (queries[s : s + step] @ gallery.T).gather(1, rows)
         else:
-            out[s : s + chunk] = torch.einsum("cd,ckd->ck", queries[s : s + chunk], gallery[rows])
+            cand = gallery.index_select(0, rows.reshape(-1)).view(rows.shape[0], rows.shape[1], -1)
+            out[s : s + step] = torch.bmm(cand, queries[s : s + step, :, None]).squeeze(2)
     return out
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from capret.errors import ConfigError
-from capret.retrieval.knn import self_knn
+from capret.retrieval.knn import pooled_knn
 from capret.retrieval.rerank.base import (
     FeatureReranker,
     RerankInputs,
@@ -36,8 +36,8 @@ class AlphaQueryExpansion(FeatureReranker):
     nearest descriptors in that set (itself included), each weighted by ``sim ** alpha``, then re-normalised
     (Radenović et al., TPAMI 2018, αQE; Arandjelović and Zisserman, CVPR 2012, DBA). The top-K candidates are
     then rescored with the expanded descriptors. Expanding both sides together is what makes it DBA + QE in one
-    pass; the ``k``-NN graph over ``Q + G`` items is computed tile by tile on its symmetric half (``self_knn``), never
-    as a dense matrix.
+    pass; the ``k``-NN graph over ``Q + G`` items is computed tile by tile on its symmetric half (``pooled_knn``; the
+    gallery's own part is kept for the next reranking of the same gallery), never as a dense matrix.
     """
 
     def __init__(
@@ -57,7 +57,7 @@ class AlphaQueryExpansion(FeatureReranker):
         k = min(self.k, feats.shape[0])
         for _ in range(self.iterations):
             normed = torch.nn.functional.normalize(feats, dim=1)
-            graph = self_knn(normed, k)
+            graph = pooled_knn(normed[: queries.shape[0]], normed[queries.shape[0] :], k)
             sims, idx = graph.sims, graph.positions
             weights = _signed_pow(sims, self.alpha)
             new = torch.empty_like(feats)
@@ -179,13 +179,15 @@ class KReciprocalRerank(FeatureReranker):
         self.chunk = chunk
         self.device = device
 
-    def encode(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sparse k-reciprocal vectors after local QE as padded rows ``(cols [N, L], vals [N, L])``, and each
-        item's maximum squared distance ``[N]`` (the row normaliser)."""
+    def encode(self, queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sparse k-reciprocal vectors of the pooled ``[queries; gallery]`` after local QE (a coalesced
+        ``[N, N]`` COO matrix ``V``, rows in order) and each item's maximum squared distance ``[N]`` (the row
+        normaliser)."""
+        feats = torch.cat([queries, gallery], 0)
         n = feats.shape[0]
         kk = min(self.k1 + 1, n)
         half = min(int(round(self.k1 / 2)) + 1, n)
-        graph = self_knn(feats, kk, with_row_min=True)
+        graph = pooled_knn(queries, gallery, kk, with_row_min=True)
         ranks, min_sim = graph.positions, graph.row_min
         dmax = (2.0 - 2.0 * min_sim).clamp(min=1e-12)
         arange = torch.arange(n, device=feats.device)
@@ -213,7 +215,7 @@ class KReciprocalRerank(FeatureReranker):
             width = int(valid.sum(1).max())
             expansion, valid = expansion[:, :width], valid[:, :width]
             safe = expansion.clamp(max=n - 1)
-            sims = torch.einsum("cd,cld->cl", feats[rows], feats[safe])
+            sims = candidate_scores(feats[rows], feats, safe)
             dist = (2.0 - 2.0 * sims).clamp(min=0) / dmax[rows, None]
             weight = torch.where(valid, torch.exp(-dist), torch.zeros_like(dist))
             weight = weight / weight.sum(1, keepdim=True)
@@ -235,28 +237,47 @@ class KReciprocalRerank(FeatureReranker):
             with warnings.catch_warnings():  # "sparse CSR support is in beta" from inside torch.sparse.mm
                 warnings.simplefilter("ignore", UserWarning)
                 v = torch.sparse.mm(qe, v).coalesce()
-        cols, vals = _padded_rows(v, n)
-        return cols, vals, dmax
+        return v, dmax
 
     def distances(self, queries: torch.Tensor, gallery: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor:
-        """Final k-reciprocal distances ``[Q, K]`` of each query to its ranked candidates (lower is closer)."""
+        """Final k-reciprocal distances ``[Q, K]`` of each query to its ranked candidates (lower is closer).
+
+        The Jaccard overlap ``Σ_j min(V_qj, V_gj)`` is accumulated as the authors' code does, through inverted
+        lists: for every column ``j`` of a query's row, the gallery items whose rows hold ``j`` too. That visits
+        only the pairs that share a column (a few thousand per query), instead of a candidate's whole row for
+        each of the K candidates; the overlaps are read at the candidates only.
+        """
         feats = torch.cat([queries, gallery], 0)
         n, nq = feats.shape[0], queries.shape[0]
-        cols, vals, dmax = self.encode(feats)
+        ng = n - nq
+        v, dmax = self.encode(queries, gallery)
+        rows, cols = v.indices()
+        vals = v.values().float()
+        ptr = _offsets(rows, n)
+        in_gallery = rows >= nq
+        by_col = cols[in_gallery].argsort(stable=True)
+        inv_item = (rows[in_gallery] - nq)[by_col]
+        inv_val = vals[in_gallery][by_col]
+        inv_ptr = _offsets(cols[in_gallery], n)
         out = torch.empty(ranking.shape, dtype=torch.float32, device=ranking.device)
-        qchunk = max(1, min(self.chunk, (1 << 24) // max(n, 1)))
+        qchunk = max(1, min(self.chunk, (1 << 21) // max(ng, 1)))  # the accumulator stays in cache
+        acc = torch.zeros(qchunk * ng, dtype=torch.float32, device=feats.device)
         for s in range(0, nq, qchunk):
-            rows = torch.arange(s, min(s + qchunk, nq), device=feats.device)
-            dense = torch.zeros((rows.numel(), n), dtype=torch.float32, device=feats.device)
-            dense.scatter_add_(1, cols[rows], vals[rows])
-            cand = ranking[rows] + nq  # positions in the pooled set
-            c_cols, c_vals = cols[cand], vals[cand]  # [c, K, L]
-            mine = dense.gather(1, c_cols.reshape(rows.numel(), -1)).view_as(c_vals)
-            inter = torch.minimum(mine, c_vals).sum(-1)
+            e = min(s + qchunk, nq)
+            lo, hi = int(ptr[s]), int(ptr[e])
+            owner, col, val = rows[lo:hi] - s, cols[lo:hi], vals[lo:hi]
+            start, count = inv_ptr[col], inv_ptr[col + 1] - inv_ptr[col]
+            entry = torch.repeat_interleave(torch.arange(hi - lo, device=feats.device), count)
+            first = torch.cumsum(count, 0) - count
+            pos = start[entry] + torch.arange(entry.numel(), device=feats.device) - first[entry]
+            target = owner[entry] * ng + inv_item[pos]
+            acc.index_add_(0, target, torch.minimum(val[entry], inv_val[pos]))
+            inter = acc[: (e - s) * ng].view(e - s, ng).gather(1, ranking[s:e])
+            acc[target] = 0.0  # only what this chunk touched
             jaccard = 1.0 - inter / (2.0 - inter)
-            sims = candidate_scores(queries[rows], gallery, ranking[rows])
-            original = (2.0 - 2.0 * sims).clamp(min=0) / dmax[rows, None]
-            out[rows] = (1.0 - self.lambda_value) * jaccard + self.lambda_value * original
+            sims = candidate_scores(queries[s:e], gallery, ranking[s:e])
+            original = (2.0 - 2.0 * sims).clamp(min=0) / dmax[s:e, None]
+            out[s:e] = (1.0 - self.lambda_value) * jaccard + self.lambda_value * original
         return out
 
     def reorder(self, inp: RerankInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -264,19 +285,11 @@ class KReciprocalRerank(FeatureReranker):
         return sort_rows(inp.ranking, -final)
 
 
-def _padded_rows(v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A coalesced sparse ``[n, n]`` matrix as padded ``(cols [n, L], vals [n, L])`` (pads: column 0, value 0)."""
-    rows, cols = v.indices()
-    vals = v.values()
-    counts = torch.bincount(rows, minlength=n)
-    width = max(1, int(counts.max()) if counts.numel() else 1)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-    out_cols = torch.zeros((n, width), dtype=torch.int64, device=rows.device)
-    out_vals = torch.zeros((n, width), dtype=torch.float32, device=rows.device)
-    out_cols[rows, slot] = cols
-    out_vals[rows, slot] = vals.float()
-    return out_cols, out_vals
+def _offsets(owners: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR offsets ``[n + 1]`` of entries grouped by ``owners`` (values in ``[0, n)``)."""
+    out = torch.zeros(n + 1, dtype=torch.int64, device=owners.device)
+    out[1:] = torch.cumsum(torch.bincount(owners, minlength=n), 0)
+    return out
 
 
 register_reranker("kreciprocal")(KReciprocalRerank)
