@@ -87,12 +87,17 @@ def list_backbones() -> list[str]:
 class DetectorModelConfig:
     """Architecture of the clothing detector (a ``model:`` section of the detector task's YAML)."""
 
-    arch: Literal["faster_rcnn", "mask_rcnn"] = cfg(
-        "faster_rcnn", "faster_rcnn (boxes) or mask_rcnn (boxes + masks, as Match R-CNN)"
+    arch: Literal["faster_rcnn", "mask_rcnn", "centernet"] = cfg(
+        "faster_rcnn",
+        "faster_rcnn (boxes), mask_rcnn (boxes + masks, as Match R-CNN) or centernet (boxes as heatmap peaks, "
+        "capret.models.centernet: no anchors or proposals, the CPU choice)",
     )
     backbone: str = cfg(
-        "resnet50", "resnet18..resnet152, resnext/wide_resnet, mobilenet_v3_large/_small, or timm:<name>"
+        "resnet50",
+        "resnet18..resnet152, resnext/wide_resnet, mobilenet_v3_large/_small, or timm:<name>; centernet: "
+        "tiny_cnn or timm:<name>",
     )
+    backbone_width: int = cfg(16, "centernet's tiny_cnn: width of its first stage (then 2x, 4x, 6x, 8x)")
     weights: str | None = cfg(
         None, "whole COCO-trained torchvision detector to start from (DEFAULT or an enum name); null = none"
     )
@@ -107,7 +112,9 @@ class DetectorModelConfig:
     )
     mobilenet_dilated: bool = cfg(False, "dilate MobileNetV3's last stage (torchvision's COCO detector does)")
     box_head_width: int = cfg(1024, "width of the two-layer box head (torchvision: 1024; smaller is cheaper)")
-    fpn_channels: int = cfg(256, "FPN width (timm backbones; torchvision backbones use 256)")
+    fpn_channels: int = cfg(
+        256, "FPN width (timm backbones and centernet's heads; torchvision backbones use 256)"
+    )
     min_size: int = cfg(800, "shorter image side after the detector's own resize")
     max_size: int = cfg(1333, "longer image side cap after the resize")
     score_threshold: float = cfg(0.05, "detections below this score are dropped at inference")
@@ -239,13 +246,29 @@ def _build_full(config: DetectorModelConfig) -> nn.Module:
     return model
 
 
+def _build_centernet(config: DetectorModelConfig) -> nn.Module:
+    """The anchor-free :class:`~capret.models.centernet.CenterNet` (``rpn_*``, ``box_*`` and ``mobilenet_*``
+    options do not apply to it)."""
+    from capret.models.centernet import CenterNet
+
+    if config.weights is not None:
+        raise ConfigError(f"arch centernet has no whole pretrained detector; got weights={config.weights!r}")
+    if config.backbone_weights not in (None, "DEFAULT"):
+        raise ConfigError(
+            f"centernet backbones take backbone_weights DEFAULT or null, got {config.backbone_weights}"
+        )
+    return CenterNet(config, num_classes=NUM_CLASSES - 1)
+
+
 def build_torchvision_detector(config: DetectorModelConfig) -> nn.Module:
     """The torchvision ``FasterRCNN`` / ``MaskRCNN`` of ``config`` (randomly initialised heads)."""
     from torchvision.models.detection import FasterRCNN, MaskRCNN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
+    if config.arch == "centernet":
+        return _build_centernet(config)
     if config.arch not in ("faster_rcnn", "mask_rcnn"):
-        raise ConfigError(f"unknown detector arch {config.arch!r}; valid: faster_rcnn, mask_rcnn")
+        raise ConfigError(f"unknown detector arch {config.arch!r}; valid: faster_rcnn, mask_rcnn, centernet")
     if config.weights is not None:
         return _build_full(config)
     backbone, levels = _backbone(config)

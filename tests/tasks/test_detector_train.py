@@ -111,6 +111,27 @@ def test_flip_sampler_is_deterministic_and_shards_ranks() -> None:
         assert ranks[0][step] + ranks[1][step] == whole[step]
     other = FlipBatchSampler(10, batch_size=4, flip=True, seed=3, epoch=2, rank=0, world_size=1).batches
     assert other != whole
+    assert all(colour == -1 for batch in whole for _, _, colour in batch)  # recolour 0: colours kept
+    recoloured = FlipBatchSampler(
+        10, batch_size=4, flip=True, seed=3, epoch=1, rank=0, world_size=1, recolour=1.0
+    )
+    assert [[k[:2] for k in b] for b in recoloured.batches] == [
+        [k[:2] for k in b] for b in whole
+    ]  # same flips
+    assert all(colour >= 0 for batch in recoloured.batches for _, _, colour in batch)
+
+
+def test_recolour_is_a_pure_function_of_its_seed(data: Path) -> None:
+    from capret.tasks.detector import recolour
+
+    coco = load_coco_split(root=data, split="train", coco_file=None, cache_dir=None)
+    dataset = CocoDetectionDataset(coco, image_root=data / "train" / "image", masks=False)
+    pixels, target = dataset[(0, False)]
+    again, target_again = dataset[(0, False, 5)]
+    assert torch.equal(again, recolour(pixels, 5)) and torch.equal(target_again["boxes"], target["boxes"])
+    assert torch.equal(dataset[(0, False, 5)][0], again) and not torch.equal(recolour(pixels, 6), again)
+    assert again.shape == pixels.shape and float(again.min()) >= 0.0 and float(again.max()) <= 1.0
+    assert torch.equal(dataset[(0, False, -1)][0], pixels)
 
 
 def test_dataset_flips_boxes_and_masks(data: Path) -> None:
@@ -153,6 +174,6 @@ def test_configs_parse_and_demo_yaml_is_the_quickstart_recipe(configs_dir: Path)
     demo = to_dict(load_config(DetectorConfig, configs_dir / "demo_detector.yaml"))
     recipe = to_dict(from_dict(DetectorConfig, copy.deepcopy(DEMO_RECIPE)))
     assert demo["model"] == recipe["model"] and demo["eval"]["max_images"] == recipe["eval"]["max_images"]
-    for key in ("lr", "batch_size", "flip"):
-        section = "data" if key in ("batch_size", "flip") else "trainer"
+    for key in ("lr", "batch_size", "flip", "recolour", "schedule", "warmup_steps"):
+        section = "data" if key in ("batch_size", "flip", "recolour") else "trainer"
         assert demo[section][key] == recipe[section][key]
