@@ -6,36 +6,8 @@ The built-in rerankers are registered lazily: :func:`create_reranker` imports a 
 so listing names (CLI choices) imports neither kornia nor the reranking code.
 """
 
-from capret.retrieval.rerank.base import (
-    FeatureReranker,
-    ImageRef,
-    Reranker,
-    RerankInputs,
-    append_tail,
-    candidate_scores,
-    create_reranker,
-    list_rerankers,
-    prepare_inputs,
-    register_reranker,
-    require_image_refs,
-    sort_rows,
-)
+from capret.retrieval.rerank import base
+from capret.retrieval.rerank.base import *  # noqa: F403  (the protocol, registry and shared checks: base.__all__)
 from capret.retrieval.rerank.global_ import AlphaQueryExpansion, KReciprocalRerank, SuperGlobalRerank
 
-__all__ = [
-    "AlphaQueryExpansion",
-    "FeatureReranker",
-    "ImageRef",
-    "KReciprocalRerank",
-    "Reranker",
-    "RerankInputs",
-    "SuperGlobalRerank",
-    "append_tail",
-    "candidate_scores",
-    "create_reranker",
-    "list_rerankers",
-    "prepare_inputs",
-    "register_reranker",
-    "require_image_refs",
-    "sort_rows",
-]
+__all__ = [*base.__all__, "AlphaQueryExpansion", "KReciprocalRerank", "SuperGlobalRerank"]

@@ -59,9 +59,7 @@ class Reranker(Protocol):
 _RERANKERS: Registry[Reranker] = Registry(
     "reranker",
     lazy_modules={
-        "aqe": "capret.retrieval.rerank.global_",
-        "superglobal": "capret.retrieval.rerank.global_",
-        "kreciprocal": "capret.retrieval.rerank.global_",
+        **dict.fromkeys(("aqe", "superglobal", "kreciprocal"), "capret.retrieval.rerank.global_"),
         "geometric": "capret.retrieval.rerank.geometric",
     },
 )

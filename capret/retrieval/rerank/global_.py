@@ -2,12 +2,14 @@
 (MDescAug + RerankwMDA, Shao et al., ICCV 2023) and ``kreciprocal`` (Zhong et al., CVPR 2017).
 
 Each is a :class:`~capret.retrieval.rerank.base.FeatureReranker`: the shared entry point validates inputs, the
-class implements ``reorder`` on the checked tensors.
+class implements ``reorder`` on the checked tensors. Each is a keyword-only dataclass whose fields are its
+settings (``--rerank NAME`` options), checked in ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ def _signed_pow(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return x.sign() * x.abs().pow(alpha)
 
 
+@dataclass(kw_only=True)
 class AlphaQueryExpansion(FeatureReranker):
     """αQE with database-side augmentation, fast-reid style (``aqe``: k=10, α=3, one round).
 
@@ -40,15 +43,16 @@ class AlphaQueryExpansion(FeatureReranker):
     gallery's own part is kept for the next reranking of the same gallery), never as a dense matrix.
     """
 
-    def __init__(
-        self, *, k: int = 10, alpha: float = 3.0, iterations: int = 1, device: str | None = None
-    ) -> None:
-        if k < 1 or iterations < 1:
-            raise ConfigError(f"aqe needs k >= 1 and iterations >= 1, got k={k}, iterations={iterations}")
-        self.k = k
-        self.alpha = alpha
-        self.iterations = iterations
-        self.device = device
+    k: int = 10
+    alpha: float = 3.0
+    iterations: int = 1
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.iterations < 1:
+            raise ConfigError(
+                f"aqe needs k >= 1 and iterations >= 1, got k={self.k}, iterations={self.iterations}"
+            )
 
     def expand(self, queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expanded, L2-normalised ``(queries, gallery)`` descriptors."""
@@ -78,6 +82,7 @@ class AlphaQueryExpansion(FeatureReranker):
 register_reranker("aqe")(AlphaQueryExpansion)  # the class is the factory: its defaults are stated once
 
 
+@dataclass(kw_only=True)
 class SuperGlobalRerank(FeatureReranker):
     """SuperGlobal reranking (Shao et al., "Global Features are All You Need for Image Retrieval and
     Reranking", ICCV 2023): MDescAug followed by RerankwMDA, defaults M=400, K=9, β=0.15.
@@ -95,16 +100,15 @@ class SuperGlobalRerank(FeatureReranker):
     paper's setting); items beyond ``M`` keep their order after the reranked head.
     """
 
-    def __init__(
-        self, *, m: int = 400, k: int = 9, beta: float = 0.15, chunk: int = 32, device: str | None = None
-    ) -> None:
-        if m < 1 or k < 0:
-            raise ConfigError(f"superglobal needs m >= 1 and k >= 0, got m={m}, k={k}")
-        self.m = m
-        self.k = k
-        self.beta = beta
-        self.chunk = chunk
-        self.device = device
+    m: int = 400
+    k: int = 9
+    beta: float = 0.15
+    chunk: int = 32
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.m < 1 or self.k < 0:
+            raise ConfigError(f"superglobal needs m >= 1 and k >= 0, got m={self.m}, k={self.k}")
 
     def head_scores(self, queries: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """Final SuperGlobal scores ``[c, M]`` of queries ``[c, D]`` over their candidates ``[c, M, D]``."""
@@ -145,6 +149,7 @@ def _rows_contain(table: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor
     return (table[rows] == targets[:, None, None]).any(-1)
 
 
+@dataclass(kw_only=True)
 class KReciprocalRerank(FeatureReranker):
     """k-reciprocal re-ranking (Zhong et al., "Re-ranking Person Re-identification with k-reciprocal
     Encoding", CVPR 2017), defaults k1=20, k2=6, λ=0.3.
@@ -159,25 +164,18 @@ class KReciprocalRerank(FeatureReranker):
     top-K candidates. With K = all gallery items the ranking equals the dense reference exactly (tested).
     """
 
-    def __init__(
-        self,
-        *,
-        k1: int = 20,
-        k2: int = 6,
-        lambda_value: float = 0.3,
-        chunk: int = 2048,
-        device: str | None = None,
-    ) -> None:
-        if k1 < 1 or not 1 <= k2 <= k1 + 1 or not 0.0 <= lambda_value <= 1.0:
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    chunk: int = 2048
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.k1 < 1 or not 1 <= self.k2 <= self.k1 + 1 or not 0.0 <= self.lambda_value <= 1.0:
             raise ConfigError(
-                f"kreciprocal needs k1 >= 1, 1 <= k2 <= k1 + 1 and 0 <= lambda_value <= 1; got k1={k1}, "
-                f"k2={k2}, lambda_value={lambda_value}"
+                f"kreciprocal needs k1 >= 1, 1 <= k2 <= k1 + 1 and 0 <= lambda_value <= 1; got k1={self.k1}, "
+                f"k2={self.k2}, lambda_value={self.lambda_value}"
             )
-        self.k1 = k1
-        self.k2 = k2
-        self.lambda_value = lambda_value
-        self.chunk = chunk
-        self.device = device
 
     def encode(self, queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The sparse k-reciprocal vectors of the pooled ``[queries; gallery]`` after local QE (a coalesced
