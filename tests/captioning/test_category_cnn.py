@@ -29,6 +29,7 @@ from captioning.category_cnn import (
     CnnInputs,
     CnnTraining,
     PixelCnnModel,
+    _learning_rate,
     augment,
     fit_cnn_category_model,
     tile_inputs,
@@ -110,6 +111,17 @@ def test_augmentation_keeps_shapes_and_mirrors_the_box_centre() -> None:
     assert torch.equal(out, again)  # seeded
 
 
+def test_learning_rate_warms_up_then_follows_its_schedule_and_the_clock() -> None:
+    constant = CnnTraining(steps=100, warmup=10, lr=1e-2)
+    assert _learning_rate(constant, step=0, elapsed=0.0, limit=None) == pytest.approx(1e-3)
+    assert _learning_rate(constant, step=50, elapsed=99.0, limit=10.0) == pytest.approx(1e-2)
+    cosine = CnnTraining(steps=100, warmup=10, lr=1e-2, schedule="cosine")
+    assert _learning_rate(cosine, step=50, elapsed=0.0, limit=None) == pytest.approx(5e-3)
+    # the clock ran out first: the cosine follows the larger of the step and the time progress
+    assert _learning_rate(cosine, step=20, elapsed=5.0, limit=10.0) == pytest.approx(5e-3)
+    assert _learning_rate(cosine, step=20, elapsed=12.0, limit=10.0) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_bad_inputs_name_the_field_and_value(photos, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"CnnTraining\.size must be >= 16, got 8"):
         CnnTraining(size=8)
@@ -119,6 +131,10 @@ def test_bad_inputs_name_the_field_and_value(photos, tmp_path: Path) -> None:
         CnnTraining(ema=1.5)
     with pytest.raises(ConfigError, match=r"CnnTraining\.lr must be > 0, got 0\.0"):
         CnnTraining(lr=0.0)
+    with pytest.raises(
+        ConfigError, match=r"CnnTraining\.schedule must be 'cosine' or 'constant', got 'step'"
+    ):
+        CnnTraining(schedule="step")
     with pytest.raises(ConfigError, match="width must be >= 1, got 0"):
         PixelCnnModel(classes=["a", "b"], width=0)
     with pytest.raises(ConfigError, match="at least 2 distinct classes"):
