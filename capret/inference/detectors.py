@@ -257,17 +257,21 @@ def pil_to_tensor(image: Image.Image) -> Tensor:
 
 
 def _detections(output: dict[str, Tensor], *, score_threshold: float, max_items: int) -> list[Detection]:
+    """The best ``max_items`` detections above the threshold, one per box: a model that reports one box under
+    several classes (the ``centernet`` detector, for COCO's class-aware AP) gives the item its best class."""
     keep = output["scores"] >= score_threshold
     boxes, scores, labels = output["boxes"][keep], output["scores"][keep], output["labels"][keep]
-    order = torch.argsort(scores, descending=True, stable=True)[:max_items]
-    return [
-        Detection(
-            box=tuple(float(v) for v in boxes[i].tolist()),  # type: ignore[arg-type]
-            score=float(scores[i]),
-            category_id=int(labels[i]),
-        )
-        for i in order.tolist()
-    ]
+    found: list[Detection] = []
+    seen: set[tuple[float, ...]] = set()
+    for i in torch.argsort(scores, descending=True, stable=True).tolist():
+        box = tuple(float(v) for v in boxes[i].tolist())
+        if box in seen:
+            continue
+        seen.add(box)
+        found.append(Detection(box=box, score=float(scores[i]), category_id=int(labels[i])))  # type: ignore[arg-type]
+        if len(found) >= max_items:
+            break
+    return found
 
 
 class TrainedDetector:

@@ -12,9 +12,10 @@ in it). Two stages, as fashion systems often pair a garment detector with a cate
    four sides with a GIoU loss, weighted by the Gaussian (many samples per box, which trains faster than one).
    Decoding keeps the 3 x 3 peaks, the best ``detections_per_image``, then NMS at ``nms_threshold``.
 2. *What*: :class:`CropClassifier` names each box's category from a square crop of the photo itself (not the
-   detector's small input), trained on jittered crops of the annotated boxes. Each box is reported under its
-   :data:`CLASSES_PER_BOX` best classes, scored objectness x class probability (COCO's class-aware AP then
-   counts a garment whose second guess is right, at that guess's lower score).
+   detector's small input), trained on jittered crops of the annotated boxes. Each box is reported under every
+   class, scored objectness x class probability, as torchvision's R-CNNs report a box per class above their
+   score threshold (COCO's class-aware AP then counts a garment whose second guess is right, at that guess's
+   lower score); :class:`~capret.inference.detectors.TrainedDetector` keeps each box's best class only.
    Reading the category off the scene-level feature map instead (per-class heatmaps, or a class map beside the
    objectness) was tried on the garment world: within the quickstart's budget its loss stayed near chance.
 
@@ -60,9 +61,6 @@ CROP_SIZE = 32
 CROP_MARGIN = 1.1
 #: jittered crops per annotated box in a training step (cheap next to the detector's own pass)
 CROP_COPIES = 4
-#: classes each detected box is reported under (its best ones by the classifier), each scored
-#: objectness x class probability
-CLASSES_PER_BOX = 3
 #: the output stride of the heads (the finest merged feature map)
 STRIDE = 8
 #: padded inputs are multiples of the coarsest stride
@@ -404,9 +402,9 @@ class CenterNet(nn.Module):
         out = []
         for im, s, b, p in zip(images, kept_scores, kept_boxes, probs.split([len(b) for b in kept_boxes])):
             height, width = int(im.shape[-2]), int(im.shape[-1])
-            top_p, top_c = p.topk(min(CLASSES_PER_BOX, self.num_classes), dim=1)
+            top_p, top_c = p.sort(dim=1, descending=True)  # every class, best first
             score = (s[:, None] * top_p).flatten()
-            order = score.argsort(descending=True)[: self.detections_per_image]
+            order = score.argsort(descending=True, stable=True)[: self.detections_per_image]
             order = order[score[order] >= self.score_threshold]
             b = b.repeat_interleave(top_c.shape[1], dim=0)[order]
             b = torch.stack(

@@ -1,9 +1,17 @@
 """Quickstart stage ``detector``: train the demo clothing detector and report its COCO box AP.
 
-A Faster R-CNN on timm's MobileNetV3-Large with a narrow (64-channel) FPN from random initialisation (no weights can be downloaded here) on
-small images, trained by the ``detector`` task with the shared trainer for a time budget (``ctx.train_seconds``
-or :data:`DEFAULT_TRAIN_SECONDS`), then scored with pycocotools on the first :data:`VAL_IMAGES` validation images.
-The whole stage (COCO export, training, validation, export) is meant to fit in about a minute on 2 CPUs.
+The recipe (:data:`DEMO_RECIPE`) is a two-stage CenterNet (:mod:`capret.models.centernet`) from random
+initialisation (no weights can be downloaded here): a tiny plain CNN finds class-agnostic garment centres and
+boxes on 96-pixel inputs, and a crop classifier names each box's category from a 32-pixel crop of the photo.
+It has no anchors, proposals or RoI heads, so several times more images fit in the budget than with the Faster
+R-CNN this stage trained before (0.013 class-aware AP50 after 101 steps). Training images are flipped and, half
+of them, recoloured (colour tells little about the category in the garment world).
+
+The step budget is planned, then capped by time: a few steps of a throwaway model are timed on random images
+(:func:`planned_steps`), the cosine schedule is laid over the steps that fit in ``ctx.train_seconds`` (or
+:data:`DEFAULT_TRAIN_SECONDS`), and the trainer also stops at that many seconds if the machine slows down. Box AP
+(class-aware and any-class, pycocotools) is measured on every validation image. The whole stage is meant to fit
+in about a minute on 2 CPUs.
 
 Artefacts: the detector folder ``ctx.out_dir / "detector"`` (loads with :func:`capret.inference.detectors.
 load_detector`), the run ``ctx.out_dir / "detector_run"``, and ``ctx.state["detector"]`` (the folder's path).
@@ -12,6 +20,7 @@ load_detector`), the run ``ctx.out_dir / "detector_run"``, and ``ctx.state["dete
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +30,43 @@ from capret.config import from_dict, to_dict
 from capret.io import default_device
 from capret.quickstart import QuickstartContext
 
-DEFAULT_TRAIN_SECONDS = 30.0
-VAL_IMAGES = 60
+DEFAULT_TRAIN_SECONDS = 50.0
+#: validation images scored (null = all of them)
+VAL_IMAGES: int | None = None
+#: bounds of the planned step budget, and the steps timed to plan it (after one untimed step)
+MIN_STEPS, MAX_STEPS, CALIBRATION_STEPS = 20, 2000, 3
+#: share of the budget planned for the training steps themselves (the rest: image decoding, logging)
+PLANNED_SHARE = 0.9
 
 #: The demo recipe (also in configs/demo_detector.yaml, which tests keep equal to it).
 DEMO_RECIPE: dict[str, Any] = {
     "task": "detector",
-    "data": {"train_split": "train", "val_split": "validation", "batch_size": 4, "flip": True},
+    "data": {
+        "train_split": "train",
+        "val_split": "validation",
+        "batch_size": 16,
+        "flip": True,
+        "recolour": 0.5,
+    },
     "model": {
-        "arch": "faster_rcnn",
-        "backbone": "timm:mobilenetv3_large_100",
-        "fpn_channels": 64,
+        "arch": "centernet",
+        "backbone": "tiny_cnn",
+        "backbone_width": 16,
+        "fpn_channels": 32,
         "weights": None,
         "backbone_weights": None,
-        "min_size": 128,
-        "max_size": 160,
-        "box_head_width": 256,
-        "rpn_proposals_train": 300,
-        "rpn_proposals_test": 100,
-        "rpn_batch_size_per_image": 64,
-        "box_batch_size_per_image": 64,
-        "detections_per_image": 20,
+        "min_size": 96,
+        "max_size": 96,
+        "score_threshold": 0.001,
+        "nms_threshold": 0.5,
+        "detections_per_image": 100,
     },
     "trainer": {
-        "max_steps": 100_000,
-        "lr": 0.002,
+        "max_steps": 400,
+        "lr": 0.005,
         "weight_decay": 0.0001,
-        "warmup_steps": 10,
-        "schedule": "constant",
+        "warmup_steps": 20,
+        "schedule": "cosine",
         "clip_grad_norm": 10.0,
         "amp": "off",
         "log_every": 10,
@@ -59,17 +77,54 @@ DEMO_RECIPE: dict[str, Any] = {
         "num_workers": 0,
         "tensorboard": False,
     },
-    "eval": {"batch_size": 8, "max_images": VAL_IMAGES},
+    "eval": {"batch_size": 16, "max_images": VAL_IMAGES},
 }
 
 
-def demo_config(*, data_root: Path, run_dir: Path, export_dir: Path, seed: int, seconds: float) -> Any:
-    """The :class:`~capret.tasks.detector.DetectorConfig` of the quickstart run."""
+def planned_steps(config: Any, *, seconds: float, image_size: int = 256) -> tuple[int, float]:
+    """``(steps, seconds per step)``: how many training steps of ``config`` fit in ``seconds`` on this machine.
+
+    Times :data:`CALIBRATION_STEPS` steps (after one untimed one) of a throwaway model of the recipe on random
+    ``image_size`` images with two boxes each, at the recipe's batch size, with the threads in use. Planning the
+    steps lets the cosine schedule end where training ends; the trainer's time cap still stops a run that the
+    machine slows down later.
+    """
+    from capret.models.detector import ClothingDetector
+
+    generator = torch.Generator().manual_seed(0)
+    model = ClothingDetector(config.model).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    size = image_size
+    box = torch.tensor([[0.1, 0.1, 0.6, 0.7], [0.3, 0.4, 0.9, 0.95]]) * size
+    images = [torch.rand(3, size, size, generator=generator) for _ in range(config.data.batch_size)]
+    targets = [{"boxes": box.clone(), "labels": torch.tensor([1, 8])} for _ in images]
+    elapsed = 0.0
+    for step in range(CALIBRATION_STEPS + 1):
+        start = time.perf_counter()
+        losses = model(images, targets)
+        assert isinstance(losses, dict)
+        optimizer.zero_grad()
+        sum(losses.values(), torch.zeros(())).backward()
+        optimizer.step()
+        if step:  # the first step pays for allocations and lazy imports
+            elapsed += time.perf_counter() - start
+    per_step = elapsed / CALIBRATION_STEPS
+    steps = int(seconds * PLANNED_SHARE / max(per_step, 1e-6))
+    return max(MIN_STEPS, min(MAX_STEPS, steps)), per_step
+
+
+def demo_config(
+    *, data_root: Path, run_dir: Path, export_dir: Path, seed: int, seconds: float, steps: int | None = None
+) -> Any:
+    """The :class:`~capret.tasks.detector.DetectorConfig` of the quickstart run (``steps``: the planned step
+    budget, else the recipe's ``max_steps``; ``seconds``: the time cap)."""
     from capret.tasks.detector import DetectorConfig
 
     recipe = to_dict(from_dict(DetectorConfig, DEMO_RECIPE))
     recipe["data"]["root"] = str(data_root)
     recipe["trainer"].update(output_dir=str(run_dir), seed=seed, max_seconds=float(seconds), progress=False)
+    if steps is not None:
+        recipe["trainer"]["max_steps"] = int(steps)
     recipe["eval"]["export_dir"] = str(export_dir)
     return from_dict(DetectorConfig, recipe)
 
@@ -90,6 +145,8 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
     if default_device().type == "cpu":
         torch.set_num_threads(fastest_thread_count())
     try:
+        steps, step_seconds = planned_steps(config, seconds=seconds)
+        config.trainer.max_steps = steps
         result = train_task(config)
     finally:
         used = torch.get_num_threads()
@@ -104,7 +161,11 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
         "box_ap_any_class": float(metrics.get("box_ap_any_class", 0.0)),
         "box_ap50_any_class": float(metrics.get("box_ap50_any_class", 0.0)),
         "val_images": int(metrics.get("val_images", 0)),
+        "arch": config.model.arch,
         "backbone": config.model.backbone,
+        "input_size": config.model.min_size,
+        "planned_steps": steps,
+        "calibrated_step_seconds": round(step_seconds, 4),
         "train_steps": int(result.get("steps", 0)),
         "train_seconds": float(result.get("seconds", 0.0)),
         "torch_threads": used,

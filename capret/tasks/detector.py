@@ -244,6 +244,17 @@ def _collate(samples: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tens
     return [s[0] for s in samples], [s[1] for s in samples]
 
 
+def one_result_per_box(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """COCO results with each (image, box) kept once, at its best score: the same box reported under several
+    classes counts once when classes do not matter."""
+    best: dict[tuple[int, tuple[float, ...]], dict[str, Any]] = {}
+    for record in results:
+        key = (int(record["image_id"]), tuple(float(v) for v in record["bbox"]))
+        if key not in best or record["score"] > best[key]["score"]:
+            best[key] = record
+    return list(best.values())
+
+
 class DetectorTask:
     """The :class:`~capret.engine.trainer.TrainTask` of the clothing detector."""
 
@@ -327,8 +338,11 @@ class DetectorTask:
         metrics = {
             f"box_{k}": v for k, v in coco_detection_ap(self._val_coco, results, image_ids=image_ids).items()
         }
-        # Class-agnostic AP: how well garments are found, whatever category they are given.
-        agnostic = coco_detection_ap(self._val_coco, results, image_ids=image_ids, use_categories=False)
+        # Class-agnostic AP: how well garments are found, whatever category they are given (a box reported under
+        # several classes is one finding, at its best score).
+        agnostic = coco_detection_ap(
+            self._val_coco, one_result_per_box(results), image_ids=image_ids, use_categories=False
+        )
         metrics.update({"box_ap_any_class": agnostic["ap"], "box_ap50_any_class": agnostic["ap50"]})
         if self.config.model.arch == "mask_rcnn":
             segm = coco_detection_ap(self._val_coco, results, iou_type="segm", image_ids=image_ids)

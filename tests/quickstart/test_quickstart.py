@@ -97,7 +97,7 @@ def test_detector_stage_trains_and_saves_a_loadable_detector(
     data = tmp_path / "data"
     write_synthetic_df2(data, identities={"train": 4, "validation": 2}, user_views=2, size=64)
     recipe = copy.deepcopy(stage.DEMO_RECIPE)
-    recipe["model"].update(backbone="mobilenet_v3_small", min_size=64, max_size=64, box_head_width=32)
+    recipe["model"].update(backbone_width=4, fpn_channels=8, min_size=64, max_size=64)
     recipe["data"]["batch_size"] = 2
     monkeypatch.setattr(stage, "DEMO_RECIPE", recipe)
     ctx = QuickstartContext(
@@ -106,8 +106,14 @@ def test_detector_stage_trains_and_saves_a_loadable_detector(
     ctx.out_dir.mkdir()
     result = stage.run(ctx)
     assert 0.0 <= result["box_ap"] <= 1.0 and result["val_images"] == 6 and result["train_steps"] >= 1
+    # the step budget is planned from timed steps, and the time cap still holds
+    assert (
+        stage.MIN_STEPS <= result["planned_steps"] <= stage.MAX_STEPS
+        and result["calibrated_step_seconds"] > 0
+    )
+    assert result["train_steps"] <= result["planned_steps"]
     assert ctx.state["detector"] == ctx.out_dir / "detector"
-    assert load_detector(result["model_dir"]).model.config.backbone == "mobilenet_v3_small"
+    assert load_detector(result["model_dir"]).model.config.arch == "centernet"
 
 
 def test_a_second_writer_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

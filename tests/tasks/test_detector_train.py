@@ -19,7 +19,13 @@ from capret.cli.train import main
 from capret.config import from_dict, load_config, to_dict
 from capret.evaluation.detection import coco_detection_ap
 from capret.inference.detectors import Detection, create_detector, load_detector
-from capret.tasks.detector import CocoDetectionDataset, DetectorConfig, FlipBatchSampler, load_coco_split
+from capret.tasks.detector import (
+    CocoDetectionDataset,
+    DetectorConfig,
+    FlipBatchSampler,
+    load_coco_split,
+    one_result_per_box,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,6 +170,34 @@ def test_coco_ap_of_perfect_and_wrong_detections(data: Path) -> None:
         0.0 < coco_detection_ap(coco, shifted)["ap"] < 1.0
     )  # IoU 0.54: counted only at the 0.5/0.55 thresholds
     assert coco_detection_ap(coco, [])["ap"] == 0.0
+
+
+def test_a_box_under_several_classes_is_one_item_when_classes_do_not_matter() -> None:
+    from capret.inference.detectors import _detections
+
+    box, other = [1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 20.0, 20.0]
+    results = [
+        {"image_id": 1, "category_id": 3, "bbox": box, "score": 0.4},
+        {"image_id": 1, "category_id": 5, "bbox": box, "score": 0.9},
+        {"image_id": 2, "category_id": 3, "bbox": box, "score": 0.2},  # another image: its own item
+        {"image_id": 1, "category_id": 3, "bbox": other, "score": 0.5},
+    ]
+    kept = one_result_per_box(results)
+    assert sorted((r["image_id"], r["category_id"], r["score"]) for r in kept) == [
+        (1, 3, 0.5),
+        (1, 5, 0.9),
+        (2, 3, 0.2),
+    ]
+    # the pipeline's detector: each box once, under its best class, best first, at most max_items
+    output = {
+        "boxes": torch.tensor([[1.0, 2.0, 31.0, 42.0], [1.0, 2.0, 31.0, 42.0], [5.0, 5.0, 25.0, 25.0]]),
+        "scores": torch.tensor([0.4, 0.9, 0.5]),
+        "labels": torch.tensor([3, 5, 3]),
+    }
+    found = _detections(output, score_threshold=0.0, max_items=10)
+    assert [(d.category_id, round(d.score, 2)) for d in found] == [(5, 0.9), (3, 0.5)]
+    assert len(_detections(output, score_threshold=0.0, max_items=1)) == 1
+    assert [d.category_id for d in _detections(output, score_threshold=0.45, max_items=10)] == [5, 3]
 
 
 def test_configs_parse_and_demo_yaml_is_the_quickstart_recipe(configs_dir: Path) -> None:
