@@ -92,6 +92,8 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
         "heldout_i2t_recall@1": held_out.get("i2t_recall@1"),
         "heldout_t2i_recall@1": held_out.get("t2i_recall@1"),
         "heldout_chance_recall@1": held_out.get("chance_recall@1"),
+        "heldout_i2t_recall@10": held_out.get("i2t_recall@10"),
+        "heldout_t2i_recall@10": held_out.get("t2i_recall@10"),
         "heldout_pairs": held_out.get("pairs"),
         "zero_shot_category_accuracy": zero_shot["accuracy"],
         "zero_shot_chance": zero_shot["chance"],

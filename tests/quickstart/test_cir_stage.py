@@ -136,3 +136,30 @@ def test_selection_split_holds_out_train_triplets_only(tiny: tuple[Path, Path], 
         assert len(held) == counts["val"] and not set(held.gallery) & val_images
         assert len(held.gallery) == selection["gallery"]
     assert stage.selection_split(fiq, tmp_path / "sel", seed=0) == selection  # rebuilt the same
+
+
+def test_note_names_the_cut_offs_a_gallery_saturates() -> None:
+    """A gallery no larger than k is ranked whole at R@k; the note says so only when it happens."""
+    small = stage._note({"dress": 8, "shirt": 30, "toptee": 60})
+    assert "R@10 and above" in small and "R@50" in small
+    large = stage._note({"dress": 105, "shirt": 113, "toptee": 88})
+    assert "every cut-off ranks part of a gallery" in large and "105" in large
+
+
+@pytest.mark.slow
+def test_quickstart_task_cir_has_galleries_where_r10_means_something(tmp_path: Path) -> None:
+    """`capret quickstart --task cir` on the default world: ~100-image val galleries (chance R@10 ~ 0.1), every
+    method scored at every cut-off with the chance levels beside them."""
+    from capret.cli.main import main
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--task", "cir"]) == 0
+    report = json.loads((out / "report_cir.json").read_text())
+    cir = report["cir"]
+    assert min(cir["gallery_sizes"].values()) >= 80 and cir["chance"]["recall@10"] < 0.15
+    assert list(cir["methods"]) == list(stage.METHOD_ORDER)
+    for name, scores in cir["methods"].items():
+        assert scores["recall@1"] <= scores["recall@5"] <= scores["recall@10"] <= scores["recall@50"], name
+    # the image-only shortcut is far above chance (targets share their reference's family look)
+    assert cir["methods"]["image-only"]["recall@10"] > 2 * cir["chance"]["recall@10"]
+    assert "every cut-off ranks part of a gallery" in cir["note"]
