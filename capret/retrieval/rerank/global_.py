@@ -144,9 +144,20 @@ class SuperGlobalRerank(FeatureReranker):
 register_reranker("superglobal")(SuperGlobalRerank)
 
 
-def _rows_contain(table: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``out[i, a] = targets[i] in table[rows[i, a]]`` for a ``[N, A]`` index ``rows``."""
-    return (table[rows] == targets[:, None, None]).any(-1)
+def _reciprocal(lists: torch.Tensor) -> torch.Tensor:
+    """``out[i, a] = i in lists[lists[i, a]]`` for neighbour lists ``[N, A]`` (positions ``0..N-1``).
+
+    Every edge ``i -> j`` becomes the key ``i * N + j``; an edge is reciprocal when ``j * N + i`` is among the
+    sorted keys (one sort and one binary search for the whole graph, instead of a look at the partner's list
+    per edge and per item that needs it).
+    """
+    n, width = lists.shape
+    src = torch.arange(n, device=lists.device).repeat_interleave(width)
+    dst = lists.reshape(-1)
+    keys = (src * n + dst).sort().values
+    back = dst * n + src
+    found = torch.searchsorted(keys, back).clamp(max=keys.numel() - 1)
+    return (keys[found] == back).view(n, width)
 
 
 @dataclass(kw_only=True)
@@ -190,15 +201,15 @@ class KReciprocalRerank(FeatureReranker):
         dmax = (2.0 - 2.0 * min_sim).clamp(min=1e-12)
         arange = torch.arange(n, device=feats.device)
         cols_list, vals_list = [], []
+        mutual = _reciprocal(ranks)  # [n, kk]: is i in the list of its a-th neighbour
+        # each item's round(k1/2)-reciprocal set once, pad -1 (never equal to the -2 pad of k_rec below)
+        half_sets = torch.where(_reciprocal(ranks[:, :half]), ranks[:, :half], -1)  # [n, h]
         for s in range(0, n, self.chunk):
             rows = arange[s : s + self.chunk]
             fwd = ranks[rows]  # [c, kk]
-            recip = _rows_contain(ranks, fwd, rows)
+            recip = mutual[rows]
             k_rec = torch.where(recip, fwd, torch.full_like(fwd, -2))  # k-reciprocal set, pad -2
-            # each member's round(k1/2)-reciprocal set, pad -1 (never equal to the -2 pad of k_rec)
-            half_fwd = ranks[fwd.reshape(-1), :half]  # [c*kk, h]
-            half_rec = _rows_contain(ranks[:, :half], half_fwd, fwd.reshape(-1))
-            cand = torch.where(half_rec, half_fwd, torch.full_like(half_fwd, -1)).view(fwd.shape[0], kk, half)
+            cand = half_sets[fwd]  # [c, kk, h]: each neighbour's half-reciprocal set
             overlap = (cand[..., None] == k_rec[:, None, None, :]).any(-1).sum(-1)  # [c, kk]
             size = (cand >= 0).sum(-1)
             accept = recip & (overlap.float() > (2.0 / 3.0) * size.float())
