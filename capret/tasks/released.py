@@ -74,6 +74,20 @@ class ConversionReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What every folder writer takes: the renamed checkpoint, the ``--clip`` backbone it was checked against with
+    its task section, the checkpoint's own CLIP weights where they differ from the backbone, the folder to write
+    and the report to fill (one value, so the writers cannot be handed them in another order)."""
+
+    mapped: MappedCheckpoint
+    bundle: ClipBundle
+    section: TaskClipConfig
+    clip_state: dict[str, Tensor] | None
+    out: Path
+    report: ConversionReport
+
+
 def _default_pretrained(backend: str, name: str, pretrained: str | None) -> str | None:
     """open_clip architectures without a tag would be *random*: the papers' backbones are OpenAI's weights."""
     if backend == "open_clip" and pretrained is None and ":" not in name:
@@ -148,10 +162,14 @@ def convert_released_checkpoint(
         metadata=dict(mapped.metadata),
     )
     clip_state = _clip_weights(mapped, bundle, report=report, backend=backend, path=extra or checkpoint)
+    target = _Target(
+        mapped=mapped, bundle=bundle, section=section, clip_state=clip_state, out=out, report=report
+    )
     if spec.kind == "combiner":
-        _write_combiner(mapped, bundle, section, clip_state, out=out, report=report)
+        _write_combiner(target)
     else:
-        _write_mapper(source, spec, mapped, bundle, section, clip_state, out=out, report=report)
+        _write_mapper(target, source=source, spec=spec)
+    report.folders = [str(out)]
     return report
 
 
@@ -190,69 +208,51 @@ def _check_sizes(bundle: ClipBundle, *, input_dim: int, output_dim: int | None, 
         )
 
 
-def _write_mapper(
-    source: str,
-    spec: Any,
-    mapped: MappedCheckpoint,
-    bundle: ClipBundle,
-    section: TaskClipConfig,
-    clip_state: dict[str, Tensor] | None,
-    *,
-    out: Path,
-    report: ConversionReport,
-) -> None:
-    hp = mapped.hparams
+def _write_mapper(target: _Target, *, source: str, spec: Any) -> None:
+    hp, bundle, report = target.mapped.hparams, target.bundle, target.report
     _check_sizes(bundle, input_dim=hp["input_dim"], output_dim=hp["output_dim"], path=Path(report.checkpoint))
     bundle.placeholder_id(spec.placeholder)  # one token of this tokenizer, or a clear error now
     family = "pic2word" if source == "pic2word" else "phi"
     mapper = build_mapper(family, dict(hp))
-    mapper.load_state_dict(mapped.state, strict=True)
-    if clip_state is not None:
+    mapper.load_state_dict(target.mapped.state, strict=True)
+    if target.clip_state is not None:
         raise CheckpointError(
             f"{report.checkpoint}: its CLIP is not the backbone {bundle.name} ({report.clip_weights}); the mapper was "
             "trained on the CLIP saved with it — pass that backbone as --clip / --clip-pretrained",
             path=Path(report.checkpoint),
         )
     record = MapperRecord(
-        clip=section, method=spec.method, mapper=family, hparams=dict(hp), placeholder=spec.placeholder
+        clip=target.section, method=spec.method, mapper=family, hparams=dict(hp), placeholder=spec.placeholder
     )
-    save_mapper_folder(out, kind=spec.kind, mapper=mapper, record=record, trained_from=_provenance(report))
-    report.folders = [str(out)]
+    save_mapper_folder(
+        target.out, kind=spec.kind, mapper=mapper, record=record, trained_from=_provenance(report)
+    )
 
 
-def _write_combiner(
-    mapped: MappedCheckpoint,
-    bundle: ClipBundle,
-    section: TaskClipConfig,
-    clip_state: dict[str, Tensor] | None,
-    *,
-    out: Path,
-    report: ConversionReport,
-) -> None:
-    hp = mapped.hparams
-    _check_sizes(bundle, input_dim=hp["feature_dim"], output_dim=None, path=Path(report.checkpoint))
+def _write_combiner(target: _Target) -> None:
+    hp, bundle, clip_state = target.mapped.hparams, target.bundle, target.clip_state
+    _check_sizes(bundle, input_dim=hp["feature_dim"], output_dim=None, path=Path(target.report.checkpoint))
     combiner = Combiner(
         hp["feature_dim"],
         projection_dim=hp["projection_dim"],
         hidden_dim=hp["hidden_dim"],
         dropout=hp["dropout"],
     )
-    combiner.load_state_dict(mapped.state, strict=True)
+    combiner.load_state_dict(target.mapped.state, strict=True)
     net = CombinerNetConfig(
         projection_dim=hp["projection_dim"], hidden_dim=hp["hidden_dim"], dropout=hp["dropout"]
     )
-    record = CombinerRecord(stage=2, model=CombinerModelConfig(clip=section, combiner=net))
+    record = CombinerRecord(stage=2, model=CombinerModelConfig(clip=target.section, combiner=net))
     if clip_state is not None:
         bundle.load_state_dict({**bundle.state_dict(), **clip_state}, strict=True)
     save_combiner_folder(
-        out,
+        target.out,
         clip=bundle,
         fuser=combiner,
         config=record,
         clip_trained=clip_state is not None,
-        trained_from=_provenance(report),
+        trained_from=_provenance(target.report),
     )
-    report.folders = [str(out)]
 
 
 def _provenance(report: ConversionReport) -> dict[str, Any]:
