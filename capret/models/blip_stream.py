@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from capret.errors import ConfigError
 from capret.io import check_weights_folder
 from capret.models.dual_stream import (
+    CaptionInputs,
     DualStreamFeatures,
     DualStreamModel,
     DualStreamModelConfig,
@@ -156,25 +157,19 @@ class BlipDualStreamModel(DualStreamModel):
         tokens = self.tokenize([""] * batch)
         return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
 
-    def forward_features(
-        self,
-        pixels: Tensor,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        *,
-        has_caption: Tensor | None = None,
-    ) -> DualStreamFeatures:
+    def fuse(self, pixels: Tensor, captions: CaptionInputs | None) -> DualStreamFeatures:
+        """BLIP's / X-VLM's text encoder with cross-attention to the image; a caption-less row reads the empty
+        caption ``[CLS] [SEP]``."""
         batch = pixels.shape[0]
         image = self.vision_model(pixel_values=pixels).last_hidden_state
         text_itc = None
-        with_text = input_ids is not None
-        if input_ids is None:
+        with_text = captions is not None
+        if captions is None:
             input_ids, attention_mask = self._empty_captions(batch, pixels.device)
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            if has_caption is not None:
-                off = ~has_caption.to(device=input_ids.device, dtype=torch.bool)
+            input_ids, attention_mask = captions.input_ids, captions.attention_mask
+            if captions.dropped is not None:
+                off = captions.dropped
                 if bool(off.any()):  # a dropped caption becomes the empty caption [CLS] [SEP]
                     empty_ids, empty_mask = self._empty_captions(batch, input_ids.device)
                     width = max(input_ids.shape[1], empty_ids.shape[1])

@@ -42,6 +42,7 @@ from capret.registry import Registry
 
 __all__ = [
     "MODEL_CONFIG_FILE",
+    "CaptionInputs",
     "DualStreamFeatures",
     "DualStreamModel",
     "DualStreamModelConfig",
@@ -148,6 +149,20 @@ class DualStreamFeatures:
     visual_pooled: Tensor  # [B, width] projected pooled image feature
     image_itc: Tensor  # [B, itc_dim] un-normalised image embedding for ITC
     text_itc: Tensor | None  # [B, itc_dim] un-normalised caption embedding (None when no caption given)
+
+
+@dataclass
+class CaptionInputs:
+    """A batch's caption tokens as every family's fusion reads them (:meth:`DualStreamModel.fuse`).
+
+    :meth:`DualStreamModel.forward_features` builds it once, so a family cannot differ in the defaults of the
+    public signature: a missing padding mask means no padding, and ``dropped`` marks the rows on the no-caption
+    path although tokens were given for them (the caption dropout of training, caption-less gallery items).
+    """
+
+    input_ids: Tensor  # [B, L] caption tokens
+    attention_mask: Tensor  # [B, L] 1 = a real token
+    dropped: Tensor | None  # [B] bool, True = this row takes the no-caption path; None = no row does
 
 
 @dataclass
@@ -315,7 +330,7 @@ class DualStreamModel(nn.Module):
         *,
         has_caption: Tensor | None = None,
     ) -> DualStreamFeatures:
-        """Encode both streams and fuse them.
+        """Encode both streams and fuse them (the family's :meth:`fuse` over the normalised caption inputs).
 
         Args:
             pixels: ``[B, 3, H, W]`` preprocessed images.
@@ -323,23 +338,34 @@ class DualStreamModel(nn.Module):
             attention_mask: ``[B, L]`` caption padding mask.
             has_caption: ``[B]`` bool; rows with ``False`` take the no-caption path even if tokens are given.
         """
+        if input_ids is None:
+            return self.fuse(pixels, None)
+        captions = CaptionInputs(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+            dropped=None
+            if has_caption is None
+            else ~has_caption.to(device=input_ids.device, dtype=torch.bool),
+        )
+        return self.fuse(pixels, captions)
+
+    def fuse(self, pixels: Tensor, captions: CaptionInputs | None) -> DualStreamFeatures:
+        """This family's two streams and their fusion; ``captions`` None: every row takes the no-caption path."""
         batch = pixels.shape[0]
         vis = self.visual(pixels)
         image_tokens = self._visual_tokens(vis)
         cls = self.fusion_cls.expand(batch, 1, -1)
         text_itc = None
-        if input_ids is None:
+        if captions is None:
             query = torch.cat([cls, self.no_caption.expand(batch, 1, -1)], dim=1)
             pad = torch.zeros(batch, 2, dtype=torch.bool, device=pixels.device)
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            txt = self.text(input_ids, attention_mask)
+            txt = self.text(captions.input_ids, captions.attention_mask)
             text_itc = self.text_itc(txt.pooled)
             tokens = self.text_tokens_proj(txt.tokens)
-            mask = attention_mask.bool()
-            if has_caption is not None:
-                off = ~has_caption.to(device=tokens.device, dtype=torch.bool)
+            mask = captions.attention_mask.bool()
+            if captions.dropped is not None:
+                off = captions.dropped.to(tokens.device)
                 # A dropped caption: its first token becomes the learned "no caption" token, the rest is padding.
                 first = torch.where(off[:, None], self.no_caption[:, 0].expand(batch, -1), tokens[:, 0])
                 tokens = torch.cat([first[:, None], tokens[:, 1:]], dim=1)
