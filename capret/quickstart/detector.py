@@ -20,6 +20,7 @@ load_detector`), the run ``ctx.out_dir / "detector_run"``, and ``ctx.state["dete
 from __future__ import annotations
 
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ DEFAULT_TRAIN_SECONDS = 50.0
 #: validation images scored (null = all of them)
 VAL_IMAGES: int | None = None
 #: bounds of the planned step budget, and the steps timed to plan it (after one untimed step)
-MIN_STEPS, MAX_STEPS, CALIBRATION_STEPS = 20, 2000, 3
+MIN_STEPS, MAX_STEPS, CALIBRATION_STEPS = 20, 2000, 5
 #: share of the budget planned for the training steps themselves (the rest: image decoding, logging)
 PLANNED_SHARE = 0.9
 
@@ -84,7 +85,7 @@ DEMO_RECIPE: dict[str, Any] = {
 def planned_steps(config: Any, *, seconds: float, image_size: int = 256) -> tuple[int, float]:
     """``(steps, seconds per step)``: how many training steps of ``config`` fit in ``seconds`` on this machine.
 
-    Times :data:`CALIBRATION_STEPS` steps (after one untimed one) of a throwaway model of the recipe on random
+    Times :data:`CALIBRATION_STEPS` steps (after one untimed one; their median counts) of a throwaway model of the recipe on random
     ``image_size`` images with two boxes each, at the recipe's batch size, with the threads in use. Planning the
     steps lets the cosine schedule end where training ends; the trainer's time cap still stops a run that the
     machine slows down later.
@@ -98,7 +99,7 @@ def planned_steps(config: Any, *, seconds: float, image_size: int = 256) -> tupl
     box = torch.tensor([[0.1, 0.1, 0.6, 0.7], [0.3, 0.4, 0.9, 0.95]]) * size
     images = [torch.rand(3, size, size, generator=generator) for _ in range(config.data.batch_size)]
     targets = [{"boxes": box.clone(), "labels": torch.tensor([1, 8])} for _ in images]
-    elapsed = 0.0
+    timings = []
     for step in range(CALIBRATION_STEPS + 1):
         start = time.perf_counter()
         losses = model(images, targets)
@@ -107,8 +108,8 @@ def planned_steps(config: Any, *, seconds: float, image_size: int = 256) -> tupl
         sum(losses.values(), torch.zeros(())).backward()
         optimizer.step()
         if step:  # the first step pays for allocations and lazy imports
-            elapsed += time.perf_counter() - start
-    per_step = elapsed / CALIBRATION_STEPS
+            timings.append(time.perf_counter() - start)
+    per_step = statistics.median(timings)  # one step slowed by another job's burst does not set the plan
     steps = int(seconds * PLANNED_SHARE / max(per_step, 1e-6))
     return max(MIN_STEPS, min(MAX_STEPS, steps)), per_step
 
