@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -262,55 +262,66 @@ class ClipPreset:
     embed_dim: int  # joint embedding size (the ``d`` of the Combiner)
 
 
-CLIP_PRESETS: dict[str, ClipPreset] = {
-    # a few thousand parameters: builds and runs a training step on CPU in milliseconds
-    "tiny": ClipPreset(
-        text_width=32,
-        text_layers=2,
-        text_heads=2,
-        context_length=32,
-        vision_width=32,
-        vision_layers=2,
-        vision_heads=2,
-        image_size=32,
-        patch_size=8,
-        embed_dim=24,
-    ),
-    # openai/clip-vit-base-patch32
-    "vit-b-32": ClipPreset(
-        text_width=512,
-        text_layers=12,
-        text_heads=8,
-        context_length=77,
-        vision_width=768,
-        vision_layers=12,
-        vision_heads=12,
-        image_size=224,
-        patch_size=32,
-        embed_dim=512,
-    ),
-    # openai/clip-vit-large-patch14
-    "vit-l-14": ClipPreset(
-        text_width=768,
-        text_layers=12,
-        text_heads=12,
-        context_length=77,
-        vision_width=1024,
-        vision_layers=24,
-        vision_heads=16,
-        image_size=224,
-        patch_size=14,
-        embed_dim=768,
-    ),
-}
+#: a few thousand parameters: builds and runs a training step on CPU in milliseconds
+TINY_CLIP = ClipPreset(
+    text_width=32,
+    text_layers=2,
+    text_heads=2,
+    context_length=32,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=2,
+    image_size=32,
+    patch_size=8,
+    embed_dim=24,
+)
+#: the public sizes by preset name: open_clip's bundled architecture configs (``model_configs/<name>.json``) hold
+#: their numbers, so they are read from there instead of restated here
+OPEN_CLIP_PRESETS = {"vit-b-32": "ViT-B-32", "vit-l-14": "ViT-L-14"}
+#: every preset name :func:`build_random_clip` takes
+CLIP_PRESETS: tuple[str, ...] = ("tiny", *OPEN_CLIP_PRESETS)
+#: width of one attention head in open_clip's ViTs (``VisionCfg.head_width``), which its configs leave implicit
+_OPEN_CLIP_HEAD_WIDTH = 64
 
 
 def _preset(name: str) -> ClipPreset:
-    if name not in CLIP_PRESETS:
+    if name == "tiny":
+        return TINY_CLIP
+    if name not in OPEN_CLIP_PRESETS:
         raise UnknownNameError(
             f"unknown CLIP preset {name!r}; valid presets: {', '.join(sorted(CLIP_PRESETS))}"
         )
-    return CLIP_PRESETS[name]
+    import open_clip
+
+    arch = open_clip.get_model_config(OPEN_CLIP_PRESETS[name])
+    vision, text = arch["vision_cfg"], arch["text_cfg"]
+    return ClipPreset(
+        text_width=text["width"],
+        text_layers=text["layers"],
+        text_heads=text["heads"],
+        context_length=text["context_length"],
+        vision_width=vision["width"],
+        vision_layers=vision["layers"],
+        vision_heads=vision["width"] // vision.get("head_width", _OPEN_CLIP_HEAD_WIDTH),
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        embed_dim=arch["embed_dim"],
+    )
+
+
+class _HFTower(TypedDict):
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+
+
+def _hf_tower(*, width: int, layers: int, heads: int) -> _HFTower:
+    """A transformer tower's size in ``transformers``' CLIP config names; both towers of CLIP use an MLP four
+    times their width."""
+    return _HFTower(
+        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads
+    )
 
 
 def build_random_clip(
@@ -326,11 +337,8 @@ def build_random_clip(
     p = _preset(preset)
     ids = special_ids or {"bos": 49406, "eos": 49407, "pad": 1}
     text = CLIPTextConfig(
+        **_hf_tower(width=p.text_width, layers=p.text_layers, heads=p.text_heads),
         vocab_size=vocab_size,
-        hidden_size=p.text_width,
-        intermediate_size=4 * p.text_width,
-        num_hidden_layers=p.text_layers,
-        num_attention_heads=p.text_heads,
         max_position_embeddings=p.context_length,
         projection_dim=p.embed_dim,
         bos_token_id=ids["bos"],
@@ -338,10 +346,7 @@ def build_random_clip(
         pad_token_id=ids["pad"],
     )
     vision = CLIPVisionConfig(
-        hidden_size=p.vision_width,
-        intermediate_size=4 * p.vision_width,
-        num_hidden_layers=p.vision_layers,
-        num_attention_heads=p.vision_heads,
+        **_hf_tower(width=p.vision_width, layers=p.vision_layers, heads=p.vision_heads),
         image_size=p.image_size,
         patch_size=p.patch_size,
         projection_dim=p.embed_dim,
