@@ -66,11 +66,11 @@ _CENTRE_X = 2  # index of the box centre's x in box_geometry (mirrored by a flip
 class CnnTraining:
     """The ``pixel-cnn`` architecture and how its members are trained (one value for every member)."""
 
-    size: int = 40  # side of the input tile in pixels
+    size: int = 24  # side of the input tile in pixels
     width: int = 16  # channels of the first conv block (then 2x, 4x, 4x)
     margin: float = 0.08  # share of the box width/height added around it on each side
     folds: int = 3  # members = identity folds (each member holds one fold out)
-    steps: int = 400  # AdamW steps per member (a time budget may stop it earlier)
+    steps: int = 500  # AdamW steps per member (a time budget may stop it earlier)
     batch_size: int = 32
     lr: float = 3e-3  # AdamW peak learning rate, reached after a linear warm-up of ``warmup`` steps
     warmup: int = 20
@@ -174,7 +174,7 @@ class PixelCnnModel(CategoryModel):
         self,
         *,
         classes: Sequence[str],
-        size: int = 40,
+        size: int = 24,
         width: int = 16,
         margin: float = 0.08,
         members: int = 1,
