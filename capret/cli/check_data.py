@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import call_with_flags, non_negative_int, print_json
+from capret.cli.common import call_with_flags, doc_body, non_negative_int, print_json
 
 
 def add_parser(subparsers: Any) -> None:
@@ -19,7 +19,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "check-data",
         help="scan a dataset split for unreadable images and invalid annotations before a long run",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=doc_body(__doc__),
     )
     p.add_argument("--dataset", required=True, choices=CHECKABLE_DATASETS, help="dataset layout")
     p.add_argument("--root", type=Path, required=True, help="dataset root folder")

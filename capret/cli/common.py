@@ -28,6 +28,7 @@ __all__ = [
     "add_device_flag",
     "add_image_source_flags",
     "call_with_flags",
+    "doc_body",
     "fail",
     "finite_float",
     "fraction",
@@ -120,6 +121,12 @@ def host(text: str) -> str:
     if not value or len(value) > 253 or not all(_LABEL.match(label) for label in labels):
         raise argparse.ArgumentTypeError(f"{text!r} is not a valid IP address or host name")
     return value
+
+
+def doc_body(doc: str | None) -> str | None:
+    """A command module's docstring without its first paragraph, the one-line summary the command list already
+    shows as ``help=``; the rest is the ``--help`` description."""
+    return doc.split("\n\n", 1)[1] if doc and "\n\n" in doc else doc
 
 
 def add_image_source_flags(

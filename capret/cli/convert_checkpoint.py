@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import call_with_flags, print_json
+from capret.cli.common import call_with_flags, doc_body, print_json
 
 __all__ = ["SOURCES", "add_parser", "run"]
 
@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "convert-checkpoint",
         help="convert a released SEARLE / Pic2Word / LinCIR / CLIP4Cir checkpoint into a capret model folder",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=doc_body(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import print_json
+from capret.cli.common import doc_body, print_json
 
 __all__ = ["add_parser", "run"]
 
@@ -25,7 +25,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "convert-xvlm",
         help="write the config folder for a released X-VLM / X²-VLM checkpoint and check the conversion",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=doc_body(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import call_with_flags, print_json
+from capret.cli.common import call_with_flags, doc_body, print_json
 from capret.progress import NO_PROGRESS_HELP, progress_enabled
 
 
@@ -26,7 +26,7 @@ def add_parser(subparsers: Any) -> None:
     g = kinds.add_parser(
         "garments",
         help="render the garment world into DIR",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=doc_body(__doc__),
     )
     g.add_argument(
         "--out", type=Path, required=True, help="output folder (an earlier world there is replaced)"

@@ -35,6 +35,7 @@ from capret.cli.common import (
     add_debug_flag,
     add_device_flag,
     add_image_source_flags,
+    doc_body,
     non_negative_int,
     positive_int,
     print_json,
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="capret-extract",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=doc_body(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="model folder, checkpoint or run folder")

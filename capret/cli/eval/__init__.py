@@ -26,6 +26,7 @@ import importlib
 from collections.abc import Sequence
 from typing import Any
 
+from capret.cli.common import doc_body
 from capret.config import ConfigError
 from capret.console import add_debug_flag, debug_enabled, print_json, run_guarded
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: one subcommand per mode, each with only its own flags."""
     parser = argparse.ArgumentParser(
         prog="capret-eval",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=doc_body(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="mode", metavar="MODE")
