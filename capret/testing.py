@@ -28,15 +28,17 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
 from capret.errors import UnknownNameError
 from capret.models.clip import CLIP_MEAN, CLIP_STD
+
+if TYPE_CHECKING:
+    from capret.models.clip_arch import ClipArchConfig
 
 __all__ = [
     "ChatServer",
@@ -246,35 +248,6 @@ PAD_TOKEN = "<|pad|>"
 UNK_TOKEN = "<|unk|>"
 
 
-@dataclass(frozen=True)
-class ClipPreset:
-    """Architecture of a CLIP size (the numbers of the public checkpoints' ``config.json``)."""
-
-    text_width: int  # transformer width of the text tower
-    text_layers: int  # number of text transformer blocks
-    text_heads: int  # attention heads in the text tower
-    context_length: int  # maximum number of tokens (77 for every OpenAI CLIP)
-    vision_width: int  # transformer width of the ViT image tower
-    vision_layers: int  # number of ViT blocks
-    vision_heads: int  # ViT attention heads
-    image_size: int  # input resolution in pixels
-    patch_size: int  # ViT patch size in pixels
-    embed_dim: int  # joint embedding size (the ``d`` of the Combiner)
-
-
-#: a few thousand parameters: builds and runs a training step on CPU in milliseconds
-TINY_CLIP = ClipPreset(
-    text_width=32,
-    text_layers=2,
-    text_heads=2,
-    context_length=32,
-    vision_width=32,
-    vision_layers=2,
-    vision_heads=2,
-    image_size=32,
-    patch_size=8,
-    embed_dim=24,
-)
 #: the public sizes by preset name: open_clip's bundled architecture configs (``model_configs/<name>.json``) hold
 #: their numbers, so they are read from there instead of restated here
 OPEN_CLIP_PRESETS = {"vit-b-32": "ViT-B-32", "vit-l-14": "ViT-L-14"}
@@ -284,9 +257,16 @@ CLIP_PRESETS: tuple[str, ...] = ("tiny", *OPEN_CLIP_PRESETS)
 _OPEN_CLIP_HEAD_WIDTH = 64
 
 
-def _preset(name: str) -> ClipPreset:
-    if name == "tiny":
-        return TINY_CLIP
+def _preset(name: str) -> ClipArchConfig:
+    """The architecture of a preset, in the same config that describes the CLIPs capret trains."""
+    from capret.models.clip_arch import ClipArchConfig, TextTowerConfig, VisionTowerConfig
+
+    if name == "tiny":  # a few thousand parameters: builds and runs a training step on CPU in milliseconds
+        return ClipArchConfig(
+            embed_dim=24,
+            vision=VisionTowerConfig(image_size=32, width=32, layers=2, head_width=16, patch_size=8),
+            text=TextTowerConfig(context_length=32, width=32, heads=2, layers=2),
+        )
     if name not in OPEN_CLIP_PRESETS:
         raise UnknownNameError(
             f"unknown CLIP preset {name!r}; valid presets: {', '.join(sorted(CLIP_PRESETS))}"
@@ -294,18 +274,16 @@ def _preset(name: str) -> ClipPreset:
     import open_clip
 
     arch = open_clip.get_model_config(OPEN_CLIP_PRESETS[name])
-    vision, text = arch["vision_cfg"], arch["text_cfg"]
-    return ClipPreset(
-        text_width=text["width"],
-        text_layers=text["layers"],
-        text_heads=text["heads"],
-        context_length=text["context_length"],
-        vision_width=vision["width"],
-        vision_layers=vision["layers"],
-        vision_heads=vision["width"] // vision.get("head_width", _OPEN_CLIP_HEAD_WIDTH),
-        image_size=vision["image_size"],
-        patch_size=vision["patch_size"],
+    text = arch["text_cfg"]
+    return ClipArchConfig(
         embed_dim=arch["embed_dim"],
+        vision=VisionTowerConfig(**{"head_width": _OPEN_CLIP_HEAD_WIDTH, **arch["vision_cfg"]}),
+        text=TextTowerConfig(
+            context_length=text["context_length"],
+            width=text["width"],
+            heads=text["heads"],
+            layers=text["layers"],
+        ),
     )
 
 
@@ -337,18 +315,20 @@ def build_random_clip(
     p = _preset(preset)
     ids = special_ids or {"bos": 49406, "eos": 49407, "pad": 1}
     text = CLIPTextConfig(
-        **_hf_tower(width=p.text_width, layers=p.text_layers, heads=p.text_heads),
+        **_hf_tower(width=p.text.width, layers=p.text.layers, heads=p.text.heads),
         vocab_size=vocab_size,
-        max_position_embeddings=p.context_length,
+        max_position_embeddings=p.text.context_length,
         projection_dim=p.embed_dim,
         bos_token_id=ids["bos"],
         eos_token_id=ids["eos"],
         pad_token_id=ids["pad"],
     )
     vision = CLIPVisionConfig(
-        **_hf_tower(width=p.vision_width, layers=p.vision_layers, heads=p.vision_heads),
-        image_size=p.image_size,
-        patch_size=p.patch_size,
+        **_hf_tower(
+            width=p.vision.width, layers=p.vision.layers, heads=p.vision.width // p.vision.head_width
+        ),
+        image_size=p.vision.image_size,
+        patch_size=p.vision.patch_size,
         projection_dim=p.embed_dim,
     )
     config = CLIPConfig(
@@ -412,7 +392,7 @@ def save_random_clip(
     out.mkdir(parents=True, exist_ok=True)
     p = _preset(preset)
     corpus = list(texts) or ["a photo of a red dress with short sleeves", "a blue shirt", "two dogs on grass"]
-    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, context_length=p.context_length)
+    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, context_length=p.text.context_length)
     special = {
         "bos": tokenizer.bos_token_id,
         "eos": tokenizer.eos_token_id,
@@ -422,8 +402,8 @@ def save_random_clip(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     processor = CLIPImageProcessor(
-        size={"shortest_edge": p.image_size},
-        crop_size={"height": p.image_size, "width": p.image_size},
+        size={"shortest_edge": p.vision.image_size},
+        crop_size={"height": p.vision.image_size, "width": p.vision.image_size},
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     )
