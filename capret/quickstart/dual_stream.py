@@ -37,7 +37,7 @@ from capret.quickstart import QuickstartContext
 DEFAULT_TRAIN_SECONDS = 100.0
 
 #: The demo recipe (also in configs/demo_dualstream.yaml and configs/garments_dualstream.yaml). Measured on the
-#: garment world (docs/quickstart.md, "Dual-stream recipe"), each choice against the one before it:
+#: garment world (docs/quickstart.md, "The dual-stream stage"), each choice against the one before it:
 #:
 #: * ``mode: crop`` with ``crop_margin: 0``: the image-only model must see *which* item it embeds; the whole
 #:   consumer photo (``full``) holds one to three garments, and a context margin adds cluttered background that
@@ -45,8 +45,9 @@ DEFAULT_TRAIN_SECONDS = 100.0
 #: * ArcFace margin 5.7 degrees (0.1 rad) and scale 16 instead of PML's 28.6 / 64 (or 28.6 / 32): with ~80
 #:   identities and a few hundred steps the large margin keeps the loss near its start and held-out mAP *fell*
 #:   as training went on; the small margin learns from the first steps.
-#: * timm's ``test_byobnet`` (a 0.2 M-parameter ByobNet, 24-256 channels) instead of ResNet-18: a training step
-#:   costs about a tenth on a CPU, so the 100 s budget holds several hundred steps instead of ~200.
+#: * timm's ``test_byobnet`` (a 0.2 M-parameter ByobNet, 24-256 channels) instead of ResNet-18: its forward and
+#:   backward pass costs about a tenth of ResNet-18's at 64 px on one CPU thread, so the 100 s budget holds
+#:   300-400 image-only steps instead of ~200 (data loading and the fusion layer are the rest of a step).
 #: * augmentation on (scale/translation jitter, flip, mild brightness/contrast/saturation jitter): without it
 #:   held-out mAP peaked within 200 steps and then fell (over-fitting ~80 identities).
 DEMO_RECIPE: dict[str, Any] = {

@@ -200,14 +200,16 @@ def test_quickstart_stage_reports_before_after_and_ablation(
     assert reloaded.embed_dim == 32
 
 
-def test_demo_config_file_follows_the_quickstart_recipe(configs_dir: Path) -> None:
+@pytest.mark.parametrize("name", ["demo_dualstream.yaml", "garments_dualstream.yaml"])
+def test_demo_config_file_follows_the_quickstart_recipe(configs_dir: Path, name: str) -> None:
+    """Both shipped configs say they are the quickstart's recipe (the garment one with the world's paths)."""
     import capret.quickstart.dual_stream as stage
 
-    shipped = yaml.safe_load((configs_dir / "demo_dualstream.yaml").read_text())
+    shipped = yaml.safe_load((configs_dir / name).read_text())
     recipe = stage.DEMO_RECIPE
     for section in ("data", "model", "loss", "trainer"):
         for key, value in recipe[section].items():
-            assert shipped[section][key] == value, (section, key)
+            assert shipped[section][key] == value, (name, section, key)
     assert shipped["trainer"]["max_seconds"] == stage.DEFAULT_TRAIN_SECONDS
     for name in (
         "demo_dualstream.yaml",
