@@ -211,12 +211,16 @@ class PixelCnnModel(CategoryModel):
         chosen = [self.members[i] for i in (range(len(self.members)) if members is None else members)]
         self.eval()
         out = []
-        for start in range(0, len(inputs), 256):
-            tiles = inputs.tiles[start : start + 256].float() / 255.0
-            geometry = inputs.geometry[start : start + 256]
-            views = ((tiles, geometry), _mirror(tiles, geometry, torch.ones(len(tiles), dtype=torch.bool)))
-            probs = [self.member_logits(m, t, g).softmax(-1) for m in chosen for t, g in views]
-            out.append(torch.stack(probs).mean(0))
+        with one_thread():  # measured 3-9x faster than 2 threads for these small convs on a shared CPU
+            for start in range(0, len(inputs), 256):
+                tiles = inputs.tiles[start : start + 256].float() / 255.0
+                geometry = inputs.geometry[start : start + 256]
+                views = (
+                    (tiles, geometry),
+                    _mirror(tiles, geometry, torch.ones(len(tiles), dtype=torch.bool)),
+                )
+                probs = [self.member_logits(m, t, g).softmax(-1) for m in chosen for t, g in views]
+                out.append(torch.stack(probs).mean(0))
         return torch.cat(out)
 
 
