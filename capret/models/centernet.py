@@ -12,7 +12,8 @@ in it). Two stages, as fashion systems often pair a garment detector with a cate
    four sides with a GIoU loss, weighted by the Gaussian (many samples per box, which trains faster than one).
    Decoding keeps the 3 x 3 peaks, the best ``detections_per_image``, then NMS at ``nms_threshold``.
 2. *What*: :class:`CropClassifier` names each box's category from a square crop of the photo itself (not the
-   detector's small input), trained on jittered crops of the annotated boxes. Each box is reported under every
+   detector's small input), trained on jittered crops of the annotated boxes and read at inference as the mean
+   of the crop's and its mirror image's class probabilities. Each box is reported under every
    class, scored objectness x class probability, as torchvision's R-CNNs report a box per class above their
    score threshold (COCO's class-aware AP then counts a garment whose second guess is right, at that guess's
    lower score); :class:`~capret.inference.detectors.TrainedDetector` keeps each box's best class only.
@@ -223,13 +224,16 @@ def jittered_boxes(boxes: Tensor, *, copies: int, generator: torch.Generator | N
 
 
 class CropClassifier(nn.Module):
-    """The second stage: the category of a garment from its square crop of the network input, resized to
+    """The second stage: the category of a garment from its square crop of the photo, resized to
     :data:`CROP_SIZE` pixels (four stride-2 stages of width ``w, 2w, 4w, 8w``, average pool, linear).
 
     Classifying an aligned crop is far easier to learn from a few hundred photos than a category read off the
     scene-level feature map (tried: its loss stays near chance within the quickstart's budget), and is how many
     fashion systems pair a class-agnostic garment detector with a category model.
     """
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, *, num_classes: int, width: int) -> None:
         super().__init__()
@@ -239,12 +243,16 @@ class CropClassifier(nn.Module):
             cin = cout
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.logits = nn.Linear(cin, num_classes)
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, batch: Tensor, boxes: list[Tensor]) -> Tensor:
-        """Class logits ``[sum N_i, C]`` of ``boxes[i]`` (xyxy, pixels of the normalised batch's image ``i``)."""
+    @staticmethod
+    def crops(batch: Tensor, boxes: list[Tensor]) -> Tensor:
+        """``[sum N_i, 3, CROP_SIZE, CROP_SIZE]`` square crops of ``boxes[i]`` (xyxy, pixels of image ``i`` of the
+        ``[B, 3, H, W]`` batch in [0, 1])."""
         from torchvision.ops import roi_align
 
-        crops = roi_align(
+        return roi_align(
             batch,
             [square_boxes(b) for b in boxes],
             output_size=CROP_SIZE,
@@ -252,7 +260,10 @@ class CropClassifier(nn.Module):
             sampling_ratio=2,
             aligned=True,
         )
-        return self.logits(self.features(crops))  # type: ignore[no-any-return]
+
+    def forward(self, crops: Tensor) -> Tensor:
+        """Class logits ``[N, C]`` of crops in [0, 1] (:meth:`crops`)."""
+        return self.logits(self.features((crops - self.mean) / self.std))  # type: ignore[no-any-return]
 
 
 def decode_heatmaps(
@@ -306,13 +317,14 @@ class CenterNet(nn.Module):
     def _scale(self, height: int, width: int) -> float:
         return min(self.min_size / min(height, width), self.max_size / max(height, width))
 
-    def _normalised(self, images: list[Tensor]) -> Tensor:
-        """The images normalised and zero-padded to one ``[B, 3, H, W]`` tensor (sides a multiple of 32)."""
+    @staticmethod
+    def _padded(images: list[Tensor]) -> Tensor:
+        """The images zero-padded to one ``[B, 3, H, W]`` tensor (sides a multiple of 32)."""
         height = -(-max(im.shape[-2] for im in images) // _PAD) * _PAD
         width = -(-max(im.shape[-1] for im in images) // _PAD) * _PAD
         batch = images[0].new_zeros(len(images), 3, height, width)
         for i, im in enumerate(images):
-            batch[i, :, : im.shape[-2], : im.shape[-1]] = (im - self.mean[0]) / self.std[0]
+            batch[i, :, : im.shape[-2], : im.shape[-1]] = im
         return batch
 
     def _batch(self, images: list[Tensor]) -> tuple[Tensor, list[float]]:
@@ -325,7 +337,7 @@ class CenterNet(nn.Module):
                 F.interpolate(im[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
             )
             scales.append(scale)
-        return self._normalised(resized), scales
+        return (self._padded(resized) - self.mean) / self.std, scales
 
     def heads(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         """``(objectness logits [B, 1, H/8, W/8], regression [B, 4, H/8, W/8])`` of a normalised, padded batch."""
@@ -370,11 +382,10 @@ class CenterNet(nn.Module):
             giou = generalized_box_iou_loss(pred, target, reduction="none")
             losses["loss_box"] = BOX_LOSS_WEIGHT * (giou * weight[cells]).sum() / weight.sum()
             # the classifier reads the photo at its own resolution: details the detector's small input loses
-            crops = [jittered_boxes(t["boxes"], copies=CROP_COPIES) for t in targets]
+            boxes = [jittered_boxes(t["boxes"], copies=CROP_COPIES) for t in targets]
             labels = torch.cat([t["labels"].repeat_interleave(CROP_COPIES) for t in targets]) - 1
-            losses["loss_classifier"] = F.cross_entropy(
-                self.classifier(self._normalised(images), crops), labels
-            )
+            crops = self.classifier.crops(self._padded(images), boxes)
+            losses["loss_classifier"] = F.cross_entropy(self.classifier(crops), labels)
         else:  # keep the graph (and DDP's used parameters) the same when a batch holds no box
             losses["loss_box"] = predicted.sum() * 0.0
             losses["loss_classifier"] = sum(
@@ -398,7 +409,9 @@ class CenterNet(nn.Module):
             keep = nms(b, s, self.nms_threshold)
             kept_scores.append(s[keep])
             kept_boxes.append(b[keep] / scales[i])  # the photo's pixels from here on
-        probs = self.classifier(self._normalised(images), kept_boxes).softmax(dim=1)
+        crops = self.classifier.crops(self._padded(images), kept_boxes)
+        # the crop and its mirror image (garments are left-right symmetric; training flips whole photos)
+        probs = (self.classifier(crops).softmax(dim=1) + self.classifier(crops.flip(-1)).softmax(dim=1)) / 2
         out = []
         for im, s, b, p in zip(images, kept_scores, kept_boxes, probs.split([len(b) for b in kept_boxes])):
             height, width = int(im.shape[-2]), int(im.shape[-1])
