@@ -219,7 +219,7 @@ def self_knn(
 
 #: Neighbours kept per gallery item in a cached gallery graph: enough for αQE (k=10) and k-reciprocal (k1+1=21)
 #: at their defaults, so a sweep over either reuses one graph.
-GALLERY_K = 32
+GALLERY_K = 21
 #: Gallery graphs kept in this process (most recent first out last).
 GALLERY_CACHE_SIZE = 2
 _gallery_graphs: OrderedDict[str, KnnGraph] = OrderedDict()
