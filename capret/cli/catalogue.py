@@ -19,10 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from capret.cli.common import add_command
 from capret.config import ConfigError, parse_overrides
 from capret.console import add_progress_flag, print_json, progress_wanted
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "add_parser", "run"]
+
+#: the line of ``capret --help``'s command list (``--help`` of the command prints the module docstring)
+HELP = "a living catalogue on LanceDB: create, add, remove, update, search, stats, doctor, optimize"
 
 
 def _location(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +47,7 @@ def _no_verify_flag(parser: argparse.ArgumentParser, *, otherwise: str) -> None:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "catalogue",
-        help="a living catalogue on LanceDB: create, add, remove, update, search, stats, doctor, optimize",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, __name__, help=HELP, run=run)
     sub = parser.add_subparsers(dest="catalogue_command", metavar="ACTION", required=True)
 
     create = sub.add_parser("create", help="a new, empty catalogue for one model")
@@ -119,7 +118,6 @@ def add_parser(subparsers: Any) -> None:
         default=0.0,
         help="keep versions younger than this many seconds (default 0)",
     )
-    parser.set_defaults(run=run)
 
 
 def _options(pairs: list[str], flag: str) -> dict[str, Any]:

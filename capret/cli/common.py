@@ -14,6 +14,7 @@ import inspect
 import ipaddress
 import math
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ __all__ = [
     "NotAvailableError",
     "add_bad_image_flag",
     "add_caption_coverage_flag",
+    "add_command",
     "add_debug_flag",
     "add_device_flag",
     "add_image_source_flags",
@@ -127,6 +129,36 @@ def doc_body(doc: str | None) -> str | None:
     """A command module's docstring without its first paragraph, the one-line summary the command list already
     shows as ``help=``; the rest is the ``--help`` description."""
     return doc.split("\n\n", 1)[1] if doc and "\n\n" in doc else doc
+
+
+def add_command(
+    subparsers: Any,
+    module: str,
+    *,
+    help: str,
+    run: Callable[[argparse.Namespace], int] | None = None,
+    summary: bool = True,
+) -> argparse.ArgumentParser:
+    """The parser of the subcommand a ``capret/cli/<name>.py`` module implements (``module`` is its ``__name__``).
+
+    The command is named after the module (``convert_checkpoint`` -> ``convert-checkpoint``) and its ``--help``
+    prints the module docstring with the line breaks it was written with, so neither is restated per command.
+
+    Args:
+        help: the one line of the parent's command list.
+        run: what the parsed command calls (``args.run(args)``); None where its actions set their own.
+        summary: keep the docstring's first paragraph; False drops it (it says what ``help`` says).
+    """
+    doc = sys.modules[module].__doc__
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        module.rsplit(".", 1)[-1].replace("_", "-"),
+        help=help,
+        description=doc if summary else doc_body(doc),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if run is not None:
+        parser.set_defaults(run=run)
+    return parser
 
 
 def add_image_source_flags(

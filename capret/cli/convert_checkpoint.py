@@ -19,9 +19,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import call_with_flags, doc_body, print_json
+from capret.cli.common import add_command, call_with_flags, print_json
 
-__all__ = ["SOURCES", "add_parser", "run"]
+__all__ = ["HELP", "SOURCES", "add_parser", "run"]
+
+#: the line of ``capret --help``'s command list (``--help`` of the command prints the module docstring)
+HELP = "convert a released SEARLE / Pic2Word / LinCIR / CLIP4Cir checkpoint into a capret model folder"
 
 #: ``--from`` values (the registry :mod:`capret.models.convert`; kept here so ``--help`` imports no torch)
 SOURCES = ("clip4cir", "lincir", "pic2word", "searle")
@@ -30,12 +33,7 @@ _FOLDER_FLAG = {"combiner": "--checkpoint"}  # every other kind is a mapper (phi
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "convert-checkpoint",
-        help="convert a released SEARLE / Pic2Word / LinCIR / CLIP4Cir checkpoint into a capret model folder",
-        description=doc_body(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, __name__, help=HELP, run=run, summary=False)
     p.add_argument(
         "--from", dest="source", required=True, choices=SOURCES, help="the project that released it"
     )
@@ -80,7 +78,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--device", default="cpu", help="where the backbone is loaded for the checks (default cpu)"
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

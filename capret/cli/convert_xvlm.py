@@ -16,18 +16,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import doc_body, print_json
+from capret.cli.common import add_command, print_json
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "add_parser", "run"]
+
+#: the line of ``capret --help``'s command list (``--help`` of the command prints the module docstring)
+HELP = "write the config folder for a released X-VLM / X²-VLM checkpoint and check the conversion"
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "convert-xvlm",
-        help="write the config folder for a released X-VLM / X²-VLM checkpoint and check the conversion",
-        description=doc_body(__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, __name__, help=HELP, run=run, summary=False)
     p.add_argument(
         "--preset",
         required=True,
@@ -45,7 +43,6 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         help="X-VLM checkpoint (.th/.pth/.safetensors) to convert now",
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,20 +19,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import add_device_flag, add_image_source_flags, positive_int
+from capret.cli.common import add_command, add_device_flag, add_image_source_flags, positive_int
 from capret.config import ConfigError, parse_overrides
 from capret.console import add_progress_flag, print_json, progress_wanted, run_guarded
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "add_parser", "run"]
+
+#: the line of ``capret --help``'s command list (``--help`` of the command prints the module docstring)
+HELP = "build a searchable gallery (detect, caption, embed, index) for `capret search`"
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "index",
-        help="build a searchable gallery (detect, caption, embed, index) for `capret search`",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, __name__, help=HELP)
     sub = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     build = sub.add_parser("build", help="build (or resume building) a gallery folder")
     build.add_argument(

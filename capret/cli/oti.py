@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from capret.cli.common import (
+    add_command,
     finite_float,
     fraction,
     non_negative_float,
@@ -28,19 +30,17 @@ from capret.cli.common import (
 )
 from capret.console import add_progress_flag, progress_wanted
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "add_parser", "run"]
+
+#: the line of ``capret --help``'s command list (``--help`` of the command prints the module docstring)
+HELP = "SEARLE OTI: optimise one pseudo-word token per image (resumable safetensors token store)"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from capret.inference.cir.concepts import generate_continuations
     from capret.inference.cir.oti import OTIConfig
 
-    parser = subparsers.add_parser(
-        "oti",
-        help="SEARLE OTI: optimise one pseudo-word token per image (resumable safetensors token store)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, __name__, help=HELP, run=run)
     parser.add_argument(
         "--clip", required=True, help="hf: hub id or folder; open_clip: architecture or local-dir:DIR"
     )
@@ -99,11 +99,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                 flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default, help=help_text
             )
         else:
-            kind = _OTI_RANGES.get(f.name) or {"int": int, "float": finite_float, "str": str}.get(
-                str(f.type), str
-            )
+            by_type: dict[str, Callable[[str], Any]] = {"int": int, "float": finite_float, "str": str}
+            kind = _OTI_RANGES.get(f.name) or by_type.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=f.default, help=help_text)
-    parser.set_defaults(run=run)
     return parser
 
 

@@ -15,21 +15,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import add_device_flag, positive_int
+from capret.cli.common import add_command, add_device_flag, positive_int
 from capret.config import ConfigError
 from capret.console import print_json, run_guarded
 from capret.errors import DataError, UsageError
 
-__all__ = ["add_parser", "run"]
+__all__ = ["HELP", "add_parser", "run"]
+
+#: the line of ``capret --help``'s command list (``--help`` of the command prints the module docstring)
+HELP = "rank gallery items for a photo with a pipeline folder"
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "search",
-        help="rank gallery items for a photo with a pipeline folder",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, __name__, help=HELP, run=run)
     parser.add_argument("--pipeline", type=Path, required=True, help="pipeline folder (pipeline.json)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", type=Path, help="query photo")
@@ -52,7 +50,6 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="skip the SHA-256 check of the gallery's shards and index (default: verified once per search)",
     )
-    parser.set_defaults(run=run)
 
 
 def _boxes(values: list[str] | None) -> list[list[float]] | None:
