@@ -42,6 +42,7 @@ from capret.tasks.zeroshot_common import (
     MapperTaskBase,
     MapperValidationConfig,
     SizedBatches,
+    mapper_validation,
     run_mapper_task,
 )
 
@@ -86,10 +87,7 @@ class LinCIRTaskConfig:
         "centre crop, as LinCIR) and phi's sizes",
     )
     loss: LinCIRLossConfig = cfg(factory=LinCIRLossConfig, help="text-feature reconstruction loss")
-    validation: MapperValidationConfig = cfg(
-        factory=MapperValidationConfig,
-        help="checkpoint selection on CIRR val R@1 (the papers'); off by default",
-    )
+    validation: MapperValidationConfig = mapper_validation()
     trainer: TrainerConfig = cfg(
         factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.01, schedule="constant", monitor="recall@1"),
         help="shared training loop (LinCIR: AdamW lr 1e-4, wd 0.01, constant schedule)",

@@ -30,6 +30,7 @@ from capret.tasks.zeroshot_common import (
     MapperValidationConfig,
     SizedBatches,
     mapper_trainer,
+    mapper_validation,
     no_decay_parameter,
     run_mapper_task,
 )
@@ -60,10 +61,7 @@ class Pic2WordTaskConfig:
         help="frozen CLIP (Pic2Word: ViT-L/14, CLIP's own preprocessing) and IM2TEXT's sizes",
     )
     loss: Pic2WordLossConfig = cfg(factory=Pic2WordLossConfig, help="contrastive loss")
-    validation: MapperValidationConfig = cfg(
-        factory=MapperValidationConfig,
-        help="checkpoint selection on CIRR val R@1 (the papers'); off by default",
-    )
+    validation: MapperValidationConfig = mapper_validation()
     trainer: TrainerConfig = mapper_trainer(weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
 
 

@@ -36,6 +36,7 @@ from capret.tasks.zeroshot_common import (
     MapperValidationConfig,
     SizedBatches,
     mapper_trainer,
+    mapper_validation,
     run_mapper_task,
 )
 
@@ -76,10 +77,7 @@ class PhiTaskConfig:
         factory=MapperModelConfig, help="frozen CLIP (SEARLE: ViT-B/32 or ViT-L/14) and phi's sizes"
     )
     loss: PhiLossConfig = cfg(factory=PhiLossConfig, help="distillation and phrase regulariser")
-    validation: MapperValidationConfig = cfg(
-        factory=MapperValidationConfig,
-        help="checkpoint selection on CIRR val R@1 (the papers'); off by default",
-    )
+    validation: MapperValidationConfig = mapper_validation()
     trainer: TrainerConfig = mapper_trainer(weight_decay=0.01)
 
 

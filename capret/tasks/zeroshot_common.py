@@ -53,6 +53,7 @@ __all__ = [
     "ZEROSHOT_TASKS",
     "index_batches",
     "mapper_trainer",
+    "mapper_validation",
     "no_decay_parameter",
     "run_mapper_task",
     "upgrade_config_dict",
@@ -94,6 +95,14 @@ def mapper_trainer(
             lr=1e-4, weight_decay=weight_decay, betas=list(betas), eps=eps, monitor="recall@1"
         ),
         help="shared training loop (AdamW lr, wd, betas, eps)",
+    )
+
+
+def mapper_validation() -> Any:
+    """The ``validation`` section of every mapper task: :class:`MapperValidationConfig`, off by default."""
+    return cfg(
+        factory=MapperValidationConfig,
+        help="checkpoint selection on CIRR val R@1 (the papers'); off by default",
     )
 
 
