@@ -144,6 +144,27 @@ class SuperGlobalRerank(FeatureReranker):
 register_reranker("superglobal")(SuperGlobalRerank)
 
 
+def _expansion_sims(
+    feats: torch.Tensor,
+    rows: torch.Tensor,
+    members: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    own: torch.Tensor,
+    own_sims: torch.Tensor,
+) -> torch.Tensor:
+    """``[c, W]`` similarities of each row to its expansion members: read from the row's own k-NN list where the
+    member is in it (most are: the k-reciprocal set always), computed for the rest only."""
+    match = members[:, :, None] == own[:, None, :]  # [c, W, kk]
+    sims = torch.where(match, own_sims[:, None, :], torch.zeros_like(own_sims[:, None, :])).sum(-1)
+    r, m = (valid & ~match.any(-1)).nonzero(as_tuple=True)
+    if r.numel():
+        x = feats.index_select(0, rows[r])
+        y = feats.index_select(0, members[r, m])
+        sims[r, m] = torch.bmm(x[:, None, :], y[:, :, None]).view(-1)
+    return sims
+
+
 def _reciprocal(lists: torch.Tensor) -> torch.Tensor:
     """``out[i, a] = i in lists[lists[i, a]]`` for neighbour lists ``[N, A]`` (positions ``0..N-1``).
 
@@ -224,7 +245,7 @@ class KReciprocalRerank(FeatureReranker):
             width = int(valid.sum(1).max())
             expansion, valid = expansion[:, :width], valid[:, :width]
             safe = expansion.clamp(max=n - 1)
-            sims = candidate_scores(feats[rows], feats, safe)
+            sims = _expansion_sims(feats, rows, safe, valid, own=fwd, own_sims=graph.sims[rows])
             dist = (2.0 - 2.0 * sims).clamp(min=0) / dmax[rows, None]
             weight = torch.where(valid, torch.exp(-dist), torch.zeros_like(dist))
             weight = weight / weight.sum(1, keepdim=True)
