@@ -78,6 +78,8 @@ class CnnTraining:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     ema: float = 0.99  # decay of the weight average kept as the member
+    rotation: float = 0.0  # largest random rotation of a training view, in radians
+    erase: float = 0.0  # probability that a training view gets a random occluding square
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -90,11 +92,15 @@ class CnnTraining:
         ):
             if getattr(self, name) < low:
                 raise ConfigError(f"CnnTraining.{name} must be >= {low}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.erase <= 1.0:
+            raise ConfigError(f"CnnTraining.erase must be in [0, 1], got {self.erase!r}")
         for name in ("margin", "weight_decay", "label_smoothing", "ema"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"CnnTraining.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"CnnTraining.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0.0 <= self.rotation <= np.pi:
+            raise ConfigError(f"CnnTraining.rotation must be in [0, pi], got {self.rotation!r}")
         if not self.lr > 0.0:
             raise ConfigError(f"CnnTraining.lr must be > 0, got {self.lr!r}")
 
@@ -235,10 +241,17 @@ def _mirror(
 
 
 def augment(
-    tiles: torch.Tensor, geometry: torch.Tensor, *, generator: torch.Generator
+    tiles: torch.Tensor,
+    geometry: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    rotation: float = 0.0,
+    erase: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A random view of uint8 tiles as floats in [0, 1]: flip, channel order, saturation, brightness and
-    contrast, scale/aspect/shift (module docstring: silhouettes, not colours or prints, name a category)."""
+    contrast, scale/aspect/shift (module docstring: silhouettes, not colours or prints, name a category), a
+    rotation of up to ``rotation`` radians, and with probability ``erase`` a random square of up to half the
+    tile's side filled with one random colour (an occluder: an arm, a bag, another garment)."""
     n = len(tiles)
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
@@ -250,13 +263,26 @@ def augment(
     grey = x.mean(1, keepdim=True)
     x = grey + (x - grey) * uniform(0.0, 1.3, 1, 1, 1)
     x = x * uniform(0.7, 1.3, 1, 1, 1) + uniform(-0.15, 0.15, 1, 1, 1)
-    scale = uniform(0.85, 1.15)
+    scale, angle = uniform(0.85, 1.15), uniform(-rotation, rotation)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    stretch = uniform(0.9, 1.1)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = scale * uniform(0.9, 1.1)
-    theta[:, 1, 1] = scale
+    theta[:, 0, 0], theta[:, 0, 1] = scale * stretch * cos, -scale * sin
+    theta[:, 1, 0], theta[:, 1, 1] = scale * stretch * sin, scale * cos
     theta[:, :, 2] = uniform(-0.1, 0.1, 2)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False), geometry
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    if erase > 0.0:
+        side = x.shape[-1]
+        half = (uniform(0.1, 0.25) * side).round()
+        centre_x, centre_y = uniform(0.0, side), uniform(0.0, side)
+        pixels = torch.arange(side, dtype=torch.float32)
+        inside = ((pixels[None, None, :] - centre_x[:, None, None]).abs() <= half[:, None, None]) & (
+            (pixels[None, :, None] - centre_y[:, None, None]).abs() <= half[:, None, None]
+        )
+        inside &= (torch.rand(n, generator=generator) < erase)[:, None, None]
+        x = torch.where(inside[:, None], uniform(0.0, 1.0, 3, 1, 1), x)
+    return x, geometry
 
 
 def _learning_rate(training: CnnTraining, *, step: int, elapsed: float, limit: float | None) -> float:
@@ -295,7 +321,8 @@ def _train_member(
                 training, step=step, elapsed=time.perf_counter() - start, limit=max_seconds
             )
         batch = torch.randint(0, len(inputs), (training.batch_size,), generator=generator)
-        tiles, geometry = augment(inputs.tiles[batch], inputs.geometry[batch], generator=generator)
+        tiles, geometry = augment(inputs.tiles[batch], inputs.geometry[batch], generator=generator,
+                                  rotation=training.rotation, erase=training.erase)  # fmt: skip
         loss = F.cross_entropy(model.member_logits(member, tiles, geometry), target[batch],
                                label_smoothing=training.label_smoothing)  # fmt: skip
         optimiser.zero_grad(set_to_none=True)

@@ -111,6 +111,19 @@ def test_augmentation_keeps_shapes_and_mirrors_the_box_centre() -> None:
     assert torch.equal(out, again)  # seeded
 
 
+def test_erasing_paints_one_occluding_square_per_view() -> None:
+    grey = torch.full((40, 3, 24, 24), 128, dtype=torch.uint8)  # every jitter keeps a flat tile flat ...
+    geometry = torch.rand(40, 6)
+    plain, _ = augment(grey, geometry, generator=torch.Generator().manual_seed(0), rotation=0.5)
+    assert torch.allclose(plain, plain[:, :, :1, :1].expand_as(plain), atol=1e-5)
+    erased, _ = augment(grey, geometry, generator=torch.Generator().manual_seed(0), erase=1.0)
+    changed = (erased - erased[:, :, :1, :1]).abs().sum(
+        1
+    ) > 1e-4  # ... but for the occluder (or its complement)
+    area = torch.minimum(changed.sum((1, 2)), (~changed).sum((1, 2)))
+    assert int((area > 0).sum()) >= 36 and int(area.max()) <= 13 * 13
+
+
 def test_learning_rate_warms_up_then_follows_its_schedule_and_the_clock() -> None:
     constant = CnnTraining(steps=100, warmup=10, lr=1e-2)
     assert _learning_rate(constant, step=0, elapsed=0.0, limit=None) == pytest.approx(1e-3)
@@ -129,6 +142,10 @@ def test_bad_inputs_name_the_field_and_value(photos, tmp_path: Path) -> None:
         CnnTraining(folds=1)
     with pytest.raises(ConfigError, match=r"CnnTraining\.ema must be in \[0, 1\), got 1\.5"):
         CnnTraining(ema=1.5)
+    with pytest.raises(ConfigError, match=r"CnnTraining\.rotation must be in \[0, pi\], got -0\.1"):
+        CnnTraining(rotation=-0.1)
+    with pytest.raises(ConfigError, match=r"CnnTraining\.erase must be in \[0, 1\], got 1\.5"):
+        CnnTraining(erase=1.5)
     with pytest.raises(ConfigError, match=r"CnnTraining\.lr must be > 0, got 0\.0"):
         CnnTraining(lr=0.0)
     with pytest.raises(
