@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,7 @@ class KnnGraph:
     sims: torch.Tensor  # [N, k] float32 similarities, descending
     positions: torch.Tensor  # [N, k] int64 row positions
     row_min: torch.Tensor  # [N] float32: each row's smallest similarity (its farthest item); [0] if not asked
+    pair_sims: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [R, K] of the asked ``pairs``
 
 
 def _keys(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -151,6 +152,7 @@ def self_knn(
     block: int = 2048,
     with_row_min: bool = False,
     known: KnnGraph | None = None,
+    pairs: torch.Tensor | None = None,
 ) -> KnnGraph:
     """Top-``k`` neighbours of every row of ``feats`` among all rows by inner product (see the module doc).
 
@@ -167,6 +169,8 @@ def self_knn(
         known: the graph of the LAST ``M`` rows among themselves (positions ``0..M-1``, at least ``k`` per row,
             ``row_min`` when ``with_row_min``), e.g. a gallery's graph kept by :func:`pooled_knn`; the tiles
             inside those rows are then not computed again.
+        pairs: ``[R, K]`` positions whose similarity to rows ``0..R-1`` is wanted too (a reranker's candidates):
+            read from the tiles as they pass (``pair_sims``) instead of gathering descriptors again.
     """
     n = feats.shape[0]
     if n == 0:
@@ -181,6 +185,7 @@ def self_knn(
     starts = _blocks(0, split, size, k) + (_blocks(split, n, size, 1) if split < n else [])
     ends = [*starts[1:], n]
     row_min = torch.full((n if with_row_min else 0,), torch.inf, device=feats.device)
+    pair_sims = torch.full(pairs.shape if pairs is not None else (0,), torch.nan, device=feats.device)
     best: list[torch.Tensor] = []
     for i0, i1 in zip(starts, ends, strict=True):
         if known is not None and i0 >= split:
@@ -191,6 +196,7 @@ def self_knn(
             continue
         rows = feats[i0:i1]
         tile = (rows @ rows.T).float()
+        _take_pairs(pair_sims, pairs, tile, (i0, i1, i0, i1))
         best.append(_tile_keys(tile, k, i0))
         if with_row_min:
             row_min[i0 : i0 + tile.shape[0]] = torch.amin(tile, 1)
@@ -201,6 +207,8 @@ def self_knn(
         for b in range(a + 1, len(starts)):
             j0 = starts[b]
             tile = (rows @ feats[j0 : ends[b]].T).float()
+            _take_pairs(pair_sims, pairs, tile, (i0, i1, j0, ends[b]))
+            _take_pairs(pair_sims, pairs, tile.T, (j0, ends[b], i0, i1))
             # entries that reach the k-th value of their row (block a) or of their column (block b); ties are
             # kept, since a lower position wins them
             r, c, low = _reaching(tile, _threshold(best[a]), per="row", with_min=with_row_min)
@@ -213,8 +221,25 @@ def self_knn(
                 span_a, span_b = slice(i0, i0 + tile.shape[0]), slice(j0, j0 + tile.shape[1])
                 row_min[span_a] = torch.minimum(row_min[span_a], low)
                 row_min[span_b] = torch.minimum(row_min[span_b], low_t)
+    if pairs is not None:
+        r, c = pair_sims.isnan().nonzero(as_tuple=True)  # pairs inside the known rows: not in any tile here
+        if r.numel():
+            x, y = feats.index_select(0, r), feats.index_select(0, pairs[r, c])
+            pair_sims[r, c] = torch.bmm(x[:, None, :], y[:, :, None]).view(-1).float()
     sims, positions = _decode(torch.cat(best))
-    return KnnGraph(sims=sims, positions=positions, row_min=row_min)
+    return KnnGraph(sims=sims, positions=positions, row_min=row_min, pair_sims=pair_sims)
+
+
+def _take_pairs(
+    out: torch.Tensor, pairs: torch.Tensor | None, tile: torch.Tensor, span: tuple[int, int, int, int]
+) -> None:
+    """Copy the asked pairs that fall in ``tile`` (rows ``r0:r1`` x columns ``c0:c1``) into ``out``."""
+    r0, r1, c0, c1 = span
+    if pairs is None or r0 >= pairs.shape[0]:
+        return
+    wanted = pairs[r0:r1]
+    r, c = ((wanted >= c0) & (wanted < c1)).nonzero(as_tuple=True)
+    out[r0 + r, c] = tile[r, wanted[r, c] - c0]
 
 
 #: Neighbours kept per gallery item in a cached gallery graph: enough for αQE (k=10) and k-reciprocal (k1+1=21)
@@ -255,9 +280,17 @@ def gallery_graph(gallery: torch.Tensor, k: int, *, cache: bool = True, block: i
 
 
 def pooled_knn(
-    queries: torch.Tensor, gallery: torch.Tensor, k: int, *, with_row_min: bool = False, cache: bool = True
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    *,
+    with_row_min: bool = False,
+    cache: bool = True,
+    candidates: torch.Tensor | None = None,
 ) -> KnnGraph:
     """The k-NN graph of ``[queries; gallery]`` over itself (queries first), with the gallery's own graph from
-    :func:`gallery_graph`; equal to ``self_knn(torch.cat([queries, gallery]), k)``."""
+    :func:`gallery_graph`; equal to ``self_knn(torch.cat([queries, gallery]), k)``. ``candidates`` (``[Q, K]``
+    gallery positions) asks for the queries' similarities to them as ``pair_sims``."""
     known = gallery_graph(gallery, k, cache=cache) if gallery.shape[0] else None
-    return self_knn(torch.cat([queries, gallery], 0), k, with_row_min=with_row_min, known=known)
+    pairs = None if candidates is None else candidates + queries.shape[0]
+    return self_knn(torch.cat([queries, gallery], 0), k, with_row_min=with_row_min, known=known, pairs=pairs)

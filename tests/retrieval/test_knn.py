@@ -91,3 +91,16 @@ def test_gallery_graph_is_kept_per_content_and_bounded() -> None:
     assert knn.gallery_graph(a, 5) is not first  # evicted, computed again
     assert knn.gallery_graph(a, 40).positions.shape[1] == 40  # more than kept: computed with the larger k
     assert knn.gallery_graph(a, 3, cache=False).positions.shape[1] == knn.GALLERY_K
+
+
+@pytest.mark.parametrize("nq", [120, 3])
+def test_pooled_knn_reads_the_asked_pairs_from_its_tiles(nq: int) -> None:
+    feats = _features(257)
+    queries, gallery = feats[:nq], feats[nq:]
+    gen = torch.Generator().manual_seed(3)
+    candidates = torch.randint(0, gallery.shape[0], (nq, 15), generator=gen)
+    knn._gallery_graphs.clear()
+    graph = knn.pooled_knn(queries, gallery, 7, candidates=candidates)
+    expected = torch.einsum("qd,qkd->qk", queries, gallery[candidates])
+    torch.testing.assert_close(graph.pair_sims, expected, atol=1e-6, rtol=0)
+    assert self_knn(feats, 7).pair_sims.numel() == 0

@@ -209,15 +209,18 @@ class KReciprocalRerank(FeatureReranker):
                 f"k2={self.k2}, lambda_value={self.lambda_value}"
             )
 
-    def encode(self, queries: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, queries: torch.Tensor, gallery: torch.Tensor, candidates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The sparse k-reciprocal vectors of the pooled ``[queries; gallery]`` after local QE (a coalesced
-        ``[N, N]`` COO matrix ``V``, rows in order) and each item's maximum squared distance ``[N]`` (the row
-        normaliser)."""
+        ``[N, N]`` COO matrix ``V``, rows in order), each item's maximum squared distance ``[N]`` (the row
+        normaliser), and the queries' similarities to their ``candidates`` (``[Q, K]``, read from the graph's
+        tiles; empty without candidates)."""
         feats = torch.cat([queries, gallery], 0)
         n = feats.shape[0]
         kk = min(self.k1 + 1, n)
         half = min(int(round(self.k1 / 2)) + 1, n)
-        graph = pooled_knn(queries, gallery, kk, with_row_min=True)
+        graph = pooled_knn(queries, gallery, kk, with_row_min=True, candidates=candidates)
         ranks, min_sim = graph.positions, graph.row_min
         dmax = (2.0 - 2.0 * min_sim).clamp(min=1e-12)
         arange = torch.arange(n, device=feats.device)
@@ -267,7 +270,7 @@ class KReciprocalRerank(FeatureReranker):
             with warnings.catch_warnings():  # "sparse CSR support is in beta" from inside torch.sparse.mm
                 warnings.simplefilter("ignore", UserWarning)
                 v = torch.sparse.mm(qe, v).coalesce()
-        return v, dmax
+        return v, dmax, graph.pair_sims
 
     def distances(self, queries: torch.Tensor, gallery: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor:
         """Final k-reciprocal distances ``[Q, K]`` of each query to its ranked candidates (lower is closer).
@@ -280,7 +283,7 @@ class KReciprocalRerank(FeatureReranker):
         feats = torch.cat([queries, gallery], 0)
         n, nq = feats.shape[0], queries.shape[0]
         ng = n - nq
-        v, dmax = self.encode(queries, gallery)
+        v, dmax, cand_sims = self.encode(queries, gallery, ranking)
         rows, cols = v.indices()
         vals = v.values().float()
         ptr = _offsets(rows, n)
@@ -305,8 +308,7 @@ class KReciprocalRerank(FeatureReranker):
             inter = acc[: (e - s) * ng].view(e - s, ng).gather(1, ranking[s:e])
             acc[target] = 0.0  # only what this chunk touched
             jaccard = 1.0 - inter / (2.0 - inter)
-            sims = candidate_scores(queries[s:e], gallery, ranking[s:e])
-            original = (2.0 - 2.0 * sims).clamp(min=0) / dmax[s:e, None]
+            original = (2.0 - 2.0 * cand_sims[s:e]).clamp(min=0) / dmax[s:e, None]
             out[s:e] = (1.0 - self.lambda_value) * jaccard + self.lambda_value * original
         return out
 
