@@ -255,7 +255,6 @@ def list_category_models() -> list[str]:
     return _CATEGORY_MODELS.names()
 
 
-@register_category_model("pixel-mlp")
 class PixelMlpModel(CategoryModel):
     """Standardised pixel features -> linear layer (``hidden=0``, multinomial logistic regression) or MLP."""
 
@@ -286,6 +285,9 @@ class PixelMlpModel(CategoryModel):
 
     def probabilities(self, inputs: Any) -> torch.Tensor:
         return torch.softmax(self(torch.as_tensor(inputs, dtype=torch.float32)), dim=-1)
+
+
+register_category_model("pixel-mlp")(PixelMlpModel)
 
 
 def load_category_model(directory: str | Path) -> CategoryModel:
