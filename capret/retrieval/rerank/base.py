@@ -14,6 +14,7 @@ This module holds the protocol, the registry and the shared input checks (:func:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -216,11 +217,13 @@ def candidate_scores(
     return out
 
 
+@dataclass(kw_only=True)
 class FeatureReranker:
     """Shared entry point of every built-in reranker (``aqe``, ``superglobal``, ``kreciprocal``, ``geometric``):
     :meth:`rerank` validates and converts the inputs once (on :attr:`device`), then :meth:`reorder` does the
     method's own work on the checked tensors. Image references ride on the inputs; the global-feature rerankers
-    ignore them, a reranker that looks at pixels checks them with :func:`require_image_refs`.
+    ignore them, a reranker that looks at pixels checks them with :func:`require_image_refs`. The global
+    rerankers are keyword-only dataclasses below it: their settings are fields, ``device`` is this one.
     """
 
     device: str | None = None

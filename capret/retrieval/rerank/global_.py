@@ -46,7 +46,6 @@ class AlphaQueryExpansion(FeatureReranker):
     k: int = 10
     alpha: float = 3.0
     iterations: int = 1
-    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.iterations < 1:
@@ -104,7 +103,6 @@ class SuperGlobalRerank(FeatureReranker):
     k: int = 9
     beta: float = 0.15
     chunk: int = 32
-    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.m < 1 or self.k < 0:
@@ -200,7 +198,6 @@ class KReciprocalRerank(FeatureReranker):
     k2: int = 6
     lambda_value: float = 0.3
     chunk: int = 2048
-    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.k1 < 1 or not 1 <= self.k2 <= self.k1 + 1 or not 0.0 <= self.lambda_value <= 1.0:
