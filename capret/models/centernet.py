@@ -34,7 +34,7 @@ the input image's pixels, best first) in eval mode.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,21 @@ from torch import Tensor, nn
 
 from capret.errors import ConfigError
 
-if TYPE_CHECKING:  # the config lives with the detector that builds this model (which imports this module)
-    from capret.models.detector import DetectorModelConfig
+
+class CenterNetSettings(Protocol):
+    """What :class:`CenterNet` reads of a detector config (``capret.models.detector.DetectorModelConfig``, which
+    builds this model and so is not imported here: the layers stay acyclic)."""
+
+    min_size: int
+    max_size: int
+    score_threshold: float
+    nms_threshold: float
+    detections_per_image: int
+    backbone: str
+    backbone_width: int
+    backbone_weights: str | None
+    fpn_channels: int
+
 
 __all__ = ["CenterNet", "TinyBackbone", "centernet_targets", "decode_heatmaps"]
 
@@ -292,7 +305,7 @@ class CenterNet(nn.Module):
     mean: Tensor
     std: Tensor
 
-    def __init__(self, config: DetectorModelConfig, *, num_classes: int) -> None:
+    def __init__(self, config: CenterNetSettings, *, num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.min_size, self.max_size = config.min_size, config.max_size
