@@ -25,8 +25,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +41,6 @@ from capret.registry import Registry
 from captioning.store import beside_store
 
 if TYPE_CHECKING:
-    from captioning.category_cnn import CnnTraining
     from captioning.sources import CaptionTarget
 
 __all__ = [
@@ -67,6 +65,7 @@ __all__ = [
     "one_thread",
     "pixel_features",
     "register_category_model",
+    "register_category_trainer",
     "sleeves_of",
     "target_features",
 ]
@@ -253,6 +252,23 @@ def create_category_model(name: str, **kwargs: Any) -> CategoryModel:
 
 def list_category_models() -> list[str]:
     return _CATEGORY_MODELS.names()
+
+
+#: A category model kind that trains its own way from images (not from pixel-statistics rows) registers a
+#: trainer here: ``trainer(images=, boxes=, image_keys=, labels=, groups=, training=, folds=, seed=, max_seconds=,
+#: progress=) -> (model, out-of-fold predictions)``. Lazy, like the models: this module never imports theirs.
+_TRAINERS: Registry[tuple[CategoryModel, list[CategoryPrediction]]] = Registry(
+    "category model trainer", lazy_modules={"pixel-cnn": "captioning.category_cnn"}
+)
+
+
+def register_category_trainer(
+    name: str,
+) -> Callable[
+    [Callable[..., tuple[CategoryModel, list[CategoryPrediction]]]],
+    Callable[..., tuple[CategoryModel, list[CategoryPrediction]]],
+]:
+    return _TRAINERS.register(name)
 
 
 class PixelMlpModel(CategoryModel):
@@ -554,7 +570,7 @@ def fit_category_model_on_targets(
     *,
     out_dir: str | Path,
     kind: str = "pixel-mlp",
-    cnn_training: CnnTraining | None = None,
+    cnn_training: Any = None,
     heldout_fraction: float = 0.2,
     folds: int | None = None,
     seed: int = 0,
@@ -591,16 +607,20 @@ def fit_category_model_on_targets(
     labels = [str(t.annotation["category_name"]) for t in usable]
     groups = [repr(t.annotation.get("identity", t.key.rsplit("/", 1)[0])) for t in usable]
     model: CategoryModel
-    if kind == "pixel-cnn":
-        from captioning.category_cnn import CnnInputs, CnnTraining, fit_cnn_category_model, tile_inputs
-
-        training = cnn_training or CnnTraining()
-        training = replace(training, folds=min(folds or training.folds, len(set(groups))))
-        tiles = target_features(images, boxes, image_keys, progress=progress,
-                                encode=partial(tile_inputs, size=training.size, margin=training.margin))  # fmt: skip
-        left = None if max_seconds is None else max(1.0, max_seconds - (time.perf_counter() - start))
-        rows = LabelledRows(CnnInputs.stack(tiles, size=training.size), labels, groups)
-        model, oof = fit_cnn_category_model(rows, training=training, seed=seed, max_seconds=left)
+    if kind in _TRAINERS.names():
+        model, oof = _TRAINERS.create(
+            kind,
+            images=images,
+            boxes=boxes,
+            image_keys=image_keys,
+            labels=labels,
+            groups=groups,
+            training=cnn_training,
+            folds=folds,
+            seed=seed,
+            max_seconds=max_seconds,
+            progress=progress,
+        )
     else:
         features = np.stack(target_features(images, boxes, image_keys, progress=progress))
         data = LabelledRows(features, labels, groups)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,8 @@ from captioning.category import (
     box_in,
     one_thread,
     register_category_model,
+    register_category_trainer,
+    target_features,
 )
 
 __all__ = [
@@ -406,3 +409,30 @@ def fit_cnn_category_model(
     }
     predictions = [CategoryPrediction(classes[i], float(s)) for i, s in zip(index.tolist(), score.tolist())]
     return model, predictions
+
+
+@register_category_trainer("pixel-cnn")
+def fit_cnn_on_targets(
+    *,
+    images: Sequence[Any],
+    boxes: Sequence[Box],
+    image_keys: Sequence[str],
+    labels: list[str],
+    groups: list[str],
+    training: CnnTraining | None,
+    folds: int | None,
+    seed: int,
+    max_seconds: float | None,
+    progress: bool,
+) -> tuple[CategoryModel, list[CategoryPrediction]]:
+    """The ``pixel-cnn`` trainer of :func:`captioning.category.fit_category_model_on_targets`: tiles of the item
+    boxes, then :func:`fit_cnn_category_model` with ``folds`` members (capped at the number of groups);
+    ``max_seconds`` covers the tiling too."""
+    start = time.perf_counter()
+    training = training or CnnTraining()
+    training = replace(training, folds=min(folds or training.folds, len(set(groups))))
+    tiles = target_features(images, boxes, image_keys, progress=progress,
+                            encode=partial(tile_inputs, size=training.size, margin=training.margin))  # fmt: skip
+    left = None if max_seconds is None else max(1.0, max_seconds - (time.perf_counter() - start))
+    rows = LabelledRows(CnnInputs.stack(tiles, size=training.size), labels, groups)
+    return fit_cnn_category_model(rows, training=training, seed=seed, max_seconds=left)
