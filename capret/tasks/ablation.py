@@ -109,6 +109,17 @@ def _training_key(base: dict[str, Any], variant: Variant) -> str:
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _run_key(base: dict[str, Any], variant: Variant) -> str:
+    """What makes a finished run reusable: its resolved training config and how the variant scores it."""
+    what = {
+        "train": _training_key(base, variant),
+        "baseline": variant.baseline,
+        "category_filter": variant.category_filter,
+        "captions": variant.captions,
+    }
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _variant_config(base: dict[str, Any], variant: Variant, *, seed: int, train_dir: Path) -> Any:
     """The typed dual-stream config of one run: base + variant overrides + seed + training folders."""
     from capret.tasks.dualstream import DualStreamConfig
@@ -323,14 +334,23 @@ def run_ablation(
     for variant, seed in tqdm(jobs, desc="ablation", unit="run", disable=not progress):
         run_dir = out_dir / "runs" / variant.name / f"seed{seed}"
         done = run_dir / _RESULT
+        # a finished run counts only for the config it was run with: a changed base config, override or
+        # variant definition (a new recipe) reruns it instead of reusing a stale result
+        key = _run_key(base, variant)
         if done.is_file():
-            results[variant.name].append(json.loads(done.read_text()))
-            skipped += 1
-            continue
+            previous = json.loads(done.read_text())
+            if previous.get("config_key") == key:
+                results[variant.name].append(previous)
+                skipped += 1
+                continue
+            logger.warning(
+                "ablation: %s seed %d was run with another config; running it again", variant.name, seed
+            )
         logger.info("ablation: %s seed %d", variant.name, seed)
         record = {
             "variant": variant.name,
             "seed": seed,
+            "config_key": key,
             **_run_one(base, variant, seed=seed, out_dir=out_dir),
         }
         record = json.loads(json.dumps(record, default=float))

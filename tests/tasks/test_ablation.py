@@ -93,10 +93,32 @@ def test_ablate_writes_tables_and_resumes(setup: dict[str, Path], capsys: pytest
     assert (out / "ablation.png").stat().st_size > 1000
     # resume: every finished run is skipped and the table is identical; a deleted run is redone
     (out / "runs" / "gem" / "seed1" / "result.json").unlink()
-    assert main([*argv, "trainer.max_steps=1"]) == 0
+    assert main(argv) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["skipped_finished_runs"] == 9
     assert second["table"]["image_only"] == table["image_only"]
+    # a changed config (here one more override) is a different run: the finished result is not reused
+    key = plain["config_key"]
+    assert (
+        main(
+            [
+                *argv[:-4],
+                "--seeds",
+                "1",
+                "--out",
+                str(out),
+                "--only",
+                "image_only",
+                "--",
+                "trainer.max_steps=1",
+            ]
+        )
+        == 0
+    )
+    third = json.loads(capsys.readouterr().out)
+    assert third["skipped_finished_runs"] == 0
+    rerun = json.loads((out / "runs" / "image_only" / "seed0" / "result.json").read_text())
+    assert rerun["config_key"] != key and rerun["train_steps"] <= 1
 
 
 def test_ablate_rejects_bad_variants(setup: dict[str, Path], tmp_path: Path) -> None:
