@@ -96,11 +96,11 @@ def _reaching(
     Returns ``(owner, other, low)``: the entries' owner (row or column) positions grouped ascending, the other
     coordinate, and each owner's minimum over the tile when ``with_min`` (else an empty tensor).
 
-    Each owner's line is cut into strips of :data:`STRIP` entries and one pass takes every strip's maximum (and
-    minimum); only the strips whose maximum reaches the owner's need are compared entry by entry. A neighbour
-    list gains about one entry per tile, so this reads the tile once instead of comparing, combining and
-    scanning all of it. Strips always run along the tile's own memory layout (a reduction over a transposed view
-    is many times slower).
+    Each owner's line is cut into strips of :data:`STRIP` entries and one pass takes every strip's maximum; only
+    the strips whose maximum reaches the owner's need are compared entry by entry (the minimum, when asked, is a
+    second pass over the tile). A neighbour list gains about one entry per tile, so this reads the tile once
+    instead of comparing, combining and scanning all of it. Strips always run along the tile's own memory layout
+    (a reduction over a transposed view is many times slower).
     """
     axis = 1 if per == "row" else 0
     length = tile.shape[axis]

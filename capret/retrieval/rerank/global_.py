@@ -277,9 +277,8 @@ class KReciprocalRerank(FeatureReranker):
         only the pairs that share a column (a few thousand per query), instead of a candidate's whole row for
         each of the K candidates; the overlaps are read at the candidates only.
         """
-        feats = torch.cat([queries, gallery], 0)
-        n, nq = feats.shape[0], queries.shape[0]
-        ng = n - nq
+        nq, ng = queries.shape[0], gallery.shape[0]
+        n, device = nq + ng, queries.device
         v, dmax, cand_sims = self.encode(queries, gallery, ranking)
         rows, cols = v.indices()
         vals = v.values().float()
@@ -291,15 +290,15 @@ class KReciprocalRerank(FeatureReranker):
         inv_ptr = _offsets(cols[in_gallery], n)
         out = torch.empty(ranking.shape, dtype=torch.float32, device=ranking.device)
         qchunk = max(1, min(self.chunk, (1 << 21) // max(ng, 1)))  # the accumulator stays in cache
-        acc = torch.zeros(qchunk * ng, dtype=torch.float32, device=feats.device)
+        acc = torch.zeros(qchunk * ng, dtype=torch.float32, device=device)
         for s in range(0, nq, qchunk):
             e = min(s + qchunk, nq)
             lo, hi = int(ptr[s]), int(ptr[e])
             owner, col, val = rows[lo:hi] - s, cols[lo:hi], vals[lo:hi]
             start, count = inv_ptr[col], inv_ptr[col + 1] - inv_ptr[col]
-            entry = torch.repeat_interleave(torch.arange(hi - lo, device=feats.device), count)
+            entry = torch.repeat_interleave(torch.arange(hi - lo, device=device), count)
             first = torch.cumsum(count, 0) - count
-            pos = start[entry] + torch.arange(entry.numel(), device=feats.device) - first[entry]
+            pos = start[entry] + torch.arange(entry.numel(), device=device) - first[entry]
             target = owner[entry] * ng + inv_item[pos]
             acc.index_add_(0, target, torch.minimum(val[entry], inv_val[pos]))
             inter = acc[: (e - s) * ng].view(e - s, ng).gather(1, ranking[s:e])
