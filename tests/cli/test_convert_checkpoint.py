@@ -73,6 +73,20 @@ def _openai_clip_state(name: str) -> dict[str, torch.Tensor]:
     return state
 
 
+#: CLIP4Cir's src/combiner.py module names for ours (the dynamic scalar keeps its name).
+_CLIP4CIR_NAMES = {"text_projection.0": "text_projection_layer", "image_projection.0": "image_projection_layer",
+                   "fusion.0": "combiner_layer", "fusion.3": "output_layer"}  # fmt: skip
+
+
+def _released_combiner(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our Combiner state dict under the released checkpoint's names."""
+    out = {}
+    for key, value in state.items():
+        module, param = key.rsplit(".", 1)
+        out[f"{_CLIP4CIR_NAMES[module]}.{param}" if module in _CLIP4CIR_NAMES else key] = value
+    return out
+
+
 def test_sources_listed_by_the_cli_are_the_registry() -> None:
     assert tuple(sorted(list_converters())) == SOURCES
 
@@ -316,12 +330,7 @@ def test_converted_folders_evaluate_with_the_documented_command(
     searle = _run(["convert-checkpoint", "--from", "searle", "--checkpoint", str(base / "phi_eval.pt"),
                    "--clip", backbones["vit"], "--out", str(base / "phi_eval")], capsys)  # fmt: skip
     combiner = _seeded(Combiner(24, projection_dim=8, hidden_dim=8), 6).state_dict()
-    names = {"text_projection.0": "text_projection_layer", "image_projection.0": "image_projection_layer",
-             "fusion.0": "combiner_layer", "fusion.3": "output_layer"}  # fmt: skip
-    released = {
-        (names[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]) if k.rsplit(".", 1)[0] in names else k: v
-        for k, v in combiner.items()
-    }
+    released = _released_combiner(combiner)
     torch.save({"Combiner": released}, base / "comb_eval.pt")
     clip4cir = _run(["convert-checkpoint", "--from", "clip4cir", "--checkpoint", str(base / "comb_eval.pt"),
                      "--clip", backbones["vit"], "--out", str(base / "comb_eval")], capsys)  # fmt: skip
@@ -387,12 +396,7 @@ def test_openai_layout_clip_onto_a_hugging_face_backbone(
     tuned["transformer.resblocks.0.attn.in_proj_weight"] += 0.25  # stage 1 changed the text tower
     d = clip.feature_dim
     combiner = _seeded(Combiner(d, projection_dim=8, hidden_dim=8), 7).state_dict()
-    names = {"text_projection.0": "text_projection_layer", "image_projection.0": "image_projection_layer",
-             "fusion.0": "combiner_layer", "fusion.3": "output_layer"}  # fmt: skip
-    released = {
-        (names[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]) if k.rsplit(".", 1)[0] in names else k: v
-        for k, v in combiner.items()
-    }
+    released = _released_combiner(combiner)
     torch.save({"Combiner": released}, base / "comb_hf.pt")
     torch.save({"CLIP": tuned}, base / "clip_hf.pt")
     report = _run(["convert-checkpoint", "--from", "clip4cir", "--checkpoint", str(base / "comb_hf.pt"),
