@@ -36,15 +36,8 @@ from capret.data.keywords import (
 from capret.engine.trainer import TrainerConfig
 from capret.errors import MissingDependencyError
 from capret.models.clip import TaskClipConfig
+from capret.tasks import zeroshot_common as common
 from capret.tasks.registry import register_task
-from capret.tasks.zeroshot_common import (
-    MapperModelConfig,
-    MapperTaskBase,
-    MapperValidationConfig,
-    SizedBatches,
-    mapper_validation,
-    run_mapper_task,
-)
 
 __all__ = ["LinCIRDataConfig", "LinCIRLossConfig", "LinCIRTask", "LinCIRTaskConfig", "keyword_tagger", "run"]
 
@@ -81,20 +74,20 @@ class LinCIRTaskConfig:
 
     task: str = cfg("lincir", "task name; must be 'lincir'")
     data: LinCIRDataConfig = cfg(factory=LinCIRDataConfig, help="caption corpus and batches")
-    model: MapperModelConfig = cfg(
-        factory=lambda: MapperModelConfig(clip=TaskClipConfig(preprocess="none")),
+    model: common.MapperModelConfig = cfg(
+        factory=lambda: common.MapperModelConfig(clip=TaskClipConfig(preprocess="none")),
         help="frozen CLIP (LinCIR: ViT-L/14, ViT-bigG/14; preprocessing applies at inference: none = CLIP's own "
         "centre crop, as LinCIR) and phi's sizes",
     )
     loss: LinCIRLossConfig = cfg(factory=LinCIRLossConfig, help="text-feature reconstruction loss")
-    validation: MapperValidationConfig = mapper_validation()
+    validation: common.MapperValidationConfig = common.mapper_validation()
     trainer: TrainerConfig = cfg(
         factory=lambda: TrainerConfig(lr=1e-4, weight_decay=0.01, schedule="constant", monitor="recall@1"),
         help="shared training loop (LinCIR: AdamW lr 1e-4, wd 0.01, constant schedule)",
     )
 
 
-class LinCIRTask(MapperTaskBase):
+class LinCIRTask(common.MapperTaskBase):
     """The :class:`capret.engine.trainer.TrainTask` of LinCIR's phi."""
 
     mapper_kind = "phi"
@@ -132,7 +125,7 @@ class LinCIRTask(MapperTaskBase):
             out[row] = f"a photo of {placeholder}"
         return out
 
-    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
+    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> common.SizedBatches:
         def make(idx: list[int]) -> dict[str, Any]:
             return {
                 "captions": [self.captions[i] for i in idx],
@@ -175,7 +168,7 @@ def keyword_tagger(choice: str) -> Tagger | None:
 
 def run(config: LinCIRTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train LinCIR's phi, then export the ``lincir`` model folder (``<trainer.output_dir>/model``)."""
-    return run_mapper_task(LinCIRTask, config, name="lincir", resume=resume)
+    return common.run_mapper_task(LinCIRTask, config, name="lincir", resume=resume)
 
 
 register_task("lincir", LinCIRTaskConfig, run)

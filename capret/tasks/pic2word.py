@@ -22,18 +22,8 @@ from capret.config import ConfigError, cfg
 from capret.data.image_sources import open_image_source
 from capret.engine.trainer import TrainerConfig
 from capret.models.clip import TaskClipConfig
+from capret.tasks import zeroshot_common as common
 from capret.tasks.registry import register_task
-from capret.tasks.zeroshot_common import (
-    ImageDataConfig,
-    MapperModelConfig,
-    MapperTaskBase,
-    MapperValidationConfig,
-    SizedBatches,
-    mapper_trainer,
-    mapper_validation,
-    no_decay_parameter,
-    run_mapper_task,
-)
 
 __all__ = ["Pic2WordLossConfig", "Pic2WordTask", "Pic2WordTaskConfig", "run"]
 
@@ -50,22 +40,22 @@ class Pic2WordTaskConfig:
     """Config of ``capret-train`` task ``pic2word`` (see configs/pic2word_demo.yaml)."""
 
     task: str = cfg("pic2word", "task name; must be 'pic2word'")
-    data: ImageDataConfig = cfg(
-        factory=lambda: ImageDataConfig(images="data/cc3m", batch_size=128),
+    data: common.ImageDataConfig = cfg(
+        factory=lambda: common.ImageDataConfig(images="data/cc3m", batch_size=128),
         help="unlabeled images, batches, feature cache",
     )
-    model: MapperModelConfig = cfg(
-        factory=lambda: MapperModelConfig(
+    model: common.MapperModelConfig = cfg(
+        factory=lambda: common.MapperModelConfig(
             clip=TaskClipConfig(preprocess="none"), hidden_dim=512, dropout=0.1, placeholder="*"
         ),
         help="frozen CLIP (Pic2Word: ViT-L/14, CLIP's own preprocessing) and IM2TEXT's sizes",
     )
     loss: Pic2WordLossConfig = cfg(factory=Pic2WordLossConfig, help="contrastive loss")
-    validation: MapperValidationConfig = mapper_validation()
-    trainer: TrainerConfig = mapper_trainer(weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    validation: common.MapperValidationConfig = common.mapper_validation()
+    trainer: TrainerConfig = common.mapper_trainer(weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
 
 
-class Pic2WordTask(MapperTaskBase):
+class Pic2WordTask(common.MapperTaskBase):
     """The :class:`capret.engine.trainer.TrainTask` of Pic2Word's IM2TEXT."""
 
     mapper_kind = "pic2word"
@@ -89,15 +79,15 @@ class Pic2WordTask(MapperTaskBase):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups: list[dict[str, Any]] = [
             {
-                "params": [p for n, p in named if no_decay_parameter(n)],
+                "params": [p for n, p in named if common.no_decay_parameter(n)],
                 "weight_decay": 0.0,
                 "name": "no_decay",
             },
-            {"params": [p for n, p in named if not no_decay_parameter(n)], "name": "pic2word"},
+            {"params": [p for n, p in named if not common.no_decay_parameter(n)], "name": "pic2word"},
         ]
         return [g for g in groups if g["params"]]
 
-    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
+    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> common.SizedBatches:
         if self.features is None:
             self.features = self.image_table(self.source).lookup(self.source.keys)
         features = self.features
@@ -123,7 +113,7 @@ class Pic2WordTask(MapperTaskBase):
 
 def run(config: Pic2WordTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train IM2TEXT, then export the ``pic2word`` model folder (``<trainer.output_dir>/model``)."""
-    return run_mapper_task(Pic2WordTask, config, name="pic2word", resume=resume)
+    return common.run_mapper_task(Pic2WordTask, config, name="pic2word", resume=resume)
 
 
 register_task("pic2word", Pic2WordTaskConfig, run)

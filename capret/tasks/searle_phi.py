@@ -28,23 +28,14 @@ from capret.engine.trainer import TrainerConfig
 from capret.inference.cir.concepts import PhraseBank, concept_features, top_concepts
 from capret.inference.cir.oti import TokenStore
 from capret.losses.distillation import nt_xent_loss
+from capret.tasks import zeroshot_common as common
 from capret.tasks.registry import register_task
-from capret.tasks.zeroshot_common import (
-    ImageDataConfig,
-    MapperModelConfig,
-    MapperTaskBase,
-    MapperValidationConfig,
-    SizedBatches,
-    mapper_trainer,
-    mapper_validation,
-    run_mapper_task,
-)
 
 __all__ = ["PhiDataConfig", "PhiLossConfig", "PhiTask", "PhiTaskConfig", "mask_concept", "run"]
 
 
 @dataclass
-class PhiDataConfig(ImageDataConfig):
+class PhiDataConfig(common.ImageDataConfig):
     """The unlabeled images, their OTI tokens (the distillation targets) and the regulariser's phrases."""
 
     tokens: str = cfg("runs/oti/tokens.safetensors", "OTI token store of these images (capret oti --out)")
@@ -73,12 +64,12 @@ class PhiTaskConfig:
     data: PhiDataConfig = cfg(
         factory=PhiDataConfig, help="images, OTI tokens, phrases, batches, feature cache"
     )
-    model: MapperModelConfig = cfg(
-        factory=MapperModelConfig, help="frozen CLIP (SEARLE: ViT-B/32 or ViT-L/14) and phi's sizes"
+    model: common.MapperModelConfig = cfg(
+        factory=common.MapperModelConfig, help="frozen CLIP (SEARLE: ViT-B/32 or ViT-L/14) and phi's sizes"
     )
     loss: PhiLossConfig = cfg(factory=PhiLossConfig, help="distillation and phrase regulariser")
-    validation: MapperValidationConfig = mapper_validation()
-    trainer: TrainerConfig = mapper_trainer(weight_decay=0.01)
+    validation: common.MapperValidationConfig = common.mapper_validation()
+    trainer: TrainerConfig = common.mapper_trainer(weight_decay=0.01)
 
 
 def mask_concept(phrase: str, concept: str, *, placeholder: str = "$") -> str:
@@ -87,7 +78,7 @@ def mask_concept(phrase: str, concept: str, *, placeholder: str = "$") -> str:
     return " ".join(phrase.replace(concept, f" {placeholder} ").split())
 
 
-class PhiTask(MapperTaskBase):
+class PhiTask(common.MapperTaskBase):
     """The :class:`capret.engine.trainer.TrainTask` of SEARLE's phi."""
 
     mapper_kind = "phi"
@@ -132,7 +123,7 @@ class PhiTask(MapperTaskBase):
                 for row in nearest.tolist()
             ]
 
-    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> SizedBatches:
+    def train_dataloader(self, *, rank: int, world_size: int, epoch: int, seed: int) -> common.SizedBatches:
         self._prepare()
         return self.batches(
             len(self.source), self._batch, rank=rank, world_size=world_size, epoch=epoch, seed=seed
@@ -171,7 +162,7 @@ class PhiTask(MapperTaskBase):
 
 def run(config: PhiTaskConfig, *, resume: str | None = None) -> dict[str, Any]:
     """Train phi, then export the ``phi`` model folder (``<trainer.output_dir>/model``)."""
-    return run_mapper_task(PhiTask, config, name="phi", resume=resume)
+    return common.run_mapper_task(PhiTask, config, name="phi", resume=resume)
 
 
 register_task("phi", PhiTaskConfig, run)
