@@ -29,15 +29,7 @@ from torch import Tensor
 
 from capret.errors import CheckpointError
 from capret.models.combiner import Combiner
-from capret.models.convert.common import (
-    MappedCheckpoint,
-    check_module_state,
-    read_tensor_file,
-    rename_by_rules,
-    strip_prefix,
-    tensor_entry,
-    unused_entries,
-)
+from capret.models.convert import common
 
 __all__ = ["convert_clip4cir", "map_combiner"]
 
@@ -62,39 +54,29 @@ def map_combiner(
     state: dict[str, Tensor], *, path: Path
 ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int]]:
     """CLIP4Cir's Combiner state dict in :class:`capret.models.combiner.Combiner`'s names, with its sizes."""
-    out, mapping, unmatched = rename_by_rules(state, _RULES)
-    sizes = check_module_state(
-        out, path=path, unmatched=unmatched, sizes=_COMBINER_SIZES, build=Combiner, what="the Combiner"
+    return common.map_module_state(
+        state, _RULES, path=path, sizes=_COMBINER_SIZES, build=Combiner, what="the Combiner"
     )
-    return out, mapping, sizes
 
 
-def convert_clip4cir(path: Path, *, extra: Path | None = None) -> MappedCheckpoint:
+def convert_clip4cir(path: Path, *, extra: Path | None = None) -> common.MappedCheckpoint:
     """CLIP4Cir's Combiner file (``path``) and, if given, its fine-tuned CLIP file (``extra``)."""
-    payload = read_tensor_file(path)
+    payload = common.read_tensor_file(path)
     if isinstance(payload, dict) and "CLIP" in payload and "Combiner" not in payload:
         raise CheckpointError(
             f"{path} holds CLIP4Cir's fine-tuned CLIP ('CLIP'); pass the Combiner file as --checkpoint and this one "
             "as --clip-checkpoint",
             path=path,
         )
-    combiner = strip_prefix(tensor_entry(payload, "Combiner", path=path, what="Combiner"))
-    state, mapping, sizes = map_combiner(combiner, path=path)
-    dropped, metadata = unused_entries(
-        payload, used=("Combiner",), reason="training bookkeeping, not a weight"
+    checkpoint = common.entry_checkpoint(
+        payload, "Combiner", path=path, map_state=map_combiner, hparams={"dropout": 0.5}, what="Combiner"
     )
-    clip_state = None
     if extra is not None:
-        clip_payload = read_tensor_file(extra)
-        clip_state = strip_prefix(tensor_entry(clip_payload, "CLIP", path=extra, what="fine-tuned CLIP"))
-        dropped.update(
-            {f"{extra.name}:{k}": "training bookkeeping, not a weight" for k in clip_payload if k != "CLIP"}
+        clip_payload = common.read_tensor_file(extra)
+        checkpoint.clip_state = common.strip_prefix(
+            common.tensor_entry(clip_payload, "CLIP", path=extra, what="fine-tuned CLIP")
         )
-    return MappedCheckpoint(
-        state=state,
-        hparams={**sizes, "dropout": 0.5},
-        mapped={f"Combiner.{k}": v for k, v in mapping.items()},
-        dropped=dropped,
-        clip_state=clip_state,
-        metadata=metadata,
-    )
+        checkpoint.dropped.update(
+            {f"{extra.name}:{k}": common.BOOKKEEPING for k in clip_payload if k != "CLIP"}
+        )
+    return checkpoint

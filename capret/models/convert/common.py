@@ -14,11 +14,14 @@ from torch import Tensor, nn
 from capret.errors import CheckpointError
 
 __all__ = [
+    "BOOKKEEPING",
     "MAPPER_SIZES",
     "MappedCheckpoint",
     "SizeSources",
     "check_complete",
     "check_module_state",
+    "entry_checkpoint",
+    "map_module_state",
     "map_openai_clip",
     "openai_to_hf_clip",
     "read_tensor_file",
@@ -81,9 +84,13 @@ def read_tensor_file(path: str | Path) -> Any:
         ) from exc
 
 
+def _without(key: str, prefix: str) -> str:
+    return key[len(prefix) :] if key.startswith(prefix) else key
+
+
 def strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
     """``state`` with ``prefix`` removed from every key that has it (DDP-wrapped saves)."""
-    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return {_without(k, prefix): v for k, v in state.items()}
 
 
 def tensor_entry(payload: Any, key: str, *, path: str | Path, what: str) -> dict[str, Tensor]:
@@ -189,6 +196,67 @@ def check_module_state(
         ]
     check_complete(path=path, unmatched=unmatched, missing=missing, shapes=mismatches, what=what)
     return found
+
+
+def map_module_state(
+    state: Mapping[str, Tensor],
+    rules: tuple[tuple[re.Pattern[str], str], ...],
+    *,
+    path: str | Path,
+    sizes: SizeSources,
+    build: Callable[..., nn.Module],
+    what: str,
+) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int]]:
+    """A released module's state dict renamed by ``rules`` (:func:`rename_by_rules`) and checked against
+    ``build`` (:func:`check_module_state`, which also refuses the keys no rule took).
+
+    Returns ``(state in capret's names, {source key: our key}, the sizes the tensors imply)``.
+    """
+    out, mapping, unmatched = rename_by_rules(state, rules)
+    found = check_module_state(out, path=path, unmatched=unmatched, sizes=sizes, build=build, what=what)
+    return out, mapping, found
+
+
+#: why an entry of a release beside its weights (an epoch, a run name) is not loaded
+BOOKKEEPING = "training bookkeeping, not a weight"
+
+#: ``map_state(state, path=...) -> (state in capret's names, {source key: our key}, sizes)``, e.g. a
+#: :func:`map_module_state` with a release's rules
+MapState = Callable[..., tuple[dict[str, Tensor], dict[str, str], dict[str, int]]]
+
+
+def entry_checkpoint(
+    payload: Any,
+    key: str,
+    *,
+    path: Path,
+    map_state: MapState,
+    hparams: Mapping[str, Any],
+    what: str,
+    also_used: Collection[str] = (),
+) -> MappedCheckpoint:
+    """The module a release keeps under ``payload[key]`` (DDP's ``module.`` prefixes stripped), renamed and
+    checked by ``map_state``, as a :class:`MappedCheckpoint` whose hyper-parameters are the sizes it implies plus
+    ``hparams``.
+
+    ``mapped`` names the release's own keys (``<key>.<name as saved>``); every other entry of ``payload`` except
+    ``also_used`` is recorded as dropped, its scalars as metadata. A release that also carries a CLIP sets
+    ``clip_state`` on the result.
+
+    Raises:
+        CheckpointError: ``payload[key]`` is not a state dict, or ``map_state`` refuses it.
+    """
+    raw = tensor_entry(payload, key, path=path, what=what)
+    state, mapping, sizes = map_state(strip_prefix(raw), path=path)
+    saved_as = {_without(k, "module."): k for k in raw}
+    dropped, metadata = unused_entries(payload, used=(key, *also_used), reason=BOOKKEEPING)
+    return MappedCheckpoint(
+        state=state,
+        hparams={**sizes, **hparams},
+        mapped={f"{key}.{saved_as[k]}": v for k, v in mapping.items()},
+        dropped=dropped,
+        metadata=metadata,
+    )
 
 
 #: where the sizes of a :class:`~capret.models.zeroshot.Phi` or a :class:`~capret.models.zeroshot.Pic2WordMapper`

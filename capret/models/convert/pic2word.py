@@ -27,16 +27,7 @@ from pathlib import Path
 from torch import Tensor
 
 from capret.errors import CheckpointError
-from capret.models.convert.common import (
-    MAPPER_SIZES,
-    MappedCheckpoint,
-    check_module_state,
-    read_tensor_file,
-    rename_by_rules,
-    strip_prefix,
-    tensor_entry,
-    unused_entries,
-)
+from capret.models.convert import common
 from capret.models.zeroshot import Pic2WordMapper
 
 __all__ = ["convert_pic2word", "map_im2text"]
@@ -53,36 +44,28 @@ def map_im2text(
 ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, int]]:
     """IM2TEXT's state dict (prefixes stripped) in :class:`Pic2WordMapper`'s names; ``(state, mapping, sizes)``."""
     # unmatched: e.g. layers.2.0.* of an n_layer=3 IM2TEXT, which our mapper does not have
-    out, mapping, unmatched = rename_by_rules(state, _RULES)
-    sizes = check_module_state(
-        out,
-        path=path,
-        unmatched=unmatched,
-        sizes=MAPPER_SIZES,
-        build=Pic2WordMapper,
-        what="IM2TEXT (n_layer=2)",
+    return common.map_module_state(
+        state, _RULES, path=path, sizes=common.MAPPER_SIZES, build=Pic2WordMapper, what="IM2TEXT (n_layer=2)"
     )
-    return out, mapping, sizes
 
 
-def convert_pic2word(path: Path, *, extra: Path | None = None) -> MappedCheckpoint:
+def convert_pic2word(path: Path, *, extra: Path | None = None) -> common.MappedCheckpoint:
     """Pic2Word's checkpoint -> :class:`capret.models.zeroshot.Pic2WordMapper` (dropout 0.1) + its CLIP."""
     if extra is not None:
         raise CheckpointError(
             f"{extra}: Pic2Word's checkpoint holds its CLIP; --clip-checkpoint is for clip4cir", path=extra
         )
-    payload = read_tensor_file(path)
-    im2text = strip_prefix(tensor_entry(payload, "state_dict_img2text", path=path, what="IM2TEXT"))
-    state, mapping, sizes = map_im2text(im2text, path=path)
-    clip_state = strip_prefix(tensor_entry(payload, "state_dict", path=path, what="CLIP"))
-    dropped, metadata = unused_entries(
-        payload, used=("state_dict_img2text", "state_dict"), reason="training bookkeeping, not a weight"
+    payload = common.read_tensor_file(path)
+    checkpoint = common.entry_checkpoint(
+        payload,
+        "state_dict_img2text",
+        path=path,
+        map_state=map_im2text,
+        hparams={"dropout": 0.1},
+        what="IM2TEXT",
+        also_used=("state_dict",),
     )
-    return MappedCheckpoint(
-        state=state,
-        hparams={**sizes, "dropout": 0.1},
-        mapped={f"state_dict_img2text.module.{k}": v for k, v in mapping.items()},
-        dropped=dropped,
-        clip_state=clip_state,
-        metadata=metadata,
+    checkpoint.clip_state = common.strip_prefix(
+        common.tensor_entry(payload, "state_dict", path=path, what="CLIP")
     )
+    return checkpoint
