@@ -35,18 +35,9 @@ from fastapi.responses import HTMLResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from capret.serve import web
 from capret.serve.admission import Admission
 from capret.serve.backends import Box, ServeBackend, crop_box
-from capret.serve.web import (
-    ServeLimits,
-    add_page_routes,
-    check_upload_size,
-    decode_upload,
-    limited_app,
-    open_upload_header,
-    read_asset,
-    render_page,
-)
 
 __all__ = ["create_app"]
 
@@ -71,10 +62,10 @@ def _thumbnail(picture: Image.Image, box: Any, *, side: int = 224) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def create_app(backend: ServeBackend, **limits: Unpack[ServeLimits]) -> FastAPI:
-    """The ASGI app over ``backend`` (see the module docstring for the routes, :class:`ServeLimits` for the
+def create_app(backend: ServeBackend, **limits: Unpack[web.ServeLimits]) -> FastAPI:
+    """The ASGI app over ``backend`` (see the module docstring for the routes, :class:`~capret.serve.web.ServeLimits` for the
     limits)."""
-    app, full, admitted = limited_app(
+    app, full, admitted = web.limited_app(
         limits,
         title="capret serve",
         description="Caption-augmented image retrieval and composed queries over a shop gallery.",
@@ -84,13 +75,13 @@ def create_app(backend: ServeBackend, **limits: Unpack[ServeLimits]) -> FastAPI:
 
     def probe_upload(request: Request, upload: UploadFile) -> tuple[Image.Image, int]:
         """The upload opened lazily (header only: no pixel decoded yet) and its decoded size in pixels."""
-        check_upload_size(request, None, max_upload_bytes=max_upload_bytes)
+        web.check_upload_size(request, None, max_upload_bytes=max_upload_bytes)
         handle = upload.file
         handle.seek(0, io.SEEK_END)
         size = handle.tell()
         handle.seek(0)
-        check_upload_size(request, size, max_upload_bytes=max_upload_bytes)
-        picture = open_upload_header(handle, max_pixels=max_pixels)
+        web.check_upload_size(request, size, max_upload_bytes=max_upload_bytes)
+        picture = web.open_upload_header(handle, max_pixels=max_pixels)
         return picture, picture.width * picture.height
 
     def gallery_pixels(entry: Any) -> int:
@@ -114,18 +105,18 @@ def create_app(backend: ServeBackend, **limits: Unpack[ServeLimits]) -> FastAPI:
         return k
 
     # ------------------------------------------------------------------------------------------ page
-    page = render_page(
+    page = web.render_page(
         title="capret — caption-augmented retrieval",
         heading="capret",
         nav="index-nav.html",
         panels="index-panels.html",
         script="app.js",
     )
-    add_page_routes(app, page=page, assets=_ASSETS)
+    web.add_page_routes(app, page=page, assets=_ASSETS)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return HTMLResponse(read_asset("docs.html"))
+        return HTMLResponse(web.read_asset("docs.html"))
 
     # ------------------------------------------------------------------------------------------ API
     @app.get("/api/info", summary="What is loaded")
@@ -167,7 +158,7 @@ def create_app(backend: ServeBackend, **limits: Unpack[ServeLimits]) -> FastAPI:
         if image is not None:
             header, pixels = probe_upload(request, image)
             async with admitted(pixels):
-                yield await run_in_threadpool(decode_upload, header), None, "upload"
+                yield await run_in_threadpool(web.decode_upload, header), None, "upload"
             return
         entry = entry_or_404(str(gallery_id))
         async with admitted(gallery_pixels(entry)):

@@ -36,16 +36,8 @@ from starlette.concurrency import run_in_threadpool
 
 from capret.catalogue.table import SourceChangedError
 from capret.errors import UsageError
+from capret.serve import web
 from capret.serve.backends import crop_box
-from capret.serve.web import (
-    ServeLimits,
-    add_page_routes,
-    check_upload_size,
-    decode_upload,
-    limited_app,
-    open_upload_header,
-    render_page,
-)
 
 __all__ = ["CatalogueBackend", "create_catalogue_app"]
 
@@ -145,21 +137,21 @@ def create_catalogue_app(
     *,
     allow_writes: bool = False,
     token: str | None = None,
-    **limits: Unpack[ServeLimits],
+    **limits: Unpack[web.ServeLimits],
 ) -> FastAPI:
     """The ASGI app over a catalogue (see the module docstring); writes need ``allow_writes`` and a token."""
     if allow_writes and not token:
         raise UsageError("write endpoints need a token: pass --token (or set CAPRET_SERVE_TOKEN)")
-    app, full, admitted = limited_app(limits, title="capret serve (catalogue)")
+    app, full, admitted = web.limited_app(limits, title="capret serve (catalogue)")
     max_upload_bytes, max_pixels, max_k = full["max_upload_bytes"], full["max_pixels"], full["max_k"]
     writer = asyncio.Lock()
 
     def probe(request: Request, upload: UploadFile) -> tuple[Image.Image, int, bytes]:
         """The upload's bytes and its header-opened image (no pixel decoded yet) with its size in pixels."""
-        check_upload_size(request, None, max_upload_bytes=max_upload_bytes)
+        web.check_upload_size(request, None, max_upload_bytes=max_upload_bytes)
         data = upload.file.read(max_upload_bytes + 1)
-        check_upload_size(request, len(data), max_upload_bytes=max_upload_bytes)
-        picture = open_upload_header(io.BytesIO(data), max_pixels=max_pixels)
+        web.check_upload_size(request, len(data), max_upload_bytes=max_upload_bytes)
+        picture = web.open_upload_header(io.BytesIO(data), max_pixels=max_pixels)
         return picture, picture.width * picture.height, data
 
     def check_id(value: str) -> str:
@@ -173,13 +165,13 @@ def create_catalogue_app(
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(401, "write endpoints need 'Authorization: Bearer <token>'")
 
-    page = render_page(
+    page = web.render_page(
         title="capret — catalogue search",
         heading="capret catalogue",
         panels="catalogue-panels.html",
         script="catalogue.js",
     )
-    add_page_routes(app, page=page, assets=_ASSETS)
+    web.add_page_routes(app, page=page, assets=_ASSETS)
 
     @app.get("/api/info", summary="What is served")
     async def info() -> dict[str, Any]:
@@ -228,7 +220,7 @@ def create_catalogue_app(
             raise HTTPException(422, f"k must be between 1 and {max_k}")
         picture, pixels, _ = probe(request, image)
         async with admitted(pixels):
-            decoded = decode_upload(picture)
+            decoded = web.decode_upload(picture)
             result: dict[str, Any] = await run_in_threadpool(
                 lambda: backend.search(
                     decoded, k=k, category=category or None, text=text or None, use_captions=use_captions
@@ -248,7 +240,7 @@ def create_catalogue_app(
         authorise(request)
         picture, pixels, data = probe(request, image)
         async with admitted(pixels), writer:
-            decode_upload(picture)
+            web.decode_upload(picture)
             return await run_in_threadpool(
                 lambda: _locked(lambda: backend.add(data, picture, category=category))
             )
