@@ -15,7 +15,7 @@ This module holds the protocol, the registry and the shared input checks (:func:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NotRequired, Protocol, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "candidate_scores",
     "Reranker",
     "RerankInputs",
+    "RerankRequest",
     "create_reranker",
     "list_rerankers",
     "prepare_inputs",
@@ -43,17 +44,20 @@ __all__ = [
 ImageRef = tuple[str, Any]
 
 
+class RerankRequest(TypedDict):
+    """The keywords of every reranker's ``rerank`` (the module docstring says what each holds), stated once for
+    the protocol and the shared implementation; :func:`prepare_inputs` checks them."""
+
+    ranking: Any
+    scores: Any
+    query_features: Any
+    gallery_features: Any
+    query_images: NotRequired[list[ImageRef] | None]
+    gallery_images: NotRequired[list[ImageRef] | None]
+
+
 class Reranker(Protocol):
-    def rerank(
-        self,
-        *,
-        ranking: Any,
-        scores: Any,
-        query_features: Any,
-        gallery_features: Any,
-        query_images: list[ImageRef] | None = None,
-        gallery_images: list[ImageRef] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]: ...
+    def rerank(self, **request: Unpack[RerankRequest]) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 #: the built-in rerankers register themselves when their module is imported (on first use)
@@ -121,9 +125,12 @@ def prepare_inputs(
     scores: Any,
     query_features: Any,
     gallery_features: Any,
+    query_images: list[ImageRef] | None = None,
+    gallery_images: list[ImageRef] | None = None,
     device: torch.device | str | None = None,
 ) -> RerankInputs:
-    """Convert and check shapes: ranking ``[Q, K]`` positions in ``[0, G)``, scores ``[Q, K]``, ``[Q|G, D]``."""
+    """Convert and check shapes: ranking ``[Q, K]`` positions in ``[0, G)``, scores ``[Q, K]``, ``[Q|G, D]``; the
+    image references ride along (checked by :func:`require_image_refs` where a reranker needs them)."""
     dev = default_device(device)
     rank_t = _to_tensor(ranking, dtype=torch.int64, device=dev)
     score_t = _to_tensor(scores, dtype=torch.float32, device=dev)
@@ -150,7 +157,14 @@ def prepare_inputs(
             f"ranking holds gallery position {bad}, outside [0, {g.shape[0]}); search with k <= gallery size "
             "so no -1 padding reaches the reranker"
         )
-    return RerankInputs(ranking=rank_t, scores=score_t, query_features=q, gallery_features=g)
+    return RerankInputs(
+        ranking=rank_t,
+        scores=score_t,
+        query_features=q,
+        gallery_features=g,
+        query_images=query_images,
+        gallery_images=gallery_images,
+    )
 
 
 def require_image_refs(inp: RerankInputs, *, method: str) -> tuple[list[ImageRef], list[ImageRef]]:
@@ -228,25 +242,8 @@ class FeatureReranker:
 
     device: str | None = None
 
-    def rerank(
-        self,
-        *,
-        ranking: Any,
-        scores: Any,
-        query_features: Any,
-        gallery_features: Any,
-        query_images: list[ImageRef] | None = None,
-        gallery_images: list[ImageRef] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        inp = prepare_inputs(
-            ranking=ranking,
-            scores=scores,
-            query_features=query_features,
-            gallery_features=gallery_features,
-            device=self.device,
-        )
-        inp.query_images, inp.gallery_images = query_images, gallery_images
-        return self.reorder(inp)
+    def rerank(self, **request: Unpack[RerankRequest]) -> tuple[np.ndarray, np.ndarray]:
+        return self.reorder(prepare_inputs(**request, device=self.device))
 
     def reorder(self, inp: RerankInputs) -> tuple[np.ndarray, np.ndarray]:
         """The reordered ``(ranking, scores)`` as numpy arrays of the input's shape."""
