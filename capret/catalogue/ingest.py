@@ -60,15 +60,17 @@ class CatalogueEngine(Protocol):
     ) -> Iterator[pa.Table]: ...
 
 
-_ENGINES: Registry[Any] = Registry("catalogue engine", lazy_modules={"ray": "capret.catalogue.ray_engine"})
+_ENGINES: Registry[CatalogueEngine] = Registry(
+    "catalogue engine", lazy_modules={"ray": "capret.catalogue.ray_engine"}
+)
 
 
-def register_engine(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_engine(name: str) -> Callable[[Callable[..., CatalogueEngine]], Callable[..., CatalogueEngine]]:
     """Decorator registering an engine factory ``factory(**options) -> CatalogueEngine`` under ``name``."""
     return _ENGINES.register(name)
 
 
-def create_engine(name: str, **options: Any) -> Any:
+def create_engine(name: str, **options: Any) -> CatalogueEngine:
     """Build engine ``name`` (``local``, ``ray``); unknown names list the valid ones."""
     return _ENGINES.create(name, **options)
 
@@ -172,7 +174,7 @@ def add_images(
     paths: Sequence[str | Path],
     *,
     categories: Sequence[str | None] | None = None,
-    engine: Any = None,
+    engine: CatalogueEngine | None = None,
     batch_images: int = 16,
     progress: bool = False,
 ) -> dict[str, Any]:
