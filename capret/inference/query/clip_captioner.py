@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from PIL import Image
@@ -53,7 +53,13 @@ from captioning.backends.base import CaptionBackend, register_backend
 from captioning.backends.template import TemplateBackend
 from captioning.types import ChatRequest, Generation, VisualQuery
 
-__all__ = ["ATTRIBUTE_ORDER", "ClipAttributeDescriber", "ClipCaptionBackend", "attribute_candidates"]
+__all__ = [
+    "ATTRIBUTE_ORDER",
+    "ClipAttributeDescriber",
+    "ClipCaptionBackend",
+    "DescriberOptions",
+    "attribute_candidates",
+]
 
 #: the attributes chosen after the category, in the order they are chosen and written
 ATTRIBUTE_ORDER: tuple[str, ...] = ("colour", "pattern", "neckline", "length", "details", "material")
@@ -88,6 +94,15 @@ def attribute_candidates(attribute: str, category: str) -> list[Candidate]:
     raise ConfigError(f"unknown attribute {attribute!r}; valid: {', '.join(ATTRIBUTE_ORDER)}")
 
 
+class DescriberOptions(TypedDict, total=False):
+    """The keywords of :class:`ClipAttributeDescriber` besides its CLIP (what
+    :meth:`ClipAttributeDescriber.from_folder` passes on; the defaults are the constructor's)."""
+
+    templates: Sequence[str]
+    attributes: Sequence[str]
+    batch_size: int
+
+
 class ClipAttributeDescriber:
     """Zero-shot attribute prediction and description with a CLIP bundle (see the module docstring).
 
@@ -117,7 +132,7 @@ class ClipAttributeDescriber:
 
     @classmethod
     def from_folder(
-        cls, folder: str | Path, *, device: str = "cpu", **options: Any
+        cls, folder: str | Path, *, device: str = "cpu", **options: Unpack[DescriberOptions]
     ) -> ClipAttributeDescriber:
         """A describer on the exported CLIP in ``folder``; ``options`` are the constructor's keywords."""
         return cls(load_clip_folder(folder, device=device), **options)
