@@ -6,8 +6,8 @@ JSON summary (done, skipped, failed with reasons, tokens, rate) and exits 0, or 
 (they are in ``<out stem>.failures.jsonl`` and are retried by the next run), or 2 on a usage error.
 
 Captions are functions of the pixels and the box by default. The category named in the prompts comes from a
-category model (``--category-model DIR``, or ``--train-category-model`` to fit one on this split's crops and
-save it to ``<out stem>.category_model/``; this split's own captions then use cross-fitted, out-of-fold
+category model (``--category-model DIR``, or ``--train-category-model`` to fit one, of ``--category-kind``
+(default ``pixel-cnn``, the quickstart's), on this split's crops and save it to ``<out stem>.category_model/``; this split's own captions then use cross-fitted, out-of-fold
 predictions, so they are as often wrong as those of unseen items), else none. ``--oracle-attributes`` hands the annotation
 (category, viewpoint, occlusion, scale, zoom) to the dialogue instead: an explicit oracle, recorded in every
 record (``"oracle": true``) and in the summary.
@@ -120,6 +120,10 @@ class CaptionConfig:
         False, "fit a category model on this split's crops first (saved to <out stem>.category_model/)"
     )
     category_seconds: float = cfg(30.0, "time budget of --train-category-model (features + fitting)")
+    category_kind: str = cfg(
+        "pixel-cnn",
+        "registered category model --train-category-model fits (pixel-cnn, as the quickstart; pixel-mlp)",
+    )
     loop: LoopConfig = cfg(factory=LoopConfig, help="dialogue options")
     openai: OpenAIOptions = cfg(factory=OpenAIOptions, help="openai backend options")
     transformers: TransformersOptions = cfg(factory=TransformersOptions, help="transformers backend options")
@@ -147,6 +151,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-summary-tokens", "loop.max_summary_tokens", {"type": int, "help": "token limit of the caption"}),
     ("--category-model", "category_model", {"help": "category-model folder (predicts the prompt category)"}),
     ("--category-seconds", "category_seconds", {"type": float, "help": "budget of --train-category-model"}),
+    ("--category-kind", "category_kind", {"help": "category model --train-category-model fits"}),
     ("--prompt-version", "prompt_version", {"help": "built-in prompt set (default capret-chat-v1)"}),
     ("--prompt-file", "prompt_file", {"help": "YAML prompt set"}),
     ("--base-url", "openai.base_url", {"action": "append", "help": "server base URL (repeat for several)"}),
@@ -174,10 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
         "JSONL store. Re-running the same command resumes: finished keys are skipped, failed ones retried.",
     )
     from captioning.backends import list_backends
-    from captioning.sources import list_sources
 
     # the valid names come from the registries; they are checked by the library, whose error is one line
-    registered = {"dataset": list_sources(), "backend": list_backends()}
+    from captioning.category import list_category_models
+    from captioning.sources import list_sources
+
+    registered = {
+        "dataset": list_sources(),
+        "backend": list_backends(),
+        "category_kind": list_category_models(),
+    }
     for flag, key, options in _FLAGS:
         if key in registered:
             options = {**options, "help": f"{options['help']}: {' | '.join(registered[key])}"}
@@ -373,6 +384,7 @@ def run(config: CaptionConfig) -> dict[str, Any]:
             category_model, cross_fitted = fit_category_model_on_targets(
                 targets,
                 out_dir=folder,
+                kind=config.category_kind,
                 max_seconds=config.category_seconds,
                 progress=progress_enabled(config.progress),
             )

@@ -98,7 +98,7 @@ def test_editing_the_annotation_leaves_default_captions_unchanged(tmp_path, caps
         assert before[key]["dialogue"] == after[key]["dialogue"], key
         assert before[key]["category"] == after[key]["category"], key
         assert before[key]["category"]["source"] == "category-model" and before[key]["oracle"] is False
-        assert before[key]["model"]["category_model"]["kind"] == "pixel-mlp"
+        assert before[key]["model"]["category_model"]["kind"] == "pixel-cnn"  # the default --category-kind
     # the oracle reads the annotation (so the edit shows) and every one of its records says so
     assert all(
         r["oracle"] is True and r["caption_source"] == "oracle-attributes" for r in oracle_after.values()
@@ -120,6 +120,20 @@ def test_oracle_and_category_model_exclude_each_other(tmp_path, capsys) -> None:
     ]
     assert main([*argv, "--no-progress"]) == 2
     assert "--oracle-attributes" in capsys.readouterr().err
+
+
+def test_category_kind_picks_the_trained_model_and_names_the_valid_ones(tmp_path, capsys) -> None:
+    root = tmp_path / "df2"
+    write_deepfashion2(root, "train", images=8, items_per_image=2)
+    store = tmp_path / "mlp.jsonl"
+    argv = ["--root", str(root), "--split", "train", "--out", str(store), "--train-category-model",
+            "--category-seconds", "5"]  # fmt: skip
+    _caption([*argv, "--category-kind", "pixel-mlp"], capsys)
+    assert {r["model"]["category_model"]["kind"] for r in read_records(store).values()} == {"pixel-mlp"}
+    bad = [*argv[:5], str(tmp_path / "bad.jsonl"), *argv[6:], "--category-kind", "pixel-rnn", "--no-progress"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "pixel-rnn" in err and "pixel-cnn" in err and "pixel-mlp" in err
 
 
 def test_category_model_learns_from_pixels_and_round_trips(tmp_path) -> None:
