@@ -38,7 +38,7 @@ from capret.inference.detectors import pil_to_tensor, predict_coco
 from capret.io import atomic_write_json, read_json
 from capret.models.detector import ClothingDetector, DetectorModelConfig
 from capret.tasks.registry import register_task
-from capret.tasks.train_export import selected_weights, train_and_export
+from capret.tasks.train_export import SplitsConfig, selected_weights, train_and_export
 
 __all__ = ["CocoDetectionDataset", "DetectorConfig", "DetectorTask", "load_coco_split", "run"]
 
@@ -46,14 +46,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DetectorDataConfig:
-    """Where the images and their COCO annotations are."""
+class DetectorDataConfig(SplitsConfig):
+    """Where the images and their COCO annotations are. ``val_split`` gives the box AP; when
+    ``trainer.eval_every`` > 0 the checkpoint with the best ``trainer.monitor`` on it is the one exported."""
 
-    root: str = cfg(
-        "data/deepfashion2", "dataset root in the DeepFashion2 layout (<root>/<split>/image, annos)"
-    )
-    train_split: str = cfg("train", "split to train on")
-    val_split: str = cfg("validation", "split for box AP; '' = no validation")
     train_coco: str | None = cfg(None, "COCO instances JSON of the train split; null = export the annos")
     val_coco: str | None = cfg(None, "COCO instances JSON of the validation split; null = export the annos")
     batch_size: int = cfg(4, "images per batch (per rank)")

@@ -62,7 +62,7 @@ from capret.io import atomic_write_json
 from capret.losses.gather import all_gather_sizes
 from capret.models.dual_stream import DualStreamModel, DualStreamModelConfig, create_dual_stream_model
 from capret.tasks.registry import register_task
-from capret.tasks.train_export import selected_weights, train_and_export
+from capret.tasks.train_export import SplitsConfig, selected_weights, train_and_export
 
 __all__ = [
     "DataConfig",
@@ -79,18 +79,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DataConfig:
-    """Where the items and captions are and how batches are drawn."""
+class DataConfig(SplitsConfig):
+    """Where the items and captions are and how batches are drawn. ``val_split`` is never used for selection:
+    checkpoints are selected on held-out train identities (``holdout_identities``)."""
 
-    root: str = cfg(
-        "data/deepfashion2", "dataset root in the official DeepFashion2 layout (<root>/<split>/annos)"
-    )
-    train_split: str = cfg("train", "split to train on")
-    val_split: str = cfg(
-        "validation",
-        "reported split, evaluated once after training with the selected weights (never used for selection); "
-        "'' = none",
-    )
     holdout_identities: float = cfg(
         0.05,
         "share of the train split's identities held out of training for validation and checkpoint selection; "

@@ -9,17 +9,18 @@ Only the export itself differs between tasks, so it is the one argument a task p
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from torch import nn
 
-from capret.config import ConfigError
+from capret.config import ConfigError, cfg
 from capret.engine.checkpoint import load_model_weights
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig, train
 
-__all__ = ["ExportingTask", "check_task_name", "selected_weights", "train_and_export"]
+__all__ = ["ExportingTask", "SplitsConfig", "check_task_name", "selected_weights", "train_and_export"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -27,6 +28,22 @@ M = TypeVar("M", bound=nn.Module)
 #: the selected checkpoint when validation ran, else None and the task's in-memory model is the last one) and
 #: return what the summary should add (e.g. the exported model's final metrics; ``{}`` if nothing)
 Export = Callable[[dict[str, Any], Path], dict[str, Any]]
+
+
+@dataclass
+class SplitsConfig:
+    """The first fields of the ``data`` section of every task that trains on a DeepFashion2-layout folder
+    (``dualstream``, ``detector``): which folder, which split trains, which is scored after training."""
+
+    root: str = cfg(
+        "data/deepfashion2", "dataset root in the DeepFashion2 layout (<root>/<split>/image, annos)"
+    )
+    train_split: str = cfg("train", "split to train on")
+    val_split: str = cfg(
+        "validation",
+        "split scored after training with the exported weights; '' = none (whether checkpoints are also "
+        "selected on it is the task's to say: see its docs)",
+    )
 
 
 class ExportingTask(Protocol):
