@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from capret.cli.common import add_debug_flag, call_with_flags, non_negative_int, positive_float, run_guarded
+from capret.progress import NO_PROGRESS_HELP
 
 #: modules of the subcommands (one line each); each has ``add_parser(subparsers)`` (setting ``run`` as the parser's
 #: default) and ``run(args) -> int``
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument(
         "--stages", nargs="*", default=None, help="run only these stages (default: all); see report.json keys"
     )
+    qs.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS_HELP)
     for module in SUBCOMMANDS:
         importlib.import_module(module).add_parser(sub)
     return parser

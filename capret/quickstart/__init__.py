@@ -13,14 +13,18 @@ so an interrupted quickstart keeps what it finished.
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from capret.errors import ConfigError
 from capret.io import atomic_write_json
 from capret.locks import exclusive_output
+from capret.progress import progress_enabled
 
 __all__ = ["STAGES", "QuickstartContext", "run_quickstart"]
 
@@ -97,9 +101,14 @@ def run_quickstart(
     train_seconds: float | None = None,
     task: str = "retrieval",
     world: str = "garments",
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run the quickstart stages of ``task`` (or only ``stages``) and return the report written to
-    ``out_dir/report.json`` (``--task cir`` writes ``out_dir/report_cir.json``, so both halves keep theirs)."""
+    ``out_dir/report.json`` (``--task cir`` writes ``out_dir/report_cir.json``, so both halves keep theirs).
+
+    Each finished stage prints its summary line on stdout. A bar on stderr names the stage running and the time
+    spent (the stages run their own training and captioning silently, so without it a three-minute stage would
+    show nothing); ``progress=False`` (``--no-progress``, or ``CAPRET_NO_PROGRESS=1``) hides it."""
     out_dir = Path(out_dir)
     if world not in WORLDS:
         raise ConfigError(f"unknown quickstart world {world!r}; valid worlds: {', '.join(WORLDS)}")
@@ -126,16 +135,28 @@ def run_quickstart(
         )
         report_path = out_dir / ("report_cir.json" if task == "cir" else "report.json")
         ctx.report = {"seed": seed, "task": task, "stages": {}}
-        for key, module_name in STAGES:
-            if key not in planned or (stages and key not in stages and key != "data"):
-                continue
-            module = importlib.import_module(f"capret.quickstart.{module_name}")
-            start = time.perf_counter()
-            result = module.run(ctx)
-            elapsed = time.perf_counter() - start
-            ctx.report[key] = result
-            ctx.report["stages"][key] = {"seconds": round(elapsed, 2)}
-            atomic_write_json(report_path, ctx.report, indent=2, fsync=True)
-            print(_summary_line(key, result) + f"  ({elapsed:.1f}s)", flush=True)
+        chosen = [
+            (key, name)
+            for key, name in STAGES
+            if key in planned and (not stages or key in stages or key == "data")
+        ]
+        with tqdm(
+            total=len(chosen),
+            desc="quickstart",
+            unit="stage",
+            disable=not progress_enabled(progress),
+            bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}] {postfix}",
+        ) as bar:
+            for key, module_name in chosen:
+                bar.set_postfix_str(f"running {key}")
+                module = importlib.import_module(f"capret.quickstart.{module_name}")
+                start = time.perf_counter()
+                result = module.run(ctx)
+                elapsed = time.perf_counter() - start
+                ctx.report[key] = result
+                ctx.report["stages"][key] = {"seconds": round(elapsed, 2)}
+                atomic_write_json(report_path, ctx.report, indent=2, fsync=True)
+                bar.write(_summary_line(key, result) + f"  ({elapsed:.1f}s)", file=sys.stdout)
+                bar.update(1)
         print(f"report written to {report_path}")
         return ctx.report

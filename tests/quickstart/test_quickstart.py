@@ -34,9 +34,13 @@ def test_quickstart_stages_write_report(tmp_path: Path, capsys: pytest.CaptureFi
     assert baseline["official_top1"] == baseline["recall@1"]
     assert baseline["official_top10"] == baseline["recall@10"]
     assert Path(baseline["grid_png"]).is_file()
-    printed = capsys.readouterr().out
-    assert "[baseline] map=" in printed and "report written to" in printed
+    printed = capsys.readouterr()
+    assert "[baseline] map=" in printed.out and "report written to" in printed.out
+    assert "quickstart: 3/3 stages" in printed.err  # the stage bar, on stderr
     assert not list(out.glob("*.tmp"))
+    assert main(["quickstart", "--out", str(out), "--world", "demo", "--stages", "data", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "[data]" in printed.out and "quickstart:" not in printed.err
 
 
 @pytest.mark.slow
