@@ -37,6 +37,8 @@ __all__ = [
     "ItemDataset",
     "ItemTransform",
     "PKBatchSampler",
+    "check_holdout_fraction",
+    "draw_holdout",
     "identity_labels",
     "split_holdout_identities",
 ]
@@ -399,6 +401,33 @@ class PKBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
         yield from self.batches()[self.rank :: self.world_size]
 
 
+def check_holdout_fraction(fraction: float, *, field: str) -> None:
+    """A holdout share (config field ``field``) must lie in [0, 1): something has to remain to train on."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"{field} must be in [0, 1), got {fraction}")
+
+
+def draw_holdout(keys: Sequence[Any], *, fraction: float, seed: int, field: str, what: str) -> set[Any]:
+    """The keys held out of training for model selection: ``max(1, round(fraction * len(keys)))`` of them (none
+    when ``fraction`` is 0; at most all but one, so one remains to train on), by a seeded permutation of the
+    sorted keys, so a config and seed always hold out the same ones whatever order the data lists them in.
+
+    ``field`` names the config field of ``fraction`` and ``what`` the keys (in the error of fewer than two).
+    """
+    check_holdout_fraction(fraction, field=field)
+    if fraction == 0.0:
+        return set()
+    ordered = sorted(keys)
+    if len(ordered) < 2:
+        raise DataError(
+            f"{field}={fraction}: only {len(ordered)} {what}; at least 2 are needed (set {field}=0 to train "
+            "without selection)"
+        )
+    count = min(max(1, round(fraction * len(ordered))), len(ordered) - 1)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    return {ordered[i] for i in order[:count]}
+
+
 def split_holdout_identities(
     items: Sequence[Item], *, fraction: float, seed: int
 ) -> tuple[list[Item], list[Item]]:
@@ -408,22 +437,20 @@ def split_holdout_identities(
     training runs on identities the model never trains on, drawn from the train split itself. Only identities
     with at least one user and one shop item can be scored by the consumer-to-shop protocol, so only those are
     drawn: ``max(1, round(fraction * eligible))`` of them (none when ``fraction`` is 0), by a seeded permutation
-    of the sorted identities, so a config and seed always hold out the same garments.
+    of the sorted identities (:func:`draw_holdout`), so a config and seed always hold out the same garments.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ConfigError(f"data.holdout_identities must be in [0, 1), got {fraction}")
+    check_holdout_fraction(fraction, field="data.holdout_identities")
     if fraction == 0.0:
         return list(items), []
     sources: dict[tuple[int, int], set[str]] = {}
     for item in items:
         sources.setdefault(item.identity, set()).add(item.source)
-    eligible = sorted(identity for identity, seen in sources.items() if {"user", "shop"} <= seen)
-    if len(eligible) < 2:
-        raise DataError(
-            f"data.holdout_identities={fraction}: only {len(eligible)} train identities have both user and shop "
-            "items; at least 2 are needed (set data.holdout_identities=0 to train without selection)"
-        )
-    count = min(max(1, round(fraction * len(eligible))), len(eligible) - 1)
-    order = np.random.default_rng(seed).permutation(len(eligible))
-    held = {eligible[i] for i in order[:count]}
+    eligible = [identity for identity, seen in sources.items() if {"user", "shop"} <= seen]
+    held = draw_holdout(
+        eligible,
+        fraction=fraction,
+        seed=seed,
+        field="data.holdout_identities",
+        what="train identities have both user and shop items",
+    )
     return [it for it in items if it.identity not in held], [it for it in items if it.identity in held]

@@ -8,10 +8,16 @@ item counts for detection (also ``style == 0`` ones: they are clothes, just not 
 
 The task gives the trainer torchvision's loss dict (``loss_classifier``, ``loss_box_reg``, ``loss_objectness``,
 ``loss_rpn_box_reg``, ``loss_mask``) and its sum as ``loss``; AMP, DDP, resume and safetensors checkpoints come
-from the engine. Validation (``evaluate``) is COCO-style box AP from pycocotools on ``data.val_split`` (``box_ap``
-is the monitored metric; ``mask_ap`` too for Mask R-CNN). After training the best (or last) weights are exported
-as a detector folder (``eval.export_dir``, default ``<output_dir>/model``) that :func:`capret.load_detector`
-reads.
+from the engine.
+
+Checkpoints are never selected on the split that is reported: ``data.holdout_images`` (default 5%) of the train
+split's images, each with all its annotations, are held out of training (:func:`split_holdout_images`), and
+validation during training (``evaluate``: COCO box AP from pycocotools, class-aware (``box_ap``, the monitored
+metric) and any-class, ``mask_ap`` too for Mask R-CNN) scores them. After training the selected (or, without a
+holdout, the last) weights are exported as a detector folder (``eval.export_dir``, default
+``<output_dir>/model``) that :func:`capret.load_detector` reads, and the reported split (``data.val_split``) is
+scored exactly once with it by the same metric code (:func:`detection_metrics`): ``final_metrics`` in the result
+and ``<output_dir>/final_metrics.json``.
 
 Augmentation is a horizontal flip decided by the sampler from ``(seed, epoch)``, so an interrupted run resumes
 on the same flips.
@@ -31,6 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from capret.config import cfg, to_dict
+from capret.data.items import check_holdout_fraction, draw_holdout
 from capret.engine.distributed import DistContext
 from capret.engine.trainer import TrainerConfig
 from capret.errors import BadImageError, ConfigError, DataError
@@ -40,16 +47,33 @@ from capret.models.detector import ClothingDetector, DetectorModelConfig
 from capret.tasks.registry import register_task
 from capret.tasks.train_export import SplitsConfig, selected_weights, train_and_export
 
-__all__ = ["CocoDetectionDataset", "DetectorConfig", "DetectorTask", "load_coco_split", "run"]
+__all__ = [
+    "CocoDetectionDataset",
+    "DetectorConfig",
+    "DetectorTask",
+    "detection_metrics",
+    "load_coco_split",
+    "run",
+    "split_holdout_images",
+]
 
 logger = logging.getLogger(__name__)
+
+#: the config field of the held-out share (named by its errors)
+HOLDOUT_FIELD = "data.holdout_images"
 
 
 @dataclass
 class DetectorDataConfig(SplitsConfig):
-    """Where the images and their COCO annotations are. ``val_split`` gives the box AP; when
-    ``trainer.eval_every`` > 0 the checkpoint with the best ``trainer.monitor`` on it is the one exported."""
+    """Where the images and their COCO annotations are. ``val_split`` is never used for selection: it is scored
+    once, after training, with the exported weights; checkpoints (``trainer.monitor``) are selected on held-out
+    train images (``holdout_images``)."""
 
+    holdout_images: float = cfg(
+        0.05,
+        "share of the train split's images (each with all its annotations) held out of training for validation "
+        "and checkpoint selection; 0 = no validation during training (the last weights are exported)",
+    )
     train_coco: str | None = cfg(None, "COCO instances JSON of the train split; null = export the annos")
     val_coco: str | None = cfg(None, "COCO instances JSON of the validation split; null = export the annos")
     batch_size: int = cfg(4, "images per batch (per rank)")
@@ -59,7 +83,9 @@ class DetectorDataConfig(SplitsConfig):
         "probability of recolouring a training image (channels permuted, then grey with p 0.3, gains 0.6-1.4 "
         "per channel): makes colour useless for the class, so the detector learns silhouettes",
     )
-    max_images: int | None = cfg(None, "train on the first N images only (debugging)")
+    max_images: int | None = cfg(
+        None, "use the first N train-split images (by id) only, the held-out ones included (debugging)"
+    )
 
 
 @dataclass
@@ -67,7 +93,9 @@ class DetectorEvalConfig:
     """Validation during and after training."""
 
     batch_size: int = cfg(8, "images per forward pass during validation")
-    max_images: int | None = cfg(None, "validate on the first N images (by id) only; null = all")
+    max_images: int | None = cfg(
+        None, "score the first N images (by id) of the holdout and of val_split only; null = all"
+    )
     export_dir: str | None = cfg(None, "detector folder written after training; null = <output_dir>/model")
 
 
@@ -105,6 +133,69 @@ def load_coco_split(
     if cached is not None:
         atomic_write_json(cached, data)
     return data
+
+
+def split_holdout_images(
+    coco: dict[str, Any], *, fraction: float, seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(training COCO, held-out COCO)``: whole images of a *train* split held out for model selection.
+
+    Checkpoints must never be selected on the split that is reported (DESIGN.md), so validation during training
+    runs on images the model never trains on, drawn from the train split itself. Each image goes to one side with
+    all its annotations (an image's garments are seen together or not at all). ``max(1, round(fraction * n))``
+    images are held out (none when ``fraction`` is 0; at most ``n - 1``, so one remains to train on), chosen by a
+    seeded permutation of the sorted image ids (:func:`capret.data.items.draw_holdout`), so a config and seed
+    always hold out the same photos.
+    """
+    held = draw_holdout(
+        [int(im["id"]) for im in coco["images"]],
+        fraction=fraction,
+        seed=seed,
+        field=HOLDOUT_FIELD,
+        what="train image(s)",
+    )
+
+    def subset(inside: bool) -> dict[str, Any]:
+        return {
+            **coco,
+            "images": [im for im in coco["images"] if (int(im["id"]) in held) == inside],
+            "annotations": [a for a in coco["annotations"] if (int(a["image_id"]) in held) == inside],
+        }
+
+    return subset(False), subset(True)
+
+
+def detection_metrics(
+    model: ClothingDetector,
+    *,
+    coco: dict[str, Any],
+    image_root: Path,
+    batch_size: int,
+    max_images: int | None,
+) -> dict[str, float]:
+    """COCO box AP of ``model`` on the images of ``coco`` (class-aware ``box_*`` and any-class
+    ``box_ap*_any_class``; ``mask_*`` too for Mask R-CNN), the number of images scored (``val_images``) and
+    ``detections_per_image``.
+
+    The one metric code of the task: the holdout during training and the reported split after it are scored by
+    it, so the two sets of figures mean the same thing.
+    """
+    from capret.evaluation.detection import coco_detection_ap
+
+    results, image_ids = predict_coco(
+        model, coco=coco, image_root=image_root, batch_size=batch_size, max_images=max_images
+    )
+    metrics = {f"box_{k}": v for k, v in coco_detection_ap(coco, results, image_ids=image_ids).items()}
+    # Class-agnostic AP: how well garments are found, whatever category they are given (a box reported under
+    # several classes is one finding, at its best score).
+    agnostic = coco_detection_ap(coco, one_result_per_box(results), image_ids=image_ids, use_categories=False)
+    metrics.update({"box_ap_any_class": agnostic["ap"], "box_ap50_any_class": agnostic["ap50"]})
+    if model.has_masks:
+        segm = coco_detection_ap(coco, results, iou_type="segm", image_ids=image_ids)
+        metrics.update({f"mask_{k}": v for k, v in segm.items()})
+    metrics["val_images"] = float(len(image_ids))
+    metrics["detections_per_image"] = len(results) / max(1, len(image_ids))
+    return metrics
 
 
 def _mask(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -257,6 +348,9 @@ class DetectorTask:
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
         data = config.data
+        check_holdout_fraction(
+            data.holdout_images, field=HOLDOUT_FIELD
+        )  # before the (possibly long) COCO export
         self.cache_dir = Path(config.trainer.output_dir)
         train_coco = load_coco_split(
             root=data.root, split=data.train_split, coco_file=data.train_coco, cache_dir=self.cache_dir
@@ -266,12 +360,13 @@ class DetectorTask:
             train_coco = {**train_coco, "images": keep}
         if not train_coco["images"]:
             raise DataError("no training images", path=Path(data.root) / data.train_split)
-        self.dataset = CocoDetectionDataset(
-            train_coco,
-            image_root=Path(data.root) / data.train_split / "image",
-            masks=config.model.arch == "mask_rcnn",
+        self.image_root = Path(data.root) / data.train_split / "image"
+        train_coco, self.holdout_coco = split_holdout_images(
+            train_coco, fraction=data.holdout_images, seed=config.trainer.seed
         )
-        self._val_coco: dict[str, Any] | None = None
+        self.dataset = CocoDetectionDataset(
+            train_coco, image_root=self.image_root, masks=config.model.arch == "mask_rcnn"
+        )
         self._model: ClothingDetector | None = None
         self.dist = DistContext()  # replaced by the trainer's ``setup`` call
 
@@ -312,47 +407,27 @@ class DetectorTask:
         return terms
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        from capret.evaluation.detection import coco_detection_ap
-
-        data, ev = self.config.data, self.config.eval
-        if not data.val_split:
+        """Model-selection metrics on the held-out *train* images (empty without a holdout)."""
+        if not self.holdout_coco["images"]:
             return {}
-        if self._val_coco is None:
-            self._val_coco = load_coco_split(
-                root=data.root, split=data.val_split, coco_file=data.val_coco, cache_dir=self.cache_dir
-            )
         module = getattr(model, "module", model)
         if not isinstance(module, ClothingDetector):
             raise TypeError(f"expected the ClothingDetector, got {type(module).__name__}")
-        results, image_ids = predict_coco(
+        return detection_metrics(
             module,
-            coco=self._val_coco,
-            image_root=Path(data.root) / data.val_split / "image",
-            batch_size=ev.batch_size,
-            max_images=ev.max_images,
+            coco=self.holdout_coco,
+            image_root=self.image_root,
+            batch_size=self.config.eval.batch_size,
+            max_images=self.config.eval.max_images,
         )
-        metrics = {
-            f"box_{k}": v for k, v in coco_detection_ap(self._val_coco, results, image_ids=image_ids).items()
-        }
-        # Class-agnostic AP: how well garments are found, whatever category they are given (a box reported under
-        # several classes is one finding, at its best score).
-        agnostic = coco_detection_ap(
-            self._val_coco, one_result_per_box(results), image_ids=image_ids, use_categories=False
-        )
-        metrics.update({"box_ap_any_class": agnostic["ap"], "box_ap50_any_class": agnostic["ap50"]})
-        if self.config.model.arch == "mask_rcnn":
-            segm = coco_detection_ap(self._val_coco, results, iou_type="segm", image_ids=image_ids)
-            metrics.update({f"mask_{k}": v for k, v in segm.items()})
-        metrics["val_images"] = float(len(image_ids))
-        metrics["detections_per_image"] = len(results) / max(1, len(image_ids))
-        return metrics
 
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.config)
 
 
 def run(config: DetectorConfig, *, resume: str | None = None) -> dict[str, Any]:
-    """Train, then export the best (or last) weights as a ``detector`` model folder."""
+    """Train, then export the selected (or last) weights as a ``detector`` model folder and score the reported
+    split once with them."""
     task = DetectorTask(config)
 
     def export(result: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -360,7 +435,29 @@ def run(config: DetectorConfig, *, resume: str | None = None) -> dict[str, Any]:
             task._model if task._model is not None else ClothingDetector(config.model), result
         )
         model.cpu().save_pretrained(folder)
-        return {}
+        held = len(task.holdout_coco["images"])
+        extra: dict[str, Any] = {
+            "selection": "holdout train images" if held else "none (last weights)",
+            "holdout_images": held,
+            "train_images": len(task.dataset),
+        }
+        data = config.data
+        if data.val_split:
+            # The one evaluation of the reported split, after selection is over.
+            val_coco = load_coco_split(
+                root=data.root, split=data.val_split, coco_file=data.val_coco, cache_dir=task.cache_dir
+            )
+            reported = detection_metrics(
+                model.to(task.dist.device),
+                coco=val_coco,
+                image_root=Path(data.root) / data.val_split / "image",
+                batch_size=config.eval.batch_size,
+                max_images=config.eval.max_images,
+            )
+            final = {"split": data.val_split, **reported}
+            atomic_write_json(Path(config.trainer.output_dir) / "final_metrics.json", final, indent=2)
+            extra["final_metrics"] = final
+        return extra
 
     return train_and_export(
         task, config.trainer, resume=resume, export=export, export_dir=config.eval.export_dir
