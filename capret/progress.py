@@ -12,11 +12,18 @@ draws such a run against its budget instead -- elapsed and remaining time, the s
 from __future__ import annotations
 
 import os
+import sys
 from typing import IO
 
 from tqdm.auto import tqdm
 
-__all__ = ["NO_PROGRESS_ENV", "NO_PROGRESS_HELP", "TrainingProgress", "progress_enabled"]
+__all__ = [
+    "NO_PROGRESS_ENV",
+    "NO_PROGRESS_HELP",
+    "TrainingProgress",
+    "progress_enabled",
+    "quiet_library_bars",
+]
 
 NO_PROGRESS_ENV = "CAPRET_NO_PROGRESS"
 NO_PROGRESS_HELP = f"hide the progress bars (also: {NO_PROGRESS_ENV}=1)"
@@ -25,8 +32,30 @@ _TRUE = ("1", "true", "yes", "on")
 
 def progress_enabled(requested: bool = True) -> bool:
     """Whether to draw progress bars: ``requested`` (False after ``--no-progress``) unless
-    ``CAPRET_NO_PROGRESS`` is set to a true value, which wins so one variable silences a whole script."""
-    return requested and os.environ.get(NO_PROGRESS_ENV, "").strip().lower() not in _TRUE
+    ``CAPRET_NO_PROGRESS`` is set to a true value, which wins so one variable silences a whole script.
+
+    A False answer also silences the bars that libraries draw on their own (transformers' "Loading weights" when a
+    text encoder is built, Hugging Face Hub transfers): otherwise ``--no-progress`` would still leave a bar per
+    model load in a log (``capret ablate`` builds one per run)."""
+    enabled = requested and os.environ.get(NO_PROGRESS_ENV, "").strip().lower() not in _TRUE
+    if not enabled:
+        quiet_library_bars()
+    return enabled
+
+
+def quiet_library_bars() -> None:
+    """Hide the Hugging Face libraries' own progress bars for the rest of the process (and its child processes):
+    through their switches when they are imported, and through ``HF_HUB_DISABLE_PROGRESS_BARS`` for a later
+    import (transformers reads it when it is first imported). Never imports either library itself."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 class TrainingProgress:

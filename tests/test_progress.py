@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,24 @@ def test_train_and_extract_take_no_progress(
     monkeypatch.setenv(NO_PROGRESS_ENV, "1")
     assert train.main(base) == 0
     assert json.loads(capsys.readouterr().out)["trainer"]["progress"] is False
+
+
+def test_no_progress_also_silences_the_hugging_face_bars(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.delenv(NO_PROGRESS_ENV, raising=False)
+    monkeypatch.setenv(
+        "HF_HUB_DISABLE_PROGRESS_BARS", "0"
+    )  # restored after the test, like the switches below
+    try:
+        transformers_logging.enable_progress_bar()
+        enable_progress_bars()
+        assert progress_enabled(True) and transformers_logging.is_progress_bar_enabled()
+        assert progress_enabled(False) is False
+        assert not transformers_logging.is_progress_bar_enabled()  # "Loading weights" of every model build
+        assert are_progress_bars_disabled()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # for libraries imported later
+    finally:
+        transformers_logging.enable_progress_bar()
+        enable_progress_bars()
