@@ -158,28 +158,31 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     return {"items": len(right), "accuracy": round(sum(right) / len(right), 4)}
 
 
+#: each command: (run, help, its flags as (name, type, default; None = required))
+_COMMANDS: dict[str, tuple[Any, str, list[tuple[str, type, Any]]]] = {
+    "fit": (
+        fit,
+        "learning-curve point: one member on 2/3 of the train identities",
+        [("--world", str, None), ("--identities", int, 120), ("--size", int, 32), ("--width", int, 16),
+         ("--steps", int, 3000)],
+    ),
+    "quiz": (
+        quiz,
+        "a sheet of consumer tiles to name by eye, and its key",
+        [("--world", str, None), ("--out", str, None), ("--items", int, 24), ("--seed", int, 7)],
+    ),
+    "score": (score, "score a person's answers against the quiz key", [("--key", str, None), ("--answers", str, None)]),
+}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fit", help="learning-curve point: one member on 2/3 of the train identities")
-    p.add_argument("--world", required=True)
-    p.add_argument(
-        "--identities", type=int, default=120, help="DeepFashion2 identities of a world rendered here"
-    )
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3000)
-    p.set_defaults(run=fit)
-    p = sub.add_parser("quiz", help="a sheet of consumer tiles to name by eye, and its key")
-    p.add_argument("--world", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--items", type=int, default=24)
-    p.add_argument("--seed", type=int, default=7)
-    p.set_defaults(run=quiz)
-    p = sub.add_parser("score", help="score a person's answers against the quiz key")
-    p.add_argument("--key", required=True)
-    p.add_argument("--answers", required=True)
-    p.set_defaults(run=score)
+    for name, (run, help_text, flags) in _COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        for flag, kind, default in flags:
+            command.add_argument(flag, type=kind, default=default, required=default is None)
+        command.set_defaults(run=run)
     args = parser.parse_args()
     print(json.dumps(args.run(args)))
 
