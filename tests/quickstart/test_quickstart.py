@@ -38,7 +38,9 @@ def test_quickstart_stages_write_report(tmp_path: Path, capsys: pytest.CaptureFi
     assert "[baseline] map=" in printed.out and "report written to" in printed.out
     assert "quickstart: 3/3 stages" in printed.err  # the stage bar, on stderr
     assert not list(out.glob("*.tmp"))
-    assert main(["quickstart", "--out", str(out), "--world", "demo", "--stages", "data", "--no-progress"]) == 0
+    assert (
+        main(["quickstart", "--out", str(out), "--world", "demo", "--stages", "data", "--no-progress"]) == 0
+    )
     printed = capsys.readouterr()
     assert "[data]" in printed.out and "quickstart:" not in printed.err
 
