@@ -420,6 +420,7 @@ def fit_cnn_on_targets(
     labels: list[str],
     groups: list[str],
     training: CnnTraining | None,
+    heldout_fraction: float,
     folds: int | None,
     seed: int,
     max_seconds: float | None,
@@ -427,7 +428,8 @@ def fit_cnn_on_targets(
 ) -> tuple[CategoryModel, list[CategoryPrediction]]:
     """The ``pixel-cnn`` trainer of :func:`captioning.category.fit_category_model_on_targets`: tiles of the item
     boxes, then :func:`fit_cnn_category_model` with ``folds`` members (capped at the number of groups);
-    ``max_seconds`` covers the tiling too."""
+    ``max_seconds`` covers the tiling too. ``heldout_fraction`` is not used: every item is held out once, by
+    the member of its fold."""
     start = time.perf_counter()
     training = training or CnnTraining()
     training = replace(training, folds=min(folds or training.folds, len(set(groups))))

@@ -150,7 +150,7 @@ def caption_targets(
             ``bad_images`` and lists it in ``bad_image_files``.
         category_model: predicts the category named in the prompts of targets without a detector class.
         cross_fitted: key -> out-of-fold prediction, used instead of ``category_model`` for the items the
-            model was trained on (:func:`captioning.category.cross_fitted_predictions`).
+            model was trained on (:func:`captioning.category_mlp.cross_fitted_predictions`).
         oracle: hand the annotation (category, viewpoint, occlusion, scale, zoom) to the dialogue instead;
             the records say so.
     """

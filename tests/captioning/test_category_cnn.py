@@ -189,7 +189,7 @@ def test_fit_on_targets_trains_the_cnn_within_its_folds(photos, tmp_path: Path) 
     ]  # fmt: skip
     training = CnnTraining(size=16, width=2, folds=3, steps=3)
     model, oof = fit_category_model_on_targets(
-        targets, out_dir=tmp_path / "m", kind="pixel-cnn", cnn_training=training, folds=2, max_seconds=None
+        targets, out_dir=tmp_path / "m", kind="pixel-cnn", training=training, folds=2, max_seconds=None
     )
     assert isinstance(model, PixelCnnModel) and len(model.members) == 2  # folds given: 2 members
     assert sorted(oof) == sorted(t.key for t in targets)

@@ -17,15 +17,12 @@ from tiny_vlm import write_deepfashion2
 
 from capret.errors import CheckpointError, DataError
 from captioning.backends import CaptionBackend, create_backend
-from captioning.category import (
+from captioning.category import LabelledRows, category_model_dir, list_category_models, load_category_model
+from captioning.category_mlp import (
     FEATURE_DIM,
-    LabelledRows,
     MlpTraining,
-    category_model_dir,
     cross_fitted_predictions,
     fit_category_model,
-    list_category_models,
-    load_category_model,
     pixel_features,
 )
 from captioning.cli import main
