@@ -7,7 +7,7 @@ validation shop photos indexed by ``capret index build``'s library path, with th
 results file (``gallery_boxes.json``) made of the shop boxes *without* categories, so no annotation field reaches
 a caption. Right after the quickstart::
 
-    capret search --pipeline OUT/pipeline --image OUT/data/validation/image/000001.jpg --box x1,y1,x2,y2
+    capret search --pipeline OUT/pipeline --image OUT/world/deepfashion2/validation/image/000004.jpg --box x1,y1,x2,y2
 
 The stage searches the validation query items (:data:`QUERIES`; their ground-truth boxes given as the query item) and
 reports how often the right shop item is first / in the top 20, and the median milliseconds per stage; with the
