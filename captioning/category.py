@@ -12,11 +12,12 @@ Two kinds are registered (:func:`create_category_model`), both saved as safetens
 - ``pixel-cnn`` (:mod:`captioning.category_cnn`, the quickstart's): a K-fold ensemble of small conv nets on the
   stretched item crop and the box geometry, trained with flip, colour and scale/shift augmentation so it
   learns silhouettes; its members' out-of-fold predictions caption the train items.
-- ``pixel-mlp``: a hand-made descriptor of the crop (HSV joint colour histogram, 2x2-cell gradient-orientation
-  histograms, as in the quickstart's baseline) plus box geometry (aspect ratio, area share and centre of the
-  box in its image: tops sit high, trousers are tall) feeding a standardised linear layer or one-hidden-layer
-  MLP trained full-batch with AdamW. CPU-cheap, but colour and four orientation cells cannot name 13
-  silhouettes (about 0.2 validation accuracy on the garment world).
+- ``pixel-mlp`` (:mod:`captioning.category_mlp`): a hand-made colour/orientation descriptor of the crop plus
+  the box geometry into a linear layer or small MLP; CPU-cheap, but it cannot name 13 silhouettes (about 0.2
+  validation accuracy on the garment world).
+
+This module holds what every kind shares: the base class, the registries of models and trainers (each kind's
+module is imported on first use), loading, and :func:`fit_category_model_on_targets`.
 """
 
 from __future__ import annotations

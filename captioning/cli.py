@@ -7,8 +7,9 @@ JSON summary (done, skipped, failed with reasons, tokens, rate) and exits 0, or 
 
 Captions are functions of the pixels and the box by default. The category named in the prompts comes from a
 category model (``--category-model DIR``, or ``--train-category-model`` to fit one, of ``--category-kind``
-(default ``pixel-cnn``, the quickstart's), on this split's crops and save it to ``<out stem>.category_model/``; this split's own captions then use cross-fitted, out-of-fold
-predictions, so they are as often wrong as those of unseen items), else none. ``--oracle-attributes`` hands the annotation
+(default ``pixel-cnn``, the quickstart's), on this split's crops and save it to ``<out stem>.category_model/``;
+this split's own captions then use cross-fitted, out-of-fold predictions, so they are as often wrong as those of
+unseen items), else none. ``--oracle-attributes`` hands the annotation
 (category, viewpoint, occlusion, scale, zoom) to the dialogue instead: an explicit oracle, recorded in every
 record (``"oracle": true``) and in the summary.
 """

@@ -439,9 +439,6 @@ def split_holdout_identities(
     drawn: ``max(1, round(fraction * eligible))`` of them (none when ``fraction`` is 0), by a seeded permutation
     of the sorted identities (:func:`draw_holdout`), so a config and seed always hold out the same garments.
     """
-    check_holdout_fraction(fraction, field="data.holdout_identities")
-    if fraction == 0.0:
-        return list(items), []
     sources: dict[tuple[int, int], set[str]] = {}
     for item in items:
         sources.setdefault(item.identity, set()).add(item.source)

@@ -9,9 +9,10 @@ a caption. Right after the quickstart::
 
     capret search --pipeline OUT/pipeline --image OUT/world/deepfashion2/validation/image/000004.jpg --box x1,y1,x2,y2
 
-The stage searches the validation query items (:data:`QUERIES`; their ground-truth boxes given as the query item) and
-reports how often the right shop item is first / in the top 20, and the median milliseconds per stage; with the
-demo detector it also searches the same photos with the detector's boxes (``top20_detected``).
+The stage searches the validation query items (:data:`QUERIES`; their ground-truth boxes given as the query
+item) and reports how often the right shop item is first / in the top 20, and the median milliseconds per stage;
+with the quickstart's detector it also searches the same photos with the detector's own boxes (``top1`` /
+``top20``; ``top1_given_boxes`` / ``top20_given_boxes`` are the given-box figures).
 """
 
 from __future__ import annotations

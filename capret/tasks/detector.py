@@ -348,9 +348,8 @@ class DetectorTask:
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
         data = config.data
-        check_holdout_fraction(
-            data.holdout_images, field=HOLDOUT_FIELD
-        )  # before the (possibly long) COCO export
+        # checked before the (possibly long) COCO export
+        check_holdout_fraction(data.holdout_images, field=HOLDOUT_FIELD)
         self.cache_dir = Path(config.trainer.output_dir)
         train_coco = load_coco_split(
             root=data.root, split=data.train_split, coco_file=data.train_coco, cache_dir=self.cache_dir

@@ -33,7 +33,8 @@ Export = Callable[[dict[str, Any], Path], dict[str, Any]]
 @dataclass
 class SplitsConfig:
     """The first fields of the ``data`` section of every task that trains on a DeepFashion2-layout folder
-    (``dualstream``, ``detector``): which folder, which split trains, which is scored after training."""
+    (``dualstream``, ``detector``): which folder, which split trains, which is scored after training (each task selects its checkpoints on
+    a holdout of the train split instead)."""
 
     root: str = cfg(
         "data/deepfashion2", "dataset root in the DeepFashion2 layout (<root>/<split>/image, annos)"
@@ -41,8 +42,8 @@ class SplitsConfig:
     train_split: str = cfg("train", "split to train on")
     val_split: str = cfg(
         "validation",
-        "split scored after training with the exported weights; '' = none (whether checkpoints are also "
-        "selected on it is the task's to say: see its docs)",
+        "split scored once after training with the exported weights, never used for checkpoint selection; "
+        "'' = none",
     )
 
 
