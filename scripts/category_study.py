@@ -19,7 +19,6 @@ CATEGORIES``) without looking at the key, and ``score`` compares.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import time
@@ -29,12 +28,11 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
-from torch.nn import functional as F
 
 from capret.data.garments import build_world, read_world
 from capret.data.garments.vocab import CATEGORIES
 from captioning.category import LabelledRows
-from captioning.category_cnn import CnnInputs, CnnTraining, PixelCnnModel, augment, tile_inputs
+from captioning.category_cnn import CnnInputs, CnnTraining, PixelCnnModel, _train_member, tile_inputs
 from captioning.sources import CaptionTarget, create_source
 
 _VIEW_FIELDS = ("source", "occlusion", "zoom_in", "viewpoint")
@@ -49,31 +47,6 @@ def _inputs(targets: list[CaptionTarget], size: int) -> CnnInputs:
     return CnnInputs.stack(
         [tile_inputs(t.open_image(), t.bbox, size=size, margin=0.08) for t in targets], size=size
     )
-
-
-def _train_member(model: PixelCnnModel, inputs: CnnInputs, target: torch.Tensor, *, steps: int) -> None:
-    """The package's member recipe (AdamW, warm-up, augmentation, weight average) for ``steps`` steps."""
-    member, training = model.members[0], CnnTraining(size=model.size, width=model.width)
-    average, generator = copy.deepcopy(member), torch.Generator().manual_seed(0)
-    optimiser = torch.optim.AdamW(member.parameters(), lr=training.lr, weight_decay=training.weight_decay)
-    member.train()
-    for step in range(steps):
-        for group in optimiser.param_groups:
-            group["lr"] = training.lr * min(1.0, (step + 1) / training.warmup)
-        batch = torch.randint(0, len(inputs), (training.batch_size,), generator=generator)
-        tiles, geometry = augment(inputs.tiles[batch], inputs.geometry[batch], generator=generator)
-        logits = model.member_logits(member, tiles, geometry)
-        loss = F.cross_entropy(logits, target[batch], label_smoothing=training.label_smoothing)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        with torch.no_grad():
-            decay = min(training.ema, (1.0 + step) / (10.0 + step))
-            for kept, live in zip(average.parameters(), member.parameters()):
-                kept.lerp_(live, 1.0 - decay)
-            for kept_buffer, live_buffer in zip(average.buffers(), member.buffers()):
-                kept_buffer.copy_(live_buffer)
-    member.load_state_dict(average.state_dict())
 
 
 def _by_field(targets: list[CaptionTarget], right: list[bool]) -> dict[str, dict[str, Any]]:
@@ -105,7 +78,11 @@ def fit(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = PixelCnnModel(classes=classes, size=args.size, width=args.width, members=1)
     model.fit_standardisation(rows.inputs.geometry)
-    _train_member(model, rows.inputs[fold != 0], target[fold != 0], steps=args.steps)
+    training = CnnTraining(size=args.size, width=args.width, steps=args.steps)
+    # the package's member recipe (AdamW, warm-up, augmentation, weight average), here for one member only
+    _train_member(
+        model, 0, rows.inputs[fold != 0], target[fold != 0], training=training, seed=0, max_seconds=None
+    )
     held = fold == 0
     held_right = (model.probabilities(rows.inputs[held]).argmax(-1) == target[held]).tolist()
     held_targets = [t for t, h in zip(train, held.tolist()) if h]
