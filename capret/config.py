@@ -13,7 +13,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -33,6 +33,8 @@ __all__ = [
     "merge_trees",
     "parse_overrides",
     "save_config",
+    "move_flat_keys",
+    "same_name_in",
     "set_nested",
     "to_dict",
 ]
@@ -288,6 +290,27 @@ def set_nested(tree: dict[str, Any], path: Sequence[str], value: Any, *, what: s
         if not isinstance(node, dict):
             raise ConfigError(f"{what}: {part} is both a value and a section")
     node[path[-1]] = value
+
+
+def same_name_in(section: str, *keys: str) -> dict[str, tuple[str, str]]:
+    """Places for :func:`move_flat_keys` of old flat keys that kept their name and moved into ``section``."""
+    return {key: (section, key) for key in keys}
+
+
+def move_flat_keys(
+    raw: Mapping[str, Any],
+    out: dict[str, Any],
+    places: Mapping[str, Sequence[str]],
+    *,
+    skip: Collection[str] = (),
+) -> None:
+    """Put each key of an old flat config ``raw`` that ``places`` names at its place in the sectioned ``out``.
+
+    Keys missing from ``raw`` or listed in ``skip`` are left out; a clash raises like :func:`set_nested`.
+    """
+    for key, where in places.items():
+        if key in raw and key not in skip:
+            set_nested(out, where, raw[key], what=f"flat config key {key!r}")
 
 
 def merge_trees(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,20 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def functions(
+        self,
+    ) -> tuple[
+        Callable[[str], Callable[[Callable[..., T]], Callable[..., T]]],
+        Callable[..., T],
+        Callable[[], list[str]],
+    ]:
+        """The family's three public functions, ``register_<x>, create_<x>, list_<x>s = REGISTRY.functions()``.
+
+        ``register_<x>(name)`` decorates a factory, ``create_<x>(name, **kwargs)`` builds one (an unknown name raises
+        :class:`~capret.errors.UnknownNameError` listing the valid ones) and ``list_<x>s()`` names them all.
+        """
+        return self.register, self.create, self.names
+
     def get(self, name: str) -> Callable[..., T]:
         if name not in self._entries and name in self._lazy:
             importlib.import_module(self._lazy[name])

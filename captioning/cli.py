@@ -357,7 +357,13 @@ def run(config: CaptionConfig) -> dict[str, Any]:
     from capret.data.imagefile import check_bad_image_policy
 
     check_bad_image_policy(config.on_bad_image)
-    targets = create_source(config.dataset, root=config.root, split=config.split, category=config.category)
+    targets = create_source(
+        config.dataset,
+        root=config.root,
+        split=config.split,
+        category=config.category,
+        progress=progress_enabled(config.progress),
+    )
     # the store is bound to the whole split (computed before sharding, so every shard carries the same value)
     binding = store_binding(config.dataset, config.split, targets)
     targets = select_shard(targets, shard_index, shard_count)

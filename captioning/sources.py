@@ -67,18 +67,22 @@ _SOURCES: Registry[list[CaptionTarget]] = Registry("caption dataset")
 
 
 def register_source(name: str) -> Callable[[SourceFactory], SourceFactory]:
-    """Decorator registering ``fn(root, split, *, category) -> list[CaptionTarget]`` under ``name``."""
+    """Decorator registering ``fn(root, split, *, category, progress) -> list[CaptionTarget]`` under ``name``
+    (``progress``: whether a long index load may show a bar)."""
     return _SOURCES.register(name)
 
 
 def create_source(
-    name: str, *, root: str | Path, split: str | None, category: str | None = None
+    name: str, *, root: str | Path, split: str | None, category: str | None = None, progress: bool = True
 ) -> list[CaptionTarget]:
-    """The targets of dataset ``name`` (sorted by key); unknown names list the valid ones."""
+    """The targets of dataset ``name`` (sorted by key); unknown names list the valid ones.
+
+    ``progress=False`` silences the bar of a long annotation load (DeepFashion2's index).
+    """
     root = Path(root)
     if not root.exists():
         raise MissingFileError(f"dataset root {root} does not exist")
-    targets = _SOURCES.get(name)(root, split, category=category)
+    targets = _SOURCES.get(name)(root, split, category=category, progress=progress)
     keys = [t.key for t in targets]
     if len(set(keys)) != len(keys):
         duplicate = next(k for k in keys if keys.count(k) > 1)
@@ -134,14 +138,16 @@ def select_shard(targets: Sequence[CaptionTarget], index: int, count: int) -> li
 # --- built-in sources -----------------------------------------------------------------------------------
 
 
-def _deepfashion2(root: Path, split: str | None, *, category: str | None) -> list[CaptionTarget]:
+def _deepfashion2(
+    root: Path, split: str | None, *, category: str | None, progress: bool
+) -> list[CaptionTarget]:
     from capret.data.deepfashion2 import load_items, open_image
 
     if category is not None:
         raise UsageError("--category applies to fashioniq only")
     split = split or "validation"
     targets = []
-    for item in load_items(root, split):
+    for item in load_items(root, split, progress=progress):
         annotation: dict[str, Any] = {
             "category_name": item.category_name,
             "category_id": item.category_id,
@@ -177,7 +183,7 @@ def _reference_images(pairs: Sequence[tuple[str, Path]], category: str = "") -> 
 
 
 @register_source("fashioniq")
-def _fashioniq(root: Path, split: str | None, *, category: str | None) -> list[CaptionTarget]:
+def _fashioniq(root: Path, split: str | None, *, category: str | None, progress: bool) -> list[CaptionTarget]:
     from capret.data import fashioniq
 
     categories = [category] if category else list(fashioniq.CATEGORIES)
@@ -191,21 +197,21 @@ def _fashioniq(root: Path, split: str | None, *, category: str | None) -> list[C
 
 
 @register_source("cirr")
-def _cirr(root: Path, split: str | None, *, category: str | None) -> list[CaptionTarget]:
+def _cirr(root: Path, split: str | None, *, category: str | None, progress: bool) -> list[CaptionTarget]:
     from capret.data.cirr import CIRR
 
     return _reference_images(CIRR(root, split or "val").images_to_caption())
 
 
 @register_source("circo")
-def _circo(root: Path, split: str | None, *, category: str | None) -> list[CaptionTarget]:
+def _circo(root: Path, split: str | None, *, category: str | None, progress: bool) -> list[CaptionTarget]:
     from capret.data.circo import CIRCO
 
     return _reference_images(CIRCO(root, split or "val").images_to_caption())
 
 
 @register_source("images")
-def _images(root: Path, split: str | None, *, category: str | None) -> list[CaptionTarget]:
+def _images(root: Path, split: str | None, *, category: str | None, progress: bool) -> list[CaptionTarget]:
     """Every image under ``root`` (recursively; ``split`` names a sub-folder), whole image, key
     ``images/<relative path without suffix>/0``."""
     base = root / split if split else root

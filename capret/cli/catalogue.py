@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from capret.cli.common import add_command
+from capret.cli.common import add_command, non_negative_float
 from capret.config import ConfigError, parse_overrides
 from capret.console import add_progress_flag, print_json, progress_wanted
 
@@ -114,9 +114,9 @@ def add_parser(subparsers: Any) -> None:
     optimize.add_argument("--rebuild", action="store_true", help="retrain the IVF-PQ even if it is fresh")
     optimize.add_argument(
         "--older-than",
-        type=float,
+        type=non_negative_float,
         default=0.0,
-        help="keep versions younger than this many seconds (default 0)",
+        help="keep versions younger than this (seconds; default 0)",
     )
 
 
@@ -283,8 +283,6 @@ def _doctor(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _optimize(args: argparse.Namespace) -> dict[str, Any]:
-    if args.older_than < 0:
-        raise ConfigError(f"--older-than must be >= 0, got {args.older_than}")
     result: dict[str, Any] = _open(args).optimize(rebuild=args.rebuild, older_than=args.older_than)
     return result
 

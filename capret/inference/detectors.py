@@ -100,14 +100,7 @@ class FileDetector(Protocol):
 _DETECTORS: Registry[Detector] = Registry(
     "detector", lazy_modules={"deepfashion2_detector": "capret.inference.detectors"}
 )
-
-
-#: the family's public functions are the registry's own methods (one implementation for every family):
-#: ``register_detector(name)`` decorates a factory, ``create_detector(name, **kwargs)`` builds one (an unknown name raises
-#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_detectors()`` names them all
-register_detector = _DETECTORS.register
-create_detector = _DETECTORS.create
-list_detectors = _DETECTORS.names
+register_detector, create_detector, list_detectors = _DETECTORS.functions()
 
 
 def run_detector(

@@ -26,14 +26,7 @@ __all__ = [
 ]
 
 _LOSSES: Registry[nn.Module] = Registry("loss")
-
-
-#: the family's public functions are the registry's own methods (one implementation for every family):
-#: ``register_loss(name)`` decorates a factory, ``create_loss(name, **kwargs)`` builds one (an unknown name raises
-#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_losses()`` names them all
-register_loss = _LOSSES.register
-create_loss = _LOSSES.create
-list_losses = _LOSSES.names
+register_loss, create_loss, list_losses = _LOSSES.functions()
 
 
 register_loss("itc")(ITCLoss)

@@ -49,14 +49,7 @@ __all__ = [
 ]
 
 _BASELINES: Registry[Baseline] = Registry("baseline")
-
-
-#: the family's public functions are the registry's own methods (one implementation for every family):
-#: ``register_baseline(name)`` decorates a factory, ``create_baseline(name, **kwargs)`` builds one (an unknown name raises
-#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_baselines()`` names them all
-register_baseline = _BASELINES.register
-create_baseline = _BASELINES.create
-list_baselines = _BASELINES.names
+register_baseline, create_baseline, list_baselines = _BASELINES.functions()
 
 
 def gem(x: Tensor, p: Tensor | float, *, eps: float = 1e-6) -> Tensor:

@@ -40,6 +40,7 @@ __all__ = [
     "HFClipBundle",
     "PseudoTokenError",
     "TaskClipConfig",
+    "FLAT_CLIP_FEATURE_KEYS",
     "load_clip",
     "load_clip_config",
     "load_task_clip_config",
@@ -78,6 +79,16 @@ class TaskClipConfig(ClipConfig):
         "targetpad", "image padding before the CLIP transform: targetpad | squarepad | none"
     )
     target_ratio: float = cfg(1.25, "aspect-ratio threshold of targetpad")
+
+
+#: keys every flat config of the first CLIP-feature checkpoints (Combiner and zero-shot mappers) carried, and
+#: where they live in today's sections; each task's own table adds its other keys
+FLAT_CLIP_FEATURE_KEYS: dict[str, tuple[str, ...]] = {
+    "feature_cache": ("data", "feature_cache"),
+    "eval_batch_size": ("data", "encode_batch_size"),
+    "preprocess": ("model", "clip", "preprocess"),
+    "target_ratio": ("model", "clip", "target_ratio"),
+}
 
 
 class HFClipBundle(ClipBundle):

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capret.config import cfg, set_nested
+from capret.config import cfg, move_flat_keys, same_name_in
 from capret.errors import ConfigError
-from capret.models.clip import TaskClipConfig
+from capret.models.clip import FLAT_CLIP_FEATURE_KEYS, TaskClipConfig
 from capret.registry import Registry
 
 __all__ = [
@@ -50,14 +50,7 @@ __all__ = [
 LOGIT_SCALE = 100.0
 
 _COMBINERS: Registry[nn.Module] = Registry("combiner")
-
-
-#: the family's public functions are the registry's own methods (one implementation for every family):
-#: ``register_combiner(name)`` decorates a factory, ``create_combiner(name, **kwargs)`` builds one (an unknown name raises
-#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_combiners()`` names them all
-register_combiner = _COMBINERS.register
-create_combiner = _COMBINERS.create
-list_combiners = _COMBINERS.names
+register_combiner, create_combiner, list_combiners = _COMBINERS.functions()
 
 
 @register_combiner("sum")
@@ -205,19 +198,10 @@ def build_fuser(config: _StagedModel, feature_dim: int) -> nn.Module:
 
 #: where each key of the flat pre-sections config (checkpoints written before the reorganisation) now lives
 _FLAT_KEYS: dict[str, tuple[str, ...]] = {
-    "dataset": ("data", "dataset"),
-    "root": ("data", "root"),
-    "categories": ("data", "categories"),
-    "train_split": ("data", "train_split"),
-    "val_split": ("data", "val_split"),
-    "feature_cache": ("data", "feature_cache"),
-    "eval_batch_size": ("data", "encode_batch_size"),
+    **same_name_in("data", "dataset", "root", "categories", "train_split", "val_split"),
+    **same_name_in("model", "combiner", "encoder", "stage1_checkpoint"),
+    **FLAT_CLIP_FEATURE_KEYS,
     "clip": ("model", "clip", "name"),
-    "preprocess": ("model", "clip", "preprocess"),
-    "target_ratio": ("model", "clip", "target_ratio"),
-    "combiner": ("model", "combiner"),
-    "encoder": ("model", "encoder"),
-    "stage1_checkpoint": ("model", "stage1_checkpoint"),
 }
 
 
@@ -231,8 +215,5 @@ def upgrade_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
     if not any(key in raw for key in _FLAT_KEYS):
         return raw
     out: dict[str, Any] = {k: v for k, v in raw.items() if k not in _FLAT_KEYS}
-    for key, where in _FLAT_KEYS.items():
-        if key not in raw:
-            continue
-        set_nested(out, where, raw[key], what=f"flat config key {key!r}")
+    move_flat_keys(raw, out, _FLAT_KEYS)
     return out

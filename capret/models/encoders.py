@@ -52,14 +52,7 @@ __all__ = [
 ]
 
 _ENCODERS: Registry[nn.Module] = Registry("encoder")
-
-
-#: the family's public functions are the registry's own methods (one implementation for every family):
-#: ``register_encoder(name)`` decorates a factory, ``create_encoder(name, **kwargs)`` builds one (an unknown name raises
-#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_encoders()`` names them all
-register_encoder = _ENCODERS.register
-create_encoder = _ENCODERS.create
-list_encoders = _ENCODERS.names
+register_encoder, create_encoder, list_encoders = _ENCODERS.functions()
 
 
 @dataclass

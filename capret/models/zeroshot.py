@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from capret.config import cfg, set_nested
+from capret.config import cfg, move_flat_keys, same_name_in
 from capret.errors import CheckpointError
-from capret.models.clip import TaskClipConfig
+from capret.models.clip import FLAT_CLIP_FEATURE_KEYS, TaskClipConfig
 
 __all__ = [
     "MAPPERS",
@@ -148,27 +148,11 @@ class MapperRecord:
 
 #: where each key of the flat config of the first zero-shot checkpoints now lives
 _FLAT_KEYS: dict[str, tuple[str, ...]] = {
-    "images": ("data", "images"),
-    "captions": ("data", "captions"),
-    "tokens": ("data", "tokens"),
-    "phrases": ("data", "phrases"),
-    "limit": ("data", "limit"),
-    "batch_size": ("data", "batch_size"),
-    "feature_cache": ("data", "feature_cache"),
-    "eval_batch_size": ("data", "encode_batch_size"),
-    "preprocess": ("model", "clip", "preprocess"),
-    "target_ratio": ("model", "clip", "target_ratio"),
-    "hidden_dim": ("model", "hidden_dim"),
-    "dropout": ("model", "dropout"),
-    "placeholder": ("model", "placeholder"),
-    "prompt": ("loss", "prompt"),
-    "temperature": ("loss", "temperature"),
-    "lambda_distil": ("loss", "lambda_distil"),
-    "lambda_gpt": ("loss", "lambda_gpt"),
-    "top_k_concepts": ("loss", "top_k_concepts"),
-    "noise": ("loss", "noise"),
-    "lr": ("trainer", "lr"),
-    "weight_decay": ("trainer", "weight_decay"),
+    **same_name_in("data", "images", "captions", "tokens", "phrases", "limit", "batch_size"),
+    **same_name_in("model", "hidden_dim", "dropout", "placeholder"),
+    **same_name_in("loss", "prompt", "temperature", "lambda_distil", "lambda_gpt", "top_k_concepts", "noise"),
+    **same_name_in("trainer", "lr", "weight_decay"),
+    **FLAT_CLIP_FEATURE_KEYS,
 }
 
 #: flat keys a task carried without using them (dropped on upgrade)
@@ -194,8 +178,5 @@ def upgrade_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
     if clip is not None:
         section = {"backend": "hf", "name": clip} if isinstance(clip, str) else dict(clip)
         out.setdefault("model", {})["clip"] = section
-    for key, where in _FLAT_KEYS.items():
-        if key not in raw or key in unused:
-            continue
-        set_nested(out, where, raw[key], what=f"flat config key {key!r}")
+    move_flat_keys(raw, out, _FLAT_KEYS, skip=unused)
     return out

@@ -55,7 +55,7 @@ def run(ctx: QuickstartContext) -> dict[str, Any]:
     example = ""
     stores: dict[str, Path] = {}
     targets = {
-        split: create_source("demo", root=ctx.data_root, split=split)
+        split: create_source("demo", root=ctx.data_root, split=split, progress=False)
         for split in SPLITS
         if (ctx.data_root / split).is_dir()
     }

@@ -46,11 +46,4 @@ class CaptionBackend(abc.ABC):
 _BACKENDS: Registry[CaptionBackend] = Registry(
     "caption backend", lazy_modules={"clip": "capret.inference.query.clip_captioner"}
 )
-
-
-#: the family's public functions are the registry's own methods (one implementation for every family):
-#: ``register_backend(name)`` decorates a factory, ``create_backend(name, **kwargs)`` builds one (an unknown name raises
-#: :class:`~capret.errors.UnknownNameError` listing the valid ones), ``list_backends()`` names them all
-register_backend = _BACKENDS.register
-create_backend = _BACKENDS.create
-list_backends = _BACKENDS.names
+register_backend, create_backend, list_backends = _BACKENDS.functions()

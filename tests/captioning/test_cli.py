@@ -271,3 +271,15 @@ def test_second_captioning_run_into_one_store_is_refused(df2, tmp_path, capsys) 
     with held_by_other_process(fresh, what="caption store"):
         assert main(["--root", str(root), "--out", str(fresh), "--no-progress"]) == 2
     assert not fresh.exists() and not failures_path(fresh).exists()  # no 0-byte store left behind
+
+
+def test_no_progress_silences_the_dataset_index_bar(tmp_path, capsys, monkeypatch) -> None:
+    """The DeepFashion2 index load draws a bar on a cold cache; ``--no-progress`` must silence it too."""
+    root = tmp_path / "df2"
+    write_deepfashion2(root, "validation", images=3, items_per_image=1)
+    monkeypatch.delenv("CAPRET_NO_PROGRESS", raising=False)
+    for flags, shown in (([], True), (["--no-progress"], False)):
+        monkeypatch.setenv("CAPRET_CACHE", str(tmp_path / f"cache-{shown}"))  # cold: the index is read
+        argv = ["--root", str(root), "--out", str(tmp_path / f"out-{shown}"), "--rounds", "1", *flags]
+        assert main(argv) == 0
+        assert ("DeepFashion2 validation" in capsys.readouterr().err) is shown

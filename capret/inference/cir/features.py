@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -125,25 +125,26 @@ def encode_texts(
 
 
 def _cached(
+    clip: ClipBundle,
+    kind: Literal["image", "text"],
+    names: Sequence[str],
+    compute: Callable[[list[str]], torch.Tensor],
     *,
     cache_dir: str | Path | None,
-    kind: str,
-    names: Sequence[str],
     fingerprint: str | None,
-    make_fingerprint: Callable[[], str],
-    preprocess_id: str,
-    compute: Callable[[list[str]], torch.Tensor],
 ) -> CachedFeatures:
     """Features of ``names`` (duplicates removed, order kept) from ``cache_dir``, or ``compute``d and stored.
 
-    The weights are hashed (``make_fingerprint``) only when a cache is used and no ``fingerprint`` was passed, so
-    an uncached call never pays for it.
+    The cache key holds the tower's weights fingerprint and its input processing (image preprocessing or
+    tokenizer). The weights are hashed only when a cache is used and no ``fingerprint`` was passed, so an
+    uncached call never pays for it.
     """
     unique = list(dict.fromkeys(names))
     if cache_dir is None:
         return CachedFeatures(unique, compute(unique))
+    preprocess_id = clip.preprocess_id if kind == "image" else clip.tokenizer_id
     if fingerprint is None:
-        fingerprint = make_fingerprint()
+        fingerprint = clip.image_fingerprint() if kind == "image" else clip.text_fingerprint()
     key = cache_key(fingerprint=fingerprint, preprocess_id=preprocess_id, kind=kind, names=unique)
     path = Path(cache_dir) / f"{kind}-{key}.safetensors"
     if path.is_file():
@@ -176,17 +177,13 @@ def image_features(
     ``fingerprint`` (``clip.image_fingerprint()``) may be passed to avoid re-hashing the weights on every
     call; ``cache_dir=None`` disables caching.
     """
-    return _cached(
-        cache_dir=cache_dir,
-        kind="image",
-        names=names,
-        fingerprint=fingerprint,
-        make_fingerprint=clip.image_fingerprint,
-        preprocess_id=clip.preprocess_id,
-        compute=lambda unique: encode_images(
+
+    def compute(unique: list[str]) -> torch.Tensor:
+        return encode_images(
             clip, unique, load_image=load_image, batch_size=batch_size, num_workers=num_workers
-        ),
-    )
+        )
+
+    return _cached(clip, "image", names, compute, cache_dir=cache_dir, fingerprint=fingerprint)
 
 
 def text_features(
@@ -201,12 +198,8 @@ def text_features(
 
     ``fingerprint`` is ``clip.text_fingerprint()`` when not given.
     """
-    return _cached(
-        cache_dir=cache_dir,
-        kind="text",
-        names=texts,
-        fingerprint=fingerprint,
-        make_fingerprint=clip.text_fingerprint,
-        preprocess_id=clip.tokenizer_id,
-        compute=lambda unique: encode_texts(clip, unique, batch_size=batch_size),
-    )
+
+    def compute(unique: list[str]) -> torch.Tensor:
+        return encode_texts(clip, unique, batch_size=batch_size)
+
+    return _cached(clip, "text", texts, compute, cache_dir=cache_dir, fingerprint=fingerprint)
