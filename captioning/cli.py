@@ -357,12 +357,9 @@ def run(config: CaptionConfig) -> dict[str, Any]:
     from capret.data.imagefile import check_bad_image_policy
 
     check_bad_image_policy(config.on_bad_image)
+    progress = progress_enabled(config.progress)
     targets = create_source(
-        config.dataset,
-        root=config.root,
-        split=config.split,
-        category=config.category,
-        progress=progress_enabled(config.progress),
+        config.dataset, root=config.root, split=config.split, category=config.category, progress=progress
     )
     # the store is bound to the whole split (computed before sharding, so every shard carries the same value)
     binding = store_binding(config.dataset, config.split, targets)
@@ -393,7 +390,7 @@ def run(config: CaptionConfig) -> dict[str, Any]:
                 out_dir=folder,
                 kind=config.category_kind,
                 max_seconds=config.category_seconds,
-                progress=progress_enabled(config.progress),
+                progress=progress,
             )
             category_report = {
                 "category_model": str(folder),

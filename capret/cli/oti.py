@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from capret.cli.common import (
 )
 from capret.console import add_progress_flag, progress_wanted
 
-__all__ = ["HELP", "add_parser", "run"]
+__all__ = ["HELP", "add_oti_flags", "add_parser", "run"]
 
 #: the line of ``capret --help``'s command list (``--help`` of the command prints the module docstring)
 HELP = "SEARLE OTI: optimise one pseudo-word token per image (resumable safetensors token store)"
@@ -38,7 +38,6 @@ HELP = "SEARLE OTI: optimise one pseudo-word token per image (resumable safetens
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from capret.inference.cir.concepts import generate_continuations
-    from capret.inference.cir.oti import OTIConfig
 
     parser = add_command(subparsers, __name__, help=HELP, run=run)
     parser.add_argument(
@@ -91,8 +90,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             flag, type=parse, default=searle[name].default, help=f"searle style: {what} (%(default)s)"
         )
     add_progress_flag(parser)
+    add_oti_flags(parser)
+    return parser
+
+
+def add_oti_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    prefix: str = "",
+    names: Collection[str] | None = None,
+) -> None:
+    """A flag ``--<prefix><field>`` (dest ``<prefix><field>``) per :class:`OTIConfig` field, or per field in
+    ``names``, with the field's default, help and range, so no front end restates them (``capret oti`` takes
+    all of them, ``capret-eval --method searle-oti`` a few under ``oti_``)."""
+    from capret.inference.cir.oti import OTIConfig
+
     for f in fields(OTIConfig):
-        flag = "--" + f.name.replace("_", "-")
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + (prefix + f.name).replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: %(default)s)"
         if f.type in ("bool", bool):
             parser.add_argument(
@@ -102,7 +118,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             by_type: dict[str, Callable[[str], Any]] = {"int": int, "float": finite_float, "str": str}
             kind = _OTI_RANGES.get(f.name) or by_type.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=f.default, help=help_text)
-    return parser
 
 
 #: the range of each numeric OTI setting (argparse refuses others naming the option, e.g. ``--steps 0``)

@@ -83,7 +83,11 @@ def _method_inputs(args: CirEvalConfig, *, device: str, out: Path) -> MethodInpu
         },
         oti_tokens=args.oti_tokens,
         oti_phrases=args.oti_phrases,
-        oti_settings={"steps": args.oti_steps, "batch_size": args.oti_batch_size},
+        oti_settings={
+            key: value
+            for key, value in (("steps", args.oti_steps), ("batch_size", args.oti_batch_size))
+            if value is not None
+        },
     )
 
 

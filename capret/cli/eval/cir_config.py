@@ -51,11 +51,12 @@ class CirEvalConfig:
     rewrite_max_tokens: int = 96  # CIReVL rewrite token limit (paper: 700)
     oti_tokens: Path | None = None  # SEARLE-OTI token store
     oti_phrases: Path | None = None  # SEARLE-OTI regulariser phrase file
-    oti_steps: int = 350  # OTI steps per image
-    oti_batch_size: int = 32  # images optimised together
+    oti_steps: int | None = None  # OTI steps per image (None: OTIConfig's)
+    oti_batch_size: int | None = None  # images optimised together (None: OTIConfig's)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from capret.cli.oti import add_oti_flags
     from capret.data import list_datasets
     from capret.inference.cir.registry import list_cir_methods
     from captioning.backends import list_backends
@@ -154,10 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="phrase file of the regulariser (capret oti writes one); default: off",
     )
-    oti.add_argument(
-        "--oti-steps", type=positive_int, default=350, help="optimisation steps per image (paper: 350)"
-    )
-    oti.add_argument("--oti-batch-size", type=positive_int, default=32, help="images optimised together")
+    add_oti_flags(oti, prefix="oti_", names=("steps", "batch_size"))
     add_rerank(p)
     add_device(p)
     add_out(p, "metrics.json, rankings and server files (default: beside the checkpoint or mapper)")
