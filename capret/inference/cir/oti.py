@@ -41,7 +41,6 @@ from capret.models.clip_base import ClipBundle
 
 __all__ = [
     "CAPRET_OTI_TEMPLATES",
-    "OTI_TEMPLATES",
     "OTI_TEMPLATE_SETS",
     "OTIConfig",
     "OTIReport",
@@ -64,7 +63,6 @@ CAPRET_OTI_TEMPLATES: tuple[str, ...] = (
 )
 #: the prompt sets OTI draws from, by name (``OTIConfig.templates``); SEARLE's 24 are the default
 OTI_TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"searle": SEARLE_TEMPLATES, "capret": CAPRET_OTI_TEMPLATES}
-OTI_TEMPLATES = SEARLE_TEMPLATES
 
 
 @dataclass
