@@ -180,11 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         "JSONL store. Re-running the same command resumes: finished keys are skipped, failed ones retried.",
     )
     from captioning.backends import list_backends
-
-    # the valid names come from the registries; they are checked by the library, whose error is one line
     from captioning.category import list_category_models
     from captioning.sources import list_sources
 
+    # the valid names come from the registries; they are checked by the library, whose error is one line
     registered = {
         "dataset": list_sources(),
         "backend": list_backends(),

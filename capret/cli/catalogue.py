@@ -116,7 +116,7 @@ def add_parser(subparsers: Any) -> None:
         "--older-than",
         type=non_negative_float,
         default=0.0,
-        help="keep versions younger than this (seconds; default 0)",
+        help="keep versions younger than this many seconds (default 0)",
     )
 
 
